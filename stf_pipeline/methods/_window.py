@@ -1,0 +1,43 @@
+"""NaN-aware moving-window statistics shared by the kernels.
+
+Sums are separable direct loops over offsets, so each output pixel adds the same values in the
+same order whatever block it sits in: a chunked run equals the unchunked one bitwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _shift_sum(a: np.ndarray, radius: int, axis: int) -> np.ndarray:
+    """Sum of ``a`` over ``[-radius, radius]`` along ``axis``, zero outside the array."""
+    n = a.shape[axis]
+    out = np.zeros_like(a)
+    for offset in range(-radius, radius + 1):
+        src = [slice(None)] * a.ndim
+        dst = [slice(None)] * a.ndim
+        if offset >= 0:
+            src[axis], dst[axis] = slice(offset, n), slice(0, n - offset)
+        else:
+            src[axis], dst[axis] = slice(0, n + offset), slice(-offset, n)
+        out[tuple(dst)] += a[tuple(src)]
+    return out
+
+
+def box_sum(a: np.ndarray, radius: int) -> np.ndarray:
+    """Sum over a ``(2r+1)²`` window on the last two axes, treating outside as zero."""
+    if radius == 0:
+        return a.copy()
+    return _shift_sum(_shift_sum(a, radius, a.ndim - 2), radius, a.ndim - 1)
+
+
+def nanmean_window(a: np.ndarray, radius: int) -> np.ndarray:
+    """Mean of the valid (non-NaN) values in a ``(2r+1)²`` window on the last two axes.
+
+    NaN where the window holds no valid value. Accumulates in float64.
+    """
+    valid = np.isfinite(a)
+    total = box_sum(np.where(valid, a, 0.0).astype(np.float64), radius)
+    count = box_sum(valid.astype(np.float64), radius)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan)

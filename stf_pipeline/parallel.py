@@ -1,0 +1,122 @@
+"""The one place where methods meet Dask: map a block kernel over overlapping chunks.
+
+:func:`map_overlapping` stacks the pair and target images, extends every spatial chunk by the
+method's halo (``dask.array.overlap`` with ``boundary='none'``: blocks at the scene edge simply
+end, as the unchunked image does), applies the kernel block by block and trims the halo. So a
+chunked result equals the unchunked one, bitwise for deterministic kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+
+def _spatial_chunks(length: int, nominal: int, *, halo: int, align: int) -> tuple[int, ...]:
+    """Regular chunks of ``nominal`` pixels (at least ``halo`` and a multiple of ``align``).
+
+    A trailing remainder smaller than the halo is merged into the previous chunk, since an
+    overlap cannot reach further than its neighbouring chunk.
+    """
+    size = max(nominal, halo, 1)
+    size = int(math.ceil(size / align) * align)
+    if size >= length:
+        return (length,)
+    chunks = [size] * (length // size)
+    rest = length - size * len(chunks)
+    if rest:
+        if rest < max(halo, 1) or rest < align:
+            chunks[-1] += rest
+        else:
+            chunks.append(rest)
+    return tuple(chunks)
+
+
+def plan_chunks(
+    shape: tuple[int, int],
+    nominal: tuple[int, int],
+    *,
+    halo: int,
+    align: int = 1,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Spatial chunking the engine will use for a ``(y, x)`` scene of ``shape``."""
+    return (
+        _spatial_chunks(shape[0], nominal[0], halo=halo, align=align),
+        _spatial_chunks(shape[1], nominal[1], halo=halo, align=align),
+    )
+
+
+def _apply_block(stacked: np.ndarray, *, kernel: Callable[..., np.ndarray], n_pairs: int, **kwargs: Any) -> np.ndarray:
+    fine = stacked[:n_pairs]
+    coarse = stacked[n_pairs : 2 * n_pairs]
+    coarse_target = stacked[2 * n_pairs]
+    out = kernel(fine, coarse, coarse_target, **kwargs)
+    return np.asarray(out, dtype=np.float32)
+
+
+def map_overlapping(
+    kernel: Callable[..., np.ndarray],
+    fine: Any,
+    coarse: Any,
+    coarse_target: Any,
+    *,
+    halo: int,
+    align: int = 1,
+    chunks: tuple[int, int] | None = None,
+    **kernel_kwargs: Any,
+) -> Any:
+    """Apply ``kernel`` to overlapping spatial blocks of the inputs.
+
+    Parameters
+    ----------
+    kernel : callable
+        ``kernel(fine, coarse, coarse_target, **kernel_kwargs) -> (band, y, x)``.
+    fine, coarse : array ``(pair, band, y, x)``
+        NumPy (the kernel runs once on the whole scene) or Dask (the kernel is mapped).
+    coarse_target : array ``(band, y, x)``
+    halo : int
+        Context pixels each side; blocks overlap by this much.
+    align : int, default 1
+        Chunk sizes and halo are rounded up to multiples of it, so every block starts on a
+        multiple of ``align`` (native coarse pixels).
+    chunks : (int, int), optional
+        Nominal spatial chunk size; default: the first chunk of ``fine`` (Dask input).
+
+    Returns
+    -------
+    array ``(band, y, x)`` float32
+        Lazy Dask array for Dask input, NumPy otherwise.
+    """
+    n_pairs = fine.shape[0]
+    lazy = any(isinstance(a, da.Array) for a in (fine, coarse, coarse_target))
+    if not lazy:
+        stacked = np.concatenate([np.asarray(fine), np.asarray(coarse), np.asarray(coarse_target)[None]], axis=0)
+        return _apply_block(stacked.astype(np.float32, copy=False), kernel=kernel, n_pairs=n_pairs, **kernel_kwargs)
+    halo = int(math.ceil(halo / align) * align) if halo else 0
+    fine, coarse, coarse_target = (da.asarray(a) for a in (fine, coarse, coarse_target))
+    if chunks is None:
+        chunks = (fine.chunks[2][0], fine.chunks[3][0])
+    ychunks, xchunks = plan_chunks(fine.shape[2:], chunks, halo=halo, align=align)
+    stacked = da.concatenate([fine, coarse, coarse_target[None]], axis=0).astype(np.float32)
+    stacked = stacked.rechunk((stacked.shape[0], stacked.shape[1], ychunks, xchunks))
+    depth = {0: 0, 1: 0, 2: halo, 3: halo}
+    extended = da.overlap.overlap(stacked, depth=depth, boundary="none") if halo else stacked
+    out_chunks = extended.chunks[1:]
+    mapped = extended.map_blocks(
+        _apply_block,
+        kernel=kernel,
+        n_pairs=n_pairs,
+        drop_axis=0,
+        chunks=out_chunks,
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), np.float32),
+        name=f"stf-{getattr(kernel, '__name__', 'kernel')}",
+        **kernel_kwargs,
+    )
+    if not halo:
+        return mapped
+    return da.overlap.trim_internal(mapped, {0: 0, 1: halo, 2: halo}, boundary="none")

@@ -1,0 +1,133 @@
+"""Fusion tasks: which date to predict and which fine+coarse pair dates to predict it from."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from stf_pipeline.exceptions import TaskError
+
+DateLike = str | np.datetime64 | pd.Timestamp | Any
+
+
+def to_datetime64(value: DateLike) -> np.datetime64:
+    """Parse an ISO string, ``numpy.datetime64``, ``pandas.Timestamp`` or ``datetime`` to ``datetime64[ns]``."""
+    try:
+        return pd.Timestamp(value).to_datetime64().astype("datetime64[ns]")
+    except (ValueError, TypeError) as err:
+        raise TaskError(f"cannot read {value!r} as a date; use an ISO string such as '2001-07-11'.") from err
+
+
+def _iso(date: np.datetime64) -> str:
+    return str(np.datetime_as_string(date, unit="D"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A fusion task: predict the fine image at ``target`` from the fine+coarse ``pairs``.
+
+    Attributes
+    ----------
+    target : numpy.datetime64
+    pairs : tuple of numpy.datetime64
+        Chronological pair dates.
+    """
+
+    target: np.datetime64
+    pairs: tuple[np.datetime64, ...]
+
+    def to_attrs(self) -> dict[str, Any]:
+        """ISO strings for provenance attrs."""
+        return {"target": _iso(self.target), "pairs": [_iso(p) for p in self.pairs]}
+
+
+def valid_fraction(cube: xr.Dataset, variable: str) -> np.ndarray:
+    """Fraction of valid (non-NaN) pixels of ``variable`` per date.
+
+    Uses the per-date coordinate ``{variable}_valid`` when the cube carries one (written by
+    :func:`stf_pipeline.synthetic_scene` and ingestion), so that resolving a task on a large
+    lazy cube does not read it; otherwise computes it (one pass over the variable).
+    """
+    coord = f"{variable}_valid"
+    if coord in cube.coords:
+        return np.asarray(cube[coord].values, dtype=float)
+    return np.asarray(cube[variable].notnull().mean(("band", "y", "x")).values, dtype=float)
+
+
+def resolve_task(
+    cube: xr.Dataset,
+    target: DateLike,
+    *,
+    pairs: Sequence[DateLike] | None = None,
+    n_pairs: tuple[int, int] = (1, 2),
+) -> Task:
+    """Resolve a target date and its pair dates in ``cube``.
+
+    By default the pairs are the nearest date with fine data before the target and the nearest
+    after it; a method taking one pair gets the nearest before (or, if there is none, after).
+
+    Parameters
+    ----------
+    cube : xarray.Dataset
+    target : date-like
+        Must be a date of the cube with coarse data.
+    pairs : sequence of date-like, optional
+        Explicit pair dates (each must have fine and coarse data).
+    n_pairs : (int, int)
+        Minimum and maximum number of pairs the method accepts.
+
+    Raises
+    ------
+    TaskError
+        If a date is not in the cube, has no usable data, or too few pairs exist.
+    """
+    times = cube["time"].values.astype("datetime64[ns]")
+    target64 = to_datetime64(target)
+    if target64 not in times:
+        raise TaskError(
+            f"target date {_iso(target64)} is not in the cube; its dates are "
+            f"{[_iso(t) for t in times]}."
+        )
+    coarse_ok = valid_fraction(cube, "coarse") > 0
+    fine_ok = valid_fraction(cube, "fine") > 0
+    t_index = int(np.flatnonzero(times == target64)[0])
+    if not coarse_ok[t_index]:
+        raise TaskError(
+            f"the coarse image at target date {_iso(target64)} is all NaN; "
+            "a fusion needs the coarse observation of the target date: choose another target."
+        )
+    lo, hi = n_pairs
+    if pairs is None:
+        before = [i for i in range(t_index) if fine_ok[i] and coarse_ok[i]]
+        after = [i for i in range(t_index + 1, times.size) if fine_ok[i] and coarse_ok[i]]
+        if hi == 1:
+            chosen = before[-1:] or after[:1]
+        else:
+            chosen = before[-1:] + after[:1]
+        if len(chosen) < lo:
+            have = [_iso(times[i]) for i in before + after]
+            raise TaskError(
+                f"method needs {lo} pair date(s) around {_iso(target64)} (one before and one after), "
+                f"but the dates with both fine and coarse data are {have}; pass pairs=[...] explicitly "
+                "or choose another target."
+            )
+        return Task(target=target64, pairs=tuple(times[i] for i in chosen))
+    pair64 = sorted({to_datetime64(p) for p in pairs})
+    if not lo <= len(pair64) <= hi:
+        raise TaskError(f"method takes {lo} to {hi} pair date(s), got {len(pair64)}: {[_iso(p) for p in pair64]}.")
+    for p in pair64:
+        if p == target64:
+            raise TaskError(f"pair date {_iso(p)} is the target date; pairs must be other dates.")
+        if p not in times:
+            raise TaskError(f"pair date {_iso(p)} is not in the cube; its dates are {[_iso(t) for t in times]}.")
+        i = int(np.flatnonzero(times == p)[0])
+        if not fine_ok[i]:
+            raise TaskError(f"the fine image at pair date {_iso(p)} is all NaN; choose a date with a fine observation.")
+        if not coarse_ok[i]:
+            raise TaskError(f"the coarse image at pair date {_iso(p)} is all NaN; choose a date with a coarse observation.")
+    return Task(target=target64, pairs=tuple(pair64))
