@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
 
@@ -190,7 +192,26 @@ def make_cube(
         cube = cube.rio.write_crs(crs)
     for name in VARIABLES:
         cube[name].attrs.setdefault("units", "reflectance")
+    if not any(isinstance(cube[name].data, da.Array) for name in VARIABLES):
+        cube = with_valid_fractions(cube)
     return validate_cube(cube)
+
+
+def with_valid_fractions(cube: xr.Dataset) -> xr.Dataset:
+    """Add per-date coords ``fine_valid``/``coarse_valid``: the fraction of valid pixels.
+
+    Task resolution reads them instead of scanning the images, so that building a fusion graph
+    on a lazy cube computes nothing. Computes the fractions (one pass) if they are missing.
+    """
+    missing = [name for name in VARIABLES if f"{name}_valid" not in cube.coords]
+    if not missing:
+        return cube
+    fractions = [cube[name].notnull().mean(("band", "y", "x")) for name in missing]
+    if any(isinstance(f.data, da.Array) for f in fractions):
+        fractions = list(dask.compute(*fractions))
+    return cube.assign_coords(
+        {f"{name}_valid": ("time", np.asarray(f.values, dtype=np.float64)) for name, f in zip(missing, fractions)}
+    )
 
 
 def pixel_size(cube: xr.Dataset | xr.DataArray) -> float:
@@ -255,7 +276,7 @@ def write_cube(
             raise StoreError(f"{path} exists and is not a stf_pipeline cube store; refusing to overwrite it.")
     sizes = {**DEFAULT_CHUNKS, **(chunks or {})}
     target = {dim: (cube.sizes[dim] if size == -1 else min(size, cube.sizes[dim])) for dim, size in sizes.items()}
-    out = _clear_encoding(cube).chunk(target)
+    out = _clear_encoding(with_valid_fractions(cube)).chunk(target)
     out.attrs[STORE_MARKER] = STORE_VERSION
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:

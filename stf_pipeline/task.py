@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -49,13 +50,18 @@ class Task:
 def valid_fraction(cube: xr.Dataset, variable: str) -> np.ndarray:
     """Fraction of valid (non-NaN) pixels of ``variable`` per date.
 
-    Uses the per-date coordinate ``{variable}_valid`` when the cube carries one (written by
-    :func:`stf_pipeline.synthetic_scene` and ingestion), so that resolving a task on a large
-    lazy cube does not read it; otherwise computes it (one pass over the variable).
+    For a Dask-backed cube, uses the per-date coordinate ``{variable}_valid`` when the cube
+    carries one (written by :func:`stf_pipeline.synthetic_scene`, ingestion and
+    :func:`stf_pipeline.write_cube`), so that resolving a task on a large lazy cube reads
+    nothing; otherwise computes it (in memory: cheap; lazy without the coord: one pass).
     """
     coord = f"{variable}_valid"
-    if coord in cube.coords:
-        return np.asarray(cube[coord].values, dtype=float)
+    if coord in cube.coords and isinstance(cube[variable].data, da.Array):
+        # the coord is metadata-sized; .chunk() may have made it a Dask array
+        values = cube[coord].data
+        if isinstance(values, da.Array):
+            values = values.compute(scheduler="sync")
+        return np.asarray(values, dtype=float)
     return np.asarray(cube[variable].notnull().mean(("band", "y", "x")).values, dtype=float)
 
 
