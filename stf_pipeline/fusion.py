@@ -127,6 +127,8 @@ def _run_task(
     align = context.coarse_factor if spec.coarse_aligned and context.coarse_factor else 1
     if chunks is not None and not isinstance(fine, da.Array):
         fine, coarse, coarse_target = (da.asarray(a) for a in (fine, coarse, coarse_target))
+    if spec.statistics is not None:
+        kernel_kwargs["params"] = spec.statistics(fine, coarse, coarse_target, kernel_kwargs["params"])
     return map_overlapping(
         spec.kernel, fine, coarse, coarse_target, halo=halo, align=align, chunks=chunks, **kernel_kwargs
     )

@@ -92,6 +92,12 @@ class MethodSpec:
     prepare : Callable | None
         ``prepare(params, context) -> params``: fills context-dependent defaults (e.g. a search
         distance in metres turned into pixels) before the halo is computed.
+    statistics : Callable | None
+        ``statistics(fine, coarse, coarse_target, params) -> params``: fills scene-wide
+        statistics (e.g. the per-band standard deviation behind STARFM's similarity threshold)
+        from the whole pair arrays, so that every block uses the same values and a chunked result
+        equals the unchunked one. Given Dask arrays it returns a ``dask.delayed`` params object
+        (the engine stays lazy); given NumPy arrays, the params themselves.
     """
 
     name: str
@@ -103,6 +109,7 @@ class MethodSpec:
     learned: bool = False
     fit: Callable[..., Any] | None = None
     prepare: Callable[[Any, MethodContext], Any] | None = None
+    statistics: Callable[[Any, Any, Any, Any], Any] | None = None
 
     def make_params(self, params: Any | None = None, **overrides: Any) -> Any:
         """Build the parameter dataclass, rejecting unknown names with the valid ones listed."""
