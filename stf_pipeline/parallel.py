@@ -114,7 +114,7 @@ def map_overlapping(
         chunks=out_chunks,
         dtype=np.float32,
         meta=np.empty((0, 0, 0), np.float32),
-        name=f"stf-{getattr(kernel, '__name__', 'kernel')}",
+        token=f"stf-{getattr(kernel, '__name__', 'kernel')}",
         **kernel_kwargs,
     )
     if not halo:
