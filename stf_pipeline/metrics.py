@@ -153,8 +153,9 @@ def evaluate(
         p_mean = p.mean(SPATIAL_DIMS)
         t_mean = t.mean(SPATIAL_DIMS)
         pa, ta = p - p_mean, t - t_mean
-        cc = (pa * ta).mean(SPATIAL_DIMS) / np.sqrt((pa**2).mean(SPATIAL_DIMS) * (ta**2).mean(SPATIAL_DIMS))
-        ergas = 100.0 * ratio * np.sqrt(((rmse / t_mean) ** 2).mean(BAND_DIM))
+        spread = np.sqrt((pa**2).mean(SPATIAL_DIMS) * (ta**2).mean(SPATIAL_DIMS))
+        cc = (pa * ta).mean(SPATIAL_DIMS) / spread.where(spread > 0)
+        ergas = 100.0 * ratio * np.sqrt(((rmse / t_mean.where(t_mean != 0)) ** 2).mean(BAND_DIM, skipna=False))
         sam = _spectral_angle(p, t).mean(SPATIAL_DIMS)
         ssim = _ssim(p, t, ranges)
 
