@@ -1,0 +1,53 @@
+"""Neural-network machinery shared by the learned methods (BiaSTF, STFDCNN).
+
+- :mod:`~stf_pipeline.nn.modules`: :class:`ConvStack` and :class:`BandNet` (per-band or multiband).
+- :mod:`~stf_pipeline.nn.sampler`: :class:`PatchSampler` (seeded random patches over items of
+  dates), :class:`Batch`, :func:`ordered_pairs`.
+- :mod:`~stf_pipeline.nn.train`: :class:`TrainConfig`, :class:`TrainState`, :func:`create_train_state`,
+  pure jitted :func:`train_step` / :func:`eval_step`, the loop :func:`fit`.
+- :mod:`~stf_pipeline.nn.checkpoint`: :class:`CheckpointStore` (Orbax, resumable, fingerprinted).
+- :mod:`~stf_pipeline.nn.model`: :class:`FittedModel` (save/load, cube checks).
+
+Importing this package imports JAX and Flax.
+"""
+
+from stf_pipeline.nn.checkpoint import CheckpointStore
+from stf_pipeline.nn.model import FORMAT_VERSION, FittedModel
+from stf_pipeline.nn.modules import BandNet, ConvStack, receptive_radius
+from stf_pipeline.nn.sampler import Batch, PatchSampler, ordered_pairs
+from stf_pipeline.nn.train import (
+    FitResult,
+    TrainConfig,
+    TrainState,
+    create_train_state,
+    eval_step,
+    fit,
+    make_optimizer,
+    make_schedule,
+    masked_metrics,
+    save_history,
+    train_step,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Batch",
+    "BandNet",
+    "CheckpointStore",
+    "ConvStack",
+    "FitResult",
+    "FittedModel",
+    "PatchSampler",
+    "TrainConfig",
+    "TrainState",
+    "create_train_state",
+    "eval_step",
+    "fit",
+    "make_optimizer",
+    "make_schedule",
+    "masked_metrics",
+    "ordered_pairs",
+    "receptive_radius",
+    "save_history",
+    "train_step",
+]
