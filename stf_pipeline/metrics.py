@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Mapping
 
 import dask.array as da
@@ -99,7 +100,8 @@ def evaluate(
         prediction's dims (a DataArray; a ``band`` dim is reduced with *all*).
     ratio : float, optional
         ERGAS resolution ratio, fine pixel size / coarse pixel size (e.g. 30 / 480). Default:
-        ``1 / coarse_factor`` from the ``coarse_factor`` attr of ``pred`` or ``truth``.
+        ``1 / coarse_factor`` from the ``coarse_factor`` attr of ``pred`` or ``truth``; without
+        either, ``ergas`` is NaN and a warning says so.
     data_range : float or mapping band -> float, default 1.0
         SSIM dynamic range ``R`` (1.0 for reflectance in [0, 1]; e.g. 40.0 for land-surface
         temperature in kelvin). Recorded in the result's attrs.
@@ -271,13 +273,18 @@ def _align_pair(pred: xr.DataArray, truth: xr.DataArray) -> tuple[xr.DataArray, 
 
 
 def _ergas_ratio(pred: xr.DataArray, truth: xr.DataArray, ratio: float | None) -> float:
+    """ERGAS ratio, given or ``1 / coarse_factor`` from the attrs; NaN (with a warning) if unknown."""
     if ratio is None:
         factor = pred.attrs.get("coarse_factor", truth.attrs.get("coarse_factor"))
         if factor is None:
-            raise EvaluationError(
+            warnings.warn(
                 "ERGAS needs the fine/coarse pixel-size ratio and neither pred nor truth has a "
-                "'coarse_factor' attr; pass ratio=1/cube.attrs['coarse_factor'] (e.g. ratio=30/480)."
+                "'coarse_factor' attr, so ergas is NaN; pass ratio=1/cube.attrs['coarse_factor'] "
+                "(e.g. ratio=30/480).",
+                UserWarning,
+                stacklevel=3,
             )
+            return float("nan")
         ratio = 1.0 / float(factor)
     ratio = float(ratio)
     if not 0 < ratio <= 1:

@@ -323,8 +323,11 @@ def test_errors_name_the_problem():
         evaluate(xr.full_like(t, np.nan), t)
     with pytest.raises(EvaluationError, match="lacks"):
         evaluate(t.isel(band=0), t.isel(band=0))
-    with pytest.raises(EvaluationError, match="coarse_factor"):
-        evaluate(as_da(t.values, factor=None), as_da(t.values, factor=None))
+    with pytest.warns(UserWarning, match="coarse_factor"):
+        no_ratio = evaluate(as_da(t.values, factor=None), as_da(t.values, factor=None))
+    assert np.isnan(float(no_ratio.ergas)) and float(no_ratio.rmse[0]) == 0
+    with pytest.raises(EvaluationError, match="ratio"):
+        evaluate(t, t, ratio=16.0)
     with pytest.raises(EvaluationError, match="boolean"):
         evaluate(t, t, mask=np.ones((14, 14)))
     with pytest.raises(EvaluationError, match="shape"):
