@@ -1,0 +1,352 @@
+"""Catalogs: one YAML file per data set (``catalogs/*.yaml``) -> a cube and its fusion task.
+
+A catalog names the files of a data set (explicitly by date, or by a glob with a date pattern),
+how to read each sensor (:class:`stf_pipeline.ingest.Sensor` fields, or a preset name), the cube
+bands, ``coarse_factor``, and the task: the target date, its pair dates, and optionally more
+evaluation ``targets`` and ``train`` dates for learned methods. Paths are relative to the
+catalog's ``root`` under the data root: ``$STF_DATA_ROOT`` if set, else ``../shared/data/real``
+beside the repository (:func:`data_root`), so a user points a catalog at their own copy.
+
+Held-out truth images go into the data variable ``fine_truth``; ``fine`` is NaN at their dates.
+
+Schema (unknown keys are errors)::
+
+    name: zhu_estarfm            # defaults to the file name
+    description: free text
+    root: zhu_estarfm            # folder under the data root (or an absolute path)
+    bands: [green, red, nir]     # cube band names, in order
+    coarse_factor: 20
+    pixel_size: 30               # nominal, for files without georeferencing
+    fine:   {sensor: ..., files: {2001-05-24: tm0524}}           # or glob: + date: {regex:, format:}
+    coarse: {sensor: ..., resampling: nearest, glob: "MODIS/*.tif", date: {regex: "_(\\d{7})", format: "%Y%j"}}
+    truth:  {files: {2001-07-11: tm0711}}                        # read with the fine sensor
+    task:   {target: 2001-07-11, pairs: [2001-05-24, 2001-08-12], targets: [...], train: [...]}
+
+``sensor`` is a preset name from :data:`stf_pipeline.ingest.SENSORS` or a mapping of Sensor
+fields (``name, bands, scale, offset, nodata, units, valid_range``), optionally starting from a
+preset (``preset: mod09ga``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from stf_pipeline.exceptions import CatalogError, TaskError
+from stf_pipeline.ingest import DEFAULT_CHUNKS, RESAMPLING, DatePattern, Sensor, get_sensor, ingest
+from stf_pipeline.task import Task, resolve_task
+
+#: environment variable that overrides the data root
+DATA_ROOT_ENV = "STF_DATA_ROOT"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CATALOG_DIR = REPO_ROOT / "catalogs"
+
+
+def data_root() -> Path:
+    """Where catalog ``root`` folders live: ``$STF_DATA_ROOT``, else ``<repo>/../shared/data/real``."""
+    env = os.environ.get(DATA_ROOT_ENV)
+    if env:
+        return Path(env).expanduser()
+    return (REPO_ROOT.parent / "shared" / "data" / "real").resolve()
+
+
+def catalog_names() -> list[str]:
+    """Names of the catalogs shipped in ``catalogs/``."""
+    return sorted(p.stem for p in CATALOG_DIR.glob("*.yaml"))
+
+
+def _check_keys(mapping: Any, allowed: tuple[str, ...], where: str, required: tuple[str, ...] = ()) -> dict:
+    if not isinstance(mapping, Mapping):
+        raise CatalogError(f"{where} must be a mapping with keys {list(allowed)}, got {type(mapping).__name__}.")
+    for key in mapping:
+        if key not in allowed:
+            raise CatalogError(f"{where}: unknown key {key!r}; valid keys are {list(allowed)}.")
+    for key in required:
+        if key not in mapping:
+            raise CatalogError(f"{where}: missing required key {key!r}.")
+    return dict(mapping)
+
+
+def _date(value: Any, where: str) -> np.datetime64:
+    try:
+        return pd.Timestamp(value).to_datetime64().astype("datetime64[ns]")
+    except (ValueError, TypeError):
+        raise CatalogError(f"{where}: cannot read {value!r} as a date; use an ISO date such as 2001-05-24.") from None
+
+
+def _iso(date: np.datetime64) -> str:
+    return str(np.datetime_as_string(date, unit="D"))
+
+
+_SENSOR_KEYS = ("preset", *(f.name for f in dataclasses.fields(Sensor)))
+
+
+def _sensor(spec: Any, where: str) -> Sensor:
+    if isinstance(spec, str):
+        return get_sensor(spec)
+    spec = _check_keys(spec, _SENSOR_KEYS, where)
+    preset = spec.pop("preset", None)
+    if preset is not None:
+        return dataclasses.replace(get_sensor(preset), **spec)
+    if "bands" not in spec:
+        raise CatalogError(f"{where}: a sensor needs 'bands' (the file's bands in order) or a 'preset'.")
+    spec.setdefault("name", where)
+    return Sensor(**spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileGroup:
+    """The files of one sensor in a catalog.
+
+    Attributes
+    ----------
+    sensor : Sensor
+    files : mapping of ISO date -> path relative to the catalog root (explicit form)
+    glob : str, optional
+        Glob relative to the catalog root (pattern form); dates from ``date``.
+    date : DatePattern, optional
+    resampling : str
+        Coarse -> fine resampling (coarse group only).
+    """
+
+    sensor: Sensor | None
+    files: tuple[tuple[str, str], ...] = ()
+    glob: str | None = None
+    date: DatePattern | None = None
+    resampling: str = "nearest"
+
+    @classmethod
+    def from_mapping(cls, spec: Any, where: str, *, needs_sensor: bool = True) -> FileGroup:
+        spec = _check_keys(spec, ("sensor", "files", "glob", "date", "resampling"), where)
+        if ("files" in spec) == ("glob" in spec):
+            raise CatalogError(f"{where}: give exactly one of 'files' ({{date: path}}) or 'glob' (with 'date').")
+        sensor = None
+        if "sensor" in spec:
+            sensor = _sensor(spec["sensor"], f"{where}.sensor")
+        elif needs_sensor:
+            raise CatalogError(f"{where}: missing required key 'sensor'.")
+        files: tuple[tuple[str, str], ...] = ()
+        if "files" in spec:
+            raw = spec["files"]
+            if not isinstance(raw, Mapping) or not raw:
+                raise CatalogError(f"{where}.files must be a non-empty mapping {{date: path}}, got {raw!r}.")
+            files = tuple((_iso(_date(d, f"{where}.files")), str(p)) for d, p in raw.items())
+        date = None
+        if "date" in spec:
+            d = _check_keys(spec["date"], ("regex", "format"), f"{where}.date", required=("regex", "format"))
+            date = DatePattern(regex=str(d["regex"]), format=str(d["format"]))
+        if "glob" in spec and date is None:
+            raise CatalogError(f"{where}: 'glob' needs 'date: {{regex: ..., format: ...}}' to date each file.")
+        resampling = str(spec.get("resampling", "nearest"))
+        if resampling not in RESAMPLING:
+            raise CatalogError(f"{where}.resampling {resampling!r} is not one of {list(RESAMPLING)}.")
+        return cls(sensor=sensor, files=files, glob=spec.get("glob"), date=date, resampling=resampling)
+
+    def resolve(self, root: Path, where: str) -> dict[np.datetime64, Path]:
+        """``{date: absolute path}`` under ``root``."""
+        if self.glob is not None:
+            found = sorted(root.glob(self.glob))
+            if not found:
+                raise CatalogError(
+                    f"{where}: glob {self.glob!r} matches no file under {root}; check the data root "
+                    f"(${DATA_ROOT_ENV}) and the catalog's root."
+                )
+            out: dict[np.datetime64, Path] = {}
+            for path in found:
+                date = self.date.parse(path.relative_to(root))  # type: ignore[union-attr]
+                if date in out:
+                    raise CatalogError(f"{where}: two files for {_iso(date)}: {out[date]} and {path}.")
+                out[date] = path
+            return out
+        return {_date(d, where): (root / p) for d, p in self.files}
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogTask:
+    """Which dates a catalog's data set is for: the target, its pairs, evaluation targets, training dates."""
+
+    target: str
+    pairs: tuple[str, ...] | None = None
+    targets: tuple[str, ...] = ()
+    train: tuple[str, ...] = ()
+
+    @classmethod
+    def from_mapping(cls, spec: Any, where: str) -> CatalogTask:
+        spec = _check_keys(spec, ("target", "pairs", "targets", "train"), where, required=("target",))
+
+        def dates(key: str) -> tuple[str, ...]:
+            value = spec.get(key) or []
+            if not isinstance(value, list):
+                raise CatalogError(f"{where}.{key} must be a list of dates, got {value!r}.")
+            return tuple(_iso(_date(v, f"{where}.{key}")) for v in value)
+
+        target = _iso(_date(spec["target"], f"{where}.target"))
+        pairs = dates("pairs") if spec.get("pairs") is not None else None
+        targets = dates("targets") or (target,)
+        if target not in targets:
+            raise CatalogError(f"{where}: target {target} must be one of targets {list(targets)}.")
+        return cls(target=target, pairs=pairs, targets=targets, train=dates("train"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Catalog:
+    """A data set description loaded from ``catalogs/NAME.yaml`` (see the module docstring)."""
+
+    name: str
+    root: str
+    bands: tuple[str, ...]
+    fine: FileGroup
+    coarse: FileGroup
+    task: CatalogTask
+    truth: FileGroup | None = None
+    coarse_factor: int | None = None
+    pixel_size: float = 30.0
+    description: str = ""
+    source: str = ""
+
+    @classmethod
+    def from_mapping(cls, spec: Any, *, source: str = "<mapping>") -> Catalog:
+        where = f"catalog {source}"
+        spec = _check_keys(
+            spec,
+            ("name", "description", "root", "bands", "coarse_factor", "pixel_size", "fine", "coarse", "truth", "task"),
+            where,
+            required=("bands", "fine", "coarse", "task"),
+        )
+        bands = spec["bands"]
+        if not isinstance(bands, list) or not bands or not all(isinstance(b, str) for b in bands):
+            raise CatalogError(f"{where}: 'bands' must be a non-empty list of band names, got {bands!r}.")
+        factor = spec.get("coarse_factor")
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int) or factor < 1):
+            raise CatalogError(f"{where}: coarse_factor must be a positive integer, got {factor!r}.")
+        pixel_size = spec.get("pixel_size", 30.0)
+        if isinstance(pixel_size, bool) or not isinstance(pixel_size, (int, float)) or not pixel_size > 0:
+            raise CatalogError(f"{where}: pixel_size must be a positive number, got {pixel_size!r}.")
+        return cls(
+            name=str(spec.get("name", Path(source).stem)),
+            root=str(spec.get("root", "")),
+            bands=tuple(bands),
+            fine=FileGroup.from_mapping(spec["fine"], f"{where}: fine"),
+            coarse=FileGroup.from_mapping(spec["coarse"], f"{where}: coarse"),
+            truth=FileGroup.from_mapping(spec["truth"], f"{where}: truth", needs_sensor=False) if "truth" in spec else None,
+            task=CatalogTask.from_mapping(spec["task"], f"{where}: task"),
+            coarse_factor=factor,
+            pixel_size=float(pixel_size),
+            description=str(spec.get("description", "")).strip(),
+            source=source,
+        )
+
+    def root_path(self, root: str | os.PathLike[str] | None = None) -> Path:
+        base = Path(root).expanduser() if root is not None else data_root()
+        return base / self.root
+
+
+def load_catalog(name_or_path: str | os.PathLike[str]) -> Catalog:
+    """Load and validate a catalog: a shipped name (``"zhu_estarfm"``) or a path to a YAML file.
+
+    Raises
+    ------
+    CatalogError
+        Unknown name, missing file, invalid YAML, or a schema violation (naming the key).
+    """
+    import yaml
+
+    text = str(name_or_path)
+    path = Path(text)
+    if not (text.endswith((".yaml", ".yml")) or path.exists()):
+        path = CATALOG_DIR / f"{text}.yaml"
+        if not path.exists():
+            raise CatalogError(
+                f"unknown catalog {text!r}; shipped catalogs are {catalog_names()}, or pass a path to a YAML file."
+            )
+    if not path.is_file():
+        raise CatalogError(f"catalog file {path} does not exist; check the path.")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise CatalogError(f"catalog {path} is not valid YAML: {err}") from None
+    return Catalog.from_mapping(spec, source=str(path))
+
+
+def open_catalog(
+    name_or_path: str | os.PathLike[str] | Catalog,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    chunks: Mapping[str, int] | None = DEFAULT_CHUNKS,
+) -> tuple[xr.Dataset, Task]:
+    """Read a catalog's files into a cube and return it with the catalog's fusion task.
+
+    Parameters
+    ----------
+    name_or_path : str, path or Catalog
+        Shipped catalog name (see ``catalogs/``), a YAML path, or a loaded :class:`Catalog`.
+    root : path-like, optional
+        Data root; default ``$STF_DATA_ROOT`` or ``../shared/data/real`` beside the repository.
+    chunks : mapping, optional
+        Dask chunks (default 512×512, lazy); ``None`` loads into NumPy.
+
+    Returns
+    -------
+    cube : xarray.Dataset
+        With ``fine`` NaN at held-out dates, ``fine_truth`` (fine and truth images), per-date
+        ``fine_valid``/``coarse_valid``, and attrs ``catalog``, ``stf_targets`` and
+        ``stf_train_times`` (ISO dates) for pipelines.
+    task : Task
+        The catalog's target date and its pair dates.
+
+    Raises
+    ------
+    CatalogError
+        See :func:`load_catalog` and :func:`stf_pipeline.ingest.ingest`.
+
+    Examples
+    --------
+    >>> cube, task = stf.open_catalog("zhu_estarfm")  # doctest: +SKIP
+    >>> pred = stf.fuse(cube, task.target, method="estarfm", pairs=task.pairs)  # doctest: +SKIP
+    """
+    catalog = name_or_path if isinstance(name_or_path, Catalog) else load_catalog(name_or_path)
+    base = catalog.root_path(root)
+    where = f"catalog {catalog.name}"
+    fine = catalog.fine.resolve(base, f"{where}: fine")
+    coarse = catalog.coarse.resolve(base, f"{where}: coarse")
+    truth = catalog.truth.resolve(base, f"{where}: truth") if catalog.truth is not None else {}
+    for date in truth:
+        if date in fine:
+            raise CatalogError(
+                f"{where}: {_iso(date)} has both a fine file and a truth file; a held-out date has no fine image."
+            )
+    cube = ingest(
+        fine,
+        coarse,
+        truth=truth,
+        bands=catalog.bands,
+        fine_sensor=catalog.fine.sensor,  # type: ignore[arg-type]
+        coarse_sensor=catalog.coarse.sensor,  # type: ignore[arg-type]
+        coarse_factor=catalog.coarse_factor,
+        resampling=catalog.coarse.resampling,
+        pixel_size=catalog.pixel_size,
+        chunks=chunks,
+        attrs={
+            "catalog": catalog.name,
+            "title": catalog.description.splitlines()[0] if catalog.description else catalog.name,
+            "stf_targets": list(catalog.task.targets),
+            "stf_train_times": list(catalog.task.train),
+        },
+    )
+    times = {_iso(t) for t in cube["time"].values}
+    for label, dates in (("targets", catalog.task.targets), ("pairs", catalog.task.pairs or ()), ("train", catalog.task.train)):
+        missing = [d for d in dates if d not in times]
+        if missing:
+            raise CatalogError(f"{where}: task {label} {missing} are not dates of its files {sorted(times)}.")
+    try:
+        task = resolve_task(cube, catalog.task.target, pairs=catalog.task.pairs, n_pairs=(1, 64))
+    except TaskError as err:
+        raise CatalogError(f"{where}: its task does not fit its files: {err}") from None
+    return cube, task
