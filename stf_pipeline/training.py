@@ -1,0 +1,101 @@
+"""``stf.train`` and ``stf.load_model``: fit a learned method on a cube, and read a saved model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+from stf_pipeline.cube import validate_cube
+from stf_pipeline.exceptions import MethodError, ModelError
+from stf_pipeline.methods import available_methods, get_method
+from stf_pipeline.task import DateLike
+
+
+def train(
+    cube: xr.Dataset,
+    *,
+    method: str,
+    train_times: Sequence[DateLike],
+    config: Any | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+    val_times: Sequence[DateLike] | None = None,
+    **options: Any,
+) -> Any:
+    """Train the learned ``method`` on ``cube`` and return its :class:`~stf_pipeline.nn.FittedModel`.
+
+    Parameters
+    ----------
+    cube : xarray.Dataset
+        A cube; only the dates in ``train_times`` (and ``val_times``) are read.
+    method : str
+        A learned method: ``"biastf"`` or ``"stfdcnn"``.
+    train_times : sequence of date-like
+        Dates with both fine and coarse images to learn from.
+    config : optional
+        The method's configuration: its config dataclass, a mapping of its fields (nested
+        ``train`` mapping for the optimisation settings), a preset name (``"paper"``, the
+        default, or ``"tiny"`` for a seconds-long CPU run), or None.
+    workdir : path-like, optional
+        Directory for checkpoints, loss history and loss-curve figure; a rerun with the same
+        workdir resumes a killed training from its last checkpoint.
+    val_times : sequence of date-like, optional
+        Held-out dates for the validation loss and early stopping.
+    **options
+        Further keyword arguments of the method's ``fit``.
+
+    Returns
+    -------
+    FittedModel
+
+    Raises
+    ------
+    MethodError
+        Unknown or non-learned method.
+    ConfigError, TaskError, ModelError
+        From the method (bad configuration, dates, or checkpoint of another model).
+
+    Examples
+    --------
+    >>> model = stf.train(cube, method="biastf", train_times=cube.time[[0, 1, 3]].values, config="tiny")  # doctest: +SKIP
+    >>> model.save("biastf.model")  # doctest: +SKIP
+    """
+    validate_cube(cube)
+    spec = get_method(method)
+    if not spec.learned or spec.fit is None:
+        learned = [name for name in available_methods() if get_method(name).learned]
+        raise MethodError(f"method {spec.name!r} is not learned and needs no training; learned methods are {learned}.")
+    return spec.fit(
+        cube,
+        train_times=list(train_times),
+        config=config,
+        workdir=None if workdir is None else Path(workdir),
+        val_times=None if val_times is None else list(val_times),
+        **options,
+    )
+
+
+def load_model(path: str | os.PathLike[str]) -> Any:
+    """Read a model saved with ``model.save(path)``.
+
+    Raises
+    ------
+    ModelError
+        Not a model, an unsupported format version, or a model of a method not installed.
+    """
+    from stf_pipeline.nn.model import FittedModel
+
+    model = FittedModel.load(path)
+    try:
+        spec = get_method(model.method)
+    except MethodError as err:
+        raise ModelError(f"the model at {path} was made by method {model.method!r}, which is not available: {err}") from None
+    if not spec.learned:
+        raise ModelError(f"the model at {path} names method {model.method!r}, which is not a learned method.")
+    return model
+
+
+__all__: list[str] = ["load_model", "train"]
