@@ -1,0 +1,232 @@
+"""fuse_series: the fused cube equals per-date fuse, resumes after a kill, never clobbers foreign paths."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+
+import stf_pipeline as stf
+from stf_pipeline import series
+from stf_pipeline.testing import random_cube
+
+CHUNKS = (16, 16)
+
+
+def gappy_cube(**kwargs):
+    """5 dates; fine missing (all NaN) on dates 1 and 3, the coarse-only dates."""
+    cube = random_cube(n_times=5, height=40, width=48, **kwargs)
+    fine = cube["fine"].values.copy()
+    fine[[1, 3]] = np.nan
+    fine[0, :, :3, :5] = np.nan  # some nodata in an observed image
+    return stf.make_cube(
+        fine, cube["coarse"].values, time=cube.time.values, band=cube.band.values, y=cube.y.values,
+        x=cube.x.values, crs="EPSG:32633", coarse_factor=cube.attrs["coarse_factor"],
+    )
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    """Every file of a store, by relative path: two equal stores have equal dicts."""
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("backend", ["numpy", "dask"])
+def test_series_equals_fuse_per_date(tmp_path, backend):
+    cube = gappy_cube()
+    if backend == "dask":
+        cube = cube.chunk({"time": 1, "y": 24, "x": 24})
+    out = stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False)
+    assert out.attrs["stf_series_complete"] is True
+    assert out.source.values.tolist() == ["observed", "fused", "observed", "fused", "observed"]
+    np.testing.assert_array_equal(out.time.values, cube.time.values)
+    for i, date in enumerate(cube.time.values):
+        if i in (1, 3):
+            expected = stf.fuse(cube.compute(), date, method="delta").values
+        else:
+            expected = cube["fine"].isel(time=i).values
+        np.testing.assert_array_equal(out["fine"].isel(time=i).values, expected)
+    np.testing.assert_array_equal(out["coarse"].values, cube["coarse"].values)
+    assert out["fine"].encoding["chunks"] == (1, 2, *CHUNKS)
+    assert not (tmp_path / "f.zarr" / series.PROGRESS_DIR).exists()
+    assert out.attrs["stf_method"] == "delta"
+    assert '"2020-03-17": ["2020-03-01", "2020-04-02"]' in out.attrs["stf_tasks"]
+    stf.validate_cube(out)
+    reopened = stf.open_cube(tmp_path / "f.zarr")
+    np.testing.assert_array_equal(reopened.coarse_valid.values, np.ones(5))
+
+
+def test_targets_pairs_and_dates_of_any_type(tmp_path):
+    import pandas as pd
+
+    cube = gappy_cube()
+    times = cube.time.values
+    out = stf.fuse_series(
+        cube, method="delta", out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False,
+        targets=[str(times[1])[:10], pd.Timestamp(times[2])],  # a date with fine data can be a target
+        pairs={np.datetime64(times[1], "D"): [times[0]], str(times[2])[:10]: [times[0], times[4]]},
+        window=3,
+    )
+    assert out.source.values.tolist() == ["observed", "fused", "fused", "observed"]
+    np.testing.assert_array_equal(out.time.values, times[[0, 1, 2, 4]])
+    ref = stf.fuse(cube, times[2], method="delta", pairs=[times[0], times[4]], window=3)
+    np.testing.assert_array_equal(out["fine"].sel(time=times[2]).values, ref.values)
+    ref = stf.fuse(cube, times[1], method="delta", pairs=[times[0]])
+    np.testing.assert_array_equal(out["fine"].sel(time=times[1]).values, ref.values)
+    assert '"window": 3' in out.attrs["stf_params"]
+
+
+def test_bad_targets_fail_before_any_write(tmp_path):
+    cube = gappy_cube()
+    coarse = cube["coarse"].values.copy()
+    coarse[3] = np.nan
+    broken = cube.copy(data={"fine": cube["fine"].values, "coarse": coarse})
+    with pytest.raises(stf.TaskError, match="all NaN"):
+        stf.fuse_series(broken, method="delta", out=tmp_path / "a.zarr", targets=[cube.time.values[3]])
+    with pytest.raises(stf.TaskError, match="pair"):
+        stf.fuse_series(cube, method="delta", out=tmp_path / "a.zarr", targets=[cube.time.values[1]],
+                        pairs=[cube.time.values[3]])
+    full = random_cube(n_times=3)
+    with pytest.raises(stf.TaskError, match="no coarse-only date"):
+        stf.fuse_series(full, method="delta", out=tmp_path / "a.zarr")
+    with pytest.raises(stf.MethodError, match="unknown parameter"):
+        stf.fuse_series(cube, method="delta", out=tmp_path / "a.zarr", windw=3)
+    assert not (tmp_path / "a.zarr").exists()
+
+
+def test_foreign_paths_are_never_touched(tmp_path):
+    cube = gappy_cube()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    plain_file = tmp_path / "file.zarr"
+    plain_file.write_text("x")
+    for path in (foreign, plain_file):
+        for overwrite in (False, True):
+            with pytest.raises(stf.StoreError, match="not a stf_pipeline store"):
+                stf.fuse_series(cube, method="delta", out=path, overwrite=overwrite, progress=False)
+    assert (foreign / "notes.txt").read_text() == "precious"
+    assert plain_file.read_text() == "x"
+    # a zarr store that is not ours is refused as well
+    cube.to_zarr(tmp_path / "other.zarr", zarr_format=2)
+    with pytest.raises(stf.StoreError, match="not a stf_pipeline store"):
+        stf.fuse_series(cube, method="delta", out=tmp_path / "other.zarr", overwrite=True, progress=False)
+
+
+def test_existing_stores_rerun_refuse_or_overwrite(tmp_path):
+    cube = gappy_cube()
+    path = tmp_path / "f.zarr"
+    stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
+    before = store_files(path)
+    # same request on a complete store: nothing recomputed, store unchanged
+    with dask.config.set(scheduler=_raise_scheduler):
+        stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
+    assert store_files(path) == before
+    with pytest.raises(stf.StoreError, match="overwrite=True"):
+        stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, window=3)
+    assert store_files(path) == before
+    out = stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, window=3, overwrite=True)
+    assert '"window": 3' in out.attrs["stf_params"]
+    # a cube store written by write_cube is ours: refused without overwrite, replaced with it
+    stf.write_cube(cube, tmp_path / "c.zarr")
+    with pytest.raises(stf.StoreError):
+        stf.fuse_series(cube, method="delta", out=tmp_path / "c.zarr", progress=False)
+    stf.fuse_series(cube, method="delta", out=tmp_path / "c.zarr", progress=False, overwrite=True, chunks=CHUNKS)
+
+
+def _raise_scheduler(dsk, keys, **kwargs):
+    raise AssertionError("a complete store was recomputed")
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
+    cube = gappy_cube()
+    reference = tmp_path / "ref.zarr"
+    stf.fuse_series(cube, method="delta", out=reference, chunks=CHUNKS, progress=False)
+    n_regions = 2 * 5 * 3 * 3  # variables x dates x y blocks x x blocks
+
+    original = series._write_region
+    calls = []
+
+    def crashing(*args, **kwargs):
+        if len(calls) == 17:
+            raise _Crash
+        calls.append(args[2:6])
+        return original(*args, **kwargs)
+
+    path = tmp_path / "f.zarr"
+    monkeypatch.setattr(series, "_write_region", crashing)
+    with dask.config.set(scheduler="synchronous"), pytest.raises(_Crash):
+        stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
+    assert not stf.open_cube(path).attrs["stf_series_complete"]
+    assert len(os.listdir(path / series.PROGRESS_DIR)) == 17
+
+    calls.clear()
+    monkeypatch.setattr(series, "_write_region", lambda *a: (calls.append(a[2:6]), original(*a)))
+    stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
+    assert len(calls) == n_regions - 17  # written regions are not recomputed
+    assert store_files(path) == store_files(reference)
+
+    # killed while finalizing (marked complete, record not yet removed): the next call finishes it
+    (path / series.PROGRESS_DIR).mkdir()
+    stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
+    assert store_files(path) == store_files(reference)
+
+
+_KILLED_RUN = textwrap.dedent(
+    """
+    import sys, time
+    import dask, numpy as np
+    import stf_pipeline as stf
+    from stf_pipeline import series
+    sys.path.insert(0, {tests!r})
+    from test_series import gappy_cube
+
+    original = series._write_region
+
+    def slow(*args):
+        time.sleep(0.03)
+        return original(*args)
+
+    series._write_region = slow
+    with dask.config.set(scheduler="threads", num_workers=2):
+        stf.fuse_series(gappy_cube(), method="delta", out={out!r}, chunks=(16, 16), progress=False)
+    """
+)
+
+
+def test_killed_subprocess_resumes_to_the_same_store(tmp_path):
+    cube = gappy_cube()
+    reference = tmp_path / "ref.zarr"
+    stf.fuse_series(cube, method="delta", out=reference, chunks=CHUNKS, progress=False)
+    path = tmp_path / "f.zarr"
+    script = _KILLED_RUN.format(tests=str(Path(__file__).parent), out=str(path))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
+    progress = path / series.PROGRESS_DIR
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.is_dir() and len(os.listdir(progress)) >= 6:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    done = len(os.listdir(progress))
+    assert 6 <= done < 90
+    assert not stf.open_cube(path).attrs["stf_series_complete"]
+    stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
+    assert store_files(path) == store_files(reference)
