@@ -335,7 +335,8 @@ def open_catalog(
         chunks=chunks,
         attrs={
             "catalog": catalog.name,
-            "title": catalog.description.splitlines()[0] if catalog.description else catalog.name,
+            "title": catalog.name,
+            "description": catalog.description,
             "stf_targets": list(catalog.task.targets),
             "stf_train_times": list(catalog.task.train),
         },
