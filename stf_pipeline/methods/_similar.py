@@ -1,0 +1,235 @@
+"""Moving-window machinery shared by STARFM and ESTARFM: loop over window offsets.
+
+Both methods predict a pixel from the *similar pixels* of a square search window around it.
+Rather than loop over pixels, the kernels loop over the ``(2r+1)²`` window offsets and, for
+each offset, update per-pixel accumulators with whole-array operations: the *body* of a
+method receives the centre pixels ``c`` and their neighbours ``q`` at one offset (aligned
+arrays), the offset's distance and the method's constants ``k`` (non-spatial arrays), and
+returns the increments of its accumulators.
+
+Two drivers run a body:
+
+* :func:`accumulate_numpy`: NumPy, slicing. Neighbours outside the block are skipped (the
+  slices shrink), so a pixel's sums only ever see pixels of the block: no padding.
+* :func:`accumulate_jax`: JAX, ``jit`` + ``lax.fori_loop`` over offsets inside ``lax.map`` over
+  square tiles (cache-sized on CPU, one tile per block on GPU). Blocks are padded with
+  *missing* values (NaN) which a body turns into zero increments, so the sums are those of
+  the NumPy driver.
+
+In both, every pixel adds its terms in the same offset order whatever block it sits in, so a
+chunked result equals the unchunked one bitwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from stf_pipeline.exceptions import MethodError
+
+#: ``body(xp, c, q, dist, k) -> tuple of increments``; ``c``/``q``: mappings of aligned arrays,
+#: ``k``: mapping of constants. Must be a module-level function (it keys the JAX compile cache).
+Body = Callable[[Any, Mapping[str, Any], Mapping[str, Any], Any, Mapping[str, Any]], tuple[Any, ...]]
+
+
+def offsets(radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row-major window offsets ``(dy, dx)`` and their Euclidean distance in pixels."""
+    side = np.arange(-radius, radius + 1)
+    dy, dx = np.meshgrid(side, side, indexing="ij")
+    dy, dx = dy.ravel(), dx.ravel()
+    return dy, dx, np.sqrt(dy * dy + dx * dx)
+
+
+def check_window(radius: int, shape: tuple[int, int], method: str) -> None:
+    """Raise if a ``(2r+1)²`` window does not fit in a ``(y, x)`` scene of ``shape``."""
+    side = 2 * radius + 1
+    if side > min(shape):
+        raise MethodError(
+            f"{method}: the search window of {side}x{side} pixels (radius {radius}) is larger than the "
+            f"scene of {shape[0]}x{shape[1]} pixels; pass a smaller window (radius <= {(min(shape) - 1) // 2})."
+        )
+
+
+def box_sum(xp: Any, a: Any, radius: int) -> Any:
+    """Sum over a ``(2r+1)²`` window on the last two axes; nothing is added outside ``a``.
+
+    Separable shifted sums in a fixed order, so a pixel's sum does not depend on the block.
+    """
+    for axis in (a.ndim - 2, a.ndim - 1):
+        n = a.shape[axis]
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (radius, radius)
+        padded = xp.pad(a, pad)
+        out = None
+        for offset in range(2 * radius + 1):
+            index = [slice(None)] * a.ndim
+            index[axis] = slice(offset, offset + n)
+            term = padded[tuple(index)]
+            out = term if out is None else out + term
+        a = out
+    return a
+
+
+def _pair_slices(d: int, n: int) -> tuple[slice, slice]:
+    """Slices of centres and of their neighbours at offset ``d`` along an axis of length ``n``."""
+    if d >= 0:
+        return slice(0, n - d), slice(d, n)
+    return slice(-d, n), slice(0, n + d)
+
+
+def accumulate_numpy(
+    body: Body,
+    centre: Mapping[str, np.ndarray],
+    neighbour: Mapping[str, np.ndarray],
+    constants: Mapping[str, Any],
+    *,
+    radius: int,
+    accumulators: Sequence[tuple[tuple[int, ...], Any]],
+    shape: tuple[int, int],
+) -> list[np.ndarray]:
+    """Run ``body`` over every window offset with NumPy; returns the accumulators.
+
+    Parameters
+    ----------
+    body : callable
+        ``body(np, c, q, dist, k)`` with ``c``/``q`` the centre/neighbour arrays cut to the pixels
+        whose neighbour at this offset lies in the block; returns one increment per accumulator.
+    centre, neighbour : mapping of name -> array ``(..., y, x)``
+    constants : mapping of name -> array or scalar, passed to ``body`` as ``k``
+    radius : int
+    accumulators : sequence of (leading shape, dtype)
+    shape : (int, int)
+        Spatial shape ``(y, x)`` of the block.
+    """
+    ny, nx = shape
+    accs = [np.zeros((*lead, ny, nx), dtype=dtype) for lead, dtype in accumulators]
+    for dy, dx, dist in zip(*offsets(radius), strict=True):
+        cy, qy = _pair_slices(int(dy), ny)
+        cx, qx = _pair_slices(int(dx), nx)
+        if cy.start >= cy.stop or cx.start >= cx.stop:
+            continue
+        c = {k: v[..., cy, cx] for k, v in centre.items()}
+        q = {k: v[..., qy, qx] for k, v in neighbour.items()}
+        for acc, inc in zip(accs, body(np, c, q, float(dist), constants), strict=True):
+            acc[..., cy, cx] += inc
+    return accs
+
+
+def default_tile() -> int:
+    """Tile side for the JAX driver: cache-sized on CPU, whole blocks on accelerators."""
+    import jax
+
+    return 48 if jax.default_backend() == "cpu" else 0
+
+
+@functools.lru_cache(maxsize=64)
+def _jax_driver(body: Body, radius: int, tile: int, acc_specs: tuple, names: tuple) -> Callable[..., Any]:
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    side = 2 * radius + 1
+    dy, dx, dist = offsets(radius)
+    table = np.stack([dy + radius, dx + radius]).astype(np.int32)
+    dist32 = dist.astype(np.float32)
+    centre_names, neighbour_names, constant_names = names
+
+    def run(centre: tuple, neighbour: tuple, constants: tuple) -> tuple:
+        k_const = dict(zip(constant_names, constants, strict=True))
+        ny, nx = centre[0].shape[-2:]
+        t = tile or max(ny, nx)
+        ty, tx = -(-ny // t), -(-nx // t)
+        offs = jnp.asarray(table)
+        dists = jnp.asarray(dist32)
+
+        def pad(a: Any, extra: int, fill: Any) -> Any:
+            widths = [(0, 0)] * (a.ndim - 2) + [(extra, extra + ty * t - ny), (extra, extra + tx * t - nx)]
+            return jnp.pad(a, widths, constant_values=fill)
+
+        def missing(a: Any) -> Any:
+            return jnp.nan if jnp.issubdtype(a.dtype, jnp.floating) else 0
+
+        cpad = [pad(a, 0, missing(a)) for a in centre]
+        qpad = [pad(a, radius, missing(a)) for a in neighbour]
+
+        def cut(a: Any, y0: Any, x0: Any, size: int) -> Any:
+            start = (0,) * (a.ndim - 2) + (y0, x0)
+            return lax.dynamic_slice(a, start, a.shape[:-2] + (size, size))
+
+        def one_tile(index: Any) -> tuple:
+            y0, x0 = (index // tx) * t, (index % tx) * t
+            c = dict(zip(centre_names, (cut(a, y0, x0, t) for a in cpad), strict=True))
+            qt = [cut(a, y0, x0, t + 2 * radius) for a in qpad]
+
+            def step(k: Any, accs: tuple) -> tuple:
+                q = dict(zip(neighbour_names, (cut(a, offs[0, k], offs[1, k], t) for a in qt), strict=True))
+                incs = body(jnp, c, q, dists[k], k_const)
+                return tuple(acc + inc.astype(acc.dtype) for acc, inc in zip(accs, incs, strict=True))
+
+            init = tuple(jnp.zeros((*lead, t, t), dtype) for lead, dtype in acc_specs)
+            return lax.fori_loop(0, side * side, step, init)
+
+        tiles = lax.map(one_tile, jnp.arange(ty * tx))
+        out = []
+        for acc, (lead, _) in zip(tiles, acc_specs, strict=True):
+            nlead = len(lead)
+            acc = acc.reshape((ty, tx, *lead, t, t))
+            perm = tuple(range(2, 2 + nlead)) + (0, 2 + nlead, 1, 3 + nlead)
+            acc = acc.transpose(perm).reshape((*lead, ty * t, tx * t))
+            out.append(acc[..., :ny, :nx])
+        return tuple(out)
+
+    return jax.jit(run)
+
+
+def accumulate_jax(
+    body: Body,
+    centre: Mapping[str, Any],
+    neighbour: Mapping[str, Any],
+    constants: Mapping[str, Any],
+    *,
+    radius: int,
+    accumulators: Sequence[tuple[tuple[int, ...], Any]],
+    tile: int | None = None,
+) -> list[Any]:
+    """Run ``body`` over every window offset with JAX (see module docstring).
+
+    ``body`` must map missing neighbours (NaN in its float inputs) to zero increments. Arrays may
+    be NumPy or JAX; the result is a list of JAX arrays. ``tile``: side of the square tiles
+    (0: one tile per block); default :func:`default_tile`.
+    """
+    tile = default_tile() if tile is None else int(tile)
+    names = (tuple(centre), tuple(neighbour), tuple(constants))
+    specs = tuple((tuple(lead), np.dtype(dtype).name) for lead, dtype in accumulators)
+    run = _jax_driver(body, int(radius), tile, specs, names)
+    return list(run(tuple(centre.values()), tuple(neighbour.values()), tuple(constants.values())))
+
+
+def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson correlation of ``x`` and ``y`` along axis 0 (per pixel), NaN where undefined."""
+    x = x.astype(np.float64)
+    y = y.astype(np.float64)
+    xm = x - x.mean(axis=0)
+    ym = y - y.mean(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (xm * ym).sum(axis=0) / np.sqrt((xm * xm).sum(axis=0) * (ym * ym).sum(axis=0))
+
+
+def f_critical(max_n: int, alpha: float) -> np.ndarray:
+    """``F(1, n-2)`` critical values at level ``alpha`` for ``n`` in ``[0, max_n]`` (inf for n < 3)."""
+    from scipy.stats import f
+
+    n = np.arange(max_n + 1)
+    out = np.full(n.shape, np.inf)
+    ok = n >= 3
+    out[ok] = f.isf(alpha, 1, n[ok] - 2)
+    return out
+
+
+def radius_from_distance(distance: float, pixel_size: float) -> int:
+    """Search radius in pixels for a search distance in CRS units (metres)."""
+    return int(math.floor(distance / pixel_size + 0.5))

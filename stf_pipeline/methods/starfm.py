@@ -1,0 +1,313 @@
+"""STARFM: the Spatial and Temporal Adaptive Reflectance Fusion Model (Gao et al. 2006).
+
+Gao, F., Masek, J., Schwaller, M., Hall, F. (2006). On the blending of the Landsat and MODIS
+surface reflectance: predicting daily Landsat surface reflectance. IEEE TGRS 44(8), 2207-2218.
+
+For every pixel ``p`` and band, with pairs ``k`` (fine ``L_k``, coarse ``M_k``) and the coarse
+image ``M_0`` of the target date, STARFM averages the local predictions
+``L_k(q) + M_0(q) - M_k(q)`` of the pixels ``q`` of a search window around ``p`` that are
+
+1. *spectrally similar* to ``p`` in the fine image of their pair:
+   ``|L_k(q) - L_k(p)| <= 2 σ(L_k) / n_classes`` (paper Eq. 15; ``σ`` the scene standard
+   deviation of the band, as the USDA reference program computes it);
+2. *better candidates* than ``p`` itself: spectral difference ``S = |L_k(q) - M_k(q)|`` at most
+   ``min_k S(p) + σ_S`` and temporal difference ``T = |M_k(q) - M_0(q)|`` at most
+   ``min_k T(p) + σ_T`` (paper Eqs. 13-14 with the min of the USDA program); ``filtering="strict"``
+   requires both (the paper), ``"either"`` one of them (the USDA program);
+
+weighted by ``1 / C`` with ``C = (S + 1)(T + 1) D`` on the reference program's ×1e4 scale
+(``C = (S + 1) D`` with one pair: the spectral term only, as the program does), ``D = 1 + d / A``
+with ``d`` the distance to ``p`` and ``A`` the search distance, both in pixels, and weight 1 when
+``(S + 1)(T + 1) < σ_C`` (sensor uncertainties ``σ_S = √(σ_M² + σ_L²)``,
+``σ_T = √2 σ_M``, ``σ_C = √(σ_S² + σ_T²)``, as in the program). Weights are normalised and
+pooled over all pairs. A pixel with no candidate gets the mean of its own local predictions
+over its valid pairs (as the ImageFusion library does; the USDA program writes a fill value),
+NaN if it has none. NaN never enters a statistic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+
+from stf_pipeline.exceptions import MethodError
+from stf_pipeline.methods._base import MethodContext, MethodSpec
+from stf_pipeline.methods._similar import (
+    accumulate_jax,
+    accumulate_numpy,
+    check_window,
+    radius_from_distance,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StarfmParams:
+    """Parameters of STARFM.
+
+    Attributes
+    ----------
+    search_distance : float, default 750.0
+        Search distance in CRS units (metres): the half side of the search window and the
+        ``A`` of ``D = 1 + d / A``. Source: USDA StarFM example input (``MAX_SEARCH_DISTANCE =
+        750``), which gives a 51x51 window at 30 m.
+    radius : int, optional
+        Half side of the window in pixels; default ``round(search_distance / pixel size)``,
+        set by ``METHOD.prepare`` from the cube.
+    n_classes : float, default 40
+        ``m`` of the similarity threshold ``2 σ / m``. Source: USDA StarFM
+        ``NUM_SLICE_PURE_TEST = 40``.
+    uncertainty_fine, uncertainty_coarse : float, default 50
+        Fine (Landsat) and coarse (MODIS) reflectance uncertainties on the ×1e4 scale. Source:
+        USDA StarFM example input (``LANDSAT_UNCERTAINTY``, ``MODIS_UNCERTAINTY`` = 50).
+    scale : float, default 10000
+        Factor from reflectance to the integer scale the reference program works on (the
+        ``+ 1`` in ``(S + 1)(T + 1)`` and the uncertainties are on that scale).
+    filtering : {"strict", "either"}, default "strict"
+        Candidate filter: both the spectral and temporal tests (Gao et al. 2006, text before
+        Eqs. 13-14) or one of them (the USDA program).
+    class_std : tuple of tuple of float, optional
+        Standard deviation of each pair's (outer) fine band (inner) over the whole scene, for
+        the similarity threshold. Filled by ``METHOD.statistics`` in :func:`stf_pipeline.fuse`;
+        a kernel called without it uses the block it is given.
+    backend : {"jax", "numpy"}, default "jax"
+        Array library of the kernel (JAX: ``jit`` + ``lax.fori_loop``, faster on CPU and runs on
+        GPU workers; NumPy: float64 accumulation).
+    tile : int, optional
+        Tile side of the JAX kernel (default: 48 on CPU, whole blocks on GPU).
+    """
+
+    search_distance: float = 750.0
+    radius: int | None = None
+    n_classes: float = 40.0
+    uncertainty_fine: float = 50.0
+    uncertainty_coarse: float = 50.0
+    scale: float = 10000.0
+    filtering: Literal["strict", "either"] = "strict"
+    class_std: tuple[tuple[float, ...], ...] | None = None
+    backend: Literal["jax", "numpy"] = "jax"
+    tile: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.search_distance > 0:
+            raise MethodError(f"starfm: search_distance must be > 0 (metres), got {self.search_distance}.")
+        if self.radius is not None and (not isinstance(self.radius, (int, np.integer)) or self.radius < 1):
+            raise MethodError(f"starfm: radius must be a positive integer number of pixels, got {self.radius!r}.")
+        if not self.n_classes > 0:
+            raise MethodError(f"starfm: n_classes must be > 0, got {self.n_classes}.")
+        if self.uncertainty_fine < 0 or self.uncertainty_coarse < 0:
+            raise MethodError(
+                f"starfm: uncertainties must be >= 0, got fine={self.uncertainty_fine}, "
+                f"coarse={self.uncertainty_coarse}."
+            )
+        if not self.scale > 0:
+            raise MethodError(f"starfm: scale must be > 0, got {self.scale}.")
+        if self.filtering not in ("strict", "either"):
+            raise MethodError(f"starfm: filtering must be 'strict' (paper) or 'either' (USDA program), got {self.filtering!r}.")
+        if self.backend not in ("jax", "numpy"):
+            raise MethodError(f"starfm: backend must be 'jax' or 'numpy', got {self.backend!r}.")
+        if self.tile is not None and self.tile < 0:
+            raise MethodError(f"starfm: tile must be >= 0 (0: whole block), got {self.tile}.")
+
+    @property
+    def window_radius(self) -> int:
+        """Half side of the search window in pixels (``search_distance`` in pixels if unset)."""
+        return self.radius if self.radius is not None else radius_from_distance(self.search_distance, 1.0)
+
+    @property
+    def uncertainties(self) -> tuple[float, float, float]:
+        """``(σ_S, σ_T, σ_C)`` on the ×``scale`` scale, as the USDA program combines them."""
+        sigma_s = math.hypot(self.uncertainty_coarse, self.uncertainty_fine)
+        sigma_t = math.sqrt(2.0) * self.uncertainty_coarse
+        return sigma_s, sigma_t, math.hypot(sigma_s, sigma_t)
+
+
+def scene_std(fine: np.ndarray) -> tuple[tuple[float, ...], ...]:
+    """Population standard deviation of each ``(pair, band)`` of ``fine``, NaN excluded."""
+    with _quiet():
+        std = np.nanstd(np.asarray(fine, dtype=np.float64), axis=(-2, -1))
+    return tuple(tuple(float(v) for v in row) for row in std)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence NumPy's all-NaN-slice warnings: an all-NaN statistic is NaN on purpose."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def _with_std(params: Any, std: Any, method: str) -> Any:
+    rows = tuple(tuple(float(v) for v in row) for row in np.asarray(std, dtype=np.float64))
+    for k, row in enumerate(rows):
+        if not all(np.isfinite(row)):
+            raise MethodError(
+                f"{method}: the fine image of pair {k} is all NaN in some band (std {row}); "
+                "choose pair dates with fine observations."
+            )
+    return dataclasses.replace(params, class_std=rows)
+
+
+def fill_class_std(fine: Any, coarse: Any, coarse_target: Any, params: Any, *, method: str) -> Any:
+    """``MethodSpec.statistics`` shared by STARFM and ESTARFM: the scene std of each fine band.
+
+    Checks the window against the scene. NumPy input: returns the filled params. Dask input:
+    a ``dask.delayed`` params (lazy).
+    """
+    check_window(params.window_radius, tuple(fine.shape[-2:]), method)
+    if params.class_std is not None:
+        return params
+    try:
+        import dask.array as da
+    except ImportError:  # pragma: no cover - dask is a dependency
+        da = None
+    if da is not None and isinstance(fine, da.Array):
+        import dask
+
+        with _quiet():
+            std = da.nanstd(fine.astype(np.float64), axis=(-2, -1))
+        return dask.delayed(_with_std, pure=True)(params, std, method)
+    return _with_std(params, scene_std(fine), method)
+
+
+def _strict_body(xp: Any, c: Any, q: Any, dist: Any, k: Any) -> tuple[Any, Any]:
+    keep = (xp.abs(q["fine"] - c["fine"]) <= k["threshold"]) & (q["spectral"] <= c["spectral"]) & (
+        q["temporal"] <= c["temporal"]
+    )
+    return _pool(xp, keep, q, dist, k)
+
+
+def _either_body(xp: Any, c: Any, q: Any, dist: Any, k: Any) -> tuple[Any, Any]:
+    keep = (xp.abs(q["fine"] - c["fine"]) <= k["threshold"]) & (
+        (q["spectral"] <= c["spectral"]) | (q["temporal"] <= c["temporal"])
+    )
+    return _pool(xp, keep, q, dist, k)
+
+
+def _pool(xp: Any, keep: Any, q: Any, dist: Any, k: Any) -> tuple[Any, Any]:
+    weight = q["unit"] + q["inverse"] / (1.0 + dist * k["inverse_radius"])
+    weight = xp.where(keep, weight, 0.0)
+    return weight.sum(axis=0), xp.where(keep, weight * q["local"], 0.0).sum(axis=0)
+
+
+def _prepare_arrays(
+    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, params: StarfmParams
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    fine = np.asarray(fine, dtype=np.float32)
+    coarse = np.asarray(coarse, dtype=np.float32)
+    target = np.asarray(coarse_target, dtype=np.float32)[None]
+    valid = np.isfinite(fine) & np.isfinite(coarse) & np.isfinite(target)
+    nan = np.float32(np.nan)
+    scale = np.float32(params.scale)
+    spectral = np.where(valid, np.abs(fine - coarse) * scale, nan)
+    temporal = np.where(valid, np.abs(coarse - target) * scale, nan)
+    sigma_s, sigma_t, sigma_c = params.uncertainties
+    cost = (spectral + 1) * (temporal + 1) if fine.shape[0] > 1 else spectral + 1
+    unit = cost < sigma_c
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inverse = np.where(unit, np.float32(0), np.float32(1) / cost)
+    neighbour = {
+        "fine": np.where(valid, fine, nan),
+        "spectral": spectral,
+        "temporal": temporal,
+        "unit": unit.astype(np.float32),
+        "inverse": inverse.astype(np.float32),
+        "local": np.where(valid, fine + target - coarse, nan),
+    }
+    with _quiet():
+        centre = {
+            "fine": neighbour["fine"],
+            "spectral": (np.nanmin(spectral, axis=0) + np.float32(sigma_s)).astype(np.float32),
+            "temporal": (np.nanmin(temporal, axis=0) + np.float32(sigma_t)).astype(np.float32),
+        }
+    std = params.class_std if params.class_std is not None else scene_std(fine)
+    std_arr = np.asarray(std, dtype=np.float64)
+    if std_arr.shape != fine.shape[:2]:
+        raise MethodError(
+            f"starfm: class_std has shape {std_arr.shape} but the pairs and bands are {fine.shape[:2]}; "
+            "leave class_std=None to compute it from the scene."
+        )
+    constants = {
+        "threshold": (std_arr * 2.0 / params.n_classes).astype(np.float32)[:, :, None, None],
+        "inverse_radius": np.float32(1.0 / params.window_radius),
+    }
+    return centre, neighbour, constants
+
+
+def starfm_kernel(
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
+    *,
+    params: StarfmParams,
+    model: object | None = None,
+) -> np.ndarray:
+    """STARFM prediction of one block (see module docstring).
+
+    Parameters
+    ----------
+    fine, coarse : float32 ``(pair, band, y, x)``
+    coarse_target : float32 ``(band, y, x)``
+    params : StarfmParams
+
+    Returns
+    -------
+    float32 ``(band, y, x)``
+    """
+    radius = params.window_radius
+    centre, neighbour, constants = _prepare_arrays(fine, coarse, coarse_target, params)
+    body = _strict_body if params.filtering == "strict" else _either_body
+    bands, ny, nx = np.shape(coarse_target)
+    if params.backend == "numpy":
+        specs = [((bands,), np.float64), ((bands,), np.float64)]
+        total, weighted = accumulate_numpy(
+            body, centre, neighbour, constants, radius=radius, accumulators=specs, shape=(ny, nx)
+        )
+    else:
+        specs = [((bands,), np.float32), ((bands,), np.float32)]
+        total, weighted = (
+            np.asarray(a)
+            for a in accumulate_jax(
+                body, centre, neighbour, constants, radius=radius, accumulators=specs, tile=params.tile
+            )
+        )
+    with np.errstate(divide="ignore", invalid="ignore"), _quiet():
+        fallback = np.nanmean(neighbour["local"], axis=0)
+        out = np.where(total > 0, weighted / total, fallback)
+    return out.astype(np.float32)
+
+
+def _prepare(params: StarfmParams, context: MethodContext) -> StarfmParams:
+    if params.radius is not None:
+        return params
+    radius = radius_from_distance(params.search_distance, context.pixel_size)
+    if radius < 1:
+        raise MethodError(
+            f"starfm: search_distance {params.search_distance} is less than one pixel "
+            f"({context.pixel_size}); pass a larger search_distance or radius=<pixels>."
+        )
+    return dataclasses.replace(params, radius=radius)
+
+
+def _halo(params: StarfmParams, context: MethodContext) -> int:
+    return params.window_radius
+
+
+def _statistics(fine: Any, coarse: Any, coarse_target: Any, params: StarfmParams) -> Any:
+    return fill_class_std(fine, coarse, coarse_target, params, method="starfm")
+
+
+METHOD = MethodSpec(
+    name="starfm",
+    params_type=StarfmParams,
+    kernel=starfm_kernel,
+    halo=_halo,
+    n_pairs=(1, 8),
+    prepare=_prepare,
+    statistics=_statistics,
+)
