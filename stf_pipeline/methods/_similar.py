@@ -127,7 +127,9 @@ def default_tile() -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _jax_driver(body: Body, radius: int, tile: int, acc_specs: tuple, names: tuple) -> Callable[..., Any]:
+def _jax_driver(
+    body: Body, radius: int, tile: int, acc_specs: tuple, names: tuple, fills: tuple
+) -> Callable[..., Any]:
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -150,11 +152,8 @@ def _jax_driver(body: Body, radius: int, tile: int, acc_specs: tuple, names: tup
             widths = [(0, 0)] * (a.ndim - 2) + [(extra, extra + ty * t - ny), (extra, extra + tx * t - nx)]
             return jnp.pad(a, widths, constant_values=fill)
 
-        def missing(a: Any) -> Any:
-            return jnp.nan if jnp.issubdtype(a.dtype, jnp.floating) else 0
-
-        cpad = [pad(a, 0, missing(a)) for a in centre]
-        qpad = [pad(a, radius, missing(a)) for a in neighbour]
+        cpad = [pad(a, 0, 0) for a in centre]
+        qpad = [pad(a, radius, fill) for a, fill in zip(neighbour, fills, strict=True)]
 
         def cut(a: Any, y0: Any, x0: Any, size: int) -> Any:
             start = (0,) * (a.ndim - 2) + (y0, x0)
@@ -195,17 +194,20 @@ def accumulate_jax(
     radius: int,
     accumulators: Sequence[tuple[tuple[int, ...], Any]],
     tile: int | None = None,
+    fills: Mapping[str, float] | None = None,
 ) -> list[Any]:
     """Run ``body`` over every window offset with JAX (see module docstring).
 
-    ``body`` must map missing neighbours (NaN in its float inputs) to zero increments. Arrays may
-    be NumPy or JAX; the result is a list of JAX arrays. ``tile``: side of the square tiles
-    (0: one tile per block); default :func:`default_tile`.
+    Neighbours outside the block read ``fills[name]`` (default NaN), which ``body`` must map to
+    zero increments, as it does for missing pixels. Arrays may be NumPy or JAX; the result is a
+    list of JAX arrays. ``tile``: side of the square tiles (0: one tile per block); default
+    :func:`default_tile`.
     """
     tile = default_tile() if tile is None else int(tile)
     names = (tuple(centre), tuple(neighbour), tuple(constants))
     specs = tuple((tuple(lead), np.dtype(dtype).name) for lead, dtype in accumulators)
-    run = _jax_driver(body, int(radius), tile, specs, names)
+    fill = tuple(float((fills or {}).get(name, np.nan)) for name in neighbour)
+    run = _jax_driver(body, int(radius), tile, specs, names, fill)
     return list(run(tuple(centre.values()), tuple(neighbour.values()), tuple(constants.values())))
 
 
