@@ -1,0 +1,113 @@
+"""The ``stf`` command: a thin argparse layer over the library.
+
+``stf run PIPELINE.yaml``, ``stf info CUBE.zarr``, ``stf ingest CATALOG -o CUBE.zarr``,
+``stf bench NAME [ARGS...]`` (``stf_pipeline.benchmarks.NAME.main``) and
+``stf compare PIPELINE.yaml [ARGS...]`` (``stf_pipeline.compare.main``). Errors of the library
+(:class:`~stf_pipeline.STFError`) are printed as one line and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import pkgutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from stf_pipeline.exceptions import STFError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from stf_pipeline.pipeline import run
+
+    run(args.pipeline)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from stf_pipeline.info import describe_cube
+
+    print(describe_cube(args.cube))
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from stf_pipeline.catalog import open_catalog
+    from stf_pipeline.cube import write_cube
+    from stf_pipeline.info import describe_cube
+
+    cube, task = open_catalog(args.catalog, root=args.root)
+    path = write_cube(cube, args.output, overwrite=args.overwrite)
+    print(describe_cube(path))
+    print(f"task: target {task.to_attrs()['target']}, pairs {task.to_attrs()['pairs']}")
+    return 0
+
+
+def _benchmarks() -> list[str]:
+    import stf_pipeline.benchmarks as package
+
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    module = f"stf_pipeline.benchmarks.{args.name}"
+    if not args.name.isidentifier() or importlib.util.find_spec(module) is None:
+        raise STFError(f"unknown benchmark {args.name!r}; available: {_benchmarks()}.")
+    return int(importlib.import_module(module).main(list(args.args)) or 0)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("stf_pipeline.compare") is None:
+        raise STFError("stf compare needs stf_pipeline.compare, which this installation does not have yet.")
+    from stf_pipeline import compare
+
+    return int(compare.main([args.pipeline, *args.args]) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``stf`` argument parser."""
+    parser = argparse.ArgumentParser(prog="stf", description="Spatio-temporal fusion of satellite images.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a pipeline YAML (cube -> fusion -> scores -> figures)")
+    p.add_argument("pipeline", type=Path, help="pipeline file, e.g. pipelines/demo.yaml")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("info", help="describe a cube store: dates, bands, grid, CRS, pairs, missing data")
+    p.add_argument("cube", type=Path, help="cube store (*.zarr)")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("ingest", help="read a catalog's files into a cube store")
+    p.add_argument("catalog", help="catalog name (catalogs/NAME.yaml) or path to a catalog YAML")
+    p.add_argument("-o", "--output", type=Path, required=True, help="cube store to write (*.zarr)")
+    p.add_argument("--root", type=Path, default=None, help="data root (default $STF_DATA_ROOT or ../shared/data/real)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cube store")
+    p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("bench", help="run a benchmark: stf_pipeline.benchmarks.NAME", add_help=False)
+    p.add_argument("name", help="benchmark module name")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see stf bench NAME --help)")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("compare", help="compare methods of a pipeline: stf_pipeline.compare", add_help=False)
+    p.add_argument("pipeline", help="pipeline file")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="further arguments for stf_pipeline.compare")
+    p.set_defaults(func=_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``stf`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except STFError as err:
+        print(f"stf {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Pipelines: a YAML file in ``pipelines/`` -> a frozen config -> one :func:`run` call.
+
+A pipeline builds or opens a cube, optionally writes it to Zarr, fuses every target date with
+each listed method (training learned ones first), scores the predictions against the held-out
+truth and draws figures. Every step is a library call, so the same run is one function call
+from Jupyter: ``stf.run("pipelines/demo.yaml")``.
+
+Schema (unknown keys are errors)::
+
+    name: demo
+    cube:                         # exactly one of:
+      synthetic: {height: 480, width: 480, n_times: 10, seed: 0}   # stf.synthetic_scene kwargs
+      # catalog: zhu_estarfm      # or {name: cia, root: /data/stf}: stf.open_catalog
+      # zarr: scene.zarr          # stf.open_cube
+    output: out/demo              # default out/<name>
+    write_cube: true              # write the cube to <output>/cube.zarr and continue from it
+    methods:
+      - name: delta
+        params: {window: 5}
+        train: null               # learned methods: stf.train options (train_times, config, ...)
+    targets: null                 # default: every coarse-only date
+    chunks: null                  # [y, x] spatial chunk for fusion
+    evaluate: true
+    figures: true
+    cluster: {}                   # passed to stf_pipeline.cluster
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from stf_pipeline.exceptions import ConfigError, MethodError
+
+CUBE_KINDS: tuple[str, ...] = ("synthetic", "catalog", "zarr")
+
+
+def _keys(mapping: Any, allowed: Sequence[str], where: str, required: Sequence[str] = ()) -> dict[str, Any]:
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"{where} must be a mapping with keys {list(allowed)}, got {mapping!r}.")
+    for key in mapping:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}; valid keys are {list(allowed)}.")
+    for key in required:
+        if key not in mapping:
+            raise ConfigError(f"{where}: missing required key {key!r}.")
+    return dict(mapping)
+
+
+def _freeze(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class CubeSource:
+    """Where a pipeline's cube comes from: ``kind`` is synthetic, catalog or zarr."""
+
+    kind: str
+    options: Mapping[str, Any]
+
+    @classmethod
+    def from_mapping(cls, spec: Any) -> CubeSource:
+        spec = _keys(spec, CUBE_KINDS, "cube")
+        if len(spec) != 1:
+            raise ConfigError(f"cube must have exactly one of {list(CUBE_KINDS)}, got {sorted(spec) or 'none'}.")
+        ((kind, value),) = spec.items()
+        if kind == "synthetic":
+            options = _keys(value or {}, _synthetic_keys(), "cube.synthetic")
+        elif kind == "catalog":
+            options = {"name": value} if isinstance(value, str) else _keys(value, ("name", "root"), "cube.catalog", ("name",))
+        else:
+            options = {"path": value} if isinstance(value, str) else _keys(value, ("path",), "cube.zarr", ("path",))
+        return cls(kind=kind, options=_freeze(options))
+
+    def build(self) -> xr.Dataset:
+        """Make the cube (lazily where the source allows)."""
+        import stf_pipeline as stf
+
+        if self.kind == "synthetic":
+            return stf.synthetic_scene(**self.options)
+        if self.kind == "catalog":
+            cube, _ = stf.open_catalog(self.options["name"], root=self.options.get("root"))
+            return cube
+        return stf.open_cube(self.options["path"])
+
+
+def _synthetic_keys() -> tuple[str, ...]:
+    import inspect
+
+    from stf_pipeline.synthetic import synthetic_scene
+
+    return tuple(inspect.signature(synthetic_scene).parameters)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodRun:
+    """One method of a pipeline: registry ``name``, its ``params`` and, for learned methods,
+    the ``train`` options of :func:`stf_pipeline.train` (``None``: defaults)."""
+
+    name: str
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    train: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_mapping(cls, spec: Any, where: str) -> MethodRun:
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        spec = _keys(spec, ("name", "params", "train"), where, ("name",))
+        from stf_pipeline.methods import available_methods
+
+        name = str(spec["name"]).lower()
+        if name not in available_methods():
+            raise ConfigError(f"{where}: unknown method {spec['name']!r}; choose one of {available_methods()}.")
+        params = spec.get("params") or {}
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"{where}.params must be a mapping of the method's parameters, got {params!r}.")
+        train = spec.get("train")
+        if train is not None and not isinstance(train, Mapping):
+            raise ConfigError(f"{where}.train must be a mapping of stf.train options or null, got {train!r}.")
+        return cls(name=name, params=_freeze(params), train=None if train is None else _freeze(train))
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """A validated pipeline (see the module docstring for the YAML schema)."""
+
+    name: str
+    cube: CubeSource
+    methods: tuple[MethodRun, ...]
+    output: Path
+    write_cube: bool = True
+    targets: tuple[str, ...] | None = None
+    chunks: tuple[int, int] | None = None
+    evaluate: bool = True
+    figures: bool = True
+    cluster: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, spec: Any, *, source: str = "<mapping>") -> PipelineConfig:
+        fields = tuple(f.name for f in dataclasses.fields(cls))
+        spec = _keys(spec, fields, f"pipeline {source}", ("cube",))
+        name = str(spec.get("name", Path(source).stem if source != "<mapping>" else "pipeline"))
+        methods = spec.get("methods") or []
+        if not isinstance(methods, list):
+            raise ConfigError(f"pipeline {source}: methods must be a list, got {methods!r}.")
+        for key in ("write_cube", "evaluate", "figures"):
+            if key in spec and not isinstance(spec[key], bool):
+                raise ConfigError(f"pipeline {source}: {key} must be true or false, got {spec[key]!r}.")
+        targets = spec.get("targets")
+        if targets is not None:
+            if not isinstance(targets, list) or not targets:
+                raise ConfigError(f"pipeline {source}: targets must be a non-empty list of dates or null, got {targets!r}.")
+            targets = tuple(str(np.datetime64(str(t), "D")) for t in targets)
+        chunks = spec.get("chunks")
+        if chunks is not None:
+            if not (isinstance(chunks, list) and len(chunks) == 2 and all(isinstance(c, int) and c > 0 for c in chunks)):
+                raise ConfigError(f"pipeline {source}: chunks must be [y, x] positive integers or null, got {chunks!r}.")
+            chunks = (chunks[0], chunks[1])
+        cluster = spec.get("cluster") or {}
+        if not isinstance(cluster, Mapping):
+            raise ConfigError(f"pipeline {source}: cluster must be a mapping, got {cluster!r}.")
+        return cls(
+            name=name,
+            cube=CubeSource.from_mapping(spec["cube"]),
+            methods=tuple(MethodRun.from_mapping(m, f"pipeline {source}: methods[{i}]") for i, m in enumerate(methods)),
+            output=Path(spec.get("output") or Path("out") / name),
+            write_cube=spec.get("write_cube", True),
+            targets=targets,
+            chunks=chunks,
+            evaluate=spec.get("evaluate", True),
+            figures=spec.get("figures", True),
+            cluster=_freeze(cluster),
+        )
+
+
+def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:
+    """Load and validate a pipeline YAML file.
+
+    Raises
+    ------
+    ConfigError
+        Missing file, invalid YAML, or a schema violation (naming the key and the valid ones).
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file {path} does not exist; pass a YAML file such as pipelines/demo.yaml.")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"pipeline {path} is not valid YAML: {err}") from None
+    return PipelineConfig.from_mapping(spec, source=str(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineResult:
+    """What :func:`run` produced: paths of the stores and figures, and the scores per method."""
+
+    config: PipelineConfig
+    cube_path: Path | None
+    fused: Mapping[str, Path]
+    scores: Mapping[str, xr.Dataset]
+    figures: tuple[Path, ...]
+
+
+def _module(name: str) -> Any | None:
+    """Import ``stf_pipeline.<name>`` if this installation has it (optional pipeline steps)."""
+    full = f"stf_pipeline.{name}"
+    return importlib.import_module(full) if importlib.util.find_spec(full) is not None else None
+
+
+def _check_methods(config: PipelineConfig) -> None:
+    """Validate every method's parameters before any work starts."""
+    from stf_pipeline.methods import get_method
+
+    for run_ in config.methods:
+        spec = get_method(run_.name)
+        try:
+            spec.make_params(**run_.params)
+        except (TypeError, MethodError) as err:
+            raise ConfigError(f"pipeline {config.name}: method {run_.name!r} params {dict(run_.params)}: {err}") from None
+        if run_.train is not None and not spec.learned:
+            raise ConfigError(f"pipeline {config.name}: method {run_.name!r} is not learned; remove its 'train' entry.")
+
+
+def _train_options(run_: MethodRun, cube: xr.Dataset) -> dict[str, Any]:
+    """``stf.train`` options; ``train_times`` default to the cube's ``stf_train_times`` attr
+    (catalog splits) or to every date with fine data."""
+    from stf_pipeline.task import valid_fraction
+
+    options = dict(run_.train or {})
+    if "train_times" not in options:
+        listed = list(cube.attrs.get("stf_train_times") or [])
+        options["train_times"] = listed or [
+            str(np.datetime_as_string(t, unit="D"))
+            for t, f in zip(cube["time"].values, valid_fraction(cube, "fine"))
+            if f > 0
+        ]
+    return options
+
+
+def _score_table(name: str, scores: xr.Dataset) -> str:
+    lines = [f"scores of {name} (mean over bands for rmse/cc/ssim):", f"  {'date':<10}  {'rmse':>8}  {'cc':>6}  {'ssim':>6}  {'ergas':>7}  {'sam':>7}"]
+    for t in scores["time"].values:
+        s = scores.sel(time=t)
+        lines.append(
+            f"  {np.datetime_as_string(t, unit='D'):<10}  {float(s.rmse.mean()):8.4f}  {float(s.cc.mean()):6.3f}  "
+            f"{float(s.ssim.mean()):6.3f}  {float(s.ergas):7.3f}  {float(s.sam):7.3f}"
+        )
+    return "\n".join(lines)
+
+
+def _scores_to_json(scores: xr.Dataset, path: Path) -> None:
+    out = {}
+    for t in scores["time"].values:
+        s = scores.sel(time=t)
+        out[str(np.datetime_as_string(t, unit="D"))] = {
+            name: (
+                {str(b): float(v) for b, v in zip(s["band"].values, s[name].values)}
+                if "band" in s[name].dims
+                else float(s[name])
+            )
+            for name in s.data_vars
+        }
+    path.write_text(json.dumps(out, indent=2))
+
+
+def _composite(bands: Sequence[str]) -> str | tuple[str, ...]:
+    """True colour if the cube has red, green and blue; else false colour; else the first 3 (or 1) bands."""
+    if {"red", "green", "blue"} <= set(bands):
+        return "true"
+    if {"nir", "red", "green"} <= set(bands):
+        return "false"
+    return tuple(bands[:3]) if len(bands) >= 3 else (bands[0],)
+
+
+def _figures(
+    plots: Any,
+    cube: xr.Dataset,
+    fused: Mapping[str, xr.Dataset],
+    scores: Mapping[str, xr.Dataset],
+    config: PipelineConfig,
+) -> list[Path]:
+    """Composites and scatter plots of every method at one target date: the hardest one
+    (highest mean RMSE of the first method) when scores exist, else the first target."""
+    first = next(iter(fused.values()))
+    targets = first["time"].values[first["source"].values == "fused"]
+    if scores:
+        rmse = next(iter(scores.values()))["rmse"].mean("band")
+        date = rmse["time"].values[int(np.nanargmax(rmse.values))]
+    else:
+        date = targets[0]
+    iso = str(np.datetime_as_string(date, unit="D"))
+    truth = cube["fine_truth"].sel(time=date).load()
+    preds = {name: ds["fine"].sel(time=date).load() for name, ds in fused.items()}
+    bands = [str(b) for b in truth["band"].values]
+    paths = [config.output / f"composites_{iso}.png", config.output / f"scatter_{iso}.png"]
+    plots.plot_composites(truth, preds, bands=_composite(bands), title=f"{config.name}: {iso}", path=paths[0])
+    plots.plot_scatter(truth, preds, path=paths[1])
+    return paths
+
+
+def run(
+    path_or_config: str | os.PathLike[str] | PipelineConfig,
+    *,
+    echo: Callable[[str], None] = print,
+) -> PipelineResult:
+    """Run a pipeline: what ``stf run PIPELINE.yaml`` calls.
+
+    Parameters
+    ----------
+    path_or_config : path-like or PipelineConfig
+        A pipeline YAML file or a loaded config.
+    echo : callable, default print
+        Where progress text goes.
+
+    Returns
+    -------
+    PipelineResult
+
+    Raises
+    ------
+    ConfigError
+        A malformed pipeline or method parameters (before any work starts).
+    STFError
+        From the steps (catalog, cube, task, method, store errors).
+
+    Examples
+    --------
+    >>> result = stf.run("pipelines/demo.yaml")  # doctest: +SKIP
+    >>> result.scores["delta"].rmse.mean().item()  # doctest: +SKIP
+    """
+    import stf_pipeline as stf
+    from stf_pipeline.info import describe_cube
+
+    config = path_or_config if isinstance(path_or_config, PipelineConfig) else load_pipeline(path_or_config)
+    _check_methods(config)
+    config.output.mkdir(parents=True, exist_ok=True)
+    cluster = _module("cluster")
+    if config.cluster and cluster is None:
+        echo("cluster: stf_pipeline.cluster is not available in this installation; running on the local scheduler.")
+    client = cluster.start_cluster(**config.cluster) if cluster is not None and config.cluster else None
+    try:
+        echo(f"[{config.name}] cube from {config.cube.kind} {dict(config.cube.options)}")
+        cube = config.cube.build()
+        cube_path = None
+        if config.write_cube:
+            cube_path = stf.write_cube(cube, config.output / "cube.zarr", overwrite=True)
+            echo(f"[{config.name}] wrote {cube_path}")
+            cube = stf.open_cube(cube_path)
+        echo(describe_cube(cube))
+
+        fused_paths: dict[str, Path] = {}
+        all_scores: dict[str, xr.Dataset] = {}
+        fused_sets: dict[str, xr.Dataset] = {}
+        figures: list[Path] = []
+        metrics = _module("metrics") if config.evaluate else None
+        plots = _module("plots") if config.figures else None
+        if config.evaluate and metrics is None:
+            echo("evaluate: stf_pipeline.metrics is not available yet; skipped.")
+        if config.figures and plots is None:
+            echo("figures: stf_pipeline.plots is not available yet; skipped.")
+        for run_ in config.methods:
+            spec = stf.get_method(run_.name)
+            out = config.output / f"fused_{run_.name}.zarr"
+            echo(f"[{config.name}] fusing with {run_.name} -> {out}")
+            fused = stf.fuse_series(
+                cube,
+                method=run_.name,
+                out=out,
+                targets=config.targets,
+                overwrite=True,
+                chunks=config.chunks,
+                train_options=_train_options(run_, cube) if spec.learned else None,
+                **run_.params,
+            )
+            fused_paths[run_.name] = out
+            targets = fused["time"].values[fused["source"].values == "fused"]
+            if metrics is not None and "fine_truth" in cube.data_vars:
+                factor = cube.attrs.get("coarse_factor")
+                scores = metrics.evaluate(
+                    fused["fine"].sel(time=targets),
+                    cube["fine_truth"].sel(time=targets),
+                    ratio=1.0 / factor if factor else None,
+                )
+                all_scores[run_.name] = scores
+                _scores_to_json(scores, config.output / f"scores_{run_.name}.json")
+                echo(_score_table(run_.name, scores))
+            elif metrics is not None:
+                echo("evaluate: the cube has no held-out truth (fine_truth); skipped.")
+            fused_sets[run_.name] = fused
+        if plots is not None and fused_sets and "fine_truth" in cube.data_vars:
+            figures = _figures(plots, cube, fused_sets, all_scores, config)
+        elif plots is not None:
+            echo("figures: need at least one method and held-out truth (fine_truth); skipped.")
+        for path in figures:
+            echo(f"[{config.name}] figure {path}")
+        return PipelineResult(
+            config=config,
+            cube_path=cube_path,
+            fused=MappingProxyType(fused_paths),
+            scores=MappingProxyType(all_scores),
+            figures=tuple(figures),
+        )
+    finally:
+        if client is not None:
+            client.close()
