@@ -1,0 +1,108 @@
+"""Thin-plate splines (Duchon 1977; Bookstein 1989): exact interpolation of scattered knots.
+
+``f(q) = a0 + a1 y + a2 x + sum_i w_i phi(|q - p_i|)`` with ``phi(r) = r² log r`` and the side
+conditions ``sum w = sum w y = sum w x = 0``; ``f`` passes through every knot and minimises the
+bending energy. Because ``f`` is linear in the knot values, :func:`tps_matrix` returns the matrix
+that maps knot values to values at target points, which is what :func:`local_tps` applies.
+
+:func:`local_tps` interpolates a coarse grid onto the fine pixels of every cell with a spline fitted
+to the cells within ``radius`` of that cell (overlapping support). Each cell only reads its own
+neighbourhood, so the result for a cell is the same in any block that holds the whole
+neighbourhood: chunked equals unchunked once the halo covers ``radius`` cells.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _phi(r: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(r > 0, r * r * np.log(np.where(r > 0, r, 1.0)), 0.0)
+
+
+def tps_matrix(knots: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Matrix ``E`` with ``f(targets) = E @ values`` for the spline through ``(knots, values)``.
+
+    Parameters
+    ----------
+    knots : ndarray ``(n, 2)``
+        Knot coordinates ``(y, x)``.
+    targets : ndarray ``(m, 2)``
+        Where to evaluate the spline.
+
+    Returns
+    -------
+    ndarray ``(m, n)`` float64
+        With fewer than three non-collinear knots no spline exists; then every target gets the
+        mean of the knot values (a constant).
+    """
+    p = np.asarray(knots, dtype=np.float64)
+    q = np.asarray(targets, dtype=np.float64)
+    n = p.shape[0]
+    poly = np.hstack([np.ones((n, 1)), p])
+    if n < 3 or np.linalg.matrix_rank(poly) < 3:
+        return np.full((q.shape[0], n), 1.0 / max(n, 1))
+    system = np.zeros((n + 3, n + 3))
+    system[:n, :n] = _phi(np.sqrt(((p[:, None, :] - p[None, :, :]) ** 2).sum(-1)))
+    system[:n, n:] = poly
+    system[n:, :n] = poly.T
+    rhs = np.vstack([np.eye(n), np.zeros((3, n))])
+    coef = np.linalg.solve(system, rhs)  # (n + 3, n): spline coefficients per unit knot value
+    basis = np.hstack([_phi(np.sqrt(((q[:, None, :] - p[None, :, :]) ** 2).sum(-1))), np.ones((q.shape[0], 1)), q])
+    return basis @ coef
+
+
+def _fine_offsets(factor: int) -> np.ndarray:
+    """Fine pixel centres inside a cell, in cell units relative to the cell centre, ``(factor², 2)``."""
+    t = (np.arange(factor) + 0.5) / factor - 0.5
+    yy, xx = np.meshgrid(t, t, indexing="ij")
+    return np.stack([yy.ravel(), xx.ravel()], axis=1)
+
+
+def local_tps(cells: np.ndarray, factor: int, radius: int, shape: tuple[int, int]) -> np.ndarray:
+    """Thin-plate-spline interpolation of a coarse grid onto the fine grid, one local fit per cell.
+
+    Knots are the centres of the cells within ``radius`` cells (a ``(2r+1)²`` square, truncated
+    at the array edge) whose value is finite in every band; the spline is evaluated at the
+    ``factor × factor`` fine pixel centres of the middle cell. Cells sharing a knot pattern share
+    one matrix (:func:`tps_matrix`), so the cost is one small matrix product per cell.
+
+    Parameters
+    ----------
+    cells : ndarray ``(band, hc, wc)``
+        Coarse values (NaN = missing).
+    factor : int
+        Fine pixels per cell side.
+    radius : int
+        Neighbourhood radius in cells.
+    shape : (int, int)
+        Fine output shape; at most ``(hc * factor, wc * factor)`` (the grid is cropped to it).
+
+    Returns
+    -------
+    ndarray ``(band, *shape)`` float64
+        NaN in cells without any valid knot.
+    """
+    nb, hc, wc = cells.shape
+    side = 2 * radius + 1
+    valid_cell = np.isfinite(cells).all(axis=0)
+    values = np.pad(np.where(valid_cell, cells, 0.0), ((0, 0), (radius, radius), (radius, radius)))
+    mask = np.pad(valid_cell, radius, constant_values=False)
+    win_vals = np.lib.stride_tricks.sliding_window_view(values, (side, side), axis=(1, 2)).reshape(nb, hc * wc, side * side)
+    win_mask = np.lib.stride_tricks.sliding_window_view(mask, (side, side)).reshape(hc * wc, side * side)
+    dy, dx = np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1), indexing="ij")
+    knots = np.stack([dy.ravel(), dx.ravel()], axis=1).astype(np.float64)
+    targets = _fine_offsets(factor)
+    patterns, inverse = np.unique(np.packbits(win_mask, axis=1), axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    out = np.full((nb, hc * wc, factor * factor), np.nan)
+    for index, packed in enumerate(patterns):
+        keep = np.unpackbits(packed, count=side * side).astype(bool)
+        members = np.flatnonzero(inverse == index)
+        if not keep.any():
+            continue
+        matrix = tps_matrix(knots[keep], targets)  # (factor², n_valid)
+        out[:, members, :] = win_vals[:, members][:, :, keep] @ matrix.T
+    grid = out.reshape(nb, hc, wc, factor, factor).transpose(0, 1, 3, 2, 4).reshape(nb, hc * factor, wc * factor)
+    return grid[:, : shape[0], : shape[1]]
