@@ -22,17 +22,17 @@ Schema (unknown keys are errors)::
     chunks: null                  # [y, x] spatial chunk for fusion
     evaluate: true
     figures: true
-    cluster: {}                   # passed to stf_pipeline.cluster
+    cluster: null                 # null: Dask threads; {} a local cluster sized to the machine;
+                                  # {address: tcp://...} or {gpu: true}: see stf_pipeline.cluster
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import importlib
-import importlib.util
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -143,7 +143,7 @@ class PipelineConfig:
     chunks: tuple[int, int] | None = None
     evaluate: bool = True
     figures: bool = True
-    cluster: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    cluster: Mapping[str, Any] | None = None
 
     @classmethod
     def from_mapping(cls, spec: Any, *, source: str = "<mapping>") -> PipelineConfig:
@@ -166,9 +166,13 @@ class PipelineConfig:
             if not (isinstance(chunks, list) and len(chunks) == 2 and all(isinstance(c, int) and c > 0 for c in chunks)):
                 raise ConfigError(f"pipeline {source}: chunks must be [y, x] positive integers or null, got {chunks!r}.")
             chunks = (chunks[0], chunks[1])
-        cluster = spec.get("cluster") or {}
-        if not isinstance(cluster, Mapping):
-            raise ConfigError(f"pipeline {source}: cluster must be a mapping, got {cluster!r}.")
+        cluster = spec.get("cluster")
+        if cluster is not None:
+            if not isinstance(cluster, Mapping):
+                raise ConfigError(f"pipeline {source}: cluster must be a mapping or null, got {cluster!r}.")
+            from stf_pipeline.cluster import ClusterConfig
+
+            ClusterConfig.from_mapping(cluster)  # fail early, naming a bad key
         return cls(
             name=name,
             cube=CubeSource.from_mapping(spec["cube"]),
@@ -179,7 +183,7 @@ class PipelineConfig:
             chunks=chunks,
             evaluate=spec.get("evaluate", True),
             figures=spec.get("figures", True),
-            cluster=_freeze(cluster),
+            cluster=None if cluster is None else _freeze(cluster),
         )
 
 
@@ -212,12 +216,6 @@ class PipelineResult:
     fused: Mapping[str, Path]
     scores: Mapping[str, xr.Dataset]
     figures: tuple[Path, ...]
-
-
-def _module(name: str) -> Any | None:
-    """Import ``stf_pipeline.<name>`` if this installation has it (optional pipeline steps)."""
-    full = f"stf_pipeline.{name}"
-    return importlib.import_module(full) if importlib.util.find_spec(full) is not None else None
 
 
 def _check_methods(config: PipelineConfig) -> None:
@@ -276,6 +274,19 @@ def _scores_to_json(scores: xr.Dataset, path: Path) -> None:
     path.write_text(json.dumps(out, indent=2))
 
 
+@contextlib.contextmanager
+def _scheduler(config: PipelineConfig) -> Iterator[None]:
+    """Run inside ``stf_pipeline.cluster.start_cluster(config.cluster)`` when the pipeline has a
+    ``cluster`` block (``{}``: a local cluster sized to the machine); else on Dask's threads."""
+    if config.cluster is None:
+        yield
+        return
+    from stf_pipeline.cluster import start_cluster
+
+    with start_cluster(dict(config.cluster)):
+        yield
+
+
 def _composite(bands: Sequence[str]) -> str | tuple[str, ...]:
     """True colour if the cube has red, green and blue; else false colour; else the first 3 (or 1) bands."""
     if {"red", "green", "blue"} <= set(bands):
@@ -311,12 +322,35 @@ def _figures(
     return paths
 
 
+def _prepare(config: PipelineConfig, echo: Callable[[str], None]) -> tuple[xr.Dataset, Path | None]:
+    """Build the cube; write it to ``<output>/cube.zarr`` and reopen it from there if asked."""
+    import stf_pipeline as stf
+    from stf_pipeline.info import describe_cube
+
+    echo(f"[{config.name}] cube from {config.cube.kind} {dict(config.cube.options)}")
+    cube = config.cube.build()
+    cube_path = None
+    if config.write_cube:
+        cube_path = stf.write_cube(cube, config.output / "cube.zarr", overwrite=True)
+        echo(f"[{config.name}] wrote {cube_path}")
+        cube = stf.open_cube(cube_path)
+    echo(describe_cube(cube))
+    return cube, cube_path
+
+
 def run(
     path_or_config: str | os.PathLike[str] | PipelineConfig,
     *,
     echo: Callable[[str], None] = print,
 ) -> PipelineResult:
     """Run a pipeline: what ``stf run PIPELINE.yaml`` calls.
+
+    Steps: build the cube (synthetic, catalog or Zarr); write it to ``<output>/cube.zarr`` and
+    describe it; for each method, fuse every target into ``<output>/fused_<method>.zarr``
+    (:func:`stf_pipeline.fuse_series`, which trains a learned method first with the ``train``
+    options; ``train_times`` default to the catalog's training dates or every fine date); score
+    the fused dates against ``fine_truth`` (``<output>/scores_<method>.json``); draw composites and
+    scatter plots of all methods at the hardest target date.
 
     Parameters
     ----------
@@ -342,35 +376,20 @@ def run(
     >>> result.scores["delta"].rmse.mean().item()  # doctest: +SKIP
     """
     import stf_pipeline as stf
-    from stf_pipeline.info import describe_cube
+    from stf_pipeline import plots
 
     config = path_or_config if isinstance(path_or_config, PipelineConfig) else load_pipeline(path_or_config)
     _check_methods(config)
     config.output.mkdir(parents=True, exist_ok=True)
-    cluster = _module("cluster")
-    if config.cluster and cluster is None:
-        echo("cluster: stf_pipeline.cluster is not available in this installation; running on the local scheduler.")
-    client = cluster.start_cluster(**config.cluster) if cluster is not None and config.cluster else None
-    try:
-        echo(f"[{config.name}] cube from {config.cube.kind} {dict(config.cube.options)}")
-        cube = config.cube.build()
-        cube_path = None
-        if config.write_cube:
-            cube_path = stf.write_cube(cube, config.output / "cube.zarr", overwrite=True)
-            echo(f"[{config.name}] wrote {cube_path}")
-            cube = stf.open_cube(cube_path)
-        echo(describe_cube(cube))
-
+    with _scheduler(config):
+        cube, cube_path = _prepare(config, echo)
+        has_truth = "fine_truth" in cube.data_vars
+        if not has_truth and (config.evaluate or config.figures):
+            echo(f"[{config.name}] the cube has no held-out truth (fine_truth): no scores, no figures.")
+        factor = cube.attrs.get("coarse_factor")
         fused_paths: dict[str, Path] = {}
-        all_scores: dict[str, xr.Dataset] = {}
         fused_sets: dict[str, xr.Dataset] = {}
-        figures: list[Path] = []
-        metrics = _module("metrics") if config.evaluate else None
-        plots = _module("plots") if config.figures else None
-        if config.evaluate and metrics is None:
-            echo("evaluate: stf_pipeline.metrics is not available yet; skipped.")
-        if config.figures and plots is None:
-            echo("figures: stf_pipeline.plots is not available yet; skipped.")
+        all_scores: dict[str, xr.Dataset] = {}
         for run_ in config.methods:
             spec = stf.get_method(run_.name)
             out = config.output / f"fused_{run_.name}.zarr"
@@ -386,10 +405,10 @@ def run(
                 **run_.params,
             )
             fused_paths[run_.name] = out
-            targets = fused["time"].values[fused["source"].values == "fused"]
-            if metrics is not None and "fine_truth" in cube.data_vars:
-                factor = cube.attrs.get("coarse_factor")
-                scores = metrics.evaluate(
+            fused_sets[run_.name] = fused
+            if config.evaluate and has_truth:
+                targets = fused["time"].values[fused["source"].values == "fused"]
+                scores = stf.evaluate(
                     fused["fine"].sel(time=targets),
                     cube["fine_truth"].sel(time=targets),
                     ratio=1.0 / factor if factor else None,
@@ -397,22 +416,67 @@ def run(
                 all_scores[run_.name] = scores
                 _scores_to_json(scores, config.output / f"scores_{run_.name}.json")
                 echo(_score_table(run_.name, scores))
-            elif metrics is not None:
-                echo("evaluate: the cube has no held-out truth (fine_truth); skipped.")
-            fused_sets[run_.name] = fused
-        if plots is not None and fused_sets and "fine_truth" in cube.data_vars:
+        figures: list[Path] = []
+        if config.figures and has_truth and fused_sets:
             figures = _figures(plots, cube, fused_sets, all_scores, config)
-        elif plots is not None:
-            echo("figures: need at least one method and held-out truth (fine_truth); skipped.")
-        for path in figures:
-            echo(f"[{config.name}] figure {path}")
-        return PipelineResult(
-            config=config,
-            cube_path=cube_path,
-            fused=MappingProxyType(fused_paths),
-            scores=MappingProxyType(all_scores),
-            figures=tuple(figures),
+            for path in figures:
+                echo(f"[{config.name}] figure {path}")
+    return PipelineResult(
+        config=config,
+        cube_path=cube_path,
+        fused=MappingProxyType(fused_paths),
+        scores=MappingProxyType(all_scores),
+        figures=tuple(figures),
+    )
+
+
+def run_compare(
+    path_or_config: str | os.PathLike[str] | PipelineConfig,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    figures: bool = True,
+    echo: Callable[[str], None] = print,
+) -> Any:
+    """Compare a pipeline's methods on the same targets: what ``stf compare PIPELINE.yaml`` calls.
+
+    Builds (and writes) the cube as :func:`run` does, trains the learned methods
+    (``<output>/train_<method>``), then calls :func:`stf_pipeline.compare` with every method.
+
+    Parameters
+    ----------
+    path_or_config : path-like or PipelineConfig
+    out : path-like, optional
+        Output directory for the table and figures; default the pipeline's ``output``.
+    figures : bool, default True
+    echo : callable, default print
+
+    Returns
+    -------
+    stf_pipeline.compare.Comparison
+    """
+    import stf_pipeline as stf
+
+    config = path_or_config if isinstance(path_or_config, PipelineConfig) else load_pipeline(path_or_config)
+    _check_methods(config)
+    if not config.methods:
+        raise ConfigError(f"pipeline {config.name}: 'methods' is empty; list the methods to compare.")
+    output = Path(out) if out is not None else config.output
+    output.mkdir(parents=True, exist_ok=True)
+    with _scheduler(config):
+        cube, _ = _prepare(config, echo)
+        models = {}
+        for run_ in config.methods:
+            if stf.get_method(run_.name).learned:
+                echo(f"[{config.name}] training {run_.name}")
+                models[run_.name] = stf.train(
+                    cube, method=run_.name, workdir=output / f"train_{run_.name}", **_train_options(run_, cube)
+                )
+        return stf.compare(
+            cube,
+            methods={run_.name: dict(run_.params) for run_ in config.methods},
+            targets=list(config.targets) if config.targets else None,
+            models=models,
+            out=output,
+            chunks=config.chunks,
+            figures=figures,
         )
-    finally:
-        if client is not None:
-            client.close()
