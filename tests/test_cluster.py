@@ -1,0 +1,120 @@
+"""Clusters: config validation and sizing, runs on a LocalCluster equal local runs, a dying worker is survived."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import stf_pipeline as stf
+from stf_pipeline import series
+from stf_pipeline.cluster import ClusterConfig, local_size, memory_limit_bytes, start_cluster
+from stf_pipeline.testing import random_cube
+
+GiB = 2**30
+
+
+def test_config_from_mapping_and_validation():
+    assert ClusterConfig.from_mapping(None) == ClusterConfig()
+    config = ClusterConfig.from_mapping({"n_workers": 2, "memory_limit": "3GiB"})
+    assert (config.n_workers, memory_limit_bytes(config.memory_limit)) == (2, 3 * GiB)
+    with pytest.raises(stf.ConfigError, match=r"unknown cluster key\(s\) \['workers'\]"):
+        ClusterConfig.from_mapping({"workers": 2})
+    with pytest.raises(stf.ConfigError, match="positive integer"):
+        ClusterConfig(n_workers=0)
+    with pytest.raises(stf.ConfigError, match="positive integer"):
+        ClusterConfig(threads_per_worker=True)
+    with pytest.raises(stf.ConfigError, match="memory_limit"):
+        ClusterConfig(memory_limit="lots")
+    with pytest.raises(stf.ConfigError, match="scheduler URL"):
+        ClusterConfig(address="localhost")
+    with pytest.raises(stf.ConfigError, match=r"remove \['n_workers', 'gpu'\]"):
+        ClusterConfig(address="tcp://10.0.0.5:8786", n_workers=2, gpu=True)
+    with pytest.raises(stf.ConfigError, match="true or false"):
+        ClusterConfig(gpu="yes")
+
+
+def test_local_cluster_is_sized_to_the_machine():
+    # this CI machine: 2 cores, 24 GiB; the workers together keep under 70 % of memory
+    n, threads, limit = local_size(ClusterConfig(), cores=2, memory=24 * GiB)
+    assert (n, threads) == (2, 1)
+    assert n * limit <= 0.7 * 24 * GiB
+    # the pause threshold (80 % of a worker's limit) caps what a 20000x20000 run holds in RAM
+    assert n * limit * 0.8 < 16 * GiB
+    assert local_size(ClusterConfig(threads_per_worker=4), cores=16, memory=64 * GiB)[:2] == (4, 4)
+    assert local_size(ClusterConfig(memory_limit="1GiB"), cores=2, memory=24 * GiB)[2] == GiB
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dask_cuda") is not None, reason="dask-cuda is installed")
+def test_gpu_without_dask_cuda_says_how_to_install():
+    with pytest.raises(stf.ConfigError, match=r"stf_pipeline\[gpu\]"):
+        with start_cluster({"gpu": True}, quiet=True):
+            pass
+
+
+def _cube():
+    cube = random_cube(n_times=5, height=64, width=64, bands=("red", "nir", "swir1"))
+    fine = cube["fine"].values.copy()
+    fine[[1, 3]] = np.nan
+    return cube.copy(data={"fine": fine, "coarse": cube["coarse"].values}).drop_vars(["fine_valid", "coarse_valid"])
+
+
+def _files(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_existing_cluster_by_address(tmp_path, capsys):
+    from distributed import LocalCluster
+
+    cube = _cube()
+    stf.fuse_series(cube, method="delta", out=tmp_path / "ref.zarr", chunks=(32, 32), progress=False)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False) as cluster:
+        with start_cluster({"address": cluster.scheduler_address}) as client:
+            assert client.scheduler_info()["address"] == cluster.scheduler_address
+
+            stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=(32, 32))
+    assert f"connected to {cluster.scheduler_address}" in capsys.readouterr().err
+    assert _files(tmp_path / "f.zarr") == _files(tmp_path / "ref.zarr")
+
+
+def test_worker_killed_mid_run_gives_the_same_store(tmp_path):
+    cube = _cube()
+    chunks = (16, 16)  # 160 small regions, so the run lasts long enough to kill a worker in it
+    reference = tmp_path / "ref.zarr"
+    stf.fuse_series(cube, method="delta", out=reference, chunks=chunks, progress=False)
+    n_regions = 2 * 5 * 4 * 4
+    path = tmp_path / "f.zarr"
+    config = ClusterConfig(n_workers=2, threads_per_worker=1, memory_limit="1GiB")
+    with start_cluster(config, quiet=True) as client:
+        pids = client.run(os.getpid)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                stf.fuse_series(cube, method="delta", out=path, chunks=chunks, progress=False)
+            except BaseException as err:  # noqa: BLE001  (re-raised in the test thread)
+                errors.append(err)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        progress = path / series.PROGRESS_DIR
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if progress.is_dir() and len(os.listdir(progress)) >= 10:
+                break
+            time.sleep(0.002)
+        written_at_kill = len(os.listdir(progress))
+        victim = sorted(pids)[0]
+        os.kill(pids[victim], signal.SIGKILL)
+        thread.join(120)
+        assert not thread.is_alive()
+        if errors:
+            raise errors[0]
+        assert written_at_kill < n_regions, "the run finished before a worker could be killed"
+        assert victim not in client.scheduler_info()["workers"] or client.run(os.getpid)[victim] != pids[victim]
+    assert _files(path) == _files(reference)
