@@ -103,8 +103,10 @@ def fuse_series(
     pairs : sequence of date-like, or mapping target -> sequence, optional
         Pair dates for every target, or per target; default the nearest pairs of each target.
     overwrite : bool, default False
-        Replace an existing fused-cube store that holds a different request (or is complete).
-        A path that is not a stf_pipeline store is never overwritten.
+        Replace an existing stf_pipeline store that holds a different request (another method,
+        parameters, targets, chunks or input). A store of the same request is always resumed
+        (or, when complete, returned as it is); a path that is not a stf_pipeline store is never
+        overwritten.
     chunks : (int, int), optional
         Spatial chunk of the store and of the computation; default the cube's chunks, or 512.
         Rounded up to a multiple of ``coarse_factor`` for coarse-aligned methods.
@@ -263,7 +265,19 @@ def _request(
         "variables": list(plan.variables),
         "train_options": json.loads(json.dumps(dict(train_options or {}), default=str)),
         "model": None if model is None else type(model).__name__,
+        "data": _data_token(cube, plan),
     }
+
+
+def _data_token(cube: xr.Dataset, plan: _Plan) -> str | None:
+    """Deterministic token of the input data (a hash of in-memory arrays; for Dask arrays a hash
+    of their graph, which for a Zarr-backed cube includes the store's path and modification
+    time). None when Dask cannot tokenize deterministically: then only the metadata is checked."""
+    try:
+        with dask.config.set({"tokenize.ensure-deterministic": True}):
+            return tokenize(*(cube[v].data for v in ("fine", *plan.variables[1:])))
+    except RuntimeError:
+        return None
 
 
 def _store_state(path: Path, digest: str, *, overwrite: bool) -> str:
@@ -279,8 +293,7 @@ def _store_state(path: Path, digest: str, *, overwrite: bool) -> str:
             f"{path} exists and is not a stf_pipeline store; refusing to touch it. "
             "Choose another out= path or remove it yourself."
         )
-    same = attrs.get(REQUEST_ATTR) == digest
-    if same and not overwrite:
+    if attrs.get(REQUEST_ATTR) == digest:
         return "complete" if attrs.get(COMPLETE_ATTR) else "resume"
     if not overwrite:
         raise StoreError(

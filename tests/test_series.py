@@ -127,10 +127,15 @@ def test_existing_stores_rerun_refuse_or_overwrite(tmp_path):
     path = tmp_path / "f.zarr"
     stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
     before = store_files(path)
-    # same request on a complete store: nothing recomputed, store unchanged
+    # same request on a complete store (overwrite or not): nothing recomputed, store unchanged
     with dask.config.set(scheduler=_raise_scheduler):
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
+        stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, overwrite=True)
     assert store_files(path) == before
+    # other input data on the same grid and dates is another request
+    changed = cube.copy(data={"fine": cube["fine"].values + 0.01, "coarse": cube["coarse"].values})
+    with pytest.raises(stf.StoreError, match="overwrite=True"):
+        stf.fuse_series(changed, method="delta", out=path, chunks=CHUNKS, progress=False)
     with pytest.raises(stf.StoreError, match="overwrite=True"):
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, window=3)
     assert store_files(path) == before
