@@ -61,6 +61,9 @@ class Sensor:
     valid_range : (float, float), default (-0.5, 1.5)
         Scaled values must lie in this range (more than 0.1 % of valid pixels outside it is an
         error: a wrong scale factor or nodata value).
+    clip : (float, float) or None, default (0.0, 1.0)
+        Scaled values are clipped to this range, the cube contract's reflectance range (small
+        negative reflectances are atmospheric-correction noise); ``None`` keeps them.
     """
 
     name: str
@@ -70,10 +73,15 @@ class Sensor:
     nodata: float | None = None
     units: str = "reflectance"
     valid_range: tuple[float, float] = (-0.5, 1.5)
+    clip: tuple[float, float] | None = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bands", tuple(str(b) for b in self.bands))
         object.__setattr__(self, "valid_range", tuple(float(v) for v in self.valid_range))
+        if self.clip is not None:
+            object.__setattr__(self, "clip", tuple(float(v) for v in self.clip))
+            if len(self.clip) != 2 or not self.clip[0] < self.clip[1]:
+                raise CatalogError(f"sensor {self.name!r}: clip must be (low, high) with low < high or null, got {self.clip}.")
         if not self.bands:
             raise CatalogError(f"sensor {self.name!r} declares no bands; list the file's bands in order.")
         named = [b for b in self.bands if b]
@@ -293,6 +301,13 @@ def _check_group(arrays: Mapping[Path, xr.DataArray], role: str) -> _Grid:
     return first
 
 
+def _on_fine_grid(grid: _Grid, fine_grid: _Grid) -> bool:
+    """Whether a coarse file is already on the fine grid (no resampling needed)."""
+    return _same_grid(grid, fine_grid) or (
+        not grid.georeferenced and not fine_grid.georeferenced and grid.shape == fine_grid.shape
+    )
+
+
 def _onto_fine_grid(
     array: xr.DataArray,
     grid: _Grid,
@@ -303,9 +318,7 @@ def _onto_fine_grid(
     path: Path,
 ) -> xr.DataArray:
     """Put a scaled coarse image (NaN for nodata) onto the fine grid."""
-    if _same_grid(grid, fine_grid) or (
-        not grid.georeferenced and not fine_grid.georeferenced and grid.shape == fine_grid.shape
-    ):
+    if _on_fine_grid(grid, fine_grid):
         return array.assign_coords(y=template["y"], x=template["x"])
     if grid.crs is not None and fine_grid.crs is not None:
         from rasterio.enums import Resampling
@@ -486,16 +499,23 @@ def ingest(
     paths: dict[tuple[str, np.datetime64], Path] = {}
     for role, files in groups.items():
         for date, path in files.items():
-            scaled = _scaled(raw[role][path], sensors[role], bands, path)
             if role == "coarse":
+                grid = _grid_of(raw[role][path])
+                # a native-resolution image is small: read it without Dask to resample it
+                source = raw[role][path] if _on_fine_grid(grid, fine_grid) else _open(path, None)
                 scaled = _onto_fine_grid(
-                    scaled, _grid_of(raw[role][path]), fine_grid, template, resampling=resampling, path=path
+                    _scaled(source, sensors[role], bands, path), grid, fine_grid, template, resampling=resampling, path=path
                 )
             else:
+                scaled = _scaled(raw[role][path], sensors[role], bands, path)
                 scaled = scaled.assign_coords(y=template["y"], x=template["x"])
             images[(role, date)] = scaled
             paths[(role, date)] = path
     fractions = _check_values(images, paths, sensors)
+    for (role, date), image in images.items():
+        bounds = sensors[role].clip
+        if bounds is not None:
+            images[(role, date)] = image.clip(*bounds).astype(np.float32)
 
     times = np.array(sorted(set().union(*groups.values())), dtype="datetime64[ns]")
     by_role = {role: {date: images[(role, date)] for date in files} for role, files in groups.items()}

@@ -1,0 +1,310 @@
+"""Ingestion of GeoTIFF/ENVI files: scale, nodata, band mapping, coarse -> fine grid, dates, errors.
+
+Every file is written here with rasterio or NumPy (independently of the code under test) and
+every expected value is computed from the raw arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+import stf_pipeline as stf
+from stf_pipeline.exceptions import CatalogError
+from stf_pipeline.ingest import SENSORS, DatePattern, Sensor, dated_files, get_sensor, ingest
+from stf_pipeline.testing import raise_if_dask_computes
+
+BANDS6 = ("blue", "green", "red", "nir", "swir1", "swir2")
+FINE = Sensor("tm", BANDS6, scale=1e-4, nodata=-9999)
+COARSE = SENSORS["mod09ga"]  # MODIS band order: red, nir, blue, green, nir2, swir1, swir2
+X0, Y0, RES = 500_000.0, 4_000_000.0, 30.0
+
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # affine's `*` inside rasterio
+
+
+def write_tif(path, data, *, res=RES, crs="EPSG:32633", x0=X0, y0=Y0, nodata=None):
+    data = np.asarray(data)
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        height=data.shape[1],
+        width=data.shape[2],
+        count=data.shape[0],
+        dtype=data.dtype,
+        crs=crs,
+        transform=from_origin(x0, y0, res, res),
+        nodata=nodata,
+    ) as dst:
+        dst.write(data)
+    return path
+
+
+def write_envi(path, data):
+    """ENVI BSQ int16 without georeferencing."""
+    data = np.asarray(data, dtype="<i2")
+    data.tofile(path)
+    path.with_name(path.name + ".hdr").write_text(
+        f"ENVI\nsamples = {data.shape[2]}\nlines = {data.shape[1]}\nbands = {data.shape[0]}\n"
+        "header offset = 0\nfile type = ENVI Standard\ndata type = 2\ninterleave = bsq\nbyte order = 0\n"
+    )
+    return path
+
+
+@pytest.fixture
+def scene(tmp_path):
+    """Two fine dates (32x48, 6 bands, x1e4, nodata -9999) and three native 480 m MODIS images (2x3, 7 bands)."""
+    rng = np.random.default_rng(1)
+    fine = rng.integers(100, 5000, size=(2, 6, 32, 48)).astype(np.int16)
+    fine[0, :, 3, 5] = -9999
+    coarse = rng.integers(100, 5000, size=(3, 7, 2, 3)).astype(np.int16)
+    coarse[2, :, 1, 2] = -28672
+    files = {
+        "fine": {d: write_tif(tmp_path / f"LT05_{d}.tif", fine[i], nodata=-9999) for i, d in enumerate(["2001137", "2001201"])},
+        "coarse": {
+            d: write_tif(tmp_path / f"MOD09GA_{d}.tif", coarse[i], res=480.0, nodata=-28672)
+            for i, d in enumerate(["2001137", "2001169", "2001201"])
+        },
+    }
+    return fine, coarse, files
+
+
+def _by_date(paths):
+    return {np.datetime64("2001-01-01") + np.timedelta64(int(d[4:]) - 1, "D"): p for d, p in paths.items()}
+
+
+def test_geotiff_scale_nodata_bands_and_nearest_upsampling(scene, backend):
+    fine, coarse, files = scene
+    cube = ingest(
+        _by_date(files["fine"]),
+        _by_date(files["coarse"]),
+        bands=["red", "nir"],
+        fine_sensor=FINE,
+        coarse_sensor="mod09ga",
+        coarse_factor=16,
+        chunks={"y": 16, "x": 16} if backend == "dask" else None,
+    )
+    assert cube.attrs["coarse_factor"] == 16
+    assert cube.rio.crs.to_epsg() == 32633
+    np.testing.assert_array_equal(cube["x"].values, X0 + (np.arange(48) + 0.5) * RES)
+    np.testing.assert_array_equal(cube["y"].values, Y0 - (np.arange(32) + 0.5) * RES)
+    assert [str(t)[:10] for t in cube["time"].values] == ["2001-05-17", "2001-06-18", "2001-07-20"]
+    c = cube.compute()
+    # fine: red, nir are file bands 3, 4 (0-based 2, 3); x1e-4; nodata -> NaN; no fine on the middle date
+    expected = (fine[:, [2, 3]].astype(np.float64) * 1e-4).astype(np.float32)
+    expected[0, :, 3, 5] = np.nan
+    np.testing.assert_array_equal(c["fine"].values[[0, 2]], expected)
+    assert np.isnan(c["fine"].values[1]).all()
+    # coarse: MODIS red, nir are bands 1, 2; every 480 m pixel covers 16x16 fine pixels
+    native = (coarse[:, [0, 1]].astype(np.float64) * 1e-4).astype(np.float32)
+    native[2, :, 1, 2] = np.nan
+    np.testing.assert_array_equal(c["coarse"].values, native.repeat(16, axis=2).repeat(16, axis=3))
+    np.testing.assert_allclose(c["fine_valid"].values, [1 - 1 / (32 * 48), 0.0, 1.0])
+    np.testing.assert_allclose(c["coarse_valid"].values, [1.0, 1.0, 5 / 6])
+    assert c["fine"].dtype == np.float32 and c["fine"].attrs["units"] == "reflectance"
+
+
+def test_bilinear_upsampling_is_linear_between_coarse_centres(tmp_path):
+    """A coarse field linear in x is reproduced exactly by bilinear resampling between the centres."""
+    ramp = np.tile(np.arange(4, dtype=np.float32)[None, None, :] * 0.1 + 0.1, (1, 2, 1))  # 1 band, 2x4 coarse
+    fine = np.full((1, 32, 64), 0.2, np.float32)
+    cube = ingest(
+        {"2020-01-01": write_tif(tmp_path / "f.tif", fine)},
+        {"2020-01-01": write_tif(tmp_path / "c.tif", ramp, res=480.0)},
+        bands=["nir"],
+        fine_sensor=Sensor("f", ("nir",)),
+        coarse_sensor=Sensor("c", ("nir",)),
+        resampling="bilinear",
+        chunks=None,
+    )
+    x = cube["x"].values
+    centres = X0 + 240.0 + 480.0 * np.arange(4)
+    inside = (x > centres[0]) & (x < centres[-1])
+    expected = 0.1 + 0.1 * (x[inside] - centres[0]) / 480.0
+    np.testing.assert_allclose(cube["coarse"].values[0, 0, 10, inside], expected, atol=1e-6)
+
+
+def test_coarse_in_another_crs_is_reprojected(tmp_path):
+    fine = np.full((1, 20, 20), 1000, np.int16)
+    coarse = np.full((1, 4, 4), 0.3, np.float32)
+    # the same area in UTM 33N, described in WGS84 degrees (coarse covers it generously)
+    cube = ingest(
+        {"2020-01-01": write_tif(tmp_path / "f.tif", fine)},
+        {"2020-01-01": write_tif(tmp_path / "c.tif", coarse, crs="EPSG:4326", x0=14.9, y0=36.2, res=0.1)},
+        bands=["nir"],
+        fine_sensor=Sensor("f", ("nir",), scale=1e-4),
+        coarse_sensor=Sensor("c", ("nir",)),
+        chunks=None,
+    )
+    assert cube.rio.crs.to_epsg() == 32633
+    np.testing.assert_allclose(cube["coarse"].values, 0.3)
+
+
+def test_envi_without_georeferencing_gets_a_nominal_grid(tmp_path):
+    rng = np.random.default_rng(2)
+    fine = rng.integers(0, 9000, size=(3, 8, 12))
+    coarse = rng.integers(0, 9000, size=(3, 2, 3))
+    cube = ingest(
+        {"2001-05-24": write_envi(tmp_path / "tm0524", fine)},
+        {"2001-05-24": write_envi(tmp_path / "modis0524", coarse)},
+        bands=["green", "red", "nir"],
+        fine_sensor=Sensor("tm", ("green", "red", "nir"), scale=1e-4),
+        coarse_sensor=Sensor("modis", ("green", "red", "nir"), scale=1e-4),
+        pixel_size=25.0,
+        chunks=None,
+    )
+    assert cube.rio.crs is None
+    np.testing.assert_array_equal(cube["y"].values, -(np.arange(8) + 0.5) * 25.0)
+    np.testing.assert_array_equal(cube["x"].values, (np.arange(12) + 0.5) * 25.0)
+    np.testing.assert_array_equal(cube["fine"].values[0], (fine * 1e-4).astype(np.float32))
+    np.testing.assert_array_equal(cube["coarse"].values[0], (coarse * 1e-4).astype(np.float32).repeat(4, 1).repeat(4, 2))
+
+
+def test_values_are_clipped_to_the_contract_range_unless_asked_not_to(tmp_path):
+    raw = np.array([[[-39, 0, 5000, 10040]]], np.int16)
+    paths = ({"2020-01-01": write_tif(tmp_path / "f.tif", raw)}, {"2020-01-01": write_tif(tmp_path / "c.tif", raw)})
+    sensor = Sensor("s", ("nir",), scale=1e-4)
+    clipped = ingest(*paths, bands=["nir"], fine_sensor=sensor, coarse_sensor=sensor, chunks=None)
+    np.testing.assert_array_equal(clipped["fine"].values.ravel(), np.float32([0.0, 0.0, 0.5, 1.0]))
+    kept = dataclasses.replace(sensor, clip=None)
+    raw_values = ingest(*paths, bands=["nir"], fine_sensor=kept, coarse_sensor=kept, chunks=None)
+    np.testing.assert_array_equal(raw_values["fine"].values.ravel(), (raw.ravel() * 1e-4).astype(np.float32))
+
+
+def test_truth_goes_to_fine_truth_and_fine_stays_nan(scene):
+    fine, _, files = scene
+    fine_files = _by_date(files["fine"])
+    (first, f1), (second, f2) = fine_files.items()
+    cube = ingest({first: f1}, _by_date(files["coarse"]), truth={second: f2}, bands=["red"], fine_sensor=FINE,
+                  coarse_sensor=COARSE, chunks=None)
+    assert np.isnan(cube["fine"].sel(time=second).values).all()
+    np.testing.assert_array_equal(
+        cube["fine_truth"].sel(time=second).values[0], (fine[1, 2] * 1e-4).astype(np.float32)
+    )
+    np.testing.assert_array_equal(cube["fine_truth"].sel(time=first).values, cube["fine"].sel(time=first).values)
+
+
+def test_dates_from_file_names(scene):
+    _, _, files = scene
+    pattern = DatePattern(r"_(\d{7})\.tif$", "%Y%j")
+    cube = ingest(list(files["fine"].values()), list(files["coarse"].values()), date_pattern=pattern,
+                  bands=["nir"], fine_sensor=FINE, coarse_sensor=COARSE, chunks=None)
+    assert [str(t)[:10] for t in cube["time"].values] == ["2001-05-17", "2001-06-18", "2001-07-20"]
+
+
+def test_ingest_is_lazy_after_its_one_checking_pass(scene):
+    _, _, files = scene
+    with raise_if_dask_computes(max_computes=1):
+        cube = ingest(_by_date(files["fine"]), _by_date(files["coarse"]), bands=["nir"], fine_sensor=FINE,
+                      coarse_sensor=COARSE, chunks={"y": 16, "x": 16})
+        assert cube["fine"].chunks == ((1, 1, 1), (1,), (16, 16), (16, 16, 16))
+        pred = stf.fuse(cube, cube["time"].values[1], method="delta")
+    assert pred.shape == (1, 32, 48)
+
+
+def test_sensor_presets_are_data():
+    assert get_sensor("mod09ga").band_index("swir2") == 6
+    assert get_sensor("landsat89_c2l2").offset == -0.2
+    assert get_sensor(FINE) is FINE
+
+
+# ----------------------------------------------------------------------------- errors
+def test_error_fine_files_on_different_grids(tmp_path):
+    a = write_tif(tmp_path / "a.tif", np.ones((1, 8, 8), np.int16))
+    b = write_tif(tmp_path / "b.tif", np.ones((1, 8, 9), np.int16))
+    c = write_tif(tmp_path / "c.tif", np.ones((1, 8, 8), np.int16), crs="EPSG:32634")
+    s = Sensor("s", ("nir",), scale=1e-4)
+    for other in (b, c):
+        with pytest.raises(CatalogError, match=rf"fine/truth file {other} disagrees with {a}.*share one grid"):
+            ingest({"2020-01-01": a, "2020-01-02": other}, {"2020-01-01": a}, bands=["nir"], fine_sensor=s,
+                   coarse_sensor=s)
+
+
+def test_error_coarse_files_on_different_grids(tmp_path):
+    a = write_tif(tmp_path / "a.tif", np.ones((1, 8, 8), np.int16))
+    b = write_tif(tmp_path / "b.tif", np.ones((1, 2, 2), np.int16), res=120.0, crs="EPSG:32634")
+    c = write_tif(tmp_path / "c.tif", np.ones((1, 2, 2), np.int16), res=120.0)
+    s = Sensor("s", ("nir",), scale=1e-4)
+    with pytest.raises(CatalogError, match=r"coarse file .*disagrees with .*CRS EPSG:32633"):
+        ingest({"2020-01-01": a}, {"2020-01-01": c, "2020-01-02": b}, bands=["nir"], fine_sensor=s, coarse_sensor=s)
+
+
+def test_error_coarse_file_that_cannot_reach_the_fine_grid(tmp_path):
+    fine = write_envi(tmp_path / "fine", np.ones((1, 8, 12)))
+    odd = write_envi(tmp_path / "odd", np.ones((1, 3, 5)))
+    georef = write_tif(tmp_path / "g.tif", np.ones((1, 2, 3), np.int16))
+    s = Sensor("s", ("nir",), scale=1e-4)
+    for coarse in (odd, georef):
+        with pytest.raises(CatalogError, match=rf"coarse file {coarse} cannot be put on the fine grid"):
+            ingest({"2020-01-01": fine}, {"2020-01-01": coarse}, bands=["nir"], fine_sensor=s, coarse_sensor=s)
+    quarter = write_envi(tmp_path / "quarter", np.ones((1, 2, 3)))
+    with pytest.raises(CatalogError, match=r"not georeferenced, so it can only be upsampled with 'nearest'"):
+        ingest({"2020-01-01": fine}, {"2020-01-01": quarter}, bands=["nir"], fine_sensor=s, coarse_sensor=s,
+               resampling="bilinear")
+
+
+def test_error_scale_factor_leaves_values_far_outside_the_range(scene):
+    _, _, files = scene
+    unscaled = dataclasses.replace(FINE, scale=1.0)
+    with pytest.raises(CatalogError, match=r"LT05_2001137.tif: after scale 1 and offset 0, 100.0% of valid values "
+                                           r"lie outside \(-0.5, 1.5\).*reflectance x 10000: set scale 1.0e-4"):
+        ingest(_by_date(files["fine"]), _by_date(files["coarse"]), bands=["nir"], fine_sensor=unscaled,
+               coarse_sensor=COARSE)
+
+
+def test_error_wrong_offset_gets_the_generic_hint(tmp_path):
+    path = write_tif(tmp_path / "f.tif", np.full((1, 4, 4), 0.5, np.float32))
+    shifted = Sensor("s", ("nir",), offset=-2.0)
+    with pytest.raises(CatalogError, match=r"min -1.5, max -1.5\); check the sensor's scale, offset and nodata"):
+        ingest({"2020-01-01": path}, {"2020-01-01": path}, bands=["nir"], fine_sensor=shifted, coarse_sensor=shifted)
+
+
+def test_error_bands(scene, tmp_path):
+    _, _, files = scene
+    fine, coarse = _by_date(files["fine"]), _by_date(files["coarse"])
+    with pytest.raises(CatalogError, match=r"band 'coastal' is not among sensor 'tm'.*choose cube bands that both"):
+        ingest(fine, coarse, bands=["coastal"], fine_sensor=FINE, coarse_sensor=COARSE)
+    three = Sensor("three", ("red", "nir", "blue"), scale=1e-4)
+    with pytest.raises(CatalogError, match=r"has 6 band\(s\) but sensor 'three' declares 3"):
+        ingest(fine, coarse, bands=["red"], fine_sensor=three, coarse_sensor=COARSE)
+    with pytest.raises(CatalogError, match=r"bands must be a non-empty list of unique names"):
+        ingest(fine, coarse, bands=["red", "red"], fine_sensor=FINE, coarse_sensor=COARSE)
+    with pytest.raises(CatalogError, match=r"duplicate band names"):
+        Sensor("dup", ("red", "red"))
+    with pytest.raises(CatalogError, match=r"unknown sensor 'landsat99'"):
+        get_sensor("landsat99")
+
+
+def test_error_files_and_dates(scene, tmp_path):
+    _, _, files = scene
+    coarse = _by_date(files["coarse"])
+    with pytest.raises(CatalogError, match=r"file .*nothere.tif does not exist.*STF_DATA_ROOT"):
+        ingest({"2020-01-01": tmp_path / "nothere.tif"}, coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE)
+    junk = tmp_path / "junk.tif"
+    junk.write_text("not a raster")
+    with pytest.raises(CatalogError, match=r"GDAL cannot read .*junk.tif"):
+        ingest({"2020-01-01": junk}, coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE)
+    with pytest.raises(CatalogError, match=r"no fine files given"):
+        ingest({}, coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE)
+    with pytest.raises(CatalogError, match=r"no coarse files given"):
+        ingest(_by_date(files["fine"]), {}, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE)
+    with pytest.raises(CatalogError, match=r"fine: paths were given without dates"):
+        ingest(list(files["fine"].values()), coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE)
+    pattern = DatePattern(r"LT05_(\d{4})", "%Y")
+    with pytest.raises(CatalogError, match=r"fine: two files for 2001-01-01"):
+        dated_files(list(files["fine"].values()), date_pattern=pattern, role="fine")
+    with pytest.raises(CatalogError, match=r"cannot read a date from 'x/b.tif': regex"):
+        DatePattern(r"(\d{8})", "%Y%m%d").parse("x/b.tif")
+    with pytest.raises(CatalogError, match=r"'2001999' .*does not match date format '%Y%j'"):
+        DatePattern(r"(\d{7})", "%Y%j").parse("a_2001999.tif")
+    with pytest.raises(CatalogError, match=r"date regex .* has no group; wrap the date part in"):
+        DatePattern(r"\d+", "%Y")
+    with pytest.raises(CatalogError, match=r"cannot read 'someday' as a date"):
+        dated_files({"someday": "a.tif"})
+    with pytest.raises(CatalogError, match=r"resampling 'lanczos' is not one of"):
+        ingest(_by_date(files["fine"]), coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE,
+               resampling="lanczos")
