@@ -1,0 +1,118 @@
+"""stf.compare: same tasks for every method, scores equal to stf.evaluate, Table-2 outputs and figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+import stf_pipeline as stf
+from stf_pipeline.compare import Comparison, compare, method_runs
+from stf_pipeline.exceptions import ConfigError, MethodError, TaskError
+
+
+@pytest.fixture(scope="module")
+def cube():
+    return stf.synthetic_scene(height=48, width=48, n_times=5, seed=3, fine_times=[0, 2, 4], coarse_factor=8).compute()
+
+
+@pytest.fixture(scope="module")
+def result(cube, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    methods = {"delta": {}, "delta_w3": {"method": "delta", "window": 3}}
+    return compare(cube, methods=methods, out=out), out
+
+
+def test_scores_equal_evaluate_on_the_same_task(cube, result):
+    res, _ = result
+    assert isinstance(res, Comparison)
+    assert res.targets == ["2004-05-02", "2004-06-03"]  # held-out dates (fine NaN, truth present)
+    assert list(res.scores["run"].values) == ["delta", "delta_w3"]
+    for target in res.targets:
+        pred = stf.fuse(cube, target, method="delta", window=3)
+        truth = cube["fine_truth"].sel(time=target)
+        expected = stf.evaluate(pred, truth, ratio=1 / 8)
+        got = res.scores.sel(target=target, run="delta_w3")
+        for name in ("rmse", "cc", "ssim", "bias", "mae", "ergas", "sam", "n_valid"):
+            np.testing.assert_allclose(got[name].values, expected[name].values, rtol=1e-12, err_msg=name)
+        np.testing.assert_array_equal(res.predictions.sel(target=target, run="delta_w3").values, pred.values)
+        assert res.pairs[target]["delta"] == res.pairs[target]["delta_w3"] == [str(p)[:10] for p in pred.attrs["pairs"]]
+    assert (res.scores["time_s"] > 0).all()
+
+
+def test_table_has_the_table2_layout_and_marks_the_best(result):
+    res, _ = result
+    table = res.table()
+    assert table.index.names == ["metric", "date", "band"]
+    assert list(table.columns) == ["delta", "delta_w3", "best"]
+    n_bands, n_dates = 6, 2
+    assert len(table) == n_dates * (5 * n_bands + 3)  # 5 per-band metrics, ERGAS, SAM, time
+    assert list(table.index.get_level_values("metric").unique()) == [
+        "rmse", "mae", "bias", "cc", "ssim", "ergas", "sam", "time_s"
+    ]
+    for (metric, _, _), row in table.iterrows():
+        a, b = row["delta"], row["delta_w3"]
+        if metric in ("cc", "ssim"):
+            best = "delta" if a >= b else "delta_w3"
+        elif metric == "bias":
+            best = "delta" if abs(a) <= abs(b) else "delta_w3"
+        else:
+            best = "delta" if a <= b else "delta_w3"
+        assert row["best"] == best, (metric, a, b)
+
+
+def test_outputs_written(result):
+    res, out = result
+    csv = pd.read_csv(out / "compare.csv", index_col=[0, 1, 2])
+    pd.testing.assert_frame_equal(csv, res.table(), check_exact=False, rtol=1e-5, check_names=False)
+    markdown = (out / "compare.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(res.table())
+    assert all(line.count("**") == 2 for line in rows)  # exactly one best per row
+    assert "| RMSE | 2004-05-02 | nir |" in markdown and "ERGAS ratio" in markdown
+    meta = json.loads((out / "compare.json").read_text())
+    assert meta["targets"] == res.targets
+    assert meta["methods"]["delta_w3"] == {"method": "delta", "params": {"window": 3}}
+    assert set(meta["wall_time_s"]) == {"delta", "delta_w3"}
+    assert len(meta["records"]) == 2 * len(res.table())
+    for date in res.targets:
+        for stem in ("composite_true", "composite_false", "change", "bias", "scatter"):
+            assert (out / f"{stem}_{date}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cube_without_truth_var_hides_the_target(cube):
+    plain = cube.drop_vars("fine_truth")
+    with pytest.raises(TaskError, match="pass targets"):
+        compare(plain, methods=["delta"])
+    res = compare(plain, methods=["delta"], targets=["2004-05-18"], pairs=["2004-04-16", "2004-06-19"])
+    hidden = plain.assign(fine=plain.fine.where(plain.time != np.datetime64("2004-05-18")))
+    hidden = hidden.assign_coords(fine_valid=xr.where(hidden.time == np.datetime64("2004-05-18"), 0.0, hidden.fine_valid))
+    pred = stf.fuse(hidden, "2004-05-18", method="delta", pairs=["2004-04-16", "2004-06-19"])
+    np.testing.assert_array_equal(res.predictions.isel(target=0, run=0).values, pred.values)
+    np.testing.assert_array_equal(res.truth.isel(target=0).values, cube.fine.sel(time="2004-05-18").values)
+
+
+def test_pairs_per_target_and_catalog_targets(cube):
+    catalog_like = cube.assign_attrs(stf_targets=["2004-06-03"])
+    res = compare(catalog_like, methods=["delta"], pairs={"2004-06-03": ["2004-06-19"]}, figures=False)
+    assert res.targets == ["2004-06-03"]
+    assert res.pairs == {"2004-06-03": {"delta": ["2004-06-19"]}}
+
+
+def test_errors(cube):
+    with pytest.raises(MethodError, match="unknown method"):
+        compare(cube, methods=["nope"])
+    with pytest.raises(ConfigError, match="unique"):
+        method_runs(["delta", "delta"])
+    with pytest.raises(ConfigError, match="no methods"):
+        method_runs([])
+    with pytest.raises(ConfigError, match="models given"):
+        compare(cube, methods=["delta"], models={"starfm": object()})
+    with pytest.raises(TaskError, match="not dates of the cube"):
+        compare(cube, methods=["delta"], targets=["1999-01-01"])
+    lonely = cube.isel(time=[1, 3])  # no fine observation at all: nothing can run
+    with pytest.raises(TaskError, match="no method could run"), pytest.warns(UserWarning, match="cannot run"):
+        compare(lonely, methods=["delta"])
