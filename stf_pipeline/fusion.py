@@ -80,13 +80,13 @@ def fuse(
     spec = get_method(method)
     context = method_context(cube)
     p = spec.make_params(**params)
-    if spec.prepare is not None:
-        p = spec.prepare(p, context)
     if spec.learned and model is None:
         raise MethodError(
             f"method {spec.name!r} is learned: train it first, model = stf.train(cube, method={spec.name!r}, "
             "train_times=[...]), then pass model=model."
         )
+    if spec.prepare is not None:
+        p = spec.prepare(p, context, model=model) if spec.learned else spec.prepare(p, context)
     if spec.coarse_aligned and context.coarse_factor is None:
         validate_cube(cube, require_coarse_factor=True)
     task = resolve_task(cube, target, pairs=pairs, n_pairs=spec.n_pairs)
@@ -107,6 +107,8 @@ def fuse(
             "units": "reflectance",
         }
     )
+    if context.coarse_factor is not None:
+        out.attrs["coarse_factor"] = context.coarse_factor
     return out
 
 
@@ -129,9 +131,34 @@ def _run_task(
         fine, coarse, coarse_target = (da.asarray(a) for a in (fine, coarse, coarse_target))
     if spec.statistics is not None:
         kernel_kwargs["params"] = spec.statistics(fine, coarse, coarse_target, kernel_kwargs["params"])
+    extra = _extra_inputs(cube, spec, kernel_kwargs["params"])
+    if extra and isinstance(fine, da.Array):
+        extra = {name: da.asarray(values) for name, values in extra.items()}
     return map_overlapping(
-        spec.kernel, fine, coarse, coarse_target, halo=halo, align=align, chunks=chunks, **kernel_kwargs
+        spec.kernel, fine, coarse, coarse_target, halo=halo, align=align, chunks=chunks, extra=extra,
+        **kernel_kwargs,
     )
+
+
+def _extra_inputs(cube: xr.Dataset, spec: Any, params: Any) -> dict[str, Any]:
+    """Per-pixel ``(y, x)`` cube variables the method asks for (``MethodSpec.extra_vars``)."""
+    if spec.extra_vars is None:
+        return {}
+    extra = {}
+    for name in spec.extra_vars(params):
+        if name not in cube.variables:
+            raise MethodError(
+                f"method {spec.name!r} needs the cube variable {name!r}, which the cube lacks "
+                f"(it has {sorted(map(str, cube.data_vars))}); add it as a (y, x) variable."
+            )
+        var = cube[name]
+        if tuple(var.dims) != ("y", "x"):
+            raise MethodError(
+                f"cube variable {name!r} has dims {tuple(var.dims)}, but method {spec.name!r} needs it on the "
+                "fine grid with dims ('y', 'x'); squeeze or transpose it."
+            )
+        extra[name] = var.data
+    return extra
 
 
 def _wrap(data: Any, cube: xr.Dataset, task: Task) -> xr.DataArray:

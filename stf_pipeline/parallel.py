@@ -9,7 +9,7 @@ chunked result equals the unchunked one, bitwise for deterministic kernels.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import dask.array as da
@@ -50,10 +50,19 @@ def plan_chunks(
     )
 
 
-def _apply_block(stacked: np.ndarray, *, kernel: Callable[..., np.ndarray], n_pairs: int, **kwargs: Any) -> np.ndarray:
+def _apply_block(
+    stacked: np.ndarray,
+    *extra_blocks: np.ndarray,
+    kernel: Callable[..., np.ndarray],
+    n_pairs: int,
+    extra_names: tuple[str, ...] = (),
+    **kwargs: Any,
+) -> np.ndarray:
     fine = stacked[:n_pairs]
     coarse = stacked[n_pairs : 2 * n_pairs]
     coarse_target = stacked[2 * n_pairs]
+    if extra_names:
+        kwargs["extra"] = dict(zip(extra_names, extra_blocks))
     out = kernel(fine, coarse, coarse_target, **kwargs)
     return np.asarray(out, dtype=np.float32)
 
@@ -67,6 +76,7 @@ def map_overlapping(
     halo: int,
     align: int = 1,
     chunks: tuple[int, int] | None = None,
+    extra: Mapping[str, Any] | None = None,
     **kernel_kwargs: Any,
 ) -> Any:
     """Apply ``kernel`` to overlapping spatial blocks of the inputs.
@@ -85,6 +95,9 @@ def map_overlapping(
         multiple of ``align`` (native coarse pixels).
     chunks : (int, int), optional
         Nominal spatial chunk size; default: the first chunk of ``fine`` (Dask input).
+    extra : mapping of str to array ``(y, x)``, optional
+        Further per-pixel inputs (e.g. a class map), overlapped like the images and passed to
+        the kernel as ``extra={name: block}``.
 
     Returns
     -------
@@ -92,10 +105,19 @@ def map_overlapping(
         Lazy Dask array for Dask input, NumPy otherwise.
     """
     n_pairs = fine.shape[0]
-    lazy = any(isinstance(a, da.Array) for a in (fine, coarse, coarse_target))
+    extra = dict(extra or {})
+    extra_names = tuple(extra)
+    lazy = any(isinstance(a, da.Array) for a in (fine, coarse, coarse_target, *extra.values()))
     if not lazy:
         stacked = np.concatenate([np.asarray(fine), np.asarray(coarse), np.asarray(coarse_target)[None]], axis=0)
-        return _apply_block(stacked.astype(np.float32, copy=False), kernel=kernel, n_pairs=n_pairs, **kernel_kwargs)
+        return _apply_block(
+            stacked.astype(np.float32, copy=False),
+            *(np.asarray(a) for a in extra.values()),
+            kernel=kernel,
+            n_pairs=n_pairs,
+            extra_names=extra_names,
+            **kernel_kwargs,
+        )
     halo = int(math.ceil(halo / align) * align) if halo else 0
     fine, coarse, coarse_target = (da.asarray(a) for a in (fine, coarse, coarse_target))
     if chunks is None:
@@ -105,11 +127,18 @@ def map_overlapping(
     stacked = stacked.rechunk((stacked.shape[0], stacked.shape[1], ychunks, xchunks))
     depth = {0: 0, 1: 0, 2: halo, 3: halo}
     extended = da.overlap.overlap(stacked, depth=depth, boundary="none") if halo else stacked
+    extra_extended = []
+    for values in extra.values():
+        values = da.asarray(values).rechunk((ychunks, xchunks))
+        extra_extended.append(da.overlap.overlap(values, depth={0: halo, 1: halo}, boundary="none") if halo else values)
     out_chunks = extended.chunks[1:]
-    mapped = extended.map_blocks(
+    mapped = da.map_blocks(
         _apply_block,
+        extended,
+        *extra_extended,
         kernel=kernel,
         n_pairs=n_pairs,
+        extra_names=extra_names,
         drop_axis=0,
         chunks=out_chunks,
         dtype=np.float32,

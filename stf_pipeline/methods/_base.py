@@ -91,13 +91,18 @@ class MethodSpec:
         ``fit(cube, *, train_times, config, ...) -> FittedModel`` for learned methods.
     prepare : Callable | None
         ``prepare(params, context) -> params``: fills context-dependent defaults (e.g. a search
-        distance in metres turned into pixels) before the halo is computed.
+        distance in metres turned into pixels) before the halo is computed. Learned methods get
+        ``prepare(params, context, model=model)`` (e.g. a halo equal to the model's receptive field).
     statistics : Callable | None
         ``statistics(fine, coarse, coarse_target, params) -> params``: fills scene-wide
         statistics (e.g. the per-band standard deviation behind STARFM's similarity threshold)
         from the whole pair arrays, so that every block uses the same values and a chunked result
         equals the unchunked one. Given Dask arrays it returns a ``dask.delayed`` params object
         (the engine stays lazy); given NumPy arrays, the params themselves.
+    extra_vars : Callable | None
+        ``extra_vars(params) -> tuple[str, ...]``: names of ``(y, x)`` cube variables (e.g. a
+        land-cover class map) the kernel needs; they are overlapped like the images and passed
+        to the kernel as ``extra={name: block}``.
     """
 
     name: str
@@ -108,8 +113,9 @@ class MethodSpec:
     coarse_aligned: bool = False
     learned: bool = False
     fit: Callable[..., Any] | None = None
-    prepare: Callable[[Any, MethodContext], Any] | None = None
+    prepare: Callable[..., Any] | None = None
     statistics: Callable[[Any, Any, Any, Any], Any] | None = None
+    extra_vars: Callable[[Any], tuple[str, ...]] | None = None
 
     def make_params(self, params: Any | None = None, **overrides: Any) -> Any:
         """Build the parameter dataclass, rejecting unknown names with the valid ones listed."""
