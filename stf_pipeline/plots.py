@@ -403,7 +403,8 @@ def plot_scatter(
             ax = axes[i, j]
             e = edges[j]
             h = np.where(hists[i, j] > 0, hists[i, j], np.nan)
-            image = ax.pcolormesh(e, e, h, norm=norm, cmap="viridis", rasterized=True)
+            image = ax.imshow(h, origin="lower", extent=(e[0], e[-1], e[0], e[-1]), norm=norm, cmap="viridis",
+                              interpolation="nearest")
             ax.plot([e[0], e[-1]], [e[0], e[-1]], color="red", linewidth=0.8, label="1:1")
             ax.set_xlim(e[0], e[-1])
             ax.set_ylim(e[0], e[-1])
