@@ -314,6 +314,11 @@ def open_catalog(
     catalog = name_or_path if isinstance(name_or_path, Catalog) else load_catalog(name_or_path)
     base = catalog.root_path(root)
     where = f"catalog {catalog.name}"
+    if not base.is_dir():
+        raise CatalogError(
+            f"{where}: its data folder {base} does not exist; set ${DATA_ROOT_ENV} (or pass root=) to the folder "
+            f"that holds {catalog.root or 'its files'!r}."
+        )
     fine = catalog.fine.resolve(base, f"{where}: fine")
     coarse = catalog.coarse.resolve(base, f"{where}: coarse")
     truth = catalog.truth.resolve(base, f"{where}: truth") if catalog.truth is not None else {}

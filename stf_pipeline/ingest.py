@@ -272,13 +272,27 @@ def _scaled(raw: xr.DataArray, sensor: Sensor, bands: Sequence[str], path: Path)
         )
     picked = raw.isel(band=[sensor.band_index(b) for b in bands])
     nodata = sensor.nodata if sensor.nodata is not None else raw.rio.nodata
-    values = picked.astype(np.float64)
-    invalid = ~np.isfinite(values)
-    if nodata is not None and _representable(nodata, raw.dtype):
-        invalid = invalid | (picked == np.asarray(nodata).astype(raw.dtype))
-    scaled = (values * sensor.scale + sensor.offset).where(~invalid).astype(np.float32)
+    if nodata is not None and not _representable(nodata, raw.dtype):
+        nodata = None
+    scaled = xr.apply_ufunc(
+        _scale_block,
+        picked,
+        kwargs={"nodata": nodata, "scale": sensor.scale, "offset": sensor.offset},
+        dask="parallelized",
+        output_dtypes=[np.float32],
+    )
     scaled = scaled.drop_vars([c for c in scaled.coords if c not in ("y", "x")])
     return scaled.assign_coords(band=list(bands))
+
+
+def _scale_block(raw: np.ndarray, *, nodata: float | None, scale: float, offset: float) -> np.ndarray:
+    """``raw * scale + offset`` as float32, NaN where ``raw`` is nodata or not finite."""
+    values = raw.astype(np.float64) * scale + offset
+    invalid = ~np.isfinite(values)
+    if nodata is not None:
+        invalid |= raw == np.asarray(nodata).astype(raw.dtype)
+    values[invalid] = np.nan
+    return values.astype(np.float32)
 
 
 def _nominal_coords(shape: tuple[int, int], pixel_size: float) -> dict[str, np.ndarray]:
@@ -351,22 +365,17 @@ def _onto_fine_grid(
 
 def _stack(
     images: Mapping[np.datetime64, xr.DataArray],
-    times: np.ndarray,
     template: xr.DataArray,
     chunks: Mapping[str, int] | None,
 ) -> xr.DataArray:
-    """``(time, band, y, x)`` from per-date images; all-NaN on dates without one."""
-    n_bands, rows, cols = template.shape
-    layers = []
-    for t in times:
-        if t in images:
-            data = images[t].data
-        else:
-            data = np.full((n_bands, rows, cols), np.nan, np.float32)
-        if chunks is not None:
-            data = da.asarray(data).rechunk((-1, chunks.get("y", -1), chunks.get("x", -1)))
-        layers.append(data)
-    stacked = da.stack(layers) if chunks is not None else np.stack([np.asarray(layer) for layer in layers])
+    """``(time, band, y, x)`` from per-date images (Dask-backed, one chunk per date, when ``chunks``)."""
+    times = np.array(sorted(images), dtype="datetime64[ns]")
+    layers = [images[t].data for t in times]
+    if chunks is not None:
+        spatial = (-1, chunks.get("y", -1), chunks.get("x", -1))
+        stacked = da.stack([da.asarray(layer).rechunk(spatial) for layer in layers])
+    else:
+        stacked = np.stack([np.asarray(layer) for layer in layers])
     return xr.DataArray(
         stacked,
         dims=DIMS,
@@ -375,35 +384,38 @@ def _stack(
 
 
 def _check_values(
-    images: Mapping[tuple[str, np.datetime64], xr.DataArray],
-    paths: Mapping[tuple[str, np.datetime64], Path],
+    stacks: Mapping[str, xr.DataArray],
+    paths: Mapping[str, Mapping[np.datetime64, Path]],
     sensors: Mapping[str, Sensor],
-) -> dict[tuple[str, np.datetime64], float]:
-    """One pass over every image: valid fraction per image; error on values outside the sensor's range."""
+) -> dict[str, np.ndarray]:
+    """One pass over every stack: valid fraction per date; error for values outside the sensor's range."""
     stats = {}
-    for key, image in images.items():
-        lo, hi = sensors[key[0]].valid_range
-        data = image.data if isinstance(image.data, da.Array) else da.asarray(image.data)
-        valid = da.isfinite(data)
-        outside = valid & ((data < lo) | (data > hi))
-        stats[key] = (valid.sum(), outside.sum(), da.nanmin(da.where(valid, data, np.nan)), da.nanmax(da.where(valid, data, np.nan)))
+    for role, stack in stacks.items():
+        lo, hi = sensors[role].valid_range
+        valid = stack.notnull()
+        outside = valid & ((stack < lo) | (stack > hi))
+        dims = ("band", "y", "x")
+        stats[role] = (valid.sum(dims), outside.sum(dims), stack.min(dims), stack.max(dims))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN images have no min/max
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN dates have no min/max
         (computed,) = dask.compute(stats)
     fractions = {}
-    for key, (n_valid, n_outside, vmin, vmax) in computed.items():
-        sensor = sensors[key[0]]
-        if n_valid and n_outside > MAX_OUT_OF_RANGE * n_valid:
-            hint = (
-                "values look like reflectance x 10000: set scale 1.0e-4"
-                if vmax > 100 * sensor.valid_range[1]
-                else "check the sensor's scale, offset and nodata value"
-            )
-            raise CatalogError(
-                f"{paths[key]}: after scale {sensor.scale:g} and offset {sensor.offset:g}, {n_outside / n_valid:.1%} "
-                f"of valid values lie outside {sensor.valid_range} (min {vmin:.4g}, max {vmax:.4g}); {hint}."
-            )
-        fractions[key] = float(n_valid) / images[key].size
+    for role, (n_valid, n_outside, vmin, vmax) in computed.items():
+        sensor = sensors[role]
+        for i, t in enumerate(stacks[role]["time"].values):
+            n, bad = int(n_valid[i]), int(n_outside[i])
+            if n and bad > MAX_OUT_OF_RANGE * n:
+                top = float(vmax[i])
+                hint = (
+                    "values look like reflectance x 10000: set scale 1.0e-4"
+                    if top > 100 * sensor.valid_range[1]
+                    else "check the sensor's scale, offset and nodata value"
+                )
+                raise CatalogError(
+                    f"{paths[role][t]}: after scale {sensor.scale:g} and offset {sensor.offset:g}, {bad / n:.1%} "
+                    f"of valid values lie outside {sensor.valid_range} (min {float(vmin[i]):.4g}, max {top:.4g}); {hint}."
+                )
+        fractions[role] = np.asarray(n_valid, dtype=np.float64) / np.prod(stacks[role].shape[1:])
     return fractions
 
 
@@ -495,8 +507,7 @@ def ingest(
     if not fine_grid.georeferenced:
         template = template.assign_coords(_nominal_coords(fine_grid.shape, pixel_size))
 
-    images: dict[tuple[str, np.datetime64], xr.DataArray] = {}
-    paths: dict[tuple[str, np.datetime64], Path] = {}
+    images: dict[str, dict[np.datetime64, xr.DataArray]] = {role: {} for role in groups}
     for role, files in groups.items():
         for date, path in files.items():
             if role == "coarse":
@@ -509,22 +520,20 @@ def ingest(
             else:
                 scaled = _scaled(raw[role][path], sensors[role], bands, path)
                 scaled = scaled.assign_coords(y=template["y"], x=template["x"])
-            images[(role, date)] = scaled
-            paths[(role, date)] = path
-    fractions = _check_values(images, paths, sensors)
-    for (role, date), image in images.items():
-        bounds = sensors[role].clip
-        if bounds is not None:
-            images[(role, date)] = image.clip(*bounds).astype(np.float32)
+            images[role][date] = scaled
 
     times = np.array(sorted(set().union(*groups.values())), dtype="datetime64[ns]")
-    by_role = {role: {date: images[(role, date)] for date in files} for role, files in groups.items()}
-    data_vars = {
-        "fine": _stack(by_role["fine"], times, template, chunks),
-        "coarse": _stack(by_role["coarse"], times, template, chunks),
-    }
-    if groups["truth"]:
-        data_vars["fine_truth"] = _stack({**by_role["fine"], **by_role["truth"]}, times, template, chunks)
+    stacks = {role: _stack(images[role], template, chunks) for role in groups if images[role]}
+    fractions = _check_values(stacks, groups, sensors)
+    for role, stack in stacks.items():
+        bounds = sensors[role].clip
+        if bounds is not None:
+            stack = stack.clip(*bounds)
+        stacks[role] = stack.reindex(time=times).astype(np.float32)  # NaN on dates without a file
+    data_vars = {"fine": stacks["fine"], "coarse": stacks["coarse"]}
+    if "truth" in stacks:
+        is_truth = xr.DataArray(np.isin(times, list(groups["truth"])), dims="time", coords={"time": times})
+        data_vars["fine_truth"] = xr.where(is_truth, stacks["truth"], stacks["fine"]).astype(np.float32)
     cube = xr.Dataset(data_vars, attrs=dict(attrs or {}))
     for role, sensor in (("fine", sensors["fine"]), ("coarse", sensors["coarse"])):
         cube[role].attrs.update({"units": sensor.units, "sensor": sensor.name})
@@ -532,9 +541,13 @@ def ingest(
         cube["fine_truth"].attrs.update(
             {"units": sensors["fine"].units, "sensor": sensors["fine"].name, "description": "held-out fine images, for evaluation"}
         )
+    valid = {
+        role: dict(zip(np.array(sorted(groups[role]), dtype="datetime64[ns]"), fractions[role]))
+        for role in ("fine", "coarse")
+    }
     cube = cube.assign_coords(
-        fine_valid=("time", [fractions.get(("fine", t), 0.0) for t in times]),
-        coarse_valid=("time", [fractions.get(("coarse", t), 0.0) for t in times]),
+        fine_valid=("time", [valid["fine"].get(t, 0.0) for t in times]),
+        coarse_valid=("time", [valid["coarse"].get(t, 0.0) for t in times]),
     )
     if coarse_factor is not None:
         cube.attrs["coarse_factor"] = int(coarse_factor)
