@@ -45,7 +45,7 @@ _LAZY: dict[str, str] = {
     "train": "stf_pipeline.training",
     "load_model": "stf_pipeline.training",
     "evaluate": "stf_pipeline.metrics",
-    "compare": "stf_pipeline.compare",
+    "compare": "stf_pipeline.comparison",
     "run": "stf_pipeline.pipeline",
 }
 

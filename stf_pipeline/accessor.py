@@ -20,7 +20,7 @@ _BOUND: dict[str, tuple[str, str]] = {
     "fuse_series": ("stf_pipeline.series", "fuse_series"),
     "train": ("stf_pipeline.training", "train"),
     "evaluate": ("stf_pipeline.metrics", "evaluate"),
-    "compare": ("stf_pipeline.compare", "compare"),
+    "compare": ("stf_pipeline.comparison", "compare"),
 }
 
 
