@@ -10,7 +10,7 @@ import pytest
 import xarray as xr
 
 import stf_pipeline as stf
-from stf_pipeline.compare import Comparison, compare, method_runs
+from stf_pipeline.comparison import Comparison, compare, method_runs
 from stf_pipeline.exceptions import ConfigError, MethodError, TaskError
 
 

@@ -1,5 +1,8 @@
 """``stf.compare``: run several methods on the same tasks, score them, and write the paper's table and figures.
 
+(The module is ``comparison``, not ``compare``: importing a submodule named like the public
+function would replace ``stf.compare`` by the module.)
+
 For each target date and each method, :func:`compare` calls :func:`stf_pipeline.fuse` with the same
 pair dates (unless the method takes fewer), times the fusion (build + compute, inputs read
 included), and scores the prediction against the held-out truth with
