@@ -2,7 +2,7 @@
 
 ``stf run PIPELINE.yaml``, ``stf info CUBE.zarr``, ``stf ingest CATALOG -o CUBE.zarr``,
 ``stf bench NAME [ARGS...]`` (``stf_pipeline.benchmarks.NAME.main``) and
-``stf compare PIPELINE.yaml [ARGS...]`` (``stf_pipeline.compare.main``). Errors of the library
+``stf compare PIPELINE.yaml [ARGS...]`` (``stf_pipeline.comparison.main``). Errors of the library
 (:class:`~stf_pipeline.STFError`) are printed as one line and exit with status 1.
 """
 
@@ -59,11 +59,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("stf_pipeline.compare") is None:
-        raise STFError("stf compare needs stf_pipeline.compare, which this installation does not have yet.")
-    from stf_pipeline import compare
+    from stf_pipeline import comparison
 
-    return int(compare.main([args.pipeline, *args.args]) or 0)
+    return int(comparison.main([args.pipeline, *args.args]) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see stf bench NAME --help)")
     p.set_defaults(func=_bench)
 
-    p = sub.add_parser("compare", help="compare methods of a pipeline: stf_pipeline.compare", add_help=False)
+    p = sub.add_parser("compare", help="compare the methods of a pipeline on its targets: stf_pipeline.comparison", add_help=False)
     p.add_argument("pipeline", help="pipeline file")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="further arguments for stf_pipeline.compare")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="further arguments (see stf compare PIPELINE --help)")
     p.set_defaults(func=_compare)
     return parser
 

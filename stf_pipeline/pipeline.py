@@ -287,6 +287,14 @@ def _scheduler(config: PipelineConfig) -> Iterator[None]:
         yield
 
 
+def _with_truth(cube: xr.Dataset, dates: np.ndarray) -> np.ndarray:
+    """The ``dates`` at which ``fine_truth`` holds data (a catalog's held-out dates; all for synthetic cubes)."""
+    if "fine_truth" not in cube.data_vars or dates.size == 0:
+        return dates[:0]
+    present = cube["fine_truth"].sel(time=dates).notnull().any(("band", "y", "x")).values
+    return dates[present]
+
+
 def _composite(bands: Sequence[str]) -> str | tuple[str, ...]:
     """True colour if the cube has red, green and blue; else false colour; else the first 3 (or 1) bands."""
     if {"red", "green", "blue"} <= set(bands):
@@ -303,10 +311,12 @@ def _figures(
     scores: Mapping[str, xr.Dataset],
     config: PipelineConfig,
 ) -> list[Path]:
-    """Composites and scatter plots of every method at one target date: the hardest one
-    (highest mean RMSE of the first method) when scores exist, else the first target."""
+    """Composites and scatter plots of every method at one target date with truth: the hardest
+    one (highest mean RMSE of the first method) when scores exist, else the first; none without truth."""
     first = next(iter(fused.values()))
-    targets = first["time"].values[first["source"].values == "fused"]
+    targets = _with_truth(cube, first["time"].values[first["source"].values == "fused"])
+    if not targets.size:
+        return []
     if scores:
         rmse = next(iter(scores.values()))["rmse"].mean("band")
         date = rmse["time"].values[int(np.nanargmax(rmse.values))]
@@ -383,9 +393,6 @@ def run(
     config.output.mkdir(parents=True, exist_ok=True)
     with _scheduler(config):
         cube, cube_path = _prepare(config, echo)
-        has_truth = "fine_truth" in cube.data_vars
-        if not has_truth and (config.evaluate or config.figures):
-            echo(f"[{config.name}] the cube has no held-out truth (fine_truth): no scores, no figures.")
         factor = cube.attrs.get("coarse_factor")
         fused_paths: dict[str, Path] = {}
         fused_sets: dict[str, xr.Dataset] = {}
@@ -406,8 +413,10 @@ def run(
             )
             fused_paths[run_.name] = out
             fused_sets[run_.name] = fused
-            if config.evaluate and has_truth:
-                targets = fused["time"].values[fused["source"].values == "fused"]
+            targets = _with_truth(cube, fused["time"].values[fused["source"].values == "fused"])
+            if config.evaluate and not targets.size:
+                echo(f"[{config.name}] no held-out truth (fine_truth) at the fused dates: no scores.")
+            elif config.evaluate:
                 scores = stf.evaluate(
                     fused["fine"].sel(time=targets),
                     cube["fine_truth"].sel(time=targets),
@@ -417,7 +426,7 @@ def run(
                 _scores_to_json(scores, config.output / f"scores_{run_.name}.json")
                 echo(_score_table(run_.name, scores))
         figures: list[Path] = []
-        if config.figures and has_truth and fused_sets:
+        if config.figures and fused_sets:
             figures = _figures(plots, cube, fused_sets, all_scores, config)
             for path in figures:
                 echo(f"[{config.name}] figure {path}")
@@ -471,10 +480,11 @@ def run_compare(
                 models[run_.name] = stf.train(
                     cube, method=run_.name, workdir=output / f"train_{run_.name}", **_train_options(run_, cube)
                 )
+        targets = config.targets or cube.attrs.get("stf_targets") or None
         return stf.compare(
             cube,
             methods={run_.name: dict(run_.params) for run_ in config.methods},
-            targets=list(config.targets) if config.targets else None,
+            targets=list(targets) if targets else None,
             models=models,
             out=output,
             chunks=config.chunks,
