@@ -312,13 +312,23 @@ def _windows(a: np.ndarray, radius: int, fill: Any) -> np.ndarray:
     return view.reshape(*a.shape, side * side)
 
 
+def _box(a: np.ndarray, radius: int) -> np.ndarray:
+    """:func:`box_sum` that also accepts windows larger than the array (zero-padded to fit)."""
+    h, w = a.shape[-2:]
+    py, px = max(0, radius + 1 - h), max(0, radius + 1 - w)
+    if not (py or px):
+        return box_sum(a, radius)
+    padded = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, py), (0, px)])
+    return box_sum(padded, radius)[..., :h, :w]
+
+
 def _window_stats(values: np.ndarray, radius: int, ddof: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Count, mean and standard deviation of finite values in the ``(2r+1)²`` cell window."""
     valid = np.isfinite(values)
     x = np.where(valid, values, 0.0)
-    count = box_sum(valid.astype(np.float64), radius)
-    total = box_sum(x, radius)
-    square = box_sum(x * x, radius)
+    count = _box(valid.astype(np.float64), radius)
+    total = _box(x, radius)
+    square = _box(x * x, radius)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = total / count
         var = (square - count * mean * mean) / (count - ddof)
@@ -562,9 +572,9 @@ def similarity_threshold(fine: np.ndarray, labels: np.ndarray, n_classes: int, f
     cells = _to_cells(np.asarray(fine, dtype=np.float64), factor, np.nan)
     valid = np.isfinite(cells)
     x = np.where(valid, cells, 0.0)
-    count = box_sum(valid.sum(axis=(-3, -1)).astype(np.float64), radius)
-    total = box_sum(x.sum(axis=(-3, -1)), radius)
-    square = box_sum((x * x).sum(axis=(-3, -1)), radius)
+    count = _box(valid.sum(axis=(-3, -1)).astype(np.float64), radius)
+    total = _box(x.sum(axis=(-3, -1)), radius)
+    square = _box((x * x).sum(axis=(-3, -1)), radius)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = total / count
         std = np.sqrt(np.maximum((square - count * mean * mean) / (count - 1), 0.0))
@@ -572,13 +582,51 @@ def similarity_threshold(fine: np.ndarray, labels: np.ndarray, n_classes: int, f
     present = np.zeros(std.shape[1:])
     for c in range(n_classes):
         has = (lab_cells == c).any(axis=(-3, -1)).astype(np.float64)
-        present += box_sum(has, radius) > 0
+        present += _box(has, radius) > 0
     return 2.0 * std / np.maximum(present, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
 # (g) similar pixels
 # --------------------------------------------------------------------------------------------
+
+
+def _rank_keys(
+    fine_pad: np.ndarray, use_pad: np.ndarray, threshold: np.ndarray, y0: int, rows: int, r: int
+) -> np.ndarray:
+    """Ranking keys of every window offset for ``rows`` output rows from row ``y0``.
+
+    Returns int64 ``(rows·x, offset)``: the float32 bits of ``(S + 1e-5)(10 + d/w)`` (+inf for
+    non-candidates) shifted left by 11 bits, with the offset's scan index in the low bits, so
+    keys are unique and order by value, then scan order. Works one window row (``dy``) at a time
+    on cache-sized slabs.
+    """
+    nb = fine_pad.shape[0]
+    w = fine_pad.shape[2] - 2 * r
+    side = 2 * r + 1
+    dy_grid, dx_grid = np.meshgrid(np.arange(-r, r + 1), np.arange(-r, r + 1), indexing="ij")
+    rank_factor = (np.float32(10.0) + (np.sqrt(dy_grid * dy_grid + dx_grid * dx_grid) / r).astype(np.float32))
+    centre = fine_pad[:, y0 + r : y0 + r + rows, r : r + w][..., None]
+    inv = np.float32(1.0) / (centre + np.float32(1e-8))
+    thr = threshold[:, y0 : y0 + rows][..., None].astype(np.float32)
+    keys = np.empty((rows, w, side, side), dtype=np.float32)
+    for dy in range(side):
+        win = np.lib.stride_tricks.sliding_window_view(fine_pad[:, y0 + dy : y0 + dy + rows], side, axis=2)
+        cand = np.lib.stride_tricks.sliding_window_view(use_pad[y0 + dy : y0 + dy + rows], side, axis=1).copy()
+        spectral = np.zeros(cand.shape, dtype=np.float32)
+        for b in range(nb):
+            diff = win[b] - centre[b]
+            np.abs(diff, out=diff)
+            cand &= diff < thr[b]
+            diff *= inv[b]
+            spectral += diff
+        if dy == r:
+            cand[..., r] = use_pad[y0 + r : y0 + r + rows, r : r + w]
+        spectral += np.float32(1e-5)
+        spectral *= rank_factor[dy]
+        keys[:, :, dy, :] = np.where(cand, spectral, np.float32(np.inf))
+    bits = keys.reshape(rows * w, side * side).view(np.int32).astype(np.int64)
+    return (bits << 11) | np.arange(side * side, dtype=np.int64)
 
 
 def similar_pixel_blend(
@@ -588,7 +636,7 @@ def similar_pixel_blend(
     *,
     half_window: int,
     n_similar: int,
-    rows_per_strip: int = 8,
+    max_elements: int = 1 << 23,
 ) -> np.ndarray:
     """Weighted change of the most similar pixels around each pixel (paper Eq. 20-23).
 
@@ -598,12 +646,17 @@ def similar_pixel_blend(
     ``S = Σ_b |F_b(x') - F_b(x)| / F_b(x)`` and ``d`` the distance in pixels (IDL), the
     ``n_similar`` first kept (ties in scan order) and weighted by ``1 / ((1 + d / w)(1 + S))``.
 
+    Float32, on row strips: vectorised keys for all offsets, NumPy's introselect
+    (``argpartition``) for the ``n_similar`` smallest, then a gather of those only.
+
     Parameters
     ----------
     fine : ndarray ``(band, y, x)``
     change : ndarray ``(band, y, x)``
     threshold : ndarray ``(band, y, x)``
     half_window, n_similar : int
+    max_elements : int, default 2**23
+        Keys held at once (strip height = ``max_elements / (width · offsets)`` rows).
 
     Returns
     -------
@@ -613,41 +666,31 @@ def similar_pixel_blend(
     nb, h, w = fine.shape
     r = half_window
     side = 2 * r + 1
+    n_off = side * side
+    k = min(n_similar, n_off)
     fine_pad = np.pad(fine.astype(np.float32), ((0, 0), (r, r), (r, r)), constant_values=np.nan)
     change_pad = np.pad(change.astype(np.float32), ((0, 0), (r, r), (r, r)), constant_values=np.nan)
-    usable = np.isfinite(fine_pad).all(axis=0) & np.isfinite(change_pad).all(axis=0)
-    dy, dx = np.meshgrid(np.arange(-r, r + 1), np.arange(-r, r + 1), indexing="ij")
-    dist = (np.sqrt(dy * dy + dx * dx) / r).ravel().astype(np.float32)
-    rank_factor = (10.0 + dist).astype(np.float32)
-    weight_factor = (1.0 + dist).astype(np.float32)
-    centre = side * side // 2
-    inf_bits = np.float32(np.inf).view(np.int32)
-    out = np.full((nb, h, w), np.nan)
-    win_fine = np.lib.stride_tricks.sliding_window_view(fine_pad, (side, side), axis=(1, 2))
-    win_change = np.lib.stride_tricks.sliding_window_view(change_pad, (side, side), axis=(1, 2))
-    win_use = np.lib.stride_tricks.sliding_window_view(usable, (side, side))
-    for y0 in range(0, h, rows_per_strip):
-        ys = slice(y0, min(y0 + rows_per_strip, h))
-        centre_vals = fine[:, ys].astype(np.float32)  # (band, s, x)
-        cand = win_use[ys].reshape(-1, w, side * side).copy()
-        spectral = np.zeros(cand.shape, dtype=np.float32)
-        for b in range(nb):
-            diff = np.abs(win_fine[b, ys].reshape(-1, w, side * side) - centre_vals[b][..., None])
-            cand &= diff < threshold[b, ys][..., None].astype(np.float32)
-            spectral += diff / (centre_vals[b][..., None] + np.float32(1e-8))
-        cand[..., centre] = win_use[ys].reshape(-1, w, side * side)[..., centre]
-        key = np.where(cand, (spectral + np.float32(1e-5)) * rank_factor, np.float32(np.inf)).view(np.int32)
-        kth = np.partition(key, n_similar - 1, axis=-1)[..., n_similar - 1 : n_similar]
-        below = key < kth
-        tie = (key == kth) & (kth != inf_bits)
-        need = n_similar - below.sum(axis=-1, keepdims=True)
-        chosen = below | (tie & (np.cumsum(tie, axis=-1) <= need))
-        weight = np.where(chosen, 1.0 / (weight_factor * (spectral + np.float32(1.0))), np.float32(0.0))
-        total = weight.sum(axis=-1)
-        for b in range(nb):
-            win_c = np.nan_to_num(win_change[b, ys].reshape(-1, w, side * side))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out[b, ys] = np.where(total > 0, (weight * win_c).sum(axis=-1) / total, np.nan)
+    use_pad = np.isfinite(fine_pad).all(axis=0) & np.isfinite(change_pad).all(axis=0)
+    invalid = np.int64(np.float32(np.inf).view(np.int32)) << 11
+    rows = int(max(1, min(h, max_elements // (w * n_off))))
+    out = np.empty((nb, h, w), dtype=np.float64)
+    for y0 in range(0, h, rows):
+        n_rows = min(rows, h - y0)
+        keys = _rank_keys(fine_pad, use_pad, threshold, y0, n_rows, r)
+        idx = np.argpartition(keys, k - 1, axis=1)[:, :k] if k < n_off else np.argsort(keys, axis=1)
+        chosen = np.take_along_axis(keys, idx, axis=1) < invalid  # (pixels, k)
+        off = idx & 2047
+        yy = (np.arange(y0, y0 + n_rows)[:, None] + np.zeros(w, dtype=np.int64)).reshape(-1, 1) + off // side
+        xx = np.tile(np.arange(w), n_rows)[:, None] + off % side
+        dist = (np.sqrt(((off // side - r) ** 2 + (off % side - r) ** 2).astype(np.float64)) / r).astype(np.float32)
+        centre = fine_pad[:, y0 + r : y0 + r + n_rows, r : r + w].reshape(nb, -1, 1)
+        spectral = (np.abs(fine_pad[:, yy, xx] - centre) / (centre + np.float32(1e-8))).sum(axis=0)
+        weight = np.where(chosen, 1.0 / ((1.0 + dist) * (spectral + 1.0)), 0.0)
+        total = weight.sum(axis=1)
+        values = np.where(chosen[None], change_pad[:, yy, xx], 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            est = (weight[None] * values).sum(axis=2) / total
+        out[:, y0 : y0 + n_rows] = np.where(total > 0, est, np.nan).reshape(nb, n_rows, w)
     return out
 
 

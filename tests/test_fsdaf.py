@@ -1,0 +1,295 @@
+"""FSDAF: every step against hand computations or SciPy, the kernel against the float64 reference,
+chunked == unchunked through the engine, laziness, errors, and (slow) the authors' sample data."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.interpolate import RBFInterpolator
+from scipy.optimize import lsq_linear
+
+import stf_pipeline as stf
+from stf_pipeline.exceptions import MethodError
+from stf_pipeline.methods import MethodContext, fsdaf
+from stf_pipeline.methods._classify import kmeans, nearest_centre
+from stf_pipeline.methods._tps import local_tps, tps_matrix
+from stf_pipeline.parallel import map_overlapping
+from stf_pipeline.task import resolve_task
+from stf_pipeline.testing import raise_if_dask_computes, random_cube
+
+from reference_fsdaf import reference_fsdaf
+
+LGC = pathlib.Path("/work/shared/data/real/zhu_fsdaf_lgc")
+
+
+def _scene(seed: int = 1, h: int = 36, w: int = 44, nb: int = 3, factor: int = 6, clouds: bool = False):
+    """Three spectral classes in patches, class-wise change plus a land-cover change patch."""
+    rng = np.random.default_rng(seed)
+    cls = np.add.outer(np.arange(h) // 7, np.arange(w) // 9) % 3
+    f1 = rng.uniform(0.0, 0.2, (nb, h, w)) + 0.15 * cls[None] + 0.05
+    f2 = f1 + 0.05 * cls[None] - 0.03 + rng.normal(0, 0.01, f1.shape)
+    f2[:, 5:15, 20:30] += 0.2
+    block = lambda a: np.repeat(np.repeat(fsdaf.cell_mean(a, factor), factor, 1), factor, 2)[:, :h, :w]  # noqa: E731
+    c1, c2 = block(f1), block(f2)
+    if clouds:
+        f1[:, 20:24, 3:9] = np.nan
+    return f1, c1, c2, f2, cls
+
+
+def _params(factor: int, centres: np.ndarray, **kw) -> fsdaf.FSDAFParams:
+    base = dict(coarse_factor=factor, n_classes=len(centres), unmix_radius=2, tps_radius=2, half_window=5,
+                n_pure=10, n_similar=8, centres=tuple(map(tuple, centres)))
+    base.update(kw)
+    return fsdaf.FSDAFParams(**base)
+
+
+# ----- (a) classes -------------------------------------------------------------------------
+
+
+def test_kmeans_is_seeded_and_finds_separated_clusters():
+    rng = np.random.default_rng(0)
+    truth = np.array([[0.1, 0.2], [0.5, 0.1], [0.3, 0.6]])
+    x = np.concatenate([c + rng.normal(0, 0.01, (200, 2)) for c in truth])
+    a = kmeans(x, 3, seed=3)
+    np.testing.assert_array_equal(a, kmeans(x, 3, seed=3))
+    np.testing.assert_allclose(a, truth[np.lexsort(truth.T[::-1])], atol=0.005)
+    labels = nearest_centre(np.array([[0.1, np.nan], [0.2, 0.2]]), a)
+    assert labels[1] == -1 and labels[0] >= 0
+
+
+def test_kmeans_too_many_classes_is_a_clear_error():
+    with pytest.raises(MethodError, match="n_classes=4"):
+        kmeans(np.array([[0.1, 0.1], [0.2, 0.2], [0.1, 0.1]]), 4)
+
+
+# ----- (b) fractions -------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 5), st.integers(1, 7), st.integers(3, 30), st.integers(3, 30), st.integers(0, 10_000))
+def test_fractions_sum_to_one(n_classes, factor, h, w, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(-1, n_classes, size=(h, w)).astype(np.int32)
+    frac, complete = fsdaf.class_fractions(labels, n_classes, factor)
+    has = ~np.isnan(frac[0])
+    np.testing.assert_allclose(frac[:, has].sum(axis=0), 1.0, atol=1e-12)
+    # hand count for the first cell
+    cell = labels[:factor, :factor]
+    if (cell >= 0).any():
+        np.testing.assert_allclose(frac[:, 0, 0], [(cell == c).sum() / (cell >= 0).sum() for c in range(n_classes)])
+    assert complete[0, 0] == (cell >= 0).all()
+
+
+# ----- (c) constrained unmixing ------------------------------------------------------------
+
+
+def test_unmixing_recovers_a_known_class_change_exactly():
+    rng = np.random.default_rng(0)
+    n_classes, nb, hc, wc = 4, 3, 9, 11
+    frac = rng.dirichlet(np.full(n_classes, 0.3), size=(hc, wc)).transpose(2, 0, 1)
+    frac[:, 4, 3:3 + n_classes] = np.eye(n_classes)  # one pure cell per class: the bounds hold the truth
+    truth = rng.normal(0, 0.05, (nb, n_classes))
+    dc = np.einsum("khw,bk->bhw", frac, truth)
+    change = fsdaf.unmix_change(frac, dc, np.ones((hc, wc), bool), radius=hc + wc, n_pure=12)
+    np.testing.assert_allclose(change, np.broadcast_to(truth[:, :, None, None], change.shape), atol=1e-6)
+    np.testing.assert_allclose(fsdaf.residuals(dc, frac, change), 0.0, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 10_000))
+def test_box_lstsq_matches_scipy_bvls(k, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(3, 4 * k + 2, k))
+    y = rng.normal(size=(3, 4 * k + 2)) * 3
+    lo, hi = -0.3 * np.ones(3), 0.4 * np.ones(3)
+    got = fsdaf.box_lstsq(np.swapaxes(x, 1, 2) @ x, np.einsum("nrk,nr->nk", x, y), lo, hi)
+    for n in range(3):
+        want = lsq_linear(x[n], y[n], bounds=(lo[n], hi[n]), method="bvls", tol=1e-14).x
+        np.testing.assert_allclose(got[n], want, atol=1e-8)
+    assert (got >= -0.3 - 1e-12).all() and (got <= 0.4 + 1e-12).all()
+
+
+def test_change_bounds_are_window_range_plus_std():
+    dc = np.arange(25, dtype=float).reshape(1, 5, 5)
+    low, high = fsdaf.change_bounds(dc, 1)
+    win = dc[0, 1:4, 1:4]
+    assert low[0, 2, 2] == pytest.approx(win.min() - win.std(ddof=1))
+    assert high[0, 2, 2] == pytest.approx(win.max() + win.std(ddof=1))
+
+
+# ----- (e) thin-plate spline ---------------------------------------------------------------
+
+
+def test_tps_interpolates_its_knots_and_reproduces_planes():
+    rng = np.random.default_rng(0)
+    knots = rng.uniform(-3, 3, (15, 2))
+    np.testing.assert_allclose(tps_matrix(knots, knots), np.eye(15), atol=1e-9)
+    targets = rng.uniform(-3, 3, (40, 2))
+    plane = 0.3 + 0.2 * knots[:, 0] - 0.7 * knots[:, 1]
+    np.testing.assert_allclose(tps_matrix(knots, targets) @ plane, 0.3 + 0.2 * targets[:, 0] - 0.7 * targets[:, 1], atol=1e-9)
+    values = rng.normal(size=15)
+    want = RBFInterpolator(knots, values, kernel="thin_plate_spline", degree=1)(targets)
+    np.testing.assert_allclose(tps_matrix(knots, targets) @ values, want, atol=1e-9)
+
+
+def test_local_tps_passes_through_cell_centres():
+    rng = np.random.default_rng(1)
+    cells = rng.uniform(0, 1, (2, 6, 7))
+    cells[:, 2, 3] = np.nan  # a missing knot changes the pattern around it
+    fine = local_tps(cells, 5, 2, (30, 35))
+    centre = fine[:, 2::5, 2::5]  # odd factor: the middle fine pixel sits on the cell centre
+    ok = np.isfinite(cells).all(axis=0)
+    np.testing.assert_allclose(centre[:, ok], cells[:, ok], atol=1e-9)
+
+
+# ----- (f) homogeneity and residual distribution -------------------------------------------
+
+
+def test_heterogeneity_by_hand():
+    labels = np.array([[0, 0, 1], [0, 1, 1], [2, 1, 1]])
+    het = fsdaf.heterogeneity(labels, 1)
+    assert het[1, 1] == pytest.approx(5 / 9)  # class 1 in the full 3x3 window
+    assert het[0, 0] == pytest.approx(3 / 4)  # corner window 2x2: three 0s
+    assert het[2, 0] == pytest.approx(1 / 4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 6), st.integers(0, 10_000))
+def test_residual_distribution_conserves_each_cell_residual(factor, seed):
+    rng = np.random.default_rng(seed)
+    h, w = 3 * factor, 2 * factor
+    resid = rng.normal(0, 0.05, (2, 3, 2))
+    tps = rng.uniform(0, 0.5, (2, h, w))
+    temporal = rng.uniform(0, 0.5, (2, h, w))
+    het = rng.uniform(0, 1, (h, w))
+    change = fsdaf.distribute_residual(resid, tps, temporal, het, factor)
+    np.testing.assert_allclose(fsdaf.cell_mean(change, factor), resid, atol=1e-12)
+
+
+# ----- the whole kernel --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clouds", [False, True])
+def test_kernel_matches_float64_reference(clouds):
+    f1, c1, c2, _, _ = _scene(clouds=clouds)
+    centres = kmeans(f1.reshape(3, -1).T[np.isfinite(f1.reshape(3, -1).T).all(1)], 3)
+    p = _params(6, centres, fine_clip=((0.06, 0.5), (0.05, 0.52), (0.07, 0.49)))
+    got = fsdaf.fsdaf_kernel(f1[None], c1[None], c2, params=p)
+    want = reference_fsdaf(f1, c1, c2, centres=centres, factor=6, half_window=5, n_similar=8, n_pure=10,
+                           unmix_radius=2, tps_radius=2, fine_clip=p.fine_clip)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, atol=2e-6, equal_nan=True)
+
+
+def test_kernel_with_class_map_matches_reference():
+    f1, c1, c2, _, cls = _scene(seed=4)
+    cmap = (cls * 10 + 5).astype(np.float32)  # arbitrary class values
+    p = dataclasses.replace(_params(6, np.zeros((3, 3))), centres=None, class_map="classes",
+                            class_values=(5.0, 15.0, 25.0))
+    got = fsdaf.fsdaf_kernel(f1[None], c1[None], c2, params=p, extra={"classes": cmap})
+    want = reference_fsdaf(f1, c1, c2, labels=cls, n_classes=3, factor=6, half_window=5, n_similar=8, n_pure=10,
+                           unmix_radius=2, tps_radius=2)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_kernel_beats_fine_plus_coarse_change_on_class_change():
+    f1, c1, c2, f2, _ = _scene(seed=2, h=60, w=66)
+    centres = kmeans(f1.reshape(3, -1).T, 3)
+    got = fsdaf.fsdaf_kernel(f1[None], c1[None], c2, params=_params(6, centres))
+    rmse = lambda a: np.sqrt(np.mean((a - f2) ** 2))  # noqa: E731
+    assert rmse(got) < rmse(f1 + c2 - c1)
+
+
+def test_chunked_equals_unchunked_through_the_engine():
+    f1, c1, c2, _, _ = _scene(seed=3, h=72, w=90)
+    centres = kmeans(f1.reshape(3, -1).T, 3)
+    p = _params(6, centres)
+    halo = fsdaf.METHOD.halo(p, MethodContext(coarse_factor=6, pixel_size=30.0, n_bands=3))
+    whole = map_overlapping(fsdaf.fsdaf_kernel, f1[None], c1[None], c2, halo=halo, align=6, params=p)
+    lazy = map_overlapping(fsdaf.fsdaf_kernel, da.from_array(f1[None]), da.from_array(c1[None]), da.from_array(c2),
+                           halo=halo, align=6, chunks=(24, 30), params=p)
+    assert lazy.numblocks[1:] == (3, 3)
+    np.testing.assert_allclose(lazy.compute(), whole, atol=1e-6, rtol=0)
+
+
+def _cube_with_classes(seed: int = 0) -> xr.Dataset:
+    cube = random_cube(n_times=3, height=48, width=56, bands=("red", "nir", "swir1"), coarse_factor=8, seed=seed)
+    cube["classes"] = (("y", "x"), (np.add.outer(np.arange(48) // 10, np.arange(56) // 12) % 3).astype(np.float32))
+    return cube
+
+
+def test_fuse_is_lazy_and_runs_with_explicit_centres():
+    cube = _cube_with_classes().chunk({"y": 24, "x": 24})
+    centres = ((0.2, 0.2, 0.2), (0.3, 0.3, 0.3), (0.4, 0.4, 0.4))
+    with raise_if_dask_computes():
+        pred = stf.fuse(cube, cube.time.values[1], method="fsdaf", centres=centres, half_window=4, unmix_radius=2)
+    assert pred.dims == ("band", "y", "x") and pred.dtype == np.float32
+    eager = stf.fuse(cube.load(), cube.time.values[1], method="fsdaf", centres=centres, half_window=4, unmix_radius=2)
+    np.testing.assert_allclose(pred.compute().values, eager.values, atol=1e-6)
+    assert np.isfinite(eager.values).all()
+
+
+def test_prepare_data_fits_centres_clip_and_class_values():
+    cube = _cube_with_classes()
+    task = resolve_task(cube, cube.time.values[1], n_pairs=(1, 1))
+    p = fsdaf.prepare(fsdaf.FSDAFParams(n_classes=3), MethodContext(coarse_factor=8, pixel_size=30.0, n_bands=3))
+    filled = fsdaf.prepare_data(p, cube, task)
+    assert len(filled.centres) == 3 and len(filled.fine_clip) == 3
+    assert filled == fsdaf.prepare_data(p, cube, task)  # deterministic
+    with_map = fsdaf.prepare_data(dataclasses.replace(p, class_map="classes"), cube, task)
+    assert with_map.class_values == (0.0, 1.0, 2.0) and with_map.centres is None
+    assert fsdaf.extra_vars(with_map) == ("classes",)
+
+
+def test_bad_inputs_give_clear_errors():
+    cube = _cube_with_classes()
+    task = resolve_task(cube, cube.time.values[1], n_pairs=(1, 1))
+    with pytest.raises(MethodError, match="coarse_factor"):
+        fsdaf.prepare(fsdaf.FSDAFParams(), MethodContext(coarse_factor=None, pixel_size=30.0, n_bands=3))
+    p = fsdaf.FSDAFParams(coarse_factor=8)
+    cube["bad_map"] = (("y2", "x"), np.zeros((10, 56), np.float32))
+    with pytest.raises(MethodError, match="resample it onto the fine grid"):
+        fsdaf.prepare_data(dataclasses.replace(p, class_map="bad_map"), cube, task)
+    with pytest.raises(MethodError, match="not a data var"):
+        fsdaf.prepare_data(dataclasses.replace(p, class_map="nope"), cube, task)
+    with pytest.raises(MethodError, match="exceeds the 42 coarse pixels"):
+        fsdaf.prepare_data(dataclasses.replace(p, n_classes=50), cube, task)
+    with pytest.raises(MethodError, match="half_window"):
+        fsdaf.FSDAFParams(half_window=0)
+    with pytest.raises(MethodError, match="centres"):
+        fsdaf.fsdaf_kernel(np.zeros((1, 1, 8, 8)), np.zeros((1, 1, 8, 8)), np.zeros((1, 8, 8)), params=p)
+
+
+# ----- real data (slow) --------------------------------------------------------------------
+
+
+def _lgc():
+    cube, task = stf.open_catalog("zhu_fsdaf_lgc")
+    cmap = np.fromfile(LGC / "Landsat20041126_SVM_classification", np.uint8).reshape(480, 480)
+    cube["classes"] = (("y", "x"), cmap.astype(np.float32))
+    return cube.load(), task
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kwargs", "limit"), [({}, 0.0201), ({"class_map": "classes"}, 0.0197)])
+def test_lgc_accuracy_beats_the_authors_code_and_delta(kwargs, limit):
+    cube, task = _lgc()
+    p = fsdaf.prepare(fsdaf.METHOD.make_params(**kwargs), MethodContext(coarse_factor=16, pixel_size=25.0, n_bands=3))
+    p = fsdaf.prepare_data(p, cube, task)
+    f1 = cube.fine.sel(time=task.pairs[0]).values[None]
+    c1 = cube.coarse.sel(time=task.pairs[0]).values[None]
+    c2 = cube.coarse.sel(time=task.target).values
+    extra = {"classes": cube["classes"].values} if "class_map" in kwargs else None
+    pred = fsdaf.fsdaf_kernel(f1, c1, c2, params=p, extra=extra)
+    truth = cube.fine_truth.sel(time=task.target).values
+    rmse = np.sqrt(np.mean((pred - truth) ** 2, axis=(1, 2))).mean()
+    delta = np.sqrt(np.mean((f1[0] + c2 - c1[0] - truth) ** 2, axis=(1, 2))).mean()
+    copy = np.sqrt(np.mean((f1[0] - truth) ** 2, axis=(1, 2))).mean()
+    assert rmse <= limit and rmse < delta and rmse < copy
