@@ -124,7 +124,7 @@ def worst_window(truth: xr.DataArray, predictions: Mapping[str, xr.DataArray], s
     size = int(min(size, ny, nx))
     t = np.asarray(truth.values, dtype=np.float64)
     err = sum(np.abs(np.asarray(p.values, dtype=np.float64) - t) for p in predictions.values())
-    err = np.nan_to_num(np.nanmean(err, axis=0) if np.isfinite(err).any() else np.zeros((ny, nx)))
+    err = np.nan_to_num(err).mean(axis=0)  # invalid pixels count as no error
     smooth = ndimage.uniform_filter(err, size=size, mode="constant")
     half = size // 2
     inner = smooth[half : ny - (size - half) + 1, half : nx - (size - half) + 1]
@@ -148,9 +148,18 @@ def _symmetric_limit(arrays: Sequence[np.ndarray], percentile: float = 98.0) -> 
 
 
 def _label_axes(ax: Any, title: str) -> None:
+    """Title, no ticks, and a hatched background so that NaN (no data) never looks like a value."""
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
+    ax.set_facecolor("white")
+    ax.patch.set_hatch("////")
+    ax.patch.set_edgecolor("0.65")
+
+
+def _nodata_note(*arrays: Any) -> str:
+    """``"; hatched = no data"`` if any of the images has NaN pixels, else ``""``."""
+    return "; hatched = no data" if any(np.isnan(np.asarray(a, dtype=np.float64)).any() for a in arrays) else ""
 
 
 # --------------------------------------------------------------------------- figures
@@ -220,9 +229,10 @@ def plot_composites(
         _label_axes(axes[1, k], f"{label}: zoom")
     kind = bands if isinstance(bands, str) else "/".join(names)
     stretch = f"stretch {percentiles[0]:g}–{percentiles[1]:g} % of truth, shared"
+    note = _nodata_note(*(p.sel(band=list(names)).values for p in panels.values()))
     fig.suptitle(
-        title or f"{kind}-colour composite ({'/'.join(names)}), {stretch}; "
-        f"zoom rows {r0}–{r1}, cols {c0}–{c1}",
+        (title or f"{kind}-colour composite ({'/'.join(names)}), {stretch}; "
+         f"zoom rows {r0}–{r1}, cols {c0}–{c1}") + note,
         fontsize=10,
     )
     return _save(fig, path, dpi)
@@ -292,7 +302,8 @@ def plot_change(
                     va="center", fontsize=9, transform=axes[1, 0].transAxes)
     _diverging_row(fig, axes[1, 1:], error, limit=_symmetric_limit(list(error.values()), percentile),
                    label=f"error {band} (reflectance)", cmap="PuOr_r")
-    fig.suptitle(f"Change of {band} from {reference_label} to the target date: true vs predicted", fontsize=10)
+    note = _nodata_note(*change.values(), *error.values())
+    fig.suptitle(f"Change of {band} from {reference_label} to the target date: true vs predicted{note}", fontsize=10)
     return _save(fig, path, dpi)
 
 
@@ -339,7 +350,8 @@ def plot_bias(
                     transform=axes[1, 0].transAxes)
     _diverging_row(fig, axes[1, 1:], error, limit=_symmetric_limit(list(error.values()), percentile),
                    label=f"error {band} (reflectance)", cmap="PuOr_r")
-    fig.suptitle(f"Fine-minus-coarse bias of {band} at the target date, and the error of each prediction",
+    note = _nodata_note(*bias.values(), *error.values())
+    fig.suptitle(f"Fine-minus-coarse bias of {band} at the target date, and the error of each prediction{note}",
                  fontsize=10)
     return _save(fig, path, dpi)
 
