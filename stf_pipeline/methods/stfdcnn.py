@@ -60,6 +60,7 @@ from stf_pipeline.task import _iso, to_datetime64, valid_fraction
 from stf_pipeline.nn.stfdcnn_modules import CNNConfig, ResidualCNN
 
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+PRESETS: tuple[str, ...] = ("paper", "tiny")
 
 
 def default_lsr_factor(coarse_factor: int) -> int:
@@ -144,9 +145,9 @@ class STFDCNNParams:
     compute_dtype : {"float32", "bfloat16"}, default "float32"
         Dtype of the convolutions at inference (bfloat16 is faster on GPUs, ~3 significant digits).
     halo : int, optional
-        Context pixels per side the engine gives each chunk. Default: the receptive field of the
-        default architecture (:func:`required_halo`); a model with wider networks raises
-        :class:`~stf_pipeline.ModelError` naming the halo to pass.
+        Context pixels per side the engine gives each chunk. Default: the model's receptive
+        field (:func:`required_halo`), filled in by ``stf.fuse``; a smaller value raises
+        :class:`~stf_pipeline.ModelError`.
     """
 
     weight_window: int = 3
@@ -326,21 +327,23 @@ def predict_block(
 
 
 # --------------------------------------------------------------------------- the method
-def _default_halo(params: STFDCNNParams, coarse_factor: int) -> int:
-    """Halo the engine uses when ``params.halo`` is None: that of the default architecture."""
-    if params.halo is not None:
-        return params.halo
-    arch = Architecture(bands=(), lsr_factor=default_lsr_factor(coarse_factor), coarse_factor=coarse_factor)
-    return required_halo(arch, params)
-
-
-def _halo(params: STFDCNNParams, context: MethodContext) -> int:
+def _prepare(params: STFDCNNParams, context: MethodContext, model: Any | None = None) -> STFDCNNParams:
+    """Fill ``halo`` with the receptive field of the model's networks (unless given)."""
     if context.coarse_factor is None:
         raise MethodError(
             "stfdcnn works on LSR pixels nested in native coarse pixels: the cube needs the attr "
             "'coarse_factor' (e.g. cube.attrs['coarse_factor'] = 16 for 480 m MODIS on 30 m Landsat)."
         )
-    return _default_halo(params, context.coarse_factor)
+    if params.halo is not None:
+        return params
+    arch, _, _ = _unpack(model)
+    return dataclasses.replace(params, halo=required_halo(arch, params))
+
+
+def _halo(params: STFDCNNParams, context: MethodContext) -> int:
+    if params.halo is None:
+        raise MethodError("stfdcnn: halo is unset; stf.fuse fills it from the model (pass halo=... to call the engine directly).")
+    return params.halo
 
 
 def _unpack(model: Any) -> tuple[Architecture, Any, Any]:
@@ -370,11 +373,11 @@ def stfdcnn_kernel(
             f"stfdcnn model was trained on {len(arch.bands)} bands {list(arch.bands)}, the cube block has "
             f"{fine.shape[1]}; fuse a cube with the same bands or train a new model."
         )
-    needed, given = required_halo(arch, params), _default_halo(params, arch.coarse_factor)
-    if given < needed:
+    needed = required_halo(arch, params)
+    if params.halo is not None and params.halo < needed:
         raise ModelError(
-            f"this stfdcnn model's networks need a halo of {needed} pixels, the engine gave {given}; "
-            f"pass halo={needed} to stf.fuse."
+            f"this stfdcnn model's networks need a halo of {needed} pixels, got halo={params.halo}; "
+            f"pass halo={needed} or more, or leave it unset (stf.fuse sizes it from the model)."
         )
     out = predict_block(
         nlm_params,
@@ -488,37 +491,54 @@ class STFDCNNConfig:
             raise ConfigError(f"stfdcnn: loss must be one of {LOSSES}, got {self.loss!r}.")
 
     @classmethod
-    def from_any(cls, config: Any) -> STFDCNNConfig:
-        """A config from None / ``"paper"`` (defaults), ``"tiny"`` (seconds on a CPU), a mapping
-        (nested ``nlm``/``sr``/``train`` mappings; unknown keys are errors) or a config."""
+    def preset(cls, name: str) -> STFDCNNConfig:
+        """``"paper"``: five-layer networks, 64 maps, the shared training defaults (BiaSTF's budget).
+        ``"tiny"``: 16 maps and BiaSTF's ``"tiny"`` training settings (150 steps of 8 patches of
+        32 x 32 per stage): trains for real on a CPU in seconds."""
+        if name == "paper":
+            return cls()
+        if name == "tiny":
+            from stf_pipeline.nn.train import TrainConfig
+
+            small = CNNConfig(widths=(16, 16, 16, 16))
+            train = TrainConfig(
+                steps=150, batch_size=8, patch_size=32, learning_rate=2e-3, warmup_steps=10, eval_every=50,
+                eval_batches=2, patience=0, checkpoint_every=150, log_every=10, progress=False,
+            )
+            return cls(nlm=small, sr=small, train=train)
+        raise ConfigError(f"stfdcnn: unknown config preset {name!r}; choose one of {PRESETS}.")
+
+    @classmethod
+    def resolve(cls, config: Any) -> STFDCNNConfig:
+        """A config from a dataclass, a preset name, None (``"paper"``) or a mapping.
+
+        A mapping may name a ``preset`` to start from and override any field; ``nlm``, ``sr``
+        and ``train`` may be mappings that override the preset's values. Unknown keys raise
+        :class:`~stf_pipeline.ConfigError`.
+        """
         from stf_pipeline.nn.train import TrainConfig
 
         if isinstance(config, cls):
             return config
-        if config is None or config == "paper":
-            return cls()
-        if config == "tiny":
-            small = CNNConfig(kernel_sizes=(3, 3, 3, 3, 3), widths=(8, 8, 8, 8))
-            train = TrainConfig(
-                steps=30, batch_size=4, patch_size=32, learning_rate=3e-3, warmup_steps=5, eval_every=10,
-                eval_batches=2, log_every=5, checkpoint_every=10, progress=False,
-            )
-            return cls(nlm=small, sr=small, train=train)
-        if isinstance(config, str):
-            raise ConfigError(f"stfdcnn: unknown config preset {config!r}; use 'paper', 'tiny', a mapping or STFDCNNConfig.")
+        if config is None or isinstance(config, str):
+            return cls.preset(config or "paper")
         if not isinstance(config, Mapping):
-            raise ConfigError(f"stfdcnn: config must be a preset name, mapping or STFDCNNConfig, got {type(config).__name__}.")
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - valid)
-        if unknown:
-            raise ConfigError(f"unknown stfdcnn config key(s) {unknown}; valid keys are {sorted(valid)}.")
+            raise ConfigError(
+                f"stfdcnn: config must be an STFDCNNConfig, a mapping or a preset name {PRESETS}, "
+                f"got {type(config).__name__}."
+            )
         values = dict(config)
+        base = cls.preset(values.pop("preset", "paper"))
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ConfigError(f"stfdcnn: unknown config key(s) {unknown}; valid keys are {sorted(valid | {'preset'})}.")
         for name in ("nlm", "sr"):
             if isinstance(values.get(name), Mapping):
-                values[name] = _cnn_config_from_mapping(values[name])
+                values[name] = _cnn_config_from_mapping({**getattr(base, name).to_dict(), **values[name]})
         if isinstance(values.get("train"), Mapping):
-            values["train"] = TrainConfig.from_dict(values["train"])
-        return cls(**values)
+            values["train"] = TrainConfig.from_dict({**dataclasses.asdict(base.train), **values["train"]})
+        return dataclasses.replace(base, **values)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (stored in the model and the checkpoint fingerprints)."""
@@ -535,7 +555,7 @@ def _cnn_config_from_mapping(values: Mapping[str, Any]) -> CNNConfig:
     valid = {f.name for f in dataclasses.fields(CNNConfig)}
     unknown = sorted(set(values) - valid)
     if unknown:
-        raise ConfigError(f"unknown stfdcnn network key(s) {unknown}; valid keys are {sorted(valid)}.")
+        raise ConfigError(f"stfdcnn: unknown network key(s) {unknown}; valid keys are {sorted(valid)}.")
     return CNNConfig(**dict(values))
 
 
@@ -574,7 +594,8 @@ def fit(
     to the LSR grid; stage 2 (``"sr"``) fits the SR CNN on (cubic-interpolated LSR fine, fine).
     Patches, masked loss (NaN ignored), Adam, validation on ``val_times`` with early stopping,
     resumable checkpoints in ``workdir/nlm`` and ``workdir/sr``, and loss curves
-    (``workdir/history.json``, ``workdir/loss_curves.png``) come from :mod:`stf_pipeline.nn`.
+    (``workdir/history.json``, ``workdir/loss_curves.png``) come from :mod:`stf_pipeline.nn`; the
+    model is also saved to ``workdir/model``.
 
     Parameters
     ----------
@@ -591,7 +612,8 @@ def fit(
     Returns
     -------
     FittedModel
-        ``method="stfdcnn"``, networks ``"nlm"`` and ``"sr"``, history per stage.
+        ``method="stfdcnn"``, networks ``"nlm"`` and ``"sr"``, histories ``"stage1_nlm"`` and
+        ``"stage2_sr"`` (residual RMSE per step, as BiaSTF's, for loss-curve figures).
 
     Raises
     ------
@@ -603,7 +625,7 @@ def fit(
     from stf_pipeline.nn import fit as fit_stage
 
     validate_cube(cube, require_coarse_factor=True)
-    cfg = STFDCNNConfig.from_any(config)
+    cfg = STFDCNNConfig.resolve(config)
     dates = _check_dates(cube, train_times, "training dates")
     if len(dates) < 2:
         raise TaskError(
@@ -658,11 +680,9 @@ def fit(
         finally:
             if store is not None:
                 store.close()
-        params[name] = result.params
-        history[name] = result.history
-    if workdir is not None:
-        save_history(history, workdir)
-    return FittedModel(
+        params[name] = jax.device_get(result.params)
+        history[f"stage{number + 1}_{name}"] = result.history
+    model = FittedModel(
         method="stfdcnn",
         config={"architecture": arch.to_dict(), "training": cfg.to_dict()},
         params=params,
@@ -672,6 +692,10 @@ def fit(
         history=history,
         extra={"val_times": [_iso(t) for t in val_dates]},
     )
+    if workdir is not None:
+        save_history(history, workdir)
+        model.save(workdir / "model", overwrite=True)
+    return model
 
 
 METHOD = MethodSpec(
@@ -683,4 +707,5 @@ METHOD = MethodSpec(
     coarse_aligned=True,
     learned=True,
     fit=fit,
+    prepare=_prepare,
 )
