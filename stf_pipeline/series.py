@@ -113,7 +113,8 @@ def fuse_series(
     progress : bool, default True
         Show a progress bar (``distributed.progress`` under a client, Dask's bar otherwise).
     train_options : mapping, optional
-        Keyword arguments for ``stf.train`` when the model is trained here.
+        Keyword arguments for ``stf.train`` when the model is trained here; ``train_times``
+        default to the cube's ``stf_train_times`` attr, else every date with fine data.
     **params
         Method parameters.
 
@@ -150,6 +151,8 @@ def fuse_series(
     cube = with_valid_fractions(cube)  # once, so resolving each target does not reread a lazy cube
     plan = _plan(cube, spec=spec, params=p, context=context, targets=targets, pairs=pairs, chunks=chunks)
     path = Path(out)
+    if spec.learned and model is None:
+        train_options = _default_train_options(cube, train_options)
     request = _request(cube, plan, method=spec.name, params=p, train_options=train_options, model=model)
     digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     attrs = {
@@ -236,6 +239,16 @@ def _plan(
     size = tuple(min(_round_up(max(int(c), halo, 1), align), int(n)) for c, n in zip(chunks, cube["fine"].shape[2:]))
     variables = ("fine", *[v for v in _COPIED if v in cube.data_vars])
     return _Plan(times=out_times, source=source, tasks=tasks, chunks=size, variables=variables)  # type: ignore[arg-type]
+
+
+def _default_train_options(cube: xr.Dataset, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``train_times`` default to the cube's ``stf_train_times`` attr, else every date with fine data."""
+    options = dict(options or {})
+    if "train_times" not in options:
+        listed = [str(t) for t in cube.attrs.get("stf_train_times") or []]
+        fine_ok = valid_fraction(cube, "fine") > 0
+        options["train_times"] = listed or [_iso(t) for t in cube["time"].values[fine_ok]]
+    return options
 
 
 def _round_up(value: int, multiple: int) -> int:
