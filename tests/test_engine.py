@@ -1,0 +1,176 @@
+"""The engine: overlapping chunks give the unchunked result, lazily, for any chunking and halo."""
+
+from __future__ import annotations
+
+import datetime
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import stf_pipeline as stf
+from stf_pipeline.parallel import map_overlapping, plan_chunks
+from stf_pipeline.testing import raise_if_dask_computes, random_cube
+
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def neighbourhood_kernel(fine, coarse, coarse_target, *, params, model=None):
+    """Output depends on every input pixel within ``params`` pixels, with edge effects
+    (windows are cut at the block edge): only a correct halo and trim reproduce the whole-array result."""
+    radius = params
+    stack = np.concatenate([fine, coarse, coarse_target[None]], axis=0).sum(axis=0)
+    h, w = stack.shape[-2:]
+    padded = np.pad(stack, ((0, 0), (radius, radius), (radius, radius)), constant_values=np.nan)
+    out = np.zeros_like(stack)
+    count = np.zeros_like(stack)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            window = padded[:, dy : dy + h, dx : dx + w] * (1 + dy + 3 * dx)
+            valid = np.isfinite(window)
+            out += np.where(valid, window, 0)
+            count += valid
+    with np.errstate(invalid="ignore"):
+        return (out / count).astype(np.float32)
+
+
+def _arrays(seed=0, pairs=2, shape=(2, 37, 29)):
+    rng = np.random.default_rng(seed)
+    fine = rng.random((pairs, *shape), dtype=np.float32)
+    coarse = rng.random((pairs, *shape), dtype=np.float32)
+    target = rng.random(shape, dtype=np.float32)
+    fine[0, :, 3:6, 4:9] = np.nan
+    return fine, coarse, target
+
+
+@SETTINGS
+@given(
+    cy=st.integers(1, 40),
+    cx=st.integers(1, 40),
+    halo=st.integers(0, 12),
+    align=st.sampled_from([1, 4]),
+)
+def test_map_overlapping_equals_whole_array(cy, cx, halo, align):
+    fine, coarse, target = _arrays()
+    whole = map_overlapping(neighbourhood_kernel, fine, coarse, target, halo=halo, params=halo)
+    assert isinstance(whole, np.ndarray)
+    chunked = map_overlapping(
+        neighbourhood_kernel,
+        da.from_array(fine, chunks=(1, 2, cy, cx)),
+        da.from_array(coarse, chunks=(1, 2, cy, cx)),
+        da.from_array(target, chunks=(2, cy, cx)),
+        halo=halo,
+        align=align,
+        params=halo,
+    )
+    assert isinstance(chunked, da.Array) and chunked.dtype == np.float32
+    np.testing.assert_array_equal(chunked.compute(scheduler="sync"), whole)
+
+
+def test_too_small_halo_is_detectably_wrong():
+    """The reference above is sensitive: a halo one pixel short changes the result."""
+    fine, coarse, target = _arrays()
+    whole = map_overlapping(neighbourhood_kernel, fine, coarse, target, halo=3, params=3)
+    short = map_overlapping(
+        neighbourhood_kernel, *(da.from_array(a) for a in (fine, coarse, target)), halo=2, chunks=(10, 10), params=3
+    )
+    assert not np.array_equal(short.compute(scheduler="sync"), whole, equal_nan=True)
+
+
+@SETTINGS
+@given(length=st.integers(1, 300), nominal=st.integers(1, 120), halo=st.integers(0, 40), align=st.integers(1, 20))
+def test_plan_chunks_cover_the_axis_with_chunks_no_smaller_than_the_halo(length, nominal, halo, align):
+    ychunks, xchunks = plan_chunks((length, length), (nominal, nominal), halo=halo, align=align)
+    assert ychunks == xchunks
+    assert sum(ychunks) == length
+    assert all(c >= min(halo, length) for c in ychunks)
+    assert all(c % align == 0 for c in ychunks[:-1])  # every block starts on a multiple of align
+
+
+@SETTINGS
+@given(cy=st.integers(2, 48), cx=st.integers(2, 48), window=st.sampled_from([1, 3, 5, 9, 15, 31]))
+def test_fuse_chunked_equals_unchunked_bitwise(cy, cx, window):
+    cube = _gappy(seed=1)
+    target = cube.time.values[1]
+    eager = stf.fuse(cube, target, method="delta", window=window)
+    with raise_if_dask_computes():
+        lazy = stf.fuse(cube.chunk({"time": 1, "y": cy, "x": cx}), target, method="delta", window=window)
+    assert isinstance(lazy.data, da.Array)
+    np.testing.assert_array_equal(lazy.compute(scheduler="sync").values, eager.values)
+
+
+def test_halo_larger_than_chunk_is_rechunked_not_wrong():
+    cube = _gappy(seed=2)
+    target = cube.time.values[1]
+    eager = stf.fuse(cube, target, method="delta", window=31)  # halo 15
+    lazy = stf.fuse(cube.chunk({"time": 1, "y": 4, "x": 6}), target, method="delta", window=31)
+    assert min(lazy.data.chunks[1]) >= 15 and min(lazy.data.chunks[2]) >= 15
+    np.testing.assert_array_equal(lazy.values, eager.values)
+    via_chunks = stf.fuse(cube, target, method="delta", window=31, chunks=(3, 3))
+    np.testing.assert_array_equal(via_chunks.values, eager.values)
+
+
+def _gappy(seed=0):
+    cube = random_cube(n_times=3, height=40, width=48, seed=seed)
+    fine = cube["fine"].values.copy()
+    coarse = cube["coarse"].values.copy()
+    fine[0, 0, 5:12, 30:40] = np.nan
+    coarse[2, 1, 20:, :10] = np.nan
+    return cube.copy(data={"fine": fine, "coarse": coarse})
+
+
+def test_fuse_is_lazy_keeps_grid_and_records_provenance():
+    cube = _gappy().chunk({"time": 1, "y": 16, "x": 16})
+    with raise_if_dask_computes():
+        pred = stf.fuse(cube, cube.time.values[1], method="delta", window=3)
+    assert pred.dims == ("band", "y", "x") and pred.dtype == np.float32 and pred.name == "fine"
+    assert pred.data.chunks == ((2,), (16, 16, 8), (16, 16, 16))
+    np.testing.assert_array_equal(pred.x.values, cube.x.values)
+    np.testing.assert_array_equal(pred.band.values, cube.band.values)
+    assert pred.rio.crs.to_epsg() == 32633
+    assert pred.time.values == cube.time.values[1]
+    assert pred.attrs["method"] == "delta"
+    assert pred.attrs["pairs"] == ["2020-03-01", "2020-04-02"]
+    assert pred.attrs["stf_params"] == '{"window": 3, "eps": 1e-06}'
+    assert pred.attrs["stf_pipeline_version"] == stf.__version__
+    eager = stf.fuse(cube.compute(), cube.time.values[1], method="delta", window=3)
+    assert isinstance(eager.data, np.ndarray)
+
+
+@pytest.mark.parametrize(
+    "date",
+    [
+        "2020-03-17",
+        np.datetime64("2020-03-17"),
+        np.datetime64("2020-03-17T00:00:00.000000000"),
+        pd.Timestamp("2020-03-17"),
+        datetime.date(2020, 3, 17),
+    ],
+)
+def test_target_and_pairs_as_any_date_type(date):
+    cube = _gappy()
+    ref = stf.fuse(cube, cube.time.values[1], method="delta", pairs=list(cube.time.values[[0, 2]]))
+    pred = stf.fuse(cube, date, method="delta", pairs=[np.datetime64("2020-03-01"), pd.Timestamp("2020-04-02")])
+    np.testing.assert_array_equal(pred.values, ref.values)
+    assert pred.attrs["target"] == "2020-03-17"
+
+
+def test_errors_come_before_any_work():
+    cube = _gappy().chunk({"time": 1, "y": 16, "x": 16})
+    coarse = cube["coarse"].data.copy()
+    no_target = cube.copy(data={"fine": cube["fine"].data, "coarse": da.where(
+        (da.arange(3) == 1)[:, None, None, None], np.float32(np.nan), coarse)})
+    no_target = no_target.assign_coords(coarse_valid=("time", [1.0, 0.0, 1.0]))
+    with raise_if_dask_computes(), pytest.raises(stf.TaskError, match="coarse image at target date 2020-03-17 is all NaN"):
+        stf.fuse(no_target, "2020-03-17", method="delta")
+    no_fine = cube.assign_coords(fine_valid=("time", [0.0, 1.0, 0.0]))
+    with raise_if_dask_computes(), pytest.raises(stf.TaskError, match="pass pairs=") as err:
+        stf.fuse(no_fine, "2020-03-17", method="delta")
+    assert "2020-03-17" in str(err.value)
+    with pytest.raises(stf.TaskError, match="is the target date"):
+        stf.fuse(cube, "2020-03-17", method="delta", pairs=["2020-03-17"])
+    with pytest.raises(stf.TaskError, match="cannot read 'yesterday' as a date"):
+        stf.fuse(cube, "yesterday", method="delta")
