@@ -1,0 +1,178 @@
+"""``stf bench stfdcnn``: STFDCNN training throughput (patches/s) and inference time of one scene.
+
+Training: the shared :func:`stf_pipeline.nn.fit` loop (seeded patch draws, on-device crops,
+jitted step) on a synthetic scene, timed after a compiling warm-up run, for each stage (the NLM
+CNN on LSR patches, the SR CNN on fine patches). Inference: the jitted two-level prediction
+(:func:`stf_pipeline.methods.stfdcnn.predict_block`) of a ``size x size`` scene with the paper's
+architecture (weights random: speed does not depend on them), timed after a warm-up on
+device-resident inputs ("compute"), and end to end through ``stf.fuse`` on a NumPy-backed cube
+(host transfers included). Prints a table and writes JSON with the machine description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _machine() -> dict[str, Any]:
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    devices = jax.devices()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "jax_backend": jax.default_backend(),
+        "devices": [getattr(d, "device_kind", str(d)) for d in devices],
+        "jax": jax.__version__,
+    }
+
+
+def _time(fn: Any, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls (seconds)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    import stf_pipeline as stf
+    from stf_pipeline.methods import stfdcnn
+    from stf_pipeline.nn import PatchSampler, TrainConfig, create_train_state, fit
+    from stf_pipeline.nn.stfdcnn_modules import ResidualCNN
+
+    cube = stf.synthetic_scene(height=args.train_size, width=args.train_size, n_times=4, seed=0).compute()
+    times = cube.time.values[cube["fine_valid"].values > 0][:3]
+    factor = int(cube.attrs["coarse_factor"])
+    r = stfdcnn.default_lsr_factor(factor)
+    cfg = stfdcnn.STFDCNNConfig.resolve(None)
+    n_bands = cube.sizes["band"]
+    rows = []
+    stages = (
+        ("stage1_nlm", cfg.nlm, stfdcnn.NLMBatch(r, cfg.nlm.receptive_radius), ("fine", "coarse"), args.patch_size // r),
+        ("stage2_sr", cfg.sr, stfdcnn.SRBatch(r, cfg.sr.receptive_radius), ("fine",), args.patch_size),
+    )
+    for name, net_cfg, make_batch, variables, size in stages:
+        train = TrainConfig(
+            steps=args.steps, batch_size=args.batch_size, patch_size=args.patch_size, warmup_steps=0,
+            log_every=args.steps, checkpoint_every=args.steps, progress=False,
+        )
+        sampler = PatchSampler(
+            cube, times, items=[(i,) for i in range(len(times))], patch_size=args.patch_size,
+            batch_size=args.batch_size, align=r, variables=variables,
+        )
+        state = create_train_state(jax.random.key(0), train, ResidualCNN(n_bands=n_bands, config=net_cfg),
+                                   jnp.zeros((1, size, size, n_bands, 1)))
+
+        def run(steps: int, train: TrainConfig = train, state: Any = state, sampler: PatchSampler = sampler,
+                make_batch: Any = make_batch) -> None:
+            result = fit(state, sampler, make_batch, config=dataclasses.replace(train, steps=steps, log_every=steps))
+            jax.block_until_ready(result.params)
+
+        run(2)  # compile
+        seconds = _time(lambda run=run: run(args.steps), 1)
+        rows.append({
+            "stage": name, "patch": args.patch_size, "batch": args.batch_size, "steps": args.steps,
+            "seconds": seconds, "patches_per_s": args.steps * args.batch_size / seconds,
+        })
+    return rows
+
+
+def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import stf_pipeline as stf
+    from stf_pipeline.methods import stfdcnn
+    from stf_pipeline.nn import FittedModel
+    from stf_pipeline.nn.stfdcnn_modules import ResidualCNN
+
+    cube = stf.synthetic_scene(height=args.size, width=args.size, n_times=4, seed=1).compute()
+    factor = int(cube.attrs["coarse_factor"])
+    bands = tuple(cube["band"].values.tolist())
+    arch = stfdcnn.Architecture(bands=bands, lsr_factor=stfdcnn.default_lsr_factor(factor), coarse_factor=factor)
+    init = jax.jit(ResidualCNN(len(bands), arch.nlm).init)
+    params = {name: jax.device_get(init(jax.random.key(i), jnp.zeros((1, 8, 8, len(bands), 1)))["params"])
+              for i, name in enumerate(("nlm", "sr"))}
+    model = FittedModel(method="stfdcnn", config={"architecture": arch.to_dict()}, params=params, bands=bands,
+                        coarse_factor=factor)
+    pairs = cube.time.values[cube["fine_valid"].values > 0]
+    target = [t for t in cube.time.values if pairs[0] < t < pairs[-1]][0]
+    fine = jnp.asarray(cube.fine.sel(time=[pairs[0], pairs[-1]]).values)
+    coarse = jnp.asarray(cube.coarse.sel(time=[pairs[0], pairs[-1]]).values)
+    coarse_target = jnp.asarray(cube.coarse.sel(time=target).values)
+    device_params = jax.device_put(params)
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        p = stfdcnn.STFDCNNParams(compute_dtype=dtype)
+
+        def compute(p: Any = p) -> None:
+            out = stfdcnn.predict_block(device_params["nlm"], device_params["sr"], fine, coarse, coarse_target,
+                                        arch=arch, params=p)
+            out.block_until_ready()
+
+        compute()  # compile
+        compute_s = _time(compute, args.repeats)
+
+        def end_to_end(dtype: str = dtype) -> None:
+            np.asarray(stf.fuse(cube, target, method="stfdcnn", model=model, pairs=[pairs[0], pairs[-1]],
+                                compute_dtype=dtype).values)
+
+        end_to_end()
+        rows.append({
+            "scene": f"{args.size}x{args.size}x{len(bands)}", "dtype": dtype, "compute_s": compute_s,
+            "fuse_end_to_end_s": _time(end_to_end, args.repeats),
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; see ``stf bench stfdcnn --help``."""
+    parser = argparse.ArgumentParser(prog="stf bench stfdcnn", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=2000, help="inference scene side (fine pixels)")
+    parser.add_argument("--train-size", type=int, default=512, help="training scene side (fine pixels)")
+    parser.add_argument("--patch-size", type=int, default=128, help="training patch side (fine pixels)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=100, help="timed training steps per stage")
+    parser.add_argument("--repeats", type=int, default=3, help="timed inference runs (best kept)")
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--json", type=Path, default=Path("bench_stfdcnn.json"), help="output JSON path")
+    args = parser.parse_args(argv)
+    result: dict[str, Any] = {"benchmark": "stfdcnn", "machine": _machine(), "args": {k: str(v) for k, v in vars(args).items()}}
+    if not args.skip_training:
+        result["training"] = _training(args)
+        print(f"{'stage':<12}{'patch':>7}{'batch':>7}{'steps':>7}{'seconds':>10}{'patches/s':>12}")
+        for row in result["training"]:
+            print(f"{row['stage']:<12}{row['patch']:>7}{row['batch']:>7}{row['steps']:>7}{row['seconds']:>10.3f}"
+                  f"{row['patches_per_s']:>12.0f}")
+    if not args.skip_inference:
+        result["inference"] = _inference(args)
+        print(f"{'scene':<16}{'dtype':>10}{'compute s':>12}{'fuse s':>10}")
+        for row in result["inference"]:
+            print(f"{row['scene']:<16}{row['dtype']:>10}{row['compute_s']:>12.3f}{row['fuse_end_to_end_s']:>10.3f}")
+    args.json.write_text(json.dumps(result, indent=1))
+    print(f"machine: {result['machine']}")
+    return 0
