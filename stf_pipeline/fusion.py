@@ -129,9 +129,9 @@ def _run_task(
     align = context.coarse_factor if spec.coarse_aligned and context.coarse_factor else 1
     if chunks is not None and not isinstance(fine, da.Array):
         fine, coarse, coarse_target = (da.asarray(a) for a in (fine, coarse, coarse_target))
+    extra = _extra_inputs(cube, spec, kernel_kwargs["params"])  # before statistics: those may be delayed
     if spec.statistics is not None:
         kernel_kwargs["params"] = spec.statistics(fine, coarse, coarse_target, kernel_kwargs["params"])
-    extra = _extra_inputs(cube, spec, kernel_kwargs["params"])
     if extra and isinstance(fine, da.Array):
         extra = {name: da.asarray(values) for name, values in extra.items()}
     return map_overlapping(
