@@ -236,35 +236,51 @@ def test_fuse_is_lazy_and_runs_with_explicit_centres():
     assert np.isfinite(eager.values).all()
 
 
-def test_prepare_data_fits_centres_clip_and_class_values():
+def test_statistics_fit_centres_and_clip_lazily_and_deterministically():
     cube = _cube_with_classes()
-    task = resolve_task(cube, cube.time.values[1], n_pairs=(1, 1))
+    fine = cube.fine.isel(time=[0]).values
     p = fsdaf.prepare(fsdaf.FSDAFParams(n_classes=3), MethodContext(coarse_factor=8, pixel_size=30.0, n_bands=3))
-    filled = fsdaf.prepare_data(p, cube, task)
+    filled = fsdaf.statistics(fine, None, None, p)
     assert len(filled.centres) == 3 and len(filled.fine_clip) == 3
-    assert filled == fsdaf.prepare_data(p, cube, task)  # deterministic
-    with_map = fsdaf.prepare_data(dataclasses.replace(p, class_map="classes"), cube, task)
-    assert with_map.class_values == (0.0, 1.0, 2.0) and with_map.centres is None
-    assert fsdaf.extra_vars(with_map) == ("classes",)
+    assert filled == fsdaf.statistics(fine, None, None, p)
+    with raise_if_dask_computes():
+        lazy = fsdaf.statistics(da.from_array(fine, chunks=(1, 3, 24, 24)), None, None, p)
+    assert lazy.compute() == filled
+    with_map = fsdaf.statistics(fine, None, None, dataclasses.replace(p, class_map="classes"))
+    assert with_map.centres is None and with_map.fine_clip == filled.fine_clip
+    assert fsdaf.extra_vars(with_map) == ("classes",) and fsdaf.extra_vars(p) == ()
+
+
+def test_fuse_with_a_class_map_from_the_cube():
+    cube = _cube_with_classes()
+    cube["classes"] = cube["classes"] + 1  # ids 1..3, 0 would be "unclassified"
+    kw = dict(method="fsdaf", class_map="classes", class_values=(1, 2, 3), half_window=4, unmix_radius=2)
+    eager = stf.fuse(cube, cube.time.values[1], **kw)
+    lazy = stf.fuse(cube.chunk({"y": 16, "x": 24}), cube.time.values[1], **kw)
+    np.testing.assert_allclose(lazy.values, eager.values, atol=1e-6)
+    with pytest.raises(MethodError, match="class_values"):
+        stf.fuse(cube, cube.time.values[1], method="fsdaf", class_map="classes", n_classes=3).values
 
 
 def test_bad_inputs_give_clear_errors():
     cube = _cube_with_classes()
-    task = resolve_task(cube, cube.time.values[1], n_pairs=(1, 1))
     with pytest.raises(MethodError, match="coarse_factor"):
         fsdaf.prepare(fsdaf.FSDAFParams(), MethodContext(coarse_factor=None, pixel_size=30.0, n_bands=3))
-    p = fsdaf.FSDAFParams(coarse_factor=8)
-    cube["bad_map"] = (("y2", "x"), np.zeros((10, 56), np.float32))
-    with pytest.raises(MethodError, match="resample it onto the fine grid"):
-        fsdaf.prepare_data(dataclasses.replace(p, class_map="bad_map"), cube, task)
-    with pytest.raises(MethodError, match="not a data var"):
-        fsdaf.prepare_data(dataclasses.replace(p, class_map="nope"), cube, task)
-    with pytest.raises(MethodError, match="exceeds the 42 coarse pixels"):
-        fsdaf.prepare_data(dataclasses.replace(p, n_classes=50), cube, task)
+    with pytest.raises(MethodError, match="coarse_factor"):
+        stf.fuse(cube.drop_attrs(), cube.time.values[1], method="fsdaf")
+    with pytest.raises(MethodError, match="42 coarse pixels"):
+        stf.fuse(cube, cube.time.values[1], method="fsdaf", n_classes=50)
+    with pytest.raises(MethodError, match="nope"):
+        stf.fuse(cube, cube.time.values[1], method="fsdaf", class_map="nope")
+    p = fsdaf.FSDAFParams(coarse_factor=8, class_map="classes")
+    with pytest.raises(MethodError, match="shape"):
+        fsdaf.fsdaf_kernel(np.zeros((1, 1, 8, 8)), np.zeros((1, 1, 8, 8)), np.zeros((1, 8, 8)), params=p,
+                           extra={"classes": np.zeros((4, 8))})
     with pytest.raises(MethodError, match="half_window"):
         fsdaf.FSDAFParams(half_window=0)
     with pytest.raises(MethodError, match="centres"):
-        fsdaf.fsdaf_kernel(np.zeros((1, 1, 8, 8)), np.zeros((1, 1, 8, 8)), np.zeros((1, 8, 8)), params=p)
+        fsdaf.fsdaf_kernel(np.zeros((1, 1, 8, 8)), np.zeros((1, 1, 8, 8)), np.zeros((1, 8, 8)),
+                           params=fsdaf.FSDAFParams(coarse_factor=8))
 
 
 # ----- real data (slow) --------------------------------------------------------------------
@@ -278,16 +294,13 @@ def _lgc():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kwargs", "limit"), [({}, 0.0201), ({"class_map": "classes"}, 0.0197)])
+@pytest.mark.parametrize(("kwargs", "limit"), [({}, 0.0201), ({"class_map": "classes", "class_values": (1, 2, 3, 4)}, 0.0197)])
 def test_lgc_accuracy_beats_the_authors_code_and_delta(kwargs, limit):
     cube, task = _lgc()
-    p = fsdaf.prepare(fsdaf.METHOD.make_params(**kwargs), MethodContext(coarse_factor=16, pixel_size=25.0, n_bands=3))
-    p = fsdaf.prepare_data(p, cube, task)
+    pred = stf.fuse(cube, task.target, method="fsdaf", **kwargs).values
     f1 = cube.fine.sel(time=task.pairs[0]).values[None]
     c1 = cube.coarse.sel(time=task.pairs[0]).values[None]
     c2 = cube.coarse.sel(time=task.target).values
-    extra = {"classes": cube["classes"].values} if "class_map" in kwargs else None
-    pred = fsdaf.fsdaf_kernel(f1, c1, c2, params=p, extra=extra)
     truth = cube.fine_truth.sel(time=task.target).values
     rmse = np.sqrt(np.mean((pred - truth) ** 2, axis=(1, 2))).mean()
     delta = np.sqrt(np.mean((f1[0] + c2 - c1[0] - truth) ** 2, axis=(1, 2))).mean()

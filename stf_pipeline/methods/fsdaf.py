@@ -6,8 +6,8 @@ prediction that captures land-cover change. Steps (paper section and the authors
 ``FSDAF.pro``, 2019 version, whose defaults are used):
 
 (a) **classes** of the fine pair image: a user class map (``class_map``, a data var of the cube),
-    or k-means centres fitted once on a subsample of the whole pair image (:func:`prepare_data`;
-    the authors use ENVI ISODATA with 4-6 classes, here ``n_classes=5``), each pixel taking its
+    or k-means centres fitted once on a subsample of the whole pair image (:func:`statistics`;
+    the authors use ENVI ISODATA with 4-6 classes, here ``n_classes=4``), each pixel taking its
     nearest centre (:func:`classify`);
 (b) **class fractions** in every native coarse pixel ("cell", ``coarse_factor²`` fine pixels,
     :func:`class_fractions`);
@@ -32,8 +32,8 @@ prediction that captures land-cover change. Steps (paper section and the authors
 Chunk-border correctness
 ------------------------
 Everything a block computes is either per pixel or a function of a fixed neighbourhood: class
-centres, class values and the fine clip are global parameters fitted before chunking
-(:func:`prepare_data`); every window (unmixing, allowed range, similarity threshold, TPS,
+centres and the fine clip are scene-wide parameters fitted once before the blocks run
+(:func:`statistics`, lazily for Dask input); every window (unmixing, allowed range, similarity threshold, TPS,
 homogeneity, similar pixels) is centred on the cell or pixel and truncated only at the block
 edge. The halo is ``coarse_factor · (ceil(half_window / coarse_factor) + max(unmix_radius,
 tps_radius) + 1)`` fine pixels, which covers the longest dependency chain (similar pixel → its
@@ -89,11 +89,13 @@ class FSDAFParams:
         Half side of the similar-pixel and homogeneity windows, fine pixels (IDL ``w=20``).
     n_similar : int, default 20
         Similar pixels per target pixel (IDL ``num_similar_pixel=20``).
-    n_classes : int, default 5
-        k-means classes when no class map is given (IDL ISODATA: 4 to 6 classes).
+    n_classes : int, default 4
+        k-means classes when no class map is given (IDL ISODATA: 4 to 6 classes; 4 is the
+        ISODATA minimum and the number of classes of the authors' sample class map).
     class_map : str, optional
         Name of a ``(y, x)`` data var of the cube holding a classification of the pair fine
-        image (any finite values are classes; NaN = unclassified). Overrides k-means.
+        image. Overrides k-means. Its values are the class ids ``0 .. n_classes - 1`` unless
+        ``class_values`` lists them; NaN (and values not listed) = unclassified.
     n_pure : int, default 100
         Purest cells per class used for unmixing (IDL ``num_pure=100``).
     unmix_radius : int, default 8
@@ -110,16 +112,17 @@ class FSDAFParams:
     coarse_factor : int, optional
         Filled from the cube's ``coarse_factor`` attr by :func:`prepare`.
     centres : tuple of tuples, optional
-        k-means class centres ``(class, band)``; fitted by :func:`prepare_data` when ``None``.
+        k-means class centres ``(class, band)``; fitted by :func:`statistics` when ``None``.
     class_values : tuple of float, optional
-        Sorted distinct values of the class map; filled by :func:`prepare_data`.
+        The values of the class map that are classes (e.g. ``(1, 2, 3, 4)`` for an ENVI map
+        whose 0 is "Unclassified").
     fine_clip : tuple of (float, float), optional
-        Per-band clip of the fine pair image (noise); filled by :func:`prepare_data`, none if ``None``.
+        Per-band clip of the fine pair image (noise); filled by :func:`statistics`, none if ``None``.
     """
 
     half_window: int = 20
     n_similar: int = 20
-    n_classes: int = 5
+    n_classes: int = 4
     class_map: str | None = None
     n_pure: int = 100
     unmix_radius: int = 8
@@ -153,8 +156,8 @@ class FSDAFParams:
     @property
     def n_class_total(self) -> int:
         """Number of classes the kernel works with."""
-        if self.class_map is not None and self.class_values is not None:
-            return len(self.class_values)
+        if self.class_map is not None:
+            return len(self.class_values) if self.class_values is not None else int(self.n_classes)
         if self.centres is not None:
             return len(self.centres)
         return int(self.n_classes)
@@ -172,22 +175,37 @@ def classify(fine: np.ndarray, params: FSDAFParams, class_map: np.ndarray | None
     of ``params.centres``.
     """
     if params.class_map is not None:
-        if class_map is None or params.class_values is None:
+        if class_map is None:
             raise MethodError(
                 f"fsdaf: class_map={params.class_map!r} was not passed to the kernel; run through "
-                "stf.fuse (which reads the map from the cube) or pass extra={'class_map': array}."
+                "stf.fuse (which reads the map from the cube) or pass extra={name: array}."
             )
-        values = np.asarray(params.class_values, dtype=np.float64)
         cmap = np.asarray(class_map, dtype=np.float64)
-        index = np.clip(np.searchsorted(values, cmap), 0, len(values) - 1)
-        known = np.isfinite(cmap) & (values[index] == cmap)
+        if cmap.shape != fine.shape[1:]:
+            raise MethodError(
+                f"fsdaf: class map block has shape {cmap.shape}, the fine block {fine.shape[1:]}; "
+                "the class map must be a (y, x) variable on the fine grid."
+            )
+        known = np.isfinite(cmap)
+        if params.class_values is not None:
+            values = np.unique(np.asarray(params.class_values, dtype=np.float64))
+            index = np.clip(np.searchsorted(values, cmap), 0, len(values) - 1)
+            known &= values[index] == cmap
+        else:
+            index = np.where(known, cmap, 0.0)
+            bad = known & ((index != np.round(index)) | (index < 0) | (index >= params.n_classes))
+            if bad.any():
+                raise MethodError(
+                    f"fsdaf: class map value {cmap[bad][0]!r} is not a class id in [0, n_classes={params.n_classes}); "
+                    "list the class values, e.g. class_values=(1, 2, 3, 4) (other values are unclassified)."
+                )
         labels = np.where(known, index, -1).astype(np.int32)
         labels[~np.isfinite(fine).all(axis=0)] = -1
         return labels
     if params.centres is None:
         raise MethodError(
-            "fsdaf: no class centres; fit them with fsdaf.prepare_data(params, cube, task) "
-            "(stf.fuse does this) or pass centres=... or class_map=...."
+            "fsdaf: no class centres; stf.fuse fits them (METHOD.statistics), or pass centres=... "
+            "or class_map=...."
         )
     return nearest_centre(fine, np.asarray(params.centres))
 
@@ -725,7 +743,7 @@ def fsdaf_kernel(
     fine, coarse : ndarray ``(1, band, y, x)``
     coarse_target : ndarray ``(band, y, x)``
     params : FSDAFParams
-        With ``coarse_factor`` and ``centres`` (or ``class_map`` + ``class_values``) filled.
+        With ``coarse_factor`` set and ``centres`` (or ``class_map``) given.
     model : ignored
     extra : dict, optional
         ``{params.class_map: (y, x) block}`` when a class map is used.
@@ -790,68 +808,56 @@ def prepare(params: FSDAFParams, context: MethodContext) -> FSDAFParams:
     return dataclasses.replace(params, coarse_factor=int(context.coarse_factor))
 
 
-def _sample(image: Any, n_samples: int) -> np.ndarray:
-    """A regular-stride subsample ``(n, band)`` of finite pixels of a ``(band, y, x)`` array."""
-    h, w = image.shape[-2:]
-    stride = max(1, int(math.floor(math.sqrt(h * w / n_samples))))
-    sub = np.asarray(image[:, ::stride, ::stride], dtype=np.float64)
-    flat = sub.reshape(sub.shape[0], -1).T
-    return flat[np.isfinite(flat).all(axis=1)]
+def _fit_statistics(params: FSDAFParams, sample: np.ndarray) -> FSDAFParams:
+    """Fill ``fine_clip`` and (without a class map) ``centres`` from a ``(band, y, x)`` sample."""
+    flat = np.asarray(sample, dtype=np.float64).reshape(sample.shape[0], -1).T
+    flat = flat[np.isfinite(flat).all(axis=1)]
+    if flat.shape[0] == 0:
+        raise MethodError("fsdaf: the pair fine image has no valid pixel; choose another pair date.")
+    updates: dict[str, Any] = {}
+    if params.fine_clip is None:
+        q = np.quantile(flat, NOISE_QUANTILES, axis=0)
+        updates["fine_clip"] = tuple((float(lo), float(hi)) for lo, hi in q.T)
+    if params.class_map is None and params.centres is None:
+        centres = kmeans(flat, params.n_classes, seed=params.seed)
+        updates["centres"] = tuple(tuple(float(v) for v in row) for row in centres)
+    return dataclasses.replace(params, **updates) if updates else params
 
 
-def prepare_data(params: FSDAFParams, cube: Any, task: Any) -> FSDAFParams:
-    """Fit the global statistics FSDAF needs before chunking (computes a small subsample).
+def statistics(fine: Any, coarse: Any, coarse_target: Any, params: FSDAFParams) -> Any:
+    """``MethodSpec.statistics``: the scene-wide inputs every block must share.
 
-    Fills ``centres`` (k-means on ``n_samples`` pixels of the pair fine image; skipped when a
-    class map is used), ``class_values`` (distinct values of the class map) and ``fine_clip``
-    (0.01 and 99.99 percentiles of the sample per band).
+    k-means centres (unless a class map or centres are given) and the 0.01/99.99 percentile
+    noise clip, both from a regular-stride sample of about ``n_samples`` pixels of the pair fine
+    image. NumPy input: returns the filled params. Dask input: a ``dask.delayed`` params, so
+    building the graph computes nothing.
 
     Raises
     ------
     MethodError
-        If the class map is missing, not ``(y, x)`` on the cube's grid, or has more classes
-        than the scene has cells; or if the pair image has fewer distinct pixels than classes.
+        If the scene has fewer coarse pixels than classes.
     """
-    pair_fine = cube["fine"].sel(time=task.pairs[0]).transpose("band", "y", "x").data
-    sample = _sample(pair_fine, params.n_samples)
-    if sample.shape[0] == 0:
-        raise MethodError("fsdaf: the pair fine image has no valid pixel; choose another pair date.")
-    updates: dict[str, Any] = {}
-    if params.fine_clip is None:
-        q = np.quantile(sample, NOISE_QUANTILES, axis=0)
-        updates["fine_clip"] = tuple((float(lo), float(hi)) for lo, hi in q.T)
-    factor = params.coarse_factor or int(cube.attrs.get("coarse_factor", 1))
-    n_cells = -(-cube.sizes["y"] // factor) * -(-cube.sizes["x"] // factor)
-    if params.class_map is not None:
-        if params.class_map not in cube.data_vars:
-            raise MethodError(
-                f"fsdaf: class_map={params.class_map!r} is not a data var of the cube (have {sorted(cube.data_vars)}); "
-                "add it with cube[name] = (('y', 'x'), classes)."
-            )
-        cmap = cube[params.class_map]
-        if set(cmap.dims) != {"y", "x"} or cmap.sizes["y"] != cube.sizes["y"] or cmap.sizes["x"] != cube.sizes["x"]:
-            raise MethodError(
-                f"fsdaf: class map {params.class_map!r} has dims {dict(cmap.sizes)}, expected "
-                f"{{'y': {cube.sizes['y']}, 'x': {cube.sizes['x']}}}; resample it onto the fine grid."
-            )
-        if params.class_values is None:
-            values = np.unique(np.asarray(cmap.values, dtype=np.float64))
-            updates["class_values"] = tuple(float(v) for v in values[np.isfinite(values)])
-        n_classes = len(updates.get("class_values", params.class_values or ()))
-        if not 1 <= n_classes <= n_cells:
-            raise MethodError(
-                f"fsdaf: class map {params.class_map!r} has {n_classes} classes but the scene has {n_cells} "
-                "coarse pixels; unmixing needs at least one coarse pixel per class (merge classes)."
-            )
-    elif params.centres is None:
-        if params.n_classes > n_cells:
-            raise MethodError(
-                f"fsdaf: n_classes={params.n_classes} exceeds the {n_cells} coarse pixels of the scene; "
-                f"use n_classes <= {n_cells}."
-            )
-        centres = kmeans(sample, params.n_classes, seed=params.seed)
-        updates["centres"] = tuple(tuple(float(v) for v in row) for row in centres)
-    return dataclasses.replace(params, **updates) if updates else params
+    h, w = fine.shape[-2:]
+    factor = int(params.coarse_factor or 1)
+    n_cells = -(-h // factor) * -(-w // factor)
+    if params.n_class_total > n_cells:
+        raise MethodError(
+            f"fsdaf: {params.n_class_total} classes exceed the {n_cells} coarse pixels of the scene; unmixing needs "
+            f"at least one coarse pixel per class: use n_classes <= {n_cells} (or merge classes of the map)."
+        )
+    if params.fine_clip is not None and (params.class_map is not None or params.centres is not None):
+        return params
+    stride = max(1, int(math.floor(math.sqrt(h * w / params.n_samples))))
+    sample = fine[0, :, ::stride, ::stride]
+    try:
+        import dask.array as da
+    except ImportError:  # pragma: no cover - dask is a dependency
+        da = None
+    if da is not None and isinstance(sample, da.Array):
+        import dask
+
+        return dask.delayed(_fit_statistics, pure=True)(params, sample)
+    return _fit_statistics(params, sample)
 
 
 def extra_vars(params: FSDAFParams) -> tuple[str, ...]:
@@ -873,4 +879,6 @@ METHOD = MethodSpec(
     n_pairs=(1, 1),
     coarse_aligned=True,
     prepare=prepare,
+    statistics=statistics,
+    extra_vars=extra_vars,
 )
