@@ -1,8 +1,10 @@
 """``stf bench stfdcnn``: STFDCNN training throughput (patches/s) and inference time of one scene.
 
 Training: the shared :func:`stf_pipeline.nn.fit` loop (seeded patch draws, on-device crops,
-jitted step) on a synthetic scene, timed after a compiling warm-up run, for each stage (the NLM
-CNN on LSR patches, the SR CNN on fine patches). Inference: the jitted two-level prediction
+jitted step), timed after a compiling warm-up run, for each stage (the NLM
+CNN on LSR patches, the SR CNN on fine patches). Speed does not depend on the pixel values, so
+the scenes are :func:`stf_pipeline.testing.random_cube` (six bands, ``coarse_factor`` 16: LSR
+factor 4), which is quick to build at any size. Inference: the jitted two-level prediction
 (:func:`stf_pipeline.methods.stfdcnn.predict_block`) of a ``size x size`` scene with the paper's
 architecture (weights random: speed does not depend on them), timed after a warm-up on
 device-resident inputs ("compute"), and end to end through ``stf.fuse`` on a NumPy-backed cube
@@ -57,13 +59,13 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
     import jax
     import jax.numpy as jnp
 
-    import stf_pipeline as stf
     from stf_pipeline.methods import stfdcnn
     from stf_pipeline.nn import PatchSampler, TrainConfig, create_train_state, fit
+    from stf_pipeline.testing import BANDS6, random_cube
     from stf_pipeline.nn.stfdcnn_modules import ResidualCNN
 
-    cube = stf.synthetic_scene(height=args.train_size, width=args.train_size, n_times=4, seed=0).compute()
-    times = cube.time.values[cube["fine_valid"].values > 0][:3]
+    cube = random_cube(n_times=3, height=args.train_size, width=args.train_size, bands=BANDS6, coarse_factor=16)
+    times = cube.time.values
     factor = int(cube.attrs["coarse_factor"])
     r = stfdcnn.default_lsr_factor(factor)
     cfg = stfdcnn.STFDCNNConfig.resolve(None)
@@ -108,8 +110,9 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
     from stf_pipeline.methods import stfdcnn
     from stf_pipeline.nn import FittedModel
     from stf_pipeline.nn.stfdcnn_modules import ResidualCNN
+    from stf_pipeline.testing import BANDS6, random_cube
 
-    cube = stf.synthetic_scene(height=args.size, width=args.size, n_times=4, seed=1).compute()
+    cube = random_cube(n_times=3, height=args.size, width=args.size, bands=BANDS6, coarse_factor=16, seed=1)
     factor = int(cube.attrs["coarse_factor"])
     bands = tuple(cube["band"].values.tolist())
     arch = stfdcnn.Architecture(bands=bands, lsr_factor=stfdcnn.default_lsr_factor(factor), coarse_factor=factor)
@@ -118,10 +121,9 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
               for i, name in enumerate(("nlm", "sr"))}
     model = FittedModel(method="stfdcnn", config={"architecture": arch.to_dict()}, params=params, bands=bands,
                         coarse_factor=factor)
-    pairs = cube.time.values[cube["fine_valid"].values > 0]
-    target = [t for t in cube.time.values if pairs[0] < t < pairs[-1]][0]
-    fine = jnp.asarray(cube.fine.sel(time=[pairs[0], pairs[-1]]).values)
-    coarse = jnp.asarray(cube.coarse.sel(time=[pairs[0], pairs[-1]]).values)
+    pairs, target = cube.time.values[[0, 2]], cube.time.values[1]
+    fine = jnp.asarray(cube.fine.sel(time=list(pairs)).values)
+    coarse = jnp.asarray(cube.coarse.sel(time=list(pairs)).values)
     coarse_target = jnp.asarray(cube.coarse.sel(time=target).values)
     device_params = jax.device_put(params)
     rows = []
@@ -137,7 +139,7 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
         compute_s = _time(compute, args.repeats)
 
         def end_to_end(dtype: str = dtype) -> None:
-            np.asarray(stf.fuse(cube, target, method="stfdcnn", model=model, pairs=[pairs[0], pairs[-1]],
+            np.asarray(stf.fuse(cube, target, method="stfdcnn", model=model, pairs=list(pairs),
                                 compute_dtype=dtype).values)
 
         end_to_end()

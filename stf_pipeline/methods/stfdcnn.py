@@ -4,10 +4,12 @@ STFDCNN bridges the coarse (MODIS-like) and fine (Landsat-like) resolutions in t
 through an intermediate **low-spatial-resolution (LSR)** fine image, the fine image averaged over
 ``r x r`` fine pixels:
 
-1. the **non-linear mapping (NLM) CNN** maps the coarse image (on the LSR grid) to the LSR fine
-   image: it learns the sensor difference (spectral response, atmosphere, point-spread);
-2. the **super-resolution (SR) CNN** maps the LSR fine image, interpolated (cubic) onto the fine
-   grid, to the fine image: it learns the lost spatial detail.
+1. the **non-linear mapping (NLM) CNN** maps the coarse image on the LSR grid (the cube's coarse
+   image, already resampled onto the fine grid, averaged over the same ``r x r`` blocks) to the
+   LSR fine image: it learns the sensor difference (spectral response, atmosphere, point-spread);
+2. the **super-resolution (SR) CNN** maps the LSR fine image, interpolated (Keys cubic, as SRCNN
+   interpolates its input) onto the fine grid, to the fine image: it learns the lost spatial
+   detail.
 
 Both are five-layer CNNs with residual learning (:mod:`stf_pipeline.nn.stfdcnn_modules`), trained
 stage by stage on all fine+coarse pair dates (:func:`fit`).
@@ -26,8 +28,12 @@ after, at both levels in turn:
 * fine level: transitional images from the SR CNN, ``T_t = SR(up(L_t))`` and ``T_k = SR(up(L_k))``,
   the same modulation of the known fine images and the same weighting give the fine prediction.
 
-Choices we made where the paper's full text was not available to confirm a detail (each is a
-parameter): the kernel sizes and widths of the layers (:class:`~stf_pipeline.nn.stfdcnn_modules.CNNConfig`,
+What the paper's abstract confirms: the two five-layer CNNs and their roles, the LSR images, the
+transitional images, high-pass modulation and a weighting of the predictions from before and
+after. The exact equations of the fusion model above are our reading of it (the modulation is the
+classic high-pass modulation of pan-sharpening, the weights those of ESTARFM-like temporal
+weighting): the full text was not available to us to confirm them. Other choices made where a
+detail could not be confirmed (each is a parameter): the kernel sizes and widths of the layers (:class:`~stf_pipeline.nn.stfdcnn_modules.CNNConfig`,
 3x3 and 64 maps by default); the LSR factor ``r`` (default: the divisor of ``coarse_factor`` closest
 to its square root, 4 for MODIS 480 m on Landsat 30 m, so that each CNN bridges a similar ~4x
 resolution gap; a divisor keeps LSR pixels nested in native coarse pixels); the local window of
@@ -56,8 +62,8 @@ import xarray as xr
 from stf_pipeline.cube import validate_cube
 from stf_pipeline.exceptions import ConfigError, MethodError, ModelError, TaskError
 from stf_pipeline.methods._base import MethodContext, MethodSpec
-from stf_pipeline.task import _iso, to_datetime64, valid_fraction
 from stf_pipeline.nn.stfdcnn_modules import CNNConfig, ResidualCNN
+from stf_pipeline.task import _iso, to_datetime64, valid_fraction
 
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 PRESETS: tuple[str, ...] = ("paper", "tiny")
