@@ -617,24 +617,27 @@ def _rank_keys(
     Returns int32 ``(rows·x, offset)``: the bits of the float32 ``(S + 1e-5)(10 + d/w)``, +inf
     for non-candidates (positive floats order like their bit patterns, and integer selection is
     several times faster than float selection in NumPy). Works one window row (``dy``) at a
-    time on cache-sized slabs with preallocated buffers.
+    time, on ``(dx, rows, x)`` slabs whose inner axis is the image row (long, contiguous loops),
+    with preallocated buffers.
     """
     nb = fine_pad.shape[0]
     w = fine_pad.shape[2] - 2 * r
     side = 2 * r + 1
     dy_grid, dx_grid = np.meshgrid(np.arange(-r, r + 1), np.arange(-r, r + 1), indexing="ij")
     rank_factor = np.float32(10.0) + (np.sqrt(dy_grid * dy_grid + dx_grid * dx_grid) / r).astype(np.float32)
-    centre = fine_pad[:, y0 + r : y0 + r + rows, r : r + w][..., None]
+    centre = fine_pad[:, y0 + r : y0 + r + rows, r : r + w]
     inv = np.float32(1.0) / (centre + np.float32(1e-8))
-    thr = threshold[:, y0 : y0 + rows][..., None].astype(np.float32)
+    thr = threshold[:, y0 : y0 + rows].astype(np.float32)
     keys = np.empty((rows, w, side, side), dtype=np.float32)
-    diff = np.empty((rows, w, side), dtype=np.float32)
+    diff = np.empty((side, rows, w), dtype=np.float32)
     spectral = np.empty_like(diff)
     cand = np.empty(diff.shape, dtype=bool)
     passed = np.empty(diff.shape, dtype=bool)
     for dy in range(side):
-        win = np.lib.stride_tricks.sliding_window_view(fine_pad[:, y0 + dy : y0 + dy + rows], side, axis=2)
-        np.copyto(cand, np.lib.stride_tricks.sliding_window_view(use_pad[y0 + dy : y0 + dy + rows], side, axis=1))
+        win = np.lib.stride_tricks.sliding_window_view(fine_pad[:, y0 + dy : y0 + dy + rows], w, axis=2)
+        win = win.transpose(0, 2, 1, 3)  # (band, dx, rows, x)
+        use = np.lib.stride_tricks.sliding_window_view(use_pad[y0 + dy : y0 + dy + rows], w, axis=1)
+        np.copyto(cand, use.transpose(1, 0, 2))
         for b in range(nb):
             np.subtract(win[b], centre[b], out=diff)
             np.abs(diff, out=diff)
@@ -646,12 +649,12 @@ def _rank_keys(
                 np.multiply(diff, inv[b], out=diff)
                 np.add(spectral, diff, out=spectral)
         if dy == r:
-            cand[..., r] = use_pad[y0 + r : y0 + r + rows, r : r + w]
+            cand[r] = use_pad[y0 + r : y0 + r + rows, r : r + w]
         np.add(spectral, np.float32(1e-5), out=spectral)
-        np.multiply(spectral, rank_factor[dy], out=spectral)
-        slot = keys[:, :, dy, :]
-        slot.fill(np.float32(np.inf))
-        np.copyto(slot, spectral, where=cand)
+        np.multiply(spectral, rank_factor[dy][:, None, None], out=spectral)
+        np.logical_not(cand, out=cand)
+        np.copyto(spectral, np.float32(np.inf), where=cand)
+        keys[:, :, dy, :] = spectral.transpose(1, 2, 0)
     return keys.reshape(rows * w, side * side).view(np.int32)
 
 
