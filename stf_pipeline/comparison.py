@@ -33,7 +33,7 @@ import xarray as xr
 
 from stf_pipeline.cube import validate_cube
 from stf_pipeline.exceptions import ConfigError, STFError, TaskError
-from stf_pipeline.metrics import HIGHER_IS_BETTER, PER_BAND, PER_SCENE, best_index, evaluate
+from stf_pipeline.metrics import HIGHER_IS_BETTER, PER_BAND, PER_SCENE, best_indices, evaluate
 from stf_pipeline.task import DateLike, resolve_task, to_datetime64, valid_fraction
 
 #: rows of the table, in order; ``time_s`` is the wall time of the fusion
@@ -48,6 +48,7 @@ LABELS: dict[str, str] = {
     "sam": "SAM (rad)",
     "time_s": "Time (s)",
 }
+BEST_SEPARATOR = ", "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +151,7 @@ class Comparison:
                         "metric": metric,
                         "band": band,
                         "value": row[run.label],
-                        "best": row["best"] == run.label,
+                        "best": run.label in _split_best(row["best"]),
                     }
                 )
         return pd.DataFrame(rows)
@@ -160,7 +161,8 @@ class Comparison:
 
         Rows are indexed by ``(metric, date, band)`` (band ``all`` for scene-wide metrics and
         wall time), one column per method, and a ``best`` column naming the best method of the
-        row: lowest RMSE, MAE, ERGAS, SAM and time; highest CC and SSIM; bias closest to 0.
+        row (several, joined by ``", "``, when they tie): lowest RMSE, MAE, ERGAS, SAM and time;
+        highest CC and SSIM; bias closest to 0.
         """
         labels = [r.label for r in self.runs]
         bands = [str(b) for b in self.scores["band"].values]
@@ -172,10 +174,10 @@ class Comparison:
                     if metric in PER_BAND:
                         var = var.sel(band=band)
                     values = var.sel(run=labels).values.astype(np.float64)
-                    best = best_index(values, "rmse" if metric == "time_s" else metric)
+                    best = best_indices(values, "rmse" if metric == "time_s" else metric)
                     records.append(
                         {"metric": metric, "date": date, "band": band, **dict(zip(labels, values, strict=True)),
-                         "best": labels[best] if best is not None else ""}
+                         "best": BEST_SEPARATOR.join(labels[k] for k in best)}
                     )
         return pd.DataFrame.from_records(records).set_index(["metric", "date", "band"])
 
@@ -192,7 +194,7 @@ class Comparison:
             for label in labels:
                 value = row[label]
                 text = "—" if not np.isfinite(value) else f"{value:.{2 if metric == 'time_s' else digits}f}"
-                cells.append(f"**{text}**" if row["best"] == label else text)
+                cells.append(f"**{text}**" if label in _split_best(row["best"]) else text)
             lines.append(f"| {LABELS[metric]} | {date} | {band} | {' | '.join(cells)} |")
         notes = [
             "",
@@ -473,6 +475,10 @@ def compare(
     if out is not None:
         result.write(out, figures=figures)
     return result
+
+
+def _split_best(cell: str) -> list[str]:
+    return cell.split(BEST_SEPARATOR) if cell else []
 
 
 def _iso(date: Any) -> str:

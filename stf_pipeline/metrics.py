@@ -34,7 +34,6 @@ window radius, ``boundary='none'``), so a chunked evaluation equals the unchunke
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
 from collections.abc import Mapping
@@ -418,31 +417,19 @@ def _ssim(p: xr.DataArray, t: xr.DataArray, ranges: dict[str, float]) -> xr.Data
     return smap.where(inner_y & inner_x).mean(SPATIAL_DIMS)
 
 
-@dataclasses.dataclass(frozen=True)
-class MetricInfo:
-    """How a metric is read: its label and whether larger is better."""
+def best_indices(values: np.ndarray, metric: str) -> list[int]:
+    """Indices of the best of ``values`` for ``metric``, ties included (|bias| smallest for bias).
 
-    name: str
-    label: str
-    higher_is_better: bool
-    per_band: bool
-
-
-METRICS: dict[str, MetricInfo] = {
-    name: MetricInfo(name, name.upper(), HIGHER_IS_BETTER[name], name in PER_BAND)
-    for name in (*PER_BAND, *PER_SCENE)
-}
-
-
-def best_index(values: np.ndarray, metric: str) -> int | None:
-    """Index of the best of ``values`` for ``metric`` (|bias| smallest for bias); None if all NaN."""
+    Empty if every value is NaN.
+    """
     values = np.asarray(values, dtype=np.float64)
     if not np.isfinite(values).any():
-        return None
+        return []
     if metric == "bias":
         score = -np.abs(values)
     elif HIGHER_IS_BETTER[metric]:
         score = values
     else:
         score = -values
-    return int(np.nanargmax(np.where(np.isfinite(score), score, -np.inf)))
+    score = np.where(np.isfinite(score), score, -np.inf)
+    return [int(i) for i in np.flatnonzero(score == score.max())]

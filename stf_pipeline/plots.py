@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from matplotlib import colors
+from matplotlib import cm, colors
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from scipy import ndimage
@@ -227,6 +227,9 @@ def plot_composites(
             side.set_edgecolor("yellow")
             side.set_linewidth(1.5)
         _label_axes(axes[1, k], f"{label}: zoom")
+    if len(names) == 1:
+        scale = cm.ScalarMappable(colors.Normalize(*limits[0]), cmap="gray")
+        fig.colorbar(scale, ax=axes, label=f"{names[0]} (shared stretch)", shrink=0.8, extend="both")
     kind = bands if isinstance(bands, str) else "/".join(names)
     stretch = f"stretch {percentiles[0]:g}–{percentiles[1]:g} % of truth, shared"
     note = _nodata_note(*(p.sel(band=list(names)).values for p in panels.values()))

@@ -54,14 +54,24 @@ def test_table_has_the_table2_layout_and_marks_the_best(result):
         "rmse", "mae", "bias", "cc", "ssim", "ergas", "sam", "time_s"
     ]
     for (metric, _, _), row in table.iterrows():
-        a, b = row["delta"], row["delta_w3"]
+        values = {"delta": row["delta"], "delta_w3": row["delta_w3"]}
         if metric in ("cc", "ssim"):
-            best = "delta" if a >= b else "delta_w3"
+            key = {k: -v for k, v in values.items()}
         elif metric == "bias":
-            best = "delta" if abs(a) <= abs(b) else "delta_w3"
+            key = {k: abs(v) for k, v in values.items()}
         else:
-            best = "delta" if a <= b else "delta_w3"
-        assert row["best"] == best, (metric, a, b)
+            key = values
+        expected = ", ".join(k for k, v in key.items() if v == min(key.values()))
+        assert row["best"] == expected, (metric, values)
+
+
+def test_ties_are_all_marked(cube):
+    res = compare(cube, methods={"a": {"method": "delta"}, "b": {"method": "delta"}})
+    table = res.table().drop(index="time_s", level="metric")
+    assert (table["best"] == "a, b").all()
+    rows = [line for line in res.to_markdown().splitlines() if line.startswith("| ") and "Time" not in line][1:]
+    assert all(line.count("**") == 4 for line in rows)
+    assert res.tidy().query("metric == 'rmse'")["best"].all()
 
 
 def test_outputs_written(result):
@@ -71,7 +81,9 @@ def test_outputs_written(result):
     markdown = (out / "compare.md").read_text()
     rows = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == len(res.table())
-    assert all(line.count("**") == 2 for line in rows)  # exactly one best per row
+    table = res.table()
+    for line, best in zip(rows, table["best"], strict=True):
+        assert line.count("**") == 2 * len(best.split(", "))  # the best (or tied best) per row in bold
     assert "| RMSE | 2004-05-02 | nir |" in markdown and "ERGAS ratio" in markdown
     meta = json.loads((out / "compare.json").read_text())
     assert meta["targets"] == res.targets

@@ -81,6 +81,7 @@ def test_false_colour_grey_and_default_zoom(scene):
     grey = plots.plot_composites(truth, preds, bands=("nir",))
     drawn = np.asarray(grey.axes[0].images[0].get_array())
     np.testing.assert_allclose(drawn[..., 0], drawn[..., 1])
+    assert "nir" in grey.axes[-1].get_ylabel()  # a grey composite gets a value scale
     assert_readable(grey)
 
 
