@@ -125,12 +125,16 @@ def map_overlapping(
     ychunks, xchunks = plan_chunks(fine.shape[2:], chunks, halo=halo, align=align)
     stacked = da.concatenate([fine, coarse, coarse_target[None]], axis=0).astype(np.float32)
     stacked = stacked.rechunk((stacked.shape[0], stacked.shape[1], ychunks, xchunks))
-    depth = {0: 0, 1: 0, 2: halo, 3: halo}
+    # an axis held in one chunk needs no overlap (and a halo may exceed a small scene)
+    ydepth = halo if len(ychunks) > 1 else 0
+    xdepth = halo if len(xchunks) > 1 else 0
+    halo = max(ydepth, xdepth)
+    depth = {0: 0, 1: 0, 2: ydepth, 3: xdepth}
     extended = da.overlap.overlap(stacked, depth=depth, boundary="none") if halo else stacked
     extra_extended = []
     for values in extra.values():
         values = da.asarray(values).rechunk((ychunks, xchunks))
-        extra_extended.append(da.overlap.overlap(values, depth={0: halo, 1: halo}, boundary="none") if halo else values)
+        extra_extended.append(da.overlap.overlap(values, depth={0: ydepth, 1: xdepth}, boundary="none") if halo else values)
     out_chunks = extended.chunks[1:]
     mapped = da.map_blocks(
         _apply_block,
@@ -148,4 +152,4 @@ def map_overlapping(
     )
     if not halo:
         return mapped
-    return da.overlap.trim_internal(mapped, {0: 0, 1: halo, 2: halo}, boundary="none")
+    return da.overlap.trim_internal(mapped, {0: 0, 1: ydepth, 2: xdepth}, boundary="none")

@@ -13,7 +13,7 @@ def _shift_sum(a: np.ndarray, radius: int, axis: int) -> np.ndarray:
     """Sum of ``a`` over ``[-radius, radius]`` along ``axis``, zero outside the array."""
     n = a.shape[axis]
     out = np.zeros_like(a)
-    for offset in range(-radius, radius + 1):
+    for offset in range(-min(radius, n - 1), min(radius, n - 1) + 1):
         src = [slice(None)] * a.ndim
         dst = [slice(None)] * a.ndim
         if offset >= 0:
