@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -557,7 +558,12 @@ def _fit_pairs(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``stf compare PIPELINE.yaml``: run the comparison a pipeline file describes and write its outputs."""
+    """``stf compare PIPELINE.yaml [-o OUT] [--no-figures]``: run the comparison a pipeline file describes.
+
+    Builds the pipeline's cube, trains its learned methods, runs :func:`compare` with its methods
+    and targets, writes the table and figures into ``OUT`` (default: the pipeline's ``output``)
+    and prints the Markdown table. Returns 0, or 2 after printing the error of a bad pipeline.
+    """
     parser = argparse.ArgumentParser(
         prog="stf compare",
         description="Run several fusion methods on the same tasks, score them against the held-out truth, and "
@@ -572,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_compare(args.pipeline, out=args.out, figures=not args.no_figures)
     except (STFError, OSError) as err:
-        parser.exit(2, f"stf compare: error: {err}\n")
+        print(f"stf compare: error: {err}", file=sys.stderr)
+        return 2
     print(result.to_markdown())
     return 0
 

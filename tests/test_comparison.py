@@ -128,3 +128,24 @@ def test_errors(cube):
     lonely = cube.isel(time=[1])  # no fine observation at all: nothing can run
     with pytest.raises(TaskError, match="no method could run"), pytest.warns(UserWarning, match="cannot run"):
         compare(lonely, methods=["delta"])
+
+
+def test_stf_compare_command(tmp_path, capsys):
+    from stf_pipeline.comparison import main
+
+    pipeline = tmp_path / "compare.yaml"
+    pipeline.write_text(
+        "name: tiny\n"
+        "cube:\n"
+        "  synthetic: {height: 40, width: 40, n_times: 4, seed: 1, fine_times: [0, 2, 3], coarse_factor: 8}\n"
+        f"output: {tmp_path / 'out'}\n"
+        "write_cube: false\n"
+        "methods:\n"
+        "  - name: delta\n"
+    )
+    assert main([str(pipeline), "--no-figures"]) == 0
+    printed = capsys.readouterr().out
+    assert "| RMSE | 2004-05-02 | blue |" in printed
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compare.csv", "compare.json", "compare.md"]
+    assert main([str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
