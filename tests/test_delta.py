@@ -93,3 +93,11 @@ def test_errors(small_cube):
     cube["fine"][0] = np.nan
     with pytest.raises(TaskError, match="fine image at pair date 2020-03-01 is all NaN"):
         stf.fuse(cube, "2020-03-17", method="delta", pairs=["2020-03-01"])
+
+
+def test_window_larger_than_scene_and_chunks():
+    cube = random_cube(n_times=3, height=44, width=45, coarse_factor=16, seed=5)
+    target = cube.time.values[1]
+    eager = stf.fuse(cube, target, method="delta", window=101)
+    lazy = stf.fuse(cube.chunk(time=1, y=20, x=45), target, method="delta", window=101)
+    assert_chunked_equals_unchunked(eager, lazy)
