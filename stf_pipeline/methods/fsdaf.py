@@ -330,23 +330,13 @@ def _windows(a: np.ndarray, radius: int, fill: Any) -> np.ndarray:
     return view.reshape(*a.shape, side * side)
 
 
-def _box(a: np.ndarray, radius: int) -> np.ndarray:
-    """:func:`box_sum` that also accepts windows larger than the array (zero-padded to fit)."""
-    h, w = a.shape[-2:]
-    py, px = max(0, radius + 1 - h), max(0, radius + 1 - w)
-    if not (py or px):
-        return box_sum(a, radius)
-    padded = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, py), (0, px)])
-    return box_sum(padded, radius)[..., :h, :w]
-
-
 def _window_stats(values: np.ndarray, radius: int, ddof: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Count, mean and standard deviation of finite values in the ``(2r+1)²`` cell window."""
     valid = np.isfinite(values)
     x = np.where(valid, values, 0.0)
-    count = _box(valid.astype(np.float64), radius)
-    total = _box(x, radius)
-    square = _box(x * x, radius)
+    count = box_sum(valid.astype(np.float64), radius)
+    total = box_sum(x, radius)
+    square = box_sum(x * x, radius)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = total / count
         var = (square - count * mean * mean) / (count - ddof)
@@ -590,9 +580,9 @@ def similarity_threshold(fine: np.ndarray, labels: np.ndarray, n_classes: int, f
     cells = _to_cells(np.asarray(fine, dtype=np.float64), factor, np.nan)
     valid = np.isfinite(cells)
     x = np.where(valid, cells, 0.0)
-    count = _box(valid.sum(axis=(-3, -1)).astype(np.float64), radius)
-    total = _box(x.sum(axis=(-3, -1)), radius)
-    square = _box((x * x).sum(axis=(-3, -1)), radius)
+    count = box_sum(valid.sum(axis=(-3, -1)).astype(np.float64), radius)
+    total = box_sum(x.sum(axis=(-3, -1)), radius)
+    square = box_sum((x * x).sum(axis=(-3, -1)), radius)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = total / count
         std = np.sqrt(np.maximum((square - count * mean * mean) / (count - 1), 0.0))
@@ -600,7 +590,7 @@ def similarity_threshold(fine: np.ndarray, labels: np.ndarray, n_classes: int, f
     present = np.zeros(std.shape[1:])
     for c in range(n_classes):
         has = (lab_cells == c).any(axis=(-3, -1)).astype(np.float64)
-        present += _box(has, radius) > 0
+        present += box_sum(has, radius) > 0
     return 2.0 * std / np.maximum(present, 1.0)
 
 
