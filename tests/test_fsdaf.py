@@ -207,14 +207,15 @@ def test_kernel_beats_fine_plus_coarse_change_on_class_change():
     assert rmse(got) < rmse(f1 + c2 - c1)
 
 
-def test_chunked_equals_unchunked_through_the_engine():
-    f1, c1, c2, _, _ = _scene(seed=3, h=72, w=90)
-    centres = kmeans(f1.reshape(3, -1).T, 3)
-    p = _params(6, centres)
-    halo = fsdaf.METHOD.halo(p, MethodContext(coarse_factor=6, pixel_size=30.0, n_bands=3))
-    whole = map_overlapping(fsdaf.fsdaf_kernel, f1[None], c1[None], c2, halo=halo, align=6, params=p)
+@pytest.mark.parametrize(("factor", "clouds"), [(6, False), (6, True), (3, False)])
+def test_chunked_equals_unchunked_through_the_engine(factor, clouds):
+    f1, c1, c2, _, _ = _scene(seed=3, h=72, w=90, factor=factor, clouds=clouds)
+    centres = kmeans(f1.reshape(3, -1).T[np.isfinite(f1.reshape(3, -1).T).all(1)], 3)
+    p = _params(factor, centres)
+    halo = fsdaf.METHOD.halo(p, MethodContext(coarse_factor=factor, pixel_size=30.0, n_bands=3))
+    whole = map_overlapping(fsdaf.fsdaf_kernel, f1[None], c1[None], c2, halo=halo, align=factor, params=p)
     lazy = map_overlapping(fsdaf.fsdaf_kernel, da.from_array(f1[None]), da.from_array(c1[None]), da.from_array(c2),
-                           halo=halo, align=6, chunks=(24, 30), params=p)
+                           halo=halo, align=factor, chunks=(24, 30), params=p)
     assert lazy.numblocks[1:] == (3, 3)
     np.testing.assert_allclose(lazy.compute(), whole, atol=1e-6, rtol=0)
 

@@ -35,9 +35,10 @@ Everything a block computes is either per pixel or a function of a fixed neighbo
 centres and the fine clip are scene-wide parameters fitted once before the blocks run
 (:func:`statistics`, lazily for Dask input); every window (unmixing, allowed range, similarity threshold, TPS,
 homogeneity, similar pixels) is centred on the cell or pixel and truncated only at the block
-edge. The halo is ``coarse_factor · (ceil(half_window / coarse_factor) + max(unmix_radius,
-tps_radius) + 1)`` fine pixels, which covers the longest dependency chain (similar pixel → its
-cell → that cell's window), and the engine aligns blocks to cells (``coarse_aligned=True``). So
+edge. The halo is ``max(coarse_factor · (ceil(half_window / coarse_factor) + max(unmix_radius,
+tps_radius) + 1), 2 · half_window)`` fine pixels, which covers the longest dependency chains
+(similar pixel → its cell → that cell's window; similar pixel → its homogeneity window), and the
+engine aligns blocks to cells (``coarse_aligned=True``). So
 every output pixel sees exactly the data it sees in an unchunked run; window sums are accumulated
 in a fixed order, so chunked equals unchunked to floating-point rounding of the batched solvers
 (tested at 1e-6).
@@ -869,9 +870,10 @@ def extra_vars(params: FSDAFParams) -> tuple[str, ...]:
 
 
 def _halo(params: FSDAFParams, context: MethodContext) -> int:
+    """Longest dependency of an output pixel: a similar pixel's cell window, or its homogeneity window."""
     factor = int(params.coarse_factor or context.coarse_factor or 1)
     cells = -(-params.half_window // factor) + max(params.unmix_radius, params.tps_radius) + 1
-    return factor * cells
+    return max(factor * cells, 2 * params.half_window)
 
 
 METHOD = MethodSpec(
