@@ -162,7 +162,7 @@ class Comparison:
 
         Rows are indexed by ``(metric, date, band)`` (band ``all`` for scene-wide metrics and
         wall time), one column per method, and a ``best`` column naming the best method of the
-        row (several, joined by ``", "``, when they tie): lowest RMSE, MAE, ERGAS, SAM and time;
+        row (several, joined by ``", "``, when they tie; none with fewer than two values): lowest RMSE, MAE, ERGAS, SAM and time;
         highest CC and SSIM; bias closest to 0.
         """
         labels = [r.label for r in self.runs]
@@ -176,6 +176,8 @@ class Comparison:
                         var = var.sel(band=band)
                     values = var.sel(run=labels).values.astype(np.float64)
                     best = best_indices(values, "rmse" if metric == "time_s" else metric)
+                    if np.isfinite(values).sum() < 2:  # nothing to compare with
+                        best = []
                     records.append(
                         {"metric": metric, "date": date, "band": band, **dict(zip(labels, values, strict=True)),
                          "best": BEST_SEPARATOR.join(labels[k] for k in best)}
@@ -197,10 +199,13 @@ class Comparison:
                 text = "—" if not np.isfinite(value) else f"{value:.{2 if metric == 'time_s' else digits}f}"
                 cells.append(f"**{text}**" if label in _split_best(row["best"]) else text)
             lines.append(f"| {LABELS[metric]} | {date} | {band} | {' | '.join(cells)} |")
-        notes = [
-            "",
-            "Best value per row in **bold**: lowest RMSE, MAE, ERGAS, SAM and time; highest CC and SSIM; "
-            "bias closest to 0.",
+        notes = [""]
+        if len(labels) > 1:
+            notes.append(
+                "Best value per row in **bold**: lowest RMSE, MAE, ERGAS, SAM and time; highest CC and SSIM; "
+                "bias closest to 0."
+            )
+        notes += [
             f"ERGAS ratio (fine/coarse pixel size) = {self.scores.attrs['ergas_ratio']:.4g}; "
             f"SSIM: Gaussian σ = 1.5, data range {self.scores.attrs['ssim_data_range']}. "
             "Time: wall-clock seconds of the fusion (inputs read included).",

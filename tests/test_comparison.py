@@ -112,6 +112,7 @@ def test_pairs_per_target_and_catalog_targets(cube):
     res = compare(catalog_like, methods=["delta"], pairs={"2004-05-18": ["2004-06-03"]})
     assert res.targets == ["2004-05-18"]
     assert res.pairs == {"2004-05-18": {"delta": ["2004-06-03"]}}
+    assert (res.table()["best"] == "").all() and "**" not in res.to_markdown()  # one method: no winner
 
 
 def test_errors(cube):
