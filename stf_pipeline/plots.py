@@ -17,6 +17,7 @@ work under any backend (Agg on servers) and leave no global state behind.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -157,6 +158,12 @@ def _label_axes(ax: Any, title: str) -> None:
     ax.patch.set_edgecolor("0.65")
 
 
+def _suptitle(fig: Figure, text: str, fontsize: float = 10) -> None:
+    """Figure title wrapped to the figure width, so that it is never clipped."""
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+    fig.suptitle(textwrap.fill(text, chars), fontsize=fontsize)
+
+
 def _nodata_note(*arrays: Any) -> str:
     """``"; hatched = no data"`` if any of the images has NaN pixels, else ``""``."""
     return "; hatched = no data" if any(np.isnan(np.asarray(a, dtype=np.float64)).any() for a in arrays) else ""
@@ -233,10 +240,10 @@ def plot_composites(
     kind = bands if isinstance(bands, str) else "/".join(names)
     stretch = f"stretch {percentiles[0]:g}–{percentiles[1]:g} % of truth, shared"
     note = _nodata_note(*(p.sel(band=list(names)).values for p in panels.values()))
-    fig.suptitle(
+    _suptitle(
+        fig,
         (title or f"{kind}-colour composite ({'/'.join(names)}), {stretch}; "
          f"zoom rows {r0}–{r1}, cols {c0}–{c1}") + note,
-        fontsize=10,
     )
     return _save(fig, path, dpi)
 
@@ -306,7 +313,7 @@ def plot_change(
     _diverging_row(fig, axes[1, 1:], error, limit=_symmetric_limit(list(error.values()), percentile),
                    label=f"error {band} (reflectance)", cmap="PuOr_r")
     note = _nodata_note(*change.values(), *error.values())
-    fig.suptitle(f"Change of {band} from {reference_label} to the target date: true vs predicted{note}", fontsize=10)
+    _suptitle(fig, f"Change of {band} from {reference_label} to the target date: true vs predicted{note}")
     return _save(fig, path, dpi)
 
 
@@ -354,8 +361,7 @@ def plot_bias(
     _diverging_row(fig, axes[1, 1:], error, limit=_symmetric_limit(list(error.values()), percentile),
                    label=f"error {band} (reflectance)", cmap="PuOr_r")
     note = _nodata_note(*bias.values(), *error.values())
-    fig.suptitle(f"Fine-minus-coarse bias of {band} at the target date, and the error of each prediction{note}",
-                 fontsize=10)
+    _suptitle(fig, f"Fine-minus-coarse bias of {band} at the target date, and the error of each prediction{note}")
     return _save(fig, path, dpi)
 
 
@@ -435,7 +441,7 @@ def plot_scatter(
                 ax.set_ylabel(f"{label}\nprediction", fontsize=8)
     axes[0, -1].legend(loc="lower right", fontsize=7)
     fig.colorbar(image, ax=axes, label="pixels per bin", shrink=0.8)
-    fig.suptitle(f"Prediction vs truth ({int(valid.sum())} pixels valid in all images)", fontsize=10)
+    _suptitle(fig, f"Prediction vs truth ({int(valid.sum())} pixels valid in all images)")
     return _save(fig, path, dpi)
 
 

@@ -60,6 +60,8 @@ def test_composites_share_the_truth_stretch(scene, tmp_path):
         assert len(axes[0, k].patches) == 1  # the zoom box
     assert [ax.get_title() for ax in axes[0]] == ["truth", "delta", "starfm"]
     assert_readable(fig)
+    for one in ({"delta": preds["delta"]}, {"a long method label": preds["delta"]}):
+        assert_readable(plots.plot_composites(truth, one, bands="false"))  # a narrow figure wraps its title
 
 
 def test_composite_limits_are_truth_percentiles(scene):
