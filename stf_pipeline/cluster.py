@@ -189,15 +189,18 @@ def _cuda_cluster(config: ClusterConfig) -> Any:
             "cluster gpu: true needs dask-cuda; install it with pip install 'stf_pipeline[gpu]' "
             f"(import failed: {err})."
         ) from err
-    kwargs: dict[str, Any] = {
-        "threads_per_worker": config.threads_per_worker or 1,
-        "env": dict(GPU_WORKER_ENV),
-    }
+    import dask
+
+    kwargs: dict[str, Any] = {"threads_per_worker": config.threads_per_worker or 1}
     if config.n_workers is not None:
         kwargs["n_workers"] = config.n_workers
     if config.memory_limit is not None:
         kwargs["memory_limit"] = memory_limit_bytes(config.memory_limit)
-    return LocalCUDACluster(**kwargs)
+    # dask-cuda sets each worker's CUDA_VISIBLE_DEVICES (its own GPU first) in the worker spec's
+    # env, replacing an env= argument; the nannies' configured environ is merged under it.
+    environ = {**dask.config.get("distributed.nanny.environ", {}), **GPU_WORKER_ENV}
+    with dask.config.set({"distributed.nanny.environ": environ}):
+        return LocalCUDACluster(**kwargs)
 
 
 def _announce(client: Any, what: str, *, quiet: bool) -> None:
