@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,9 @@ def cube():
 def result(cube, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     methods = {"delta": {}, "delta_w3": {"method": "delta", "window": 3}}
-    return compare(cube, methods=methods, out=out), out
+    # a model's loss history is drawn as a loss-curve figure (delta itself ignores the model)
+    model = SimpleNamespace(history={"stage1": {"step": [1, 2, 3], "loss": [1.0, 0.5, 0.2]}})
+    return compare(cube, methods=methods, models={"delta_w3": model}, out=out), out
 
 
 def test_scores_equal_evaluate_on_the_same_task(cube, result):
@@ -93,6 +96,7 @@ def test_outputs_written(result):
     for date in res.targets:
         for stem in ("composite_true", "composite_false", "change", "bias", "scatter"):
             assert (out / f"{stem}_{date}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "loss_delta_w3.png").exists() and not (out / "loss_delta.png").exists()
 
 
 def test_cube_without_truth_var_hides_the_target(cube):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
@@ -13,10 +11,11 @@ from hypothesis import strategies as st
 from skimage.metrics import structural_similarity
 
 import stf_pipeline as stf
+from stf_pipeline.catalog import data_root
 from stf_pipeline.metrics import EvaluationError, evaluate, ssim_radius
 from stf_pipeline.testing import raise_if_dask_computes
 
-REAL = Path("/work/shared/data/real/zhu_estarfm")
+REAL = data_root() / "zhu_estarfm"
 
 
 def as_da(a: np.ndarray, *, bands=None, factor: int | None = 16, y0: float = 0.0) -> xr.DataArray:
