@@ -335,6 +335,8 @@ def test_bad_configs(cube):
         stf.train(no_factor, method="stfdcnn", train_times=times, config="tiny")
     with pytest.raises(MethodError, match="weight_window"):
         stfdcnn.STFDCNNParams(weight_window=2)
+    with pytest.raises(MethodError, match="compute_dtype"):
+        stfdcnn.STFDCNNParams(compute_dtype="float16")
 
 
 def test_model_of_other_bands_or_method_is_refused(cube, model):

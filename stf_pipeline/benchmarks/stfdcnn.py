@@ -3,8 +3,8 @@
 Training: the shared :func:`stf_pipeline.nn.fit` loop (seeded patch draws, on-device crops,
 jitted step), timed after a compiling warm-up run, for each stage (the NLM
 CNN on LSR patches, the SR CNN on fine patches). Speed does not depend on the pixel values, so
-the scenes are :func:`stf_pipeline.testing.random_cube` (six bands, ``coarse_factor`` 16: LSR
-factor 4), which is quick to build at any size. Inference: the jitted two-level prediction
+the scenes are uniform random reflectance (three dates, six bands, ``coarse_factor`` 16: LSR
+factor 4, no CRS so that GPU workers need no GDAL), quick to build at any size. Inference: the jitted two-level prediction
 (:func:`stf_pipeline.methods.stfdcnn.predict_block`) of a ``size x size`` scene with the paper's
 architecture (weights random: speed does not depend on them), timed after a warm-up on
 device-resident inputs ("compute"), and end to end through ``stf.fuse`` on a NumPy-backed cube
@@ -53,6 +53,20 @@ def _time(fn: Any, repeats: int) -> float:
     return best
 
 
+def scene(size: int, *, seed: int = 0) -> Any:
+    """A ``size x size`` cube of uniform random reflectance: 3 dates, 6 bands, ``coarse_factor`` 16."""
+    import numpy as np
+
+    from stf_pipeline.cube import make_cube
+    from stf_pipeline.testing import BANDS6
+
+    rng = np.random.default_rng(seed)
+    fine, coarse = (rng.uniform(0.02, 0.5, (3, len(BANDS6), size, size)).astype(np.float32) for _ in range(2))
+    centres = (np.arange(size) + 0.5) * 30.0
+    times = np.datetime64("2020-01-01") + np.arange(3) * np.timedelta64(16, "D")
+    return make_cube(fine, coarse, time=times, band=BANDS6, y=centres[::-1].copy(), x=centres, coarse_factor=16)
+
+
 def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
     import dataclasses
 
@@ -61,10 +75,9 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from stf_pipeline.methods import stfdcnn
     from stf_pipeline.nn import PatchSampler, TrainConfig, create_train_state, fit
-    from stf_pipeline.testing import BANDS6, random_cube
     from stf_pipeline.nn.stfdcnn_modules import ResidualCNN
 
-    cube = random_cube(n_times=3, height=args.train_size, width=args.train_size, bands=BANDS6, coarse_factor=16)
+    cube = scene(args.train_size)
     times = cube.time.values
     factor = int(cube.attrs["coarse_factor"])
     r = stfdcnn.default_lsr_factor(factor)
@@ -110,9 +123,8 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
     from stf_pipeline.methods import stfdcnn
     from stf_pipeline.nn import FittedModel
     from stf_pipeline.nn.stfdcnn_modules import ResidualCNN
-    from stf_pipeline.testing import BANDS6, random_cube
 
-    cube = random_cube(n_times=3, height=args.size, width=args.size, bands=BANDS6, coarse_factor=16, seed=1)
+    cube = scene(args.size, seed=1)
     factor = int(cube.attrs["coarse_factor"])
     bands = tuple(cube["band"].values.tolist())
     arch = stfdcnn.Architecture(bands=bands, lsr_factor=stfdcnn.default_lsr_factor(factor), coarse_factor=factor)
@@ -127,7 +139,7 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
     coarse_target = jnp.asarray(cube.coarse.sel(time=target).values)
     device_params = jax.device_put(params)
     rows = []
-    for dtype in ("float32", "bfloat16"):
+    for dtype in stfdcnn.COMPUTE_DTYPES:
         p = stfdcnn.STFDCNNParams(compute_dtype=dtype)
 
         def compute(p: Any = p) -> None:
