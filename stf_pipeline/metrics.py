@@ -34,9 +34,10 @@ window radius, ``boundary='none'``), so a chunked evaluation equals the unchunke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import dask.array as da
 import numpy as np
@@ -106,7 +107,7 @@ def evaluate(
         temperature in kelvin). Recorded in the result's attrs.
     compute : bool, default True
         Compute the scores (one Dask compute for all of them). ``False`` returns the lazy
-        Dataset; the checks on valid pixels then run when it is computed.
+        Dataset; the checks on valid pixels then run when its ``n_valid`` is computed.
 
     Returns
     -------
@@ -146,7 +147,7 @@ def evaluate(
 
     p = pred.astype(np.float64).where(valid)
     t = truth.astype(np.float64).where(valid)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with _quiet():
         diff = p - t
         bias = diff.mean(SPATIAL_DIMS)
         rmse = np.sqrt((diff**2).mean(SPATIAL_DIMS))
@@ -186,7 +187,19 @@ def evaluate(
             "sam_units": "radians",
         }
     )
-    return scores.compute() if compute else scores
+    if not compute:
+        return scores
+    with _quiet():
+        return scores.compute()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the NumPy warnings of empty or constant selections: those scores are NaN by design."""
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+        yield
 
 
 _UNITS: dict[str, str] = {
