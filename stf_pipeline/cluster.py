@@ -27,11 +27,10 @@ from stf_pipeline.exceptions import ConfigError
 
 #: fraction of the machine's memory that all local workers together may hold
 WORKER_MEMORY_FRACTION = 0.7
-#: environment of GPU workers: JAX sees only the worker's own GPU and allocates on demand
-GPU_WORKER_ENV: dict[str, str] = {
-    "JAX_CUDA_VISIBLE_DEVICES": "0",
-    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-}
+#: environment of GPU workers. dask-cuda lists each worker's own GPU first in its
+#: CUDA_VISIBLE_DEVICES, so that GPU is JAX's default device (``cuda:0``) there; JAX still
+#: opens the other GPUs, so it must allocate on demand rather than preallocate 75 % of each.
+GPU_WORKER_ENV: dict[str, str] = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +43,8 @@ class ClusterConfig:
         Scheduler address of an existing Dask cluster (``tcp://host:8786``); its size is set
         there, so the other fields must stay unset.
     gpu : bool, default False
-        Start a dask-cuda ``LocalCUDACluster``: one worker per visible GPU, JAX on that GPU.
+        Start a dask-cuda ``LocalCUDACluster``: one worker per visible GPU, whose JAX default
+        device is that GPU.
     n_workers : int, optional
         Worker processes; default one per CPU core (one per GPU with ``gpu``).
     threads_per_worker : int, optional
