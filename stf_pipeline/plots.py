@@ -308,7 +308,7 @@ def plot_change(
     _diverging_row(fig, axes[0], change, limit=_symmetric_limit([change["true ΔF"]], percentile),
                    label=f"ΔF {band} (reflectance)")
     axes[1, 0].set_axis_off()
-    axes[1, 0].text(0.5, 0.5, f"row 2:\npredicted ΔF\n− true ΔF\n(= prediction\n− truth)", ha="center",
+    axes[1, 0].text(0.5, 0.5, "row 2:\npredicted ΔF\n− true ΔF\n(= prediction\n− truth)", ha="center",
                     va="center", fontsize=9, transform=axes[1, 0].transAxes)
     _diverging_row(fig, axes[1, 1:], error, limit=_symmetric_limit(list(error.values()), percentile),
                    label=f"error {band} (reflectance)", cmap="PuOr_r")
@@ -393,7 +393,9 @@ def plot_scatter(
     """
     truth, preds = _check_inputs(truth, predictions)
     bands = list(bands) if bands is not None else _bands(truth)
-    resolve_bands(_bands(truth), bands[:1])
+    missing = [b for b in bands if b not in _bands(truth)]
+    if missing:
+        raise PlotError(f"bands {missing} are not in the image (bands {_bands(truth)}); pick from those.")
     valid = np.isfinite(np.asarray(truth.values)).all(0)
     for p in preds.values():
         valid &= np.isfinite(np.asarray(p.values)).all(0)
