@@ -183,12 +183,12 @@ def fuse_series(
             f"{len(missing)} region(s) of {path} were not recorded as written (e.g. {sorted(missing)[0]}); "
             "run stf.fuse_series again with the same arguments to resume."
         )
-    zarr_group(path, mode="r+").attrs[COMPLETE_ATTR] = True
+    _zarr_group(path, mode="r+").attrs[COMPLETE_ATTR] = True
     _finalize(path)
     return xr.open_zarr(path, consolidated=True, decode_coords="all")
 
 
-def zarr_group(path: Path, *, mode: str = "r") -> Any:
+def _zarr_group(path: Path, *, mode: str = "r") -> Any:
     """Open the root group of a store without consolidated metadata (the attrs as on disk)."""
     import zarr
 
@@ -298,7 +298,7 @@ def _store_state(path: Path, digest: str, *, overwrite: bool) -> str:
     if not path.exists() and not path.is_symlink():
         return "new"
     try:
-        attrs = zarr_group(path).attrs.asdict()
+        attrs = _zarr_group(path).attrs.asdict()
     except Exception:  # not a Zarr group at all
         attrs = None
     if attrs is None or STORE_MARKER not in attrs:
