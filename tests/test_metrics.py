@@ -257,7 +257,7 @@ def test_chunked_equals_unchunked_and_computes_once():
         xr.testing.assert_allclose(evaluate(as_da(p).chunk(x=9), as_da(t)), eager, rtol=1e-12, atol=1e-14)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
     shape=st.tuples(st.integers(1, 3), st.integers(11, 18), st.integers(11, 18)),
