@@ -310,6 +310,8 @@ def test_errors_name_the_problem():
     t = as_da(rng.uniform(0.1, 0.5, (2, 14, 14)))
     with pytest.raises(EvaluationError, match="different grids"):
         evaluate(t, as_da(t.values, y0=300.0))
+    with pytest.raises(EvaluationError, match="different grids"):  # a sixth of a 30 m pixel, far from the origin
+        evaluate(t.assign_coords(x=t.x + 5e6), t.assign_coords(x=t.x + 5e6 + 5.0))
     with pytest.raises(EvaluationError, match="bands"):
         evaluate(t, as_da(t.values, bands=["red", "nir"]))
     with pytest.raises(EvaluationError, match="size along 'x'"):
