@@ -154,3 +154,17 @@ def test_stf_compare_command(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compare.csv", "compare.json", "compare.md"]
     assert main([str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_method_that_cannot_run_is_skipped_not_fatal(cube):
+    with pytest.warns(UserWarning, match="estarfm cannot run"):
+        res = compare(cube, methods=["delta", "estarfm"], pairs=["2004-04-16"])  # ESTARFM needs two pairs
+    assert "estarfm" in res.skipped["2004-05-02"]
+    assert np.isnan(res.scores["rmse"].sel(run="estarfm")).all()
+    assert np.isfinite(res.scores["rmse"].sel(run="delta")).all()
+    assert (res.table()["best"] == "").all()  # one value per row: nothing to mark
+    markdown = res.to_markdown()
+    assert "| RMSE | 2004-05-02 | blue | " in markdown and " — |" in markdown and "Not run: estarfm" in markdown
+    figs = res.figures()
+    assert "composite_true_2004-05-02" in figs
+    assert [ax.get_title() for ax in figs["composite_true_2004-05-02"].axes[:2]] == ["truth", "delta"]
