@@ -313,6 +313,8 @@ def test_too_few_or_unusable_training_dates(cube):
         stf.train(cube, method="stfdcnn", train_times=cube.time.values[:1], config="tiny")
     with pytest.raises(TaskError, match="not dates of the cube"):
         stf.train(cube, method="stfdcnn", train_times=["2020-03-01", "1999-01-01"], config="tiny")
+    with pytest.raises(TaskError, match="held-out"):
+        stf.train(cube, method="stfdcnn", train_times=cube.time.values[:2], val_times=cube.time.values[1:3], config="tiny")
     holes = cube.assign(fine=cube.fine.where(cube.time != cube.time[1]))
     holes = holes.assign_coords(fine_valid=("time", [1.0, 0.0, 1.0, 1.0]))
     with pytest.raises(TaskError, match="no fine image"):

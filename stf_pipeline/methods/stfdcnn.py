@@ -660,6 +660,12 @@ def fit(
             "(the networks learn a mapping that must hold across dates); pass more train_times."
         )
     val_dates = _check_dates(cube, val_times, "validation dates") if val_times else []
+    shared = sorted(_iso(t) for t in set(val_dates) & set(dates))
+    if shared:
+        raise TaskError(
+            f"stfdcnn: validation dates {shared} are also training dates; validation needs held-out dates: "
+            "remove them from one of the two lists."
+        )
     coarse_factor = int(cube.attrs["coarse_factor"])
     r = int(cfg.lsr_factor) if cfg.lsr_factor is not None else default_lsr_factor(coarse_factor)
     bands = tuple(str(b) for b in cube["band"].values.tolist())
@@ -679,8 +685,10 @@ def fit(
     )
     keys = jax.random.split(jax.random.key(train.seed), len(stages))
     workdir = None if workdir is None else Path(workdir)
+    settings = cfg.to_dict()
+    settings["train"].pop("progress")  # showing a progress bar or not does not change the model
     fingerprint = {
-        "method": "stfdcnn", "architecture": arch.to_dict(), "config": cfg.to_dict(),
+        "method": "stfdcnn", "architecture": arch.to_dict(), "config": settings,
         "train_times": [_iso(t) for t in dates], "val_times": [_iso(t) for t in val_dates],
     }
     params: dict[str, Any] = {}
