@@ -1,0 +1,205 @@
+"""BiaSTF: configuration, training on all ordered pairs, the engine kernel, fusion and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+import stf_pipeline as stf
+from stf_pipeline.exceptions import ConfigError, MethodError, ModelError, TaskError
+from stf_pipeline.methods import biastf
+from stf_pipeline.methods.biastf import BiaSTFConfig, BiaSTFParams, fuse_directions, predict_block
+from stf_pipeline.nn import BandNet, FittedModel
+from stf_pipeline.testing import assert_chunked_equals_unchunked, raise_if_dask_computes, random_cube
+
+#: seconds on a CPU: 2 bands, 24-pixel patches, 20 steps per stage
+FAST = {"preset": "tiny", "train": {"steps": 20, "patch_size": 24, "batch_size": 4, "eval_every": 10, "checkpoint_every": 10}}
+
+
+@pytest.fixture(scope="module")
+def cube():
+    return random_cube(n_times=5, height=48, width=56, bands=("red", "nir"), coarse_factor=8, seed=11)
+
+
+@pytest.fixture(scope="module")
+def trained(cube, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("biastf")
+    times = cube.time.values
+    model = stf.train(cube, method="biastf", train_times=times[[0, 1, 3, 4]], val_times=times[[2]], config=FAST, workdir=workdir)
+    return model, workdir
+
+
+def test_config_presets_mappings_and_errors():
+    paper = BiaSTFConfig.resolve(None)
+    assert paper.filters == (128, 128, 128) and not paper.multiband and paper.stage1.patch_size == 128
+    assert paper.g_loss == paper.b_loss == "l2"  # Eqs. 16-17 are squared Frobenius norms
+    cfg = BiaSTFConfig.resolve({"preset": "tiny", "multiband": False, "train": {"steps": 7}, "stage2": {"steps": 9}})
+    assert cfg.filters == (16, 16, 16) and not cfg.multiband and cfg.stage1.steps == 7 and cfg.stage2.steps == 9
+    assert BiaSTFConfig.resolve(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['filtres'\]"):
+        BiaSTFConfig.resolve({"filtres": (8, 8, 8)})
+    with pytest.raises(ConfigError, match="unknown config preset"):
+        BiaSTFConfig.resolve("huge")
+    with pytest.raises(ConfigError, match="g_inputs must be distinct names"):
+        BiaSTFConfig(g_inputs=("change_pred",))
+    with pytest.raises(ConfigError, match="unknown train config key"):
+        BiaSTFConfig.resolve({"train": {"epochs": 3}})
+    with pytest.raises(MethodError, match="positive odd"):
+        BiaSTFParams(window=4)
+    with pytest.raises(MethodError, match="dtype must be one of"):
+        BiaSTFParams(dtype="float16")
+
+
+def test_halo_is_receptive_field_of_g_then_b_plus_fusion_window():
+    spec = stf.get_method("biastf")
+    assert spec.learned and spec.n_pairs == (2, 2)
+    ctx = stf.methods.MethodContext(coarse_factor=20, pixel_size=25.0, n_bands=6)
+    params = spec.prepare(BiaSTFParams(), ctx, model=None)
+    assert params.window == 21 and spec.halo(params, ctx) == 7 + 7 + 10
+
+
+def test_training_writes_history_figure_and_model(trained, cube):
+    model, workdir = trained
+    assert model.method == "biastf" and model.bands == ("red", "nir") and model.coarse_factor == 8
+    assert sorted(model.params) == ["B", "G"] and len(model.train_times) == 4
+    assert list(model.history) == ["stage1_G", "stage2_B"]
+    for history in model.history.values():
+        assert len(history["rmse"]) == 20 and history["val_step"] == [10, 20]
+        assert np.all(np.isfinite(history["loss"]))
+    assert (workdir / "loss_curves.png").stat().st_size > 0 and (workdir / "history.json").is_file()
+    loaded = stf.load_model(workdir / "model")
+    target = cube.time.values[2]
+    np.testing.assert_array_equal(
+        stf.fuse(cube, target, method="biastf", model=loaded).values, stf.fuse(cube, target, method="biastf", model=model).values
+    )
+
+
+def test_rerun_with_workdir_resumes_instead_of_retraining(trained, cube):
+    model, workdir = trained
+    times = cube.time.values
+    again = stf.train(cube, method="biastf", train_times=times[[0, 1, 3, 4]], val_times=times[[2]], config=FAST, workdir=workdir)
+    for name in ("G", "B"):
+        for a, b in zip(jax.tree_util.tree_leaves(model.params[name]), jax.tree_util.tree_leaves(again.params[name])):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ModelError, match="belongs to another model"):
+        stf.train(cube, method="biastf", train_times=times[[0, 1, 4]], config=FAST, workdir=workdir)
+
+
+def test_chunked_equals_unchunked_and_lazy(trained, cube):
+    model, _ = trained
+    target = cube.time.values[2]
+    whole = stf.fuse(cube, target, method="biastf", model=model)
+    assert whole.shape == (2, 48, 56) and whole.dtype == np.float32 and np.all(np.isfinite(whole.values))
+    with raise_if_dask_computes():
+        lazy = stf.fuse(cube.chunk({"y": 20, "x": 24}), target, method="biastf", model=model)
+    assert_chunked_equals_unchunked(whole, lazy, atol=1e-5)
+
+
+def _reference_fusion(pred: np.ndarray, ct: np.ndarray, window: int, eps: float) -> np.ndarray:
+    """Float64 per-pixel loops over the window: the definition of f."""
+    r = window // 2
+    n, nb, h, w = pred.shape
+    out = np.full((nb, h, w), np.nan)
+    for b in range(nb):
+        for y in range(h):
+            for x in range(w):
+                weights, values = [], []
+                for d in range(n):
+                    if not np.isfinite(pred[d, b, y, x]):
+                        continue
+                    win = (slice(max(y - r, 0), y + r + 1), slice(max(x - r, 0), x + r + 1))
+                    diff = pred[d, b][win] - ct[b][win]
+                    weights.append(1.0 / (abs(np.nanmean(diff)) + eps))
+                    values.append(pred[d, b, y, x])
+                if weights:
+                    out[b, y, x] = np.dot(weights, values) / np.sum(weights)
+    return out
+
+
+def test_fusion_matches_float64_reference():
+    rng = np.random.default_rng(2)
+    pred = rng.uniform(0.0, 0.5, size=(2, 2, 9, 11))
+    pred[0, 0, 2:4, 3:6] = np.nan
+    pred[:, 1, 0, 0] = np.nan
+    ct = rng.uniform(0.0, 0.5, size=(2, 9, 11))
+    got = np.asarray(fuse_directions(pred.astype(np.float32), ct.astype(np.float32), window=5, eps=1e-3))
+    np.testing.assert_allclose(got, _reference_fusion(pred, ct, 5, 1e-3), rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert np.isnan(got[1, 0, 0])
+
+
+def test_kernel_is_f_of_fine_plus_g_plus_b(trained, cube):
+    model, _ = trained
+    cfg = BiaSTFConfig.resolve(model.config)
+    fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]
+    params = BiaSTFParams(window=9)
+    fused, transitional = predict_block(fine, coarse, ct, params=params, model=model)
+    net = BandNet(2, cfg.filters, biastf.TABLE1_KERNELS, multiband=cfg.multiband)
+    change = (ct[None] - coarse).transpose(0, 2, 3, 1)
+    x_g = np.stack([ct[None] - coarse, fine], -1).transpose(0, 2, 3, 1, 4)
+    g = change + np.asarray(net.apply({"params": model.params["G"]}, x_g))
+    x_b = np.concatenate([x_g, g[..., None]], -1)
+    b = np.asarray(net.apply({"params": model.params["B"]}, x_b))
+    expected = fine + (g + b).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(transitional, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused, _reference_fusion(expected, ct, 9, 1e-3), rtol=1e-4, atol=1e-5)
+
+
+def test_nan_input_hands_the_pixel_to_the_other_pair(trained, cube):
+    model, _ = trained
+    fine, coarse, ct = cube.fine.values[[1, 3]].copy(), cube.coarse.values[[1, 3]], cube.coarse.values[2]
+    fine[0, :, 20, 30] = np.nan
+    fused, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9), model=model)
+    assert np.all(np.isnan(transitional[0, :, 20 - 14 : 20 + 15, 30 - 14 : 30 + 15]))
+    assert np.all(np.isfinite(transitional[0, :, :5])) and np.all(np.isfinite(transitional[1]))
+    np.testing.assert_allclose(fused[:, 20, 30], transitional[1, :, 20, 30], rtol=1e-6)
+    fine[1, :, 20, 30] = np.nan
+    fused, _ = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9), model=model)
+    assert np.all(np.isnan(fused[:, 20, 30])) and np.isfinite(fused[:, 0, 0]).all()
+
+
+def test_bfloat16_inference_is_close(trained, cube):
+    model, _ = trained
+    target = cube.time.values[2]
+    f32 = stf.fuse(cube, target, method="biastf", model=model).values
+    bf16 = stf.fuse(cube, target, method="biastf", model=model, dtype="bfloat16").values
+    assert 0 < np.abs(bf16 - f32).max() < 5e-3
+
+
+def test_bad_inputs_raise_clear_errors(trained, cube):
+    model, _ = trained
+    times = cube.time.values
+    with pytest.raises(TaskError, match="needs at least two"):
+        stf.train(cube, method="biastf", train_times=times[[1, 1]], config=FAST)
+    with pytest.raises(ConfigError, match="greater than the scene"):
+        stf.train(cube, method="biastf", train_times=times[[0, 1]], config={**FAST, "train": {"patch_size": 64}})
+    nan_cube = cube.copy(deep=True)
+    nan_cube["fine"][1] = np.nan
+    with pytest.raises(ConfigError, match="all NaN"):
+        stf.train(nan_cube, method="biastf", train_times=times[[0, 1]], config=FAST)
+    with pytest.raises(MethodError, match="not learned"):
+        stf.train(cube, method="delta", train_times=times[[0, 1]])
+    with pytest.raises(MethodError, match="is learned: train it first"):
+        stf.fuse(cube, times[2], method="biastf")
+    with pytest.raises(ModelError, match="trained on bands"):
+        stf.fuse(cube.sel(band=["nir"]), times[2], method="biastf", model=model)
+    other = dataclasses.replace(model, method="stfdcnn")
+    with pytest.raises(MethodError, match="needs a model trained with"):
+        predict_block(cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2], params=BiaSTFParams(window=9), model=other)
+    assert isinstance(model, FittedModel)
+
+
+@pytest.mark.slow
+def test_stage2_lowers_the_residual_and_beats_delta_on_the_synthetic_scene():
+    scene = stf.synthetic_scene(160, 160, n_times=8, seed=3, fine_times=[0, 1, 2, 5, 6, 7], coarse_factor=8).load()
+    times = scene.time.values
+    model = stf.train(scene, method="biastf", train_times=times[[0, 1, 2, 6, 7]], val_times=times[[5]], config="tiny")
+    g, b = model.history["stage1_G"], model.history["stage2_B"]
+    assert b["val_rmse"][-1] < g["val_rmse"][-1]
+    errors = {}
+    for method in ("biastf", "delta"):
+        pred = stf.fuse(scene, times[3], method=method, model=model if method == "biastf" else None)
+        errors[method] = float(np.sqrt(np.nanmean((pred.values - scene.fine_truth.values[3]) ** 2)))
+    assert errors["biastf"] < errors["delta"], errors

@@ -1,0 +1,281 @@
+"""The shared learned-method machinery: networks, sampler, training step, checkpoints, models."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stf_pipeline.exceptions import ConfigError, ModelError
+from stf_pipeline.nn import (
+    Batch,
+    BandNet,
+    CheckpointStore,
+    FittedModel,
+    PatchSampler,
+    TrainConfig,
+    create_train_state,
+    eval_step,
+    fit,
+    make_schedule,
+    masked_metrics,
+    ordered_pairs,
+    receptive_radius,
+    train_step,
+)
+from stf_pipeline.testing import random_cube
+
+CFG = TrainConfig(
+    steps=12, batch_size=4, patch_size=16, learning_rate=3e-3, warmup_steps=2, eval_every=4, eval_batches=2,
+    checkpoint_every=4, log_every=2, progress=False,
+)
+
+
+def _net(n_bands: int = 2, multiband: bool = True) -> BandNet:
+    return BandNet(n_bands, (4, 4, 4), (7, 5, 3, 3), multiband=multiband)
+
+
+def change_batch(crops, aux):
+    """A pair batch: inputs (coarse change, known fine), target the fine change."""
+    fine, coarse = crops["fine"], crops["coarse"]
+    x = jnp.stack([coarse[:, 0] - coarse[:, 1], fine[:, 1]], axis=-1).transpose(0, 2, 3, 1, 4)
+    target = (fine[:, 0] - fine[:, 1]).transpose(0, 2, 3, 1)
+    return Batch(jnp.nan_to_num(x), target, jnp.isfinite(target) & jnp.isfinite(x).all(-1))
+
+
+def _fixed_batch(seed: int = 0, n: int = 4, size: int = 12) -> Batch:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, size, size, 2, 2)).astype(np.float32)
+    target = (0.5 * x[..., 0] - 0.2 * x[..., 1]).astype(np.float32)
+    return Batch(jnp.asarray(x), jnp.asarray(target), jnp.ones(target.shape, bool))
+
+
+def test_receptive_radius():
+    assert receptive_radius((7, 5, 3, 3)) == 7
+    assert receptive_radius((9, 1, 5)) == 6
+
+
+@pytest.mark.parametrize("multiband", [False, True])
+def test_bandnet_shapes_and_per_band_independence(multiband):
+    net = _net(3, multiband)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 11, 3, 2)), jnp.float32)
+    params = net.init(jax.random.key(0), x)["params"]
+    y = net.apply({"params": params}, x)
+    assert y.shape == (2, 10, 11, 3) and y.dtype == jnp.float32
+    changed = net.apply({"params": params}, x.at[:, :, :, 1].add(1.0))
+    # per band: band 0 sees only band 0's inputs; multiband: every band sees all inputs
+    assert np.array_equal(np.asarray(changed[..., 0]), np.asarray(y[..., 0])) is (not multiband)
+    if not multiband:  # one independent set of weights per band (stacked on a leading axis)
+        kernel = params["bands"]["net"]["conv1"]["kernel"]
+        assert kernel.shape == (3, 7, 7, 2, 4) and not np.allclose(kernel[0], kernel[1])
+
+
+def test_receptive_field_of_bandnet_is_7():
+    net = _net(1)
+    x = jnp.zeros((1, 31, 31, 1, 2))
+    params = net.init(jax.random.key(1), x)["params"]
+    base = net.apply({"params": params}, x)
+    moved = net.apply({"params": params}, x.at[0, 15, 15, 0, 0].set(1.0))
+    reach = np.argwhere(np.abs(np.asarray(moved - base))[0, :, :, 0] > 0)
+    assert reach.min() == 15 - 7 and reach.max() == 15 + 7
+
+
+def test_masked_metrics_against_numpy():
+    rng = np.random.default_rng(3)
+    pred, target = rng.normal(size=(2, 5, 6, 2))
+    mask = rng.random((5, 6, 2)) > 0.4
+    target_nan = np.where(mask, target, np.nan)
+    got = masked_metrics(jnp.asarray(pred), jnp.asarray(target_nan), jnp.asarray(mask), "l1")
+    diff = (pred - target)[mask]
+    np.testing.assert_allclose(got["loss"], np.abs(diff).mean(), rtol=1e-6)
+    np.testing.assert_allclose(got["rmse"], np.sqrt((diff**2).mean()), rtol=1e-6)
+    l2 = masked_metrics(jnp.asarray(pred), jnp.asarray(target_nan), jnp.asarray(mask), "l2")
+    np.testing.assert_allclose(l2["loss"], (diff**2).mean(), rtol=1e-6)
+
+
+def test_schedule_warmup_then_cosine():
+    sched = make_schedule(TrainConfig(steps=100, learning_rate=1e-3, warmup_steps=10, final_lr_fraction=0.1))
+    assert float(sched(0)) == 0.0
+    np.testing.assert_allclose(float(sched(10)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(100)), 1e-4, rtol=1e-5)
+    const = make_schedule(TrainConfig(steps=100, schedule="constant", warmup_steps=0, learning_rate=2e-3))
+    assert float(const(0)) == float(const(77)) == pytest.approx(2e-3)
+
+
+def test_train_step_decreases_loss_on_a_fixed_batch():
+    batch = _fixed_batch()
+    state = create_train_state(jax.random.key(0), TrainConfig(learning_rate=3e-3, warmup_steps=0), _net(), batch.inputs)
+    first = float(eval_step(state, batch)["loss"])
+    for _ in range(30):
+        state, metrics = train_step(state, batch)
+    assert int(state.step) == 30
+    assert float(eval_step(state, batch)["loss"]) < 0.5 * first
+    assert set(metrics) == {"loss", "mae", "rmse", "valid"}
+
+
+def test_masked_pixels_affect_neither_loss_nor_gradient():
+    batch = _fixed_batch(1)
+    mask = np.ones(batch.mask.shape, bool)
+    mask[0] = False  # a NaN-only patch
+    mask[1, :3] = False
+    targets = np.asarray(batch.targets).copy()
+    with_nan = Batch(batch.inputs, jnp.asarray(np.where(mask, targets, np.nan)), jnp.asarray(mask))
+    with_junk = Batch(batch.inputs, jnp.asarray(np.where(mask, targets, 1e6)), jnp.asarray(mask))
+    without = Batch(batch.inputs[1:], batch.targets[1:], jnp.asarray(mask[1:]))  # NaN-only patch dropped
+    state = create_train_state(jax.random.key(0), TrainConfig(warmup_steps=0), _net(), batch.inputs)
+
+    def grads(b):
+        def loss(params):
+            pred = state.apply_fn({"params": params}, b.inputs)
+            return masked_metrics(pred, b.targets, b.mask, "l2")["loss"]
+
+        return jax.value_and_grad(loss)(state.params)
+
+    (l_nan, g_nan), (l_junk, g_junk), (l_without, g_without) = grads(with_nan), grads(with_junk), grads(without)
+    assert np.isfinite(l_nan) and l_nan == l_junk
+    np.testing.assert_allclose(l_nan, l_without, rtol=1e-6)
+    for a, b, c in zip(jax.tree_util.tree_leaves(g_nan), jax.tree_util.tree_leaves(g_junk), jax.tree_util.tree_leaves(g_without)):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def cube():
+    return random_cube(n_times=4, height=32, width=36, bands=("red", "nir"), coarse_factor=4, seed=5)
+
+
+def test_sampler_is_seeded_lazy_equals_preloaded(cube):
+    items = ordered_pairs(4)
+    assert len(items) == 12 and all(i != j for i, j in items)
+    kw = {"items": items, "patch_size": 16, "batch_size": 5, "seed": 3, "align": 4}
+    pre = PatchSampler(cube, cube.time.values, **kw)
+    lazy = PatchSampler(cube.chunk({"y": 10, "x": 10}), cube.time.values, preload=False, **kw)
+    a, b = pre.crops(7), lazy.crops(7)
+    assert a["fine"].shape == (5, 2, 2, 16, 16)
+    for name in ("fine", "coarse"):
+        np.testing.assert_array_equal(a[name], b[name])
+    items7, y0, x0 = pre.draw(7)
+    assert np.all(y0 % 4 == 0) and np.all(x0 % 4 == 0) and np.all(y0 <= 32 - 16) and np.all(x0 <= 36 - 16)
+    i, j = items7[0]
+    np.testing.assert_array_equal(a["fine"][0, 1], cube.fine.values[j, :, y0[0] : y0[0] + 16, x0[0] : x0[0] + 16])
+    assert not np.array_equal(pre.crops(8)["fine"], a["fine"])
+    other = PatchSampler(cube, cube.time.values, **{**kw, "seed": 4})
+    assert not np.array_equal(other.crops(7)["fine"], a["fine"])
+
+
+def test_sampler_errors(cube):
+    times = cube.time.values
+    with pytest.raises(ConfigError, match="patch size of 40 is greater than the scene"):
+        PatchSampler(cube, times, items=ordered_pairs(4), patch_size=40, batch_size=2)
+    with pytest.raises(ConfigError, match="no items"):
+        PatchSampler(cube, times[:1], items=ordered_pairs(1), patch_size=8, batch_size=2)
+    nan_cube = cube.copy(deep=True)
+    nan_cube["fine"][1] = np.nan
+    with pytest.raises(ConfigError, match="all NaN"):
+        PatchSampler(nan_cube, times, items=ordered_pairs(4), patch_size=8, batch_size=2)
+    with pytest.raises(ConfigError, match="not in the cube"):
+        PatchSampler(cube, ["1999-01-01", times[0]], items=ordered_pairs(2), patch_size=8, batch_size=2)
+
+
+def _run(cube, workdir=None, *, seed=0, on_step=None, fingerprint=None):
+    config = TrainConfig(**{**CFG.__dict__, "seed": seed})
+    sampler = PatchSampler(cube, cube.time.values[:3], items=ordered_pairs(3), patch_size=16, batch_size=4, seed=seed)
+    val = PatchSampler(cube, cube.time.values, items=[(3, 0), (3, 1)], patch_size=16, batch_size=4, seed=seed + 1)
+    state = create_train_state(jax.random.key(seed), config, _net(), jnp.zeros((1, 16, 16, 2, 2)), loss="l1")
+    store = None if workdir is None else CheckpointStore(workdir, fingerprint=fingerprint or {"method": "test"})
+    try:
+        return fit(state, sampler, change_batch, config=config, val_sampler=val, checkpoints=store, on_step=on_step)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def test_fit_is_deterministic_validates_and_resumes_after_a_kill(cube, tmp_path):
+    full = _run(cube)
+    assert int(full.state.step) == 12 and full.history["step"] == list(range(1, 13))
+    assert full.history["val_step"] == [4, 8, 12] and len(full.history["val_loss"]) == 3
+    assert _same(full.state.params, _run(cube).state.params)  # same seed, same result
+    assert not _same(full.state.params, _run(cube, seed=1).state.params)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, state):
+        if step == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _run(cube, tmp_path / "ckpt", on_step=kill)
+    assert CheckpointStore(tmp_path / "ckpt", fingerprint={"method": "test"}).latest_step() == 4
+    resumed = _run(cube, tmp_path / "ckpt")
+    assert int(resumed.state.step) == 12
+    assert _same(resumed.state.params, full.state.params)
+    assert _same(resumed.state.opt_state, full.state.opt_state)
+    assert _same(resumed.params, full.params)
+    assert resumed.history == full.history
+    with pytest.raises(ModelError, match="belongs to another model"):
+        _run(cube, tmp_path / "ckpt", fingerprint={"method": "other"})
+
+
+def test_early_stopping_keeps_best_params(cube):
+    config = TrainConfig(**{**CFG.__dict__, "steps": 40, "patience": 1, "min_delta": 0.9})
+    sampler = PatchSampler(cube, cube.time.values[:3], items=ordered_pairs(3), patch_size=16, batch_size=4)
+    state = create_train_state(jax.random.key(0), config, _net(), jnp.zeros((1, 16, 16, 2, 2)))
+    result = fit(state, sampler, change_batch, config=config, val_sampler=sampler)
+    assert result.stopped_early and int(result.state.step) == 8  # first validation sets the best, second stops
+    assert result.history["val_step"] == [4, 8]
+
+
+def test_fitted_model_round_trip_and_checks(cube, tmp_path):
+    net = _net()
+    params = net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 2, 2)))["params"]
+    model = FittedModel("biastf", {"filters": [4, 4, 4]}, {"G": params}, ("red", "nir"), 4, ("2020-03-01",), {"s": {"loss": [1.0]}})
+    path = model.save(tmp_path / "m")
+    loaded = FittedModel.load(path)
+    assert loaded.method == "biastf" and loaded.bands == ("red", "nir") and loaded.coarse_factor == 4
+    assert loaded.config == model.config and loaded.history == model.history
+    assert _same(loaded.params, model.params)
+    loaded.check_cube(cube)
+    with pytest.raises(ModelError, match=r"trained on bands \['red', 'nir'\]"):
+        loaded.check_cube(cube.sel(band=["nir", "red"]))
+    other = cube.copy()
+    other.attrs["coarse_factor"] = 8
+    with pytest.raises(ModelError, match="coarse_factor=4"):
+        loaded.check_cube(other)
+    with pytest.raises(ModelError, match="already exists"):
+        model.save(path)
+    model.save(path, overwrite=True)
+    with pytest.raises(ModelError, match="no saved model"):
+        FittedModel.load(tmp_path / "nothing")
+    meta = (path / "model.json").read_text().replace('"stf_pipeline_model": 1', '"stf_pipeline_model": 99')
+    (path / "model.json").write_text(meta)
+    with pytest.raises(ModelError, match="format version 99"):
+        FittedModel.load(path)
+
+
+def test_train_config_validation():
+    with pytest.raises(ConfigError, match="steps must be a positive int"):
+        TrainConfig(steps=0)
+    with pytest.raises(ConfigError, match="schedule must be one of"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ConfigError, match=r"unknown train config key\(s\) \['stpes'\]"):
+        TrainConfig.from_dict({"stpes": 3})
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        create_train_state(jax.random.key(0), CFG, _net(), jnp.zeros((1, 8, 8, 2, 2)), loss="huber")
+
+
+def test_bandnet_bfloat16_close_to_float32():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 12, 12, 2, 2)), jnp.float32)
+    params = _net().init(jax.random.key(0), x)["params"]
+    f32 = _net().apply({"params": params}, x)
+    bf16 = functools.partial(BandNet, 2, (4, 4, 4), (7, 5, 3, 3), multiband=True, dtype=jnp.bfloat16)().apply({"params": params}, x)
+    assert bf16.dtype == jnp.float32
+    np.testing.assert_allclose(bf16, f32, atol=0.05 * float(jnp.abs(f32).max()))
