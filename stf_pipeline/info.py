@@ -33,6 +33,18 @@ def _crs_text(cube: xr.Dataset) -> str:
     return f"{name} (WKT, no EPSG code)"
 
 
+def _sources(cube: xr.Dataset) -> np.ndarray | None:
+    """Per-date ``observed``/``fused`` labels of a fused cube (``stf.fuse_series`` output), else None."""
+    if "source" in cube.data_vars and cube["source"].dims == ("time",):
+        return np.asarray(cube["source"].values).astype(str)
+    return None
+
+
+def _short(value: object, width: int = 60) -> str:
+    text = str(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _percent(value: float) -> str:
     return f"{100 * value:5.1f}%"
 
@@ -41,8 +53,9 @@ def describe_cube(cube: xr.Dataset | str | os.PathLike[str]) -> str:
     """Describe a cube (or a cube store path) in plain text.
 
     Lists the dates and, per date, whether it is a *pair* (fine and coarse), *coarse-only*
-    (a fusion target) or *fine-only*, with the missing-data fraction of each variable; the bands,
-    grid, CRS, ``coarse_factor``, chunks and attributes.
+    (a fusion target) or *fine-only* (for a fused cube from :func:`stf_pipeline.fuse_series`:
+    *fused* or *observed*), with the missing-data fraction of each variable; the bands, grid,
+    CRS, ``coarse_factor``, chunks and attributes.
 
     Parameters
     ----------
@@ -91,16 +104,23 @@ def describe_cube(cube: xr.Dataset | str | os.PathLike[str]) -> str:
         units = var.attrs.get("units")
         variables.append(f"{name} {var.dtype}{f' [{units}]' if units else ''} ({chunk_text})")
     lines.append("  variables: " + "; ".join(variables))
-    n_pairs = int(np.sum((fine > 0) & (coarse > 0)))
-    n_targets = int(np.sum((fine == 0) & (coarse > 0)))
-    lines.append(f"  {n_pairs} pair date(s) (fine and coarse), {n_targets} coarse-only date(s) (fusion targets)")
+    source = _sources(cube)
+    if source is not None:
+        n_fused = int(np.sum(source == "fused"))
+        lines.append(f"  fused cube: {n_fused} fused date(s), {source.size - n_fused} observed date(s)")
+    else:
+        n_pairs = int(np.sum((fine > 0) & (coarse > 0)))
+        n_targets = int(np.sum((fine == 0) & (coarse > 0)))
+        lines.append(f"  {n_pairs} pair date(s) (fine and coarse), {n_targets} coarse-only date(s) (fusion targets)")
     header = f"  {'date':<10}  {'role':<11}  {'fine missing':>12}  {'coarse missing':>14}"
     truth = fractions.get("fine_truth")
     if truth is not None:
         header += f"  {'truth missing':>13}"
     lines.append(header)
     for i, t in enumerate(times):
-        if fine[i] > 0 and coarse[i] > 0:
+        if source is not None:
+            role = str(source[i])
+        elif fine[i] > 0 and coarse[i] > 0:
             role = "pair"
         elif coarse[i] > 0:
             role = "coarse-only"
@@ -115,5 +135,5 @@ def describe_cube(cube: xr.Dataset | str | os.PathLike[str]) -> str:
     hidden = ("title", "catalog", "coarse_factor", "description", STORE_MARKER)
     extra = {k: v for k, v in cube.attrs.items() if k not in hidden}
     if extra:
-        lines.append("  attrs: " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+        lines.append("  attrs: " + ", ".join(f"{k}={_short(v)}" for k, v in extra.items()))
     return "\n".join(lines)

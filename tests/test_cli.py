@@ -183,3 +183,12 @@ def test_module_entry_point(foreign_store):
     )
     assert result.returncode == 0, result.stderr
     assert "CRS: EPSG:32633" in result.stdout
+
+
+def test_stf_info_labels_the_dates_of_a_fused_cube(foreign_store, tmp_path, capsys):
+    stf.fuse_series(stf.open_cube(foreign_store), method="delta", out=tmp_path / "fused.zarr", progress=False)
+    assert main(["info", str(tmp_path / "fused.zarr")]) == 0
+    text = capsys.readouterr().out
+    assert "fused cube: 2 fused date(s), 2 observed date(s)" in text
+    roles = [line.split()[1] for line in text.splitlines() if line.startswith("  2021-")]
+    assert roles == ["observed", "fused", "fused", "observed"]
