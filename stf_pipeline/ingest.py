@@ -28,6 +28,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from stf_pipeline.cube import DIMS, validate_cube
 from stf_pipeline.exceptions import CatalogError
@@ -222,19 +223,21 @@ class _Grid:
 
 
 def _open(path: Path, chunks: Mapping[str, int] | None) -> xr.DataArray:
+    """Open a raster lazily: Dask-backed with ``chunks`` when it is georeferenced; files without
+    georeferencing (small classic samples) are read by the caller into memory, in its thread, so
+    GDAL's "not georeferenced" warning (expected: they get a nominal grid) is silenced."""
     import rioxarray
-    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
     if not path.exists():
         raise CatalogError(f"file {path} does not exist; check the catalog's paths and the data root (STF_DATA_ROOT).")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         try:
-            array = rioxarray.open_rasterio(
-                path, chunks=None if chunks is None else {"band": -1, **chunks}, masked=False, lock=False
-            )
+            array = rioxarray.open_rasterio(path, masked=False)
         except RasterioIOError as err:
             raise CatalogError(f"GDAL cannot read {path} ({err}); is it a GeoTIFF or an ENVI file with its .hdr?") from None
+    if chunks is not None and _grid_of(array).georeferenced:
+        array = rioxarray.open_rasterio(path, chunks={"band": -1, **chunks}, masked=False, lock=False)
     return array
 
 
@@ -508,8 +511,9 @@ def ingest(
         template = template.assign_coords(_nominal_coords(fine_grid.shape, pixel_size))
 
     images: dict[str, dict[np.datetime64, xr.DataArray]] = {role: {} for role in groups}
-    for role, files in groups.items():
-        for date, path in files.items():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # see _open
+        for role, date, path in ((r, d, p) for r, files in groups.items() for d, p in files.items()):
             if role == "coarse":
                 grid = _grid_of(raw[role][path])
                 # a native-resolution image is small: read it without Dask to resample it
@@ -520,7 +524,7 @@ def ingest(
             else:
                 scaled = _scaled(raw[role][path], sensors[role], bands, path)
                 scaled = scaled.assign_coords(y=template["y"], x=template["x"])
-            images[role][date] = scaled
+            images[role][date] = scaled.load() if not isinstance(scaled.data, da.Array) else scaled
 
     times = np.array(sorted(set().union(*groups.values())), dtype="datetime64[ns]")
     stacks = {role: _stack(images[role], template, chunks) for role in groups if images[role]}
