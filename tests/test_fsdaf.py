@@ -307,3 +307,13 @@ def test_lgc_accuracy_beats_the_authors_code_and_delta(kwargs, limit):
     delta = np.sqrt(np.mean((f1[0] + c2 - c1[0] - truth) ** 2, axis=(1, 2))).mean()
     copy = np.sqrt(np.mean((f1[0] - truth) ** 2, axis=(1, 2))).mean()
     assert rmse <= limit and rmse < delta and rmse < copy
+
+
+@pytest.mark.slow
+def test_synthetic_flood_beats_starfm_and_delta():
+    cube = stf.synthetic_scene(480, 480, 10, 0, fine_times=[0, 3, 9]).load()
+    pair, target = cube.time.values[3], cube.time.values[5]  # flood peak at date 4.95
+    truth = cube.fine_truth.sel(time=target)
+    rmse = {m: float(stf.evaluate(stf.fuse(cube, target, method=m, pairs=[pair]), truth)["rmse"].mean())
+            for m in ("delta", "starfm", "fsdaf")}
+    assert rmse["fsdaf"] < rmse["starfm"] and rmse["fsdaf"] < rmse["delta"]
