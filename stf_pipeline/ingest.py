@@ -481,8 +481,11 @@ def ingest(
 
     Examples
     --------
-    >>> cube = stf.ingest({"2001-05-24": "tm0524"}, {"2001-05-24": "modis0524", "2001-07-11": "modis0711"},
-    ...                   bands=["green", "red", "nir"], fine_sensor=tm, coarse_sensor=modis)  # doctest: +SKIP
+    >>> cube = stf.ingest(
+    ...     {"2001-05-24": "LT05_20010524.tif"},
+    ...     {"2001-05-24": "MOD09GA_A2001144.tif", "2001-07-11": "MOD09GA_A2001192.tif"},
+    ...     bands=["red", "nir"], fine_sensor="landsat_sr", coarse_sensor="mod09ga", coarse_factor=16,
+    ... )  # doctest: +SKIP
     """
     if resampling not in RESAMPLING:
         raise CatalogError(f"resampling {resampling!r} is not one of {RESAMPLING}.")

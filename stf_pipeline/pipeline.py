@@ -160,7 +160,10 @@ class PipelineConfig:
         if targets is not None:
             if not isinstance(targets, list) or not targets:
                 raise ConfigError(f"pipeline {source}: targets must be a non-empty list of dates or null, got {targets!r}.")
-            targets = tuple(str(np.datetime64(str(t), "D")) for t in targets)
+            try:
+                targets = tuple(str(np.datetime64(str(t), "D")) for t in targets)
+            except ValueError:
+                raise ConfigError(f"pipeline {source}: targets {targets!r} must be ISO dates such as 2004-05-02.") from None
         chunks = spec.get("chunks")
         if chunks is not None:
             if not (isinstance(chunks, list) and len(chunks) == 2 and all(isinstance(c, int) and c > 0 for c in chunks)):

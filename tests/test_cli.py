@@ -111,6 +111,7 @@ def test_describe_cube_without_crs_or_truth():
     assert "CRS: none (not georeferenced)" in text and "truth missing" not in text
 
 
+@pytest.mark.filterwarnings("ignore:Failed to open Zarr store with consolidated metadata")
 def test_open_cube_on_missing_truncated_and_corrupt_stores(foreign_store, tmp_path):
     with pytest.raises(CubeError, match=r"no cube store at .*absent.zarr; create one with stf.write_cube"):
         stf.open_cube(tmp_path / "absent.zarr")

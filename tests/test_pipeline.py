@@ -76,6 +76,7 @@ def test_config_defaults_and_forms(tmp_path):
         (lambda s: s.update(methods={"delta": {}}), r"methods must be a list"),
         (lambda s: s.update(evaluate="yes"), r"evaluate must be true or false, got 'yes'"),
         (lambda s: s.update(targets="2004-05-02"), r"targets must be a non-empty list of dates or null"),
+        (lambda s: s.update(targets=["someday"]), r"targets \['someday'\] must be ISO dates"),
         (lambda s: s.update(chunks=[0, 64]), r"chunks must be \[y, x\] positive integers or null"),
         (lambda s: s.update(cluster=[1]), r"cluster must be a mapping or null"),
         (lambda s: s.update(cluster={"nodes": 3}), r"unknown cluster key\(s\) \['nodes'\]; valid keys are"),
