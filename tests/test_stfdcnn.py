@@ -257,6 +257,15 @@ def test_fuse_is_lazy_and_chunked_equals_unchunked(cube, model):
     assert np.isfinite(unchunked.values).all()
 
 
+def test_fuse_series_equals_fuse(cube, model, tmp_path):
+    """Series planning knows no model yet (default-network halo); each region still uses the model's."""
+    holed = cube.assign(fine=cube.fine.where(cube.time != cube.time[2]))
+    holed = holed.assign_coords(fine_valid=("time", [1.0, 1.0, 0.0, 1.0]))
+    fused = stf.fuse_series(holed, method="stfdcnn", model=model, out=tmp_path / "fused.zarr", progress=False, chunks=(32, 32))
+    single = stf.fuse(holed, cube.time.values[2], method="stfdcnn", model=model)
+    np.testing.assert_allclose(fused.fine.isel(time=2).values, single.values, atol=CHUNK_ATOL)
+
+
 def test_chunked_equals_unchunked_with_clouds_and_odd_sizes():
     cube = random_cube(n_times=3, height=45, width=37, coarse_factor=4, seed=2)
     fine = cube.fine.values.copy()

@@ -355,22 +355,25 @@ def _predict(
 
 # --------------------------------------------------------------------------- the method
 def _prepare(params: STFDCNNParams, context: MethodContext, model: Any | None = None) -> STFDCNNParams:
-    """Fill ``halo`` with the receptive field of the model's networks (unless given)."""
+    """Fill ``halo`` with the receptive field of the model's networks (unless given or no model yet)."""
     if context.coarse_factor is None:
         raise MethodError(
             "stfdcnn works on LSR pixels nested in native coarse pixels: the cube needs the attr "
             "'coarse_factor' (e.g. cube.attrs['coarse_factor'] = 16 for 480 m MODIS on 30 m Landsat)."
         )
-    if params.halo is not None:
+    if params.halo is not None or model is None:
         return params
     arch, _, _ = _unpack(model)
     return dataclasses.replace(params, halo=required_halo(arch, params))
 
 
 def _halo(params: STFDCNNParams, context: MethodContext) -> int:
-    if params.halo is None:
-        raise MethodError("stfdcnn: halo is unset; stf.fuse fills it from the model (pass halo=... to call the engine directly).")
-    return params.halo
+    """``params.halo``; before a model is known (planning chunks), that of the default networks."""
+    if params.halo is not None:
+        return params.halo
+    factor = context.coarse_factor or 1
+    default = Architecture(bands=(), lsr_factor=default_lsr_factor(factor), coarse_factor=factor)
+    return required_halo(default, params)
 
 
 def _unpack(model: Any) -> tuple[Architecture, Any, Any]:
