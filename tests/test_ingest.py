@@ -7,10 +7,14 @@ every expected value is computed from the raw arrays.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rasterio.transform import from_origin
 
 import stf_pipeline as stf
@@ -308,3 +312,36 @@ def test_error_files_and_dates(scene, tmp_path):
     with pytest.raises(CatalogError, match=r"resampling 'lanczos' is not one of"):
         ingest(_by_date(files["fine"]), coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE,
                resampling="lanczos")
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    factor=st.integers(1, 4),
+    rows=st.integers(1, 3),
+    cols=st.integers(1, 3),
+    scale=st.sampled_from([1e-4, 2.75e-5, 1.0 / 255]),
+    offset=st.sampled_from([0.0, -0.2]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_scale_clip_and_nearest_upsampling(factor, rows, cols, scale, offset, seed):
+    """Any scale/offset and integer coarse factor: values equal clip(raw * scale + offset) and the
+    coarse image equals each native pixel repeated factor x factor times; nodata stays NaN."""
+    rng = np.random.default_rng(seed)
+    hi = int((1.2 - offset) / scale)  # keep scaled values inside the valid range
+    fine = rng.integers(0, hi, size=(1, rows * factor, cols * factor)).astype(np.int32)
+    coarse = rng.integers(0, hi, size=(1, rows, cols)).astype(np.int32)
+    fine[0, 0, 0] = -1
+    sensor = Sensor("s", ("nir",), scale=scale, offset=offset, nodata=-1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cube = ingest(
+            {"2020-01-01": write_tif(tmp / "f.tif", fine)},
+            {"2020-01-01": write_tif(tmp / "c.tif", coarse, res=RES * factor)},
+            bands=["nir"], fine_sensor=sensor, coarse_sensor=sensor, chunks=None,
+        )
+    expected = np.clip((fine * scale + offset).astype(np.float32), 0, 1)
+    expected[0, 0, 0] = np.nan
+    np.testing.assert_array_equal(cube["fine"].values[0], expected)
+    native = np.clip((coarse * scale + offset).astype(np.float32), 0, 1)
+    np.testing.assert_array_equal(cube["coarse"].values[0], native.repeat(factor, 1).repeat(factor, 2))
+    assert cube["fine_valid"].item() == pytest.approx(1 - 1 / fine.size)
