@@ -36,3 +36,11 @@ class ModelError(STFError, ValueError):
 
 class StoreError(STFError, OSError):
     """An output store exists and is not ours, or is incomplete in a way that cannot be resumed."""
+
+
+class EvaluationError(STFError, ValueError):
+    """Prediction and truth cannot be compared (different grids or bands, nothing valid)."""
+
+
+class PlotError(STFError, ValueError):
+    """A figure cannot be drawn from the given images (missing bands, mismatched shapes)."""

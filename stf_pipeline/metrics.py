@@ -44,7 +44,7 @@ import numpy as np
 import xarray as xr
 from scipy import ndimage
 
-from stf_pipeline.exceptions import STFError
+from stf_pipeline.exceptions import EvaluationError
 
 #: Wang et al. (2004) constants, as in skimage with ``gaussian_weights=True``.
 SSIM_SIGMA = 1.5
@@ -67,10 +67,6 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 }
 PER_BAND: tuple[str, ...] = ("rmse", "cc", "ssim", "bias", "mae")
 PER_SCENE: tuple[str, ...] = ("ergas", "sam")
-
-
-class EvaluationError(STFError, ValueError):
-    """Prediction and truth cannot be compared (different grids or bands, nothing valid)."""
 
 
 def ssim_radius(sigma: float = SSIM_SIGMA, truncate: float = SSIM_TRUNCATE) -> int:

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from scipy import ndimage
 
-from stf_pipeline.exceptions import STFError
+from stf_pipeline.exceptions import PlotError
 
 #: band names of the composites by kind
 COMPOSITES: dict[str, tuple[str, str, str]] = {
@@ -36,10 +36,6 @@ COMPOSITES: dict[str, tuple[str, str, str]] = {
     "false": ("nir", "red", "green"),
 }
 PathLike = str | os.PathLike[str]
-
-
-class PlotError(STFError, ValueError):
-    """A figure cannot be drawn from the given images (missing bands, mismatched shapes)."""
 
 
 # --------------------------------------------------------------------------- helpers
