@@ -134,8 +134,16 @@ def test_existing_stores_rerun_refuse_or_overwrite(tmp_path):
     assert store_files(path) == before
     # other input data on the same grid and dates is another request
     changed = cube.copy(data={"fine": cube["fine"].values + 0.01, "coarse": cube["coarse"].values})
-    with pytest.raises(stf.StoreError, match="overwrite=True"):
-        stf.fuse_series(changed, method="delta", out=path, chunks=CHUNKS, progress=False)
+    for other in (changed, changed.chunk({"y": 16})):
+        with pytest.raises(stf.StoreError, match="overwrite=True"):
+            stf.fuse_series(other, method="delta", out=path, chunks=CHUNKS, progress=False)
+    # the same data, rewritten to a new store and opened lazily, is the same request
+    stf.write_cube(cube, tmp_path / "input.zarr")
+    with dask.config.set(scheduler="sync"):
+        lazy_token = series._data_token(stf.open_cube(tmp_path / "input.zarr"), series._Plan(
+            times=cube.time.values, source=np.array([]), tasks=(), chunks=CHUNKS, variables=("fine", "coarse")))
+    assert lazy_token == series._data_token(cube, series._Plan(
+        times=cube.time.values, source=np.array([]), tasks=(), chunks=CHUNKS, variables=("fine", "coarse")))
     with pytest.raises(stf.StoreError, match="overwrite=True"):
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, window=3)
     assert store_files(path) == before
