@@ -4,6 +4,12 @@
 method's halo (``dask.array.overlap`` with ``boundary='none'``: blocks at the scene edge simply
 end, as the unchunked image does), applies the kernel block by block and trims the halo. So a
 chunked result equals the unchunked one, bitwise for deterministic kernels.
+
+Memory: a block's inputs stay in memory until the blocks below it have read their halo from
+them, so about two and a half rows of stacked input blocks are alive at any time, i.e. roughly
+``2.5 * width * chunk_height * (2 * pairs + 1) * bands * 4`` bytes, plus the kernel's
+temporaries for one block per thread. Peak memory therefore grows with the scene's width and the
+chunk height, not with its area: halving the chunk halves it (``stf bench scale --tile``).
 """
 
 from __future__ import annotations
