@@ -135,9 +135,6 @@ def _jax_driver(
     from jax import lax
 
     side = 2 * radius + 1
-    dy, dx, dist = offsets(radius)
-    table = np.stack([dy + radius, dx + radius]).astype(np.int32)
-    dist32 = dist.astype(np.float32)
     centre_names, neighbour_names, constant_names = names
 
     def run(centre: tuple, neighbour: tuple, constants: tuple) -> tuple:
@@ -145,8 +142,6 @@ def _jax_driver(
         ny, nx = centre[0].shape[-2:]
         t = tile or max(ny, nx)
         ty, tx = -(-ny // t), -(-nx // t)
-        offs = jnp.asarray(table)
-        dists = jnp.asarray(dist32)
 
         def pad(a: Any, extra: int, fill: Any) -> Any:
             widths = [(0, 0)] * (a.ndim - 2) + [(extra, extra + ty * t - ny), (extra, extra + tx * t - nx)]
@@ -164,13 +159,19 @@ def _jax_driver(
             c = dict(zip(centre_names, (cut(a, y0, x0, t) for a in cpad), strict=True))
             qt = [cut(a, y0, x0, t + 2 * radius) for a in qpad]
 
-            def step(k: Any, accs: tuple) -> tuple:
-                q = dict(zip(neighbour_names, (cut(a, offs[0, k], offs[1, k], t) for a in qt), strict=True))
-                incs = body(jnp, c, q, dists[k], k_const)
-                return tuple(acc + inc.astype(acc.dtype) for acc, inc in zip(accs, incs, strict=True))
+            def step(row: Any, accs: tuple) -> tuple:
+                # one window row: dynamic in y (whole rows, contiguous), static in x
+                rows = [lax.dynamic_slice_in_dim(a, row, t, axis=a.ndim - 2) for a in qt]
+                dy2 = (row - radius).astype(jnp.float32) ** 2
+                for col in range(side):
+                    q = dict(zip(neighbour_names, (a[..., col : col + t] for a in rows), strict=True))
+                    dist = jnp.sqrt(dy2 + np.float32((col - radius) ** 2))
+                    incs = body(jnp, c, q, dist, k_const)
+                    accs = tuple(acc + inc.astype(acc.dtype) for acc, inc in zip(accs, incs, strict=True))
+                return accs
 
             init = tuple(jnp.zeros((*lead, t, t), dtype) for lead, dtype in acc_specs)
-            return lax.fori_loop(0, side * side, step, init)
+            return lax.fori_loop(0, side, step, init)
 
         tiles = lax.map(one_tile, jnp.arange(ty * tx))
         out = []
@@ -208,7 +209,21 @@ def accumulate_jax(
     specs = tuple((tuple(lead), np.dtype(dtype).name) for lead, dtype in accumulators)
     fill = tuple(float((fills or {}).get(name, np.nan)) for name in neighbour)
     run = _jax_driver(body, int(radius), tile, specs, names, fill)
-    return list(run(tuple(centre.values()), tuple(neighbour.values()), tuple(constants.values())))
+    # pad blocks to whole tiles (whole multiples of 256 pixels for one tile per block) so that
+    # the many block shapes of a chunked scene share a few compiled programs
+    ny, nx = np.shape(next(iter(centre.values())))[-2:]
+    step = tile or 256
+    extra = (-ny % step, -nx % step)
+
+    def grow(a: Any, value: float) -> Any:
+        a = np.asarray(a)
+        widths = [(0, 0)] * (a.ndim - 2) + [(0, extra[0]), (0, extra[1])]
+        return np.pad(a, widths, constant_values=value)
+
+    centre_padded = tuple(grow(a, 0) for a in centre.values())
+    neighbour_padded = tuple(grow(a, v) for a, v in zip(neighbour.values(), fill, strict=True))
+    out = run(centre_padded, neighbour_padded, tuple(constants.values()))
+    return [a[..., :ny, :nx] for a in out]
 
 
 def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:

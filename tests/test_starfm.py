@@ -1,0 +1,139 @@
+"""STARFM: fast kernel vs the float64 per-pixel reference, chunking, laziness, errors, real data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import stf_pipeline as stf
+from stf_pipeline.exceptions import MethodError, TaskError
+from stf_pipeline.fusion import method_context
+from stf_pipeline.methods import get_method
+from stf_pipeline.methods.starfm import StarfmParams, fill_class_std, starfm_kernel
+from stf_pipeline.testing import assert_chunked_equals_unchunked, raise_if_dask_computes, random_cube
+from reference_starfm import reference_starfm
+
+
+def _scene(seed: int, n_pairs: int, n_bands: int, ny: int, nx: int, nan_fraction: float):
+    """Reflectances on a 1/4096 lattice (float32 differences are exact) with NaN holes."""
+    rng = np.random.default_rng(seed)
+    shape = (n_pairs, n_bands, ny, nx)
+    fine = rng.integers(200, 2000, shape) / 4096
+    coarse = fine + rng.integers(-150, 150, shape) / 4096
+    target = coarse[0] + rng.integers(-150, 150, (n_bands, ny, nx)) / 4096
+    for arr in (fine, coarse, target):
+        arr[rng.random(arr.shape) < nan_fraction] = np.nan
+    return fine.astype(np.float32), coarse.astype(np.float32), target.astype(np.float32)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n_pairs=st.integers(1, 2),
+    n_bands=st.integers(1, 2),
+    ny=st.integers(3, 11),
+    nx=st.integers(3, 11),
+    radius=st.integers(1, 3),
+    nan_fraction=st.sampled_from([0.0, 0.05, 0.3]),
+    strict=st.booleans(),
+    n_classes=st.sampled_from([2.0, 8.0, 40.0]),
+)
+def test_numpy_kernel_matches_reference(seed, n_pairs, n_bands, ny, nx, radius, nan_fraction, strict, n_classes):
+    fine, coarse, target = _scene(seed, n_pairs, n_bands, ny, nx, nan_fraction)
+    if not np.isfinite(fine).any(axis=(2, 3)).all():
+        return
+    params = StarfmParams(radius=radius, n_classes=n_classes, filtering="strict" if strict else "either", backend="numpy")
+    got = starfm_kernel(fine, coarse, target, params=params)
+    want = reference_starfm(fine, coarse, target, radius=radius, n_classes=n_classes, strict=strict)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("n_pairs", [1, 2])
+def test_jax_kernel_matches_reference(strict, n_pairs):
+    fine, coarse, target = _scene(7, n_pairs, 2, 13, 17, 0.05)
+    params = StarfmParams(radius=3, n_classes=8, filtering="strict" if strict else "either", tile=8)
+    got = starfm_kernel(fine, coarse, target, params=params)
+    want = reference_starfm(fine, coarse, target, radius=3, n_classes=8, strict=strict)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_search_distance_in_metres_sets_the_window(small_cube):
+    spec = get_method("starfm")
+    context = method_context(small_cube)
+    params = spec.prepare(spec.make_params(search_distance=750.0), context)
+    assert context.pixel_size == 30.0
+    assert params.radius == 25 and spec.halo(params, context) == 25
+    assert spec.prepare(spec.make_params(radius=4), context).radius == 4
+
+
+@pytest.mark.parametrize("backend", ["jax", "numpy"])
+def test_chunked_equals_unchunked(backend):
+    cube = random_cube(height=40, width=44, seed=3)
+    cube["fine"][0, 0, 5:9, 5:12] = np.nan
+    kwargs = dict(method="starfm", search_distance=120.0, backend=backend, n_classes=8.0)
+    whole = stf.fuse(cube, cube.time.values[1], **kwargs)
+    chunked = stf.fuse(cube.chunk({"y": 13, "x": 15}), cube.time.values[1], **kwargs)
+    assert np.isfinite(whole.values).mean() > 0.9
+    assert_chunked_equals_unchunked(whole, chunked)
+
+
+def test_fuse_is_lazy_on_dask_cubes():
+    cube = random_cube(height=40, width=44, seed=4).chunk({"y": 20, "x": 22})
+    with raise_if_dask_computes():
+        pred = stf.fuse(cube, cube.time.values[1], method="starfm", search_distance=90.0)
+    assert pred.chunks is not None
+    assert np.isfinite(pred.values).all()
+
+
+def test_pairs_after_the_target_are_allowed(small_cube):
+    target = small_cube.time.values[0]
+    pred = stf.fuse(small_cube, target, method="starfm", pairs=[small_cube.time.values[2]], search_distance=90.0)
+    assert pred.attrs["pairs"] == [str(small_cube.time.values[2])[:10]]
+    truth = small_cube["fine"].sel(time=target).values
+    assert np.sqrt(np.nanmean((pred.values - truth) ** 2)) < 0.05
+
+
+def test_window_larger_than_scene(small_cube):
+    with pytest.raises(MethodError, match="larger than the scene"):
+        stf.fuse(small_cube, small_cube.time.values[1], method="starfm")  # 750 m = 51 px > 40 px
+
+
+def test_all_nan_pair():
+    fine, coarse, target = _scene(1, 1, 2, 9, 9, 0.0)
+    fine[0, 1] = np.nan
+    with pytest.raises(MethodError, match="all NaN"):
+        fill_class_std(fine, coarse, target, StarfmParams(radius=2), method="starfm")
+    cube = random_cube(height=30, width=30, seed=5)
+    cube["fine"][0] = np.nan
+    with pytest.raises(TaskError, match="all NaN"):
+        stf.fuse(cube, cube.time.values[1], method="starfm", pairs=[cube.time.values[0]], radius=3)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"search_distance": 0}, {"radius": 0}, {"filtering": "loose"}, {"n_classes": -1}, {"backend": "torch"}]
+)
+def test_bad_parameters(bad):
+    with pytest.raises(MethodError):
+        dataclasses.replace(StarfmParams(), **bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "pairs", "max_rmse", "min_ssim"),
+    [
+        ("zhu_estarfm", ["2001-05-24"], 0.01171, 0.806),
+        ("zhu_fsdaf_lgc", None, 0.02314, 0.612),
+    ],
+)
+def test_real_data_at_least_as_accurate_as_starfm4py(name, pairs, max_rmse, min_ssim):
+    cube, task = stf.open_catalog(name)
+    pairs = pairs or [str(p)[:10] for p in task.pairs]
+    pred = stf.fuse(cube, task.target, method="starfm", pairs=pairs)
+    scores = stf.evaluate(pred, cube["fine_truth"].sel(time=task.target))
+    assert float(scores["rmse"].mean()) <= max_rmse
+    assert float(scores["ssim"].mean()) >= min_ssim - 0.01
