@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["delta"], help="non-learned methods to time")
     parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), help="scene sides (fine pixels)")
     parser.add_argument("--large", action="store_true", help=f"also {LARGE}x{LARGE}")
-    parser.add_argument("--tile", type=int, default=500, help="synthetic tile side; chunk size of the scenes")
+    parser.add_argument("--tile", type=int, default=250, help="synthetic tile side; chunk size of the scenes")
     parser.add_argument("--no-overhead", dest="overhead", action="store_false", help="skip the engine-overhead run")
     parser.add_argument("--overhead-size", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the overhead timings (best kept)")
