@@ -41,11 +41,15 @@ class ConvStack(nn.Module):
         Square kernel side of each layer (same length as ``features``).
     dtype : jnp.dtype
         Computation dtype (``jnp.bfloat16`` for fast inference); parameters stay float32.
+    zero_last : bool, default False
+        Initialise the last layer to zero, so the untrained stack outputs 0 (for networks that
+        learn a correction added to a baseline).
     """
 
     features: Sequence[int]
     kernel_sizes: Sequence[int]
     dtype: jnp.dtype = jnp.float32
+    zero_last: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -58,8 +62,15 @@ class ConvStack(nn.Module):
         x = x.astype(self.dtype)
         last = len(self.features) - 1
         for i, (width, k) in enumerate(zip(self.features, self.kernel_sizes)):
+            init = nn.initializers.zeros if (i == last and self.zero_last) else nn.linear.default_kernel_init
             x = nn.Conv(
-                int(width), (int(k), int(k)), padding="SAME", dtype=self.dtype, param_dtype=jnp.float32, name=f"conv{i + 1}"
+                int(width),
+                (int(k), int(k)),
+                padding="SAME",
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=init,
+                name=f"conv{i + 1}",
             )(x)
             if i < last:
                 x = nn.relu(x)
@@ -72,10 +83,11 @@ class _BandSlice(nn.Module):
     hidden: Sequence[int]
     kernel_sizes: Sequence[int]
     dtype: jnp.dtype = jnp.float32
+    zero_last: bool = False
 
     @nn.compact
     def __call__(self, carry: None, x: jnp.ndarray) -> tuple[None, jnp.ndarray]:
-        return carry, ConvStack((*self.hidden, 1), self.kernel_sizes, self.dtype, name="net")(x)[..., 0]
+        return carry, ConvStack((*self.hidden, 1), self.kernel_sizes, self.dtype, self.zero_last, name="net")(x)[..., 0]
 
 
 class BandNet(nn.Module):
@@ -96,6 +108,8 @@ class BandNet(nn.Module):
         True: one network seeing every band's channels, with ``n_bands`` outputs.
     dtype : jnp.dtype
         Computation dtype.
+    zero_last : bool, default False
+        Zero-initialise the last layer (see :class:`ConvStack`).
     """
 
     n_bands: int
@@ -103,6 +117,7 @@ class BandNet(nn.Module):
     kernel_sizes: Sequence[int]
     multiband: bool = False
     dtype: jnp.dtype = jnp.float32
+    zero_last: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -111,7 +126,7 @@ class BandNet(nn.Module):
             raise ValueError(f"BandNet expects (batch, y, x, {self.n_bands} bands, channel) input, got shape {x.shape}.")
         if self.multiband:
             flat = x.reshape(*x.shape[:3], -1)
-            return ConvStack((*self.hidden, self.n_bands), self.kernel_sizes, self.dtype, name="net")(flat)
+            return ConvStack((*self.hidden, self.n_bands), self.kernel_sizes, self.dtype, self.zero_last, name="net")(flat)
         per_band = nn.scan(
             _BandSlice,
             variable_axes={"params": 0},
@@ -121,4 +136,4 @@ class BandNet(nn.Module):
             length=self.n_bands,
             unroll=self.n_bands,
         )
-        return per_band(self.hidden, self.kernel_sizes, self.dtype, name="bands")(None, x)[1]
+        return per_band(self.hidden, self.kernel_sizes, self.dtype, self.zero_last, name="bands")(None, x)[1]

@@ -178,7 +178,7 @@ def create_train_state(
     """
     if loss not in LOSSES:
         raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}.")
-    params = model.init(rng, jnp.asarray(sample_input))["params"]
+    params = jax.jit(model.init)(rng, jnp.asarray(sample_input))["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config), loss=loss)
 
 

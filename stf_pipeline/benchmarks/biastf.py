@@ -1,0 +1,297 @@
+"""``stf bench biastf``: BiaSTF training throughput and whole-scene inference time.
+
+Training
+    Patches per second of the full training step (seeded draws, on-device crops, batch building,
+    forward, backward, Adam) of stage 1 (``G``) and stage 2 (``B``, which also runs the frozen
+    ``G`` forward), for per-band (the paper: one network per band) and multiband networks, float32
+    (device default precision: TF32 on NVIDIA GPUs) and bfloat16. Timed after a compiling warm-up.
+Inference
+    One ``size x size`` scene, all bands, both directions (``G`` then ``B`` for each pair, then
+    the fusion), with the paper's networks (random weights: speed does not depend on them):
+    ``compute`` on device-resident inputs, and ``kernel`` through the engine kernel from NumPy
+    (host transfers included), for dtypes float32 (full precision), tensorfloat32 and bfloat16,
+    plus the change of the prediction against float32 (max and RMS absolute difference).
+Zarr to Zarr
+    ``stf.fuse`` of one target of a ``size x size`` cube stored in Zarr, written to Zarr
+    (``--zarr``), through the engine's overlapping chunks.
+
+Speed does not depend on pixel values, so the scenes are smooth random reflectance (3 dates,
+6 bands, ``coarse_factor`` 20, no CRS). Prints a table; writes JSON with the machine description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BANDS = ("blue", "green", "red", "nir", "swir1", "swir2")
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, JAX backend and devices, GPU names from nvidia-smi."""
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus: list[str] = []
+    if shutil.which("nvidia-smi"):
+        query = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True, check=False
+        )
+        gpus = [line.strip() for line in query.stdout.splitlines() if line.strip()]
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpus": gpus,
+        "jax_backend": jax.default_backend(),
+        "devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()],
+        "jax": jax.__version__,
+    }
+
+
+def scene(size: int, *, n_times: int = 3, seed: int = 0) -> Any:
+    """A ``size x size`` NumPy cube of smooth random reflectance, 6 bands, ``coarse_factor`` 20."""
+    import numpy as np
+
+    from stf_pipeline.cube import make_cube
+
+    rng = np.random.default_rng(seed)
+    small = rng.uniform(0.02, 0.5, (2, n_times, len(BANDS), size // 8 + 1, size // 8 + 1)).astype(np.float32)
+    fine, coarse = np.repeat(np.repeat(small, 8, axis=3), 8, axis=4)[..., :size, :size]
+    fine = fine + rng.normal(0, 0.01, fine.shape).astype(np.float32)
+    centres = (np.arange(size) + 0.5) * 25.0
+    times = np.datetime64("2020-01-01") + np.arange(n_times) * np.timedelta64(16, "D")
+    return make_cube(fine, coarse, time=times, band=BANDS, y=centres[::-1].copy(), x=centres, coarse_factor=20)
+
+
+def _config(args: argparse.Namespace, *, multiband: bool, dtype: str) -> Any:
+    from stf_pipeline.methods.biastf import BiaSTFConfig
+
+    train = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "patch_size": args.patch_size,
+        "progress": False,
+        "log_every": args.steps,
+        "checkpoint_every": args.steps,
+    }
+    return BiaSTFConfig.resolve(
+        {"filters": [args.filters] * 3, "multiband": multiband, "train_dtype": dtype, "train": train}
+    )
+
+
+def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from stf_pipeline.methods import biastf
+    from stf_pipeline.nn import PatchSampler, create_train_state, ordered_pairs
+    from stf_pipeline.nn.train import _sample_step
+
+    cube = scene(args.train_size, n_times=4, seed=1)
+    rows = []
+    for multiband in args.layouts:
+        for dtype in ("float32", "bfloat16"):
+            cfg = _config(args, multiband=multiband, dtype=dtype)
+            tc = cfg.stage1
+            g_model, b_model = biastf._networks(cfg, len(BANDS), dtype)
+            sampler = PatchSampler(cube, cube.time.values, items=ordered_pairs(4), patch_size=tc.patch_size, batch_size=tc.batch_size)
+            sample = jnp.zeros((1, tc.patch_size, tc.patch_size, len(BANDS), len(cfg.g_inputs)))
+            g_state = create_train_state(jax.random.key(0), tc, g_model, sample, loss=cfg.g_loss)
+            sample_b = jnp.zeros((1, tc.patch_size, tc.patch_size, len(BANDS), len(cfg.b_inputs)))
+            b_state = create_train_state(jax.random.key(1), tc, b_model, sample_b, loss=cfg.b_loss)
+            stages = (
+                ("G", g_state, functools.partial(biastf.g_batch, config=cfg), None),
+                ("B", b_state, functools.partial(biastf.b_batch, config=cfg, g_model=g_model), g_state.params),
+            )
+            for stage, state, make_batch, aux in stages:
+                for step in range(2):  # compile
+                    state, metrics = _sample_step(state, sampler.crops(step), aux, make_batch=make_batch)
+                jax.block_until_ready(state.params)
+                start = time.perf_counter()
+                for step in range(args.steps):
+                    state, metrics = _sample_step(state, sampler.crops(step), aux, make_batch=make_batch)
+                jax.block_until_ready((state.params, metrics))
+                seconds = time.perf_counter() - start
+                rows.append(
+                    {
+                        "stage": stage,
+                        "layout": "multiband" if multiband else "per-band",
+                        "dtype": dtype,
+                        "batch": tc.batch_size,
+                        "patch": tc.patch_size,
+                        "patches_per_s": args.steps * tc.batch_size / seconds,
+                        "step_ms": 1e3 * seconds / args.steps,
+                    }
+                )
+                print(f"  train {rows[-1]}", flush=True)
+    return rows
+
+
+def _best(fn: Any, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _random_model(args: argparse.Namespace, multiband: bool) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    from stf_pipeline.methods import biastf
+    from stf_pipeline.nn import FittedModel
+
+    cfg = _config(args, multiband=multiband, dtype="float32")
+    g_model, b_model = biastf._networks(cfg, len(BANDS), "float32")
+    params = {}
+    for i, (name, model, inputs) in enumerate((("G", g_model, cfg.g_inputs), ("B", b_model, cfg.b_inputs))):
+        sample = jnp.zeros((1, 16, 16, len(BANDS), len(inputs)))
+        params[name] = jax.device_get(jax.jit(model.init)(jax.random.key(i), sample)["params"])
+    return FittedModel("biastf", cfg.to_dict(), params, BANDS, 20)
+
+
+def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import jax
+    import numpy as np
+
+    from stf_pipeline.methods import biastf
+
+    cube = scene(args.size, seed=2)
+    fine, coarse, target = cube.fine.values[[0, 2]], cube.coarse.values[[0, 2]], cube.coarse.values[1]
+    on_device = [jax.device_put(a) for a in (fine, coarse, target)]
+    rows = []
+    for multiband in args.layouts:
+        model = _random_model(args, multiband)
+        reference = None
+        for dtype in biastf.DTYPES:
+            params = biastf.BiaSTFParams(window=21, dtype=dtype)
+            predict = biastf._predictor(json.dumps(model.config, sort_keys=True), len(BANDS), dtype, 21, params.eps)
+            device_params = jax.device_put(model.params)
+            row: dict[str, Any] = {"layout": "multiband" if multiband else "per-band", "dtype": dtype, "size": args.size}
+            try:
+                jax.block_until_ready(predict(device_params, *on_device))
+                row["compute_s"] = _best(lambda: jax.block_until_ready(predict(device_params, *on_device)[0]), args.repeats)
+                out: list[Any] = []
+                row["kernel_s"] = _best(
+                    lambda: out.append(biastf.biastf_kernel(fine, coarse, target, params=params, model=model)), args.repeats
+                )
+            except Exception as err:  # out of device memory on a small device: report, go on
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                rows.append(row)
+                print(f"  infer {row}", flush=True)
+                continue
+            if reference is None:
+                reference = out[-1]
+            diff = np.abs(out[-1] - reference)
+            row["max_abs_vs_float32"] = float(np.nanmax(diff))
+            row["rms_vs_float32"] = float(np.sqrt(np.nanmean(diff**2)))
+            rows.append(row)
+            print(f"  infer {row}", flush=True)
+    return rows
+
+
+def _zarr(args: argparse.Namespace) -> dict[str, Any]:
+    import stf_pipeline as stf
+
+    model = _random_model(args, args.zarr_multiband)
+    cube = scene(args.size, seed=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = stf.write_cube(cube, Path(tmp) / "in.zarr", chunks={"y": args.chunk, "x": args.chunk})
+        rows = {}
+        for dtype in ("float32", "bfloat16"):
+            start = time.perf_counter()
+            pred = stf.fuse(stf.open_cube(src), cube.time.values[1], method="biastf", model=model, dtype=dtype)
+            out = pred.to_dataset()
+            for var in out.variables.values():
+                var.encoding = {}
+            out.to_zarr(Path(tmp) / f"out-{dtype}.zarr", mode="w", zarr_format=2)
+            rows[dtype] = time.perf_counter() - start
+    result = {"size": args.size, "chunk": args.chunk, "layout": "multiband" if args.zarr_multiband else "per-band", **{f"{k}_s": v for k, v in rows.items()}}
+    print(f"  zarr {result}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; see the module docstring. Returns 0."""
+    parser = argparse.ArgumentParser(prog="stf bench biastf", description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="require a GPU and use the paper's sizes (default: small CPU sizes)")
+    parser.add_argument("--size", type=int, help="inference scene side (default 2000 with --gpu, 256 without)")
+    parser.add_argument("--train-size", type=int, default=None, help="side of the training scene (default 512 / 128)")
+    parser.add_argument("--filters", type=int, help="n1 = n2 = n3 (default 128 / 16)")
+    parser.add_argument("--batch-size", type=int, help="patches per step (default 64 / 8)")
+    parser.add_argument("--patch-size", type=int, help="patch side (default 128 / 32)")
+    parser.add_argument("--steps", type=int, help="timed training steps (default 20 / 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="inference repeats (best is reported)")
+    parser.add_argument("--layouts", default="per-band,multiband", help="comma-separated: per-band, multiband")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: train, infer, zarr")
+    parser.add_argument("--chunk", type=int, default=1024, help="Zarr chunk side for the Zarr-to-Zarr run")
+    parser.add_argument("--zarr-per-band", action="store_true", help="Zarr-to-Zarr with per-band networks (default multiband)")
+    parser.add_argument("--json", type=Path, default=Path("bench_biastf.json"), help="where to write the results")
+    args = parser.parse_args(argv)
+    import jax
+
+    if args.gpu and jax.default_backend() != "gpu":
+        parser.error(f"--gpu given but JAX runs on {jax.default_backend()!r}; install jax[cuda12] or drop --gpu.")
+    big = args.gpu
+    args.size = args.size or (2000 if big else 256)
+    args.train_size = args.train_size or (512 if big else 128)
+    args.filters = args.filters or (128 if big else 16)
+    args.batch_size = args.batch_size or (64 if big else 8)
+    args.patch_size = args.patch_size or (128 if big else 32)
+    args.steps = args.steps or (20 if big else 3)
+    args.layouts = [{"per-band": False, "multiband": True}[name.strip()] for name in args.layouts.split(",") if name.strip()]
+    args.zarr_multiband = not args.zarr_per_band
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    info = machine()
+    print(f"machine: {info}", flush=True)
+    results: dict[str, Any] = {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "json"}}
+    if "train" not in skip:
+        results["training"] = _training(args)
+    if "infer" not in skip:
+        results["inference"] = _inference(args)
+    if "zarr" not in skip:
+        results["zarr"] = _zarr(args)
+    print("\nBiaSTF benchmark")
+    for row in results.get("training", []):
+        print(
+            f"  train stage {row['stage']} {row['layout']:>9} {row['dtype']:>8}: {row['patches_per_s']:9.1f} patches/s "
+            f"(batch {row['batch']}, {row['patch']}^2, {row['step_ms']:.1f} ms/step)"
+        )
+    for row in results.get("inference", []):
+        if "error" in row:
+            print(f"  infer {row['layout']:>9} {row['dtype']:>13}: {row['error']}")
+            continue
+        print(
+            f"  infer {row['layout']:>9} {row['dtype']:>13} {row['size']}^2 x 6, both directions: compute {row['compute_s']:.3f} s, "
+            f"kernel from NumPy {row['kernel_s']:.3f} s, vs float32 max {row['max_abs_vs_float32']:.2e} rms {row['rms_vs_float32']:.2e}"
+        )
+    if "zarr" in results:
+        z = results["zarr"]
+        print(f"  zarr->zarr {z['size']}^2 x 6 ({z['layout']}, chunks {z['chunk']}): float32 {z['float32_s']:.2f} s, bfloat16 {z['bfloat16_s']:.2f} s")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1, default=str))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
