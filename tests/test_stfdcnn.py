@@ -43,12 +43,22 @@ def cube():
     return random_cube(n_times=4, height=64, width=64, coarse_factor=8, seed=3)
 
 
+TRAIN = {"train_times": [0, 1, 3], "val_times": [2]}
+
+
+def _train(cube, workdir=None, **overrides):
+    dates = {k: cube.time.values[v] for k, v in {**TRAIN, **overrides}.items()}
+    return stf.train(cube, method="stfdcnn", config=_tiny_config(), workdir=workdir, **dates)
+
+
 @pytest.fixture(scope="module")
-def model(cube):
-    return stf.train(
-        cube, method="stfdcnn", train_times=cube.time.values[[0, 1, 3]], val_times=cube.time.values[[2]],
-        config=_tiny_config(),
-    )
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("stfdcnn") / "run"
+
+
+@pytest.fixture(scope="module")
+def model(cube, workdir):
+    return _train(cube, workdir)
 
 
 def _identity_model(bands: tuple[str, ...], *, lsr_factor: int, coarse_factor: int) -> FittedModel:
@@ -293,18 +303,14 @@ def test_training_learns_and_records_both_stages(cube, model):
     assert model.config["architecture"]["lsr_factor"] == 2
 
 
-def test_training_is_deterministic_and_resumes(cube, tmp_path):
-    times = cube.time.values[[0, 1, 3]]
-    config = _tiny_config(steps=4, eval_every=4, checkpoint_every=4, log_every=2)
-    first = stf.train(cube, method="stfdcnn", train_times=times, config=config, workdir=tmp_path / "run")
-    again = stf.train(cube, method="stfdcnn", train_times=times, config=config)
-    resumed = stf.train(cube, method="stfdcnn", train_times=times, config=config, workdir=tmp_path / "run")
-    for other in (again, resumed):
-        jax.tree_util.tree_map(np.testing.assert_array_equal, first.params, other.params)
-    assert (tmp_path / "run" / "loss_curves.png").is_file()
-    jax.tree_util.tree_map(np.testing.assert_array_equal, first.params, stf.load_model(tmp_path / "run" / "model").params)
+def test_training_is_deterministic_and_resumes(cube, model, workdir):
+    again = _train(cube)
+    resumed = _train(cube, workdir)  # every stage restored from its last checkpoint
+    for other in (again, resumed, stf.load_model(workdir / "model")):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, model.params, other.params)
+    assert (workdir / "loss_curves.png").is_file() and (workdir / "history.json").is_file()
     with pytest.raises(ModelError, match="another model"):
-        stf.train(cube, method="stfdcnn", train_times=times[:2], config=config, workdir=tmp_path / "run")
+        _train(cube, workdir, train_times=[0, 1])
 
 
 def test_saved_model_predicts_the_same(cube, model, tmp_path):
