@@ -779,12 +779,13 @@ def fsdaf_kernel(
     tps = local_tps(cell_mean(c2, factor), factor, params.tps_radius, f1.shape[1:])
     het = heterogeneity(labels, params.half_window)
     distributed = distribute_residual(residual, tps, temporal, het, factor)
+    del tps, het  # large blocks: keep the peak memory down
     low, high = allowed_range(c2, f1c, labels, change, factor, params.unmix_radius, params.valid_range)
     h, w = labels.shape
     cy = (np.arange(h) // factor)[:, None]
     cx = (np.arange(w) // factor)[None, :]
-    second = np.clip(temporal + distributed, low[:, cy, cx], high[:, cy, cx])
-    pixel_change = second - f1c
+    pixel_change = np.clip(temporal + distributed, low[:, cy, cx], high[:, cy, cx]) - f1c
+    del temporal, distributed, f1c
     threshold = similarity_threshold(f1, labels, n_classes, factor, params.unmix_radius)[:, cy, cx]
     blended = f1 + similar_pixel_blend(
         f1, pixel_change, threshold, half_window=params.half_window, n_similar=params.n_similar
