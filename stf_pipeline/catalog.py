@@ -107,8 +107,9 @@ class FileGroup:
 
     Attributes
     ----------
-    sensor : Sensor
-    files : mapping of ISO date -> path relative to the catalog root (explicit form)
+    sensor : Sensor or None
+        None for truth files (read with the fine sensor).
+    files : tuple of (ISO date, path relative to the catalog root) (explicit form)
     glob : str, optional
         Glob relative to the catalog root (pattern form); dates from ``date``.
     date : DatePattern, optional
@@ -123,15 +124,18 @@ class FileGroup:
     resampling: str = "nearest"
 
     @classmethod
-    def from_mapping(cls, spec: Any, where: str, *, needs_sensor: bool = True) -> FileGroup:
-        spec = _check_keys(spec, ("sensor", "files", "glob", "date", "resampling"), where)
+    def from_mapping(cls, spec: Any, where: str, *, role: str) -> FileGroup:
+        """``role``: ``fine`` or ``coarse`` (need a ``sensor``; coarse takes ``resampling``) or
+        ``truth`` (read with the fine sensor)."""
+        keys = {
+            "fine": ("sensor", "files", "glob", "date"),
+            "coarse": ("sensor", "files", "glob", "date", "resampling"),
+            "truth": ("files", "glob", "date"),
+        }[role]
+        spec = _check_keys(spec, keys, where, required=("sensor",) if "sensor" in keys else ())
         if ("files" in spec) == ("glob" in spec):
             raise CatalogError(f"{where}: give exactly one of 'files' ({{date: path}}) or 'glob' (with 'date').")
-        sensor = None
-        if "sensor" in spec:
-            sensor = _sensor(spec["sensor"], f"{where}.sensor")
-        elif needs_sensor:
-            raise CatalogError(f"{where}: missing required key 'sensor'.")
+        sensor = _sensor(spec["sensor"], f"{where}.sensor") if "sensor" in spec else None
         files: tuple[tuple[str, str], ...] = ()
         if "files" in spec:
             raw = spec["files"]
@@ -233,9 +237,9 @@ class Catalog:
             name=str(spec.get("name", Path(source).stem)),
             root=str(spec.get("root", "")),
             bands=tuple(bands),
-            fine=FileGroup.from_mapping(spec["fine"], f"{where}: fine"),
-            coarse=FileGroup.from_mapping(spec["coarse"], f"{where}: coarse"),
-            truth=FileGroup.from_mapping(spec["truth"], f"{where}: truth", needs_sensor=False) if "truth" in spec else None,
+            fine=FileGroup.from_mapping(spec["fine"], f"{where}: fine", role="fine"),
+            coarse=FileGroup.from_mapping(spec["coarse"], f"{where}: coarse", role="coarse"),
+            truth=FileGroup.from_mapping(spec["truth"], f"{where}: truth", role="truth") if "truth" in spec else None,
             task=CatalogTask.from_mapping(spec["task"], f"{where}: task"),
             coarse_factor=factor,
             pixel_size=float(pixel_size),

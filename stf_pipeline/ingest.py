@@ -505,8 +505,7 @@ def ingest(
         raise CatalogError("no coarse files given; a fusion cube needs the coarse image of every date.")
     raw = {role: {path: _open(path, chunks) for path in files.values()} for role, files in groups.items()}
     fine_grid = _check_group({**raw["fine"], **raw["truth"]}, "fine/truth")
-    coarse_grid = _check_group(raw["coarse"], "coarse")
-    del coarse_grid  # checked for consistency; each file is moved below
+    _check_group(raw["coarse"], "coarse")  # one grid; each file is moved onto the fine grid below
 
     first = next(iter(raw["fine"].values()))
     template = _scaled(first, sensors["fine"], bands, next(iter(raw["fine"])))

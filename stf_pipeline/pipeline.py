@@ -5,7 +5,7 @@ each listed method (training learned ones first), scores the predictions against
 truth and draws figures. Every step is a library call, so the same run is one function call
 from Jupyter: ``stf.run("pipelines/demo.yaml")``.
 
-Schema (unknown keys are errors)::
+Schema (unknown keys are errors; ``extends: other.yaml`` merges this file over another)::
 
     name: demo
     cube:                         # exactly one of:
@@ -190,24 +190,54 @@ class PipelineConfig:
         )
 
 
+def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``override`` into ``base``: mappings merge, other values replace, ``null`` removes."""
+    merged = dict(base)
+    for key, value in override.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_spec(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a pipeline file, with its ``extends:`` base file (relative to it) merged under it."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"pipeline file {path} does not exist; pass a YAML file such as pipelines/demo.yaml.")
+    if path.resolve() in chain:
+        raise ConfigError(f"pipeline {path} extends itself through {[str(p) for p in chain]}; break the cycle.")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"pipeline {path} is not valid YAML: {err}") from None
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"pipeline {path} must be a mapping of pipeline keys, got {type(spec).__name__}.")
+    spec = dict(spec)
+    base = spec.pop("extends", None)
+    if base is None:
+        return spec
+    return _merge(_read_spec(path.parent / str(base), (*chain, path.resolve())), spec)
+
+
 def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:
     """Load and validate a pipeline YAML file.
+
+    A variant names a base file with ``extends: base.yaml`` (relative to the variant) and gives
+    only what differs: mappings merge key by key, other values replace, ``null`` removes a key
+    (``cube: {synthetic: null, catalog: cia}`` switches the cube source).
 
     Raises
     ------
     ConfigError
         Missing file, invalid YAML, or a schema violation (naming the key and the valid ones).
     """
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipeline file {path} does not exist; pass a YAML file such as pipelines/demo.yaml.")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"pipeline {path} is not valid YAML: {err}") from None
-    return PipelineConfig.from_mapping(spec, source=str(path))
+    return PipelineConfig.from_mapping(_read_spec(path), source=str(path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -483,11 +513,10 @@ def run_compare(
                 models[run_.name] = stf.train(
                     cube, method=run_.name, workdir=output / f"train_{run_.name}", **_train_options(run_, cube)
                 )
-        targets = config.targets or cube.attrs.get("stf_targets") or None
         return stf.compare(
             cube,
             methods={run_.name: dict(run_.params) for run_ in config.methods},
-            targets=list(targets) if targets else None,
+            targets=list(config.targets) if config.targets else None,  # default: the catalog's targets
             models=models,
             out=output,
             chunks=config.chunks,

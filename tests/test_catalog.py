@@ -178,6 +178,8 @@ def base_spec():
         (lambda s: s["coarse"].pop("date"), r"coarse: 'glob' needs 'date: \{regex"),
         (lambda s: s["coarse"].update(date={"regex": "(x)"}), r"coarse.date: missing required key 'format'"),
         (lambda s: s["coarse"].update(resampling="lanczos"), r"coarse.resampling 'lanczos' is not one of"),
+        (lambda s: s["fine"].update(resampling="bilinear"), r"fine: unknown key 'resampling'"),
+        (lambda s: s["truth"].update(sensor="landsat_sr"), r"truth: unknown key 'sensor'; valid keys are \['files'"),
         (lambda s: s["fine"].update(files=[]), r"fine.files must be a non-empty mapping"),
         (lambda s: s["fine"]["files"].update(someday="x.int"), r"cannot read 'someday' as a date"),
         (lambda s: s["task"].update(when="now"), r"task: unknown key 'when'; valid keys are \['target', 'pairs'"),

@@ -193,3 +193,35 @@ def test_run_trains_a_learned_method(tmp_path):
     spec = tiny_spec(tmp_path, methods=[{"name": "biastf", "train": {"config": "tiny"}}], figures=False)
     result = run(PipelineConfig.from_mapping(spec), echo=quiet)
     assert np.isfinite(result.scores["biastf"]["rmse"].values).all()
+
+
+def test_variants_extend_a_base_file(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(tiny_spec(tmp_path, evaluate=False)))
+    variant = tmp_path / "sub" / "variant.yaml"
+    variant.parent.mkdir()
+    variant.write_text(yaml.safe_dump({
+        "extends": "../base.yaml",
+        "name": "variant",
+        "cube": {"synthetic": {"seed": 9}},
+        "methods": [{"name": "starfm"}],
+    }))
+    config = load_pipeline(variant)
+    assert config.name == "variant" and not config.evaluate
+    assert dict(config.cube.options) == {**TINY, "seed": 9}
+    assert [m.name for m in config.methods] == ["starfm"]
+    switch = tmp_path / "switch.yaml"
+    switch.write_text(yaml.safe_dump({"extends": "base.yaml", "cube": {"synthetic": None, "catalog": "cia"}}))
+    assert load_pipeline(switch).cube.kind == "catalog"
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match=r"pipeline .*loop.yaml extends itself"):
+        load_pipeline(loop)
+    missing = tmp_path / "missing_base.yaml"
+    missing.write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"pipeline file .*nowhere.yaml does not exist"):
+        load_pipeline(missing)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match=r"scalar.yaml must be a mapping of pipeline keys, got int"):
+        load_pipeline(scalar)
