@@ -71,6 +71,9 @@ class StarfmParams:
     filtering : {"strict", "either"}, default "strict"
         Candidate filter: both the spectral and temporal tests (Gao et al. 2006, text before
         Eqs. 13-14) or one of them (the USDA program).
+    temporal_term : {"pairs", "always"}, default "pairs"
+        When the weight has the temporal factor ``(T + 1)``: with two or more pairs only (the
+        USDA program: one pair uses the spectral term only) or always (Gao et al. 2006, Eq. 10).
     class_std : tuple of tuple of float, optional
         Standard deviation of each pair's (outer) fine band (inner) over the whole scene, for
         the similarity threshold. Filled by ``METHOD.statistics`` in :func:`stf_pipeline.fuse`;
@@ -89,6 +92,7 @@ class StarfmParams:
     uncertainty_coarse: float = 50.0
     scale: float = 10000.0
     filtering: Literal["strict", "either"] = "strict"
+    temporal_term: Literal["pairs", "always"] = "pairs"
     class_std: tuple[tuple[float, ...], ...] | None = None
     backend: Literal["jax", "numpy"] = "jax"
     tile: int | None = None
@@ -109,6 +113,10 @@ class StarfmParams:
             raise MethodError(f"starfm: scale must be > 0, got {self.scale}.")
         if self.filtering not in ("strict", "either"):
             raise MethodError(f"starfm: filtering must be 'strict' (paper) or 'either' (USDA program), got {self.filtering!r}.")
+        if self.temporal_term not in ("pairs", "always"):
+            raise MethodError(
+                f"starfm: temporal_term must be 'pairs' (USDA program) or 'always' (paper), got {self.temporal_term!r}."
+            )
         if self.backend not in ("jax", "numpy"):
             raise MethodError(f"starfm: backend must be 'jax' or 'numpy', got {self.backend!r}.")
         if self.tile is not None and self.tile < 0:
@@ -207,7 +215,8 @@ def _prepare_arrays(
     spectral = np.where(valid, np.abs(fine - coarse) * scale, nan)
     temporal = np.where(valid, np.abs(coarse - target) * scale, nan)
     sigma_s, sigma_t, sigma_c = params.uncertainties
-    cost = (spectral + 1) * (temporal + 1) if fine.shape[0] > 1 else spectral + 1
+    temporal_term = fine.shape[0] > 1 or params.temporal_term == "always"
+    cost = (spectral + 1) * (temporal + 1) if temporal_term else spectral + 1
     unit = cost < sigma_c
     with np.errstate(divide="ignore", invalid="ignore"):
         inverse = np.where(unit, np.float32(0), np.float32(1) / cost)

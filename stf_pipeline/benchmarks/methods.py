@@ -1,0 +1,183 @@
+"""``stf bench methods``: seconds and peak memory of every fusion method.
+
+For each method of :func:`stf_pipeline.methods.available_methods` and each input, a fresh child
+process loads the input into memory, then times :func:`stf_pipeline.fuse` of the input's task
+(``--repeat`` runs: the first includes JAX compilation, the best of the others is the steady
+time) and reports its peak resident memory (``ru_maxrss`` of the child) and, on a GPU, the
+device's peak memory. Inputs:
+
+* the real sets of ``--sets`` (``stf.open_catalog``; their catalog task), and
+* a synthetic ``--size``² × ``--bands`` scene (:func:`stf_pipeline.synthetic_scene` at 30 m, so
+  STARFM's default 750 m search distance is the usual 51×51 window; target: the middle date,
+  pairs: the first and last dates).
+
+Learned methods are first trained with the ``"tiny"`` configuration on the input's pair dates
+(training time reported apart); where that is impossible they are reported as skipped. On the
+CPU the scene is fused through Dask in ``--chunk``-pixel chunks (threads use every core); with
+``--gpu`` it is fused in one block on the GPU. Prints a table; writes JSON (``--json``) with the
+machine description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+DEFAULT_SETS = ("zhu_estarfm", "zhu_fsdaf_lgc", "imagefusion_kranj")
+
+
+def _load(source: str, size: int, bands: int) -> tuple[Any, Any, list[Any]]:
+    import numpy as np
+
+    import stf_pipeline as stf
+
+    if source == "synthetic":
+        from stf_pipeline.synthetic import BANDS
+
+        cube = stf.synthetic_scene(size, size, n_times=3, seed=0, pixel_size=30.0, fine_times=[0, 2], bands=BANDS[:bands])
+        cube = cube.load()
+        times = cube.time.values
+        return cube, times[1], [times[0], times[2]]
+    cube, task = stf.open_catalog(source, chunks=None)
+    return cube, task.target, list(np.atleast_1d(task.pairs))
+
+
+def _child(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one measurement (in a fresh process) and return its record."""
+    import jax
+    import numpy as np
+
+    import stf_pipeline as stf
+    from stf_pipeline.methods import get_method
+
+    spec = get_method(job["method"])
+    cube, target, pairs = _load(job["source"], job["size"], job["bands"])
+    pairs = pairs[: spec.n_pairs[1]]
+    record: dict[str, Any] = {
+        "method": job["method"],
+        "input": job["source"] if job["source"] != "synthetic" else f"synthetic {job['size']}x{job['size']}x{job['bands']}",
+        "shape": [int(cube.sizes["band"]), int(cube.sizes["y"]), int(cube.sizes["x"])],
+        "pairs": len(pairs),
+        "device": jax.default_backend(),
+    }
+    if len(pairs) < spec.n_pairs[0]:
+        return {**record, "skipped": f"needs {spec.n_pairs[0]} pairs, the input has {len(pairs)}"}
+    kwargs: dict[str, Any] = {}
+    if spec.learned:
+        start = time.perf_counter()
+        try:
+            kwargs["model"] = stf.train(cube, method=job["method"], train_times=pairs, config="tiny")
+        except Exception as err:  # noqa: BLE001 - reported, not fatal
+            return {**record, "skipped": f"tiny training impossible: {err}"}
+        record["train_s"] = time.perf_counter() - start
+    chunks = None if job["gpu"] or not job["chunk"] else (job["chunk"], job["chunk"])
+    seconds = []
+    for _ in range(job["repeat"]):
+        start = time.perf_counter()
+        pred = stf.fuse(cube, target, method=job["method"], pairs=pairs, chunks=chunks, **kwargs)
+        values = np.asarray(pred.values)
+        seconds.append(time.perf_counter() - start)
+    record["first_s"] = seconds[0]
+    record["steady_s"] = min(seconds[1:]) if len(seconds) > 1 else None
+    record["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    stats = jax.devices()[0].memory_stats() if job["gpu"] else None
+    if stats and "peak_bytes_in_use" in stats:
+        record["gpu_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
+    if "fine_truth" in cube:
+        truth = cube["fine_truth"].sel(time=target)
+        scores = stf.evaluate(pred, truth)
+        record["rmse"] = float(scores["rmse"].mean())
+        record["ssim"] = float(scores["ssim"].mean())
+    record["valid_fraction"] = float(np.isfinite(values).mean())
+    return record
+
+
+def _run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
+    env = dict(os.environ)
+    if not job["gpu"]:
+        env["JAX_PLATFORMS"] = "cpu"
+    command = [sys.executable, "-m", "stf_pipeline.benchmarks.methods", "--child", json.dumps(job)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return {"method": job["method"], "input": job["source"], "skipped": f"timed out after {timeout:.0f} s"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"method": job["method"], "input": job["source"], "skipped": f"failed: {tail[0]}"}
+
+
+def _table(records: list[dict[str, Any]]) -> str:
+    head = f"{'method':9s} {'input':28s} {'dev':4s} {'first s':>8s} {'steady s':>8s} {'RSS MiB':>8s} {'GPU MiB':>8s} {'RMSE':>8s} {'SSIM':>6s}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        if "skipped" in r:
+            lines.append(f"{r['method']:9s} {r['input']:28s} skipped: {r['skipped']}")
+            continue
+
+        def num(key: str, fmt: str) -> str:
+            value = r.get(key)
+            return format(value, fmt) if value is not None else "-"
+
+        lines.append(
+            f"{r['method']:9s} {r['input']:28s} {r['device']:4s} {num('first_s', '8.2f')} {num('steady_s', '8.2f')} "
+            f"{num('peak_rss_mib', '8.0f')} {num('gpu_peak_mib', '8.0f')} {num('rmse', '8.5f')} {num('ssim', '6.3f')}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (see module docstring); returns the exit status."""
+    parser = argparse.ArgumentParser(prog="stf bench methods", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", help="methods to time (default: all available)")
+    parser.add_argument("--sets", nargs="*", default=list(DEFAULT_SETS), help="real catalog sets")
+    parser.add_argument("--size", type=int, default=2000, help="synthetic scene side (0: none)")
+    parser.add_argument("--bands", type=int, default=6, help="synthetic scene bands")
+    parser.add_argument("--chunk", type=int, default=512, help="CPU chunk side for Dask (0: one block)")
+    parser.add_argument("--repeat", type=int, default=2, help="fuse calls per real set (first compiles)")
+    parser.add_argument("--synthetic-repeat", type=int, default=1, help="fuse calls on the synthetic scene")
+    parser.add_argument("--gpu", action="store_true", help="run JAX kernels on the GPU, one block per scene")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
+    parser.add_argument("--json", default="bench_methods.json", help="output JSON path")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))), flush=True)
+        return 0
+
+    from stf_pipeline.benchmarks.biastf import machine
+    from stf_pipeline.methods import available_methods
+
+    methods = args.methods or available_methods()
+    info = machine()
+    print(f"machine: {info}", flush=True)
+    jobs = [(source, args.repeat) for source in args.sets]
+    if args.size:
+        jobs.append(("synthetic", args.synthetic_repeat))
+    records = []
+    for source, repeat in jobs:
+        for method in methods:
+            job = {
+                "method": method, "source": source, "size": args.size, "bands": args.bands,
+                "chunk": args.chunk, "repeat": max(1, repeat), "gpu": args.gpu,
+            }
+            record = _run_child(job, args.timeout)
+            records.append(record)
+            print(_table([record]).splitlines()[-1], flush=True)
+    print(_table(records))
+    result = {"machine": {**info, "loadavg_end": list(os.getloadavg())}, "args": vars(args), "results": records}
+    with open(args.json, "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
