@@ -703,10 +703,10 @@ def similar_pixel_blend(
     for y0 in range(0, h, rows):
         n_rows = min(rows, h - y0)
         keys = _rank_keys(fine_pad, use_pad, threshold, y0, n_rows, r)
-        idx = np.argpartition(keys, k - 1, axis=1)[:, :k] if k < n_off else np.argsort(keys, axis=1)
-        chosen = np.take_along_axis(keys, idx, axis=1) < invalid  # (pixels, k)
-        off = idx
-        yy = (np.arange(y0, y0 + n_rows)[:, None] + np.zeros(w, dtype=np.int64)).reshape(-1, 1) + off // side
+        off = np.argpartition(keys, k - 1, axis=1)[:, :k] if k < n_off else np.argsort(keys, axis=1)
+        chosen = np.take_along_axis(keys, off, axis=1) < invalid  # (pixels, k)
+        del keys
+        yy = np.repeat(np.arange(y0, y0 + n_rows), w)[:, None] + off // side
         xx = np.tile(np.arange(w), n_rows)[:, None] + off % side
         dist = (np.sqrt(((off // side - r) ** 2 + (off % side - r) ** 2).astype(np.float64)) / r).astype(np.float32)
         centre = fine_pad[:, y0 + r : y0 + r + n_rows, r : r + w].reshape(nb, -1, 1)
