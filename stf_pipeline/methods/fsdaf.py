@@ -703,7 +703,10 @@ def similar_pixel_blend(
     for y0 in range(0, h, rows):
         n_rows = min(rows, h - y0)
         keys = _rank_keys(fine_pad, use_pad, threshold, y0, n_rows, r)
-        off = np.argpartition(keys, k - 1, axis=1)[:, :k] if k < n_off else np.argsort(keys, axis=1)
+        off = np.empty((keys.shape[0], k), dtype=np.int64)
+        for p0 in range(0, keys.shape[0], 1024):  # selection in pieces: its index array is 8 B per key
+            part = keys[p0 : p0 + 1024]
+            off[p0 : p0 + 1024] = np.argpartition(part, k - 1, axis=1)[:, :k] if k < n_off else np.argsort(part, axis=1)
         chosen = np.take_along_axis(keys, off, axis=1) < invalid  # (pixels, k)
         del keys
         yy = np.repeat(np.arange(y0, y0 + n_rows), w)[:, None] + off // side
