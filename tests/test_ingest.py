@@ -132,6 +132,22 @@ def test_bilinear_upsampling_is_linear_between_coarse_centres(tmp_path):
     np.testing.assert_allclose(cube["coarse"].values[0, 0, 10, inside], expected, atol=1e-6)
 
 
+def test_a_source_finer_than_the_grid_is_averaged(tmp_path):
+    """Downsampling (a 15 m image onto the 30 m grid) uses average resampling whatever is asked."""
+    fine = np.full((1, 4, 6), 0.2, np.float32)
+    sharp = np.random.default_rng(3).uniform(0, 1, (1, 8, 12)).astype(np.float32)
+    cube = ingest(
+        {"2020-01-01": write_tif(tmp_path / "f.tif", fine)},
+        {"2020-01-01": write_tif(tmp_path / "c.tif", sharp, res=15.0)},
+        bands=["nir"],
+        fine_sensor=Sensor("f", ("nir",)),
+        coarse_sensor=Sensor("c", ("nir",)),
+        chunks=None,
+    )
+    expected = sharp[0].reshape(4, 2, 6, 2).mean(axis=(1, 3))
+    np.testing.assert_allclose(cube["coarse"].values[0, 0], expected, rtol=1e-6)
+
+
 def test_coarse_in_another_crs_is_reprojected(tmp_path):
     fine = np.full((1, 20, 20), 1000, np.int16)
     coarse = np.full((1, 4, 4), 0.3, np.float32)
