@@ -373,7 +373,7 @@ def unmix_change(
     *,
     radius: int,
     n_pure: int,
-    batch_cells: int = 512,
+    batch_cells: int = 128,
 ) -> np.ndarray:
     """Per-class change of every cell by constrained unmixing of the coarse change around it.
 
@@ -393,7 +393,7 @@ def unmix_change(
     usable : ndarray ``(hc, wc)`` bool
         Complete cells with a finite change in every band.
     radius, n_pure : int
-    batch_cells : int, default 512
+    batch_cells : int, default 128
         Cells solved per batch (bounds memory).
 
     Returns
