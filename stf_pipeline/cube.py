@@ -280,7 +280,7 @@ def write_cube(
     out.attrs[STORE_MARKER] = STORE_VERSION
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        out.to_zarr(tmp, mode="w", consolidated=True, zarr_format=ZARR_FORMAT)
+        out.to_zarr(tmp, mode="w", consolidated=True, zarr_format=ZARR_FORMAT, write_empty_chunks=True)
         if path.exists():
             trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(path, trash)
@@ -339,7 +339,29 @@ def open_cube(
             f"cannot open cube store {path}: it is truncated or corrupt ({type(err).__name__}: {err}); "
             "re-create it with stf.write_cube or `stf ingest`."
         ) from err
+    if STORE_MARKER in cube.attrs:
+        _check_chunks_present(path, cube)
     try:
         return validate_cube(cube)
     except CubeError as err:
         raise CubeError(f"store {path} is not a valid cube: {err}") from None
+
+
+def _check_chunks_present(path: Path, cube: xr.Dataset) -> None:
+    """Stores written by :func:`write_cube` hold every chunk (empty ones too): a missing one is damage."""
+    import json
+
+    for name in cube.data_vars:
+        meta_file = path / str(name) / ".zarray"
+        if not meta_file.is_file():
+            continue
+        meta = json.loads(meta_file.read_text())
+        expected = 1
+        for size, chunk in zip(meta["shape"], meta["chunks"]):
+            expected *= -(-size // chunk) if size else 0
+        present = sum(1 for p in (path / str(name)).iterdir() if not p.name.startswith("."))
+        if present < expected:
+            raise CubeError(
+                f"cube store {path} is truncated: variable {name!r} has {present} of {expected} chunk files; "
+                "re-create it with stf.write_cube or `stf ingest`."
+            )

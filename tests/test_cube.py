@@ -128,3 +128,13 @@ def test_accessor_binds_library_functions(small_cube):
     assert small_cube.stf.validate() is small_cube
     pred = small_cube.stf.fuse(small_cube.time.values[1], method="delta")
     np.testing.assert_array_equal(pred.values, stf.fuse(small_cube, small_cube.time.values[1], method="delta").values)
+
+
+def test_open_store_with_a_missing_chunk(tmp_path):
+    cube = _independent_cube()
+    cube["fine"][:] = np.nan  # all-NaN chunks are still written, so absence means damage
+    path = stf.write_cube(cube, tmp_path / "c.zarr", chunks={"y": 16, "x": 16})
+    stf.open_cube(path)
+    next(p for p in (path / "fine").iterdir() if not p.name.startswith(".")).unlink()
+    with pytest.raises(CubeError, match="truncated: variable 'fine' has 7 of 8 chunk files"):
+        stf.open_cube(path)
