@@ -21,7 +21,6 @@ from stf_pipeline.methods import MethodContext, fsdaf
 from stf_pipeline.methods._classify import kmeans, nearest_centre
 from stf_pipeline.methods._tps import local_tps, tps_matrix
 from stf_pipeline.parallel import map_overlapping
-from stf_pipeline.task import resolve_task
 from stf_pipeline.testing import raise_if_dask_computes, random_cube
 
 from reference_fsdaf import reference_fsdaf

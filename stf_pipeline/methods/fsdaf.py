@@ -561,8 +561,9 @@ def allowed_range(
     t_max = np.full(c_max.shape, -np.inf)
     for c in range(n_classes):
         member = labels == c
-        f_min = _window_extreme(_cell_extreme(np.where(member, fine, np.nan), factor, minimum=True), radius, minimum=True)
-        f_max = _window_extreme(_cell_extreme(np.where(member, fine, np.nan), factor, minimum=False), radius, minimum=False)
+        values = np.where(member, fine, np.nan)
+        f_min = _window_extreme(_cell_extreme(values, factor, minimum=True), radius, minimum=True)
+        f_max = _window_extreme(_cell_extreme(values, factor, minimum=False), radius, minimum=False)
         t_min = np.fmin(t_min, f_min + change[:, c])
         t_max = np.fmax(t_max, f_max + change[:, c])
     low = np.maximum(np.fmin(c_min, t_min), valid_range[0])
@@ -796,7 +797,9 @@ def fsdaf_kernel(
     return _range_fix(blended, f1, c1, c2, params.valid_range).astype(np.float32)
 
 
-def _range_fix(pred: np.ndarray, f1: np.ndarray, c1: np.ndarray, c2: np.ndarray, valid_range: tuple[float, float]) -> np.ndarray:
+def _range_fix(
+    pred: np.ndarray, f1: np.ndarray, c1: np.ndarray, c2: np.ndarray, valid_range: tuple[float, float]
+) -> np.ndarray:
     """IDL's last correction: outside ``valid_range``, use ``F1 + C(t) - C(t1)``, clipped to it."""
     lo, hi = valid_range
     fallback = np.clip(f1 + c2 - c1, lo, hi)
