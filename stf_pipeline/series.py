@@ -381,10 +381,15 @@ def _done_regions(path: Path) -> set[str]:
 
 
 def _write_region(block: np.ndarray, store: str, var: str, t: int, iy: int, ix: int, ys: slice, xs: slice) -> None:
-    """Write one chunk, then record it (the record exists only once the chunk is on disk)."""
+    """Write one chunk, then record it (the record exists only once the chunk is on disk).
+
+    All-NaN chunks are written too: a cube store holds every chunk, so a missing chunk file
+    always means damage (see :func:`stf_pipeline.open_cube`).
+    """
     import zarr
 
     array = zarr.open_array(f"{store}/{var}", mode="r+", zarr_format=ZARR_FORMAT)
+    array = array.with_config({"write_empty_chunks": True})
     array[t, :, ys, xs] = np.asarray(block, dtype=np.float32)
     Path(store, PROGRESS_DIR, _region_name(var, t, iy, ix)).touch()
 

@@ -27,6 +27,7 @@ def gappy_cube(**kwargs):
     fine = cube["fine"].values.copy()
     fine[[1, 3]] = np.nan
     fine[0, :, :3, :5] = np.nan  # some nodata in an observed image
+    fine[2, :, 16:32, 16:32] = np.nan  # a whole all-NaN region (chunk) of an observed image
     return stf.make_cube(
         fine, cube["coarse"].values, time=cube.time.values, band=cube.band.values, y=cube.y.values,
         x=cube.x.values, crs="EPSG:32633", coarse_factor=cube.attrs["coarse_factor"],
@@ -183,8 +184,10 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     monkeypatch.setattr(series, "_write_region", crashing)
     with dask.config.set(scheduler="synchronous"), pytest.raises(_Crash):
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
-    assert not stf.open_cube(path).attrs["stf_series_complete"]
+    assert not series._zarr_group(path).attrs["stf_series_complete"]
     assert len(os.listdir(path / series.PROGRESS_DIR)) == 17
+    with pytest.raises(stf.CubeError, match="truncated"):  # an unfinished store is not a cube yet
+        stf.open_cube(path)
 
     calls.clear()
     monkeypatch.setattr(series, "_write_region", lambda *a: (calls.append(a[2:6]), original(*a)))
@@ -240,6 +243,6 @@ def test_killed_subprocess_resumes_to_the_same_store(tmp_path):
     proc.stderr.close()
     done = len(os.listdir(progress))
     assert 6 <= done < 90
-    assert not stf.open_cube(path).attrs["stf_series_complete"]
+    assert not series._zarr_group(path).attrs["stf_series_complete"]
     stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
     assert store_files(path) == store_files(reference)
