@@ -40,8 +40,8 @@ tps_radius) + 1), 2 · half_window)`` fine pixels, which covers the longest depe
 (similar pixel → its cell → that cell's window; similar pixel → its homogeneity window), and the
 engine aligns blocks to cells (``coarse_aligned=True``). So
 every output pixel sees exactly the data it sees in an unchunked run; window sums are accumulated
-in a fixed order, so chunked equals unchunked to floating-point rounding of the batched solvers
-(tested at 1e-6).
+in a fixed order and every cell's small systems are solved on their own, so chunked equals
+unchunked (bitwise in practice; the tests allow 1e-6 for batched LAPACK/BLAS rounding).
 
 Where this differs from the authors' code (all deliberate): statistics that the IDL code takes
 over a whole 30x30-cell processing block (unmixing samples and bounds, allowed value range,
