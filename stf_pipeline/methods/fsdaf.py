@@ -11,7 +11,7 @@ prediction that captures land-cover change. Steps (paper section and the authors
     nearest centre (:func:`classify`);
 (b) **class fractions** in every native coarse pixel ("cell", ``coarse_factor²`` fine pixels,
     :func:`class_fractions`);
-(c) **class change** by *constrained* least squares (paper Eq. 6-8, :func:`unmix_change`): for
+(c) **class change** by *constrained* least squares (paper Eq. 3-4, :func:`unmix_change`): for
     every cell, in the ``(2·unmix_radius+1)²`` cells around it, the ``n_pure=100`` purest cells of
     each class (fraction > 0.01) whose coarse change lies within that class's 10th-90th
     percentiles give the rows of ``ΔC = Σ_c f_c Δf_c``; ``Δf`` is bounded to
@@ -19,27 +19,28 @@ prediction that captures land-cover change. Steps (paper section and the authors
     ``CONSTRAINED_MIN``), solved by a batched active-set method (:func:`box_lstsq`). The window
     moves with the cell, so the change varies across large scenes;
 (d) **temporal prediction** ``F_TP = F1 + Δf(class)`` and its coarse **residual**
-    ``R = ΔC - Σ_c f_c Δf_c`` (Eq. 9-11, :func:`residuals`);
-(e) **TPS prediction** of the target coarse image on the fine grid (Eq. 12-14): a true
+    ``R = ΔC - Σ_c f_c Δf_c`` (Eq. 5-8, :func:`residuals`);
+(e) **TPS prediction** of the target coarse image on the fine grid (Eq. 10-13): a true
     thin-plate spline through the cell centres within ``tps_radius`` cells of each cell
     (:func:`stf_pipeline.methods._tps.local_tps`);
-(f) **residual distribution** weighted by the homogeneity index (Eq. 15-19,
+(f) **residual distribution** weighted by the homogeneity index (Eq. 14-20,
     :func:`heterogeneity`, :func:`distribute_residual`), clamped to the allowed range;
-(g) **neighbourhood smoothing**: the change of the ``n_similar=20`` most similar pixels within
-    ``half_window=20`` pixels, weighted by spectral and spatial distance (Eq. 20-23,
-    :func:`similar_pixel_blend`).
+(g) **neighbourhood smoothing** (Eq. 21-24): the change of the ``n_similar=20`` most similar
+    pixels within ``half_window=20`` pixels (:func:`similar_pixel_blend`), as in the IDL code's
+    2017 revision: candidates are pixels within a per-band threshold ``2σ/n_classes`` rather than
+    of the same class, and the weight includes the spectral difference as well as the distance.
 
 Chunk-border correctness
 ------------------------
 Everything a block computes is either per pixel or a function of a fixed neighbourhood: class
 centres and the fine clip are scene-wide parameters fitted once before the blocks run
-(:func:`statistics`, lazily for Dask input); every window (unmixing, allowed range, similarity threshold, TPS,
-homogeneity, similar pixels) is centred on the cell or pixel and truncated only at the block
-edge. The halo is ``max(coarse_factor · (ceil(half_window / coarse_factor) + max(unmix_radius,
+(:func:`statistics`, lazily for Dask input); every window (unmixing, allowed range, similarity
+threshold, TPS, homogeneity, similar pixels) is centred on the cell or pixel and truncated only at
+the block edge. The halo is ``max(coarse_factor · (ceil(half_window / coarse_factor) + max(unmix_radius,
 tps_radius) + 1), 2 · half_window)`` fine pixels, which covers the longest dependency chains
 (similar pixel → its cell → that cell's window; similar pixel → its homogeneity window), and the
-engine aligns blocks to cells (``coarse_aligned=True``). So
-every output pixel sees exactly the data it sees in an unchunked run; window sums are accumulated
+engine aligns blocks to cells (``coarse_aligned=True``). So every output pixel sees exactly the
+data it sees in an unchunked run; window sums are accumulated
 in a fixed order and every cell's small systems are solved on their own, so chunked equals
 unchunked (bitwise in practice; the tests allow 1e-6 for batched LAPACK/BLAS rounding).
 
@@ -48,7 +49,7 @@ over a whole 30x30-cell processing block (unmixing samples and bounds, allowed v
 similarity threshold) are taken over the moving ``unmix_radius`` window, so they do not depend on
 how the scene is tiled; the fine-image noise clip (0.01/99.99 percentiles) is global; the constraint
 is kept (the authors' Python port drops it); the out-of-range clamp enforces both bounds; ties in
-purity are broken by distance to the cell.
+purity are broken by distance to the cell; k-means (fitted on a subsample) replaces ENVI's ISODATA.
 """
 
 from __future__ import annotations
@@ -467,7 +468,7 @@ def temporal_prediction(fine: np.ndarray, labels: np.ndarray, change: np.ndarray
 
 
 def residuals(coarse_change: np.ndarray, fractions: np.ndarray, change: np.ndarray) -> np.ndarray:
-    """Coarse residual ``R = ΔC - Σ_c f_c Δf_c`` per band and cell (paper Eq. 11)."""
+    """Coarse residual ``R = ΔC - Σ_c f_c Δf_c`` per band and cell (paper Eq. 6-8)."""
     return coarse_change - np.einsum("khw,bkhw->bhw", np.nan_to_num(fractions), change)
 
 
@@ -491,7 +492,7 @@ def _box_count(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def heterogeneity(labels: np.ndarray, radius: int) -> np.ndarray:
-    """Homogeneity index (paper Eq. 17): share of the window's pixels in the pixel's own class.
+    """Homogeneity index (paper Eq. 16): share of the window's pixels in the pixel's own class.
 
     The window is ``(2r+1)²`` truncated at the image edge (denominator: its pixels inside the
     image, as in the IDL code); unclassified pixels get 0.
@@ -511,7 +512,7 @@ def distribute_residual(
     het: np.ndarray,
     factor: int,
 ) -> np.ndarray:
-    """Spread each cell's residual over its fine pixels (paper Eq. 15-19, IDL weights).
+    """Spread each cell's residual over its fine pixels (paper Eq. 14-20, IDL weights).
 
     ``E_ho = F_TPS - F_TP`` keeps only the sign of ``R`` (other values set to 0),
     ``W = |E_ho|·HI + |R|·(1 - HI) + eps``, normalised to mean 1 over the cell's pixels, weights
@@ -663,7 +664,7 @@ def similar_pixel_blend(
     n_similar: int,
     max_elements: int = 1 << 22,
 ) -> np.ndarray:
-    """Weighted change of the most similar pixels around each pixel (paper Eq. 20-23).
+    """Weighted change of the most similar pixels around each pixel (paper Eq. 21-24, IDL rules).
 
     Candidates within ``half_window`` (window truncated at the image edge) differ from the
     pixel by less than ``threshold`` in every band and have a finite change; the pixel itself
