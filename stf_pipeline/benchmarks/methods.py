@@ -48,6 +48,12 @@ def _load(source: str, size: int, bands: int) -> tuple[Any, Any, list[Any]]:
     return cube, task.target, list(np.atleast_1d(task.pairs))
 
 
+def _label(job: dict[str, Any]) -> str:
+    if job["source"] != "synthetic":
+        return job["source"]
+    return f"synthetic {job['size']}x{job['size']}x{job['bands']}"
+
+
 def _child(job: dict[str, Any]) -> dict[str, Any]:
     """Run one measurement (in a fresh process) and return its record."""
     import jax
@@ -61,7 +67,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     pairs = pairs[: spec.n_pairs[1]]
     record: dict[str, Any] = {
         "method": job["method"],
-        "input": job["source"] if job["source"] != "synthetic" else f"synthetic {job['size']}x{job['size']}x{job['bands']}",
+        "input": _label(job),
         "shape": [int(cube.sizes["band"]), int(cube.sizes["y"]), int(cube.sizes["x"])],
         "pairs": len(pairs),
         "device": jax.default_backend(),
@@ -106,12 +112,12 @@ def _run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
-        return {"method": job["method"], "input": job["source"], "skipped": f"timed out after {timeout:.0f} s"}
+        return {"method": job["method"], "input": _label(job), "skipped": f"timed out after {timeout:.0f} s"}
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"method": job["method"], "input": job["source"], "skipped": f"failed: {tail[0]}"}
+    return {"method": job["method"], "input": _label(job), "skipped": f"failed: {tail[0]}"}
 
 
 def _table(records: list[dict[str, Any]]) -> str:
