@@ -8,6 +8,8 @@ bounded least squares by SciPy's BVLS. The rules that the library documents as i
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.interpolate import RBFInterpolator
 from scipy.optimize import lsq_linear
@@ -17,9 +19,19 @@ RIDGE = 1e-6
 EPS_W = 1e-10
 
 
-def reference_fsdaf(f1, c1, c2, *, centres=None, labels=None, factor, half_window, n_similar, n_pure,
-                    unmix_radius, tps_radius, valid_range=(0.0, 1.0), fine_clip=None, n_classes=None):
-    """FSDAF prediction ``(band, y, x)`` float64 from ``(band, y, x)`` arrays, one pair."""
+def reference_fsdaf(f1, c1, c2, **kwargs):
+    """FSDAF prediction ``(band, y, x)`` float64 from ``(band, y, x)`` arrays, one pair.
+
+    Keywords: ``centres`` or (``labels``, ``n_classes``), ``factor``, ``half_window``, ``n_similar``,
+    ``n_pure``, ``unmix_radius``, ``tps_radius``, ``valid_range``, ``fine_clip``.
+    """
+    with warnings.catch_warnings():  # all-NaN cells (missing coarse data) give empty means
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _reference(f1, c1, c2, **kwargs)
+
+
+def _reference(f1, c1, c2, *, centres=None, labels=None, factor, half_window, n_similar, n_pure,
+               unmix_radius, tps_radius, valid_range=(0.0, 1.0), fine_clip=None, n_classes=None):
     f1 = np.asarray(f1, float)
     c1 = np.asarray(c1, float)
     c2 = np.asarray(c2, float)
@@ -73,6 +85,9 @@ def reference_fsdaf(f1, c1, c2, *, centres=None, labels=None, factor, half_windo
             win = window(i, j, unmix_radius)
             for b in range(nb):
                 vals = np.array([dc[b, a, c] for a, c in win if np.isfinite(dc[b, a, c])])
+                if vals.size == 0:  # no coarse change anywhere in the window
+                    g[b, :, i, j] = np.nan
+                    continue
                 std = vals.std(ddof=1) if vals.size > 1 else 0.0
                 low, high = vals.min() - std, vals.max() + std
                 mean = vals.mean()
@@ -95,7 +110,10 @@ def reference_fsdaf(f1, c1, c2, *, centres=None, labels=None, factor, half_windo
                             ys.append(v)
                 x_mat = np.vstack([np.array(rows).reshape(-1, n_classes), np.sqrt(RIDGE) * np.eye(n_classes)])
                 y_vec = np.concatenate([np.array(ys), np.sqrt(RIDGE) * np.full(n_classes, mean)])
-                g[b, :, i, j] = lsq_linear(x_mat, y_vec, bounds=(low, high), method="bvls", tol=1e-14).x
+                if low < high:
+                    g[b, :, i, j] = lsq_linear(x_mat, y_vec, bounds=(low, high), method="bvls", tol=1e-14).x
+                else:  # a window whose changes are all equal: the bounds pin the solution
+                    g[b, :, i, j] = low
     # (d) temporal prediction, residual
     temporal = np.full((nb, h, w), np.nan)
     for y in range(h):
@@ -139,8 +157,8 @@ def reference_fsdaf(f1, c1, c2, *, centres=None, labels=None, factor, half_windo
                 wt = wt / np.nanmean(wt)
                 wt = np.where(wt > 10, np.nanmean(wt), wt)
                 wt = wt / np.nanmean(wt)
-                cmin = min(np.nanmin(c2[b][pix(a, c)]) for a, c in win)
-                cmax = max(np.nanmax(c2[b][pix(a, c)]) for a, c in win)
+                c2_win = np.concatenate([c2[b][pix(a, c)].ravel() for a, c in win])
+                cmin, cmax = np.nanmin(c2_win), np.nanmax(c2_win)
                 tmin, tmax = np.inf, -np.inf
                 for k in range(n_classes):
                     vals = np.concatenate([f1c[b][pix(a, c)][labels[pix(a, c)] == k] for a, c in win])

@@ -175,14 +175,17 @@ def test_residual_distribution_conserves_each_cell_residual(factor, seed):
 # ----- the whole kernel --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("clouds", [False, True])
-def test_kernel_matches_float64_reference(clouds):
+@pytest.mark.parametrize(("clouds", "gaps", "factor"), [(False, False, 6), (True, False, 6), (False, True, 2)])
+def test_kernel_matches_float64_reference(clouds, gaps, factor):
     f1, c1, c2, _, _ = _scene(clouds=clouds)
+    if gaps:  # missing coarse data, one window without any coarse change
+        c2[:, 12:18, 18:24] = np.nan
+        c1[:, 0:6, 0:6] = np.nan
     centres = kmeans(f1.reshape(3, -1).T[np.isfinite(f1.reshape(3, -1).T).all(1)], 3)
-    p = _params(6, centres, fine_clip=((0.06, 0.5), (0.05, 0.52), (0.07, 0.49)))
+    p = _params(factor, centres, half_window=3 if factor == 2 else 5, fine_clip=((0.06, 0.5), (0.05, 0.52), (0.07, 0.49)))
     got = fsdaf.fsdaf_kernel(f1[None], c1[None], c2, params=p)
-    want = reference_fsdaf(f1, c1, c2, centres=centres, factor=6, half_window=5, n_similar=8, n_pure=10,
-                           unmix_radius=2, tps_radius=2, fine_clip=p.fine_clip)
+    want = reference_fsdaf(f1, c1, c2, centres=centres, factor=factor, half_window=p.half_window, n_similar=8,
+                           n_pure=10, unmix_radius=2, tps_radius=2, fine_clip=p.fine_clip)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_allclose(got, want, atol=2e-6, equal_nan=True)
 

@@ -285,6 +285,7 @@ def box_lstsq(gram: np.ndarray, rhs: np.ndarray, lower: np.ndarray, upper: np.nd
     Returns
     -------
     ndarray ``(..., k)`` float64
+        NaN for problems with ``lower > upper`` (no data to bound them).
     """
     a = np.asarray(gram, dtype=np.float64)
     b = np.asarray(rhs, dtype=np.float64)
@@ -311,11 +312,11 @@ def box_lstsq(gram: np.ndarray, rhs: np.ndarray, lower: np.ndarray, upper: np.nd
         if settled.all():
             break
         at_lo, at_hi = new_lo, new_hi
-    for n in np.flatnonzero(~settled):
+    for n in np.flatnonzero(~settled & (lo[:, 0] < hi[:, 0])):
         chol = np.linalg.cholesky(a[n])
         target = np.linalg.solve(chol, b[n])
         g[n] = optimize.lsq_linear(chol.T, target, bounds=(lo[n, 0], hi[n, 0]), method="bvls").x
-    return np.clip(g, lo, hi).reshape(*batch, k)
+    return np.where(lo <= hi, np.clip(g, lo, hi), np.nan).reshape(*batch, k)
 
 
 def _offset_rank(radius: int) -> np.ndarray:
