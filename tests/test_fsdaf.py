@@ -115,6 +115,13 @@ def test_box_lstsq_matches_scipy_bvls(k, seed):
     assert (got >= -0.3 - 1e-12).all() and (got <= 0.4 + 1e-12).all()
 
 
+def test_box_lstsq_equal_bounds_pin_and_empty_bounds_give_nan():
+    gram = np.repeat(np.eye(2)[None], 2, axis=0)
+    got = fsdaf.box_lstsq(gram, np.ones((2, 2)), np.array([0.3, np.inf]), np.array([0.3, -np.inf]))
+    np.testing.assert_array_equal(got[0], [0.3, 0.3])
+    assert np.isnan(got[1]).all()
+
+
 def test_change_bounds_are_window_range_plus_std():
     dc = np.arange(25, dtype=float).reshape(1, 5, 5)
     low, high = fsdaf.change_bounds(dc, 1)
