@@ -3,7 +3,8 @@
 For each method of :func:`stf_pipeline.methods.available_methods` and each input, a fresh child
 process loads the input into memory, then times :func:`stf_pipeline.fuse` of the input's task
 (``--repeat`` runs: the first includes JAX compilation, the best of the others is the steady
-time) and reports its peak resident memory (``ru_maxrss`` of the child) and, on a GPU, the
+time; the CPU seconds of the last run are reported too, a measure that other processes on a
+shared machine disturb less) and reports its peak resident memory (``ru_maxrss`` of the child) and, on a GPU, the
 device's peak memory. Inputs:
 
 * the real sets of ``--sets`` (``stf.open_catalog``; their catalog task), and
@@ -83,14 +84,17 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
             return {**record, "skipped": f"tiny training impossible: {err}"}
         record["train_s"] = time.perf_counter() - start
     chunks = None if job["gpu"] or not job["chunk"] else (job["chunk"], job["chunk"])
-    seconds = []
+    seconds, cpu_seconds = [], []
     for _ in range(job["repeat"]):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         pred = stf.fuse(cube, target, method=job["method"], pairs=pairs, chunks=chunks, **kwargs)
         values = np.asarray(pred.values)
         seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - cpu_start)
     record["first_s"] = seconds[0]
     record["steady_s"] = min(seconds[1:]) if len(seconds) > 1 else None
+    # CPU seconds of the process (all threads): robust to other processes on a shared machine
+    record["cpu_s"] = cpu_seconds[-1]
     record["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stats = jax.devices()[0].memory_stats() if job["gpu"] else None
     if stats and "peak_bytes_in_use" in stats:
@@ -121,7 +125,7 @@ def _run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 
 def _table(records: list[dict[str, Any]]) -> str:
-    head = f"{'method':9s} {'input':28s} {'dev':4s} {'first s':>8s} {'steady s':>8s} {'RSS MiB':>8s} {'GPU MiB':>8s} {'RMSE':>8s} {'SSIM':>6s}"
+    head = f"{'method':9s} {'input':28s} {'dev':4s} {'first s':>8s} {'steady s':>8s} {'CPU s':>7s} {'RSS MiB':>8s} {'GPU MiB':>8s} {'RMSE':>8s} {'SSIM':>6s}"
     lines = [head, "-" * len(head)]
     for r in records:
         if "skipped" in r:
@@ -133,7 +137,7 @@ def _table(records: list[dict[str, Any]]) -> str:
             return format(value, fmt) if value is not None else "-"
 
         lines.append(
-            f"{r['method']:9s} {r['input']:28s} {r['device']:4s} {num('first_s', '8.2f')} {num('steady_s', '8.2f')} "
+            f"{r['method']:9s} {r['input']:28s} {r['device']:4s} {num('first_s', '8.2f')} {num('steady_s', '8.2f')} {num('cpu_s', '7.1f')} "
             f"{num('peak_rss_mib', '8.0f')} {num('gpu_peak_mib', '8.0f')} {num('rmse', '8.5f')} {num('ssim', '6.3f')}"
         )
     return "\n".join(lines)
