@@ -30,7 +30,7 @@ def _scene(seed: int, n_pairs: int, n_bands: int, ny: int, nx: int, nan_fraction
     return fine.astype(np.float32), coarse.astype(np.float32), target.astype(np.float32)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     n_pairs=st.integers(1, 2),
