@@ -60,17 +60,17 @@ def test_receptive_radius():
 
 @pytest.mark.parametrize("multiband", [False, True])
 def test_bandnet_shapes_and_per_band_independence(multiband):
-    net = _net(3, multiband)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 11, 3, 2)), jnp.float32)
+    net = _net(2, multiband)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 11, 2, 2)), jnp.float32)
     params = net.init(jax.random.key(0), x)["params"]
     y = net.apply({"params": params}, x)
-    assert y.shape == (2, 10, 11, 3) and y.dtype == jnp.float32
+    assert y.shape == (2, 10, 11, 2) and y.dtype == jnp.float32
     changed = net.apply({"params": params}, x.at[:, :, :, 1].add(1.0))
     # per band: band 0 sees only band 0's inputs; multiband: every band sees all inputs
     assert np.array_equal(np.asarray(changed[..., 0]), np.asarray(y[..., 0])) is (not multiband)
     if not multiband:  # one independent set of weights per band (stacked on a leading axis)
         kernel = params["bands"]["net"]["conv1"]["kernel"]
-        assert kernel.shape == (3, 7, 7, 2, 4) and not np.allclose(kernel[0], kernel[1])
+        assert kernel.shape == (2, 7, 7, 2, 4) and not np.allclose(kernel[0], kernel[1])
 
 
 def test_receptive_field_of_bandnet_is_7():

@@ -161,7 +161,8 @@ def _random_model(args: argparse.Namespace, multiband: bool) -> Any:
     from stf_pipeline.nn import FittedModel
 
     cfg = _config(args, multiband=multiband, dtype="float32")
-    g_model, b_model = biastf._networks(cfg, len(BANDS), "float32")
+    # non-zero last layers (trained networks are not zero), so the dtypes' outputs differ as they would
+    g_model, b_model = (net.clone(zero_last=False) for net in biastf._networks(cfg, len(BANDS), "float32"))
     params = {}
     for i, (name, model, inputs) in enumerate((("G", g_model, cfg.g_inputs), ("B", b_model, cfg.b_inputs))):
         sample = jnp.zeros((1, 16, 16, len(BANDS), len(inputs)))

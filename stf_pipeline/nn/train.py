@@ -156,6 +156,12 @@ class TrainState(train_state.TrainState):
     loss: str = struct.field(pytree_node=False, default="l2")
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _init(model: nn.Module, rng: jax.Array, sample_input: jax.Array) -> Any:
+    """Jitted ``model.init``, compiled once per (module configuration, input shape)."""
+    return model.init(rng, sample_input)
+
+
 def create_train_state(
     rng: jax.Array,
     config: TrainConfig,
@@ -178,7 +184,7 @@ def create_train_state(
     """
     if loss not in LOSSES:
         raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}.")
-    params = jax.jit(model.init)(rng, jnp.asarray(sample_input))["params"]
+    params = _init(model, rng, jnp.asarray(sample_input))["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config), loss=loss)
 
 
