@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,7 @@ class Catalog:
     coarse: FileGroup
     task: CatalogTask
     truth: FileGroup | None = None
+    layers: tuple[tuple[str, str], ...] = ()
     coarse_factor: int | None = None
     pixel_size: float = 30.0
     description: str = ""
@@ -220,7 +222,10 @@ class Catalog:
         where = f"catalog {source}"
         spec = _check_keys(
             spec,
-            ("name", "description", "root", "bands", "coarse_factor", "pixel_size", "fine", "coarse", "truth", "task"),
+            (
+                "name", "description", "root", "bands", "coarse_factor", "pixel_size",
+                "fine", "coarse", "truth", "layers", "task",
+            ),
             where,
             required=("bands", "fine", "coarse", "task"),
         )
@@ -233,7 +238,14 @@ class Catalog:
         pixel_size = spec.get("pixel_size", 30.0)
         if isinstance(pixel_size, bool) or not isinstance(pixel_size, (int, float)) or not pixel_size > 0:
             raise CatalogError(f"{where}: pixel_size must be a positive number, got {pixel_size!r}.")
+        layers = spec.get("layers", {}) or {}
+        if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in layers.items()):
+            raise CatalogError(
+                f"{where}: 'layers' must map variable names to single-band files, e.g. {{classes: map.tif}}; "
+                f"got {layers!r}."
+            )
         return cls(
+            layers=tuple(layers.items()),
             name=str(spec.get("name", Path(source).stem)),
             root=str(spec.get("root", "")),
             bands=tuple(bands),
@@ -250,6 +262,24 @@ class Catalog:
     def root_path(self, root: str | os.PathLike[str] | None = None) -> Path:
         base = Path(root).expanduser() if root is not None else data_root()
         return base / self.root
+
+
+def _read_layer(path: Path, cube: xr.Dataset, where: str) -> xr.DataArray:
+    """A static single-band ``(y, x)`` layer on the fine grid (e.g. a land-cover class map), values as stored."""
+    import rioxarray
+    from rasterio.errors import NotGeoreferencedWarning
+
+    if not path.is_file():
+        raise CatalogError(f"{where}: file {path} does not exist; fix the path in the catalog.")
+    with warnings.catch_warnings():  # class maps often carry no georeferencing: the fine grid gives it
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        raster = rioxarray.open_rasterio(path, masked=False)
+    if raster.sizes["band"] != 1 or raster.shape[1:] != (cube.sizes["y"], cube.sizes["x"]):
+        raise CatalogError(
+            f"{where}: {path.name} has shape {raster.shape} (band, y, x), but a layer must be one band on the fine "
+            f"grid ({cube.sizes['y']}, {cube.sizes['x']}); resample it onto the fine grid first."
+        )
+    return xr.DataArray(raster.values[0], dims=("y", "x"), attrs={"source": path.name})
 
 
 def load_catalog(name_or_path: str | os.PathLike[str]) -> Catalog:
@@ -355,6 +385,8 @@ def open_catalog(
         missing = [d for d in dates if d not in times]
         if missing:
             raise CatalogError(f"{where}: task {label} {missing} are not dates of its files {sorted(times)}.")
+    for name, file in catalog.layers:
+        cube[name] = _read_layer(base / file, cube, f"{where}: layer {name!r}")
     try:
         task = resolve_task(cube, catalog.task.target, pairs=catalog.task.pairs, n_pairs=(1, 64))
     except TaskError as err:

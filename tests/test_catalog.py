@@ -228,3 +228,19 @@ def test_unknown_and_broken_catalog_files(tmp_path):
         load_catalog(bad)
     with pytest.raises(CatalogError, match=r"catalog <mapping> must be a mapping"):
         Catalog.from_mapping(["not", "a", "mapping"])
+
+
+def test_layers_bring_a_class_map_on_the_fine_grid():
+    cube, _ = stf.open_catalog("zhu_fsdaf_lgc")
+    assert cube["classes"].dims == ("y", "x") and cube["classes"].dtype == np.uint8
+    np.testing.assert_array_equal(np.unique(cube["classes"].values), [1, 2, 3, 4])
+
+
+def test_layer_errors():
+    spec = yaml.safe_load((CATALOG_DIR / "zhu_fsdaf_lgc.yaml").read_text())
+    assert load_catalog("zhu_fsdaf_lgc").layers == (("classes", "Landsat20041126_SVM_classification"),)
+    with pytest.raises(CatalogError, match="'layers' must map variable names"):
+        Catalog.from_mapping({**spec, "layers": ["a.tif"]})
+    bad = Catalog.from_mapping({**spec, "layers": {"classes": "Landsat20041126"}})
+    with pytest.raises(CatalogError, match="must be one band on the fine grid"):
+        stf.open_catalog(bad)
