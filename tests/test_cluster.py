@@ -118,3 +118,21 @@ def test_worker_killed_mid_run_gives_the_same_store(tmp_path):
         assert written_at_kill < n_regions, "the run finished before a worker could be killed"
         assert victim not in client.scheduler_info()["workers"] or client.run(os.getpid)[victim] != pids[victim]
     assert _files(path) == _files(reference)
+
+
+@pytest.mark.gpu
+def test_gpu_cluster_one_worker_per_gpu_gives_the_same_store(tmp_path):
+    """On a GPU machine with dask-cuda: ``JAX_PLATFORMS=cuda pytest -m gpu tests/test_cluster.py``
+    (the conftest defaults JAX to the CPU, and the workers inherit the environment)."""
+    pytest.importorskip("dask_cuda")
+    cube = _cube()
+    stf.fuse_series(cube, method="starfm", out=tmp_path / "ref.zarr", chunks=(32, 32), progress=False)
+    with start_cluster({"gpu": True}, quiet=True) as client:
+        devices = client.run(lambda: __import__("jax").devices()[0].platform)
+        assert set(devices.values()) == {"gpu"}
+        stf.fuse_series(cube, method="starfm", out=tmp_path / "f.zarr", chunks=(32, 32), progress=False)
+    np.testing.assert_allclose(
+        stf.open_cube(tmp_path / "f.zarr")["fine"].values,
+        stf.open_cube(tmp_path / "ref.zarr")["fine"].values,
+        rtol=1e-5, atol=1e-6,
+    )
