@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import dask
 import dask.array as da
 import xarray as xr
 
@@ -134,6 +135,9 @@ def _run_task(
         kernel_kwargs["params"] = spec.statistics(fine, coarse, coarse_target, kernel_kwargs["params"])
     if extra and isinstance(fine, da.Array):
         extra = {name: da.asarray(values) for name, values in extra.items()}
+    if isinstance(fine, da.Array) and kernel_kwargs.get("model") is not None:
+        # one task holds the model, so it is shipped once per worker, not inside every block task
+        kernel_kwargs["model"] = dask.delayed(kernel_kwargs["model"], pure=False, traverse=False)
     return map_overlapping(
         spec.kernel, fine, coarse, coarse_target, halo=halo, align=align, chunks=chunks, extra=extra,
         **kernel_kwargs,
