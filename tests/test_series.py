@@ -246,3 +246,37 @@ def test_killed_subprocess_resumes_to_the_same_store(tmp_path):
     assert not series._zarr_group(path).attrs["stf_series_complete"]
     stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
     assert store_files(path) == store_files(reference)
+
+
+@pytest.mark.slow
+def test_learned_method_trains_once_and_resume_reuses_the_training(tmp_path, monkeypatch):
+    cube = random_cube(n_times=5, height=48, width=48)
+    fine = cube["fine"].values.copy()
+    fine[[1, 3]] = np.nan
+    cube = cube.copy(data={"fine": fine, "coarse": cube["coarse"].values})
+    path = tmp_path / "f.zarr"
+    options = {"config": "tiny"}
+
+    original = series._write_region
+
+    def crashing(*args):
+        if args[2] == "fine" and args[3] == 3:
+            raise _Crash
+        return original(*args)
+
+    monkeypatch.setattr(series, "_write_region", crashing)
+    with dask.config.set(scheduler="synchronous"), pytest.raises(_Crash):
+        stf.fuse_series(cube, method="biastf", out=path, chunks=(32, 32), progress=False, train_options=options)
+    checkpoints = _file_stamps(path / series.TRAIN_DIR, "stage*/**/*")
+    assert checkpoints
+    monkeypatch.setattr(series, "_write_region", original)
+    out = stf.fuse_series(cube, method="biastf", out=path, chunks=(32, 32), progress=False, train_options=options)
+    assert _file_stamps(path / series.TRAIN_DIR, "stage*/**/*") == checkpoints  # restored, not trained again
+    model = stf.load_model(path / series.TRAIN_DIR / "model")
+    for date in cube.time.values[[1, 3]]:
+        ref = stf.fuse(cube, date, method="biastf", model=model)
+        np.testing.assert_array_equal(out["fine"].sel(time=date).values, ref.values)
+
+
+def _file_stamps(root: Path, pattern: str) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.glob(pattern) if p.is_file()}
