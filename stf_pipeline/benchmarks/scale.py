@@ -277,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
+    import stf_pipeline as stf
+
+    learned = [m for m in args.methods if stf.get_method(m).learned]
+    if learned:
+        parser.error(f"learned methods {learned} need a trained model; time them with stf bench {learned[0]}.")
     report: dict[str, Any] = {"machine": _machine(), "cases": [], "overhead": [], "gpu_series": []}
     if args.gpu_series:
         for method in args.methods:
