@@ -144,8 +144,13 @@ def make_schedule(config: TrainConfig) -> optax.Schedule:
     )
 
 
+@functools.lru_cache(maxsize=32)
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """``optax.chain(clip_by_global_norm, adam(schedule))`` (the paper trains with Adam)."""
+    """``optax.chain(clip_by_global_norm, adam(schedule))`` (the paper trains with Adam).
+
+    Cached per (frozen, hashable) config: the optimiser is static metadata of the
+    :class:`TrainState`, so an equal object lets a second training reuse the compiled steps.
+    """
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
     return optax.chain(*parts, optax.adam(make_schedule(config)))
 
