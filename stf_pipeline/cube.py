@@ -339,6 +339,11 @@ def open_cube(
             f"cannot open cube store {path}: it is truncated or corrupt ({type(err).__name__}: {err}); "
             "re-create it with stf.write_cube or `stf ingest`."
         ) from err
+    if cube.attrs.get("stf_series_complete") is False or cube.attrs.get("stf_series_complete") == 0:
+        raise CubeError(
+            f"{path} is a fused series that is not finished yet (an interrupted stf.fuse_series run); "
+            "rerun stf.fuse_series with the same arguments to resume it."
+        )
     if STORE_MARKER in cube.attrs:
         _check_chunks_present(path, cube)
     try:

@@ -138,3 +138,10 @@ def test_open_store_with_a_missing_chunk(tmp_path):
     next(p for p in (path / "fine").iterdir() if not p.name.startswith(".")).unlink()
     with pytest.raises(CubeError, match="truncated: variable 'fine' has 7 of 8 chunk files"):
         stf.open_cube(path)
+
+
+def test_open_unfinished_series_says_how_to_resume(tmp_path):
+    cube = _independent_cube()
+    path = stf.write_cube(cube.assign_attrs(stf_series_complete=False), tmp_path / "s.zarr")
+    with pytest.raises(CubeError, match="rerun stf.fuse_series with the same arguments"):
+        stf.open_cube(path)
