@@ -23,44 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from stf_pipeline.benchmarks._machine import describe_machine
+
 BANDS = ("blue", "green", "red", "nir", "swir1", "swir2")
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, JAX backend and devices, GPU names from nvidia-smi."""
-    import jax
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpus: list[str] = []
-    if shutil.which("nvidia-smi"):
-        query = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True, check=False
-        )
-        gpus = [line.strip() for line in query.stdout.splitlines() if line.strip()]
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpus": gpus,
-        "jax_backend": jax.default_backend(),
-        "devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()],
-        "jax": jax.__version__,
-    }
 
 
 def scene(size: int, *, n_times: int = 3, seed: int = 0) -> Any:
@@ -262,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args.layouts = [{"per-band": False, "multiband": True}[name.strip()] for name in args.layouts.split(",") if name.strip()]
     args.zarr_multiband = not args.zarr_per_band
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    info = machine()
+    info = describe_machine()
     print(f"machine: {info}", flush=True)
     results: dict[str, Any] = {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "json"}}
     if "train" not in skip:

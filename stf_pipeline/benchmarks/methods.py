@@ -162,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(json.loads(args.child))), flush=True)
         return 0
 
-    from stf_pipeline.benchmarks.biastf import machine
+    from stf_pipeline.benchmarks._machine import describe_machine
     from stf_pipeline.methods import available_methods
 
     methods = args.methods or available_methods()
-    info = machine()
+    info = describe_machine()
     print(f"machine: {info}", flush=True)
     jobs = [(source, args.repeat) for source in args.sets]
     if args.size:

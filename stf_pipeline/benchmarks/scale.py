@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,37 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stf_pipeline.benchmarks._machine import describe_machine
+
 SIZES = (1000, 2000, 4000, 8000)
 LARGE = 16000
 N_BANDS = 6
-
-
-def _machine() -> dict[str, Any]:
-    from stf_pipeline.cluster import machine_cores, machine_memory
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpus: list[str] = []
-    if shutil.which("nvidia-smi"):
-        query = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-            capture_output=True, text=True, check=False,
-        )
-        gpus = [line.strip() for line in query.stdout.splitlines() if line.strip()]
-    return {
-        "cpu": cpu,
-        "cores": machine_cores(),
-        "memory_gib": round(machine_memory() / 2**30, 1),
-        "gpus": gpus,
-        "python": platform.python_version(),
-        "loadavg_start": list(os.getloadavg()),
-    }
 
 
 def tiled_cube(size: int, *, tile: int = 500, seed: int = 0, n_times: int = 3, computed: bool = True) -> Any:
@@ -282,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     learned = [m for m in args.methods if stf.get_method(m).learned]
     if learned:
         parser.error(f"learned methods {learned} need a trained model; time them with stf bench {learned[0]}.")
-    report: dict[str, Any] = {"machine": _machine(), "cases": [], "overhead": [], "gpu_series": []}
+    report: dict[str, Any] = {"machine": describe_machine(with_jax=False), "cases": [], "overhead": [], "gpu_series": []}
     if args.gpu_series:
         for method in args.methods:
             result, peak = _run_child(

@@ -15,32 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-
-def _machine() -> dict[str, Any]:
-    import jax
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    devices = jax.devices()
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "jax_backend": jax.default_backend(),
-        "devices": [getattr(d, "device_kind", str(d)) for d in devices],
-        "jax": jax.__version__,
-    }
+from stf_pipeline.benchmarks._machine import describe_machine
 
 
 def _time(fn: Any, repeats: int) -> float:
@@ -175,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument("--json", type=Path, default=Path("bench_stfdcnn.json"), help="output JSON path")
     args = parser.parse_args(argv)
-    result: dict[str, Any] = {"benchmark": "stfdcnn", "machine": _machine(), "args": {k: str(v) for k, v in vars(args).items()}}
+    result: dict[str, Any] = {"benchmark": "stfdcnn", "machine": describe_machine(), "args": {k: str(v) for k, v in vars(args).items()}}
     if not args.skip_training:
         result["training"] = _training(args)
         print(f"{'stage':<12}{'patch':>7}{'batch':>7}{'steps':>7}{'seconds':>10}{'patches/s':>12}")

@@ -1,0 +1,57 @@
+"""The machine description every benchmark writes next to its numbers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+
+def cpu_model() -> str:
+    """CPU model name from ``/proc/cpuinfo`` (the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_names() -> list[str]:
+    """``name, memory`` of each NVIDIA GPU (empty without ``nvidia-smi``)."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    query = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return [line.strip() for line in query.stdout.splitlines() if line.strip()]
+
+
+def describe_machine(*, with_jax: bool = True) -> dict[str, Any]:
+    """CPU, cores, memory, GPUs, load average, Python and (optionally) JAX backend and devices."""
+    from stf_pipeline.cluster import machine_cores, machine_memory
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": machine_cores(),
+        "memory_gib": round(machine_memory() / 2**30, 1),
+        "gpus": gpu_names(),
+        "python": platform.python_version(),
+        "loadavg_start": list(os.getloadavg()),
+    }
+    if with_jax:
+        import jax
+
+        info.update(
+            jax=jax.__version__,
+            jax_backend=jax.default_backend(),
+            devices=[getattr(d, "device_kind", str(d)) for d in jax.devices()],
+        )
+    return info
