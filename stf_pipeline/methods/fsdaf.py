@@ -519,7 +519,6 @@ def distribute_residual(
     ``W = |E_ho|·HI + |R|·(1 - HI) + eps``, normalised to mean 1 over the cell's pixels, weights
     above 10 reset to the mean, normalised again; the pixel change is ``W · R``.
     """
-    nb = residual.shape[0]
     h, w = het.shape
     cy = (np.arange(h) // factor)[:, None]
     cx = (np.arange(w) // factor)[None, :]
