@@ -12,6 +12,7 @@ import stf_pipeline as stf
 from stf_pipeline.exceptions import ConfigError, MethodError, ModelError, TaskError
 from stf_pipeline.methods import biastf
 from stf_pipeline.methods.biastf import BiaSTFConfig, BiaSTFParams, fuse_directions, predict_block
+from stf_pipeline.methods.delta import DeltaParams, delta_kernel
 from stf_pipeline.nn import BandNet, FittedModel
 from stf_pipeline.testing import assert_chunked_equals_unchunked, raise_if_dask_computes, random_cube
 
@@ -98,8 +99,10 @@ def test_chunked_equals_unchunked_and_lazy(trained, cube):
     assert_chunked_equals_unchunked(whole, lazy, atol=1e-5)
 
 
-def _reference_fusion(pred: np.ndarray, ct: np.ndarray, window: int, eps: float) -> np.ndarray:
-    """Float64 per-pixel loops over the window: the definition of f."""
+def _reference_fusion(
+    pred: np.ndarray, ct: np.ndarray, window: int, eps: float, coarse: np.ndarray | None = None
+) -> np.ndarray:
+    """Float64 per-pixel loops over the window: the definition of f (``coarse`` given: "change" weights)."""
     r = window // 2
     n, nb, h, w = pred.shape
     out = np.full((nb, h, w), np.nan)
@@ -111,8 +114,11 @@ def _reference_fusion(pred: np.ndarray, ct: np.ndarray, window: int, eps: float)
                     if not np.isfinite(pred[d, b, y, x]):
                         continue
                     win = (slice(max(y - r, 0), y + r + 1), slice(max(x - r, 0), x + r + 1))
-                    diff = pred[d, b][win] - ct[b][win]
-                    weights.append(1.0 / (abs(np.nanmean(diff)) + eps))
+                    if coarse is None:
+                        score = abs(np.nanmean(pred[d, b][win] - ct[b][win]))
+                    else:
+                        score = np.nanmean(np.abs(ct[b][win] - coarse[d, b][win]))
+                    weights.append(1.0 / (score + eps))
                     values.append(pred[d, b, y, x])
                 if weights:
                     out[b, y, x] = np.dot(weights, values) / np.sum(weights)
@@ -125,9 +131,26 @@ def test_fusion_matches_float64_reference():
     pred[0, 0, 2:4, 3:6] = np.nan
     pred[:, 1, 0, 0] = np.nan
     ct = rng.uniform(0.0, 0.5, size=(2, 9, 11))
-    got = np.asarray(fuse_directions(pred.astype(np.float32), ct.astype(np.float32), window=5, eps=1e-3))
+    coarse = rng.uniform(0.0, 0.5, size=(2, 2, 9, 11))
+    coarse[1, 0, 5, 5] = np.nan
+    f32 = {"pred": pred.astype(np.float32), "coarse_target": ct.astype(np.float32), "window": 5, "eps": 1e-3}
+    got = np.asarray(fuse_directions(**f32, weights="similarity"))
     np.testing.assert_allclose(got, _reference_fusion(pred, ct, 5, 1e-3), rtol=1e-5, atol=1e-6, equal_nan=True)
     assert np.isnan(got[1, 0, 0])
+    got = np.asarray(fuse_directions(**f32, weights="change", coarse=coarse.astype(np.float32)))
+    np.testing.assert_allclose(got, _reference_fusion(pred, ct, 5, 1e-3, coarse), rtol=1e-5, atol=1e-6, equal_nan=True)
+    with pytest.raises(MethodError, match="pass coarse="):
+        fuse_directions(**f32, weights="change")
+
+
+def test_untrained_model_with_change_weights_is_delta(trained, cube):
+    """Zero networks: each direction is F(j) + dC, fused like delta's inverse-change weights."""
+    model, _ = trained
+    zero = dataclasses.replace(model, params=jax.tree_util.tree_map(np.zeros_like, model.params))
+    fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]
+    fused, _ = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, eps=1e-6), model=zero)
+    expected = delta_kernel(fine, coarse, ct, params=DeltaParams(window=9, eps=1e-6))
+    np.testing.assert_allclose(fused, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_kernel_is_f_of_fine_plus_g_plus_b(trained, cube):
@@ -144,7 +167,7 @@ def test_kernel_is_f_of_fine_plus_g_plus_b(trained, cube):
     b = np.asarray(net.apply({"params": model.params["B"]}, x_b))
     expected = fine + (g + b).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(transitional, expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(fused, _reference_fusion(expected, ct, 9, 1e-3), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fused, _reference_fusion(expected, ct, 9, 1e-3, coarse), rtol=1e-4, atol=1e-5)
 
 
 def test_nan_input_hands_the_pixel_to_the_other_pair(trained, cube):

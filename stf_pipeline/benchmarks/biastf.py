@@ -155,7 +155,7 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
         reference = None
         for dtype in biastf.DTYPES:
             params = biastf.BiaSTFParams(window=21, dtype=dtype)
-            predict = biastf._predictor(json.dumps(model.config, sort_keys=True), len(BANDS), dtype, 21, params.eps)
+            predict = biastf._predictor(json.dumps(model.config, sort_keys=True), len(BANDS), dtype, 21, params.eps, params.weights)
             device_params = jax.device_put(model.params)
             row: dict[str, Any] = {"layout": "multiband" if multiband else "per-band", "dtype": dtype, "size": args.size}
             try:
