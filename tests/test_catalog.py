@@ -230,12 +230,14 @@ def test_unknown_and_broken_catalog_files(tmp_path):
         Catalog.from_mapping(["not", "a", "mapping"])
 
 
+@needs_data
 def test_layers_bring_a_class_map_on_the_fine_grid():
     cube, _ = stf.open_catalog("zhu_fsdaf_lgc")
     assert cube["classes"].dims == ("y", "x") and cube["classes"].dtype == np.uint8
     np.testing.assert_array_equal(np.unique(cube["classes"].values), [1, 2, 3, 4])
 
 
+@needs_data
 def test_layer_errors():
     spec = yaml.safe_load((CATALOG_DIR / "zhu_fsdaf_lgc.yaml").read_text())
     assert load_catalog("zhu_fsdaf_lgc").layers == (("classes", "Landsat20041126_SVM_classification"),)
