@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
@@ -456,7 +457,8 @@ def _compute(writes: list[Any], *, progress: bool) -> None:
     if progress:
         from dask.diagnostics import ProgressBar
 
-        with ProgressBar():
+        # on a terminal the bar redraws in place; in a log file each redraw is text, so redraw rarely
+        with ProgressBar(dt=0.1 if sys.stdout.isatty() else 15.0):
             dask.compute(*writes)
     else:
         dask.compute(*writes)
