@@ -26,8 +26,8 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import shutil
+import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
