@@ -12,7 +12,8 @@ Two drivers run a body:
 * :func:`accumulate_numpy`: NumPy, slicing. Neighbours outside the block are skipped (the
   slices shrink), so a pixel's sums only ever see pixels of the block: no padding.
 * :func:`accumulate_jax`: JAX, ``jit`` + ``lax.fori_loop`` over offsets inside ``lax.map`` over
-  square tiles (cache-sized on CPU, one tile per block on GPU). Blocks are padded with
+  square tiles (cache-sized on CPU, one tile per block on GPU; on CPU the tiles are shared
+  out over one thread per core, so a single block uses every core). Blocks are padded with
   *missing* values (NaN) which a body turns into zero increments, so the sums are those of
   the NumPy driver.
 
@@ -24,7 +25,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -33,7 +36,9 @@ from stf_pipeline.exceptions import MethodError
 
 #: ``body(xp, c, q, dist, k) -> tuple of increments``; ``c``/``q``: mappings of aligned arrays,
 #: ``k``: mapping of constants. Must be a module-level function (it keys the JAX compile cache).
-Body = Callable[[Any, Mapping[str, Any], Mapping[str, Any], Any, Mapping[str, Any]], tuple[Any, ...]]
+Body = Callable[
+    [Any, Mapping[str, Any], Mapping[str, Any], Any, Mapping[str, Any]], tuple[Any, ...]
+]
 
 
 def offsets(radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,9 +131,23 @@ def default_tile() -> int:
     return 48 if jax.default_backend() == "cpu" else 0
 
 
+def _workers() -> int:
+    """Threads that run the tiles of one block (the CPU cores; one on accelerators)."""
+    import jax
+
+    return max(1, os.cpu_count() or 1) if jax.default_backend() == "cpu" else 1
+
+
+@functools.lru_cache(maxsize=1)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    # one pool for the process: blocks mapped by several Dask threads share its workers, so
+    # no more tiles run at once than there are cores
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stf-tiles")
+
+
 @functools.lru_cache(maxsize=64)
 def _jax_driver(
-    body: Body, radius: int, tile: int, acc_specs: tuple, names: tuple, fills: tuple
+    body: Body, radius: int, tile: int, acc_specs: tuple, names: tuple
 ) -> Callable[..., Any]:
     import jax
     import jax.numpy as jnp
@@ -137,51 +156,48 @@ def _jax_driver(
     side = 2 * radius + 1
     centre_names, neighbour_names, constant_names = names
 
-    def run(centre: tuple, neighbour: tuple, constants: tuple) -> tuple:
+    def run(centre: tuple, neighbour: tuple, constants: tuple, origins: Any) -> tuple:
+        # centre: whole tiles; neighbour: the same plus a halo of ``radius``; origins: (tile, 2)
         k_const = dict(zip(constant_names, constants, strict=True))
-        ny, nx = centre[0].shape[-2:]
-        t = tile or max(ny, nx)
-        ty, tx = -(-ny // t), -(-nx // t)
-
-        def pad(a: Any, extra: int, fill: Any) -> Any:
-            widths = [(0, 0)] * (a.ndim - 2) + [(extra, extra + ty * t - ny), (extra, extra + tx * t - nx)]
-            return jnp.pad(a, widths, constant_values=fill)
-
-        cpad = [pad(a, 0, 0) for a in centre]
-        qpad = [pad(a, radius, fill) for a, fill in zip(neighbour, fills, strict=True)]
+        t = tile
 
         def cut(a: Any, y0: Any, x0: Any, size: int) -> Any:
             start = (0,) * (a.ndim - 2) + (y0, x0)
             return lax.dynamic_slice(a, start, a.shape[:-2] + (size, size))
 
-        def one_tile(index: Any) -> tuple:
-            y0, x0 = (index // tx) * t, (index % tx) * t
-            c = dict(zip(centre_names, (cut(a, y0, x0, t) for a in cpad), strict=True))
-            qt = [cut(a, y0, x0, t + 2 * radius) for a in qpad]
+        def one_tile(origin: Any) -> tuple:
+            y0, x0 = origin[0], origin[1]
+            c = dict(
+                zip(centre_names, (cut(a, y0, x0, t) for a in centre), strict=True)
+            )
+            qt = [cut(a, y0, x0, t + 2 * radius) for a in neighbour]
 
             def step(row: Any, accs: tuple) -> tuple:
                 # one window row: dynamic in y (whole rows, contiguous), static in x
-                rows = [lax.dynamic_slice_in_dim(a, row, t, axis=a.ndim - 2) for a in qt]
+                rows = [
+                    lax.dynamic_slice_in_dim(a, row, t, axis=a.ndim - 2) for a in qt
+                ]
                 dy2 = (row - radius).astype(jnp.float32) ** 2
                 for col in range(side):
-                    q = dict(zip(neighbour_names, (a[..., col : col + t] for a in rows), strict=True))
+                    q = dict(
+                        zip(
+                            neighbour_names,
+                            (a[..., col : col + t] for a in rows),
+                            strict=True,
+                        )
+                    )
                     dist = jnp.sqrt(dy2 + np.float32((col - radius) ** 2))
                     incs = body(jnp, c, q, dist, k_const)
-                    accs = tuple(acc + inc.astype(acc.dtype) for acc, inc in zip(accs, incs, strict=True))
+                    accs = tuple(
+                        acc + inc.astype(acc.dtype)
+                        for acc, inc in zip(accs, incs, strict=True)
+                    )
                 return accs
 
             init = tuple(jnp.zeros((*lead, t, t), dtype) for lead, dtype in acc_specs)
             return lax.fori_loop(0, side, step, init)
 
-        tiles = lax.map(one_tile, jnp.arange(ty * tx))
-        out = []
-        for acc, (lead, _) in zip(tiles, acc_specs, strict=True):
-            nlead = len(lead)
-            acc = acc.reshape((ty, tx, *lead, t, t))
-            perm = tuple(range(2, 2 + nlead)) + (0, 2 + nlead, 1, 3 + nlead)
-            acc = acc.transpose(perm).reshape((*lead, ty * t, tx * t))
-            out.append(acc[..., :ny, :nx])
-        return tuple(out)
+        return lax.map(one_tile, origins)
 
     return jax.jit(run)
 
@@ -196,34 +212,65 @@ def accumulate_jax(
     accumulators: Sequence[tuple[tuple[int, ...], Any]],
     tile: int | None = None,
     fills: Mapping[str, float] | None = None,
-) -> list[Any]:
+) -> list[np.ndarray]:
     """Run ``body`` over every window offset with JAX (see module docstring).
 
     Neighbours outside the block read ``fills[name]`` (default NaN), which ``body`` must map to
     zero increments, as it does for missing pixels. Arrays may be NumPy or JAX; the result is a
-    list of JAX arrays. ``tile``: side of the square tiles (0: one tile per block); default
-    :func:`default_tile`.
+    list of NumPy arrays. ``tile``: side of the square tiles (0: one tile per block); default
+    :func:`default_tile`. On CPU the tiles are shared out over one thread per core; a tile's
+    sums do not depend on the thread that computes it.
     """
     tile = default_tile() if tile is None else int(tile)
+    radius = int(radius)
     names = (tuple(centre), tuple(neighbour), tuple(constants))
     specs = tuple((tuple(lead), np.dtype(dtype).name) for lead, dtype in accumulators)
     fill = tuple(float((fills or {}).get(name, np.nan)) for name in neighbour)
-    run = _jax_driver(body, int(radius), tile, specs, names, fill)
+    run = _jax_driver(body, radius, tile, specs, names)
     # pad blocks to whole tiles (whole multiples of 256 pixels for one tile per block) so that
     # the many block shapes of a chunked scene share a few compiled programs
     ny, nx = np.shape(next(iter(centre.values())))[-2:]
-    step = tile or 256
-    extra = (-ny % step, -nx % step)
+    t = tile or 256 * -(-max(ny, nx) // 256)
+    ty, tx = -(-ny // t), -(-nx // t)
 
-    def grow(a: Any, value: float) -> Any:
+    def grow(a: Any, halo: int, value: float) -> np.ndarray:
         a = np.asarray(a)
-        widths = [(0, 0)] * (a.ndim - 2) + [(0, extra[0]), (0, extra[1])]
+        widths = [(0, 0)] * (a.ndim - 2) + [
+            (halo, halo + ty * t - ny),
+            (halo, halo + tx * t - nx),
+        ]
         return np.pad(a, widths, constant_values=value)
 
-    centre_padded = tuple(grow(a, 0) for a in centre.values())
-    neighbour_padded = tuple(grow(a, v) for a, v in zip(neighbour.values(), fill, strict=True))
-    out = run(centre_padded, neighbour_padded, tuple(constants.values()))
-    return [a[..., :ny, :nx] for a in out]
+    centre_padded = tuple(grow(a, 0, 0) for a in centre.values())
+    neighbour_padded = tuple(
+        grow(a, radius, v) for a, v in zip(neighbour.values(), fill, strict=True)
+    )
+    constant_values = tuple(constants.values())
+    index = np.arange(ty * tx)
+    origins = np.stack([(index // tx) * t, (index % tx) * t], axis=1).astype(np.int32)
+    groups = [
+        g for g in np.array_split(origins, min(_workers(), len(origins))) if len(g)
+    ]
+
+    def one_group(group: np.ndarray) -> list[np.ndarray]:
+        return [
+            np.asarray(a)
+            for a in run(centre_padded, neighbour_padded, constant_values, group)
+        ]
+
+    if len(groups) == 1:
+        parts = [one_group(groups[0])]
+    else:
+        parts = list(_pool(_workers()).map(one_group, groups))
+    out = []
+    for k, (lead, _) in enumerate(specs):
+        acc = np.concatenate([part[k] for part in parts], axis=0)
+        nlead = len(lead)
+        acc = acc.reshape((ty, tx, *lead, t, t))
+        perm = (*range(2, 2 + nlead), 0, 2 + nlead, 1, 3 + nlead)
+        acc = acc.transpose(perm).reshape((*lead, ty * t, tx * t))
+        out.append(acc[..., :ny, :nx])
+    return out
 
 
 def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -233,7 +280,9 @@ def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     xm = x - x.mean(axis=0)
     ym = y - y.mean(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (xm * ym).sum(axis=0) / np.sqrt((xm * xm).sum(axis=0) * (ym * ym).sum(axis=0))
+        return (xm * ym).sum(axis=0) / np.sqrt(
+            (xm * xm).sum(axis=0) * (ym * ym).sum(axis=0)
+        )
 
 
 def f_critical(max_n: int, alpha: float) -> np.ndarray:
