@@ -36,9 +36,7 @@ from stf_pipeline.exceptions import MethodError
 
 #: ``body(xp, c, q, dist, k) -> tuple of increments``; ``c``/``q``: mappings of aligned arrays,
 #: ``k``: mapping of constants. Must be a module-level function (it keys the JAX compile cache).
-Body = Callable[
-    [Any, Mapping[str, Any], Mapping[str, Any], Any, Mapping[str, Any]], tuple[Any, ...]
-]
+Body = Callable[[Any, Mapping[str, Any], Mapping[str, Any], Any, Mapping[str, Any]], tuple[Any, ...]]
 
 
 def offsets(radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -146,9 +144,7 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 @functools.lru_cache(maxsize=64)
-def _jax_driver(
-    body: Body, radius: int, tile: int, acc_specs: tuple, names: tuple
-) -> Callable[..., Any]:
+def _jax_driver(body: Body, radius: int, tile: int, acc_specs: tuple, names: tuple) -> Callable[..., Any]:
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -167,16 +163,12 @@ def _jax_driver(
 
         def one_tile(origin: Any) -> tuple:
             y0, x0 = origin[0], origin[1]
-            c = dict(
-                zip(centre_names, (cut(a, y0, x0, t) for a in centre), strict=True)
-            )
+            c = dict(zip(centre_names, (cut(a, y0, x0, t) for a in centre), strict=True))
             qt = [cut(a, y0, x0, t + 2 * radius) for a in neighbour]
 
             def step(row: Any, accs: tuple) -> tuple:
                 # one window row: dynamic in y (whole rows, contiguous), static in x
-                rows = [
-                    lax.dynamic_slice_in_dim(a, row, t, axis=a.ndim - 2) for a in qt
-                ]
+                rows = [lax.dynamic_slice_in_dim(a, row, t, axis=a.ndim - 2) for a in qt]
                 dy2 = (row - radius).astype(jnp.float32) ** 2
                 for col in range(side):
                     q = dict(
@@ -188,10 +180,7 @@ def _jax_driver(
                     )
                     dist = jnp.sqrt(dy2 + np.float32((col - radius) ** 2))
                     incs = body(jnp, c, q, dist, k_const)
-                    accs = tuple(
-                        acc + inc.astype(acc.dtype)
-                        for acc, inc in zip(accs, incs, strict=True)
-                    )
+                    accs = tuple(acc + inc.astype(acc.dtype) for acc, inc in zip(accs, incs, strict=True))
                 return accs
 
             init = tuple(jnp.zeros((*lead, t, t), dtype) for lead, dtype in acc_specs)
@@ -242,21 +231,18 @@ def accumulate_jax(
         return np.pad(a, widths, constant_values=value)
 
     centre_padded = tuple(grow(a, 0, 0) for a in centre.values())
-    neighbour_padded = tuple(
-        grow(a, radius, v) for a, v in zip(neighbour.values(), fill, strict=True)
-    )
+    neighbour_padded = tuple(grow(a, radius, v) for a, v in zip(neighbour.values(), fill, strict=True))
     constant_values = tuple(constants.values())
     index = np.arange(ty * tx)
     origins = np.stack([(index // tx) * t, (index % tx) * t], axis=1).astype(np.int32)
-    groups = [
-        g for g in np.array_split(origins, min(_workers(), len(origins))) if len(g)
-    ]
+    # equal groups (the last tile repeated, its copies dropped) so that one program serves them all
+    n_groups = min(_workers(), len(origins))
+    size = -(-len(origins) // n_groups)
+    filled = np.concatenate([origins, np.repeat(origins[-1:], n_groups * size - len(origins), axis=0)])
+    groups = np.split(filled, n_groups)
 
     def one_group(group: np.ndarray) -> list[np.ndarray]:
-        return [
-            np.asarray(a)
-            for a in run(centre_padded, neighbour_padded, constant_values, group)
-        ]
+        return [np.asarray(a) for a in run(centre_padded, neighbour_padded, constant_values, group)]
 
     if len(groups) == 1:
         parts = [one_group(groups[0])]
@@ -264,7 +250,7 @@ def accumulate_jax(
         parts = list(_pool(_workers()).map(one_group, groups))
     out = []
     for k, (lead, _) in enumerate(specs):
-        acc = np.concatenate([part[k] for part in parts], axis=0)
+        acc = np.concatenate([part[k] for part in parts], axis=0)[: len(origins)]
         nlead = len(lead)
         acc = acc.reshape((ty, tx, *lead, t, t))
         perm = (*range(2, 2 + nlead), 0, 2 + nlead, 1, 3 + nlead)
@@ -280,9 +266,7 @@ def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     xm = x - x.mean(axis=0)
     ym = y - y.mean(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (xm * ym).sum(axis=0) / np.sqrt(
-            (xm * xm).sum(axis=0) * (ym * ym).sum(axis=0)
-        )
+        return (xm * ym).sum(axis=0) / np.sqrt((xm * xm).sum(axis=0) * (ym * ym).sum(axis=0))
 
 
 def f_critical(max_n: int, alpha: float) -> np.ndarray:
