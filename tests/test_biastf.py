@@ -68,7 +68,7 @@ def test_training_writes_history_figure_and_model(trained, cube):
     assert sorted(model.params) == ["B", "G"] and len(model.train_times) == 4
     assert list(model.history) == ["stage1_G", "stage2_B"]
     for history in model.history.values():
-        assert len(history["rmse"]) == 20 and history["val_step"] == [10, 20]
+        assert len(history["rmse"]) == 20 and history["val_step"] == [0, 10, 20]
         assert np.all(np.isfinite(history["loss"]))
     assert (workdir / "loss_curves.png").stat().st_size > 0 and (workdir / "history.json").is_file()
     loaded = stf.load_model(workdir / "model")

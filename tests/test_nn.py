@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -226,12 +227,22 @@ def test_fit_is_deterministic_validates_and_resumes_after_a_kill(cube, tmp_path)
 
 
 def test_early_stopping_keeps_best_params(cube):
-    config = TrainConfig(**{**CFG.__dict__, "steps": 40, "patience": 1, "min_delta": 0.9})
+    config = TrainConfig(**{**CFG.__dict__, "steps": 40, "patience": 1, "min_delta": 0.9, "validate_initial": True})
     sampler = PatchSampler(cube, cube.time.values[:3], items=ordered_pairs(3), patch_size=16, batch_size=4)
     state = create_train_state(jax.random.key(0), config, _net(), jnp.zeros((1, 16, 16, 2, 2)))
     result = fit(state, sampler, change_batch, config=config, val_sampler=sampler)
-    assert result.stopped_early and int(result.state.step) == 8  # first validation sets the best, second stops
-    assert result.history["val_step"] == [4, 8]
+    assert result.stopped_early and int(result.state.step) == 8  # step 4 beats the initial loss by 90%, step 8 does not
+    assert result.history["val_step"] == [0, 4, 8]
+    assert _same(result.params, jax.device_get(_params_at(4, config, sampler, state)))
+    stalled = dataclasses.replace(config, learning_rate=1e-9, min_delta=0.01)  # training cannot beat the start
+    state = create_train_state(jax.random.key(0), stalled, _net(), jnp.zeros((1, 16, 16, 2, 2)))
+    result = fit(state, sampler, change_batch, config=stalled, val_sampler=sampler)
+    assert result.stopped_early and result.history["val_step"] == [0, 4]
+    assert _same(result.params, state.params) and not _same(result.state.params, state.params)  # the initial ones are kept
+
+
+def _params_at(steps, config, sampler, state):
+    return fit(state, sampler, change_batch, config=dataclasses.replace(config, steps=steps, patience=0)).params
 
 
 def test_fitted_model_round_trip_and_checks(cube, tmp_path):

@@ -111,6 +111,8 @@ class BiaSTFConfig:
         convolutions run at the device's default precision (TF32 on recent NVIDIA GPUs).
     stage1, stage2 : TrainConfig
         Optimisation of ``G`` and of ``B`` (stage 2's seed is offset so its patches differ).
+        Both presets validate before the first step (``validate_initial``): with ``val_times``,
+        the zero-initialised networks (fine + coarse change) are kept unless training beats them.
     """
 
     filters: tuple[int, int, int] = (128, 128, 128)
@@ -132,7 +134,7 @@ class BiaSTFConfig:
         object.__setattr__(self, "b_inputs", tuple(self.b_inputs))
         for name in ("stage1", "stage2"):
             value = getattr(self, name)
-            object.__setattr__(self, name, TrainConfig() if value is None else _train_config(value))
+            object.__setattr__(self, name, TrainConfig(validate_initial=True) if value is None else _train_config(value))
         if len(self.filters) != 3 or min(self.filters) < 1:
             raise ConfigError(f"biastf: filters must be three positive ints (n1, n2, n3), got {self.filters}.")
         for name, allowed in (("g_inputs", G_INPUTS), ("b_inputs", B_INPUTS)):
@@ -163,6 +165,7 @@ class BiaSTFConfig:
                 "eval_every": 50,
                 "eval_batches": 2,
                 "patience": 0,
+                "validate_initial": True,
                 "checkpoint_every": 150,
                 "log_every": 10,
                 "progress": False,

@@ -9,7 +9,8 @@ The pieces, generic over the network and the loss:
 - :func:`train_step` / :func:`eval_step`: pure, jitted, masked ``l1``/``l2`` losses.
 - :func:`fit`: the loop: seeded batches from a :class:`~stf_pipeline.nn.sampler.PatchSampler`,
   built by a method's ``make_batch(crops, aux) -> Batch`` (fused into the jitted step), validation
-  on held-out batches, early stopping (the best parameters are kept), Orbax checkpoints that
+  on held-out batches (optionally also before the first step), early stopping (the best parameters
+  are kept), Orbax checkpoints that
   resume after a kill, a tqdm bar showing the loss, and a loss history (for loss-curve figures).
 """
 
@@ -67,6 +68,10 @@ class TrainConfig:
         Stop after this many validations without an improvement of at least ``min_delta``
         (relative); ``0`` disables early stopping.
     min_delta : float, default 1e-3
+    validate_initial : bool, default False
+        Also validate before the first step, so the initial parameters compete for "best": a
+        network initialised to a sound baseline (BiaSTF's zero last layers: fine + coarse
+        change) is kept when training never beats it on the held-out dates.
     checkpoint_every : int, default 1000
         Steps between checkpoints (when a checkpoint directory is given); one is also written at
         the end.
@@ -92,6 +97,7 @@ class TrainConfig:
     eval_batches: int = 8
     patience: int = 8
     min_delta: float = 1e-3
+    validate_initial: bool = False
     checkpoint_every: int = 1000
     log_every: int = 25
     seed: int = 0
@@ -327,6 +333,17 @@ def fit(
         [val_sampler.crops(i) for i in range(config.eval_batches)] if val_sampler is not None else []
     )
 
+    def validate(step: int) -> float:
+        values = jax.device_get([_sample_eval(state, c, aux, make_batch=make_batch) for c in val_batches])
+        val_loss = float(np.mean([v["loss"] for v in values]))
+        history["val_step"].append(step)
+        history["val_loss"].append(val_loss)
+        history["val_rmse"].append(float(np.sqrt(np.mean([v["rmse"] ** 2 for v in values]))))
+        return val_loss
+
+    if config.validate_initial and val_batches and int(state.step) == 0 and not history["val_step"]:
+        best_val = validate(0)
+
     def save(step: int) -> None:
         if checkpoints is not None:
             meta = {"history": history, "best_val": best_val, "bad": bad, "stopped_early": stopped_early}
@@ -353,11 +370,7 @@ def fit(
                 bar.set_postfix(loss=f"{history['loss'][-1]:.3g}", rmse=f"{history['rmse'][-1]:.3g}")
                 bar.update(step - bar.n)
             if val_batches and (step % config.eval_every == 0 or step == config.steps):
-                values = jax.device_get([_sample_eval(state, c, aux, make_batch=make_batch) for c in val_batches])
-                val_loss = float(np.mean([v["loss"] for v in values]))
-                history["val_step"].append(step)
-                history["val_loss"].append(val_loss)
-                history["val_rmse"].append(float(np.sqrt(np.mean([v["rmse"] ** 2 for v in values]))))
+                val_loss = validate(step)
                 if val_loss < best_val * (1 - config.min_delta):
                     best_val, bad, best_params = val_loss, 0, state.params
                 else:
