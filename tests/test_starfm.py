@@ -150,3 +150,18 @@ def test_real_data_at_least_as_accurate_as_starfm4py(name, pairs, options, max_r
         base = stf.evaluate(baseline, truth, ratio=ratio)
         assert float(scores["rmse"].mean()) < float(base["rmse"].mean())
         assert float(scores["ssim"].mean()) > float(base["ssim"].mean())
+
+
+@pytest.mark.parametrize("workers", [1, 2, 5])
+def test_jax_kernel_same_on_any_number_of_tile_threads(monkeypatch, workers):
+    from stf_pipeline.methods import _similar
+
+    rng = np.random.default_rng(5)
+    fine = rng.random((2, 2, 21, 26), dtype=np.float32)
+    coarse = fine + rng.normal(0, 0.01, fine.shape).astype(np.float32)
+    target = coarse.mean(axis=0) + np.float32(0.01)
+    params = StarfmParams(radius=3, tile=8)
+    want = starfm_kernel(fine, coarse, target, params=params)
+    monkeypatch.setattr(_similar, "_workers", lambda: workers)
+    got = starfm_kernel(fine, coarse, target, params=params)
+    np.testing.assert_array_equal(got, want)
