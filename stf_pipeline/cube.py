@@ -10,8 +10,6 @@ atomically (temporary store, then rename) with consolidated metadata.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from stf_pipeline._atomic import atomic_directory
 from stf_pipeline.exceptions import CubeError, StoreError
 
 DIMS: tuple[str, str, str, str] = ("time", "band", "y", "x")
@@ -278,19 +277,8 @@ def write_cube(
     target = {dim: (cube.sizes[dim] if size == -1 else min(size, cube.sizes[dim])) for dim, size in sizes.items()}
     out = _clear_encoding(with_valid_fractions(cube)).chunk(target)
     out.attrs[STORE_MARKER] = STORE_VERSION
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_directory(path) as tmp:
         out.to_zarr(tmp, mode="w", consolidated=True, zarr_format=ZARR_FORMAT, write_empty_chunks=True)
-        if path.exists():
-            trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(path, trash)
-            os.replace(tmp, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import sys
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from dask.base import tokenize
 import numpy as np
 import xarray as xr
 
+from stf_pipeline._atomic import atomic_directory, remove_directory
 from stf_pipeline.cube import STORE_MARKER, STORE_VERSION, ZARR_FORMAT, validate_cube, with_valid_fractions
 from stf_pipeline.exceptions import StoreError, TaskError
 from stf_pipeline.fusion import fuse, method_context
@@ -316,9 +316,7 @@ def _store_state(path: Path, digest: str, *, overwrite: bool) -> str:
             f"{path} holds another fused series or cube (method {attrs.get('stf_method')!r}, tasks "
             f"{attrs.get('stf_tasks')}); pass overwrite=True to replace it, or choose another out= path."
         )
-    trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    remove_directory(path)
     return "new"
 
 
@@ -346,14 +344,9 @@ def _create_store(cube: xr.Dataset, plan: _Plan, path: Path, attrs: Mapping[str,
         var.encoding = {}
     chunk = (1, template.sizes["band"], *plan.chunks)
     encoding = {name: {"chunks": chunk, "dtype": "float32"} for name in plan.variables}
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_directory(path) as tmp:
         template.to_zarr(tmp, mode="w", compute=False, consolidated=True, zarr_format=ZARR_FORMAT, encoding=encoding)
         (tmp / PROGRESS_DIR).mkdir()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _region_name(var: str, t: int, iy: int, ix: int) -> str:

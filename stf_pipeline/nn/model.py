@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import numpy as np
 import xarray as xr
 from flax import serialization
 
+from stf_pipeline._atomic import atomic_directory
 from stf_pipeline.exceptions import ModelError
 
 #: Version of the on-disk layout; bumped when it changes incompatibly.
@@ -121,21 +120,10 @@ class FittedModel:
                 raise ModelError(f"{path} already exists; pass overwrite=True or choose another path.")
             if not (path / "model.json").is_file():
                 raise ModelError(f"{path} exists and is not a saved model; refusing to overwrite it.")
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_directory(path) as tmp:
+            tmp.mkdir(parents=True)
             (tmp / "params.msgpack").write_bytes(serialization.msgpack_serialize(self.params))
             (tmp / "model.json").write_text(json.dumps(self.to_json(), indent=1))
-            if path.exists():
-                trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(path, trash)
-                os.replace(tmp, path)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     @classmethod
