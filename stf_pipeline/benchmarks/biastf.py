@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stf_pipeline.benchmarks._machine import describe_machine
+from stf_pipeline.benchmarks._common import best_wall_time, describe_machine
 
 BANDS = ("blue", "green", "red", "nir", "swir1", "swir2")
 
@@ -114,15 +114,6 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _best(fn: Any, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def _random_model(args: argparse.Namespace, multiband: bool) -> Any:
     import jax
     import jax.numpy as jnp
@@ -160,9 +151,9 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
             row: dict[str, Any] = {"layout": "multiband" if multiband else "per-band", "dtype": dtype, "size": args.size}
             try:
                 jax.block_until_ready(predict(device_params, *on_device))
-                row["compute_s"] = _best(lambda: jax.block_until_ready(predict(device_params, *on_device)[0]), args.repeats)
+                row["compute_s"] = best_wall_time(lambda: jax.block_until_ready(predict(device_params, *on_device)[0]), args.repeats)
                 out: list[Any] = []
-                row["kernel_s"] = _best(
+                row["kernel_s"] = best_wall_time(
                     lambda: out.append(biastf.biastf_kernel(fine, coarse, target, params=params, model=model)), args.repeats
                 )
             except Exception as err:  # out of device memory on a small device: report, go on

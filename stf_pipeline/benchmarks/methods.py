@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(json.loads(args.child))), flush=True)
         return 0
 
-    from stf_pipeline.benchmarks._machine import describe_machine
+    from stf_pipeline.benchmarks._common import describe_machine
     from stf_pipeline.methods import available_methods
 
     methods = args.methods or available_methods()

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stf_pipeline.benchmarks._machine import describe_machine
+from stf_pipeline.benchmarks._common import describe_machine
 
 SIZES = (1000, 2000, 4000, 8000)
 LARGE = 16000

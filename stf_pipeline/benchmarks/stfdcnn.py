@@ -15,21 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from stf_pipeline.benchmarks._machine import describe_machine
-
-
-def _time(fn: Any, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls (seconds)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from stf_pipeline.benchmarks._common import best_wall_time, describe_machine
 
 
 def scene(size: int, *, seed: int = 0) -> Any:
@@ -85,7 +74,7 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
             jax.block_until_ready(result.params)
 
         run(2)  # compile
-        seconds = _time(lambda run=run: run(args.steps), 1)
+        seconds = best_wall_time(lambda run=run: run(args.steps), 1)
         rows.append({
             "stage": name, "patch": args.patch_size, "batch": args.batch_size, "steps": args.steps,
             "seconds": seconds, "patches_per_s": args.steps * args.batch_size / seconds,
@@ -127,7 +116,7 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
             out.block_until_ready()
 
         compute()  # compile
-        compute_s = _time(compute, args.repeats)
+        compute_s = best_wall_time(compute, args.repeats)
 
         def end_to_end(dtype: str = dtype) -> None:
             np.asarray(stf.fuse(cube, target, method="stfdcnn", model=model, pairs=list(pairs),
@@ -136,7 +125,7 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
         end_to_end()
         rows.append({
             "scene": f"{args.size}x{args.size}x{len(bands)}", "dtype": dtype, "compute_s": compute_s,
-            "fuse_end_to_end_s": _time(end_to_end, args.repeats),
+            "fuse_end_to_end_s": best_wall_time(end_to_end, args.repeats),
         })
     return rows
 

@@ -1,4 +1,4 @@
-"""The machine description every benchmark writes next to its numbers."""
+"""What every benchmark shares: the machine description written next to its numbers, best-of-n timing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 
@@ -55,3 +57,13 @@ def describe_machine(*, with_jax: bool = True) -> dict[str, Any]:
             devices=[getattr(d, "device_kind", str(d)) for d in jax.devices()],
         )
     return info
+
+
+def best_wall_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Best wall time of ``repeats`` calls of ``fn`` (seconds)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
