@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from stf_pipeline._schema import checked_keys
 from stf_pipeline.exceptions import CatalogError, TaskError
 from stf_pipeline.ingest import DEFAULT_CHUNKS, RESAMPLING, DatePattern, Sensor, get_sensor, ingest
 from stf_pipeline.task import Task, resolve_task
@@ -64,15 +65,7 @@ def catalog_names() -> list[str]:
 
 
 def _check_keys(mapping: Any, allowed: tuple[str, ...], where: str, required: tuple[str, ...] = ()) -> dict:
-    if not isinstance(mapping, Mapping):
-        raise CatalogError(f"{where} must be a mapping with keys {list(allowed)}, got {type(mapping).__name__}.")
-    for key in mapping:
-        if key not in allowed:
-            raise CatalogError(f"{where}: unknown key {key!r}; valid keys are {list(allowed)}.")
-    for key in required:
-        if key not in mapping:
-            raise CatalogError(f"{where}: missing required key {key!r}.")
-    return dict(mapping)
+    return checked_keys(mapping, allowed, where, required=required, error=CatalogError)
 
 
 def _date(value: Any, where: str) -> np.datetime64:

@@ -40,21 +40,14 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from stf_pipeline._schema import checked_keys
 from stf_pipeline.exceptions import ConfigError, MethodError
 
 CUBE_KINDS: tuple[str, ...] = ("synthetic", "catalog", "zarr")
 
 
 def _keys(mapping: Any, allowed: Sequence[str], where: str, required: Sequence[str] = ()) -> dict[str, Any]:
-    if not isinstance(mapping, Mapping):
-        raise ConfigError(f"{where} must be a mapping with keys {list(allowed)}, got {mapping!r}.")
-    for key in mapping:
-        if key not in allowed:
-            raise ConfigError(f"{where}: unknown key {key!r}; valid keys are {list(allowed)}.")
-    for key in required:
-        if key not in mapping:
-            raise ConfigError(f"{where}: missing required key {key!r}.")
-    return dict(mapping)
+    return checked_keys(mapping, allowed, where, required=required, error=ConfigError)
 
 
 def _freeze(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
