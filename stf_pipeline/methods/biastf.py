@@ -511,7 +511,8 @@ def fit(
     import jax
     import jax.numpy as jnp
 
-    from stf_pipeline.nn import CheckpointStore, FittedModel, PatchSampler, create_train_state, ordered_pairs, save_history
+    from stf_pipeline.nn import FittedModel, PatchSampler, create_train_state, ordered_pairs, save_history
+    from stf_pipeline.nn import checkpoint_store
     from stf_pipeline.nn import fit as fit_stage
     from stf_pipeline.task import _iso, to_datetime64
 
@@ -548,12 +549,8 @@ def fit(
         val = PatchSampler(cube, [*times, *held], items=val_items, seed=tc.seed + 7919, **common) if held else None
         sample = jnp.zeros((1, tc.patch_size, tc.patch_size, len(bands), len(inputs)), jnp.float32)
         state = create_train_state(jax.random.key(tc.seed), tc, model, sample, loss=loss)
-        store = (
-            CheckpointStore(Path(workdir) / f"stage{stage}", fingerprint={**fingerprint, "stage": name})
-            if workdir is not None
-            else None
-        )
-        try:
+        directory = Path(workdir) / f"stage{stage}" if workdir is not None else None
+        with checkpoint_store(directory, fingerprint={**fingerprint, "stage": name}) as store:
             result = fit_stage(
                 state,
                 sampler,
@@ -564,9 +561,6 @@ def fit(
                 checkpoints=store,
                 name=f"biastf stage {stage} ({name})",
             )
-        finally:
-            if store is not None:
-                store.close()
         params[name] = jax.device_get(result.params)
         history[f"stage{stage}_{name}"] = result.history
     model_out = FittedModel(

@@ -651,7 +651,8 @@ def fit(
         No ``coarse_factor``; too few or unusable dates; a bad configuration; a checkpoint in
         ``workdir`` of another model.
     """
-    from stf_pipeline.nn import CheckpointStore, FittedModel, PatchSampler, create_train_state, save_history
+    from stf_pipeline.nn import FittedModel, PatchSampler, create_train_state, save_history
+    from stf_pipeline.nn import checkpoint_store
     from stf_pipeline.nn import fit as fit_stage
 
     validate_cube(cube, require_coarse_factor=True)
@@ -709,15 +710,12 @@ def fit(
         network = ResidualCNN(n_bands=len(bands), config=net_cfg)
         sample = jnp.zeros((1, size, size, len(bands), 1))
         state = create_train_state(key, stage_train, network, sample, loss=cfg.loss)
-        store = None if workdir is None else CheckpointStore(workdir / name, fingerprint={**fingerprint, "stage": name})
-        try:
+        directory = None if workdir is None else workdir / name
+        with checkpoint_store(directory, fingerprint={**fingerprint, "stage": name}) as store:
             result = fit_stage(
                 state, samplers[0], make_batch, config=stage_train, val_sampler=samplers[1], checkpoints=store,
                 name=f"stfdcnn {name}",
             )
-        finally:
-            if store is not None:
-                store.close()
         params[name] = jax.device_get(result.params)
         history[f"stage{number + 1}_{name}"] = result.history
     model = FittedModel(

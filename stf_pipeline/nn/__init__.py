@@ -11,7 +11,7 @@
 Importing this package imports JAX and Flax.
 """
 
-from stf_pipeline.nn.checkpoint import CheckpointStore
+from stf_pipeline.nn.checkpoint import CheckpointStore, checkpoint_store
 from stf_pipeline.nn.model import FORMAT_VERSION, FittedModel
 from stf_pipeline.nn.modules import BandNet, ConvStack, receptive_radius
 from stf_pipeline.nn.sampler import Batch, PatchSampler, ordered_pairs
@@ -34,6 +34,7 @@ __all__ = [
     "Batch",
     "BandNet",
     "CheckpointStore",
+    "checkpoint_store",
     "ConvStack",
     "FitResult",
     "FittedModel",

@@ -10,6 +10,8 @@ Checkpoints are written synchronously: when ``save`` returns, the step is on dis
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 from collections.abc import Mapping
@@ -97,3 +99,14 @@ class CheckpointStore:
     def close(self) -> None:
         """Release the manager's resources."""
         self._manager.close()
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def checkpoint_store(directory: Path | None, *, fingerprint: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """A :class:`CheckpointStore` in ``directory`` as a context manager; no checkpoints (``None``) without one."""
+    return contextlib.nullcontext() if directory is None else CheckpointStore(directory, fingerprint=fingerprint)
