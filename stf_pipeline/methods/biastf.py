@@ -15,9 +15,14 @@ Networks (Table 1)
     ``G`` and one ``B`` network per band, as in the paper; ``multiband=True`` uses one network per
     role with one output per band (ours: faster, and it sees all bands).
 Inputs (the paper does not list them; our choice, configurable)
-    ``G``: the coarse change ``dC(i, j)`` and the known fine image ``F(j)`` (``g_inputs``).
-    ``B``: the same plus ``G``'s output (``b_inputs``): the bias depends on the predicted change.
-    Other available inputs: ``coarse_known`` ``C(j)`` and ``coarse_target`` ``C(i)``.
+    ``G``: the coarse change ``dC(i, j)``, the known fine image ``F(j)`` and both coarse images
+    ``C(j)`` (``coarse_known``) and ``C(i)`` (``coarse_target``) (``g_inputs``). ``B``: the same
+    plus ``G``'s output (``b_inputs``): the bias depends on the predicted change. With ``C(j)``
+    next to ``F(j)`` a network sees the two sensors over the same scene on the same date, i.e.
+    the sensor bias itself; with only ``dC`` and ``F(j)`` it cannot. Measured (H100, synthetic
+    CIA-like split, multiband 128-filter networks, 1000 steps per stage, mean RMSE over the 7
+    targets): ``delta`` 0.00999, ``G``/``B`` on (``dC``, ``F(j)``) 0.01379 (3 of 7 dates better
+    than ``delta``), on all four inputs 0.00861 (7 of 7 better).
     ``G`` learns a correction of the coarse change, ``G(dC) = dC + net(...)`` (residual learning,
     as STFDCNN does; ``g_residual=False`` gives the plain mapping): an untrained or unsure network
     then falls back on the coarse change, and changes unlike any between training dates (a flood)
@@ -100,8 +105,8 @@ class BiaSTFConfig:
     multiband : bool, default False
         One network per role for all bands (True) instead of one per band (the paper).
     g_inputs, b_inputs : tuple of str
-        Input images of ``G`` and ``B`` per band (see module docstring); ``b_inputs`` may include
-        ``"change_pred"`` (``G``'s output).
+        Input images of ``G`` and ``B`` per band (see module docstring); default: all four images,
+        and for ``B`` also ``"change_pred"`` (``G``'s output).
     g_loss, b_loss : {"l2", "l1"}, default "l2"
         Loss of each stage (squared error as in Eqs. 16-17, or absolute error).
     g_residual : bool, default True
@@ -117,8 +122,8 @@ class BiaSTFConfig:
 
     filters: tuple[int, int, int] = (128, 128, 128)
     multiband: bool = False
-    g_inputs: tuple[str, ...] = ("coarse_change", "fine_known")
-    b_inputs: tuple[str, ...] = ("coarse_change", "fine_known", "change_pred")
+    g_inputs: tuple[str, ...] = G_INPUTS
+    b_inputs: tuple[str, ...] = B_INPUTS
     g_loss: str = "l2"
     b_loss: str = "l2"
     g_residual: bool = True
