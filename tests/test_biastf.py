@@ -153,22 +153,42 @@ def test_untrained_model_with_change_weights_is_delta(trained, cube):
     np.testing.assert_allclose(fused, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_kernel_is_f_of_fine_plus_g_plus_b(trained, cube):
-    model, _ = trained
+def _g_and_b(model, fine, coarse, ct):
+    """G's and B's outputs ``(pair, y, x, band)`` and the coarse change, composed by hand from the networks."""
     cfg = BiaSTFConfig.resolve(model.config)
-    fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]
-    params = BiaSTFParams(window=9)
-    fused, transitional = predict_block(fine, coarse, ct, params=params, model=model)
-    net = BandNet(2, cfg.filters, biastf.TABLE1_KERNELS, multiband=cfg.multiband)
-    change = (ct[None] - coarse).transpose(0, 2, 3, 1)
+    net = BandNet(fine.shape[1], cfg.filters, biastf.TABLE1_KERNELS, multiband=cfg.multiband)
     target = np.broadcast_to(ct[None], coarse.shape)
+    change = (target - coarse).transpose(0, 2, 3, 1)
     x_g = np.stack([target - coarse, fine, coarse, target], -1).transpose(0, 2, 3, 1, 4)
     g = change + np.asarray(net.apply({"params": model.params["G"]}, x_g))
-    x_b = np.concatenate([x_g, g[..., None]], -1)
-    b = np.asarray(net.apply({"params": model.params["B"]}, x_b))
+    b = np.asarray(net.apply({"params": model.params["B"]}, np.concatenate([x_g, g[..., None]], -1)))
+    return g, b, change
+
+
+def test_kernel_is_f_of_fine_plus_g_plus_b(trained, cube):
+    model, _ = trained
+    fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]
+    fused, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, extrapolate=True), model=model)
+    g, b, _ = _g_and_b(model, fine, coarse, ct)
     expected = fine + (g + b).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(transitional, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fused, _reference_fusion(expected, ct, 9, 1e-3, coarse), rtol=1e-4, atol=1e-5)
+
+
+def test_learned_part_fades_out_beyond_the_training_changes(trained, cube):
+    model, _ = trained
+    train = cube.coarse.values[[0, 1, 3, 4]][..., 4::8, 4::8].astype(np.float64)  # one pixel per coarse pixel
+    changes = np.stack([np.abs(train[i] - train[j]) for i in range(4) for j in range(4) if i < j])
+    limit = np.percentile(changes, 99.5, axis=(0, 2, 3))  # L per band
+    np.testing.assert_allclose(model.extra["change_limit"], limit, rtol=1e-5)
+    fine, coarse = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]]
+    ct = cube.coarse.values[2] + np.linspace(0, 2 * limit.max(), fine.shape[-1], dtype=np.float32)  # ever larger dC
+    g, b, change = _g_and_b(model, fine, coarse, ct)
+    trust = np.clip(1 - (np.abs(change) - limit) / (0.25 * limit), 0, 1)
+    assert 0.1 < (trust == 0).mean() < 0.9 and 0.1 < (trust == 1).mean() < 0.9 and ((trust > 0) & (trust < 1)).any()
+    _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9), model=model)
+    np.testing.assert_allclose(transitional, fine + (change + trust * (g + b - change)).transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(transitional[..., -4:], (fine + change.transpose(0, 3, 1, 2))[..., -4:], rtol=1e-6)  # F(j) + dC
 
 
 def test_nan_input_hands_the_pixel_to_the_other_pair(trained, cube):

@@ -139,7 +139,8 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     cube = scene(args.size, seed=2)
     fine, coarse, target = cube.fine.values[[0, 2]], cube.coarse.values[[0, 2]], cube.coarse.values[1]
-    on_device = [jax.device_put(a) for a in (fine, coarse, target)]
+    limit = np.full(len(BANDS), np.inf, np.float32)
+    on_device = [jax.device_put(a) for a in (fine, coarse, target, limit)]
     rows = []
     for multiband in args.layouts:
         model = _random_model(args, multiband)
