@@ -179,17 +179,57 @@ def test_residual_distribution_conserves_each_cell_residual(factor, seed):
     np.testing.assert_allclose(fsdaf.cell_mean(change, factor), resid, atol=1e-12)
 
 
+# ----- (g) similar pixels ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["numba", "jax"])
+def test_similar_pixel_ties_go_to_the_earlier_offset_in_scan_order(backend):
+    # identical spectra: the key depends on distance only; k = 4 takes the pixel itself (d = 0) and
+    # three of its four equal neighbours at d = 1, the first three in row-major order: up, left, right
+    rng = np.random.default_rng(0)
+    fine = np.full((2, 9, 10), 0.3)
+    change = rng.normal(0, 0.1, fine.shape)
+    got = fsdaf.similar_pixel_blend(fine, change, np.ones_like(fine), half_window=2, n_similar=4, backend=backend)
+    c = change[:, 2:-2, 2:-2]
+    up, left, right = change[:, 1:-3, 2:-2], change[:, 2:-2, 1:-3], change[:, 2:-2, 3:-1]
+    near = 1.0 / (1.0 + 0.5)  # weight 1 / ((1 + d / w)(1 + S)) with d / w = 1/2, S = 0
+    want = (c + near * (up + left + right)) / (1.0 + 3 * near)
+    np.testing.assert_allclose(got[:, 2:-2, 2:-2], want, rtol=1e-6)
+
+
+def test_similar_pixel_backends_choose_the_same_pixels_and_threads_do_not_matter():
+    f1, *_ = _scene(seed=5, h=40, w=52, clouds=True)
+    rng = np.random.default_rng(1)
+    change = rng.normal(0, 0.05, f1.shape)
+    change[:, 30:33, 40:44] = np.nan
+    threshold = np.broadcast_to(np.array([0.05, 0.08, 0.2])[:, None, None], f1.shape)
+    kw = {"half_window": 6, "n_similar": 12}
+    compiled = fsdaf.similar_pixel_blend(f1, change, threshold, backend="numba", **kw)
+    jitted = fsdaf.similar_pixel_blend(f1, change, threshold, backend="jax", **kw)
+    np.testing.assert_array_equal(np.isnan(compiled), np.isnan(f1).any(axis=0)[None].repeat(3, 0))
+    np.testing.assert_allclose(jitted, compiled, rtol=0, atol=1e-6, equal_nan=True)
+    from stf_pipeline.methods import _fsdaf_numba
+
+    use = np.isfinite(f1).all(axis=0) & np.isfinite(change).all(axis=0)
+    one_thread = _fsdaf_numba.blend(f1, change, threshold, use, fsdaf._rank_factor(6), radius=6, k=12, threaded=False)
+    np.testing.assert_array_equal(one_thread, compiled)
+
+
 # ----- the whole kernel --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("clouds", "gaps", "factor"), [(False, False, 6), (True, False, 6), (False, True, 2)])
-def test_kernel_matches_float64_reference(clouds, gaps, factor):
+@pytest.mark.parametrize(
+    ("clouds", "gaps", "factor", "backend"),
+    [(False, False, 6, "numba"), (True, False, 6, "numba"), (False, True, 2, "numba"), (True, False, 6, "jax")],
+)
+def test_kernel_matches_float64_reference(clouds, gaps, factor, backend):
     f1, c1, c2, _, _ = _scene(clouds=clouds)
     if gaps:  # missing coarse data, one window without any coarse change
         c2[:, 12:18, 18:24] = np.nan
         c1[:, 0:6, 0:6] = np.nan
     centres = kmeans(f1.reshape(3, -1).T[np.isfinite(f1.reshape(3, -1).T).all(1)], 3)
-    p = _params(factor, centres, half_window=3 if factor == 2 else 5, fine_clip=((0.06, 0.5), (0.05, 0.52), (0.07, 0.49)))
+    p = _params(factor, centres, half_window=3 if factor == 2 else 5, fine_clip=((0.06, 0.5), (0.05, 0.52), (0.07, 0.49)),
+                backend=backend)
     got = fsdaf.fsdaf_kernel(f1[None], c1[None], c2, params=p)
     want = reference_fsdaf(f1, c1, c2, centres=centres, factor=factor, half_window=p.half_window, n_similar=8,
                            n_pure=10, unmix_radius=2, tps_radius=2, fine_clip=p.fine_clip)

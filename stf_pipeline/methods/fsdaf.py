@@ -29,6 +29,8 @@ prediction that captures land-cover change. Steps (paper section and the authors
     pixels within ``half_window=20`` pixels (:func:`similar_pixel_blend`), as in the IDL code's
     2017 revision: candidates are pixels within a per-band threshold ``2σ/n_classes`` rather than
     of the same class, and the weight includes the spectral difference as well as the distance.
+    This step is 95 % of the work: a compiled Numba scan on the CPU, ``lax.top_k`` over row
+    strips with JAX on a GPU (``backend``), both choosing the same pixels.
 
 Chunk-border correctness
 ------------------------
@@ -56,7 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage, optimize
@@ -124,6 +126,9 @@ class FSDAFParams:
         whose 0 is "Unclassified").
     fine_clip : tuple of (float, float), optional
         Per-band clip of the fine pair image (noise); filled by :func:`statistics`, none if ``None``.
+    backend : {"auto", "numba", "jax"}, default "auto"
+        Implementation of the similar-pixel step (g), 95 % of the work (:func:`similar_pixel_blend`):
+        ``auto`` takes JAX on a GPU/TPU and Numba on the CPU.
     """
 
     half_window: int = 20
@@ -140,6 +145,7 @@ class FSDAFParams:
     centres: tuple[tuple[float, ...], ...] | None = None
     class_values: tuple[float, ...] | None = None
     fine_clip: tuple[tuple[float, float], ...] | None = None
+    backend: Literal["auto", "numba", "jax"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("half_window", "n_similar", "n_pure", "unmix_radius", "tps_radius", "n_samples"):
@@ -148,6 +154,8 @@ class FSDAFParams:
                 raise MethodError(f"fsdaf: {name} must be a positive integer, got {value!r}.")
         if not isinstance(self.n_classes, (int, np.integer)) or self.n_classes < 2:
             raise MethodError(f"fsdaf: n_classes must be an integer >= 2, got {self.n_classes!r}.")
+        if self.backend not in ("auto", "numba", "jax"):
+            raise MethodError(f"fsdaf: backend must be 'auto', 'numba' or 'jax', got {self.backend!r}.")
         lo, hi = self.valid_range
         if not lo < hi:
             raise MethodError(f"fsdaf: valid_range must be (low, high) with low < high, got {self.valid_range!r}.")
@@ -606,53 +614,19 @@ def similarity_threshold(fine: np.ndarray, labels: np.ndarray, n_classes: int, f
 # --------------------------------------------------------------------------------------------
 
 
-def _rank_keys(
-    fine_pad: np.ndarray, use_pad: np.ndarray, threshold: np.ndarray, y0: int, rows: int, r: int
-) -> np.ndarray:
-    """Ranking keys of every window offset for ``rows`` output rows from row ``y0``.
+def _rank_factor(radius: int) -> np.ndarray:
+    """Distance factor ``10 + d / r`` of the ranking key per window offset, float32 ``(2r+1, 2r+1)``."""
+    dy, dx = np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1), indexing="ij")
+    return np.float32(10.0) + (np.sqrt(dy * dy + dx * dx) / radius).astype(np.float32)
 
-    Returns int32 ``(rows·x, offset)``: the bits of the float32 ``(S + 1e-5)(10 + d/w)``, +inf
-    for non-candidates (positive floats order like their bit patterns, and integer selection is
-    several times faster than float selection in NumPy). Works one window row (``dy``) at a
-    time, on ``(dx, rows, x)`` slabs whose inner axis is the image row (long, contiguous loops),
-    with preallocated buffers.
-    """
-    nb = fine_pad.shape[0]
-    w = fine_pad.shape[2] - 2 * r
-    side = 2 * r + 1
-    dy_grid, dx_grid = np.meshgrid(np.arange(-r, r + 1), np.arange(-r, r + 1), indexing="ij")
-    rank_factor = np.float32(10.0) + (np.sqrt(dy_grid * dy_grid + dx_grid * dx_grid) / r).astype(np.float32)
-    centre = fine_pad[:, y0 + r : y0 + r + rows, r : r + w]
-    inv = np.float32(1.0) / (centre + np.float32(1e-8))
-    thr = threshold[:, y0 : y0 + rows].astype(np.float32)
-    keys = np.empty((rows, w, side, side), dtype=np.float32)
-    diff = np.empty((side, rows, w), dtype=np.float32)
-    spectral = np.empty_like(diff)
-    cand = np.empty(diff.shape, dtype=bool)
-    passed = np.empty(diff.shape, dtype=bool)
-    for dy in range(side):
-        win = np.lib.stride_tricks.sliding_window_view(fine_pad[:, y0 + dy : y0 + dy + rows], w, axis=2)
-        win = win.transpose(0, 2, 1, 3)  # (band, dx, rows, x)
-        use = np.lib.stride_tricks.sliding_window_view(use_pad[y0 + dy : y0 + dy + rows], w, axis=1)
-        np.copyto(cand, use.transpose(1, 0, 2))
-        for b in range(nb):
-            np.subtract(win[b], centre[b], out=diff)
-            np.abs(diff, out=diff)
-            np.less(diff, thr[b], out=passed)
-            np.logical_and(cand, passed, out=cand)
-            if b == 0:
-                np.multiply(diff, inv[b], out=spectral)
-            else:
-                np.multiply(diff, inv[b], out=diff)
-                np.add(spectral, diff, out=spectral)
-        if dy == r:
-            cand[r] = use_pad[y0 + r : y0 + r + rows, r : r + w]
-        np.add(spectral, np.float32(1e-5), out=spectral)
-        np.multiply(spectral, rank_factor[dy][:, None, None], out=spectral)
-        np.logical_not(cand, out=cand)
-        np.copyto(spectral, np.float32(np.inf), where=cand)
-        keys[:, :, dy, :] = spectral.transpose(1, 2, 0)
-    return keys.reshape(rows * w, side * side).view(np.int32)
+
+def resolve_backend(backend: str) -> str:
+    """``"auto"`` -> ``"jax"`` when JAX's default device is an accelerator, else ``"numba"``."""
+    if backend != "auto":
+        return backend
+    import jax
+
+    return "numba" if jax.default_backend() == "cpu" else "jax"
 
 
 def similar_pixel_blend(
@@ -662,20 +636,16 @@ def similar_pixel_blend(
     *,
     half_window: int,
     n_similar: int,
-    max_elements: int = 1 << 22,
+    backend: str = "auto",
 ) -> np.ndarray:
     """Weighted change of the most similar pixels around each pixel (paper Eq. 21-24, IDL rules).
 
     Candidates within ``half_window`` (window truncated at the image edge) differ from the
     pixel by less than ``threshold`` in every band and have a finite change; the pixel itself
-    always is one. They are ranked by ``(S + 1e-5)(10 + d / w)`` with
+    always is one. They are ranked by the float32 key ``(S + 1e-5)(10 + d / w)`` with
     ``S = Σ_b |F_b(x') - F_b(x)| / F_b(x)`` and ``d`` the distance in pixels (IDL), the
-    ``n_similar`` first kept and weighted by ``1 / ((1 + d / w)(1 + S))``. Exact ties in the
-    ranking value (identical spectra at equal distance) are resolved by NumPy's introselect,
-    deterministically for a given window.
-
-    Float32, on row strips: vectorised keys for all offsets, introselect (``argpartition``) for
-    the ``n_similar`` smallest, then a gather of those only.
+    ``n_similar`` first kept (equal keys: the earlier offset in row-major window order, as in the
+    reference) and weighted by ``1 / ((1 + d / w)(1 + S))``.
 
     Parameters
     ----------
@@ -683,46 +653,29 @@ def similar_pixel_blend(
     change : ndarray ``(band, y, x)``
     threshold : ndarray ``(band, y, x)``
     half_window, n_similar : int
-    max_elements : int, default 2**22
-        Keys held at once (strip height = ``max_elements / (width · offsets)`` rows).
+    backend : {"auto", "numba", "jax"}, default "auto"
+        ``numba``: a compiled per-pixel scan with a sorted buffer of the best candidates, rows
+        shared over the CPU cores (:mod:`stf_pipeline.methods._fsdaf_numba`); ``jax``: all keys of
+        a row strip and ``lax.top_k`` (:mod:`stf_pipeline.methods._fsdaf_jax`), for GPUs;
+        ``auto``: ``jax`` on an accelerator, else ``numba``. Both choose the same pixels; the
+        weights are float64 with Numba, float32 with JAX.
 
     Returns
     -------
     ndarray ``(band, y, x)`` float64
         The weighted change; NaN where the pixel is NaN or has no candidate.
     """
-    nb, h, w = fine.shape
     r = half_window
-    side = 2 * r + 1
-    n_off = side * side
-    k = min(n_similar, n_off)
-    fine_pad = np.pad(fine.astype(np.float32), ((0, 0), (r, r), (r, r)), constant_values=np.nan)
-    change_pad = np.pad(change.astype(np.float32), ((0, 0), (r, r), (r, r)), constant_values=np.nan)
-    use_pad = np.isfinite(fine_pad).all(axis=0) & np.isfinite(change_pad).all(axis=0)
-    invalid = np.float32(np.inf).view(np.int32)
-    rows = int(max(1, min(h, max_elements // (w * n_off))))
-    out = np.empty((nb, h, w), dtype=np.float64)
-    for y0 in range(0, h, rows):
-        n_rows = min(rows, h - y0)
-        keys = _rank_keys(fine_pad, use_pad, threshold, y0, n_rows, r)
-        off = np.empty((keys.shape[0], k), dtype=np.int64)
-        for p0 in range(0, keys.shape[0], 1024):  # selection in pieces: its index array is 8 B per key
-            part = keys[p0 : p0 + 1024]
-            off[p0 : p0 + 1024] = np.argpartition(part, k - 1, axis=1)[:, :k] if k < n_off else np.argsort(part, axis=1)
-        chosen = np.take_along_axis(keys, off, axis=1) < invalid  # (pixels, k)
-        del keys
-        yy = np.repeat(np.arange(y0, y0 + n_rows), w)[:, None] + off // side
-        xx = np.tile(np.arange(w), n_rows)[:, None] + off % side
-        dist = (np.sqrt(((off // side - r) ** 2 + (off % side - r) ** 2).astype(np.float64)) / r).astype(np.float32)
-        centre = fine_pad[:, y0 + r : y0 + r + n_rows, r : r + w].reshape(nb, -1, 1)
-        spectral = (np.abs(fine_pad[:, yy, xx] - centre) / (centre + np.float32(1e-8))).sum(axis=0)
-        weight = np.where(chosen, 1.0 / ((1.0 + dist) * (spectral + 1.0)), 0.0)
-        total = weight.sum(axis=1)
-        values = np.where(chosen[None], change_pad[:, yy, xx], 0.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            est = (weight[None] * values).sum(axis=2) / total
-        out[:, y0 : y0 + n_rows] = np.where(total > 0, est, np.nan).reshape(nb, n_rows, w)
-    return out
+    k = min(n_similar, (2 * r + 1) ** 2)
+    use = np.isfinite(fine).all(axis=0) & np.isfinite(change).all(axis=0)
+    args = (fine, change, threshold, use, _rank_factor(r))
+    if resolve_backend(backend) == "jax":
+        from stf_pipeline.methods import _fsdaf_jax
+
+        return _fsdaf_jax.blend(*args, radius=r, k=k)
+    from stf_pipeline.methods import _fsdaf_numba
+
+    return _fsdaf_numba.blend(*args, radius=r, k=k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -793,7 +746,7 @@ def fsdaf_kernel(
     del temporal, distributed, f1c
     threshold = similarity_threshold(f1, labels, n_classes, factor, params.unmix_radius)[:, cy, cx]
     blended = f1 + similar_pixel_blend(
-        f1, pixel_change, threshold, half_window=params.half_window, n_similar=params.n_similar
+        f1, pixel_change, threshold, half_window=params.half_window, n_similar=params.n_similar, backend=params.backend
     )
     return _range_fix(blended, f1, c1, c2, params.valid_range).astype(np.float32)
 

@@ -1,0 +1,193 @@
+"""FSDAF's similar-pixel step (g) on the CPU: one compiled pass per pixel with Numba.
+
+For every pixel the ``(2r+1)²`` window (truncated at the block edge) is scanned in row-major
+order; each candidate's ranking key is computed with the same float32 operations as the JAX path
+(:func:`stf_pipeline.methods.fsdaf.similar_pixel_blend`) and inserted into a small sorted buffer
+of the ``k`` best. An insertion moves a candidate only past strictly larger keys, so among equal
+keys the earlier offset in scan order wins: the tie-break of the paper-literal reference
+(``tests/reference_fsdaf.py``) and of ``jax.lax.top_k``. The weights of the chosen pixels are
+then computed in float64.
+
+The compiled function releases the GIL (``nogil=True``); :func:`blend` splits a block's rows over
+a process-wide pool of one thread per core (shared by all Dask threads, so blocks mapped at once
+never run more row strips than there are cores). Each pixel is computed on its own, so the
+result does not depend on the split. ``cache=True`` keeps the compiled code on disk next to this
+module (``__pycache__``), so only the first run on a machine pays the few seconds of compilation.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+
+
+@numba.njit(nogil=True, cache=True)
+def _blend_rows(
+    fine: np.ndarray,
+    change: np.ndarray,
+    threshold: np.ndarray,
+    use: np.ndarray,
+    rank: np.ndarray,
+    radius: int,
+    k: int,
+    y_start: int,
+    y_stop: int,
+    out: np.ndarray,
+) -> None:  # pragma: no cover - compiled; covered through blend()
+    # fine, threshold: (band, y, x) float32; change: (band, y, x) float64; use: (y, x) bool;
+    # rank: (side, side) float32 = 10 + d / r; out: (band, y, x) float64, rows y_start:y_stop written
+    nb, h, w = fine.shape
+    side = 2 * radius + 1
+    best = np.empty(k, dtype=np.int64)  # packed (key bits << 32 | scan index), ascending
+    hit = np.empty(side, dtype=np.int64)
+    centre = np.empty(nb, dtype=np.float32)
+    inv = np.empty(nb, dtype=np.float32)
+    thr = np.empty(nb, dtype=np.float32)
+    acc = np.empty(nb, dtype=np.float64)
+    spectral = np.empty(side, dtype=np.float32)
+    passed = np.empty(side, dtype=np.bool_)
+    key = np.empty(side, dtype=np.float32)
+    key_bits = key.view(np.int32)
+    eps = np.float32(1e-8)
+    floor = np.float32(1e-5)
+    inf = np.float32(np.inf)
+    no_candidate = np.int64(0x7F800000) << 32  # the packed key of +inf: larger than any candidate's
+    for y in range(y_start, y_stop):
+        y0 = max(0, y - radius)
+        y1 = min(h, y + radius + 1)
+        for x in range(w):
+            finite = True
+            for b in range(nb):
+                centre[b] = fine[b, y, x]
+                inv[b] = np.float32(1.0) / (centre[b] + eps)
+                thr[b] = threshold[b, y, x]
+                finite = finite and np.isfinite(centre[b])
+            if not finite:
+                for b in range(nb):
+                    out[b, y, x] = np.nan
+                continue
+            x0 = max(0, x - radius)
+            x1 = min(w, x + radius + 1)
+            m = x1 - x0
+            rx = x0 - x + radius
+            n = 0
+            worst = no_candidate
+            for yy in range(y0, y1):
+                # keys of one window row, branch-free (vectorised by LLVM)
+                ry = yy - y + radius
+                for i in range(m):
+                    passed[i] = use[yy, x0 + i]
+                    spectral[i] = 0.0
+                for b in range(nb):
+                    cb = centre[b]
+                    tb = thr[b]
+                    ib = inv[b]
+                    for i in range(m):
+                        d = abs(fine[b, yy, x0 + i] - cb)
+                        passed[i] = passed[i] & (d < tb)
+                        spectral[i] += d * ib
+                if yy == y:  # the pixel itself is a candidate whatever the threshold
+                    passed[x - x0] = use[y, x]
+                for i in range(m):
+                    key[i] = (spectral[i] + floor) * rank[ry, rx + i] if passed[i] else inf
+                # those that beat the current k-th, then insertion into the sorted buffer
+                base = ry * side + rx
+                c = 0
+                for i in range(m):
+                    packed = (np.int64(key_bits[i]) << 32) | (base + i)
+                    hit[c] = packed
+                    c += packed < worst
+                for q in range(c):
+                    packed = hit[q]
+                    if packed >= worst:
+                        continue
+                    if n < k:
+                        j = n
+                        n += 1
+                    else:
+                        j = k - 1
+                    while j > 0 and best[j - 1] > packed:
+                        best[j] = best[j - 1]
+                        j -= 1
+                    best[j] = packed
+                    if n == k:
+                        worst = best[k - 1]
+            total = 0.0
+            for b in range(nb):
+                acc[b] = 0.0
+            for i in range(n):
+                scan = best[i] & 0xFFFFFFFF
+                dy = scan // side - radius
+                dx = scan % side - radius
+                dist = np.sqrt(np.float64(dy * dy + dx * dx)) / radius
+                s = 0.0
+                for b in range(nb):
+                    c64 = np.float64(centre[b])
+                    s += abs(np.float64(fine[b, y + dy, x + dx]) - c64) / (c64 + 1e-8)
+                weight = 1.0 / ((1.0 + dist) * (1.0 + s))
+                total += weight
+                for b in range(nb):
+                    acc[b] += weight * change[b, y + dy, x + dx]
+            for b in range(nb):
+                out[b, y, x] = acc[b] / total if n > 0 else np.nan
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="stf-fsdaf")
+
+
+def blend(
+    fine: np.ndarray,
+    change: np.ndarray,
+    threshold: np.ndarray,
+    use: np.ndarray,
+    rank: np.ndarray,
+    *,
+    radius: int,
+    k: int,
+    threaded: bool = True,
+) -> np.ndarray:
+    """Weighted change of the ``k`` most similar pixels, ``(band, y, x)`` float64.
+
+    Parameters
+    ----------
+    fine, threshold : ndarray ``(band, y, x)``, cast to float32
+    change : ndarray ``(band, y, x)``, cast to float64
+    use : ndarray ``(y, x)`` bool
+        Pixels that may be similar pixels (finite fine and change).
+    rank : ndarray ``(2r+1, 2r+1)`` float32
+        Distance factor ``10 + d / r`` of the ranking key per window offset.
+    radius, k : int
+    threaded : bool, default True
+        Share the rows over the process's pool of one thread per core; ``False``: run them in
+        the calling thread (the same numbers).
+
+    Returns
+    -------
+    ndarray ``(band, y, x)`` float64
+        NaN where the pixel is NaN or has no candidate.
+    """
+    h = fine.shape[1]
+    f = np.ascontiguousarray(fine, dtype=np.float32)
+    c = np.ascontiguousarray(change, dtype=np.float64)
+    t = np.ascontiguousarray(threshold, dtype=np.float32)
+    u = np.ascontiguousarray(use, dtype=np.bool_)
+    r = np.ascontiguousarray(rank, dtype=np.float32)
+    out = np.empty(f.shape, dtype=np.float64)
+    cores = os.cpu_count() or 1
+    if not threaded or cores == 1:
+        _blend_rows(f, c, t, u, r, radius, k, 0, h, out)
+        return out
+    # strips of a few rows, several per core, balance rows of unequal cost (cloud gaps, edges)
+    strip = max(1, min(16, -(-h // (4 * cores))))
+    jobs = [
+        _pool().submit(_blend_rows, f, c, t, u, r, radius, k, y0, min(h, y0 + strip), out) for y0 in range(0, h, strip)
+    ]
+    for job in jobs:
+        job.result()
+    return out
