@@ -191,3 +191,166 @@ def blend(
     for job in jobs:
         job.result()
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _distribute_rows(
+    residual: np.ndarray,
+    tps: np.ndarray,
+    temporal: np.ndarray,
+    het: np.ndarray,
+    factor: int,
+    eps: float,
+    cap: float,
+    cell_start: int,
+    cell_stop: int,
+    out: np.ndarray,
+) -> None:  # pragma: no cover - compiled; covered through distribute()
+    # residual: (band, hc, wc); tps, temporal, out: (band, y, x) float64; het: (y, x)
+    nb, h, w = tps.shape
+    wc = residual.shape[2]
+    for ci in range(cell_start, cell_stop):
+        y0 = ci * factor
+        y1 = min(h, y0 + factor)
+        for cj in range(wc):
+            x0 = cj * factor
+            x1 = min(w, x0 + factor)
+            for b in range(nb):
+                r = residual[b, ci, cj]
+                total = 0.0
+                count = 0
+                for y in range(y0, y1):
+                    for x in range(x0, x1):
+                        e = tps[b, y, x] - temporal[b, y, x]
+                        if r <= 0.0:  # keep the sign of r; NaN stays NaN (not min/max)
+                            if e > 0.0:  # noqa: PLR1730
+                                e = 0.0
+                        elif e < 0.0:
+                            e = 0.0
+                        weight = abs(e) * het[y, x] + abs(r) * (1.0 - het[y, x]) + eps
+                        out[b, y, x] = weight
+                        if np.isfinite(weight):
+                            total += weight
+                            count += 1
+                if count == 0:  # no valid weight: every pixel is NaN already
+                    continue
+                mean = total / count
+                total = 0.0
+                for y in range(y0, y1):
+                    for x in range(x0, x1):
+                        out[b, y, x] /= mean
+                        if np.isfinite(out[b, y, x]):
+                            total += out[b, y, x]
+                capped = total / count
+                total = 0.0
+                for y in range(y0, y1):
+                    for x in range(x0, x1):
+                        if out[b, y, x] > cap:
+                            out[b, y, x] = capped
+                        if np.isfinite(out[b, y, x]):
+                            total += out[b, y, x]
+                mean = total / count
+                for y in range(y0, y1):
+                    for x in range(x0, x1):
+                        out[b, y, x] = out[b, y, x] / mean * r
+
+
+def distribute(
+    residual: np.ndarray,
+    tps: np.ndarray,
+    temporal: np.ndarray,
+    het: np.ndarray,
+    factor: int,
+    *,
+    eps: float,
+    cap: float,
+    threaded: bool = True,
+) -> np.ndarray:
+    """Residual distribution of :func:`stf_pipeline.methods.fsdaf.distribute_residual`, one cell at a time.
+
+    Cell rows are shared over the pool like :func:`blend`'s pixel rows; every cell is computed
+    on its own, so the split does not change the result.
+    """
+    r = np.ascontiguousarray(residual, dtype=np.float64)
+    t = np.ascontiguousarray(tps, dtype=np.float64)
+    tp = np.ascontiguousarray(temporal, dtype=np.float64)
+    hi = np.ascontiguousarray(het, dtype=np.float64)
+    out = np.empty(t.shape, dtype=np.float64)
+    hc = r.shape[1]
+    cores = os.cpu_count() or 1
+    if not threaded or cores == 1:
+        _distribute_rows(r, t, tp, hi, factor, eps, cap, 0, hc, out)
+        return out
+    step = max(1, -(-hc // (4 * cores)))
+    jobs = [
+        _pool().submit(_distribute_rows, r, t, tp, hi, factor, eps, cap, c0, min(hc, c0 + step), out)
+        for c0 in range(0, hc, step)
+    ]
+    for job in jobs:
+        job.result()
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _extremes_rows(
+    a: np.ndarray, groups: np.ndarray, factor: int, cell_start: int, cell_stop: int, low: np.ndarray, high: np.ndarray
+) -> None:  # pragma: no cover - compiled; covered through cell_extremes()
+    # a: (band, y, x); groups: (y, x) int, < 0 = none; low, high: (group, band, hc, wc)
+    nb, h, w = a.shape
+    n_groups, _, _, wc = low.shape
+    for ci in range(cell_start, cell_stop):
+        y0 = ci * factor
+        y1 = min(h, y0 + factor)
+        for cj in range(wc):
+            x0 = cj * factor
+            x1 = min(w, x0 + factor)
+            for g in range(n_groups):
+                for b in range(nb):
+                    low[g, b, ci, cj] = np.inf
+                    high[g, b, ci, cj] = -np.inf
+            for y in range(y0, y1):
+                for x in range(x0, x1):
+                    g = groups[y, x]
+                    if g < 0 or g >= n_groups:
+                        continue
+                    for b in range(nb):
+                        v = a[b, y, x]
+                        if np.isfinite(v):
+                            low[g, b, ci, cj] = min(low[g, b, ci, cj], v)
+                            high[g, b, ci, cj] = max(high[g, b, ci, cj], v)
+
+
+def cell_extremes(
+    a: np.ndarray, groups: np.ndarray, n_groups: int, factor: int, *, threaded: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of the finite values of each group (e.g. class) in each cell.
+
+    Parameters
+    ----------
+    a : ndarray ``(band, y, x)``
+    groups : ndarray ``(y, x)`` int
+        Group of each pixel in ``[0, n_groups)``; other values are left out.
+    n_groups, factor : int
+
+    Returns
+    -------
+    low, high : ndarray ``(group, band, hc, wc)`` float64
+        ``+inf`` / ``-inf`` where a group has no finite value in the cell.
+    """
+    x = np.ascontiguousarray(a, dtype=np.float64)
+    g = np.ascontiguousarray(groups, dtype=np.int64)
+    nb, h, w = x.shape
+    hc, wc = -(-h // factor), -(-w // factor)
+    low = np.empty((n_groups, nb, hc, wc))
+    high = np.empty((n_groups, nb, hc, wc))
+    cores = os.cpu_count() or 1
+    if not threaded or cores == 1:
+        _extremes_rows(x, g, factor, 0, hc, low, high)
+        return low, high
+    step = max(1, -(-hc // (4 * cores)))
+    jobs = [
+        _pool().submit(_extremes_rows, x, g, factor, c0, min(hc, c0 + step), low, high) for c0 in range(0, hc, step)
+    ]
+    for job in jobs:
+        job.result()
+    return low, high

@@ -525,26 +525,15 @@ def distribute_residual(
 
     ``E_ho = F_TPS - F_TP`` keeps only the sign of ``R`` (other values set to 0),
     ``W = |E_ho|·HI + |R|·(1 - HI) + eps``, normalised to mean 1 over the cell's pixels, weights
-    above 10 reset to the mean, normalised again; the pixel change is ``W · R``.
+    above 10 reset to the mean, normalised again; the pixel change is ``W · R``. Means are over
+    the cell's pixels with a finite ``W``. Compiled, one cell at a time, cell rows over the CPU
+    cores (:func:`stf_pipeline.methods._fsdaf_numba.distribute`).
     """
-    h, w = het.shape
-    cy = (np.arange(h) // factor)[:, None]
-    cx = (np.arange(w) // factor)[None, :]
-    r = residual[:, cy, cx]  # (band, y, x)
-    e = tps - temporal
-    e = np.where(r <= 0, np.minimum(e, 0.0), np.maximum(e, 0.0))
-    weight = np.abs(e) * het + np.abs(r) * (1.0 - het) + RESIDUAL_EPS
-    valid = np.isfinite(weight)
+    from stf_pipeline.methods import _fsdaf_numba
 
-    def normalise(x: np.ndarray) -> np.ndarray:
-        m = cell_mean(np.where(valid, x, np.nan), factor)[:, cy, cx]
-        return x / m
-
-    weight = normalise(weight)
-    capped = cell_mean(np.where(valid, weight, np.nan), factor)[:, cy, cx]
-    weight = np.where(weight > MAX_RESIDUAL_WEIGHT, capped, weight)
-    weight = normalise(weight)
-    return weight * r
+    return _fsdaf_numba.distribute(
+        residual, tps, temporal, het, factor, eps=RESIDUAL_EPS, cap=MAX_RESIDUAL_WEIGHT
+    )
 
 
 def allowed_range(
@@ -563,27 +552,21 @@ def allowed_range(
     ``radius``-cell window of the cell, and the temporal prediction over it uses the cell's own
     class changes: ``min(min C(t), min_c (min F1[class c] + Δf_c))`` and likewise for the max.
     """
-    nb, n_classes = change.shape[:2]
-    c_min = _window_extreme(_cell_extreme(coarse_target, factor, minimum=True), radius, minimum=True)
-    c_max = _window_extreme(_cell_extreme(coarse_target, factor, minimum=False), radius, minimum=False)
+    from stf_pipeline.methods._fsdaf_numba import cell_extremes
+
+    n_classes = change.shape[1]
+    c_low, c_high = cell_extremes(coarse_target, np.zeros(labels.shape, dtype=np.int64), 1, factor)
+    f_low, f_high = cell_extremes(fine, labels, n_classes, factor)  # (class, band, hc, wc)
+    c_min = _window_extreme(c_low[0], radius, minimum=True)
+    c_max = _window_extreme(c_high[0], radius, minimum=False)
     t_min = np.full(c_min.shape, np.inf)
     t_max = np.full(c_max.shape, -np.inf)
     for c in range(n_classes):
-        member = labels == c
-        values = np.where(member, fine, np.nan)
-        f_min = _window_extreme(_cell_extreme(values, factor, minimum=True), radius, minimum=True)
-        f_max = _window_extreme(_cell_extreme(values, factor, minimum=False), radius, minimum=False)
-        t_min = np.fmin(t_min, f_min + change[:, c])
-        t_max = np.fmax(t_max, f_max + change[:, c])
+        t_min = np.fmin(t_min, _window_extreme(f_low[c], radius, minimum=True) + change[:, c])
+        t_max = np.fmax(t_max, _window_extreme(f_high[c], radius, minimum=False) + change[:, c])
     low = np.maximum(np.fmin(c_min, t_min), valid_range[0])
     high = np.minimum(np.fmax(c_max, t_max), valid_range[1])
     return low, high
-
-
-def _cell_extreme(a: np.ndarray, factor: int, *, minimum: bool) -> np.ndarray:
-    fill = np.inf if minimum else -np.inf
-    cells = _to_cells(np.where(np.isfinite(a), a, fill), factor, fill)
-    return cells.min(axis=(-3, -1)) if minimum else cells.max(axis=(-3, -1))
 
 
 def similarity_threshold(fine: np.ndarray, labels: np.ndarray, n_classes: int, factor: int, radius: int) -> np.ndarray:
