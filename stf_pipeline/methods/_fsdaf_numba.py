@@ -202,11 +202,15 @@ def _distribute_rows(
     factor: int,
     eps: float,
     cap: float,
+    bounded: bool,
+    low: np.ndarray,
+    high: np.ndarray,
+    base: np.ndarray,
     cell_start: int,
     cell_stop: int,
     out: np.ndarray,
 ) -> None:  # pragma: no cover - compiled; covered through distribute()
-    # residual: (band, hc, wc); tps, temporal, out: (band, y, x) float64; het: (y, x)
+    # residual, low, high: (band, hc, wc); tps, temporal, base, out: (band, y, x) float64; het: (y, x)
     nb, h, w = tps.shape
     wc = residual.shape[2]
     for ci in range(cell_start, cell_stop):
@@ -252,7 +256,15 @@ def _distribute_rows(
                 mean = total / count
                 for y in range(y0, y1):
                     for x in range(x0, x1):
-                        out[b, y, x] = out[b, y, x] / mean * r
+                        value = out[b, y, x] / mean * r
+                        if bounded:  # clip(temporal + value, low, high) - base, as np.clip
+                            value = temporal[b, y, x] + value
+                            if value < low[b, ci, cj]:  # noqa: PLR1730 - NaN stays NaN
+                                value = low[b, ci, cj]
+                            if value > high[b, ci, cj]:  # noqa: PLR1730
+                                value = high[b, ci, cj]
+                            value -= base[b, y, x]
+                        out[b, y, x] = value
 
 
 def distribute(
@@ -264,30 +276,61 @@ def distribute(
     *,
     eps: float,
     cap: float,
+    bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     threaded: bool = True,
 ) -> np.ndarray:
     """Residual distribution of :func:`stf_pipeline.methods.fsdaf.distribute_residual`, one cell at a time.
 
-    Cell rows are shared over the pool like :func:`blend`'s pixel rows; every cell is computed
-    on its own, so the split does not change the result.
+    With ``bounds=(low, high, base)`` (``low``/``high`` per band and cell, ``base`` per pixel)
+    returns ``clip(temporal + W·R, low, high) - base`` instead of ``W·R``, without the
+    intermediate full-size arrays. Cell rows are shared over the pool like :func:`blend`'s pixel
+    rows; every cell is computed on its own, so the split does not change the result.
     """
     r = np.ascontiguousarray(residual, dtype=np.float64)
     t = np.ascontiguousarray(tps, dtype=np.float64)
     tp = np.ascontiguousarray(temporal, dtype=np.float64)
     hi = np.ascontiguousarray(het, dtype=np.float64)
+    if bounds is None:
+        low = high = r
+        base = tp
+    else:
+        low, high = (np.ascontiguousarray(v, dtype=np.float64) for v in bounds[:2])
+        base = np.ascontiguousarray(bounds[2], dtype=np.float64)
+    bounded = bounds is not None
     out = np.empty(t.shape, dtype=np.float64)
     hc = r.shape[1]
+    args = (r, t, tp, hi, factor, eps, cap, bounded, low, high, base)
     cores = os.cpu_count() or 1
     if not threaded or cores == 1:
-        _distribute_rows(r, t, tp, hi, factor, eps, cap, 0, hc, out)
+        _distribute_rows(*args, 0, hc, out)
         return out
     step = max(1, -(-hc // (4 * cores)))
-    jobs = [
-        _pool().submit(_distribute_rows, r, t, tp, hi, factor, eps, cap, c0, min(hc, c0 + step), out)
-        for c0 in range(0, hc, step)
-    ]
+    jobs = [_pool().submit(_distribute_rows, *args, c0, min(hc, c0 + step), out) for c0 in range(0, hc, step)]
     for job in jobs:
         job.result()
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _temporal(
+    fine: np.ndarray, labels: np.ndarray, change: np.ndarray, factor: int, out: np.ndarray
+) -> None:  # pragma: no cover - compiled; covered through temporal()
+    nb, h, w = fine.shape
+    for y in range(h):
+        ci = y // factor
+        for x in range(w):
+            c = labels[y, x]
+            for b in range(nb):
+                out[b, y, x] = fine[b, y, x] + change[b, c, ci, x // factor] if c >= 0 else np.nan
+
+
+def temporal(fine: np.ndarray, labels: np.ndarray, change: np.ndarray, factor: int) -> np.ndarray:
+    """``F1 + Δf[class]`` of :func:`stf_pipeline.methods.fsdaf.temporal_prediction`, compiled."""
+    f = np.ascontiguousarray(fine, dtype=np.float64)
+    out = np.empty(f.shape, dtype=np.float64)
+    _temporal(
+        f, np.ascontiguousarray(labels, dtype=np.int64), np.ascontiguousarray(change, dtype=np.float64), factor, out
+    )
     return out
 
 

@@ -467,13 +467,9 @@ def unmix_change(
 
 def temporal_prediction(fine: np.ndarray, labels: np.ndarray, change: np.ndarray, factor: int) -> np.ndarray:
     """``F1 + Δf[class]`` using the change of each pixel's own cell; NaN for unclassified pixels."""
-    nb, n_classes, hc, wc = change.shape
-    h, w = labels.shape
-    cy = (np.arange(h) // factor)[:, None]
-    cx = (np.arange(w) // factor)[None, :]
-    lab = np.clip(labels, 0, n_classes - 1)
-    per_pixel = change[:, lab, cy, cx]  # (band, y, x)
-    return np.where(labels >= 0, fine + per_pixel, np.nan)
+    from stf_pipeline.methods import _fsdaf_numba
+
+    return _fsdaf_numba.temporal(fine, labels, change, factor)
 
 
 def residuals(coarse_change: np.ndarray, fractions: np.ndarray, change: np.ndarray) -> np.ndarray:
@@ -520,19 +516,23 @@ def distribute_residual(
     temporal: np.ndarray,
     het: np.ndarray,
     factor: int,
+    *,
+    bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Spread each cell's residual over its fine pixels (paper Eq. 14-20, IDL weights).
 
     ``E_ho = F_TPS - F_TP`` keeps only the sign of ``R`` (other values set to 0),
     ``W = |E_ho|·HI + |R|·(1 - HI) + eps``, normalised to mean 1 over the cell's pixels, weights
     above 10 reset to the mean, normalised again; the pixel change is ``W · R``. Means are over
-    the cell's pixels with a finite ``W``. Compiled, one cell at a time, cell rows over the CPU
-    cores (:func:`stf_pipeline.methods._fsdaf_numba.distribute`).
+    the cell's pixels with a finite ``W``. With ``bounds=(low, high, base)`` (the allowed range
+    per band and cell, and a per-pixel base) returns ``clip(F_TP + W·R, low, high) - base``.
+    Compiled, one cell at a time, cell rows over the CPU cores
+    (:func:`stf_pipeline.methods._fsdaf_numba.distribute`).
     """
     from stf_pipeline.methods import _fsdaf_numba
 
     return _fsdaf_numba.distribute(
-        residual, tps, temporal, het, factor, eps=RESIDUAL_EPS, cap=MAX_RESIDUAL_WEIGHT
+        residual, tps, temporal, het, factor, eps=RESIDUAL_EPS, cap=MAX_RESIDUAL_WEIGHT, bounds=bounds
     )
 
 
@@ -712,21 +712,21 @@ def fsdaf_kernel(
     n_classes = params.n_class_total
     f1c = np.where(np.isfinite(f1), _clip_fine(f1, params), np.nan)
     fractions, complete = class_fractions(labels, n_classes, factor)
-    dc = cell_mean(c2, factor) - cell_mean(c1, factor)
+    c2_cells = cell_mean(c2, factor)
+    dc = c2_cells - cell_mean(c1, factor)
     usable = complete & np.isfinite(dc).all(axis=0)
     change = unmix_change(fractions, dc, usable, radius=params.unmix_radius, n_pure=params.n_pure)
     temporal = temporal_prediction(f1c, labels, change, factor)
     residual = residuals(dc, fractions, change)
-    tps = local_tps(cell_mean(c2, factor), factor, params.tps_radius, f1.shape[1:])
+    tps = local_tps(c2_cells, factor, params.tps_radius, f1.shape[1:])
     het = heterogeneity(labels, params.half_window)
-    distributed = distribute_residual(residual, tps, temporal, het, factor)
-    del tps, het  # large blocks: keep the peak memory down
     low, high = allowed_range(c2, f1c, labels, change, factor, params.unmix_radius, params.valid_range)
+    # clip(F_TP + distributed residual, allowed range) - F1
+    pixel_change = distribute_residual(residual, tps, temporal, het, factor, bounds=(low, high, f1c))
+    del tps, het, temporal, f1c  # large blocks: keep the peak memory down
     h, w = labels.shape
     cy = (np.arange(h) // factor)[:, None]
     cx = (np.arange(w) // factor)[None, :]
-    pixel_change = np.clip(temporal + distributed, low[:, cy, cx], high[:, cy, cx]) - f1c
-    del temporal, distributed, f1c
     threshold = similarity_threshold(f1, labels, n_classes, factor, params.unmix_radius)[:, cy, cx]
     blended = f1 + similar_pixel_blend(
         f1, pixel_change, threshold, half_window=params.half_window, n_similar=params.n_similar, backend=params.backend
