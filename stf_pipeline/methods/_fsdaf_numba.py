@@ -397,3 +397,43 @@ def cell_extremes(
     for job in jobs:
         job.result()
     return low, high
+
+
+@numba.njit(nogil=True, cache=True)
+def _homogeneity(labels: np.ndarray, radius: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    h, w = labels.shape
+    n_classes = 0
+    for y in range(h):
+        for x in range(w):
+            n_classes = max(n_classes, labels[y, x] + 1)
+    integral = np.zeros((h + 1, w + 1), dtype=np.int64)
+    for y in range(h):
+        for x in range(w):
+            out[y, x] = 0.0
+    for c in range(n_classes):
+        for y in range(h):
+            run = 0
+            for x in range(w):
+                run += labels[y, x] == c
+                integral[y + 1, x + 1] = integral[y, x + 1] + run
+        for y in range(h):
+            y0 = max(0, y - radius)
+            y1 = min(h, y + radius + 1)
+            for x in range(w):
+                if labels[y, x] != c:
+                    continue
+                x0 = max(0, x - radius)
+                x1 = min(w, x + radius + 1)
+                same = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+                out[y, x] = same / ((y1 - y0) * (x1 - x0))
+
+
+def homogeneity(labels: np.ndarray, radius: int) -> np.ndarray:
+    """Share of the ``(2r+1)²`` window (truncated at the edges) in the pixel's own class; 0 if unclassified.
+
+    Exact integer window counts from one integral image per class
+    (:func:`stf_pipeline.methods.fsdaf.heterogeneity`).
+    """
+    out = np.empty(labels.shape, dtype=np.float64)
+    _homogeneity(np.ascontiguousarray(labels, dtype=np.int64), radius, out)
+    return out

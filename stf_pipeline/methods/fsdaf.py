@@ -482,32 +482,16 @@ def residuals(coarse_change: np.ndarray, fractions: np.ndarray, change: np.ndarr
 # --------------------------------------------------------------------------------------------
 
 
-def _box_count(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Exact integer count of ``True`` in the ``(2r+1)²`` window, truncated at the edges."""
-    h, w = mask.shape
-    integral = np.zeros((h + 1, w + 1), dtype=np.int64)
-    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
-    y0 = np.clip(np.arange(h) - radius, 0, h)
-    y1 = np.clip(np.arange(h) + radius + 1, 0, h)
-    x0 = np.clip(np.arange(w) - radius, 0, w)
-    x1 = np.clip(np.arange(w) + radius + 1, 0, w)
-    return (
-        integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0]
-    )
-
-
 def heterogeneity(labels: np.ndarray, radius: int) -> np.ndarray:
     """Homogeneity index (paper Eq. 16): share of the window's pixels in the pixel's own class.
 
     The window is ``(2r+1)²`` truncated at the image edge (denominator: its pixels inside the
-    image, as in the IDL code); unclassified pixels get 0.
+    image, as in the IDL code); unclassified pixels get 0. Exact integer counts from an integral
+    image per class, compiled (:func:`stf_pipeline.methods._fsdaf_numba.homogeneity`).
     """
-    area = _box_count(np.ones(labels.shape, dtype=bool), radius).astype(np.float64)
-    same = np.zeros(labels.shape, dtype=np.int64)
-    for c in np.unique(labels[labels >= 0]):
-        inside = labels == c
-        same = np.where(inside, _box_count(inside, radius), same)
-    return same / area
+    from stf_pipeline.methods import _fsdaf_numba
+
+    return _fsdaf_numba.homogeneity(labels, radius)
 
 
 def distribute_residual(
