@@ -437,3 +437,32 @@ def homogeneity(labels: np.ndarray, radius: int) -> np.ndarray:
     out = np.empty(labels.shape, dtype=np.float64)
     _homogeneity(np.ascontiguousarray(labels, dtype=np.int64), radius, out)
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _cell_mean(a: np.ndarray, factor: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    n, h, w = a.shape
+    _, hc, wc = out.shape
+    total = np.zeros(wc)
+    count = np.zeros(wc, dtype=np.int64)
+    for i in range(n):
+        for ci in range(hc):
+            total[:] = 0.0
+            count[:] = 0
+            for y in range(ci * factor, min(h, (ci + 1) * factor)):
+                for x in range(w):
+                    v = a[i, y, x]
+                    if np.isfinite(v):
+                        total[x // factor] += v
+                        count[x // factor] += 1
+            for cj in range(wc):
+                out[i, ci, cj] = total[cj] / count[cj] if count[cj] > 0 else np.nan
+
+
+def cell_mean(a: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of the finite values of each ``factor × factor`` cell on the last two axes (NaN if none)."""
+    x = np.asarray(a, dtype=np.float64)
+    lead, (h, w) = x.shape[:-2], x.shape[-2:]
+    out = np.empty((int(np.prod(lead)), -(-h // factor), -(-w // factor)))
+    _cell_mean(np.ascontiguousarray(x.reshape(-1, h, w)), factor, out)
+    return out.reshape(*lead, *out.shape[1:])

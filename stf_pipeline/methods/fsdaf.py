@@ -239,13 +239,10 @@ def _to_cells(a: np.ndarray, factor: int, fill: float) -> np.ndarray:
 
 
 def cell_mean(a: np.ndarray, factor: int) -> np.ndarray:
-    """Mean of the finite values of each cell on the last two axes; NaN for empty cells."""
-    cells = _to_cells(np.asarray(a, dtype=np.float64), factor, np.nan)
-    valid = np.isfinite(cells)
-    total = np.where(valid, cells, 0.0).sum(axis=(-3, -1))
-    count = valid.sum(axis=(-3, -1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / count, np.nan)
+    """Mean of the finite values of each cell on the last two axes; NaN for empty cells (compiled)."""
+    from stf_pipeline.methods import _fsdaf_numba
+
+    return _fsdaf_numba.cell_mean(a, factor)
 
 
 def class_fractions(labels: np.ndarray, n_classes: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
