@@ -41,22 +41,24 @@ def _scene(seed: int, n_pairs: int, n_bands: int, ny: int, nx: int, nan_fraction
     nan_fraction=st.sampled_from([0.0, 0.05, 0.3]),
     strict=st.booleans(),
     n_classes=st.sampled_from([2.0, 8.0, 40.0]),
+    backend=st.sampled_from(["numpy", "numba"]),
 )
-def test_numpy_kernel_matches_reference(seed, n_pairs, n_bands, ny, nx, radius, nan_fraction, strict, n_classes):
+def test_cpu_kernels_match_reference(seed, n_pairs, n_bands, ny, nx, radius, nan_fraction, strict, n_classes, backend):
     fine, coarse, target = _scene(seed, n_pairs, n_bands, ny, nx, nan_fraction)
     if not np.isfinite(fine).any(axis=(2, 3)).all():
         return
-    params = StarfmParams(radius=radius, n_classes=n_classes, filtering="strict" if strict else "either", backend="numpy")
+    params = StarfmParams(radius=radius, n_classes=n_classes, filtering="strict" if strict else "either", backend=backend)
     got = starfm_kernel(fine, coarse, target, params=params)
     want = reference_starfm(fine, coarse, target, radius=radius, n_classes=n_classes, strict=strict)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("backend", ["jax", "numba"])
 @pytest.mark.parametrize("strict", [True, False])
 @pytest.mark.parametrize("n_pairs", [1, 2])
-def test_jax_kernel_matches_reference(strict, n_pairs):
+def test_compiled_kernels_match_reference(strict, n_pairs, backend):
     fine, coarse, target = _scene(7, n_pairs, 2, 13, 17, 0.05)
-    params = StarfmParams(radius=3, n_classes=8, filtering="strict" if strict else "either", tile=8)
+    params = StarfmParams(radius=3, n_classes=8, filtering="strict" if strict else "either", tile=8, backend=backend)
     got = starfm_kernel(fine, coarse, target, params=params)
     want = reference_starfm(fine, coarse, target, radius=3, n_classes=8, strict=strict)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)
@@ -71,7 +73,7 @@ def test_search_distance_in_metres_sets_the_window(small_cube):
     assert spec.prepare(spec.make_params(radius=4), context).radius == 4
 
 
-@pytest.mark.parametrize("backend", ["jax", "numpy"])
+@pytest.mark.parametrize("backend", ["numba", "jax", "numpy"])
 def test_chunked_equals_unchunked(backend):
     cube = random_cube(height=40, width=44, seed=3)
     cube["fine"][0, 0, 5:9, 5:12] = np.nan
@@ -160,8 +162,28 @@ def test_jax_kernel_same_on_any_number_of_tile_threads(monkeypatch, workers):
     fine = rng.random((2, 2, 21, 26), dtype=np.float32)
     coarse = fine + rng.normal(0, 0.01, fine.shape).astype(np.float32)
     target = coarse.mean(axis=0) + np.float32(0.01)
-    params = StarfmParams(radius=3, tile=8)
+    params = StarfmParams(radius=3, tile=8, backend="jax")
     want = starfm_kernel(fine, coarse, target, params=params)
     monkeypatch.setattr(_similar, "_workers", lambda: workers)
     got = starfm_kernel(fine, coarse, target, params=params)
     np.testing.assert_array_equal(got, want)
+
+
+def test_numba_sums_same_in_one_thread_and_in_row_strips():
+    from stf_pipeline.methods._similar_numba import starfm_sums
+    from stf_pipeline.methods.starfm import _prepare_arrays
+
+    fine, coarse, target = _scene(9, 2, 2, 37, 23, 0.05)
+    centre, neighbour, constants = _prepare_arrays(fine, coarse, target, StarfmParams(radius=4, n_classes=8))
+    strips = starfm_sums(centre, neighbour, constants, radius=4, strict=True)
+    serial = starfm_sums(centre, neighbour, constants, radius=4, strict=True, threaded=False)
+    for a, b in zip(strips, serial, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_auto_backend_is_numba_on_cpu():
+    from stf_pipeline.methods._similar import resolve_backend
+
+    assert StarfmParams().backend == "auto"
+    assert resolve_backend("auto") == "numba"
+    assert resolve_backend("jax") == "jax"

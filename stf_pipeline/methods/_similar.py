@@ -7,7 +7,8 @@ method receives the centre pixels ``c`` and their neighbours ``q`` at one offset
 arrays), the offset's distance and the method's constants ``k`` (non-spatial arrays), and
 returns the increments of its accumulators.
 
-Two drivers run a body:
+Two drivers run a body (and :mod:`stf_pipeline.methods._similar_numba` compiles the two
+methods' bodies with Numba, the default on CPUs):
 
 * :func:`accumulate_numpy`: NumPy, slicing. Neighbours outside the block are skipped (the
   slices shrink), so a pixel's sums only ever see pixels of the block: no padding.
@@ -120,6 +121,15 @@ def accumulate_numpy(
         for acc, inc in zip(accs, body(np, c, q, float(dist), constants), strict=True):
             acc[..., cy, cx] += inc
     return accs
+
+
+def resolve_backend(backend: str) -> str:
+    """``"auto"`` -> ``"jax"`` when JAX's default device is an accelerator, else ``"numba"``."""
+    if backend != "auto":
+        return backend
+    import jax
+
+    return "numba" if jax.default_backend() == "cpu" else "jax"
 
 
 def default_tile() -> int:

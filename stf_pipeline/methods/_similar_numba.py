@@ -1,0 +1,299 @@
+"""STARFM's and ESTARFM's window sums on the CPU, compiled with Numba.
+
+The same sums as the bodies of :mod:`stf_pipeline.methods.starfm` and
+:mod:`stf_pipeline.methods.estarfm` run by the drivers of :mod:`stf_pipeline.methods._similar`,
+but each window offset's work is fused into one compiled loop, so nothing goes through memory
+per offset:
+
+* STARFM, *row form*: for an output row, the offsets in row-major window order and, inside
+  each, branch-free loops over the row's pixels (vectorised by LLVM) that add the offset's
+  weights (float32, summed over the pairs) to float64 row accumulators.
+* ESTARFM, *pixel form*: for each pixel, the window rows in order; per row a branch-free test
+  of every neighbour's similarity (all bands of both dates), then the similar neighbours'
+  increments (float32, as the bodies compute them) added in offset order to float64 sums. Few
+  neighbours are similar, so skipping the others saves most of the work.
+
+Neighbours outside the block are skipped, as in :func:`~stf_pipeline.methods._similar.accumulate_numpy`,
+and every pixel adds its terms in the same offset order whatever block or row strip it sits in,
+so chunked results equal unchunked ones bitwise. The compiled functions release the GIL
+(``nogil=True``); :func:`run_rows` shares a block's rows over the process-wide pool of one
+thread per core of :mod:`~stf_pipeline.methods._similar` (blocks mapped by several Dask threads
+at once never run more strips than there are cores). ``cache=True`` keeps the compiled code
+on disk (``__pycache__``): only a machine's first run pays the compilation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numba
+import numpy as np
+
+_F0 = np.float32(0.0)
+_F1 = np.float32(1.0)
+
+
+@numba.njit(nogil=True, cache=True)
+def _starfm_rows(
+    fine: np.ndarray,
+    spectral: np.ndarray,
+    temporal: np.ndarray,
+    unit: np.ndarray,
+    inverse: np.ndarray,
+    local: np.ndarray,
+    centre_spectral: np.ndarray,
+    centre_temporal: np.ndarray,
+    threshold: np.ndarray,
+    distance_factor: np.ndarray,
+    radius: int,
+    strict: bool,
+    y_start: int,
+    y_stop: int,
+    total: np.ndarray,
+    weighted: np.ndarray,
+) -> None:  # pragma: no cover - compiled; covered through starfm_sums()
+    # neighbour arrays (pair, band, y, x) float32, NaN where missing; centre_*: (band, y, x);
+    # threshold: (pair, band); distance_factor: (side * side,) = 1 / (1 + d / A) per offset;
+    # total, weighted: (band, y, x) float64, rows y_start:y_stop written
+    n_pairs, n_bands, h, w = fine.shape
+    side = 2 * radius + 1
+    acc_w = np.empty(w, dtype=np.float32)
+    acc_wl = np.empty(w, dtype=np.float32)
+    for y in range(y_start, y_stop):
+        total[:, y, :] = 0.0
+        weighted[:, y, :] = 0.0
+        for yy in range(max(0, y - radius), min(h, y + radius + 1)):
+            for dx in range(-radius, radius + 1):
+                x0 = max(0, -dx)
+                x1 = min(w, w - dx)
+                if x0 >= x1:
+                    continue
+                g = distance_factor[(yy - y + radius) * side + dx + radius]
+                n = x1 - x0
+                # 1-d views from index 0: LLVM vectorises the loops (no negative-index wraparound)
+                row_w = acc_w[:n]
+                row_wl = acc_wl[:n]
+                for b in range(n_bands):
+                    row_w[:] = _F0
+                    row_wl[:] = _F0
+                    c_s = centre_spectral[b, y, x0:x1]
+                    c_t = centre_temporal[b, y, x0:x1]
+                    for p in range(n_pairs):
+                        t = threshold[p, b]
+                        c_f = fine[p, b, y, x0:x1]
+                        q_f = fine[p, b, yy, x0 + dx : x1 + dx]
+                        q_s = spectral[p, b, yy, x0 + dx : x1 + dx]
+                        q_t = temporal[p, b, yy, x0 + dx : x1 + dx]
+                        q_u = unit[p, b, yy, x0 + dx : x1 + dx]
+                        q_i = inverse[p, b, yy, x0 + dx : x1 + dx]
+                        q_l = local[p, b, yy, x0 + dx : x1 + dx]
+                        for i in range(n):
+                            near = abs(q_f[i] - c_f[i]) <= t
+                            if strict:
+                                keep = near & (q_s[i] <= c_s[i]) & (q_t[i] <= c_t[i])
+                            else:
+                                keep = near & ((q_s[i] <= c_s[i]) | (q_t[i] <= c_t[i]))
+                            weight = q_u[i] + q_i[i] * g
+                            row_w[i] += weight if keep else _F0
+                            row_wl[i] += weight * q_l[i] if keep else _F0
+                    out_w = total[b, y, x0:x1]
+                    out_wl = weighted[b, y, x0:x1]
+                    for i in range(n):
+                        out_w[i] += row_w[i]
+                        out_wl[i] += row_wl[i]
+
+
+@numba.njit(nogil=True, cache=True)
+def _estarfm_rows(
+    fine: np.ndarray,
+    spread: np.ndarray,
+    fine0: np.ndarray,
+    coarse0: np.ndarray,
+    change: np.ndarray,
+    threshold: np.ndarray,
+    distance_term: np.ndarray,
+    eps: np.float32,
+    radius: int,
+    y_start: int,
+    y_stop: int,
+    count: np.ndarray,
+    total: np.ndarray,
+    sums: np.ndarray,
+) -> None:  # pragma: no cover - compiled; covered through estarfm_sums()
+    # fine: (2, band, y, x) float32, NaN where missing; spread: (y, x); fine0, coarse0, change:
+    # (2, band, y, x) (0 where missing); threshold: (2, band); distance_term: (side * side,) =
+    # 1 + d / w per offset; count, total: (y, x) float64; sums: (10, band, y, x) float64
+    n_pairs, n_bands, h, w = fine.shape
+    side = 2 * radius + 1
+    similar = np.empty(side, dtype=np.bool_)
+    centre = np.empty((n_pairs, n_bands), dtype=np.float32)
+    index = np.empty(side * side, dtype=np.int64)  # flat (y * w + x) index of the similar pixels
+    offset = np.empty(side * side, dtype=np.int64)  # their window offset (row-major)
+    weight = np.empty(side * side, dtype=np.float32)
+    spread_flat = spread.ravel()
+    for y in range(y_start, y_stop):
+        y0 = max(0, y - radius)
+        y1 = min(h, y + radius + 1)
+        for x in range(w):
+            x0 = max(0, x - radius)
+            x1 = min(w, x + radius + 1)
+            m = x1 - x0
+            finite = True
+            for p in range(n_pairs):
+                for b in range(n_bands):
+                    centre[p, b] = fine[p, b, y, x]
+                    finite = finite and np.isfinite(centre[p, b])
+            # pass 1: the similar pixels, in window order (a missing centre has none: every
+            # comparison with NaN is false)
+            n = 0
+            for yy in range(y0, y1 if finite else y0):
+                row = similar[:m]
+                row[:] = True
+                for p in range(n_pairs):
+                    for b in range(n_bands):
+                        c = centre[p, b]
+                        t = threshold[p, b]
+                        q = fine[p, b, yy, x0:x1]
+                        for i in range(m):
+                            row[i] = row[i] & (abs(q[i] - c) < t)
+                base = (yy - y + radius) * side + x0 - x + radius
+                for i in range(m):  # branch-free compaction
+                    index[n] = yy * w + x0 + i
+                    offset[n] = base + i
+                    n += row[i]
+            n_similar = 0.0
+            weight_sum = 0.0
+            for j in range(n):
+                weight[j] = _F1 / (spread_flat[index[j]] * distance_term[offset[j]] + eps)
+                n_similar += 1.0
+                weight_sum += weight[j]
+            count[y, x] = n_similar
+            total[y, x] = weight_sum
+            # pass 2: per band, the sums in registers, terms added in window order
+            for b in range(n_bands):
+                c1 = coarse0[0, b].ravel()
+                c2 = coarse0[1, b].ravel()
+                f1 = fine0[0, b].ravel()
+                f2 = fine0[1, b].ravel()
+                d1 = change[0, b].ravel()
+                d2 = change[1, b].ravel()
+                centre_coarse = coarse0[0, b, y, x]
+                centre_fine = fine0[0, b, y, x]
+                s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = 0.0
+                for j in range(n):
+                    k = index[j]
+                    wj = weight[j]
+                    x1b = c1[k] - centre_coarse
+                    x2b = c2[k] - centre_coarse
+                    y1b = f1[k] - centre_fine
+                    y2b = f2[k] - centre_fine
+                    s0 += wj * d1[k]
+                    s1 += wj * d2[k]
+                    s2 += wj * f1[k]
+                    s3 += wj * f2[k]
+                    s4 += x1b + x2b
+                    s5 += x1b - x2b
+                    s6 += y1b + y2b
+                    s7 += x1b * x1b + x2b * x2b
+                    s8 += y1b * y1b + y2b * y2b
+                    s9 += x1b * y1b + x2b * y2b
+                sums[0, b, y, x] = s0
+                sums[1, b, y, x] = s1
+                sums[2, b, y, x] = s2
+                sums[3, b, y, x] = s3
+                sums[4, b, y, x] = s4
+                sums[5, b, y, x] = s5
+                sums[6, b, y, x] = s6
+                sums[7, b, y, x] = s7
+                sums[8, b, y, x] = s8
+                sums[9, b, y, x] = s9
+
+
+def run_rows(
+    rows: Callable[..., None], height: int, inputs: tuple[Any, ...], outputs: tuple[Any, ...], *, threaded: bool = True
+) -> None:
+    """Call ``rows(*inputs, y_start, y_stop, *outputs)`` over strips of the ``height`` rows.
+
+    Strips of a few rows, several per core, balance rows of unequal cost (gaps, edges);
+    ``threaded=False`` runs them in the calling thread (the same numbers).
+    """
+    cores = os.cpu_count() or 1
+    if not threaded or cores == 1 or height < 2:
+        rows(*inputs, 0, height, *outputs)
+        return
+    from stf_pipeline.methods._similar import _pool
+
+    strip = max(1, min(16, -(-height // (4 * cores))))
+    jobs = [_pool(cores).submit(rows, *inputs, y0, min(height, y0 + strip), *outputs) for y0 in range(0, height, strip)]
+    for job in jobs:
+        job.result()
+
+
+def _offset_distances(radius: int) -> np.ndarray:
+    side = np.arange(-radius, radius + 1, dtype=np.float64)
+    dy, dx = np.meshgrid(side, side, indexing="ij")
+    # float32 distances, as the NumPy and JAX bodies see them
+    return np.sqrt(dy * dy + dx * dx).ravel().astype(np.float32)
+
+
+def _f32(a: Any) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def starfm_sums(
+    centre: dict[str, np.ndarray],
+    neighbour: dict[str, np.ndarray],
+    constants: dict[str, Any],
+    *,
+    radius: int,
+    strict: bool,
+    threaded: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """STARFM's window sums ``(Σ w, Σ w L)``, ``(band, y, x)`` float64.
+
+    ``centre``, ``neighbour``, ``constants``: the arrays of ``starfm._prepare_arrays``;
+    ``strict``: the paper's filter (else the USDA program's ``either``).
+    """
+    fine = _f32(neighbour["fine"])
+    n_bands, h, w = fine.shape[1:]
+    inverse_radius = np.float32(constants["inverse_radius"])
+    factor = _F1 / (_F1 + _offset_distances(radius) * inverse_radius)
+    total = np.empty((n_bands, h, w), dtype=np.float64)
+    weighted = np.empty((n_bands, h, w), dtype=np.float64)
+    threshold = _f32(np.asarray(constants["threshold"]).reshape(fine.shape[:2]))
+    arrays = [_f32(neighbour[k]) for k in ("spectral", "temporal", "unit", "inverse", "local")]
+    arrays += [_f32(centre["spectral"]), _f32(centre["temporal"])]
+    inputs = (fine, *arrays, threshold, factor, int(radius), bool(strict))
+    run_rows(_starfm_rows, h, inputs, (total, weighted), threaded=threaded)
+    return total, weighted
+
+
+def estarfm_sums(
+    centre: dict[str, np.ndarray],
+    neighbour: dict[str, np.ndarray],
+    constants: dict[str, Any],
+    *,
+    radius: int,
+    eps: float,
+    threaded: bool = True,
+) -> list[np.ndarray]:
+    """ESTARFM's twelve window sums (as ``estarfm._body`` accumulates them), float64.
+
+    ``centre``, ``neighbour``, ``constants``: the arrays of ``estarfm._prepare_arrays``; ``eps``:
+    added to ``(1 - R) D`` before inverting. Returns ``[count, total, *sums]``: ``(y, x)`` twice,
+    then ten ``(band, y, x)``.
+    """
+    fine = _f32(neighbour["fine"])
+    n_bands, h, w = fine.shape[1:]
+    inverse_radius = np.float32(constants["inverse_radius"])
+    distance_term = _F1 + _offset_distances(radius) * inverse_radius
+    threshold = _f32(np.asarray(constants["threshold"]).reshape(fine.shape[:2]))
+    count = np.empty((h, w), dtype=np.float64)
+    total = np.empty((h, w), dtype=np.float64)
+    sums = np.empty((10, n_bands, h, w), dtype=np.float64)
+    arrays = [_f32(neighbour[k]) for k in ("spread", "fine0", "coarse0", "change")]
+    inputs = (fine, *arrays, threshold, distance_term, np.float32(eps), int(radius))
+    run_rows(_estarfm_rows, h, inputs, (count, total, sums), threaded=threaded)
+    return [count, total, *sums]
