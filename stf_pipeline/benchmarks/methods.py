@@ -15,8 +15,9 @@ device's peak memory. Inputs:
 Learned methods are first trained with the ``"tiny"`` configuration on the input's pair dates
 (training time reported apart); where that is impossible they are reported as skipped. On the
 CPU the scene is fused through Dask in ``--chunk``-pixel chunks (threads use every core); with
-``--gpu`` it is fused in one block on the GPU. Prints a table; writes JSON (``--json``) with the
-machine description.
+``--gpu`` it is fused in one block on the GPU. ``--backends numba jax`` times each method that
+has a ``backend`` parameter (STARFM, ESTARFM, FSDAF) once per backend, side by side. Prints a
+table; writes JSON (``--json``) with the machine description and the load average of each run.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     pairs = pairs[: spec.n_pairs[1]]
     record: dict[str, Any] = {
         "method": job["method"],
+        "backend": job.get("backend") or "default",
         "input": _label(job),
         "shape": [int(cube.sizes["band"]), int(cube.sizes["y"]), int(cube.sizes["x"])],
         "pairs": len(pairs),
@@ -75,7 +77,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     }
     if len(pairs) < spec.n_pairs[0]:
         return {**record, "skipped": f"needs {spec.n_pairs[0]} pairs, the input has {len(pairs)}"}
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"backend": job["backend"]} if job.get("backend") else {}
     if spec.learned:
         start = time.perf_counter()
         try:
@@ -96,6 +98,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     # CPU seconds of the process (all threads): robust to other processes on a shared machine
     record["cpu_s"] = cpu_seconds[-1]
     record["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record["loadavg_1min"] = os.getloadavg()[0]
     stats = jax.devices()[0].memory_stats() if job["gpu"] else None
     if stats and "peak_bytes_in_use" in stats:
         record["gpu_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
@@ -116,20 +119,20 @@ def _run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
-        return {"method": job["method"], "input": _label(job), "skipped": f"timed out after {timeout:.0f} s"}
+        return {"method": job["method"], "backend": job.get("backend") or "default", "input": _label(job), "skipped": f"timed out after {timeout:.0f} s"}
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"method": job["method"], "input": _label(job), "skipped": f"failed: {tail[0]}"}
+    return {"method": job["method"], "backend": job.get("backend") or "default", "input": _label(job), "skipped": f"failed: {tail[0]}"}
 
 
 def _table(records: list[dict[str, Any]]) -> str:
-    head = f"{'method':9s} {'input':28s} {'dev':4s} {'first s':>8s} {'steady s':>8s} {'CPU s':>7s} {'RSS MiB':>8s} {'GPU MiB':>8s} {'RMSE':>8s} {'SSIM':>6s}"
+    head = f"{'method':9s} {'backend':8s} {'input':28s} {'dev':4s} {'first s':>8s} {'steady s':>8s} {'CPU s':>7s} {'RSS MiB':>8s} {'GPU MiB':>8s} {'RMSE':>8s} {'SSIM':>6s}"
     lines = [head, "-" * len(head)]
     for r in records:
         if "skipped" in r:
-            lines.append(f"{r['method']:9s} {r['input']:28s} skipped: {r['skipped']}")
+            lines.append(f"{r['method']:9s} {r.get('backend', '-'):8s} {r['input']:28s} skipped: {r['skipped']}")
             continue
 
         def num(key: str, fmt: str) -> str:
@@ -137,10 +140,20 @@ def _table(records: list[dict[str, Any]]) -> str:
             return format(value, fmt) if value is not None else "-"
 
         lines.append(
-            f"{r['method']:9s} {r['input']:28s} {r['device']:4s} {num('first_s', '8.2f')} {num('steady_s', '8.2f')} {num('cpu_s', '7.1f')} "
+            f"{r['method']:9s} {r['backend']:8s} {r['input']:28s} {r['device']:4s} {num('first_s', '8.2f')} {num('steady_s', '8.2f')} {num('cpu_s', '7.1f')} "
             f"{num('peak_rss_mib', '8.0f')} {num('gpu_peak_mib', '8.0f')} {num('rmse', '8.5f')} {num('ssim', '6.3f')}"
         )
     return "\n".join(lines)
+
+
+def _backends(method: str, wanted: list[str] | None) -> list[str | None]:
+    """The ``backend=`` values to time ``method`` with (``[None]``: its default)."""
+    import dataclasses
+
+    from stf_pipeline.methods import get_method
+
+    fields = {f.name for f in dataclasses.fields(get_method(method).params_type)}
+    return list(wanted) if wanted and "backend" in fields else [None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="fuse calls per real set (first compiles)")
     parser.add_argument("--synthetic-repeat", type=int, default=1, help="fuse calls on the synthetic scene")
     parser.add_argument("--gpu", action="store_true", help="run JAX kernels on the GPU, one block per scene")
+    parser.add_argument(
+        "--backends", nargs="+", help="backend= values to time side by side for methods that take one (e.g. numba jax)"
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     parser.add_argument("--json", default="bench_methods.json", help="output JSON path")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -174,13 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for source, repeat in jobs:
         for method in methods:
-            job = {
-                "method": method, "source": source, "size": args.size, "bands": args.bands,
-                "chunk": args.chunk, "repeat": max(1, repeat), "gpu": args.gpu,
-            }
-            record = _run_child(job, args.timeout)
-            records.append(record)
-            print(_table([record]).splitlines()[-1], flush=True)
+            for backend in _backends(method, args.backends):
+                job = {
+                    "method": method, "source": source, "size": args.size, "bands": args.bands,
+                    "chunk": args.chunk, "repeat": max(1, repeat), "gpu": args.gpu, "backend": backend,
+                }
+                record = _run_child(job, args.timeout)
+                records.append(record)
+                print(_table([record]).splitlines()[-1], flush=True)
     print(_table(records))
     result = {"machine": {**info, "loadavg_end": list(os.getloadavg())}, "args": vars(args), "results": records}
     with open(args.json, "w") as fh:

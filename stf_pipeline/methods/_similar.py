@@ -58,26 +58,6 @@ def check_window(radius: int, shape: tuple[int, int], method: str) -> None:
         )
 
 
-def box_sum(xp: Any, a: Any, radius: int) -> Any:
-    """Sum over a ``(2r+1)²`` window on the last two axes; nothing is added outside ``a``.
-
-    Separable shifted sums in a fixed order, so a pixel's sum does not depend on the block.
-    """
-    for axis in (a.ndim - 2, a.ndim - 1):
-        n = a.shape[axis]
-        pad = [(0, 0)] * a.ndim
-        pad[axis] = (radius, radius)
-        padded = xp.pad(a, pad)
-        out = None
-        for offset in range(2 * radius + 1):
-            index = [slice(None)] * a.ndim
-            index[axis] = slice(offset, offset + n)
-            term = padded[tuple(index)]
-            out = term if out is None else out + term
-        a = out
-    return a
-
-
 def _pair_slices(d: int, n: int) -> tuple[slice, slice]:
     """Slices of centres and of their neighbours at offset ``d`` along an axis of length ``n``."""
     if d >= 0:

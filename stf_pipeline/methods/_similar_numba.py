@@ -211,6 +211,49 @@ def _estarfm_rows(
                 sums[9, b, y, x] = s9
 
 
+@numba.njit(nogil=True, cache=True)
+def _box_sum_3d(a: np.ndarray, radius: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    # a, out: (n, y, x) float64; out = sums over the (2r+1)² window, nothing added outside a
+    n, h, w = a.shape
+    column = np.empty((h, w), dtype=np.float64)
+    for k in range(n):
+        # along y: whole rows, offsets in order
+        column[:, :] = 0.0
+        for y in range(h):
+            target = column[y]
+            for yy in range(max(0, y - radius), min(h, y + radius + 1)):
+                source = a[k, yy]
+                for i in range(w):
+                    target[i] += source[i]
+        # along x: shifted row slices, offsets in order
+        out[k] = 0.0
+        for y in range(h):
+            target = out[k, y]
+            source = column[y]
+            for dx in range(-radius, radius + 1):
+                x0 = max(0, -dx)
+                x1 = min(w, w - dx)
+                if x0 >= x1:
+                    continue
+                t = target[x0:x1]
+                q = source[x0 + dx : x1 + dx]
+                for i in range(x1 - x0):
+                    t[i] += q[i]
+
+
+def box_sum(a: np.ndarray, radius: int) -> np.ndarray:
+    """Sum over a ``(2r+1)²`` window on the last two axes (float64); nothing is added outside ``a``.
+
+    Per pixel, the terms are added in a fixed order (window rows, then columns, in offset
+    order), so a pixel's sum does not depend on the block it sits in.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    flat = np.ascontiguousarray(a.reshape((-1, *a.shape[-2:])))
+    out = np.empty_like(flat)
+    _box_sum_3d(flat, int(radius), out)
+    return out.reshape(a.shape)
+
+
 def run_rows(
     rows: Callable[..., None], height: int, inputs: tuple[Any, ...], outputs: tuple[Any, ...], *, threaded: bool = True
 ) -> None:

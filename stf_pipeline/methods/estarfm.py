@@ -40,11 +40,11 @@ from stf_pipeline.methods._base import MethodContext, MethodSpec
 from stf_pipeline.methods._similar import (
     accumulate_jax,
     accumulate_numpy,
-    box_sum,
     f_critical,
     pearson_rows,
     resolve_backend,
 )
+from stf_pipeline.methods._similar_numba import box_sum
 from stf_pipeline.methods.starfm import _quiet, fill_class_std
 
 #: Added to ``(1 - R) D`` before inverting (Zhu's code: ``+ 0.0000001``).
@@ -240,8 +240,8 @@ def _finish(
     lo, hi = params.value_range
     with np.errstate(invalid="ignore", divide="ignore"):
         # temporal weights from the window means over the valid pixels
-        n_valid = box_sum(np, valid.astype(np.float64), radius)
-        mean_change = [box_sum(np, np.where(valid, t - c[k], 0.0), radius) / n_valid for k in (0, 1)]
+        n_valid = box_sum(valid, radius)
+        mean_change = [box_sum(np.where(valid, t - c[k], 0.0), radius) / n_valid for k in (0, 1)]
         inv = [1.0 / (np.abs(d) + _CHANGE_EPS) for d in mean_change]
         t1, t2 = inv[0] / (inv[0] + inv[1]), inv[1] / (inv[0] + inv[1])
         signed = [d + _CHANGE_EPS for d in mean_change]
