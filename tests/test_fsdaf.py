@@ -18,7 +18,7 @@ from scipy.optimize import lsq_linear
 import stf_pipeline as stf
 from stf_pipeline.exceptions import MethodError
 from stf_pipeline.methods import MethodContext, fsdaf
-from stf_pipeline.methods._classify import kmeans, nearest_centre
+from stf_pipeline.methods._classify import isodata, kmeans, merge_clusters, nearest_centre, split_clusters
 from stf_pipeline.methods._tps import local_tps, tps_matrix
 from stf_pipeline.parallel import map_overlapping
 from stf_pipeline.testing import raise_if_dask_computes, random_cube
@@ -66,6 +66,60 @@ def test_kmeans_is_seeded_and_finds_separated_clusters():
 def test_kmeans_too_many_classes_is_a_clear_error():
     with pytest.raises(MethodError, match="n_classes=4"):
         kmeans(np.array([[0.1, 0.1], [0.2, 0.2], [0.1, 0.1]]), 4)
+
+
+def test_isodata_split_by_hand():
+    # one cluster, band 1 spread sigma = 0.1 > split_std: two centres at mean -/+ 1 sigma in band 1;
+    # the other (sigma 0.01) stays
+    x = np.array([[0.0, -0.1], [0.0, 0.1], [1.0, 0.99], [1.0, 1.01]])
+    centres = np.array([[0.0, 0.0], [1.0, 1.0]])
+    got = split_clusters(x, np.array([0, 0, 1, 1]), centres, max_new=4, split_std=0.05, split_mult=1.0)
+    np.testing.assert_allclose(got, [[0.0, -0.1], [1.0, 1.0], [0.0, 0.1]])
+    none = split_clusters(x, np.array([0, 0, 1, 1]), centres, max_new=0, split_std=0.05, split_mult=1.0)
+    np.testing.assert_array_equal(none, centres)
+
+
+def test_isodata_merge_by_hand():
+    # pairs closer than 0.05: (0, 1) at 0.01 and (2, 3) at 0.02, merged into count-weighted means,
+    # closest first; max_pairs and min_classes limit the merges
+    centres = np.array([[0.0], [0.01], [1.0], [1.02], [3.0]])
+    counts = np.array([3, 1, 1, 1, 5])
+    got = merge_clusters(centres, counts, max_pairs=2, merge_dist=0.05, min_classes=2)
+    np.testing.assert_allclose(got, [[3.0], [0.0025], [1.01]])
+    one = merge_clusters(centres, counts, max_pairs=1, merge_dist=0.05, min_classes=2)
+    np.testing.assert_allclose(one, [[1.0], [1.02], [3.0], [0.0025]])
+    floor = merge_clusters(centres, counts, max_pairs=2, merge_dist=0.05, min_classes=4)
+    np.testing.assert_allclose(floor, [[1.0], [1.02], [3.0], [0.0025]])
+
+
+def test_isodata_finds_the_clusters_within_its_class_bounds():
+    rng = np.random.default_rng(0)
+    truth = np.array([[0.1, 0.2], [0.5, 0.1], [0.3, 0.6], [0.7, 0.7]])
+    x = np.concatenate([c + rng.normal(0, 0.01, (300, 2)) for c in truth])
+    got = isodata(x, min_classes=4, max_classes=6, min_pixels=20)  # six start centres merge to four
+    np.testing.assert_allclose(got, truth[np.lexsort(truth.T[::-1])], atol=0.005)
+    wide = np.concatenate([x, [0.9, 0.2] + rng.normal(0, 0.01, (300, 2)) * [12, 1]])  # sigma 0.12 in band 0
+    five = np.concatenate([truth, [[0.9, 0.2]]])
+    np.testing.assert_allclose(isodata(wide, min_classes=2, max_classes=5, min_pixels=20),
+                               five[np.lexsort(five.T[::-1])], atol=0.01)
+    # room for a sixth class: the wide cluster splits into its halves, means 0.9 -/+ 0.12 sqrt(2 / pi)
+    six = isodata(wide, min_classes=2, max_classes=6, min_pixels=20)
+    np.testing.assert_allclose(six[-2:], [[0.804, 0.2], [0.996, 0.2]], atol=0.02)
+    with pytest.raises(MethodError, match="min_classes"):
+        isodata(x, min_classes=5, max_classes=4)
+
+
+def test_isodata_classifier_fits_centres_within_bounds_and_rejects_bad_settings():
+    f1, c1, c2, _, _ = _scene(seed=6)
+    p = fsdaf.FSDAFParams(coarse_factor=6, classifier="isodata", n_classes=2, max_classes=4, unmix_radius=2,
+                          half_window=5, n_similar=8, n_pure=10)
+    fitted = fsdaf.statistics(f1[None], c1[None], c2, p)
+    assert 2 <= len(fitted.centres) <= 4
+    assert np.isfinite(fsdaf.fsdaf_kernel(f1[None], c1[None], c2, params=fitted)).all()
+    with pytest.raises(MethodError, match="classifier"):
+        fsdaf.FSDAFParams(classifier="svm")
+    with pytest.raises(MethodError, match="max_classes"):
+        fsdaf.FSDAFParams(classifier="isodata", n_classes=5, max_classes=4)
 
 
 # ----- (b) fractions -------------------------------------------------------------------------

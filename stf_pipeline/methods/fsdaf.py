@@ -6,8 +6,9 @@ prediction that captures land-cover change. Steps (paper section and the authors
 ``FSDAF.pro``, 2019 version, whose defaults are used):
 
 (a) **classes** of the fine pair image: a user class map (``class_map``, a data var of the cube),
-    or k-means centres fitted once on a subsample of the whole pair image (:func:`statistics`;
-    the authors use ENVI ISODATA with 4-6 classes, here ``n_classes=4``), each pixel taking its
+    or class centres fitted once on a subsample of the whole pair image (:func:`statistics`):
+    seeded k-means with ``n_classes=4`` by default, or ISODATA with 4-6 classes and the other
+    parameters of the authors' ENVI call (``classifier="isodata"``), each pixel taking its
     nearest centre (:func:`classify`);
 (b) **class fractions** in every native coarse pixel ("cell", ``coarse_factor²`` fine pixels,
     :func:`class_fractions`);
@@ -51,7 +52,8 @@ over a whole 30x30-cell processing block (unmixing samples and bounds, allowed v
 similarity threshold) are taken over the moving ``unmix_radius`` window, so they do not depend on
 how the scene is tiled; the fine-image noise clip (0.01/99.99 percentiles) is global; the constraint
 is kept (the authors' Python port drops it); the out-of-range clamp enforces both bounds; ties in
-purity are broken by distance to the cell; k-means (fitted on a subsample) replaces ENVI's ISODATA.
+purity are broken by distance to the cell; classes are fitted on a subsample (k-means by default,
+our ISODATA with the IDL parameters on request) rather than by ENVI's ISODATA on every pixel.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from scipy import ndimage, optimize
 
 from stf_pipeline.exceptions import MethodError
 from stf_pipeline.methods._base import MethodContext, MethodSpec
-from stf_pipeline.methods._classify import kmeans, nearest_centre
+from stf_pipeline.methods._classify import isodata, kmeans, nearest_centre
 from stf_pipeline.methods._tps import local_tps
 from stf_pipeline.methods._window import box_sum
 
@@ -79,6 +81,8 @@ NOISE_QUANTILES = (0.0001, 0.9999)
 MAX_RESIDUAL_WEIGHT = 10.0
 #: Added to residual weights (IDL: ``+0.000001`` on a 0-10000 scale, i.e. 1e-10 in reflectance).
 RESIDUAL_EPS = 1e-10
+#: ISODATA's minimum class size in pixels of the whole image (IDL: ``ISO_MIN_PIXELS = 200``).
+ISODATA_MIN_PIXELS = 200
 #: Ridge pulling a class with no samples towards the window's mean change (keeps systems regular).
 RIDGE = 1e-6
 
@@ -95,7 +99,15 @@ class FSDAFParams:
         Similar pixels per target pixel (IDL ``num_similar_pixel=20``).
     n_classes : int, default 4
         k-means classes when no class map is given (IDL ISODATA: 4 to 6 classes; 4 is the
-        ISODATA minimum and the number of classes of the authors' sample class map).
+        ISODATA minimum and the number of classes of the authors' sample class map); with
+        ``classifier="isodata"`` the minimum number of classes (IDL ``min_class = 4``).
+    classifier : {"kmeans", "isodata"}, default "kmeans"
+        How the pair image is classified without a class map: seeded k-means with ``n_classes``
+        classes, or ISODATA with ``n_classes`` to ``max_classes`` classes and the other
+        parameters of the IDL code (:func:`stf_pipeline.methods._classify.isodata`), fitted on the
+        same subsample.
+    max_classes : int, default 6
+        ISODATA's maximum number of classes (IDL ``max_class = 6``).
     class_map : str, optional
         Name of a ``(y, x)`` data var of the cube holding a classification of the pair fine
         image. Overrides k-means. Its values are the class ids ``0 .. n_classes - 1`` unless
@@ -134,6 +146,8 @@ class FSDAFParams:
     half_window: int = 20
     n_similar: int = 20
     n_classes: int = 4
+    classifier: Literal["kmeans", "isodata"] = "kmeans"
+    max_classes: int = 6
     class_map: str | None = None
     n_pure: int = 100
     unmix_radius: int = 8
@@ -154,6 +168,15 @@ class FSDAFParams:
                 raise MethodError(f"fsdaf: {name} must be a positive integer, got {value!r}.")
         if not isinstance(self.n_classes, (int, np.integer)) or self.n_classes < 2:
             raise MethodError(f"fsdaf: n_classes must be an integer >= 2, got {self.n_classes!r}.")
+        if self.classifier not in ("kmeans", "isodata"):
+            raise MethodError(f"fsdaf: classifier must be 'kmeans' or 'isodata', got {self.classifier!r}.")
+        if self.classifier == "isodata" and not (
+            isinstance(self.max_classes, (int, np.integer)) and self.max_classes >= self.n_classes
+        ):
+            raise MethodError(
+                f"fsdaf: ISODATA needs max_classes >= n_classes (the minimum), got max_classes={self.max_classes!r} "
+                f"and n_classes={self.n_classes}; e.g. n_classes=4, max_classes=6 as the authors' code."
+            )
         if self.backend not in ("auto", "numba", "jax"):
             raise MethodError(f"fsdaf: backend must be 'auto', 'numba' or 'jax', got {self.backend!r}.")
         lo, hi = self.valid_range
@@ -741,8 +764,12 @@ def prepare(params: FSDAFParams, context: MethodContext) -> FSDAFParams:
     return dataclasses.replace(params, coarse_factor=int(context.coarse_factor))
 
 
-def _fit_statistics(params: FSDAFParams, sample: np.ndarray) -> FSDAFParams:
-    """Fill ``fine_clip`` and (without a class map) ``centres`` from a ``(band, y, x)`` sample."""
+def _fit_statistics(params: FSDAFParams, sample: np.ndarray, stride: int) -> FSDAFParams:
+    """Fill ``fine_clip`` and (without a class map) ``centres`` from a ``(band, y, x)`` sample.
+
+    The sample is every ``stride``-th pixel in y and x: ISODATA's minimum class size (pixels of
+    the whole image in the IDL code) is divided by ``stride²``.
+    """
     flat = np.asarray(sample, dtype=np.float64).reshape(sample.shape[0], -1).T
     flat = flat[np.isfinite(flat).all(axis=1)]
     if flat.shape[0] == 0:
@@ -752,7 +779,15 @@ def _fit_statistics(params: FSDAFParams, sample: np.ndarray) -> FSDAFParams:
         q = np.quantile(flat, NOISE_QUANTILES, axis=0)
         updates["fine_clip"] = tuple((float(lo), float(hi)) for lo, hi in q.T)
     if params.class_map is None and params.centres is None:
-        centres = kmeans(flat, params.n_classes, seed=params.seed)
+        if params.classifier == "isodata":
+            centres = isodata(
+                flat,
+                min_classes=params.n_classes,
+                max_classes=params.max_classes,
+                min_pixels=max(1, round(ISODATA_MIN_PIXELS / stride**2)),
+            )
+        else:
+            centres = kmeans(flat, params.n_classes, seed=params.seed)
         updates["centres"] = tuple(tuple(float(v) for v in row) for row in centres)
     return dataclasses.replace(params, **updates) if updates else params
 
@@ -789,8 +824,8 @@ def statistics(fine: Any, coarse: Any, coarse_target: Any, params: FSDAFParams) 
     if da is not None and isinstance(sample, da.Array):
         import dask
 
-        return dask.delayed(_fit_statistics, pure=True)(params, sample)
-    return _fit_statistics(params, sample)
+        return dask.delayed(_fit_statistics, pure=True)(params, sample, stride)
+    return _fit_statistics(params, sample, stride)
 
 
 def extra_vars(params: FSDAFParams) -> tuple[str, ...]:
