@@ -398,7 +398,14 @@ def _lgc():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kwargs", "limit"), [({}, 0.0201), ({"class_map": "classes", "class_values": (1, 2, 3, 4)}, 0.0197)])
+@pytest.mark.parametrize(
+    ("kwargs", "limit"),
+    [
+        ({}, 0.0201),
+        ({"class_map": "classes", "class_values": (1, 2, 3, 4)}, 0.0197),
+        ({"classifier": "isodata"}, 0.0204),  # measured 0.02030 (authors' code with ENVI ISODATA: 0.02011)
+    ],
+)
 def test_lgc_accuracy_beats_the_authors_code_and_delta(kwargs, limit):
     cube, task = _lgc()
     pred = stf.fuse(cube, task.target, method="fsdaf", **kwargs).values
