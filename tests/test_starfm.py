@@ -187,3 +187,11 @@ def test_auto_backend_is_numba_on_cpu():
     assert StarfmParams().backend == "auto"
     assert resolve_backend("auto") == "numba"
     assert resolve_backend("jax") == "jax"
+
+
+def test_jax_kernel_one_tile_per_block_matches_reference():
+    fine, coarse, target = _scene(3, 2, 2, 13, 17, 0.05)
+    params = StarfmParams(radius=3, n_classes=8, tile=0, backend="jax")
+    got = starfm_kernel(fine, coarse, target, params=params)
+    want = reference_starfm(fine, coarse, target, radius=3, n_classes=8, strict=True)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)

@@ -205,12 +205,12 @@ def accumulate_jax(
     names = (tuple(centre), tuple(neighbour), tuple(constants))
     specs = tuple((tuple(lead), np.dtype(dtype).name) for lead, dtype in accumulators)
     fill = tuple(float((fills or {}).get(name, np.nan)) for name in neighbour)
-    run = _jax_driver(body, radius, tile, specs, names)
     # pad blocks to whole tiles (whole multiples of 256 pixels for one tile per block) so that
     # the many block shapes of a chunked scene share a few compiled programs
     ny, nx = np.shape(next(iter(centre.values())))[-2:]
     t = tile or 256 * -(-max(ny, nx) // 256)
     ty, tx = -(-ny // t), -(-nx // t)
+    run = _jax_driver(body, radius, t, specs, names)
 
     def grow(a: Any, halo: int, value: float) -> np.ndarray:
         a = np.asarray(a)
