@@ -141,9 +141,16 @@ def _blend_rows(
                 out[b, y, x] = acc[b] / total if n > 0 else np.nan
 
 
+def _cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="stf-fsdaf")
+    return ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="stf-fsdaf")
 
 
 def blend(
@@ -184,7 +191,7 @@ def blend(
     u = np.ascontiguousarray(use, dtype=np.bool_)
     r = np.ascontiguousarray(rank, dtype=np.float32)
     out = np.empty(f.shape, dtype=np.float64)
-    cores = os.cpu_count() or 1
+    cores = _cores()
     if not threaded or cores == 1:
         _blend_rows(f, c, t, u, r, radius, k, 0, h, out)
         return out
@@ -305,7 +312,7 @@ def distribute(
     out = np.empty(t.shape, dtype=np.float64)
     hc = r.shape[1]
     args = (r, t, tp, hi, factor, eps, cap, bounded, low, high, base)
-    cores = os.cpu_count() or 1
+    cores = _cores()
     if not threaded or cores == 1:
         _distribute_rows(*args, 0, hc, out)
         return out
@@ -391,7 +398,7 @@ def cell_extremes(
     hc, wc = -(-h // factor), -(-w // factor)
     low = np.empty((n_groups, nb, hc, wc))
     high = np.empty((n_groups, nb, hc, wc))
-    cores = os.cpu_count() or 1
+    cores = _cores()
     if not threaded or cores == 1:
         _extremes_rows(x, g, factor, 0, hc, low, high)
         return low, high
