@@ -211,6 +211,84 @@ def _estarfm_rows(
                 sums[9, b, y, x] = s9
 
 
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _estarfm_finish_rows(
+    count: np.ndarray,
+    total: np.ndarray,
+    sums: np.ndarray,
+    fine: np.ndarray,
+    change_sum: np.ndarray,
+    n_valid: np.ndarray,
+    valid: np.ndarray,
+    table: np.ndarray,
+    value_range: tuple[float, float],
+    min_coarse_change: float,
+    max_conversion: float,
+    min_similar: float,
+    change_eps: float,
+    y_start: int,
+    y_stop: int,
+    out: np.ndarray,
+) -> None:  # pragma: no cover - compiled; covered through estarfm_finish()
+    # count, total, n_valid: (y, x) float64; sums: (10, band, y, x) float64; fine: (2, band, y, x)
+    # float32; change_sum: (2, band, y, x) float64; valid: (y, x) bool; out: (band, y, x) float32
+    lo, hi = value_range
+    n_bands, w = fine.shape[1], fine.shape[3]
+    top = table.size - 1
+    for y in range(y_start, y_stop):
+        for x in range(w):
+            if not valid[y, x]:
+                for b in range(n_bands):
+                    out[b, y, x] = np.nan
+                continue
+            m = count[y, x]
+            n = 2.0 * m
+            for b in range(n_bands):
+                f1 = np.float64(fine[0, b, y, x])
+                f2 = np.float64(fine[1, b, y, x])
+                # temporal weights from the window means over the valid pixels
+                d1 = change_sum[0, b, y, x] / n_valid[y, x]
+                d2 = change_sum[1, b, y, x] / n_valid[y, x]
+                inv1 = 1.0 / (abs(d1) + change_eps)
+                inv2 = 1.0 / (abs(d2) + change_eps)
+                t1 = inv1 / (inv1 + inv2)
+                t2 = inv2 / (inv1 + inv2)
+                if m < min_similar:
+                    g1 = d1 + change_eps
+                    g2 = d2 + change_eps
+                    u1 = 1.0 / abs(g1)
+                    u2 = 1.0 / abs(g2)
+                    out[b, y, x] = np.float32(u1 / (u1 + u2) * (f1 + g1) + u2 / (u1 + u2) * (f2 + g2))
+                    continue
+                # conversion coefficient: regression of fine on coarse, similar pixels of both dates
+                wchange1 = sums[0, b, y, x]
+                wchange2 = sums[1, b, y, x]
+                wfine1 = sums[2, b, y, x]
+                wfine2 = sums[3, b, y, x]
+                sx = sums[4, b, y, x]
+                sd = sums[5, b, y, x]
+                sy = sums[6, b, y, x]
+                sxx = sums[7, b, y, x]
+                syy = sums[8, b, y, x]
+                sxy = sums[9, b, y, x]
+                cxx = sxx - sx * sx / n
+                cyy = syy - sy * sy / n
+                cxy = sxy - sx * sy / n
+                slope = cxy / cxx
+                r2 = cxy * cxy / (cxx * cyy)
+                fstat = r2 * (n - 2.0) / (1.0 - r2) if r2 < 1.0 else np.inf
+                critical = table[np.int64(min(max(n, 0.0), top))]
+                significant = (cxx > 0) & (cyy > 0) & (fstat >= critical)
+                changed = abs(sd) / m >= min_coarse_change
+                keep = changed & significant & (slope > 0) & (slope <= max_conversion)
+                conversion = slope if keep else 1.0
+                t = total[y, x]
+                pred = t1 * (f1 + conversion * wchange1 / t) + t2 * (f2 + conversion * wchange2 / t)
+                if (pred <= lo) | (pred >= hi):
+                    pred = (t1 * wfine1 + t2 * wfine2) / t
+                out[b, y, x] = np.float32(pred)
+
+
 @numba.njit(nogil=True, cache=True)
 def _box_sum_3d(a: np.ndarray, radius: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
     # a, out: (n, y, x) float64; out = sums over the (2r+1)² window, nothing added outside a
@@ -272,6 +350,42 @@ def run_rows(
     jobs = [_pool(cores).submit(rows, *inputs, y0, min(height, y0 + strip), *outputs) for y0 in range(0, height, strip)]
     for job in jobs:
         job.result()
+
+
+def estarfm_finish(
+    accs: list[np.ndarray],
+    fine: np.ndarray,
+    change_sum: np.ndarray,
+    n_valid: np.ndarray,
+    valid: np.ndarray,
+    table: np.ndarray,
+    *,
+    value_range: tuple[float, float],
+    min_coarse_change: float,
+    max_conversion: float,
+    min_similar: int,
+    change_eps: float,
+) -> np.ndarray:
+    """ESTARFM's per-pixel prediction from its window sums, float64 math, ``(band, y, x)`` float32.
+
+    ``accs``: the twelve sums of :func:`estarfm_sums`; ``fine``: the pairs' fine images;
+    ``change_sum``: window sums of the valid coarse changes ``C_0 - C_k`` and ``n_valid`` of the
+    valid pixels; ``table``: F-test critical values by number of regression points. The
+    operations of ``estarfm._finish``'s formulas, pixel by pixel (see that module).
+    """
+    count, total, *rest = (np.asarray(a, dtype=np.float64) for a in accs)
+    sums = np.ascontiguousarray(np.stack(rest))
+    f = _f32(fine)
+    out = np.empty(f.shape[1:], dtype=np.float32)
+    inputs = (
+        np.ascontiguousarray(count), np.ascontiguousarray(total), sums, f,
+        np.ascontiguousarray(change_sum, dtype=np.float64), np.ascontiguousarray(n_valid, dtype=np.float64),
+        np.ascontiguousarray(valid, dtype=np.bool_), np.ascontiguousarray(table, dtype=np.float64),
+        (float(value_range[0]), float(value_range[1])), float(min_coarse_change), float(max_conversion),
+        float(min_similar), float(change_eps),
+    )
+    run_rows(_estarfm_finish_rows, f.shape[2], inputs, (out,))
+    return out
 
 
 def _offset_distances(radius: int) -> np.ndarray:

@@ -44,7 +44,7 @@ from stf_pipeline.methods._similar import (
     pearson_rows,
     resolve_backend,
 )
-from stf_pipeline.methods._similar_numba import box_sum
+from stf_pipeline.methods._similar_numba import box_sum, estarfm_finish
 from stf_pipeline.methods.starfm import _quiet, fill_class_std
 
 #: Added to ``(1 - R) D`` before inverting (Zhu's code: ``+ 0.0000001``).
@@ -229,46 +229,26 @@ def _finish(
     valid: np.ndarray,
     params: EstarfmParams,
 ) -> np.ndarray:
-    """Per-pixel ESTARFM prediction from the window sums (float64)."""
-    count, total, wchange1, wchange2, wfine1, wfine2, sx, sd, sy, sxx, syy, sxy = (
-        np.asarray(a, dtype=np.float64) for a in accs
-    )
-    f = np.asarray(fine, dtype=np.float64)
+    """Per-pixel ESTARFM prediction from the window sums (float64; compiled, see module docstring)."""
     c = np.asarray(coarse, dtype=np.float64)
     t = np.asarray(coarse_target, dtype=np.float64)
     radius = params.half_window
-    lo, hi = params.value_range
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # temporal weights from the window means over the valid pixels
-        n_valid = box_sum(valid, radius)
-        mean_change = [box_sum(np.where(valid, t - c[k], 0.0), radius) / n_valid for k in (0, 1)]
-        inv = [1.0 / (np.abs(d) + _CHANGE_EPS) for d in mean_change]
-        t1, t2 = inv[0] / (inv[0] + inv[1]), inv[1] / (inv[0] + inv[1])
-        signed = [d + _CHANGE_EPS for d in mean_change]
-        inv_s = [1.0 / np.abs(d) for d in signed]
-        s1, s2 = inv_s[0] / (inv_s[0] + inv_s[1]), inv_s[1] / (inv_s[0] + inv_s[1])
-        few = s1 * (f[0] + signed[0]) + s2 * (f[1] + signed[1])
-
-        # conversion coefficient: regression of fine on coarse over the similar pixels of both dates
-        n = 2.0 * count
-        cxx = sxx - sx * sx / n
-        cyy = syy - sy * sy / n
-        cxy = sxy - sx * sy / n
-        slope = cxy / cxx
-        r2 = cxy * cxy / (cxx * cyy)
-        fstat = np.where(r2 < 1.0, r2 * (n - 2.0) / (1.0 - r2), np.inf)
-        table = _f_table(2 * (2 * radius + 1) ** 2, params.significance)
-        critical = table[np.clip(n, 0, table.size - 1).astype(np.int64)]
-        significant = (cxx > 0) & (cyy > 0) & (fstat >= critical)
-        changed = np.abs(sd) / count >= params.min_coarse_change
-        keep = changed & significant & (slope > 0) & (slope <= params.max_conversion)
-        conversion = np.where(keep, slope, 1.0)
-
-        pred = t1 * (f[0] + conversion * wchange1 / total) + t2 * (f[1] + conversion * wchange2 / total)
-        outside = (pred <= lo) | (pred >= hi)
-        pred = np.where(outside, (t1 * wfine1 + t2 * wfine2) / total, pred)
-        out = np.where(count >= params.min_similar, pred, few)
-    return np.where(valid, out, np.nan).astype(np.float32)
+    # temporal weights: window means of the coarse changes over the valid pixels
+    n_valid = box_sum(valid, radius)
+    change_sum = np.stack([box_sum(np.where(valid, t - c[k], 0.0), radius) for k in (0, 1)])
+    return estarfm_finish(
+        accs,
+        fine,
+        change_sum,
+        n_valid,
+        valid,
+        _f_table(2 * (2 * radius + 1) ** 2, params.significance),
+        value_range=params.value_range,
+        min_coarse_change=params.min_coarse_change,
+        max_conversion=params.max_conversion,
+        min_similar=params.min_similar,
+        change_eps=_CHANGE_EPS,
+    )
 
 
 def estarfm_kernel(
