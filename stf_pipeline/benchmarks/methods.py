@@ -56,6 +56,10 @@ def _label(job: dict[str, Any]) -> str:
     return f"synthetic {job['size']}x{job['size']}x{job['bands']}"
 
 
+def _job_id(job: dict[str, Any]) -> dict[str, Any]:
+    return {"method": job["method"], "backend": job.get("backend") or "default", "input": _label(job)}
+
+
 def _child(job: dict[str, Any]) -> dict[str, Any]:
     """Run one measurement (in a fresh process) and return its record."""
     import jax
@@ -68,9 +72,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     cube, target, pairs = _load(job["source"], job["size"], job["bands"])
     pairs = pairs[: spec.n_pairs[1]]
     record: dict[str, Any] = {
-        "method": job["method"],
-        "backend": job.get("backend") or "default",
-        "input": _label(job),
+        **_job_id(job),
         "shape": [int(cube.sizes["band"]), int(cube.sizes["y"]), int(cube.sizes["x"])],
         "pairs": len(pairs),
         "device": jax.default_backend(),
@@ -119,12 +121,12 @@ def _run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
-        return {"method": job["method"], "backend": job.get("backend") or "default", "input": _label(job), "skipped": f"timed out after {timeout:.0f} s"}
+        return {**_job_id(job), "skipped": f"timed out after {timeout:.0f} s"}
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"method": job["method"], "backend": job.get("backend") or "default", "input": _label(job), "skipped": f"failed: {tail[0]}"}
+    return {**_job_id(job), "skipped": f"failed: {tail[0]}"}
 
 
 def _table(records: list[dict[str, Any]]) -> str:

@@ -249,16 +249,6 @@ def accumulate_jax(
     return out
 
 
-def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson correlation of ``x`` and ``y`` along axis 0 (per pixel), NaN where undefined."""
-    x = x.astype(np.float64)
-    y = y.astype(np.float64)
-    xm = x - x.mean(axis=0)
-    ym = y - y.mean(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (xm * ym).sum(axis=0) / np.sqrt((xm * xm).sum(axis=0) * (ym * ym).sum(axis=0))
-
-
 def f_critical(max_n: int, alpha: float) -> np.ndarray:
     """``F(1, n-2)`` critical values at level ``alpha`` for ``n`` in ``[0, max_n]`` (inf for n < 3)."""
     from scipy.stats import f

@@ -289,6 +289,44 @@ def _estarfm_finish_rows(
                 out[b, y, x] = np.float32(pred)
 
 
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _correlation_rows(
+    fine: np.ndarray, coarse: np.ndarray, one_band: bool, y_start: int, y_stop: int, out: np.ndarray
+) -> None:  # pragma: no cover - compiled; covered through spectral_correlation()
+    # fine, coarse: (sample, y, x) float64 (pair-major, band-minor samples); out: (y, x) float64.
+    # Sums over the samples in order, as NumPy reduces an outer axis: the values of the NumPy
+    # expressions of estarfm.spectral_correlation.
+    n, _, w = fine.shape
+    for y in range(y_start, y_stop):
+        for x in range(w):
+            if one_band:  # 1 - (sum over the dates of |F - C| / (F + C)) / 2
+                r = abs((fine[0, y, x] - coarse[0, y, x]) / (fine[0, y, x] + coarse[0, y, x]))
+                for k in range(1, n):
+                    r += abs((fine[k, y, x] - coarse[k, y, x]) / (fine[k, y, x] + coarse[k, y, x]))
+                r = 1.0 - 0.5 * r
+            else:  # Pearson correlation of the two spectra
+                sf = fine[0, y, x]
+                sc = coarse[0, y, x]
+                for k in range(1, n):
+                    sf += fine[k, y, x]
+                    sc += coarse[k, y, x]
+                mf = sf / n
+                mc = sc / n
+                df = fine[0, y, x] - mf
+                dc = coarse[0, y, x] - mc
+                sfc = df * dc
+                sff = df * df
+                scc = dc * dc
+                for k in range(1, n):
+                    df = fine[k, y, x] - mf
+                    dc = coarse[k, y, x] - mc
+                    sfc += df * dc
+                    sff += df * df
+                    scc += dc * dc
+                r = sfc / np.sqrt(sff * scc)
+            out[y, x] = r if np.isfinite(r) else 0.5
+
+
 @numba.njit(nogil=True, cache=True)
 def _box_sum_3d(a: np.ndarray, radius: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
     # a, out: (n, y, x) float64; out = sums over the (2r+1)² window, nothing added outside a
@@ -385,6 +423,21 @@ def estarfm_finish(
         float(min_similar), float(change_eps),
     )
     run_rows(_estarfm_finish_rows, f.shape[2], inputs, (out,))
+    return out
+
+
+def spectral_correlation(fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+    """ESTARFM's ``R`` per pixel (see ``estarfm.spectral_correlation``), float64 ``(y, x)``.
+
+    ``fine``, ``coarse``: ``(pair, band, y, x)``.
+    """
+    f = np.asarray(fine, dtype=np.float64)
+    one_band = f.shape[1] == 1
+    c = np.asarray(coarse, dtype=np.float64)
+    f = np.ascontiguousarray(f.reshape((-1, *f.shape[-2:])))
+    c = np.ascontiguousarray(c.reshape((-1, *c.shape[-2:])))
+    out = np.empty(f.shape[1:], dtype=np.float64)
+    run_rows(_correlation_rows, f.shape[1], (f, c, one_band), (out,))
     return out
 
 

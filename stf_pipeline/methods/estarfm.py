@@ -41,10 +41,10 @@ from stf_pipeline.methods._similar import (
     accumulate_jax,
     accumulate_numpy,
     f_critical,
-    pearson_rows,
     resolve_backend,
 )
 from stf_pipeline.methods._similar_numba import box_sum, estarfm_finish
+from stf_pipeline.methods._similar_numba import spectral_correlation as _correlation
 from stf_pipeline.methods.starfm import _quiet, fill_class_std
 
 #: Added to ``(1 - R) D`` before inverting (Zhu's code: ``+ 0.0000001``).
@@ -119,7 +119,9 @@ class EstarfmParams:
         if self.min_similar < 3:
             raise MethodError(f"estarfm: min_similar must be >= 3 (a regression needs 3 points), got {self.min_similar}.")
         if self.backend not in ("auto", "numba", "jax", "numpy"):
-            raise MethodError(f"estarfm: backend must be 'auto', 'numba', 'jax' or 'numpy', got {self.backend!r}.")
+            raise MethodError(
+                f"estarfm: backend must be 'auto', 'numba', 'jax' or 'numpy', got {self.backend!r}."
+            )
         if self.tile is not None and self.tile < 0:
             raise MethodError(f"estarfm: tile must be >= 0 (0: whole block), got {self.tile}.")
 
@@ -135,14 +137,7 @@ def spectral_correlation(fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
     One band: ``1 - (|F_1 - C_1| / (F_1 + C_1) + |F_2 - C_2| / (F_2 + C_2)) / 2``. Undefined
     values are 0.5 (Zhu's code). ``fine``, ``coarse``: ``(pair, band, y, x)``.
     """
-    f = np.asarray(fine, dtype=np.float64)
-    c = np.asarray(coarse, dtype=np.float64)
-    if f.shape[1] == 1:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r = 1.0 - 0.5 * np.abs((f - c) / (f + c))[:, 0].sum(axis=0)
-    else:
-        r = pearson_rows(f.reshape((-1, *f.shape[2:])), c.reshape((-1, *c.shape[2:])))
-    return np.where(np.isfinite(r), r, 0.5)
+    return _correlation(fine, coarse)
 
 
 def _body(xp: Any, c: Any, q: Any, dist: Any, k: Any) -> tuple[Any, ...]:

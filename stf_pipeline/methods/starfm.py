@@ -122,7 +122,9 @@ class StarfmParams:
                 f"starfm: temporal_term must be 'pairs' (USDA program) or 'always' (paper), got {self.temporal_term!r}."
             )
         if self.backend not in ("auto", "numba", "jax", "numpy"):
-            raise MethodError(f"starfm: backend must be 'auto', 'numba', 'jax' or 'numpy', got {self.backend!r}.")
+            raise MethodError(
+                f"starfm: backend must be 'auto', 'numba', 'jax' or 'numpy', got {self.backend!r}."
+            )
         if self.tile is not None and self.tile < 0:
             raise MethodError(f"starfm: tile must be >= 0 (0: whole block), got {self.tile}.")
 
