@@ -5,9 +5,10 @@ The same sums as the bodies of :mod:`stf_pipeline.methods.starfm` and
 but each window offset's work is fused into one compiled loop, so nothing goes through memory
 per offset:
 
-* STARFM, *row form*: for an output row, the offsets in row-major window order and, inside
-  each, branch-free loops over the row's pixels (vectorised by LLVM) that add the offset's
-  weights (float32, summed over the pairs) to float64 row accumulators.
+* STARFM, *row form*: for an output row, band and pair, the window rows in order and, for
+  each, its offsets in order: branch-free loops over the output row's pixels (vectorised by
+  LLVM) add the offset's weights to float32 sums over the window row (its six input rows stay
+  in the L1 cache), which are then added to float64 accumulators.
 * ESTARFM, *pixel form*: for each pixel, the window rows in order; per row a branch-free test
   of every neighbour's similarity (all bands of both dates), then the similar neighbours'
   increments (float32, as the bodies compute them) added in offset order to float64 sums. Few
@@ -59,48 +60,48 @@ def _starfm_rows(
     # total, weighted: (band, y, x) float64, rows y_start:y_stop written
     n_pairs, n_bands, h, w = fine.shape
     side = 2 * radius + 1
-    acc_w = np.empty(w, dtype=np.float32)
-    acc_wl = np.empty(w, dtype=np.float32)
+    row_w = np.empty(w, dtype=np.float32)
+    row_wl = np.empty(w, dtype=np.float32)
     for y in range(y_start, y_stop):
-        total[:, y, :] = 0.0
-        weighted[:, y, :] = 0.0
-        for yy in range(max(0, y - radius), min(h, y + radius + 1)):
-            for dx in range(-radius, radius + 1):
-                x0 = max(0, -dx)
-                x1 = min(w, w - dx)
-                if x0 >= x1:
-                    continue
-                g = distance_factor[(yy - y + radius) * side + dx + radius]
-                n = x1 - x0
-                # 1-d views from index 0: LLVM vectorises the loops (no negative-index wraparound)
-                row_w = acc_w[:n]
-                row_wl = acc_wl[:n]
-                for b in range(n_bands):
+        for b in range(n_bands):
+            out_w = total[b, y]
+            out_wl = weighted[b, y]
+            out_w[:] = 0.0
+            out_wl[:] = 0.0
+            for p in range(n_pairs):
+                t = threshold[p, b]
+                # one neighbour row at a time: its arrays stay in the L1 cache over the offsets
+                for yy in range(max(0, y - radius), min(h, y + radius + 1)):
                     row_w[:] = _F0
                     row_wl[:] = _F0
-                    c_s = centre_spectral[b, y, x0:x1]
-                    c_t = centre_temporal[b, y, x0:x1]
-                    for p in range(n_pairs):
-                        t = threshold[p, b]
+                    for dx in range(-radius, radius + 1):
+                        x0 = max(0, -dx)
+                        x1 = min(w, w - dx)
+                        if x0 >= x1:
+                            continue
+                        g = distance_factor[(yy - y + radius) * side + dx + radius]
+                        # 1-d views from index 0: LLVM vectorises the loop (no index wraparound)
                         c_f = fine[p, b, y, x0:x1]
+                        c_s = centre_spectral[b, y, x0:x1]
+                        c_t = centre_temporal[b, y, x0:x1]
                         q_f = fine[p, b, yy, x0 + dx : x1 + dx]
                         q_s = spectral[p, b, yy, x0 + dx : x1 + dx]
                         q_t = temporal[p, b, yy, x0 + dx : x1 + dx]
                         q_u = unit[p, b, yy, x0 + dx : x1 + dx]
                         q_i = inverse[p, b, yy, x0 + dx : x1 + dx]
                         q_l = local[p, b, yy, x0 + dx : x1 + dx]
-                        for i in range(n):
+                        o_w = row_w[x0:x1]
+                        o_wl = row_wl[x0:x1]
+                        for i in range(x1 - x0):
                             near = abs(q_f[i] - c_f[i]) <= t
                             if strict:
                                 keep = near & (q_s[i] <= c_s[i]) & (q_t[i] <= c_t[i])
                             else:
                                 keep = near & ((q_s[i] <= c_s[i]) | (q_t[i] <= c_t[i]))
                             weight = q_u[i] + q_i[i] * g
-                            row_w[i] += weight if keep else _F0
-                            row_wl[i] += weight * q_l[i] if keep else _F0
-                    out_w = total[b, y, x0:x1]
-                    out_wl = weighted[b, y, x0:x1]
-                    for i in range(n):
+                            o_w[i] += weight if keep else _F0
+                            o_wl[i] += weight * q_l[i] if keep else _F0
+                    for i in range(w):
                         out_w[i] += row_w[i]
                         out_wl[i] += row_wl[i]
 
