@@ -11,8 +11,14 @@ per offset:
   in the L1 cache), which are then added to float64 accumulators.
 * ESTARFM, *pixel form*: for each pixel, the window rows in order; per row a branch-free test
   of every neighbour's similarity (all bands of both dates), then the similar neighbours'
-  increments (float32, as the bodies compute them) added in offset order to float64 sums. Few
-  neighbours are similar, so skipping the others saves most of the work.
+  increments (float32, as the bodies compute them) added in offset order to float64 sums: the
+  sums of the NumPy driver, bit for bit. Most neighbours are not similar (88 % on
+  ``zhu_estarfm``, 62 % on the synthetic scene), so skipping them saves most of the work.
+
+ESTARFM's other per-pixel steps are compiled too, with the operations of their NumPy
+expressions in the same order (so the same values): the spectral correlation ``R``
+(:func:`spectral_correlation`), the window sums of the temporal weights (:func:`box_sum`) and
+the prediction from the sums (:func:`estarfm_finish`).
 
 Neighbours outside the block are skipped, as in :func:`~stf_pipeline.methods._similar.accumulate_numpy`,
 and every pixel adds its terms in the same offset order whatever block or row strip it sits in,
