@@ -14,20 +14,19 @@ paper-literal reference (``tests/reference_fsdaf.py``) and of ``jax.lax.top_k``.
 the chosen pixels are then computed in float64.
 
 The compiled functions release the GIL (``nogil=True``); :func:`blend` splits a block's rows over
-a process-wide pool of one thread per core (shared by all Dask threads, so blocks mapped at once
-never run more row strips than there are cores). Each pixel is computed on its own, so the
+the process-wide pool of one thread per core that STARFM and ESTARFM use too
+(:func:`~stf_pipeline.methods._similar_numba.run_rows`: shared by all Dask threads, so blocks
+mapped at once never run more row strips than there are cores). Each pixel is computed on its own, so the
 result does not depend on the split. ``cache=True`` keeps the compiled code on disk next to this
 module (``__pycache__``), so only the first run on a machine pays the compilation (about 4 s).
 """
 
 from __future__ import annotations
 
-import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numba
 import numpy as np
+
+from stf_pipeline.methods._similar_numba import run_rows
 
 
 @numba.njit(nogil=True, cache=True)
@@ -141,18 +140,6 @@ def _blend_rows(
                 out[b, y, x] = acc[b] / total if n > 0 else np.nan
 
 
-def _cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="stf-fsdaf")
-
-
 def blend(
     fine: np.ndarray,
     change: np.ndarray,
@@ -191,17 +178,7 @@ def blend(
     u = np.ascontiguousarray(use, dtype=np.bool_)
     r = np.ascontiguousarray(rank, dtype=np.float32)
     out = np.empty(f.shape, dtype=np.float64)
-    cores = _cores()
-    if not threaded or cores == 1:
-        _blend_rows(f, c, t, u, r, radius, k, 0, h, out)
-        return out
-    # strips of a few rows, several per core, balance rows of unequal cost (cloud gaps, edges)
-    strip = max(1, min(16, -(-h // (4 * cores))))
-    jobs = [
-        _pool().submit(_blend_rows, f, c, t, u, r, radius, k, y0, min(h, y0 + strip), out) for y0 in range(0, h, strip)
-    ]
-    for job in jobs:
-        job.result()
+    run_rows(_blend_rows, h, (f, c, t, u, r, radius, k), (out,), threaded=threaded)
     return out
 
 
@@ -312,14 +289,7 @@ def distribute(
     out = np.empty(t.shape, dtype=np.float64)
     hc = r.shape[1]
     args = (r, t, tp, hi, factor, eps, cap, bounded, low, high, base)
-    cores = _cores()
-    if not threaded or cores == 1:
-        _distribute_rows(*args, 0, hc, out)
-        return out
-    step = max(1, -(-hc // (4 * cores)))
-    jobs = [_pool().submit(_distribute_rows, *args, c0, min(hc, c0 + step), out) for c0 in range(0, hc, step)]
-    for job in jobs:
-        job.result()
+    run_rows(_distribute_rows, hc, args, (out,), threaded=threaded)
     return out
 
 
@@ -398,16 +368,7 @@ def cell_extremes(
     hc, wc = -(-h // factor), -(-w // factor)
     low = np.empty((n_groups, nb, hc, wc))
     high = np.empty((n_groups, nb, hc, wc))
-    cores = _cores()
-    if not threaded or cores == 1:
-        _extremes_rows(x, g, factor, 0, hc, low, high)
-        return low, high
-    step = max(1, -(-hc // (4 * cores)))
-    jobs = [
-        _pool().submit(_extremes_rows, x, g, factor, c0, min(hc, c0 + step), low, high) for c0 in range(0, hc, step)
-    ]
-    for job in jobs:
-        job.result()
+    run_rows(_extremes_rows, hc, (x, g, factor), (low, high), threaded=threaded)
     return low, high
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -123,7 +122,9 @@ def _workers() -> int:
     """Threads that run the tiles of one block (the CPU cores; one on accelerators)."""
     import jax
 
-    return max(1, os.cpu_count() or 1) if jax.default_backend() == "cpu" else 1
+    from stf_pipeline.cluster import machine_cores
+
+    return machine_cores() if jax.default_backend() == "cpu" else 1
 
 
 @functools.lru_cache(maxsize=1)

@@ -31,12 +31,13 @@ on disk (``__pycache__``): only a machine's first run pays the compilation.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import numba
 import numpy as np
+
+from stf_pipeline.cluster import machine_cores
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -385,7 +386,7 @@ def run_rows(
     Strips of a few rows, several per core, balance rows of unequal cost (gaps, edges);
     ``threaded=False`` runs them in the calling thread (the same numbers).
     """
-    cores = os.cpu_count() or 1
+    cores = machine_cores()
     if not threaded or cores == 1 or height < 2:
         rows(*inputs, 0, height, *outputs)
         return
