@@ -12,22 +12,21 @@ methods' bodies with Numba, the default on CPUs):
 
 * :func:`accumulate_numpy`: NumPy, slicing. Neighbours outside the block are skipped (the
   slices shrink), so a pixel's sums only ever see pixels of the block: no padding.
-* :func:`accumulate_jax`: JAX, ``jit`` + ``lax.fori_loop`` over offsets inside ``lax.map`` over
-  square tiles (cache-sized on CPU, one tile per block on GPU; on CPU the tiles are shared
-  out over one thread per core, so a single block uses every core). Blocks are padded with
-  *missing* values (NaN) which a body turns into zero increments, so the sums are those of
-  the NumPy driver.
+* :func:`window_sums`: JAX, traced inside each method's jitted whole-block program (so the
+  preparation, the sums and the prediction stay on the device): ``lax.map`` over square tiles
+  (cache-sized on CPU, 512² on GPUs), ``lax.fori_loop`` over the window rows, and each row's
+  offsets fused into one stacked computation. Blocks are padded with *missing* values (NaN)
+  which a body turns into zero increments, so the sums are those of the NumPy driver.
 
-In both, every pixel adds its terms in the same offset order whatever block it sits in, so a
-chunked result equals the unchunked one bitwise.
+Every pixel sums the same terms whatever block it sits in, so a chunked result equals the
+unchunked one (bitwise with NumPy; with JAX up to the compiled summation order of a window
+row, which may change with the tile size).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -112,77 +111,39 @@ def resolve_backend(backend: str) -> str:
 
 
 def default_tile() -> int:
-    """Tile side for the JAX driver: cache-sized on CPU, whole blocks on accelerators."""
+    """Tile side for the JAX driver: cache-sized on CPU, 512 on accelerators."""
     import jax
 
-    return 48 if jax.default_backend() == "cpu" else 0
+    return 48 if jax.default_backend() == "cpu" else 512
 
 
-def _workers() -> int:
-    """Threads that run the tiles of one block (the CPU cores; one on accelerators)."""
-    import jax
+def block_side(shape: tuple[int, int], tile: int) -> tuple[int, int]:
+    """``(y, x)`` shape a block is padded to: whole tiles, or (``tile=0``) one square tile of a
+    whole multiple of 256 pixels.
 
-    from stf_pipeline.cluster import machine_cores
-
-    return machine_cores() if jax.default_backend() == "cpu" else 1
-
-
-@functools.lru_cache(maxsize=1)
-def _pool(workers: int) -> ThreadPoolExecutor:
-    # one pool for the process: blocks mapped by several Dask threads share its workers, so
-    # no more tiles run at once than there are cores
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stf-tiles")
+    Blocks of a chunked scene come in many shapes (edges, scene borders); padding them to these
+    sizes lets a few compiled programs serve them all.
+    """
+    if tile == 0:
+        side = 256 * -(-max(shape) // 256)
+        return side, side
+    return tile * -(-shape[0] // tile), tile * -(-shape[1] // tile)
 
 
-@functools.lru_cache(maxsize=64)
-def _jax_driver(body: Body, radius: int, tile: int, acc_specs: tuple, names: tuple) -> Callable[..., Any]:
-    import jax
+def pad_block(a: Any, shape: tuple[int, int], value: float = np.nan) -> Any:
+    """Pad the last two axes of ``a`` at their ends to ``shape`` with ``value`` (JAX)."""
     import jax.numpy as jnp
-    from jax import lax
 
-    side = 2 * radius + 1
-    centre_names, neighbour_names, constant_names = names
-
-    def run(centre: tuple, neighbour: tuple, constants: tuple, origins: Any) -> tuple:
-        # centre: whole tiles; neighbour: the same plus a halo of ``radius``; origins: (tile, 2)
-        k_const = dict(zip(constant_names, constants, strict=True))
-        t = tile
-
-        def cut(a: Any, y0: Any, x0: Any, size: int) -> Any:
-            start = (0,) * (a.ndim - 2) + (y0, x0)
-            return lax.dynamic_slice(a, start, a.shape[:-2] + (size, size))
-
-        def one_tile(origin: Any) -> tuple:
-            y0, x0 = origin[0], origin[1]
-            c = dict(zip(centre_names, (cut(a, y0, x0, t) for a in centre), strict=True))
-            qt = [cut(a, y0, x0, t + 2 * radius) for a in neighbour]
-
-            def step(row: Any, accs: tuple) -> tuple:
-                # one window row: dynamic in y (whole rows, contiguous), static in x
-                rows = [lax.dynamic_slice_in_dim(a, row, t, axis=a.ndim - 2) for a in qt]
-                dy2 = (row - radius).astype(jnp.float32) ** 2
-                for col in range(side):
-                    q = dict(
-                        zip(
-                            neighbour_names,
-                            (a[..., col : col + t] for a in rows),
-                            strict=True,
-                        )
-                    )
-                    dist = jnp.sqrt(dy2 + np.float32((col - radius) ** 2))
-                    incs = body(jnp, c, q, dist, k_const)
-                    accs = tuple(acc + inc.astype(acc.dtype) for acc, inc in zip(accs, incs, strict=True))
-                return accs
-
-            init = tuple(jnp.zeros((*lead, t, t), dtype) for lead, dtype in acc_specs)
-            return lax.fori_loop(0, side, step, init)
-
-        return lax.map(one_tile, origins)
-
-    return jax.jit(run)
+    widths = [(0, 0)] * (a.ndim - 2) + [(0, shape[0] - a.shape[-2]), (0, shape[1] - a.shape[-1])]
+    return jnp.pad(a, widths, constant_values=value)
 
 
-def accumulate_jax(
+def _column_constants(constants: Mapping[str, Any]) -> dict[str, Any]:
+    # spatial constants (shape (..., 1, 1)) gain the window-column axis the bodies see last
+    return {name: v[..., None] if np.ndim(v) >= 2 else v for name, v in constants.items()}
+
+
+def window_sums(
     body: Body,
     centre: Mapping[str, Any],
     neighbour: Mapping[str, Any],
@@ -190,63 +151,68 @@ def accumulate_jax(
     *,
     radius: int,
     accumulators: Sequence[tuple[tuple[int, ...], Any]],
-    tile: int | None = None,
+    tile: int,
     fills: Mapping[str, float] | None = None,
-) -> list[np.ndarray]:
-    """Run ``body`` over every window offset with JAX (see module docstring).
+) -> list[Any]:
+    """Run ``body`` over every window offset with JAX; traceable (call it inside ``jit``).
 
+    The blocks' ``(y, x)`` sides must be whole multiples of ``tile`` (0: one tile per block).
     Neighbours outside the block read ``fills[name]`` (default NaN), which ``body`` must map to
-    zero increments, as it does for missing pixels. Arrays may be NumPy or JAX; the result is a
-    list of NumPy arrays. ``tile``: side of the square tiles (0: one tile per block); default
-    :func:`default_tile`. On CPU the tiles are shared out over one thread per core; a tile's
-    sums do not depend on the thread that computes it.
+    zero increments, as it does for missing pixels. ``lax.map`` runs the tiles one after the
+    other; per tile, ``lax.fori_loop`` runs the window rows, and each row's ``2r+1`` offsets are
+    one fused computation: ``body`` sees the neighbours of the row's offsets stacked on a last
+    axis (and the centres and spatial constants with a last axis of 1) and its increments are
+    summed over that axis, so every input is read from memory once per window row, not once per
+    offset. Every pixel sums the same terms in the same way whatever block it sits in.
     """
-    tile = default_tile() if tile is None else int(tile)
+    import jax.numpy as jnp
+    from jax import lax
+
     radius = int(radius)
-    names = (tuple(centre), tuple(neighbour), tuple(constants))
-    specs = tuple((tuple(lead), np.dtype(dtype).name) for lead, dtype in accumulators)
-    fill = tuple(float((fills or {}).get(name, np.nan)) for name in neighbour)
-    # pad blocks to whole tiles (whole multiples of 256 pixels for one tile per block) so that
-    # the many block shapes of a chunked scene share a few compiled programs
-    ny, nx = np.shape(next(iter(centre.values())))[-2:]
-    t = tile or 256 * -(-max(ny, nx) // 256)
-    ty, tx = -(-ny // t), -(-nx // t)
-    run = _jax_driver(body, radius, t, specs, names)
+    side = 2 * radius + 1
+    ny, nx = next(iter(centre.values())).shape[-2:]
+    t = tile or max(ny, nx)
+    if ny % t or nx % t:
+        raise ValueError(f"window_sums: block {ny}x{nx} is not made of whole {t}x{t} tiles")
+    ty, tx = ny // t, nx // t
+    fills = fills or {}
+    padded = {
+        name: jnp.pad(
+            a, [(0, 0)] * (a.ndim - 2) + [(radius, radius)] * 2, constant_values=fills.get(name, np.nan)
+        )
+        for name, a in neighbour.items()
+    }
+    k_const = _column_constants(constants)
+    col_dx2 = (np.arange(side, dtype=np.float32) - radius) ** 2
 
-    def grow(a: Any, halo: int, value: float) -> np.ndarray:
-        a = np.asarray(a)
-        widths = [(0, 0)] * (a.ndim - 2) + [
-            (halo, halo + ty * t - ny),
-            (halo, halo + tx * t - nx),
-        ]
-        return np.pad(a, widths, constant_values=value)
+    def cut(a: Any, y0: Any, x0: Any, size: int) -> Any:
+        start = (0,) * (a.ndim - 2) + (y0, x0)
+        return lax.dynamic_slice(a, start, a.shape[:-2] + (size, size))
 
-    centre_padded = tuple(grow(a, 0, 0) for a in centre.values())
-    neighbour_padded = tuple(grow(a, radius, v) for a, v in zip(neighbour.values(), fill, strict=True))
-    constant_values = tuple(constants.values())
+    def one_tile(origin: Any) -> tuple:
+        y0, x0 = origin[0], origin[1]
+        c = {name: cut(a, y0, x0, t)[..., None] for name, a in centre.items()}
+        qt = {name: cut(a, y0, x0, t + 2 * radius) for name, a in padded.items()}
+
+        def step(row: Any, accs: tuple) -> tuple:
+            rows = {name: lax.dynamic_slice_in_dim(a, row, t, axis=a.ndim - 2) for name, a in qt.items()}
+            q = {name: jnp.stack([a[..., col : col + t] for col in range(side)], axis=-1) for name, a in rows.items()}
+            dist = jnp.sqrt((row - radius).astype(jnp.float32) ** 2 + col_dx2)
+            incs = body(jnp, c, q, dist, k_const)
+            return tuple(acc + inc.astype(acc.dtype).sum(axis=-1) for acc, inc in zip(accs, incs, strict=True))
+
+        init = tuple(jnp.zeros((*lead, t, t), dtype) for lead, dtype in accumulators)
+        return lax.fori_loop(0, side, step, init)
+
     index = np.arange(ty * tx)
     origins = np.stack([(index // tx) * t, (index % tx) * t], axis=1).astype(np.int32)
-    # equal groups (the last tile repeated, its copies dropped) so that one program serves them all
-    n_groups = min(_workers(), len(origins))
-    size = -(-len(origins) // n_groups)
-    filled = np.concatenate([origins, np.repeat(origins[-1:], n_groups * size - len(origins), axis=0)])
-    groups = np.split(filled, n_groups)
-
-    def one_group(group: np.ndarray) -> list[np.ndarray]:
-        return [np.asarray(a) for a in run(centre_padded, neighbour_padded, constant_values, group)]
-
-    if len(groups) == 1:
-        parts = [one_group(groups[0])]
-    else:
-        parts = list(_pool(_workers()).map(one_group, groups))
+    parts = lax.map(one_tile, origins)
     out = []
-    for k, (lead, _) in enumerate(specs):
-        acc = np.concatenate([part[k] for part in parts], axis=0)[: len(origins)]
+    for acc, (lead, _) in zip(parts, accumulators, strict=True):
         nlead = len(lead)
         acc = acc.reshape((ty, tx, *lead, t, t))
         perm = (*range(2, 2 + nlead), 0, 2 + nlead, 1, 3 + nlead)
-        acc = acc.transpose(perm).reshape((*lead, ty * t, tx * t))
-        out.append(acc[..., :ny, :nx])
+        out.append(acc.transpose(perm).reshape((*lead, ny, nx)))
     return out
 
 

@@ -31,7 +31,9 @@ on disk (``__pycache__``): only a machine's first run pays the compilation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
@@ -378,6 +380,13 @@ def box_sum(a: np.ndarray, radius: int) -> np.ndarray:
     return out.reshape(a.shape)
 
 
+@functools.lru_cache(maxsize=1)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    # one pool for the process: blocks mapped by several Dask threads share its workers, so
+    # no more strips run at once than there are cores
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stf-rows")
+
+
 def run_rows(
     rows: Callable[..., None], height: int, inputs: tuple[Any, ...], outputs: tuple[Any, ...], *, threaded: bool = True
 ) -> None:
@@ -390,7 +399,6 @@ def run_rows(
     if not threaded or cores == 1 or height < 2:
         rows(*inputs, 0, height, *outputs)
         return
-    from stf_pipeline.methods._similar import _pool
 
     strip = max(1, min(16, -(-height // (4 * cores))))
     jobs = [_pool(cores).submit(rows, *inputs, y0, min(height, y0 + strip), *outputs) for y0 in range(0, height, strip)]

@@ -38,10 +38,13 @@ import numpy as np
 from stf_pipeline.exceptions import MethodError
 from stf_pipeline.methods._base import MethodContext, MethodSpec
 from stf_pipeline.methods._similar import (
-    accumulate_jax,
     accumulate_numpy,
+    block_side,
+    default_tile,
     f_critical,
+    pad_block,
     resolve_backend,
+    window_sums,
 )
 from stf_pipeline.methods._similar_numba import box_sum, estarfm_finish
 from stf_pipeline.methods._similar_numba import spectral_correlation as _correlation
@@ -165,44 +168,116 @@ def _body(xp: Any, c: Any, q: Any, dist: Any, k: Any) -> tuple[Any, ...]:
     )
 
 
-def _prepare_arrays(
-    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, params: EstarfmParams
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any], np.ndarray]:
-    fine = np.asarray(fine, dtype=np.float32)
-    coarse = np.asarray(coarse, dtype=np.float32)
-    target = np.asarray(coarse_target, dtype=np.float32)
-    if fine.shape[0] != 2:
-        raise MethodError(
-            f"estarfm takes exactly 2 pairs (one before and one after the target), got {fine.shape[0]}; "
-            "pass pairs=[before, after] or use method='starfm' for one pair."
-        )
-    valid = (
-        np.isfinite(fine).all(axis=(0, 1)) & np.isfinite(coarse).all(axis=(0, 1)) & np.isfinite(target).all(axis=0)
+def _spread(xp: Any, fine0: Any, coarse0: Any) -> Any:
+    """``1 - R`` per pixel: the compiled float64 :func:`spectral_correlation` for NumPy; the same
+    formula in float32 for ``jax.numpy``."""
+    if xp is np:
+        return 1.0 - spectral_correlation(fine0, coarse0)
+    f = fine0.reshape((-1, *fine0.shape[2:]))
+    c = coarse0.reshape((-1, *coarse0.shape[2:]))
+    if fine0.shape[1] == 1:
+        r = 1.0 - 0.5 * xp.abs((f - c) / (f + c)).sum(axis=0)
+    else:
+        df = f - f.mean(axis=0)
+        dc = c - c.mean(axis=0)
+        r = (df * dc).sum(axis=0) / xp.sqrt((df * df).sum(axis=0) * (dc * dc).sum(axis=0))
+    return 1.0 - xp.where(xp.isfinite(r), r, 0.5)
+
+
+def _valid(xp: Any, fine: Any, coarse: Any, coarse_target: Any) -> Any:
+    """Pixels with data in every band of all five images."""
+    return (
+        xp.isfinite(fine).all(axis=(0, 1))
+        & xp.isfinite(coarse).all(axis=(0, 1))
+        & xp.isfinite(coarse_target).all(axis=0)
     )
+
+
+def _prepare_arrays(
+    xp: Any, fine: Any, coarse: Any, coarse_target: Any
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """The centre and neighbour arrays of the body and the valid mask, NumPy or ``jax.numpy``."""
+    fine = xp.asarray(fine, dtype=np.float32)
+    coarse = xp.asarray(coarse, dtype=np.float32)
+    target = xp.asarray(coarse_target, dtype=np.float32)
+    valid = _valid(xp, fine, coarse, target)
     zero = np.float32(0)
-    fine0 = np.where(valid, fine, zero)
-    coarse0 = np.where(valid, coarse, zero)
-    target0 = np.where(valid, target, zero)
+    fine0 = xp.where(valid, fine, zero)
+    coarse0 = xp.where(valid, coarse, zero)
+    target0 = xp.where(valid, target, zero)
     neighbour = {
-        "fine": np.where(valid, fine, np.float32(np.nan)),
-        "spread": np.where(valid, 1.0 - spectral_correlation(fine0, coarse0), 1.0).astype(np.float32),
+        "fine": xp.where(valid, fine, np.float32(np.nan)),
+        "spread": xp.where(valid, _spread(xp, fine0, coarse0), 1.0).astype(np.float32),
         "fine0": fine0,
         "coarse0": coarse0,
         "change": target0[None] - coarse0,
     }
     centre = {"fine": neighbour["fine"], "fine1": fine0[0], "coarse1": coarse0[0]}
+    return centre, neighbour, valid
+
+
+def _constants(fine: np.ndarray, params: EstarfmParams) -> dict[str, Any]:
+    if np.shape(fine)[0] != 2:
+        raise MethodError(
+            f"estarfm takes exactly 2 pairs (one before and one after the target), got {np.shape(fine)[0]}; "
+            "pass pairs=[before, after] or use method='starfm' for one pair."
+        )
     std = params.class_std if params.class_std is not None else _block_std(fine)
     std_arr = np.asarray(std, dtype=np.float64)
-    if std_arr.shape != fine.shape[:2]:
+    if std_arr.shape != np.shape(fine)[:2]:
         raise MethodError(
-            f"estarfm: class_std has shape {std_arr.shape} but the pairs and bands are {fine.shape[:2]}; "
+            f"estarfm: class_std has shape {std_arr.shape} but the pairs and bands are {np.shape(fine)[:2]}; "
             "leave class_std=None to compute it from the scene."
         )
-    constants = {
+    return {
         "threshold": (std_arr * 2.0 / params.n_classes).astype(np.float32)[:, :, None, None],
         "inverse_radius": np.float32(1.0 / params.half_window),
     }
-    return centre, neighbour, constants, valid
+
+
+def _accumulators(bands: int, dtype: Any) -> list[tuple[tuple[int, ...], Any]]:
+    # similar-pixel count and weight total, then ten per-band sums (see _body)
+    return [((), dtype), ((), dtype)] + [((bands,), dtype)] * 10
+
+
+#: Neighbours outside a block: missing (NaN fine), no spread, zero sums.
+_FILLS = {"spread": 1.0, "fine0": 0.0, "coarse0": 0.0, "change": 0.0}
+
+
+@functools.lru_cache(maxsize=16)
+def _jax_program(radius: int, tile: int) -> Any:
+    """The jitted whole-block preparation and window sums of ESTARFM (JAX, float32)."""
+    import jax
+    import jax.numpy as jnp
+
+    def run(fine: Any, coarse: Any, coarse_target: Any, threshold: Any) -> list[Any]:
+        centre, neighbour, _ = _prepare_arrays(jnp, fine, coarse, coarse_target)
+        constants = {"threshold": threshold, "inverse_radius": np.float32(1.0 / radius)}
+        return window_sums(
+            _body,
+            centre,
+            neighbour,
+            constants,
+            radius=radius,
+            accumulators=_accumulators(fine.shape[1], np.float32),
+            tile=tile,
+            fills=_FILLS,
+        )
+
+    return jax.jit(run)
+
+
+def _sums_jax(
+    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, constants: dict[str, Any], params: EstarfmParams
+) -> list[np.ndarray]:
+    import jax.numpy as jnp
+
+    tile = default_tile() if params.tile is None else params.tile
+    ny, nx = np.shape(coarse_target)[-2:]
+    shape = block_side((ny, nx), tile)
+    inputs = (pad_block(jnp.asarray(a, dtype=jnp.float32), shape) for a in (fine, coarse, coarse_target))
+    sums = _jax_program(params.half_window, tile)(*inputs, constants["threshold"])
+    return [np.asarray(a[..., :ny, :nx]) for a in sums]
 
 
 def _block_std(fine: np.ndarray) -> tuple[tuple[float, ...], ...]:
@@ -266,35 +341,27 @@ def estarfm_kernel(
     -------
     float32 ``(band, y, x)``
     """
-    centre, neighbour, constants, valid = _prepare_arrays(fine, coarse, coarse_target, params)
-    bands, ny, nx = np.shape(coarse_target)
-    lead = [(), ()] + [(bands,)] * 10
+    constants = _constants(fine, params)
     backend = resolve_backend(params.backend)
-    if backend == "numba":
-        from stf_pipeline.methods._similar_numba import estarfm_sums
-
-        accs = estarfm_sums(centre, neighbour, constants, radius=params.half_window, eps=_WEIGHT_EPS)
-    elif backend == "numpy":
-        accs = accumulate_numpy(
-            _body,
-            centre,
-            neighbour,
-            constants,
-            radius=params.half_window,
-            accumulators=[(shape, np.float64) for shape in lead],
-            shape=(ny, nx),
-        )
+    if backend == "jax":
+        accs = _sums_jax(fine, coarse, coarse_target, constants, params)
+        valid = _valid(np, fine, coarse, coarse_target)
     else:
-        accs = accumulate_jax(
-            _body,
-            centre,
-            neighbour,
-            constants,
-            radius=params.half_window,
-            accumulators=[(shape, np.float32) for shape in lead],
-            tile=params.tile,
-            fills={"spread": 1.0, "fine0": 0.0, "coarse0": 0.0, "change": 0.0},
-        )
+        centre, neighbour, valid = _prepare_arrays(np, fine, coarse, coarse_target)
+        if backend == "numba":
+            from stf_pipeline.methods._similar_numba import estarfm_sums
+
+            accs = estarfm_sums(centre, neighbour, constants, radius=params.half_window, eps=_WEIGHT_EPS)
+        else:
+            accs = accumulate_numpy(
+                _body,
+                centre,
+                neighbour,
+                constants,
+                radius=params.half_window,
+                accumulators=_accumulators(np.shape(fine)[1], np.float64),
+                shape=np.shape(coarse_target)[-2:],
+            )
     with _quiet():
         return _finish(accs, fine, coarse, coarse_target, valid, params)
 

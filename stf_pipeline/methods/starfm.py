@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Iterator
@@ -39,11 +40,14 @@ import numpy as np
 from stf_pipeline.exceptions import MethodError
 from stf_pipeline.methods._base import MethodContext, MethodSpec
 from stf_pipeline.methods._similar import (
-    accumulate_jax,
     accumulate_numpy,
+    block_side,
     check_window,
+    default_tile,
+    pad_block,
     radius_from_distance,
     resolve_backend,
+    window_sums,
 )
 
 
@@ -210,48 +214,91 @@ def _pool(xp: Any, keep: Any, q: Any, dist: Any, k: Any) -> tuple[Any, Any]:
 
 
 def _prepare_arrays(
-    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, params: StarfmParams
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
-    fine = np.asarray(fine, dtype=np.float32)
-    coarse = np.asarray(coarse, dtype=np.float32)
-    target = np.asarray(coarse_target, dtype=np.float32)[None]
-    valid = np.isfinite(fine) & np.isfinite(coarse) & np.isfinite(target)
+    xp: Any, fine: Any, coarse: Any, coarse_target: Any, params: StarfmParams
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The centre and neighbour arrays of the bodies, with NumPy (``xp=np``) or ``jax.numpy``."""
+    fine = xp.asarray(fine, dtype=np.float32)
+    coarse = xp.asarray(coarse, dtype=np.float32)
+    target = xp.asarray(coarse_target, dtype=np.float32)[None]
+    valid = xp.isfinite(fine) & xp.isfinite(coarse) & xp.isfinite(target)
     nan = np.float32(np.nan)
     scale = np.float32(params.scale)
-    spectral = np.where(valid, np.abs(fine - coarse) * scale, nan)
-    temporal = np.where(valid, np.abs(coarse - target) * scale, nan)
+    spectral = xp.where(valid, xp.abs(fine - coarse) * scale, nan)
+    temporal = xp.where(valid, xp.abs(coarse - target) * scale, nan)
     sigma_s, sigma_t, sigma_c = params.uncertainties
     temporal_term = fine.shape[0] > 1 or params.temporal_term == "always"
     cost = (spectral + 1) * (temporal + 1) if temporal_term else spectral + 1
     unit = cost < sigma_c
     with np.errstate(divide="ignore", invalid="ignore"):
-        inverse = np.where(unit, np.float32(0), np.float32(1) / cost)
+        inverse = xp.where(unit, np.float32(0), np.float32(1) / cost)
     neighbour = {
-        "fine": np.where(valid, fine, nan),
+        "fine": xp.where(valid, fine, nan),
         "spectral": spectral,
         "temporal": temporal,
         "unit": unit.astype(np.float32),
         "inverse": inverse.astype(np.float32),
-        "local": np.where(valid, fine + target - coarse, nan),
+        "local": xp.where(valid, fine + target - coarse, nan),
     }
     with _quiet():
         centre = {
             "fine": neighbour["fine"],
-            "spectral": (np.nanmin(spectral, axis=0) + np.float32(sigma_s)).astype(np.float32),
-            "temporal": (np.nanmin(temporal, axis=0) + np.float32(sigma_t)).astype(np.float32),
+            "spectral": (xp.nanmin(spectral, axis=0) + np.float32(sigma_s)).astype(np.float32),
+            "temporal": (xp.nanmin(temporal, axis=0) + np.float32(sigma_t)).astype(np.float32),
         }
+    return centre, neighbour
+
+
+def _constants(fine: np.ndarray, params: StarfmParams) -> dict[str, Any]:
     std = params.class_std if params.class_std is not None else scene_std(fine)
     std_arr = np.asarray(std, dtype=np.float64)
-    if std_arr.shape != fine.shape[:2]:
+    if std_arr.shape != np.shape(fine)[:2]:
         raise MethodError(
-            f"starfm: class_std has shape {std_arr.shape} but the pairs and bands are {fine.shape[:2]}; "
+            f"starfm: class_std has shape {std_arr.shape} but the pairs and bands are {np.shape(fine)[:2]}; "
             "leave class_std=None to compute it from the scene."
         )
-    constants = {
+    return {
         "threshold": (std_arr * 2.0 / params.n_classes).astype(np.float32)[:, :, None, None],
         "inverse_radius": np.float32(1.0 / params.window_radius),
     }
-    return centre, neighbour, constants
+
+
+def _finish(xp: Any, total: Any, weighted: Any, local: Any) -> Any:
+    """Normalised weighted mean; the mean of the pixel's own local predictions without candidates."""
+    with np.errstate(divide="ignore", invalid="ignore"), _quiet():
+        fallback = xp.nanmean(local, axis=0)
+        return xp.where(total > 0, weighted / total, fallback).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _jax_program(params: StarfmParams, tile: int) -> Any:
+    """The jitted whole-block STARFM (preparation, window sums, prediction) for ``params``."""
+    import jax
+    import jax.numpy as jnp
+
+    body = _strict_body if params.filtering == "strict" else _either_body
+
+    def run(fine: Any, coarse: Any, coarse_target: Any, threshold: Any) -> Any:
+        centre, neighbour = _prepare_arrays(jnp, fine, coarse, coarse_target, params)
+        constants = {"threshold": threshold, "inverse_radius": np.float32(1.0 / params.window_radius)}
+        specs = [((fine.shape[1],), np.float32)] * 2
+        total, weighted = window_sums(
+            body, centre, neighbour, constants, radius=params.window_radius, accumulators=specs, tile=tile
+        )
+        return _finish(jnp, total, weighted, neighbour["local"])
+
+    return jax.jit(run)
+
+
+def _starfm_jax(fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, params: StarfmParams) -> np.ndarray:
+    import jax.numpy as jnp
+
+    constants = _constants(fine, params)
+    tile = default_tile() if params.tile is None else params.tile
+    ny, nx = np.shape(coarse_target)[-2:]
+    shape = block_side((ny, nx), tile)
+    inputs = (pad_block(jnp.asarray(a, dtype=jnp.float32), shape) for a in (fine, coarse, coarse_target))
+    program = _jax_program(dataclasses.replace(params, class_std=None), tile)
+    return np.asarray(program(*inputs, constants["threshold"])[:, :ny, :nx])
 
 
 def starfm_kernel(
@@ -274,32 +321,29 @@ def starfm_kernel(
     -------
     float32 ``(band, y, x)``
     """
-    radius = params.window_radius
-    centre, neighbour, constants = _prepare_arrays(fine, coarse, coarse_target, params)
-    body = _strict_body if params.filtering == "strict" else _either_body
-    bands, ny, nx = np.shape(coarse_target)
     backend = resolve_backend(params.backend)
+    if backend == "jax":
+        return _starfm_jax(fine, coarse, coarse_target, params)
+    constants = _constants(fine, params)
+    centre, neighbour = _prepare_arrays(np, fine, coarse, coarse_target, params)
     if backend == "numba":
         from stf_pipeline.methods._similar_numba import starfm_sums
 
-        total, weighted = starfm_sums(centre, neighbour, constants, radius=radius, strict=params.filtering == "strict")
-    elif backend == "numpy":
-        specs = [((bands,), np.float64), ((bands,), np.float64)]
-        total, weighted = accumulate_numpy(
-            body, centre, neighbour, constants, radius=radius, accumulators=specs, shape=(ny, nx)
+        total, weighted = starfm_sums(
+            centre, neighbour, constants, radius=params.window_radius, strict=params.filtering == "strict"
         )
     else:
-        specs = [((bands,), np.float32), ((bands,), np.float32)]
-        total, weighted = (
-            np.asarray(a)
-            for a in accumulate_jax(
-                body, centre, neighbour, constants, radius=radius, accumulators=specs, tile=params.tile
-            )
+        body = _strict_body if params.filtering == "strict" else _either_body
+        total, weighted = accumulate_numpy(
+            body,
+            centre,
+            neighbour,
+            constants,
+            radius=params.window_radius,
+            accumulators=[((np.shape(fine)[1],), np.float64)] * 2,
+            shape=np.shape(coarse_target)[-2:],
         )
-    with np.errstate(divide="ignore", invalid="ignore"), _quiet():
-        fallback = np.nanmean(neighbour["local"], axis=0)
-        out = np.where(total > 0, weighted / total, fallback)
-    return out.astype(np.float32)
+    return _finish(np, total, weighted, neighbour["local"])
 
 
 def _prepare(params: StarfmParams, context: MethodContext) -> StarfmParams:
