@@ -1,7 +1,9 @@
 """A deliberately slow, per-pixel float64 STARFM, written from Gao et al. (2006) and the USDA
 StarFM program's description (candidate filter with the minimum centre differences plus the
 sensor uncertainties; weights 1/((S+1)(T+1)D), 1 within the combined uncertainty; the
-spectral term only with one pair). Used only to check the fast kernel.
+spectral term only with one pair; differences and the similarity test on the program's integer
+scale, i.e. the inputs × scale rounded, as the program reads int16). Used only to check the fast
+kernel.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def reference_starfm(
     L = np.asarray(fine, dtype=np.float64)
     M = np.asarray(coarse, dtype=np.float64)
     M0 = np.asarray(coarse_target, dtype=np.float64)
+    # the program's integer scale: spectral/temporal differences and similarity on rounded values
+    Li, Mi, M0i = np.round(L * scale), np.round(M * scale), np.round(M0 * scale)
     n_pairs, n_bands, ny, nx = L.shape
     sigma_s = math.sqrt(uncertainty_coarse**2 + uncertainty_fine**2)
     sigma_t = math.sqrt(2.0) * uncertainty_coarse
@@ -38,7 +42,7 @@ def reference_starfm(
         for k in range(n_pairs):
             vals = [L[k, b, i, j] for i in range(ny) for j in range(nx) if not math.isnan(L[k, b, i, j])]
             mean = sum(vals) / len(vals)
-            tol.append(2.0 * math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)) / n_classes)
+            tol.append(2.0 * scale * math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)) / n_classes)
 
         def valid(k: int, i: int, j: int) -> bool:
             return not (math.isnan(L[k, b, i, j]) or math.isnan(M[k, b, i, j]) or math.isnan(M0[b, i, j]))
@@ -48,8 +52,8 @@ def reference_starfm(
                 own = [k for k in range(n_pairs) if valid(k, i, j)]
                 if not own:
                     continue
-                min_s = min(abs(L[k, b, i, j] - M[k, b, i, j]) * scale for k in own)
-                min_t = min(abs(M[k, b, i, j] - M0[b, i, j]) * scale for k in own)
+                min_s = min(abs(Li[k, b, i, j] - Mi[k, b, i, j]) for k in own)
+                min_t = min(abs(Mi[k, b, i, j] - M0i[b, i, j]) for k in own)
                 total = 0.0
                 weighted = 0.0
                 for k in own:
@@ -57,10 +61,10 @@ def reference_starfm(
                         for x in range(max(0, j - radius), min(nx, j + radius + 1)):
                             if not valid(k, y, x):
                                 continue
-                            if abs(L[k, b, y, x] - L[k, b, i, j]) > tol[k]:
+                            if abs(Li[k, b, y, x] - Li[k, b, i, j]) > tol[k]:
                                 continue
-                            s = abs(L[k, b, y, x] - M[k, b, y, x]) * scale
-                            t = abs(M[k, b, y, x] - M0[b, y, x]) * scale
+                            s = abs(Li[k, b, y, x] - Mi[k, b, y, x])
+                            t = abs(Mi[k, b, y, x] - M0i[b, y, x])
                             s_ok = s <= min_s + sigma_s
                             t_ok = t <= min_t + sigma_t
                             if not ((s_ok and t_ok) if strict else (s_ok or t_ok)):

@@ -20,7 +20,12 @@ weighted by ``1 / C`` with ``C = (S + 1)(T + 1) D`` on the reference program's �
 with ``d`` the distance to ``p`` and ``A`` the search distance, both in pixels, and weight 1 when
 ``(S + 1)(T + 1) < σ_C`` (sensor uncertainties ``σ_S = √(σ_M² + σ_L²)``,
 ``σ_T = √2 σ_M``, ``σ_C = √(σ_S² + σ_T²)``, as in the program). Weights are normalised and
-pooled over all pairs. A pixel with no candidate gets the mean of its own local predictions
+pooled over all pairs. ``S``, ``T`` and the similarity test are computed on the program's
+integer scale: the inputs × ``scale`` rounded to integers, as the program reads them (int16), so
+every test and the weight-1 rule decide exactly as the program does, also at the frequent ties
+(on ×1e4 data ``S + 1 = σ_C = 100`` happens); from float32 reflectances unrounded they would
+fall either way (up to 0.1 reflectance apart at 0.5 % of the pixels of ``zhu_fsdaf_lgc``). The
+local predictions use the unrounded inputs. A pixel with no candidate gets the mean of its own local predictions
 over its valid pairs (as the ImageFusion library does; the USDA program writes a fill value),
 NaN if it has none. NaN never enters a statistic.
 """
@@ -71,8 +76,9 @@ class StarfmParams:
         Fine (Landsat) and coarse (MODIS) reflectance uncertainties on the ×1e4 scale. Source:
         USDA StarFM example input (``LANDSAT_UNCERTAINTY``, ``MODIS_UNCERTAINTY`` = 50).
     scale : float, default 10000
-        Factor from reflectance to the integer scale the reference program works on (the
-        ``+ 1`` in ``(S + 1)(T + 1)`` and the uncertainties are on that scale).
+        Factor from reflectance to the integer scale the reference program works on: ``S``,
+        ``T`` and the similarity test use the inputs × ``scale`` rounded to integers, and the
+        ``+ 1`` in ``(S + 1)(T + 1)`` and the uncertainties are on that scale.
     filtering : {"strict", "either"}, default "strict"
         Candidate filter: both the spectral and temporal tests (Gao et al. 2006, text before
         Eqs. 13-14) or one of them (the USDA program).
@@ -223,8 +229,10 @@ def _prepare_arrays(
     valid = xp.isfinite(fine) & xp.isfinite(coarse) & xp.isfinite(target)
     nan = np.float32(np.nan)
     scale = np.float32(params.scale)
-    spectral = xp.where(valid, xp.abs(fine - coarse) * scale, nan)
-    temporal = xp.where(valid, xp.abs(coarse - target) * scale, nan)
+    # the program's integer scale (it reads int16): exact differences, ties decided as it does
+    fine_int, coarse_int, target_int = (xp.round(a * scale) for a in (fine, coarse, target))
+    spectral = xp.where(valid, xp.abs(fine_int - coarse_int), nan)
+    temporal = xp.where(valid, xp.abs(coarse_int - target_int), nan)
     sigma_s, sigma_t, sigma_c = params.uncertainties
     temporal_term = fine.shape[0] > 1 or params.temporal_term == "always"
     cost = (spectral + 1) * (temporal + 1) if temporal_term else spectral + 1
@@ -232,7 +240,7 @@ def _prepare_arrays(
     with np.errstate(divide="ignore", invalid="ignore"):
         inverse = xp.where(unit, np.float32(0), np.float32(1) / cost)
     neighbour = {
-        "fine": xp.where(valid, fine, nan),
+        "fine": xp.where(valid, fine_int, nan),
         "spectral": spectral,
         "temporal": temporal,
         "unit": unit.astype(np.float32),
@@ -257,7 +265,8 @@ def _constants(fine: np.ndarray, params: StarfmParams) -> dict[str, Any]:
             "leave class_std=None to compute it from the scene."
         )
     return {
-        "threshold": (std_arr * 2.0 / params.n_classes).astype(np.float32)[:, :, None, None],
+        # on the integer scale of the neighbours' "fine"
+        "threshold": (std_arr * (2.0 * params.scale / params.n_classes)).astype(np.float32)[:, :, None, None],
         "inverse_radius": np.float32(1.0 / params.window_radius),
     }
 
