@@ -24,8 +24,14 @@ def reference_starfm(
     uncertainty_coarse: float = 50.0,
     scale: float = 10000.0,
     strict: bool = True,
+    copy_zero: bool = False,
 ) -> np.ndarray:
-    """STARFM of ``fine``/``coarse`` ``(pair, band, y, x)`` and ``coarse_target`` ``(band, y, x)``."""
+    """STARFM of ``fine``/``coarse`` ``(pair, band, y, x)`` and ``coarse_target`` ``(band, y, x)``.
+
+    ``copy_zero``: the paper's special cases (Sect. II): a pixel whose coarse did not change
+    (``T = 0`` in some pair) keeps its fine value (mean over those pairs); else one whose fine
+    equals its coarse (``S = 0``) takes the target's coarse value.
+    """
     L = np.asarray(fine, dtype=np.float64)
     M = np.asarray(coarse, dtype=np.float64)
     M0 = np.asarray(coarse_target, dtype=np.float64)
@@ -52,6 +58,14 @@ def reference_starfm(
                 own = [k for k in range(n_pairs) if valid(k, i, j)]
                 if not own:
                     continue
+                if copy_zero:
+                    unchanged = [L[k, b, i, j] for k in own if Mi[k, b, i, j] == M0i[b, i, j]]
+                    if unchanged:
+                        out[b, i, j] = sum(unchanged) / len(unchanged)
+                        continue
+                    if any(Li[k, b, i, j] == Mi[k, b, i, j] for k in own):
+                        out[b, i, j] = M0[b, i, j]
+                        continue
                 min_s = min(abs(Li[k, b, i, j] - Mi[k, b, i, j]) for k in own)
                 min_t = min(abs(Mi[k, b, i, j] - M0i[b, i, j]) for k in own)
                 total = 0.0

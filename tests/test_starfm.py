@@ -135,8 +135,42 @@ def test_ties_decided_on_the_integer_scale(backend):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba", "jax"])
+@pytest.mark.parametrize("n_pairs", [1, 2])
+def test_zero_difference_copy_matches_reference(n_pairs, backend):
+    rng = np.random.default_rng(11)
+    shape = (n_pairs, 2, 12, 15)
+    fine = rng.integers(200, 2000, shape) / 4096
+    coarse = fine + rng.integers(-1, 2, shape) * 3 / 4096  # S = 0 at a third of the pixels
+    target = coarse[0] + rng.integers(-1, 2, shape[1:]) * 3 / 4096  # T = 0 in pair 0 at a third
+    fine[0, 0, 2, 3] = np.nan
+    fine, coarse, target = (a.astype(np.float32) for a in (fine, coarse, target))
+    params = StarfmParams(radius=2, n_classes=8, zero_difference="copy", backend=backend, tile=8)
+    got = starfm_kernel(fine, coarse, target, params=params)
+    want = reference_starfm(fine, coarse, target, radius=2, n_classes=8, copy_zero=True)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)
+    # the special cases by hand: T = 0 keeps the fine value (mean over pairs), else S = 0 takes M0
+    temporal_zero = coarse == target[None]
+    count = temporal_zero.sum(axis=0)
+    spectral_zero = ((fine == coarse) & ~temporal_zero).any(axis=0) & (count == 0)
+    unchanged = np.where(temporal_zero, fine, 0).sum(axis=0) / np.maximum(count, 1)
+    np.testing.assert_allclose(got[count > 0], unchanged[count > 0], rtol=1e-6)
+    np.testing.assert_array_equal(got[spectral_zero], target[spectral_zero])
+    assert spectral_zero.mean() > 0.1 and (count > 0).mean() > 0.2
+    weighted = starfm_kernel(fine, coarse, target, params=dataclasses.replace(params, zero_difference="weight"))
+    assert not np.allclose(weighted[count > 0], got[count > 0])
+
+
 @pytest.mark.parametrize(
-    "bad", [{"search_distance": 0}, {"radius": 0}, {"filtering": "loose"}, {"n_classes": -1}, {"backend": "torch"}]
+    "bad",
+    [
+        {"search_distance": 0},
+        {"radius": 0},
+        {"filtering": "loose"},
+        {"zero_difference": "skip"},
+        {"n_classes": -1},
+        {"backend": "torch"},
+    ],
 )
 def test_bad_parameters(bad):
     with pytest.raises(MethodError):

@@ -20,14 +20,23 @@ weighted by ``1 / C`` with ``C = (S + 1)(T + 1) D`` on the reference program's �
 with ``d`` the distance to ``p`` and ``A`` the search distance, both in pixels, and weight 1 when
 ``(S + 1)(T + 1) < σ_C`` (sensor uncertainties ``σ_S = √(σ_M² + σ_L²)``,
 ``σ_T = √2 σ_M``, ``σ_C = √(σ_S² + σ_T²)``, as in the program). Weights are normalised and
-pooled over all pairs. ``S``, ``T`` and the similarity test are computed on the program's
-integer scale: the inputs × ``scale`` rounded to integers, as the program reads them (int16), so
-every test and the weight-1 rule decide exactly as the program does, also at the frequent ties
-(on ×1e4 data ``S + 1 = σ_C = 100`` happens); from float32 reflectances unrounded they would
-fall either way (up to 0.1 reflectance apart at 0.5 % of the pixels of ``zhu_fsdaf_lgc``). The
-local predictions use the unrounded inputs. A pixel with no candidate gets the mean of its own local predictions
+pooled over all pairs. A pixel with no candidate gets the mean of its own local predictions
 over its valid pairs (as the ImageFusion library does; the USDA program writes a fill value),
-NaN if it has none. NaN never enters a statistic.
+NaN if it has none. NaN never enters a statistic. With ``zero_difference="copy"`` the paper's
+special cases hold (Sect. II: a pixel whose fine and coarse agree, ``S_k(p) = 0``, takes
+``M_0(p)``; one whose coarse did not change, ``T_k(p) = 0``, takes ``L_k(p)``); the program has
+no such case.
+
+``S``, ``T`` and the similarity test are computed on the program's integer scale: the inputs ×
+``scale`` rounded to integers, as the program reads them (int16), so every test and the
+weight-1 rule decide as the program does, also at the frequent ties (on ×1e4 data
+``S + 1 = σ_C = 100`` happens); from float32 reflectances unrounded they fell either way (up to
+0.1 reflectance apart at 0.5 % of the pixels of ``zhu_fsdaf_lgc``). The local predictions use
+the unrounded inputs. Run beside the program (v1.2.1) on ``zhu_fsdaf_lgc`` and ``zhu_estarfm``,
+``filtering="either"`` gives its integer output to 1.5e-4 once its integer artefacts are set
+aside: its window of ``2A / res`` pixels spans offsets ``-A/res .. A/res - 1`` (ours is
+symmetric, ``2r + 1``), and it truncates the slice ``2σ/m`` and the uncertainties to integers
+(``σ_C = 98``). Those move the mean RMSE by < 0.5 %.
 """
 
 from __future__ import annotations
@@ -85,6 +94,12 @@ class StarfmParams:
     temporal_term : {"pairs", "always"}, default "pairs"
         When the weight has the temporal factor ``(T + 1)``: with two or more pairs only (the
         USDA program: one pair uses the spectral term only) or always (Gao et al. 2006, Eq. 10).
+    zero_difference : {"weight", "copy"}, default "weight"
+        A pixel's own zero spectral or temporal difference: a candidate like any other, its
+        weight kept finite by the ``+ 1`` (the USDA program), or the paper's special cases (Gao
+        et al. 2006, Sect. II): ``M_0(p)`` where ``S_k(p) = 0``, ``L_k(p)`` where ``T_k(p) = 0``
+        (the mean over such pairs; it wins over ``S = 0``, as in ImageFusion's
+        ``CopyOnZeroDiff``).
     class_std : tuple of tuple of float, optional
         Standard deviation of each pair's (outer) fine band (inner) over the whole scene, for
         the similarity threshold. Filled by ``METHOD.statistics`` in :func:`stf_pipeline.fuse`;
@@ -107,6 +122,7 @@ class StarfmParams:
     scale: float = 10000.0
     filtering: Literal["strict", "either"] = "strict"
     temporal_term: Literal["pairs", "always"] = "pairs"
+    zero_difference: Literal["weight", "copy"] = "weight"
     class_std: tuple[tuple[float, ...], ...] | None = None
     backend: Literal["auto", "numba", "jax", "numpy"] = "auto"
     tile: int | None = None
@@ -130,6 +146,11 @@ class StarfmParams:
         if self.temporal_term not in ("pairs", "always"):
             raise MethodError(
                 f"starfm: temporal_term must be 'pairs' (USDA program) or 'always' (paper), got {self.temporal_term!r}."
+            )
+        if self.zero_difference not in ("weight", "copy"):
+            raise MethodError(
+                "starfm: zero_difference must be 'weight' (USDA program) or 'copy' (paper), "
+                f"got {self.zero_difference!r}."
             )
         if self.backend not in ("auto", "numba", "jax", "numpy"):
             raise MethodError(
@@ -278,6 +299,18 @@ def _finish(xp: Any, total: Any, weighted: Any, local: Any) -> Any:
         return xp.where(total > 0, weighted / total, fallback).astype(np.float32)
 
 
+def _copy_on_zero_difference(xp: Any, out: Any, fine: Any, coarse_target: Any, neighbour: dict[str, Any]) -> Any:
+    """The paper's special cases (``zero_difference="copy"``): ``M_0(p)`` where a pair has
+    ``S(p) = 0``, then the mean of ``L_k(p)`` over the pairs with ``T_k(p) = 0``."""
+    fine = xp.asarray(fine, dtype=np.float32)
+    spectral_zero = (neighbour["spectral"] == 0).any(axis=0)
+    temporal_zero = neighbour["temporal"] == 0
+    count = temporal_zero.sum(axis=0)
+    unchanged = xp.where(temporal_zero, fine, np.float32(0)).sum(axis=0) / xp.maximum(count, 1)
+    out = xp.where(spectral_zero, xp.asarray(coarse_target, dtype=np.float32), out)
+    return xp.where(count > 0, unchanged, out).astype(np.float32)
+
+
 @functools.lru_cache(maxsize=16)
 def _jax_program(params: StarfmParams, tile: int) -> Any:
     """The jitted whole-block STARFM (preparation, window sums, prediction) for ``params``."""
@@ -293,7 +326,10 @@ def _jax_program(params: StarfmParams, tile: int) -> Any:
         total, weighted = window_sums(
             body, centre, neighbour, constants, radius=params.window_radius, accumulators=specs, tile=tile
         )
-        return _finish(jnp, total, weighted, neighbour["local"])
+        out = _finish(jnp, total, weighted, neighbour["local"])
+        if params.zero_difference == "copy":
+            return _copy_on_zero_difference(jnp, out, fine, coarse_target, neighbour)
+        return out
 
     return jax.jit(run)
 
@@ -352,7 +388,10 @@ def starfm_kernel(
             accumulators=[((np.shape(fine)[1],), np.float64)] * 2,
             shape=np.shape(coarse_target)[-2:],
         )
-    return _finish(np, total, weighted, neighbour["local"])
+    out = _finish(np, total, weighted, neighbour["local"])
+    if params.zero_difference == "copy":
+        return _copy_on_zero_difference(np, out, fine, coarse_target, neighbour)
+    return out
 
 
 def _prepare(params: StarfmParams, context: MethodContext) -> StarfmParams:
