@@ -14,13 +14,12 @@ methods' bodies with Numba, the default on CPUs):
   slices shrink), so a pixel's sums only ever see pixels of the block: no padding.
 * :func:`window_sums`: JAX, traced inside each method's jitted whole-block program (so the
   preparation, the sums and the prediction stay on the device): ``lax.map`` over square tiles
-  (cache-sized on CPU, 512² on GPUs), ``lax.fori_loop`` over the window rows, and each row's
-  offsets fused into one stacked computation. Blocks are padded with *missing* values (NaN)
+  (cache-sized on CPU, one tile per block on GPUs), ``lax.fori_loop`` over the window rows,
+  each row's offsets unrolled. Blocks are padded with *missing* values (NaN)
   which a body turns into zero increments, so the sums are those of the NumPy driver.
 
-Every pixel sums the same terms whatever block it sits in, so a chunked result equals the
-unchunked one (bitwise with NumPy; with JAX up to the compiled summation order of a window
-row, which may change with the tile size).
+In both, every pixel adds its terms in the same offset order whatever block it sits in, so a
+chunked result equals the unchunked one.
 """
 
 from __future__ import annotations
@@ -111,10 +110,10 @@ def resolve_backend(backend: str) -> str:
 
 
 def default_tile() -> int:
-    """Tile side for the JAX driver: cache-sized on CPU, 512 on accelerators."""
+    """Tile side for the JAX driver: cache-sized on CPU, whole blocks on accelerators."""
     import jax
 
-    return 48 if jax.default_backend() == "cpu" else 512
+    return 48 if jax.default_backend() == "cpu" else 0
 
 
 def block_side(shape: tuple[int, int], tile: int) -> tuple[int, int]:
@@ -138,11 +137,6 @@ def pad_block(a: Any, shape: tuple[int, int], value: float = np.nan) -> Any:
     return jnp.pad(a, widths, constant_values=value)
 
 
-def _column_constants(constants: Mapping[str, Any]) -> dict[str, Any]:
-    # spatial constants (shape (..., 1, 1)) gain the window-column axis the bodies see last
-    return {name: v[..., None] if np.ndim(v) >= 2 else v for name, v in constants.items()}
-
-
 def window_sums(
     body: Body,
     centre: Mapping[str, Any],
@@ -159,11 +153,8 @@ def window_sums(
     The blocks' ``(y, x)`` sides must be whole multiples of ``tile`` (0: one tile per block).
     Neighbours outside the block read ``fills[name]`` (default NaN), which ``body`` must map to
     zero increments, as it does for missing pixels. ``lax.map`` runs the tiles one after the
-    other; per tile, ``lax.fori_loop`` runs the window rows, and each row's ``2r+1`` offsets are
-    one fused computation: ``body`` sees the neighbours of the row's offsets stacked on a last
-    axis (and the centres and spatial constants with a last axis of 1) and its increments are
-    summed over that axis, so every input is read from memory once per window row, not once per
-    offset. Every pixel sums the same terms in the same way whatever block it sits in.
+    other; per tile, ``lax.fori_loop`` runs the window rows, each with its ``2r+1`` offsets
+    unrolled. Every pixel adds the same terms in the same order whatever block it sits in.
     """
     import jax.numpy as jnp
     from jax import lax
@@ -182,7 +173,6 @@ def window_sums(
         )
         for name, a in neighbour.items()
     }
-    k_const = _column_constants(constants)
     col_dx2 = (np.arange(side, dtype=np.float32) - radius) ** 2
 
     def cut(a: Any, y0: Any, x0: Any, size: int) -> Any:
@@ -191,15 +181,18 @@ def window_sums(
 
     def one_tile(origin: Any) -> tuple:
         y0, x0 = origin[0], origin[1]
-        c = {name: cut(a, y0, x0, t)[..., None] for name, a in centre.items()}
+        c = {name: cut(a, y0, x0, t) for name, a in centre.items()}
         qt = {name: cut(a, y0, x0, t + 2 * radius) for name, a in padded.items()}
 
         def step(row: Any, accs: tuple) -> tuple:
+            # one window row: dynamic in y (whole rows), its offsets unrolled (static in x)
             rows = {name: lax.dynamic_slice_in_dim(a, row, t, axis=a.ndim - 2) for name, a in qt.items()}
-            q = {name: jnp.stack([a[..., col : col + t] for col in range(side)], axis=-1) for name, a in rows.items()}
-            dist = jnp.sqrt((row - radius).astype(jnp.float32) ** 2 + col_dx2)
-            incs = body(jnp, c, q, dist, k_const)
-            return tuple(acc + inc.astype(acc.dtype).sum(axis=-1) for acc, inc in zip(accs, incs, strict=True))
+            dy2 = (row - radius).astype(jnp.float32) ** 2
+            for col in range(side):
+                q = {name: a[..., col : col + t] for name, a in rows.items()}
+                incs = body(jnp, c, q, jnp.sqrt(dy2 + col_dx2[col]), constants)
+                accs = tuple(acc + inc.astype(acc.dtype) for acc, inc in zip(accs, incs, strict=True))
+            return accs
 
         init = tuple(jnp.zeros((*lead, t, t), dtype) for lead, dtype in accumulators)
         return lax.fori_loop(0, side, step, init)
