@@ -54,7 +54,7 @@ def test_cpu_kernels_match_reference(seed, n_bands, ny, nx, half_window, nan_fra
     np.testing.assert_array_equal(compiled, got)
 
 
-@pytest.mark.parametrize("backend", ["jax", "numba"])
+@pytest.mark.parametrize("backend", ["jax", "pallas", "numba"])
 @pytest.mark.parametrize("n_bands", [1, 3])
 def test_compiled_kernels_match_reference(n_bands, backend):
     fine, coarse, target = _scene(11, n_bands, 14, 17, 0.03)
@@ -88,7 +88,7 @@ def test_spectral_correlation_by_hand():
     assert spectral_correlation(np.ones((2, 2, 1, 1)), np.ones((2, 2, 1, 1)))[0, 0] == 0.5
 
 
-@pytest.mark.parametrize("backend", ["numba", "jax", "numpy"])
+@pytest.mark.parametrize("backend", ["numba", "pallas", "jax", "numpy"])
 def test_chunked_equals_unchunked(backend):
     cube = random_cube(height=40, width=44, seed=3)
     cube["coarse"][2, 1, 20:23, 30:33] = np.nan

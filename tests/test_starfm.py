@@ -53,7 +53,7 @@ def test_cpu_kernels_match_reference(seed, n_pairs, n_bands, ny, nx, radius, nan
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("backend", ["jax", "numba"])
+@pytest.mark.parametrize("backend", ["jax", "pallas", "numba"])
 @pytest.mark.parametrize("strict", [True, False])
 @pytest.mark.parametrize("n_pairs", [1, 2])
 def test_compiled_kernels_match_reference(strict, n_pairs, backend):
@@ -73,7 +73,7 @@ def test_search_distance_in_metres_sets_the_window(small_cube):
     assert spec.prepare(spec.make_params(radius=4), context).radius == 4
 
 
-@pytest.mark.parametrize("backend", ["numba", "jax", "numpy"])
+@pytest.mark.parametrize("backend", ["numba", "pallas", "jax", "numpy"])
 def test_chunked_equals_unchunked(backend):
     cube = random_cube(height=40, width=44, seed=3)
     cube["fine"][0, 0, 5:9, 5:12] = np.nan
@@ -116,7 +116,7 @@ def test_all_nan_pair():
         stf.fuse(cube, cube.time.values[1], method="starfm", pairs=[cube.time.values[0]], radius=3)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "numba", "jax"])
+@pytest.mark.parametrize("backend", ["numpy", "numba", "pallas", "jax"])
 def test_ties_decided_on_the_integer_scale(backend):
     # one pair, two pixels 1 apart, equal fine 314 DN; coarse 264 / 215 DN (S = 50 / 99), target
     # 364 / 515 DN (T = 100 / 300). Pixel 1's own cost S + 1 = 100 is not < sigma_C = 100: weight
@@ -135,7 +135,7 @@ def test_ties_decided_on_the_integer_scale(backend):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "numba", "jax"])
+@pytest.mark.parametrize("backend", ["numpy", "numba", "pallas", "jax"])
 @pytest.mark.parametrize("n_pairs", [1, 2])
 def test_zero_difference_copy_matches_reference(n_pairs, backend):
     rng = np.random.default_rng(11)

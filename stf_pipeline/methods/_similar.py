@@ -101,12 +101,12 @@ def accumulate_numpy(
 
 
 def resolve_backend(backend: str) -> str:
-    """``"auto"`` -> ``"jax"`` when JAX's default device is an accelerator, else ``"numba"``."""
+    """``"auto"`` -> ``"pallas"`` when JAX's default device is an accelerator, else ``"numba"``."""
     if backend != "auto":
         return backend
     import jax
 
-    return "numba" if jax.default_backend() == "cpu" else "jax"
+    return "numba" if jax.default_backend() == "cpu" else "pallas"
 
 
 def default_tile() -> int:

@@ -84,12 +84,16 @@ class EstarfmParams:
         Scene standard deviation of each pair's (outer) fine band (inner). Filled by
         ``METHOD.statistics`` in :func:`stf_pipeline.fuse`; a kernel called without it uses the
         block it is given (the whole scene in Zhu's code with its default block size).
-    backend : {"auto", "numba", "jax", "numpy"}, default "auto"
-        Kernel: ``numba``, the window sums compiled per row (float64 accumulation; fastest on
-        CPUs, :mod:`~stf_pipeline.methods._similar_numba`); ``jax``, ``jit`` + ``lax.fori_loop``
-        over offsets in tiles (float32 accumulation; runs on GPU workers); ``numpy``, offset by
-        offset with whole-array operations (float64 accumulation); ``auto``: ``jax`` where JAX's
-        default device is an accelerator, else ``numba``.
+    backend : {"auto", "numba", "pallas", "jax", "numpy"}, default "auto"
+        Window sums: ``numba``, compiled per pixel (float64 accumulation; fastest on CPUs,
+        :mod:`~stf_pipeline.methods._similar_numba`); ``pallas``, on the device in one jitted
+        program with the preparation, a Pallas kernel keeping each pixel block's sums in
+        registers (float32; fastest on GPUs, :mod:`~stf_pipeline.methods._similar_pallas`;
+        interpreted, slowly, on CPUs); ``jax``, the same program with ``lax.fori_loop`` over
+        offsets in tiles (float32; any JAX device); ``numpy``, offset by offset with whole-array
+        operations (float64 accumulation); ``auto``: ``pallas`` where JAX's default device is an
+        accelerator, else ``numba``. The prediction from the sums is compiled float64 on the
+        host for every backend.
     tile : int, optional
         Tile side of the JAX kernel (default: 48 on CPU, whole blocks on GPU).
     """
@@ -102,7 +106,7 @@ class EstarfmParams:
     max_conversion: float = 5.0
     min_similar: int = 6
     class_std: tuple[tuple[float, ...], ...] | None = None
-    backend: Literal["auto", "numba", "jax", "numpy"] = "auto"
+    backend: Literal["auto", "numba", "pallas", "jax", "numpy"] = "auto"
     tile: int | None = None
 
     def __post_init__(self) -> None:
@@ -121,9 +125,9 @@ class EstarfmParams:
             raise MethodError(f"estarfm: max_conversion must be > 0, got {self.max_conversion}.")
         if self.min_similar < 3:
             raise MethodError(f"estarfm: min_similar must be >= 3 (a regression needs 3 points), got {self.min_similar}.")
-        if self.backend not in ("auto", "numba", "jax", "numpy"):
+        if self.backend not in ("auto", "numba", "pallas", "jax", "numpy"):
             raise MethodError(
-                f"estarfm: backend must be 'auto', 'numba', 'jax' or 'numpy', got {self.backend!r}."
+                f"estarfm: backend must be 'auto', 'numba', 'pallas', 'jax' or 'numpy', got {self.backend!r}."
             )
         if self.tile is not None and self.tile < 0:
             raise MethodError(f"estarfm: tile must be >= 0 (0: whole block), got {self.tile}.")
@@ -245,13 +249,16 @@ _FILLS = {"spread": 1.0, "fine0": 0.0, "coarse0": 0.0, "change": 0.0}
 
 
 @functools.lru_cache(maxsize=16)
-def _jax_program(radius: int, tile: int) -> Any:
-    """The jitted whole-block preparation and window sums of ESTARFM (JAX, float32)."""
+def _jax_program(radius: int, tile: int, pallas: bool) -> Any:
+    """The jitted whole-block preparation and window sums of ESTARFM (float32): by the XLA
+    driver or (``pallas``) the Pallas kernel."""
     import jax
     import jax.numpy as jnp
 
     def run(fine: Any, coarse: Any, coarse_target: Any, threshold: Any) -> list[Any]:
         centre, neighbour, _ = _prepare_arrays(jnp, fine, coarse, coarse_target)
+        if pallas:
+            return _pallas_sums(neighbour, threshold, radius)
         constants = {"threshold": threshold, "inverse_radius": np.float32(1.0 / radius)}
         return window_sums(
             _body,
@@ -267,17 +274,103 @@ def _jax_program(radius: int, tile: int) -> Any:
     return jax.jit(run)
 
 
-def _sums_jax(
+def _pallas_sums(neighbour: dict[str, Any], threshold: Any, radius: int) -> list[Any]:
+    """The window sums by :func:`~stf_pipeline.methods._similar_pallas.estarfm_program` (traceable)."""
+    import jax
+
+    from stf_pipeline.methods._similar_pallas import blocked_shape, estarfm_program, pad_planes
+
+    pairs, bands, ny, nx = neighbour["fine"].shape
+    shape = blocked_shape((ny, nx))
+
+    def planes(name: str) -> Any:
+        a = neighbour[name].reshape((-1, ny, nx))
+        return pad_planes(a, radius, shape, np.nan if name == "fine" else _FILLS[name])
+
+    program = estarfm_program(radius, bands, _WEIGHT_EPS, jax.default_backend() == "cpu")
+    sums = program(threshold.reshape(-1), *(planes(n) for n in ("fine", "spread", "coarse0", "change")), shape=shape)
+    sums = sums[:, :ny, :nx]
+    return [sums[0], sums[1]] + [sums[2 + s * bands : 2 + (s + 1) * bands] for s in range(10)]
+
+
+def _predict_xp(
+    xp: Any, sums: list[Any], fine: Any, change_sum: Any, n_valid: Any, valid: Any, table: np.ndarray, params: EstarfmParams
+) -> Any:
+    """ESTARFM's per-pixel prediction from the window sums as whole-array float64 operations
+    (``jax.numpy`` on the device; the formulas of ``_similar_numba._estarfm_finish_rows``)."""
+    count, total, *rest = (a.astype(np.float64) for a in sums)
+    wchange1, wchange2, wfine1, wfine2, sx, sd, sy, sxx, syy, sxy = rest
+    f1, f2 = fine[0].astype(np.float64), fine[1].astype(np.float64)
+    eps = _CHANGE_EPS
+    # temporal weights from the window means over the valid pixels
+    d1, d2 = change_sum[0] / n_valid, change_sum[1] / n_valid
+    inv1, inv2 = 1.0 / (xp.abs(d1) + eps), 1.0 / (xp.abs(d2) + eps)
+    t1, t2 = inv1 / (inv1 + inv2), inv2 / (inv1 + inv2)
+    # too few similar pixels: the window-mean coarse changes
+    g1, g2 = d1 + eps, d2 + eps
+    u1, u2 = 1.0 / xp.abs(g1), 1.0 / xp.abs(g2)
+    few = u1 / (u1 + u2) * (f1 + g1) + u2 / (u1 + u2) * (f2 + g2)
+    # conversion coefficient: regression of fine on coarse, similar pixels of both dates
+    n = 2.0 * count
+    cxx, cyy, cxy = sxx - sx * sx / n, syy - sy * sy / n, sxy - sx * sy / n
+    slope = cxy / cxx
+    r2 = cxy * cxy / (cxx * cyy)
+    fstat = xp.where(r2 < 1.0, r2 * (n - 2.0) / (1.0 - r2), np.inf)
+    critical = xp.asarray(table)[xp.clip(n, 0, table.size - 1).astype(np.int32)]
+    significant = (cxx > 0) & (cyy > 0) & (fstat >= critical)
+    changed = xp.abs(sd) / count >= params.min_coarse_change
+    keep = changed & significant & (slope > 0) & (slope <= params.max_conversion)
+    conversion = xp.where(keep, slope, 1.0)
+    pred = t1 * (f1 + conversion * wchange1 / total) + t2 * (f2 + conversion * wchange2 / total)
+    lo, hi = params.value_range
+    pred = xp.where((pred <= lo) | (pred >= hi), (t1 * wfine1 + t2 * wfine2) / total, pred)
+    pred = xp.where(count < params.min_similar, few, pred)
+    return xp.where(valid, pred, np.nan).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _predict_program(params: EstarfmParams) -> Any:
+    """Jitted device prediction from the sums (float64: call it under ``jax.enable_x64``)."""
+    import jax
+    from jax import lax
+
+    radius = params.half_window
+    table = _f_table(2 * (2 * radius + 1) ** 2, params.significance)
+    side = 2 * radius + 1
+
+    def box_sum(a: Any) -> Any:
+        window = (1,) * (a.ndim - 2) + (side, side)
+        padding = ((0, 0),) * (a.ndim - 2) + ((radius, radius), (radius, radius))
+        return lax.reduce_window(a, 0.0, lax.add, window, (1,) * a.ndim, padding)
+
+    def run(sums: list[Any], fine: Any, coarse: Any, coarse_target: Any) -> Any:
+        import jax.numpy as jnp
+
+        valid = _valid(jnp, fine, coarse, coarse_target)
+        c, t = coarse.astype(np.float64), coarse_target.astype(np.float64)
+        n_valid = box_sum(valid.astype(np.float64))
+        change_sum = box_sum(jnp.where(valid, t[None] - c, 0.0))
+        return _predict_xp(jnp, sums, fine, change_sum, n_valid, valid, table, params)
+
+    return jax.jit(run)
+
+
+def _estarfm_jax(
     fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, constants: dict[str, Any], params: EstarfmParams
-) -> list[np.ndarray]:
+) -> np.ndarray:
+    """ESTARFM of one block on JAX's default device: float32 sums, float64 prediction."""
+    import jax
     import jax.numpy as jnp
 
     tile = default_tile() if params.tile is None else params.tile
     ny, nx = np.shape(coarse_target)[-2:]
     shape = block_side((ny, nx), tile)
-    inputs = (pad_block(jnp.asarray(a, dtype=jnp.float32), shape) for a in (fine, coarse, coarse_target))
-    sums = _jax_program(params.half_window, tile)(*inputs, constants["threshold"])
-    return [np.asarray(a[..., :ny, :nx]) for a in sums]
+    inputs = [pad_block(jnp.asarray(a, dtype=jnp.float32), shape) for a in (fine, coarse, coarse_target)]
+    pallas = resolve_backend(params.backend) == "pallas"
+    sums = _jax_program(params.half_window, tile, pallas)(*inputs, constants["threshold"])
+    with jax.enable_x64(True):
+        out = _predict_program(dataclasses.replace(params, class_std=None))(sums, *inputs)
+        return np.asarray(out[:, :ny, :nx])
 
 
 def _block_std(fine: np.ndarray) -> tuple[tuple[float, ...], ...]:
@@ -343,25 +436,23 @@ def estarfm_kernel(
     """
     constants = _constants(fine, params)
     backend = resolve_backend(params.backend)
-    if backend == "jax":
-        accs = _sums_jax(fine, coarse, coarse_target, constants, params)
-        valid = _valid(np, fine, coarse, coarse_target)
-    else:
-        centre, neighbour, valid = _prepare_arrays(np, fine, coarse, coarse_target)
-        if backend == "numba":
-            from stf_pipeline.methods._similar_numba import estarfm_sums
+    if backend in ("jax", "pallas"):
+        return _estarfm_jax(fine, coarse, coarse_target, constants, params)
+    centre, neighbour, valid = _prepare_arrays(np, fine, coarse, coarse_target)
+    if backend == "numba":
+        from stf_pipeline.methods._similar_numba import estarfm_sums
 
-            accs = estarfm_sums(centre, neighbour, constants, radius=params.half_window, eps=_WEIGHT_EPS)
-        else:
-            accs = accumulate_numpy(
-                _body,
-                centre,
-                neighbour,
-                constants,
-                radius=params.half_window,
-                accumulators=_accumulators(np.shape(fine)[1], np.float64),
-                shape=np.shape(coarse_target)[-2:],
-            )
+        accs = estarfm_sums(centre, neighbour, constants, radius=params.half_window, eps=_WEIGHT_EPS)
+    else:
+        accs = accumulate_numpy(
+            _body,
+            centre,
+            neighbour,
+            constants,
+            radius=params.half_window,
+            accumulators=_accumulators(np.shape(fine)[1], np.float64),
+            shape=np.shape(coarse_target)[-2:],
+        )
     with _quiet():
         return _finish(accs, fine, coarse, coarse_target, valid, params)
 

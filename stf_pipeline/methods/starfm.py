@@ -104,12 +104,15 @@ class StarfmParams:
         Standard deviation of each pair's (outer) fine band (inner) over the whole scene, for
         the similarity threshold. Filled by ``METHOD.statistics`` in :func:`stf_pipeline.fuse`;
         a kernel called without it uses the block it is given.
-    backend : {"auto", "numba", "jax", "numpy"}, default "auto"
+    backend : {"auto", "numba", "pallas", "jax", "numpy"}, default "auto"
         Kernel: ``numba``, the window sums compiled per row (float64 accumulation; fastest on
-        CPUs, :mod:`~stf_pipeline.methods._similar_numba`); ``jax``, ``jit`` + ``lax.fori_loop``
-        over offsets in tiles (float32 accumulation; runs on GPU workers); ``numpy``, offset by
-        offset with whole-array operations (float64 accumulation); ``auto``: ``jax`` where JAX's
-        default device is an accelerator, else ``numba``.
+        CPUs, :mod:`~stf_pipeline.methods._similar_numba`); ``pallas``, one jitted program on
+        the device whose window sums are a Pallas kernel keeping each pixel block's sums in
+        registers (float32; fastest on GPUs, :mod:`~stf_pipeline.methods._similar_pallas`;
+        interpreted, slowly, on CPUs); ``jax``, the same program with the window sums as
+        ``lax.fori_loop`` over offsets in tiles (float32; any JAX device); ``numpy``, offset by
+        offset with whole-array operations (float64 accumulation); ``auto``: ``pallas`` where
+        JAX's default device is an accelerator, else ``numba``.
     tile : int, optional
         Tile side of the JAX kernel (default: 48 on CPU, whole blocks on GPU).
     """
@@ -124,7 +127,7 @@ class StarfmParams:
     temporal_term: Literal["pairs", "always"] = "pairs"
     zero_difference: Literal["weight", "copy"] = "weight"
     class_std: tuple[tuple[float, ...], ...] | None = None
-    backend: Literal["auto", "numba", "jax", "numpy"] = "auto"
+    backend: Literal["auto", "numba", "pallas", "jax", "numpy"] = "auto"
     tile: int | None = None
 
     def __post_init__(self) -> None:
@@ -152,9 +155,9 @@ class StarfmParams:
                 "starfm: zero_difference must be 'weight' (USDA program) or 'copy' (paper), "
                 f"got {self.zero_difference!r}."
             )
-        if self.backend not in ("auto", "numba", "jax", "numpy"):
+        if self.backend not in ("auto", "numba", "pallas", "jax", "numpy"):
             raise MethodError(
-                f"starfm: backend must be 'auto', 'numba', 'jax' or 'numpy', got {self.backend!r}."
+                f"starfm: backend must be 'auto', 'numba', 'pallas', 'jax' or 'numpy', got {self.backend!r}."
             )
         if self.tile is not None and self.tile < 0:
             raise MethodError(f"starfm: tile must be >= 0 (0: whole block), got {self.tile}.")
@@ -312,8 +315,9 @@ def _copy_on_zero_difference(xp: Any, out: Any, fine: Any, coarse_target: Any, n
 
 
 @functools.lru_cache(maxsize=16)
-def _jax_program(params: StarfmParams, tile: int) -> Any:
-    """The jitted whole-block STARFM (preparation, window sums, prediction) for ``params``."""
+def _jax_program(params: StarfmParams, tile: int, pallas: bool) -> Any:
+    """The jitted whole-block STARFM (preparation, window sums, prediction) for ``params``:
+    the window sums by the XLA driver or (``pallas``) the Pallas kernel."""
     import jax
     import jax.numpy as jnp
 
@@ -322,16 +326,44 @@ def _jax_program(params: StarfmParams, tile: int) -> Any:
     def run(fine: Any, coarse: Any, coarse_target: Any, threshold: Any) -> Any:
         centre, neighbour = _prepare_arrays(jnp, fine, coarse, coarse_target, params)
         constants = {"threshold": threshold, "inverse_radius": np.float32(1.0 / params.window_radius)}
-        specs = [((fine.shape[1],), np.float32)] * 2
-        total, weighted = window_sums(
-            body, centre, neighbour, constants, radius=params.window_radius, accumulators=specs, tile=tile
-        )
+        if pallas:
+            total, weighted = _pallas_sums(centre, neighbour, threshold, params)
+        else:
+            specs = [((fine.shape[1],), np.float32)] * 2
+            total, weighted = window_sums(
+                body, centre, neighbour, constants, radius=params.window_radius, accumulators=specs, tile=tile
+            )
         out = _finish(jnp, total, weighted, neighbour["local"])
         if params.zero_difference == "copy":
             return _copy_on_zero_difference(jnp, out, fine, coarse_target, neighbour)
         return out
 
     return jax.jit(run)
+
+
+def _pallas_sums(centre: dict[str, Any], neighbour: dict[str, Any], threshold: Any, params: StarfmParams) -> tuple[Any, Any]:
+    """The window sums by :func:`~stf_pipeline.methods._similar_pallas.starfm_program` (traceable)."""
+    import jax
+
+    from stf_pipeline.methods._similar_pallas import blocked_shape, pad_planes, starfm_program
+
+    pairs, bands, ny, nx = neighbour["fine"].shape
+    radius = params.window_radius
+    shape = blocked_shape((ny, nx))
+
+    def planes(a: Any) -> Any:
+        return pad_planes(a.reshape((-1, ny, nx)), radius, shape, np.nan)
+
+    names = ("fine", "spectral", "temporal", "unit", "inverse", "local")
+    program = starfm_program(radius, pairs, bands, params.filtering == "strict", jax.default_backend() == "cpu")
+    sums = program(
+        threshold.reshape(-1),
+        planes(centre["spectral"]),
+        planes(centre["temporal"]),
+        *(planes(neighbour[name]) for name in names),
+        shape=shape,
+    )
+    return sums[:bands, :ny, :nx], sums[bands:, :ny, :nx]
 
 
 def _starfm_jax(fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, params: StarfmParams) -> np.ndarray:
@@ -342,7 +374,7 @@ def _starfm_jax(fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray,
     ny, nx = np.shape(coarse_target)[-2:]
     shape = block_side((ny, nx), tile)
     inputs = (pad_block(jnp.asarray(a, dtype=jnp.float32), shape) for a in (fine, coarse, coarse_target))
-    program = _jax_program(dataclasses.replace(params, class_std=None), tile)
+    program = _jax_program(dataclasses.replace(params, class_std=None), tile, resolve_backend(params.backend) == "pallas")
     return np.asarray(program(*inputs, constants["threshold"])[:, :ny, :nx])
 
 
@@ -367,7 +399,7 @@ def starfm_kernel(
     float32 ``(band, y, x)``
     """
     backend = resolve_backend(params.backend)
-    if backend == "jax":
+    if backend in ("jax", "pallas"):
         return _starfm_jax(fine, coarse, coarse_target, params)
     constants = _constants(fine, params)
     centre, neighbour = _prepare_arrays(np, fine, coarse, coarse_target, params)
