@@ -354,13 +354,15 @@ def _pallas_sums(centre: dict[str, Any], neighbour: dict[str, Any], threshold: A
     def planes(a: Any) -> Any:
         return pad_planes(a.reshape((-1, ny, nx)), radius, shape, np.nan)
 
-    names = ("fine", "spectral", "temporal", "unit", "inverse", "local")
+    inverse = jax.numpy.where(neighbour["unit"] > 0, -1.0, neighbour["inverse"])
     program = starfm_program(radius, pairs, bands, params.filtering == "strict", jax.default_backend() == "cpu")
     sums = program(
         threshold.reshape(-1),
         planes(centre["spectral"]),
         planes(centre["temporal"]),
-        *(planes(neighbour[name]) for name in names),
+        *(planes(neighbour[name]) for name in ("fine", "spectral", "temporal")),
+        planes(inverse),
+        planes(neighbour["local"]),
         shape=shape,
     )
     return sums[:bands, :ny, :nx], sums[bands:, :ny, :nx]
