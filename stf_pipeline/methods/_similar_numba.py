@@ -380,6 +380,39 @@ def box_sum(a: np.ndarray, radius: int) -> np.ndarray:
     return out.reshape(a.shape)
 
 
+@numba.njit(nogil=True, cache=True)
+def _plane_std(a: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    # a: (plane, n) float32; out[k] = population std of plane k over its non-NaN values (NaN if none)
+    for k in range(start, stop):
+        total = 0.0
+        count = 0
+        for v in a[k]:
+            if not np.isnan(v):
+                total += v
+                count += 1
+        if count == 0:
+            out[k] = np.nan
+            continue
+        mean = total / count
+        squares = 0.0
+        for v in a[k]:
+            if not np.isnan(v):
+                squares += (v - mean) * (v - mean)
+        out[k] = np.sqrt(squares / count)
+
+
+def plane_std(a: np.ndarray) -> np.ndarray:
+    """Population standard deviation over the last two axes, NaN excluded (float64, two passes).
+
+    The planes are shared over the cores; NaN for an all-NaN plane.
+    """
+    a = np.asarray(a)
+    flat = np.ascontiguousarray(a.reshape((-1, a.shape[-2] * a.shape[-1])), dtype=np.float32)
+    out = np.empty(flat.shape[0], dtype=np.float64)
+    run_rows(_plane_std, flat.shape[0], (flat,), (out,))
+    return out.reshape(a.shape[:-2])
+
+
 @functools.lru_cache(maxsize=1)
 def _pool(workers: int) -> ThreadPoolExecutor:
     # one pool for the process: blocks mapped by several Dask threads share its workers, so

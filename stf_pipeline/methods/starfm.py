@@ -177,9 +177,9 @@ class StarfmParams:
 
 def scene_std(fine: np.ndarray) -> tuple[tuple[float, ...], ...]:
     """Population standard deviation of each ``(pair, band)`` of ``fine``, NaN excluded."""
-    with _quiet():
-        std = np.nanstd(np.asarray(fine, dtype=np.float64), axis=(-2, -1))
-    return tuple(tuple(float(v) for v in row) for row in std)
+    from stf_pipeline.methods._similar_numba import plane_std
+
+    return tuple(tuple(float(v) for v in row) for row in plane_std(fine))
 
 
 @contextlib.contextmanager
