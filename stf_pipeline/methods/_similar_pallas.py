@@ -113,6 +113,8 @@ def estarfm_program(radius: int, bands: int, eps: float, interpret: bool) -> Cal
     import jax.numpy as jnp
     from jax.experimental import pallas as pl
 
+    from stf_pipeline.methods.estarfm import sum_terms
+
     nb = bands
     inverse_radius = 1.0 / radius
 
@@ -136,18 +138,8 @@ def estarfm_program(radius: int, bands: int, eps: float, interpret: bool) -> Cal
                 f0 = [jnp.where(similar, q[k * nb + b], 0.0) for k in (0, 1)]
                 x1, x2 = (m * (load(coarse_ref, k * nb + b, dy, dx) - coarse1[b]) for k in (0, 1))
                 y1, y2 = (m * (f0[k] - fine1[b]) for k in (0, 1))
-                terms = (
-                    w * load(change_ref, b, dy, dx),
-                    w * load(change_ref, nb + b, dy, dx),
-                    w * f0[0],
-                    w * f0[1],
-                    x1 + x2,
-                    x1 - x2,
-                    y1 + y2,
-                    x1 * x1 + x2 * x2,
-                    y1 * y1 + y2 * y2,
-                    x1 * y1 + x2 * y2,
-                )
+                change = [load(change_ref, k * nb + b, dy, dx) for k in (0, 1)]
+                terms = sum_terms(w, change, f0, x1, x2, y1, y2)
                 for s, term in enumerate(terms):
                     accs[2 + s * nb + b] = accs[2 + s * nb + b] + term
             return accs

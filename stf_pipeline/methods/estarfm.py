@@ -156,13 +156,18 @@ def _body(xp: Any, c: Any, q: Any, dist: Any, k: Any) -> tuple[Any, ...]:
     x2 = m * (q["coarse0"][1] - c["coarse1"])
     y1 = m * (q["fine0"][0] - c["fine1"])
     y2 = m * (q["fine0"][1] - c["fine1"])
+    return (m, w, *sum_terms(w, q["change"], q["fine0"], x1, x2, y1, y2))
+
+
+def sum_terms(w: Any, change: Any, fine0: Any, x1: Any, x2: Any, y1: Any, y2: Any) -> tuple[Any, ...]:
+    """A neighbour's increments of the ten per-band window sums, in their order: the weighted
+    coarse changes and fine values of both dates, then the regression sums (``x``: coarse,
+    ``y``: fine, both dates, relative to the centre pixel's first date)."""
     return (
-        m,
-        w,
-        w * q["change"][0],
-        w * q["change"][1],
-        w * q["fine0"][0],
-        w * q["fine0"][1],
+        w * change[0],
+        w * change[1],
+        w * fine0[0],
+        w * fine0[1],
         x1 + x2,
         x1 - x2,
         y1 + y2,
