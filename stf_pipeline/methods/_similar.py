@@ -137,6 +137,16 @@ def pad_block(a: Any, shape: tuple[int, int], value: float = np.nan) -> Any:
     return jnp.pad(a, widths, constant_values=value)
 
 
+def device_block(arrays: Sequence[Any], tile: int | None) -> tuple[list[Any], int]:
+    """A block's arrays on JAX's default device, float32, padded with NaN to :func:`block_side`;
+    and the tile side (``None``: :func:`default_tile`)."""
+    import jax.numpy as jnp
+
+    tile = default_tile() if tile is None else int(tile)
+    shape = block_side(tuple(np.shape(arrays[-1])[-2:]), tile)
+    return [pad_block(jnp.asarray(a, dtype=jnp.float32), shape) for a in arrays], tile
+
+
 def window_sums(
     body: Body,
     centre: Mapping[str, Any],

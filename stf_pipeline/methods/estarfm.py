@@ -39,10 +39,8 @@ from stf_pipeline.exceptions import MethodError
 from stf_pipeline.methods._base import MethodContext, MethodSpec
 from stf_pipeline.methods._similar import (
     accumulate_numpy,
-    block_side,
-    default_tile,
+    device_block,
     f_critical,
-    pad_block,
     resolve_backend,
     window_sums,
 )
@@ -365,14 +363,11 @@ def _estarfm_jax(
 ) -> np.ndarray:
     """ESTARFM of one block on JAX's default device: float32 sums, float64 prediction."""
     import jax
-    import jax.numpy as jnp
 
-    tile = default_tile() if params.tile is None else params.tile
-    ny, nx = np.shape(coarse_target)[-2:]
-    shape = block_side((ny, nx), tile)
-    inputs = [pad_block(jnp.asarray(a, dtype=jnp.float32), shape) for a in (fine, coarse, coarse_target)]
+    inputs, tile = device_block((fine, coarse, coarse_target), params.tile)
     pallas = resolve_backend(params.backend) == "pallas"
     sums = _jax_program(params.half_window, tile, pallas)(*inputs, constants["threshold"])
+    ny, nx = np.shape(coarse_target)[-2:]
     with jax.enable_x64(True):
         out = _predict_program(dataclasses.replace(params, class_std=None))(sums, *inputs)
         return np.asarray(out[:, :ny, :nx])

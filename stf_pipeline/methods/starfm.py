@@ -55,10 +55,8 @@ from stf_pipeline.exceptions import MethodError
 from stf_pipeline.methods._base import MethodContext, MethodSpec
 from stf_pipeline.methods._similar import (
     accumulate_numpy,
-    block_side,
     check_window,
-    default_tile,
-    pad_block,
+    device_block,
     radius_from_distance,
     resolve_backend,
     window_sums,
@@ -369,14 +367,11 @@ def _pallas_sums(centre: dict[str, Any], neighbour: dict[str, Any], threshold: A
 
 
 def _starfm_jax(fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, params: StarfmParams) -> np.ndarray:
-    import jax.numpy as jnp
-
+    """STARFM of one block on JAX's default device (float32)."""
     constants = _constants(fine, params)
-    tile = default_tile() if params.tile is None else params.tile
-    ny, nx = np.shape(coarse_target)[-2:]
-    shape = block_side((ny, nx), tile)
-    inputs = (pad_block(jnp.asarray(a, dtype=jnp.float32), shape) for a in (fine, coarse, coarse_target))
+    inputs, tile = device_block((fine, coarse, coarse_target), params.tile)
     program = _jax_program(dataclasses.replace(params, class_std=None), tile, resolve_backend(params.backend) == "pallas")
+    ny, nx = np.shape(coarse_target)[-2:]
     return np.asarray(program(*inputs, constants["threshold"])[:, :ny, :nx])
 
 
