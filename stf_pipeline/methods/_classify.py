@@ -38,6 +38,18 @@ def nearest_centre(pixels: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return labels.reshape(x.shape[1:])
 
 
+def _enough_spectra(samples: np.ndarray, needed: int, method: str, name: str) -> np.ndarray:
+    """``samples`` as float64; raise if it has fewer than ``needed`` distinct spectra (rows)."""
+    x = np.asarray(samples, dtype=np.float64)
+    distinct = np.unique(x, axis=0).shape[0]
+    if distinct < needed:
+        raise MethodError(
+            f"{method}: cannot form {name}={needed} classes from {distinct} distinct pixel spectra; "
+            f"use {name} <= {max(distinct, 1)} or supply a class map (class_map=...)."
+        )
+    return x
+
+
 def kmeans(
     samples: np.ndarray,
     n_classes: int,
@@ -71,13 +83,7 @@ def kmeans(
     MethodError
         If there are fewer distinct samples than classes.
     """
-    x = np.asarray(samples, dtype=np.float64)
-    distinct = np.unique(x, axis=0).shape[0]
-    if distinct < n_classes:
-        raise MethodError(
-            f"k-means: cannot form n_classes={n_classes} classes from {distinct} distinct pixel spectra; "
-            f"use n_classes <= {max(distinct, 1)} or supply a class map (class_map=...)."
-        )
+    x = _enough_spectra(samples, n_classes, "k-means", "n_classes")
     rng = np.random.default_rng(seed)
     centres = np.empty((n_classes, x.shape[1]))
     centres[0] = x[rng.integers(x.shape[0])]
@@ -205,13 +211,7 @@ def isodata(
             f"isodata: need 1 <= min_classes <= max_classes, got min_classes={min_classes}, "
             f"max_classes={max_classes}; e.g. min_classes=4, max_classes=6 as the FSDAF code."
         )
-    x = np.asarray(samples, dtype=np.float64)
-    distinct = np.unique(x, axis=0).shape[0]
-    if distinct < min_classes:
-        raise MethodError(
-            f"isodata: cannot form min_classes={min_classes} classes from {distinct} distinct pixel spectra; "
-            f"use min_classes <= {max(distinct, 1)} or supply a class map (class_map=...)."
-        )
+    x = _enough_spectra(samples, min_classes, "isodata", "min_classes")
     mu, sigma = x.mean(axis=0), x.std(axis=0)
     steps = np.linspace(-1.0, 1.0, max_classes)[:, None]
     centres = mu + steps * sigma
