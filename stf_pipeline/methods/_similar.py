@@ -7,8 +7,10 @@ method receives the centre pixels ``c`` and their neighbours ``q`` at one offset
 arrays), the offset's distance and the method's constants ``k`` (non-spatial arrays), and
 returns the increments of its accumulators.
 
-Two drivers run a body (and :mod:`stf_pipeline.methods._similar_numba` compiles the two
-methods' bodies with Numba, the default on CPUs):
+Two drivers run a body (and the two methods' bodies are also written as compiled kernels:
+with Numba in :mod:`stf_pipeline.methods._similar_numba`, the default on CPUs, and with
+Pallas in :mod:`stf_pipeline.methods._similar_pallas`, the default on GPUs, traced inside the
+same whole-block programs as :func:`window_sums`):
 
 * :func:`accumulate_numpy`: NumPy, slicing. Neighbours outside the block are skipped (the
   slices shrink), so a pixel's sums only ever see pixels of the block: no padding.
