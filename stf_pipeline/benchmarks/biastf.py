@@ -14,7 +14,8 @@ Inference
     plus the change of the prediction against float32 (max and RMS absolute difference).
 Zarr to Zarr
     ``stf.fuse`` of one target of a ``size x size`` cube stored in Zarr, written to Zarr
-    (``--zarr``), through the engine's overlapping chunks.
+    (``--zarr``), through the engine's overlapping chunks: the first run (which compiles) and the
+    best of ``--repeats``.
 
 Speed does not depend on pixel values, so the scenes are smooth random reflectance (3 dates,
 6 bands, ``coarse_factor`` 20, no CRS). Prints a table; writes JSON with the machine description.
@@ -181,16 +182,18 @@ def _zarr(args: argparse.Namespace) -> dict[str, Any]:
     cube = scene(args.size, seed=3)
     with tempfile.TemporaryDirectory() as tmp:
         src = stf.write_cube(cube, Path(tmp) / "in.zarr", chunks={"y": args.chunk, "x": args.chunk})
-        rows = {}
+        rows: dict[str, list[float]] = {}
         for dtype in biastf.DTYPES:
-            start = time.perf_counter()
-            pred = stf.fuse(stf.open_cube(src), cube.time.values[1], method="biastf", model=model, dtype=dtype)
-            out = pred.to_dataset()
-            for var in out.variables.values():
-                var.encoding = {}
-            out.to_zarr(Path(tmp) / f"out-{dtype}.zarr", mode="w", zarr_format=2)
-            rows[dtype] = time.perf_counter() - start
-    result = {"size": args.size, "chunk": args.chunk, "layout": "multiband" if args.zarr_multiband else "per-band", **{f"{k}_s": v for k, v in rows.items()}}
+            for _ in range(max(args.repeats, 1)):
+                start = time.perf_counter()
+                pred = stf.fuse(stf.open_cube(src), cube.time.values[1], method="biastf", model=model, dtype=dtype)
+                out = pred.to_dataset()
+                for var in out.variables.values():
+                    var.encoding = {}
+                out.to_zarr(Path(tmp) / f"out-{dtype}.zarr", mode="w", zarr_format=2)
+                rows.setdefault(dtype, []).append(time.perf_counter() - start)
+    times = {f"{dtype}_{which}_s": pick(t) for dtype, t in rows.items() for which, pick in (("first", lambda t: t[0]), ("best", min))}
+    result = {"size": args.size, "chunk": args.chunk, "layout": "multiband" if args.zarr_multiband else "per-band", **times}
     print(f"  zarr {result}", flush=True)
     return result
 
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="patches per step (default 64 / 8)")
     parser.add_argument("--patch-size", type=int, help="patch side (default 128 / 32)")
     parser.add_argument("--steps", type=int, help="timed training steps (default 20 / 3)")
-    parser.add_argument("--repeats", type=int, default=3, help="inference repeats (best is reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="inference and Zarr repeats (best is reported; Zarr also the first)")
     parser.add_argument("--layouts", default="per-band,multiband", help="comma-separated: per-band, multiband")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: train, infer, zarr")
     parser.add_argument("--chunk", type=int, default=1024, help="Zarr chunk side for the Zarr-to-Zarr run")
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "zarr" in results:
         z = results["zarr"]
-        times = ", ".join(f"{key[:-2]} {value:.2f} s" for key, value in z.items() if key.endswith("_s"))
+        times = ", ".join(f"{key[:-2].replace('_', ' ')} {value:.2f} s" for key, value in z.items() if key.endswith("_s"))
         print(f"  zarr->zarr {z['size']}^2 x 6 ({z['layout']}, chunks {z['chunk']}): {times}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1, default=str))
