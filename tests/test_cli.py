@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,27 @@ def test_bench_and_compare_dispatch(monkeypatch):
     monkeypatch.setattr(comparison, "main", lambda argv: calls.append(("compare", argv)) or 0)
     assert main(["compare", "pipelines/demo.yaml", "--no-figures"]) == 0
     assert calls == [("bench", ["--size", "64", "-n", "2"]), ("compare", ["pipelines/demo.yaml", "--no-figures"])]
+
+
+def test_stf_turns_on_the_jax_compilation_cache(monkeypatch, tmp_path):
+    from stf_pipeline.cli import compilation_cache_dir
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compilation_cache_dir() == str(tmp_path / "stf_pipeline" / "jax")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    assert compilation_cache_dir() == str(tmp_path / "mine")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    seen = []
+    bench = types.ModuleType("stf_pipeline.benchmarks.fake_env")
+    bench.__spec__ = importlib.machinery.ModuleSpec(bench.__name__, None)
+    bench.main = lambda argv: seen.append(os.environ["JAX_COMPILATION_CACHE_DIR"]) or 0
+    monkeypatch.setitem(sys.modules, bench.__name__, bench)
+    assert main(["bench", "fake_env"]) == 0 and seen == [str(tmp_path / "stf_pipeline" / "jax")]
+    # a fresh process started by stf (a Dask worker) inherits it, and JAX reads it on import
+    code = "import jax; print(jax.config.jax_compilation_cache_dir)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == seen[0]
 
 
 def test_module_entry_point(foreign_store):
