@@ -26,8 +26,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -478,4 +480,7 @@ def _finalize(path: Path) -> None:
     progress = path / PROGRESS_DIR
     if progress.exists():
         shutil.rmtree(progress)
-    zarr.consolidate_metadata(str(path), zarr_format=ZARR_FORMAT)
+    with warnings.catch_warnings():
+        # the training folder of a learned method lives in the store on purpose (resumed and replaced with it)
+        warnings.filterwarnings("ignore", message=f"Object at {re.escape(TRAIN_DIR)} is not recognized")
+        zarr.consolidate_metadata(str(path), zarr_format=ZARR_FORMAT)
