@@ -68,6 +68,7 @@ def test_compiled_kernels_match_reference(n_bands, backend):
 @given(seed=st.integers(0, 1000), ny=st.integers(1, 9), nx=st.integers(1, 9), radius=st.integers(1, 4))
 def test_box_sum_matches_brute_force(seed, ny, nx, radius):
     from stf_pipeline.methods._similar_numba import box_sum
+    from stf_pipeline.methods._window import box_sum_jax
 
     a = np.random.default_rng(seed).random((2, ny, nx))
     want = np.zeros_like(a)
@@ -76,6 +77,7 @@ def test_box_sum_matches_brute_force(seed, ny, nx, radius):
             window = a[:, max(0, y - radius) : y + radius + 1, max(0, x - radius) : x + radius + 1]
             want[:, y, x] = window.sum(axis=(1, 2))
     np.testing.assert_allclose(box_sum(a, radius), want, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(box_sum_jax(a.astype(np.float32), radius)), want, rtol=1e-5)
 
 
 def test_spectral_correlation_by_hand():

@@ -98,6 +98,7 @@ import xarray as xr
 
 from stf_pipeline.exceptions import ConfigError, MethodError, TaskError
 from stf_pipeline.methods._base import MethodContext, MethodSpec
+from stf_pipeline.methods._window import box_sum_jax
 
 #: Table 1 kernel sides (fixed: the halo depends on them).
 TABLE1_KERNELS: tuple[int, int, int, int] = (7, 5, 3, 3)
@@ -384,17 +385,6 @@ def b_batch(crops: Mapping[str, Any], aux: Any, *, config: BiaSTFConfig, g_model
     return Batch(_features(config.b_inputs, images), target, jnp.transpose(mask, (0, 2, 3, 1)))
 
 
-def _box_sum(a: Any, radius: int) -> Any:
-    import jax
-
-    dims = (1,) * (a.ndim - 2) + (2 * radius + 1, 1)
-    pad = ((0, 0),) * (a.ndim - 2) + ((radius, radius), (0, 0))
-    a = jax.lax.reduce_window(a, 0.0, jax.lax.add, dims, (1,) * a.ndim, pad)
-    dims = (1,) * (a.ndim - 2) + (1, 2 * radius + 1)
-    pad = ((0, 0),) * (a.ndim - 2) + ((0, 0), (radius, radius))
-    return jax.lax.reduce_window(a, 0.0, jax.lax.add, dims, (1,) * a.ndim, pad)
-
-
 def fuse_directions(
     pred: Any, coarse_target: Any, *, window: int, eps: float, weights: str = "similarity", coarse: Any = None
 ) -> Any:
@@ -413,13 +403,13 @@ def fuse_directions(
             raise MethodError("biastf: fusion weights 'change' need the pair dates' coarse images; pass coarse=.")
         diff = jnp.abs(coarse_target[None] - coarse)
         ok = jnp.isfinite(diff)
-        count = _box_sum(ok.astype(jnp.float32), window // 2)
-        score = _box_sum(jnp.where(ok, diff, 0.0), window // 2) / jnp.maximum(count, 1.0)
+        count = box_sum_jax(ok.astype(jnp.float32), window // 2)
+        score = box_sum_jax(jnp.where(ok, diff, 0.0), window // 2) / jnp.maximum(count, 1.0)
         valid = valid & (count > 0)
     elif weights == "similarity":
         diff = jnp.where(valid, pred - coarse_target[None], 0.0)
-        count = _box_sum(valid.astype(jnp.float32), window // 2)
-        score = jnp.abs(_box_sum(diff, window // 2) / jnp.maximum(count, 1.0))
+        count = box_sum_jax(valid.astype(jnp.float32), window // 2)
+        score = jnp.abs(box_sum_jax(diff, window // 2) / jnp.maximum(count, 1.0))
     else:
         raise MethodError(f"biastf: weights must be one of {FUSION_WEIGHTS}, got {weights!r}.")
     weight = jnp.where(valid, 1.0 / (score + eps), 0.0)

@@ -46,6 +46,7 @@ from stf_pipeline.methods._similar import (
 )
 from stf_pipeline.methods._similar_numba import box_sum, estarfm_finish
 from stf_pipeline.methods._similar_numba import spectral_correlation as _correlation
+from stf_pipeline.methods._window import box_sum_jax
 from stf_pipeline.methods.starfm import _quiet, fill_class_std
 
 #: Added to ``(1 - R) D`` before inverting (Zhu's code: ``+ 0.0000001``).
@@ -335,24 +336,17 @@ def _predict_xp(
 def _predict_program(params: EstarfmParams) -> Any:
     """Jitted device prediction from the sums (float64: call it under ``jax.enable_x64``)."""
     import jax
-    from jax import lax
 
     radius = params.half_window
     table = _f_table(2 * (2 * radius + 1) ** 2, params.significance)
-    side = 2 * radius + 1
-
-    def box_sum(a: Any) -> Any:
-        window = (1,) * (a.ndim - 2) + (side, side)
-        padding = ((0, 0),) * (a.ndim - 2) + ((radius, radius), (radius, radius))
-        return lax.reduce_window(a, 0.0, lax.add, window, (1,) * a.ndim, padding)
 
     def run(sums: list[Any], fine: Any, coarse: Any, coarse_target: Any) -> Any:
         import jax.numpy as jnp
 
         valid = _valid(jnp, fine, coarse, coarse_target)
         c, t = coarse.astype(np.float64), coarse_target.astype(np.float64)
-        n_valid = box_sum(valid.astype(np.float64))
-        change_sum = box_sum(jnp.where(valid, t[None] - c, 0.0))
+        n_valid = box_sum_jax(valid.astype(np.float64), radius)
+        change_sum = box_sum_jax(jnp.where(valid, t[None] - c, 0.0), radius)
         return _predict_xp(jnp, sums, fine, change_sum, n_valid, valid, table, params)
 
     return jax.jit(run)
