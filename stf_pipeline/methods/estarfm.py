@@ -91,8 +91,8 @@ class EstarfmParams:
         interpreted, slowly, on CPUs); ``jax``, the same program with ``lax.fori_loop`` over
         offsets in tiles (float32; any JAX device); ``numpy``, offset by offset with whole-array
         operations (float64 accumulation); ``auto``: ``pallas`` where JAX's default device is an
-        accelerator, else ``numba``. The prediction from the sums is compiled float64 on the
-        host for every backend.
+        accelerator, else ``numba``. The prediction from the sums is float64: compiled on the
+        host for ``numba`` and ``numpy``, on the device for ``pallas`` and ``jax``.
     tile : int, optional
         Tile side of the JAX kernel (default: 48 on CPU, whole blocks on GPU).
     """
@@ -192,15 +192,6 @@ def _spread(xp: Any, fine0: Any, coarse0: Any) -> Any:
     return 1.0 - xp.where(xp.isfinite(r), r, 0.5)
 
 
-def _valid(xp: Any, fine: Any, coarse: Any, coarse_target: Any) -> Any:
-    """Pixels with data in every band of all five images."""
-    return (
-        xp.isfinite(fine).all(axis=(0, 1))
-        & xp.isfinite(coarse).all(axis=(0, 1))
-        & xp.isfinite(coarse_target).all(axis=0)
-    )
-
-
 def _prepare_arrays(
     xp: Any, fine: Any, coarse: Any, coarse_target: Any
 ) -> tuple[dict[str, Any], dict[str, Any], Any]:
@@ -208,7 +199,8 @@ def _prepare_arrays(
     fine = xp.asarray(fine, dtype=np.float32)
     coarse = xp.asarray(coarse, dtype=np.float32)
     target = xp.asarray(coarse_target, dtype=np.float32)
-    valid = _valid(xp, fine, coarse, target)
+    # pixels with data in every band of all five images
+    valid = xp.isfinite(fine).all(axis=(0, 1)) & xp.isfinite(coarse).all(axis=(0, 1)) & xp.isfinite(target).all(axis=0)
     zero = np.float32(0)
     fine0 = xp.where(valid, fine, zero)
     coarse0 = xp.where(valid, coarse, zero)
@@ -255,16 +247,16 @@ _FILLS = {"spread": 1.0, "fine0": 0.0, "coarse0": 0.0, "change": 0.0}
 @functools.lru_cache(maxsize=16)
 def _jax_program(radius: int, tile: int, pallas: bool) -> Any:
     """The jitted whole-block preparation and window sums of ESTARFM (float32): by the XLA
-    driver or (``pallas``) the Pallas kernel."""
+    driver or (``pallas``) the Pallas kernel; also the valid mask, for the prediction."""
     import jax
     import jax.numpy as jnp
 
-    def run(fine: Any, coarse: Any, coarse_target: Any, threshold: Any) -> list[Any]:
-        centre, neighbour, _ = _prepare_arrays(jnp, fine, coarse, coarse_target)
+    def run(fine: Any, coarse: Any, coarse_target: Any, threshold: Any) -> tuple[list[Any], Any]:
+        centre, neighbour, valid = _prepare_arrays(jnp, fine, coarse, coarse_target)
         if pallas:
-            return _pallas_sums(neighbour, threshold, radius)
+            return _pallas_sums(neighbour, threshold, radius), valid
         constants = {"threshold": threshold, "inverse_radius": np.float32(1.0 / radius)}
-        return window_sums(
+        sums = window_sums(
             _body,
             centre,
             neighbour,
@@ -274,6 +266,7 @@ def _jax_program(radius: int, tile: int, pallas: bool) -> Any:
             tile=tile,
             fills=_FILLS,
         )
+        return sums, valid
 
     return jax.jit(run)
 
@@ -340,10 +333,9 @@ def _predict_program(params: EstarfmParams) -> Any:
     radius = params.half_window
     table = _f_table(2 * (2 * radius + 1) ** 2, params.significance)
 
-    def run(sums: list[Any], fine: Any, coarse: Any, coarse_target: Any) -> Any:
+    def run(sums: list[Any], valid: Any, fine: Any, coarse: Any, coarse_target: Any) -> Any:
         import jax.numpy as jnp
 
-        valid = _valid(jnp, fine, coarse, coarse_target)
         c, t = coarse.astype(np.float64), coarse_target.astype(np.float64)
         n_valid = box_sum_jax(valid.astype(np.float64), radius)
         change_sum = box_sum_jax(jnp.where(valid, t[None] - c, 0.0), radius)
@@ -360,10 +352,10 @@ def _estarfm_jax(
 
     inputs, tile = device_block((fine, coarse, coarse_target), params.tile)
     pallas = resolve_backend(params.backend) == "pallas"
-    sums = _jax_program(params.half_window, tile, pallas)(*inputs, constants["threshold"])
+    sums, valid = _jax_program(params.half_window, tile, pallas)(*inputs, constants["threshold"])
     ny, nx = np.shape(coarse_target)[-2:]
     with jax.enable_x64(True):
-        out = _predict_program(dataclasses.replace(params, class_std=None))(sums, *inputs)
+        out = _predict_program(dataclasses.replace(params, class_std=None))(sums, valid, *inputs)
         return np.asarray(out[:, :ny, :nx])
 
 
