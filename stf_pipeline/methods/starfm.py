@@ -293,11 +293,17 @@ def _constants(fine: np.ndarray, params: StarfmParams) -> dict[str, Any]:
     }
 
 
-def _finish(xp: Any, total: Any, weighted: Any, local: Any) -> Any:
-    """Normalised weighted mean; the mean of the pixel's own local predictions without candidates."""
+def _finish(
+    xp: Any, total: Any, weighted: Any, fine: Any, coarse_target: Any, neighbour: dict[str, Any], params: StarfmParams
+) -> Any:
+    """Normalised weighted mean; the mean of the pixel's own local predictions without candidates;
+    then, with ``zero_difference="copy"``, the paper's special cases."""
     with np.errstate(divide="ignore", invalid="ignore"), _quiet():
-        fallback = xp.nanmean(local, axis=0)
-        return xp.where(total > 0, weighted / total, fallback).astype(np.float32)
+        fallback = xp.nanmean(neighbour["local"], axis=0)
+        out = xp.where(total > 0, weighted / total, fallback).astype(np.float32)
+    if params.zero_difference == "copy":
+        return _copy_on_zero_difference(xp, out, fine, coarse_target, neighbour)
+    return out
 
 
 def _copy_on_zero_difference(xp: Any, out: Any, fine: Any, coarse_target: Any, neighbour: dict[str, Any]) -> Any:
@@ -323,18 +329,15 @@ def _jax_program(params: StarfmParams, tile: int, pallas: bool) -> Any:
 
     def run(fine: Any, coarse: Any, coarse_target: Any, threshold: Any) -> Any:
         centre, neighbour = _prepare_arrays(jnp, fine, coarse, coarse_target, params)
-        constants = {"threshold": threshold, "inverse_radius": np.float32(1.0 / params.window_radius)}
         if pallas:
             total, weighted = _pallas_sums(centre, neighbour, threshold, params)
         else:
+            constants = {"threshold": threshold, "inverse_radius": np.float32(1.0 / params.window_radius)}
             specs = [((fine.shape[1],), np.float32)] * 2
             total, weighted = window_sums(
                 body, centre, neighbour, constants, radius=params.window_radius, accumulators=specs, tile=tile
             )
-        out = _finish(jnp, total, weighted, neighbour["local"])
-        if params.zero_difference == "copy":
-            return _copy_on_zero_difference(jnp, out, fine, coarse_target, neighbour)
-        return out
+        return _finish(jnp, total, weighted, fine, coarse_target, neighbour, params)
 
     return jax.jit(run)
 
@@ -417,10 +420,7 @@ def starfm_kernel(
             accumulators=[((np.shape(fine)[1],), np.float64)] * 2,
             shape=np.shape(coarse_target)[-2:],
         )
-    out = _finish(np, total, weighted, neighbour["local"])
-    if params.zero_difference == "copy":
-        return _copy_on_zero_difference(np, out, fine, coarse_target, neighbour)
-    return out
+    return _finish(np, total, weighted, fine, coarse_target, neighbour, params)
 
 
 def _prepare(params: StarfmParams, context: MethodContext) -> StarfmParams:
