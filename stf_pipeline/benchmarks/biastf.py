@@ -192,8 +192,9 @@ def _zarr(args: argparse.Namespace) -> dict[str, Any]:
                     var.encoding = {}
                 out.to_zarr(Path(tmp) / f"out-{dtype}.zarr", mode="w", zarr_format=2)
                 rows.setdefault(dtype, []).append(time.perf_counter() - start)
-    times = {f"{dtype}_{which}_s": pick(t) for dtype, t in rows.items() for which, pick in (("first", lambda t: t[0]), ("best", min))}
-    result = {"size": args.size, "chunk": args.chunk, "layout": "multiband" if args.zarr_multiband else "per-band", **times}
+    result: dict[str, Any] = {"size": args.size, "chunk": args.chunk, "layout": "multiband" if args.zarr_multiband else "per-band"}
+    for dtype, seconds in rows.items():
+        result[f"{dtype}_first_s"], result[f"{dtype}_best_s"] = seconds[0], min(seconds)
     print(f"  zarr {result}", flush=True)
     return result
 
