@@ -41,9 +41,11 @@ SAMPLE_SIDE = 256
 @contextlib.contextmanager
 def quiet_zarr() -> Iterator[None]:
     """Silence Zarr's notes that consolidated metadata is not in the v3 spec (we write it on purpose:
-    one file read opens a store)."""
+    one file read opens a store) and that our bookkeeping files are not Zarr objects."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        # our own bookkeeping files (.stf_generation, .stf_progress/) sit in the store on purpose
+        warnings.filterwarnings("ignore", message=r"Object at \.stf_\w+ is not recognized")
         yield
 
 
@@ -105,13 +107,16 @@ def validate_cube(
             f"a cube must be an xarray.Dataset, got {type(cube).__name__}; "
             "build one with stf.make_cube(fine, coarse, ...)."
         )
-    for name in VARIABLES:
+    fused_series = "stf_series_request" in cube.attrs and "source" in cube.data_vars
+    # a fused series keeps ``coarse`` only when asked to (stf.fuse_series(keep=...)): it is read, not fused again
+    present = tuple(name for name in VARIABLES if name in cube.data_vars or not (fused_series and name == "coarse"))
+    for name in present:
         if name not in cube.data_vars:
             raise CubeError(
                 f"cube has no data variable {name!r} (found {sorted(map(str, cube.data_vars))}); "
                 f"rename your {name}-sensor variable to {name!r}."
             )
-    for name in VARIABLES:
+    for name in present:
         var = cube[name]
         if tuple(var.dims) != DIMS:
             raise CubeError(
@@ -123,7 +128,7 @@ def validate_cube(
                 f"variable {name!r} has dtype {var.dtype}, expected float32 reflectance in [0, 1]; "
                 "apply the scale factor and use .astype('float32')."
             )
-    if cube["fine"].shape != cube["coarse"].shape:
+    if "coarse" in present and cube["fine"].shape != cube["coarse"].shape:
         raise CubeError(
             f"fine {cube['fine'].shape} and coarse {cube['coarse'].shape} differ in shape; "
             "resample the coarse images onto the fine grid (rio.reproject_match)."
@@ -490,7 +495,8 @@ def open_store(
     Raises
     ------
     CubeError
-        If the store is missing, truncated (a chunk file missing) or its metadata is corrupt.
+        If the store is missing, truncated (a chunk file missing), an unfinished fused series,
+        or its metadata is corrupt.
     """
     from stf_pipeline.store import CheckedChunks, read_generation
 
@@ -512,6 +518,11 @@ def open_store(
             f"cannot open cube store {path}: it is truncated or corrupt ({type(err).__name__}: {err}); "
             "re-create it with stf.write_cube or `stf ingest`."
         ) from err
+    if cube.attrs.get("stf_series_complete") is False or cube.attrs.get("stf_series_complete") == 0:
+        raise CubeError(
+            f"{path} is a fused series that is not finished yet (an interrupted stf.fuse_series run); "
+            "rerun stf.fuse_series with the same arguments to resume it."
+        )
     if STORE_MARKER in cube.attrs or "stf_series_request" in cube.attrs:
         _check_chunks_present(path, cube)
     from dask.base import tokenize
@@ -560,11 +571,6 @@ def open_cube(
         on a sample).
     """
     cube = open_store(path, chunks=chunks)
-    if cube.attrs.get("stf_series_complete") is False or cube.attrs.get("stf_series_complete") == 0:
-        raise CubeError(
-            f"{path} is a fused series that is not finished yet (an interrupted stf.fuse_series run); "
-            "rerun stf.fuse_series with the same arguments to resume it."
-        )
     try:
         return validate_cube(cube, check_values=True)
     except CubeError as err:
@@ -615,7 +621,7 @@ def _check_chunks_present(path: Path, cube: xr.Dataset) -> None:
                 break
         else:
             continue
-        if not cube[name].ndim:
+        if cube[name].ndim < 2:  # per-date labels are written once, and chunks equal to the fill value are not
             continue
         expected, present = _chunk_files(path, str(name), meta)
         missing = sorted(expected - present)

@@ -169,9 +169,13 @@ def remove_partial_files(store: Path) -> int:
     return count
 
 
-def new_generation(store: Path) -> None:
-    """Give ``store`` (being written, before it is swapped into place) a fresh generation id."""
-    (store / GENERATION_FILE).write_text(uuid.uuid4().hex)
+def new_generation(store: Path, generation: str | None = None) -> None:
+    """Give ``store`` (being written, before it is swapped into place) its generation id.
+
+    Default a fresh random id; a fused series passes its request digest, so the same request
+    gives the same store byte for byte while any other request is another generation.
+    """
+    (store / GENERATION_FILE).write_text(generation or uuid.uuid4().hex)
 
 
 def read_generation(store: Path) -> str | None:
