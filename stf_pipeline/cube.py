@@ -527,9 +527,13 @@ def open_store(
         _check_chunks_present(path, cube)
     from dask.base import tokenize
 
+    for name, var in list(cube.variables.items()):
+        if var.dtype.kind == "T" or (var.dtype == object and var.size <= 100_000):
+            # Zarr v3 strings come back as NumPy's variable-width StringDType: small labels, read as plain str
+            cube[name] = var.copy(data=np.asarray(np.asarray(var.values).tolist(), dtype=str))
     for name in list(cube.data_vars):
         data = cube[name].data
-        if not isinstance(data, da.Array) or not cube[name].ndim:
+        if not isinstance(data, da.Array) or not cube[name].ndim or cube[name].dtype.kind in "UT":
             continue
         store_chunks = tuple(cube[name].encoding.get("chunks") or tuple(c[0] for c in data.chunks))
         reader = CheckedChunks(raw[name].variable, path, str(name), store_chunks, generation)

@@ -426,7 +426,6 @@ def run(
         for run_ in config.methods:
             spec = stf.get_method(run_.name)
             out = config.output / f"fused_{run_.name}.zarr"
-            echo(f"[{config.name}] fusing with {run_.name} -> {out}")
             fused = stf.fuse_series(
                 cube,
                 method=run_.name,
@@ -437,6 +436,10 @@ def run(
                 train_options=_train_options(run_, cube) if spec.learned else None,
                 **run_.params,
             )
+            if fused.encoding.get("stf_action") == "reused":
+                echo(f"[{config.name}] reusing {out}")
+            else:
+                echo(f"[{config.name}] {fused.encoding.get('stf_action', 'fused')} with {run_.name} -> {out}")
             fused_paths[run_.name] = out
             fused_sets[run_.name] = fused
             targets = _with_truth(cube, fused["time"].values[fused["source"].values == "fused"])
