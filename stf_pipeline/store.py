@@ -199,18 +199,16 @@ def input_stores(*objects: xr.Dataset | xr.DataArray | None) -> set[Path]:
     for obj in objects:
         if obj is None:
             continue
-        datasets = [obj] if isinstance(obj, xr.Dataset) else [obj.to_dataset(name="_")]
-        for ds in datasets:
-            source = ds.encoding.get("source")
-            if source:
-                found.add(Path(os.path.realpath(source)))
-            for var in ds.variables.values():
-                if var.encoding.get("source"):
-                    found.add(Path(os.path.realpath(var.encoding["source"])))
-                data = var.data
-                if isinstance(data, da.Array):
-                    for value in data.dask.values():
-                        found.update(_paths_in(value))
+        ds = obj if isinstance(obj, xr.Dataset) else obj.to_dataset(name="_")
+        for var in ds.variables.values():
+            if var._in_memory:  # loaded: no longer read from anywhere
+                continue
+            for source in (var.encoding.get("source"), ds.encoding.get("source")):
+                if source:
+                    found.add(Path(os.path.realpath(source)))
+            if isinstance(var.data, da.Array):
+                for value in var.data.dask.values():
+                    found.update(_paths_in(value))
     return found
 
 
