@@ -77,9 +77,9 @@ def validate_cube(
     The metadata is checked in full. The values are checked on a sample (a
     ``SAMPLE_SIDE``-pixel window of a few dates of every variable): reflectance must lie in
     ``REFLECTANCE_RANGE`` (else a scale factor was not applied), must not be ``±inf``, and a
-    coarse image that is blockwise constant (nearest-resampled) must be so at ``coarse_factor``.
-    Coarse data that is not blockwise constant (bilinear or cubic resampling) cannot contradict
-    ``coarse_factor`` and passes.
+    coarse image that is provably blockwise constant (nearest-resampled) must be so at
+    ``coarse_factor``. Coarse data that is not (bilinear or cubic resampling, a mosaic of
+    differently aligned pieces) cannot contradict ``coarse_factor`` and passes.
 
     Parameters
     ----------
@@ -247,21 +247,25 @@ def _check_values(cube: xr.Dataset, *, lazy: bool) -> None:
 def _blockwise_factor(window: np.ndarray) -> int | None:
     """The block size at which a ``(band, y, x)`` window is piecewise constant, if it provably is.
 
-    Finds the rows and columns where the image changes (NaN equal to NaN); when they change only
-    on a regular lattice of step >= 2 (at least three changes along each axis, so the step is
-    seen, not guessed), that step is the native pixel size of a nearest-resampled image. Any
-    smooth (bilinear, cubic) or native-resolution image changes almost everywhere: None.
+    Finds the rows and columns where the image changes (NaN equal to NaN). When, along both
+    axes, the most common step between changes is the same ``g >= 2`` and at least 90 % of the
+    changes (and at least three) fall on one lattice of step ``g``, the window is a
+    nearest-resampled image of native pixel size ``g``. A smooth (bilinear, cubic) or
+    native-resolution image changes almost everywhere, and a mosaic of differently aligned
+    pieces on no single lattice: None (nothing is proven).
     """
-    steps = []
+    steps = set()
     for axis in (1, 2):
         a = np.moveaxis(window, axis, 0)
         same = (a[1:] == a[:-1]) | (np.isnan(a[1:]) & np.isnan(a[:-1]))
         changes = np.flatnonzero(~same.reshape(same.shape[0], -1).all(axis=1)) + 1
         if changes.size < 3:
             return None
-        steps.append(int(np.gcd.reduce(np.diff(changes))))
-    step = int(np.gcd.reduce(steps))
-    return step if step >= 2 else None
+        step = int(np.bincount(np.diff(changes)).argmax())
+        if step < 2 or np.bincount(changes % step).max() < 0.9 * changes.size:
+            return None
+        steps.add(step)
+    return steps.pop() if len(steps) == 1 else None
 
 
 def make_cube(
