@@ -25,3 +25,11 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out
+
+.PHONY: docs
+
+# The documentation site (the docs extra, also in dev): benchmarks page from docs/benchmarks/*.json, then
+# the site with warnings as errors into out/site.
+docs: $(STAMP)
+	$(BIN)/python docs/gen_benchmarks.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
