@@ -10,6 +10,7 @@ page can be regenerated rather than edited. A file looks like::
       "summary": "Markdown shown under the title.",  # optional
       "measurements": [
         {
+          "id": "starfm-estarfm-gpu",                # the table's anchor: benchmarks.md#starfm-estarfm-gpu
           "caption": "2000 x 2000 x 6, 51 x 51 window, stf.fuse end to end",
           "date": "2026-11-26",
           "hardware": "1 NVIDIA H100 80GB",          # or the "machine" object that `stf bench` writes
@@ -21,6 +22,9 @@ page can be regenerated rather than edited. A file looks like::
         }
       ]
     }
+
+A section's anchor is its file's stem (``benchmarks.md#fsdaf``), a table's its ``id``, so pages can
+link to a measurement; ids are unique over the page.
 
 Usage::
 
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -83,6 +88,9 @@ _MACHINE_KEYS = (
 )
 
 
+_ID = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
+
+
 class BenchmarkFileError(STFError):
     """A file of ``docs/benchmarks/`` that does not follow the format of :mod:`gen_benchmarks`."""
 
@@ -114,6 +122,8 @@ def load(path: Path) -> dict[str, Any]:
         raise _fail(path, "the file", f"is not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise _fail(path, "the file", "must hold one JSON object")
+    if not _ID.fullmatch(path.stem):
+        raise _fail(path, "the file name", "must be lower-case words joined by '-' (it is the section's anchor)")
     _check_str(path, "'title'", data.get("title"))
     _check_str(path, "'summary'", data.get("summary"), optional=True)
     if not isinstance(data.get("order", 0), int):
@@ -125,10 +135,12 @@ def load(path: Path) -> dict[str, Any]:
         where = f"measurement {i + 1}"
         if not isinstance(table, dict):
             raise _fail(path, where, "must be an object")
-        for key in ("caption", "command"):
+        for key in ("id", "caption", "command"):
             _check_str(path, f"{where} '{key}'", table.get(key))
         for key in ("commit", "notes"):
             _check_str(path, f"{where} '{key}'", table.get(key), optional=True)
+        if not _ID.fullmatch(table["id"]):
+            raise _fail(path, f"{where} 'id'", f"must be lower-case words joined by '-', got {table['id']!r}")
         try:
             _dt.date.fromisoformat(str(table.get("date")))
         except ValueError:
@@ -193,7 +205,7 @@ def format_hardware(hardware: str | Mapping[str, Any]) -> str:
 def render_table(table: Mapping[str, Any]) -> str:
     """One measurement: caption, Markdown table, then hardware, date, commit and command."""
     columns = [format_value(c) for c in table["columns"]]
-    lines = [f"### {table['caption']}", ""]
+    lines = [f"### {table['caption']} {{#{table['id']}}}", ""]
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "---|" * len(columns))
     lines += ["| " + " | ".join(format_value(v) for v in row) + " |" for row in table["rows"]]
@@ -214,9 +226,17 @@ def render(source: Path = SOURCE) -> str:
     if not files:
         raise BenchmarkFileError(f"no measurement files (*.json) in {source}; add at least one.")
     loaded = sorted(((load(path), path.name) for path in files), key=lambda item: (item[0].get("order", 0), item[1]))
+    seen: dict[str, str] = {}
+    for data, name in loaded:
+        for table in data["measurements"]:
+            if table["id"] in seen:
+                raise BenchmarkFileError(
+                    f"{name}: table id {table['id']!r} is also used in {seen[table['id']]}; give each table its own id."
+                )
+            seen[table["id"]] = name
     parts = [HEADER]
-    for data, _ in loaded:
-        section = [f"## {data['title']}", ""]
+    for data, name in loaded:
+        section = [f"## {data['title']} {{#{Path(name).stem}}}", ""]
         if data.get("summary"):
             section += [data["summary"].strip(), ""]
         section += [render_table(table) for table in data["measurements"]]
@@ -278,6 +298,15 @@ def add(
     tables = from_bench(json.loads(raw.read_text()), command=command, date=date, commit=commit)
     path = source / f"{name}.json"
     data: dict[str, Any] = load(path) if path.exists() else {"title": title, "measurements": []}
+    taken = {table["id"] for table in data["measurements"]}
+    for table in tables:
+        base = re.sub(r"[^a-z0-9]+", "-", f"{name}-{table['caption']}-{date}".lower()).strip("-")
+        table["id"] = base
+        n = 1
+        while table["id"] in taken:
+            n += 1
+            table["id"] = f"{base}-{n}"
+        taken.add(table["id"])
     data["measurements"].extend(tables)
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     load(path)

@@ -66,7 +66,11 @@ def test_site_builds_without_warnings(tmp_path):
         assert f'id="{value.__module__}.{name}"' in api, name
     cli = (site / "cli" / "index.html").read_text()
     assert "usage: stf ingest" in cli and "stf-commands" not in cli
-    assert "2026-11-26" in (site / "benchmarks" / "index.html").read_text()
+    bench = (site / "benchmarks" / "index.html").read_text()
+    for path in (DOCS / "benchmarks").glob("*.json"):
+        assert f'id="{path.stem}"' in bench
+        for table in gen.load(path)["measurements"]:
+            assert f'id="{table["id"]}"' in bench
 
 
 def test_nav_orders_known_pages_and_keeps_unknown_ones(tmp_path):
@@ -141,6 +145,7 @@ GOOD = {
     "title": "Speed",
     "summary": "What was timed.",
     "measurements": [{
+        "id": "one-scene",
         "caption": "One scene",
         "date": "2026-11-26",
         "hardware": "1 × NVIDIA H100",
@@ -154,14 +159,15 @@ GOOD = {
 
 
 def test_render_writes_tables_with_their_hardware(tmp_path):
-    _write(tmp_path / "b.json", {**GOOD, "order": 1, "title": "Second"})
+    _write(tmp_path / "b.json", {**GOOD, "order": 1, "title": "Second",
+                                 "measurements": [{**GOOD["measurements"][0], "id": "other"}]})
     _write(tmp_path / "a.json", {**GOOD, "order": 2})
     page = gen.render(tmp_path)
     assert page.startswith(gen.HEADER)
     assert page.index("## Second") < page.index("## Speed")
     section = page[page.index("## Speed"):]
     assert section == (
-        "## Speed\n\nWhat was timed.\n\n### One scene\n\n"
+        "## Speed {#a}\n\nWhat was timed.\n\n### One scene {#one-scene}\n\n"
         "| method | time (s) | patches/s | error |\n|---|---|---|---|\n"
         "| STARFM \\| fast | 0.69 | 23,300 | 1.6e-06 |\n| ESTARFM | 10 | — | 3–4/6 |\n\n"
         "**Hardware:** 1 × NVIDIA H100 · **Date:** 2026-11-26 · **Commit:** `abc1234`  \n"
@@ -179,6 +185,8 @@ def test_render_writes_tables_with_their_hardware(tmp_path):
         ({"rows": [[1, 2]]}, "measurement 1 row 1 must be a list of 4 values (one per column)"),
         ({"rows": [[1, 2, 3, [4]]]}, "measurement 1 row 1 holds [4]: use a number, a string or null"),
         ({"columns": []}, "measurement 1 'columns' must be a non-empty list of strings"),
+        ({"id": "One Scene"}, "measurement 1 'id' must be lower-case words joined by '-', got 'One Scene'"),
+        ({"id": None}, "measurement 1 'id' must be a non-empty string, got None"),
     ],
 )
 def test_bad_measurement_files_are_named_with_the_fix(tmp_path, change, message):
@@ -191,9 +199,15 @@ def test_bad_measurement_files_are_named_with_the_fix(tmp_path, change, message)
     assert isinstance(err.value, stf.STFError)
 
 
-def test_render_refuses_an_empty_folder(tmp_path):
+def test_render_refuses_an_empty_folder_a_shared_id_and_a_bad_file_name(tmp_path):
     with pytest.raises(gen.BenchmarkFileError, match="no measurement files"):
         gen.render(tmp_path)
+    _write(tmp_path / "a.json", GOOD)
+    _write(tmp_path / "b.json", GOOD)
+    with pytest.raises(gen.BenchmarkFileError, match="b.json: table id 'one-scene' is also used in a.json"):
+        gen.render(tmp_path)
+    with pytest.raises(gen.BenchmarkFileError, match="the file name must be lower-case words"):
+        gen.load(_write(tmp_path / "My Bench.json", GOOD))
 
 
 def test_a_bench_result_is_filed_with_its_machine(tmp_path):
@@ -207,13 +221,18 @@ def test_a_bench_result_is_filed_with_its_machine(tmp_path):
         "note": "not a table",
     }
     raw = _write(tmp_path / "bench.json", result)
+    docs = tmp_path / "benchmarks"
+    docs.mkdir()
     path = gen.add(raw, "nn", title="Training", command="stf bench biastf", date="2026-12-04", commit=None,
-                   source=tmp_path)
+                   source=docs)
     gen.add(raw, "nn", title="ignored", command="stf bench biastf --repeats 2", date="2026-12-04", commit="ff00",
-            source=tmp_path)
+            source=docs)
     data = gen.load(path)
     assert data["title"] == "Training"
     assert [t["caption"] for t in data["measurements"]] == ["training", "zarr", "training", "zarr"]
+    assert [t["id"] for t in data["measurements"]] == [
+        "nn-training-2026-12-04", "nn-zarr-2026-12-04", "nn-training-2026-12-04-2", "nn-zarr-2026-12-04-2"]
+    assert "### training {#nn-training-2026-12-04-2}" in gen.render(docs)
     training = data["measurements"][0]
     assert training["columns"] == ["stage", "patches_per_s", "step_ms"]
     assert training["rows"] == [["G", 812.5, None], ["B", None, 3.0]]
