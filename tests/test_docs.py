@@ -117,10 +117,13 @@ def test_api_page_lists_every_public_name():
 def test_cli_page_has_every_command():
     from stf_pipeline.cli import build_parser
 
-    text = hooks.command_help(build_parser())
+    text = hooks.command_help(build_parser(), width=90)
     sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
     assert list(sub.choices) == re.findall(r"^### `stf (\w+)`", text, flags=re.MULTILINE)
-    assert "usage: stf ingest [-h] -o OUTPUT" in text
+    with hooks._columns(90):
+        for name, parser in sub.choices.items():
+            assert f"### `stf {name}`" in text and f"```text\n{parser.format_help().rstrip()}\n```" in text
+    assert "usage: stf ingest" in text
     assert hooks.CLI_MARKER in (DOCS / "cli.md").read_text()
 
 
