@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from stf_pipeline._params import check_param_types
 from stf_pipeline.exceptions import MethodError
 
 
@@ -118,7 +119,8 @@ class MethodSpec:
     extra_vars: Callable[[Any], tuple[str, ...]] | None = None
 
     def make_params(self, params: Any | None = None, **overrides: Any) -> Any:
-        """Build the parameter dataclass, rejecting unknown names with the valid ones listed."""
+        """Build the parameter dataclass, rejecting unknown names with the valid ones listed and
+        values of the wrong type with the expected type named."""
         if params is not None and not isinstance(params, self.params_type):
             raise MethodError(
                 f"params for method {self.name!r} must be a {self.params_type.__name__}, "
@@ -131,6 +133,7 @@ class MethodSpec:
                 f"unknown parameter(s) {unknown} for method {self.name!r}; "
                 f"valid parameters are {sorted(valid)}."
             )
+        check_param_types(self.params_type, overrides, method=self.name)
         base = params if params is not None else self.params_type()
         return dataclasses.replace(base, **overrides) if overrides else base
 
