@@ -1,17 +1,23 @@
 # Two commands do all set-up on a fresh machine that has only Python and pip:
-#   make demo   -> .venv, install .[dev], run the embedded demo pipeline
-#   make test   -> .venv, install .[dev], run the default test suite
+#   make demo   -> .venv, install the locked dependencies and the project, run the embedded demo pipeline
+#   make test   -> .venv, install the locked dependencies and the project, run the default test suite
+# Dependencies are installed from requirements-lock.txt (exact versions and hashes, Python 3.11 on
+# Linux x86-64); pyproject.toml keeps the ranges a user's own environment may resolve. `make lock`
+# re-resolves the ranges to today's newest versions and rewrites the lock.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+LOCK := requirements-lock.txt
 STAMP := $(VENV)/.installed
+LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 
-.PHONY: demo test test-slow clean
+.PHONY: demo test test-slow lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,8 +29,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# uv resolves for the target platform whatever machine runs it; it lives in its own venv so the
+# project's venv holds exactly the lock.
+lock:
+	$(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/python -m pip install --quiet --upgrade uv
+	$(VENV)-lock/bin/uv pip compile pyproject.toml --extra dev $(LOCK_TARGET) --generate-hashes --upgrade \
+		--custom-compile-command "make lock" --quiet -o $(LOCK)
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(VENV)-lock out
 
 .PHONY: docs
 
