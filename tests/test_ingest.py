@@ -19,12 +19,13 @@ from rasterio.transform import from_origin
 
 import stf_pipeline as stf
 from stf_pipeline.exceptions import CatalogError
-from stf_pipeline.ingest import SENSORS, DatePattern, Sensor, dated_files, get_sensor, ingest
+from stf_pipeline._ingest import ingest
+from stf_pipeline.sensors import SENSORS, DatePattern, Sensor, get_sensor
 from stf_pipeline.testing import raise_if_dask_computes
 
 BANDS6 = ("blue", "green", "red", "nir", "swir1", "swir2")
 FINE = Sensor("tm", BANDS6, scale=1e-4, nodata=-9999)
-COARSE = SENSORS["mod09ga"]  # MODIS band order: red, nir, blue, green, nir2, swir1, swir2
+COARSE = SENSORS["mod09ga"].without_mask()  # 7-band files in MODIS band order: red, nir, blue, green, nir2, swir1, swir2
 X0, Y0, RES = 500_000.0, 4_000_000.0, 30.0
 
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # affine's `*` inside rasterio
@@ -88,7 +89,7 @@ def test_geotiff_scale_nodata_bands_and_nearest_upsampling(scene, backend):
         _by_date(files["coarse"]),
         bands=["red", "nir"],
         fine_sensor=FINE,
-        coarse_sensor="mod09ga",
+        coarse_sensor=COARSE,
         coarse_factor=16,
         chunks={"y": 16, "x": 16} if backend == "dask" else None,
     )
@@ -312,11 +313,12 @@ def test_error_files_and_dates(scene, tmp_path):
         ingest({}, coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE)
     with pytest.raises(CatalogError, match=r"no coarse files given"):
         ingest(_by_date(files["fine"]), {}, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE)
-    with pytest.raises(CatalogError, match=r"fine: paths were given without dates"):
+    with pytest.raises(CatalogError, match=r"fine: cannot tell the date of .*LT05_2001137.tif: sensor .tm. declares no date pattern"):
         ingest(list(files["fine"].values()), coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE)
     pattern = DatePattern(r"LT05_(\d{4})", "%Y")
     with pytest.raises(CatalogError, match=r"fine: two files for 2001-01-01"):
-        dated_files(list(files["fine"].values()), date_pattern=pattern, role="fine")
+        ingest(list(files["fine"].values()), coarse, date_pattern=pattern, bands=["red"], fine_sensor=FINE,
+               coarse_sensor=COARSE)
     with pytest.raises(CatalogError, match=r"cannot read a date from 'x/b.tif': regex"):
         DatePattern(r"(\d{8})", "%Y%m%d").parse("x/b.tif")
     with pytest.raises(CatalogError, match=r"'2001999' .*does not match date format '%Y%j'"):
@@ -324,7 +326,7 @@ def test_error_files_and_dates(scene, tmp_path):
     with pytest.raises(CatalogError, match=r"date regex .* has no group; wrap the date part in"):
         DatePattern(r"\d+", "%Y")
     with pytest.raises(CatalogError, match=r"cannot read 'someday' as a date"):
-        dated_files({"someday": "a.tif"})
+        ingest({"someday": "a.tif"}, coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE)
     with pytest.raises(CatalogError, match=r"resampling 'lanczos' is not one of"):
         ingest(_by_date(files["fine"]), coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE,
                resampling="lanczos")
