@@ -333,12 +333,11 @@ def _band_data(scene: _Scene, bands: Sequence[str], chunks: Mapping[str, int] | 
                     f"{grid.describe()}; the bands of a scene must share one grid (resample them first)."
                 )
             grid = grid or _grid_of(layer)
-            layers.append(layer.drop_vars([c for c in layer.coords if c not in ("y", "x")]))
+            layers.append(layer.drop_vars([c for c in layer.coords if c not in ("y", "x")]).rio.write_crs(grid.crs))
             nodata.append(layer.rio.nodata)
         picked = xr.concat(layers, dim="band", join="override", coords="minimal", compat="override")
         if isinstance(picked.data, da.Array):
             picked = picked.chunk({"band": -1})
-        picked = picked.rio.write_crs(layers[0].rio.crs) if layers[0].rio.crs is not None else picked
     return picked.drop_vars([c for c in picked.coords if c not in ("y", "x", "spatial_ref")]).assign_coords(
         band=list(bands)
     ).assign_attrs(file_nodata=nodata)
@@ -556,16 +555,20 @@ def _check_covers(path: Path, grid: _Grid, fine_grid: _Grid) -> None:
 
 
 def _derived_factor(grid: _Grid, fine_grid: _Grid) -> int:
-    """Native coarse pixel size in fine pixels, from the two grids (the coarse pixel measured in the fine CRS)."""
+    """Native coarse pixel size in fine pixels: the square root of the area, in the fine CRS, of the
+    coarse pixel at the centre of the coarse grid (MODIS sinusoidal pixels are sheared in UTM)."""
     if not grid.georeferenced:
         return max(1, round(fine_grid.shape[0] / grid.shape[0]))
-    size = abs(grid.transform.a)
-    if grid.crs != fine_grid.crs and grid.crs is not None and fine_grid.crs is not None:
-        from rasterio.warp import calculate_default_transform
+    row, col = grid.shape[0] // 2, grid.shape[1] // 2
+    corners = [grid.transform * (col + dc, row + dr) for dc, dr in ((0, 0), (1, 0), (1, 1), (0, 1))]
+    xs, ys = np.array([c[0] for c in corners]), np.array([c[1] for c in corners])
+    if grid.crs is not None and fine_grid.crs is not None and grid.crs != fine_grid.crs:
+        from rasterio.warp import transform
 
-        transform, _, _ = calculate_default_transform(grid.crs, fine_grid.crs, grid.shape[1], grid.shape[0], *_bounds(grid))
-        size = abs(transform.a)
-    return max(1, round(size / abs(fine_grid.transform.a)))
+        xs, ys = map(np.asarray, transform(grid.crs, fine_grid.crs, xs, ys))
+    area = 0.5 * abs(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1)))  # shoelace
+    fine_area = abs(fine_grid.transform.a * fine_grid.transform.e)
+    return max(1, round(float(np.sqrt(area / fine_area))))
 
 
 def ingest(
