@@ -45,7 +45,7 @@ _LAZY: dict[str, str] = {
     "open_catalog": "stf_pipeline.catalog",
     "ingest": "stf_pipeline._ingest",
     "from_stac": "stf_pipeline.stac",
-    "export": "stf_pipeline.export",
+    "export": "stf_pipeline._export",
     "train": "stf_pipeline.training",
     "load_model": "stf_pipeline.training",
     "evaluate": "stf_pipeline.metrics",

@@ -1,6 +1,7 @@
 """The ``stf`` command: a thin argparse layer over the library.
 
-``stf run PIPELINE.yaml``, ``stf info CUBE.zarr``, ``stf ingest CATALOG -o CUBE.zarr``,
+``stf run PIPELINE.yaml``, ``stf info CUBE.zarr``, ``stf ingest CATALOG -o CUBE.zarr`` (or
+``--fine GLOB --coarse GLOB``), ``stf export FUSED.zarr -o DIR``,
 ``stf bench NAME [ARGS...]`` (``stf_pipeline.benchmarks.NAME.main``) and
 ``stf compare PIPELINE.yaml [ARGS...]`` (``stf_pipeline.comparison.main``). Errors of the library
 (:class:`~stf_pipeline.STFError`) are printed as one line and exit with status 1.
@@ -39,18 +40,6 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ingest(args: argparse.Namespace) -> int:
-    from stf_pipeline.catalog import open_catalog
-    from stf_pipeline.cube import write_cube
-    from stf_pipeline.info import describe_cube
-
-    cube, task = open_catalog(args.catalog, root=args.root)
-    path = write_cube(cube, args.output, overwrite=args.overwrite)
-    print(describe_cube(path))
-    print(f"task: target {task.to_attrs()['target']}, pairs {task.to_attrs()['pairs']}")
-    return 0
-
-
 def _benchmarks() -> list[str]:
     import stf_pipeline.benchmarks as package
 
@@ -83,12 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cube", type=Path, help="cube store (*.zarr)")
     p.set_defaults(func=_info)
 
-    p = sub.add_parser("ingest", help="read a catalog's files into a cube store")
-    p.add_argument("catalog", help="catalog name (catalogs/NAME.yaml) or path to a catalog YAML")
-    p.add_argument("-o", "--output", type=Path, required=True, help="cube store to write (*.zarr)")
-    p.add_argument("--root", type=Path, default=None, help="data root (default $STF_DATA_ROOT or ../shared/data/real)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing cube store")
-    p.set_defaults(func=_ingest)
+    from stf_pipeline import _export, _ingest  # `stf ingest` and `stf export`: parsers beside their code
+
+    _ingest.add_parser(sub)
+    _export.add_parser(sub)
 
     p = sub.add_parser("bench", help="run a benchmark: stf_pipeline.benchmarks.NAME", add_help=False)
     p.add_argument("name", help="benchmark module name")
