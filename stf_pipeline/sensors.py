@@ -163,13 +163,16 @@ class QAMask:
         return found[band]
 
     def bad(self, qa: np.ndarray) -> np.ndarray:
-        """Boolean array: where any used rule marks ``qa`` bad, grown by ``dilation`` pixels.
+        """Boolean array: where any used rule marks ``qa`` bad (or ``qa`` is NaN), grown by ``dilation`` pixels.
 
         ``qa`` has the quality band's pixels on its last two axes.
         """
         from scipy import ndimage
 
-        bad = np.zeros(qa.shape, dtype=bool)
+        missing = ~np.isfinite(qa) if np.issubdtype(qa.dtype, np.floating) else np.zeros(qa.shape, dtype=bool)
+        if missing.any():  # a quality band read as float (a STAC loader's fill): no quality known -> bad
+            qa = np.where(missing, 0, qa)
+        bad = missing.copy()
         for rule in self.rules:
             if rule.name in self.use:
                 bad |= rule.bad(qa)

@@ -10,6 +10,8 @@ Coarse: MODIS MOD09GA as AppEEARS delivers it, one int16 GeoTIFF per band
 1 km ``state_1km_1`` bit field (bits 0-1 cloud state, 2 shadow, 8-9 cirrus) on the MODIS sinusoidal
 grid (463.3 m / 926.6 m pixels), covering the fine area with a margin.
 
+:func:`write_stac` adds a static STAC catalog of them (``stac/``, one collection per sensor).
+
 Values are seeded random fields; :func:`write_products` returns them (reflectance before
 encoding, quality arrays, grids) so tests compute expected cube values independently.
 
@@ -44,12 +46,18 @@ BANDS = ("blue", "green", "red", "nir", "swir1", "swir2")
 
 
 def write(path: Path, data: np.ndarray, *, crs: Any, transform: Any, nodata: float | None = None) -> Path:
-    """One single-band GeoTIFF."""
-    with rasterio.open(
-        path, "w", driver="GTiff", height=data.shape[0], width=data.shape[1], count=1, dtype=data.dtype,
-        crs=crs, transform=transform, nodata=nodata,
-    ) as dst:
-        dst.write(data, 1)
+    """One single-band Cloud-Optimized GeoTIFF (as the archives deliver them)."""
+    import rasterio.shutil
+    from rasterio.io import MemoryFile
+
+    with MemoryFile() as memory:
+        with memory.open(
+            driver="GTiff", height=data.shape[0], width=data.shape[1], count=1, dtype=data.dtype,
+            crs=crs, transform=transform, nodata=nodata,
+        ) as dst:
+            dst.write(data, 1)
+        with memory.open() as src:
+            rasterio.shutil.copy(src, path, driver="COG", BLOCKSIZE=256)
     return path
 
 
@@ -111,12 +119,76 @@ def write_products(folder: Path, *, seed: int = 0) -> dict[str, Any]:
     return out
 
 
+def _asset(pystac: Any, path: Path, roles: list[str]) -> Any:
+    """A STAC asset of a local file with its projection fields (shape, transform, CRS as WKT2 or EPSG code)."""
+    with rasterio.open(path) as src:
+        extra = {"proj:shape": [src.height, src.width], "proj:transform": list(src.transform)[:6]}
+        epsg = src.crs.to_epsg()
+        extra.update({"proj:code": f"EPSG:{epsg}"} if epsg else {"proj:wkt2": src.crs.to_wkt()})
+    return pystac.Asset(href=str(path.resolve()), media_type=pystac.MediaType.COG, roles=roles, extra_fields=extra)
+
+
+def write_stac(folder: Path, *, drop: tuple[str, str] | None = None) -> dict[str, Path]:
+    """A static STAC catalog of the files in ``folder`` (after :func:`write_products`): one collection per
+    sensor, one item per scene. Landsat assets are keyed by common names (``red``, ``nir08``, ``qa_pixel``)
+    as USGS and Planetary Computer key them; MODIS assets by their layer names. ``drop=(item id, asset key)``
+    leaves one asset out. Returns the collections' JSON paths, ``{"fine": ..., "coarse": ...}``."""
+    import datetime
+
+    import pystac
+    from pystac.extensions.projection import ProjectionExtension
+    from rasterio.warp import transform_geom
+
+    common = {1: "coastal", 2: "blue", 3: "green", 4: "red", 5: "nir08", 6: "swir16", 7: "swir22"}
+    tm = {1: "blue", 2: "green", 3: "red", 4: "nir08", 5: "swir16", 7: "swir22"}
+    scenes: dict[str, list[tuple[str, datetime.datetime, dict[str, Path]]]] = {"fine": [], "coarse": []}
+    for date, (product, numbers) in LANDSAT.items():
+        keys = common if product.startswith("LC") else tm
+        assets = {keys[n]: folder / f"{product}_SR_B{n}.TIF" for n in numbers.values()}
+        assets["qa_pixel"] = folder / f"{product}_QA_PIXEL.TIF"
+        scenes["fine"].append((product, datetime.datetime.fromisoformat(date + "T09:40:00+00:00"), assets))
+    for date, doy in MODIS_DATES.items():
+        assets = {f"sur_refl_b{n:02d}": folder / f"MOD09GA.061_sur_refl_b{n:02d}_1_doy{doy}_aid0001.tif"
+                  for n in MODIS_BANDS.values()}
+        assets["state_1km"] = folder / f"MOD09GA.061_state_1km_1_doy{doy}_aid0001.tif"
+        scenes["coarse"].append((f"MOD09GA.A{doy}.h19v05.061", datetime.datetime.fromisoformat(date + "T10:30:00+00:00"), assets))
+    out = {}
+    root = pystac.Catalog("stf-test", "small Landsat and MODIS-like COGs")
+    for role, entries in scenes.items():
+        items = []
+        for item_id, when, assets in entries:
+            with rasterio.open(next(iter(assets.values()))) as src:
+                b = src.bounds
+                ring = [[b.left, b.bottom], [b.right, b.bottom], [b.right, b.top], [b.left, b.top], [b.left, b.bottom]]
+                geometry = transform_geom(src.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring]})
+            xs = [p[0] for p in geometry["coordinates"][0]]
+            ys = [p[1] for p in geometry["coordinates"][0]]
+            item = pystac.Item(item_id, geometry, [min(xs), min(ys), max(xs), max(ys)], when, {})
+            ProjectionExtension.add_to(item)
+            for key, path in assets.items():
+                if (item_id, key) != drop:
+                    item.add_asset(key, _asset(pystac, path, ["data"] if key not in ("qa_pixel", "state_1km") else ["qa"]))
+            items.append(item)
+        collection = pystac.Collection(
+            f"{role}-collection", f"{role} scenes", pystac.Extent(
+                pystac.SpatialExtent([list(items[0].bbox)]), pystac.TemporalExtent([[items[0].datetime, items[-1].datetime]])
+            ),
+        )
+        collection.add_items(items)
+        root.add_child(collection)
+        out[role] = folder / "stac" / f"{role}-collection" / "collection.json"
+    root.normalize_hrefs(str(folder / "stac"))
+    root.save(pystac.CatalogType.SELF_CONTAINED)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     write_products(args.outdir, seed=args.seed)
+    write_stac(args.outdir)
 
 
 if __name__ == "__main__":
