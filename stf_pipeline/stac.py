@@ -115,6 +115,7 @@ def _load(
     resampling: str,
     geobox: Any | None,
     load_options: Mapping[str, Any],
+    crop: tuple[float, float, float, float] | None = None,
 ) -> tuple[xr.DataArray, Any, dict[np.datetime64, str], list[Sensor]]:
     """Items of one sensor -> ``(time, band, y, x)`` float32 reflectance (NaN masked), its geobox, item ids by date."""
     groups: dict[Sensor, list[Any]] = {}
@@ -144,8 +145,10 @@ def _load(
             chunks=dict(chunks or {"x": -1, "y": -1}),
             resampling={"*": resampling, **modes},
             geobox=geobox,
-            **load_options,
+            **(load_options if geobox is None else {}),  # later groups: the first group's grid
         )
+        if geobox is None and crop is not None:
+            ds = _crop(ds, crop)
         geobox = ds.odc.geobox
         times = ds["time"].values.astype("datetime64[D]").astype("datetime64[ns]")
         for t, item_ids in zip(times, _ids_by_day(group)):
@@ -181,6 +184,18 @@ def _load(
     if np.unique(stack["time"].values).size != stack.sizes["time"]:
         raise CatalogError("two STAC items of different sensors fall on one day; keep one sensor per date.")
     return stack, geobox, labels, list(groups)
+
+
+def _crop(ds: xr.Dataset, bbox: tuple[float, float, float, float]) -> xr.Dataset:
+    """The pixels of ``ds`` (on its native grid) whose centres lie in the lon/lat ``bbox``."""
+    from rasterio.warp import transform_bounds
+
+    west, south, east, north = transform_bounds("EPSG:4326", ds.odc.geobox.crs.to_wkt(), *bbox, densify_pts=21)
+    x, y = ds["x"].values, ds["y"].values
+    keep_x, keep_y = (x >= west) & (x <= east), (y >= south) & (y <= north)
+    if not keep_x.any() or not keep_y.any():
+        raise CatalogError(f"bbox {bbox} does not overlap the fine items' grid; give a lon/lat box inside their footprint.")
+    return ds.isel(x=np.flatnonzero(keep_x), y=np.flatnonzero(keep_y))
 
 
 def _ids_by_day(items: list[Any]) -> list[list[str]]:
@@ -245,7 +260,8 @@ def from_stac(
     bands : sequence of str, optional
         Cube bands; default every band both sensors provide.
     bbox : (west, south, east, north), optional
-        Area in degrees (EPSG:4326); default the fine items' extent.
+        Area in degrees (EPSG:4326): the fine items' pixels whose centres lie in it (their native
+        grid, cropped); default the fine items' extent.
     crs, resolution : optional
         Grid of the cube; default the fine items' native CRS and resolution.
     resampling : {"nearest", "bilinear", "cubic", "average"}, default "nearest"
@@ -281,6 +297,8 @@ def from_stac(
     >>> cube = stf.from_stac(landsat_items, modis_items, fine_sensor="landsat_c2_l2", coarse_sensor="mod09a1",
     ...                      bbox=(12.4, 41.8, 12.6, 41.95), asset_keys={"QA_PIXEL": "qa_pixel"})  # doctest: +SKIP
     """
+    import rioxarray  # noqa: F401  (registers .rio)
+
     odc_stac = _import_odc()
     if resampling not in RESAMPLING:
         raise CatalogError(f"resampling {resampling!r} is not one of {RESAMPLING}.")
@@ -291,9 +309,12 @@ def from_stac(
     overrides = dict(asset_keys or {})
     fine_list, coarse_list = _items(fine_items, "fine"), _items(coarse_items, "coarse")
     common = {"mask": mask, "overrides": overrides, "chunks": chunks}
-    grid_options: dict[str, Any] = {k: v for k, v in (("bbox", bbox), ("crs", crs), ("resolution", resolution)) if v is not None}
+    grid_options: dict[str, Any] = {k: v for k, v in (("crs", crs), ("resolution", resolution)) if v is not None}
+    if grid_options and bbox is not None:
+        grid_options["bbox"] = bbox  # a grid of the user's: odc-stac fits it to the box
     fine, geobox, fine_labels, fine_members = _load(
-        odc_stac, fine_list, sensors["fine"], bands, resampling="nearest", geobox=None, load_options=grid_options, **common
+        odc_stac, fine_list, sensors["fine"], bands, resampling="nearest", geobox=None, load_options=grid_options,
+        crop=None if grid_options else bbox, **common
     )
     _check_coverage(coarse_list, geobox)
     coarse, _, coarse_labels, coarse_members = _load(
