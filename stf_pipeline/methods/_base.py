@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, get_
 
 import numpy as np
 
+from stf_pipeline._params import check_param_types
 from stf_pipeline.exceptions import MethodError
 
 if TYPE_CHECKING:
@@ -221,7 +222,8 @@ class MethodSpec(Generic[P]):
         return self.kernels[self.resolve_backend(backend)]
 
     def make_params(self, params: P | None = None, **overrides: Any) -> P:
-        """Build the parameter dataclass, rejecting unknown names with the valid ones listed."""
+        """Build the parameter dataclass, rejecting unknown names with the valid ones listed and
+        values of the wrong type with the expected type named."""
         if params is not None and not isinstance(params, self.params_type):
             raise MethodError(
                 f"params for method {self.name!r} must be a {self.params_type.__name__}, "
@@ -235,6 +237,7 @@ class MethodSpec(Generic[P]):
                 f"unknown parameter(s) {unknown} for method {self.name!r}; "
                 f"valid parameters are {sorted(valid)}{hint}."
             )
+        check_param_types(self.params_type, overrides, method=self.name)
         base = params if params is not None else self.params_type()
         return dataclasses.replace(base, **overrides) if overrides else base  # type: ignore[type-var]
 
