@@ -1,4 +1,4 @@
-"""ESTARFM's NumPy reference, host kernels and engine hooks: the Enhanced STARFM for complex heterogeneous regions (Zhu et al. 2010).
+"""ESTARFM (Zhu et al. 2010): the NumPy reference, the host kernels and the engine hooks.
 
 Zhu, X., Chen, J., Gao, F., Chen, X., Masek, J. G. (2010). An enhanced spatial and temporal
 adaptive reflectance fusion model for complex heterogeneous regions. Remote Sensing of
