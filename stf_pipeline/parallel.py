@@ -74,7 +74,7 @@ def _apply_block(
     coarse = stacked[n_pairs : 2 * n_pairs]
     coarse_target = stacked[2 * n_pairs]
     if extra_names:
-        kwargs["extra"] = dict(zip(extra_names, extra_blocks))
+        kwargs["extra"] = dict(zip(extra_names, extra_blocks, strict=True))
     out = kernel(fine, coarse, coarse_target, **kwargs)
     return np.asarray(out, dtype=np.float32)
 

@@ -232,3 +232,8 @@ def offset_distances(radius: int) -> np.ndarray:
     side = np.arange(-radius, radius + 1, dtype=np.float64)
     dy, dx = np.meshgrid(side, side, indexing="ij")
     return np.sqrt(dy * dy + dx * dx).ravel().astype(np.float32)
+
+
+def as_f32(a: Any) -> np.ndarray:
+    """``a`` as a C-contiguous float32 NumPy array (what the compiled kernels take)."""
+    return np.ascontiguousarray(a, dtype=np.float32)

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from stf_pipeline.exceptions import MethodError
-from stf_pipeline.kernels.similar import accumulate_numpy, check_window, f_critical
-from stf_pipeline.kernels.stats import class_std_summary, quiet_nan, scene_std, with_class_std
+from stf_pipeline.kernels.similar import accumulate_numpy, f_critical
+from stf_pipeline.kernels.stats import ClassStd, quiet_nan, scene_std
 from stf_pipeline.kernels.window import box_sum
 from stf_pipeline.methods._base import MethodContext
 from stf_pipeline.methods.estarfm.numba import estarfm_finish, estarfm_sums
@@ -246,13 +246,5 @@ def halo(params: EstarfmParams, context: MethodContext) -> int:
     return params.half_window
 
 
-def summarize(fine: Any, coarse: Any, coarse_target: Any, params: EstarfmParams) -> tuple[Any, ...] | None:
-    """``SceneStatistics.summarize``: checks the window against the scene; the scene std of each
-    fine band unless ``class_std`` is given."""
-    check_window(params.window_radius, tuple(fine.shape[-2:]), "estarfm")
-    return None if params.class_std is not None else (class_std_summary(fine),)
-
-
-def fit_statistics(params: EstarfmParams, std: Any) -> EstarfmParams:
-    """``SceneStatistics.fit``: ``class_std`` from the scene std."""
-    return with_class_std(params, std, "estarfm")
+#: ``MethodSpec.statistics``: the scene std of each fine band, once for the whole scene.
+STATISTICS = ClassStd("estarfm")

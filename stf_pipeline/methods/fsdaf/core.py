@@ -42,6 +42,7 @@ from the authors' code: ``docs/methods/fsdaf.md``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -237,31 +238,11 @@ def _range_fix(
     return np.where((pred < lo) | (pred > hi), fallback, pred)
 
 
-def fsdaf_numba(
-    fine: np.ndarray,
-    coarse: np.ndarray,
-    coarse_target: np.ndarray,
-    *,
-    params: FSDAFParams,
-    model: object | None = None,
-    extra: dict[str, np.ndarray] | None = None,
-) -> np.ndarray:
-    """FSDAF of one block (backend ``numba``, the reference): every step compiled for the CPU."""
-    return fsdaf_kernel(fine, coarse, coarse_target, params=params, extra=extra, backend="numba")
-
-
-def fsdaf_jax(
-    fine: np.ndarray,
-    coarse: np.ndarray,
-    coarse_target: np.ndarray,
-    *,
-    params: FSDAFParams,
-    model: object | None = None,
-    extra: dict[str, np.ndarray] | None = None,
-) -> np.ndarray:
-    """FSDAF of one block (backend ``jax``): the similar-pixel step (g), most of the work, with JAX
-    on its default device (``lax.top_k`` over row strips); the other steps as ``numba``."""
-    return fsdaf_kernel(fine, coarse, coarse_target, params=params, extra=extra, backend="jax")
+#: FSDAF of one block, backend ``numba`` (the reference): every step compiled for the CPU.
+fsdaf_numba = functools.partial(fsdaf_kernel, backend="numba")
+#: FSDAF of one block, backend ``jax``: the similar-pixel step (g), most of the work, with JAX on
+#: its default device (``lax.top_k`` over row strips); the other steps as ``numba``.
+fsdaf_jax = functools.partial(fsdaf_kernel, backend="jax")
 
 
 def prepare(params: FSDAFParams, context: MethodContext, model: object | None = None) -> FSDAFParams:

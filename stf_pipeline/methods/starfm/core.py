@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from stf_pipeline.exceptions import MethodError
-from stf_pipeline.kernels.similar import accumulate_numpy, check_window, radius_from_distance
-from stf_pipeline.kernels.stats import class_std_summary, quiet_nan, scene_std, with_class_std
+from stf_pipeline.kernels.similar import accumulate_numpy, radius_from_distance
+from stf_pipeline.kernels.stats import ClassStd, quiet_nan, scene_std
 from stf_pipeline.methods._base import MethodContext
 from stf_pipeline.methods.starfm.params import StarfmParams
 
@@ -198,13 +198,5 @@ def halo(params: StarfmParams, context: MethodContext) -> int:
     return params.window_radius
 
 
-def summarize(fine: Any, coarse: Any, coarse_target: Any, params: StarfmParams) -> tuple[Any, ...] | None:
-    """``SceneStatistics.summarize``: checks the window against the scene; the scene std of each
-    fine band unless ``class_std`` is given."""
-    check_window(params.window_radius, tuple(fine.shape[-2:]), "starfm")
-    return None if params.class_std is not None else (class_std_summary(fine),)
-
-
-def fit_statistics(params: StarfmParams, std: Any) -> StarfmParams:
-    """``SceneStatistics.fit``: ``class_std`` from the scene std."""
-    return with_class_std(params, std, "starfm")
+#: ``MethodSpec.statistics``: the scene std of each fine band, once for the whole scene.
+STATISTICS = ClassStd("starfm")
