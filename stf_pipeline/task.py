@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import dask.array as da
 import numpy as np
@@ -13,7 +13,7 @@ import xarray as xr
 
 from stf_pipeline.exceptions import TaskError
 
-DateLike = str | np.datetime64 | pd.Timestamp | Any
+DateLike: TypeAlias = str | np.datetime64 | pd.Timestamp | Any
 
 
 def to_datetime64(value: DateLike) -> np.datetime64:

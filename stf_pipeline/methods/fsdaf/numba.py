@@ -104,7 +104,7 @@ def _blend_rows(
                 for i in range(m):
                     packed = (np.int64(key_bits[i]) << 32) | (base + i)
                     hit[c] = packed
-                    c += packed < worst
+                    c += packed < worst  # type: ignore[assignment]  # bool as 0/1, compiled
                 for q in range(c):
                     packed = hit[q]
                     if packed >= worst:
