@@ -136,10 +136,16 @@ def resolve_task(
         if p == target64:
             raise TaskError(f"pair date {iso_date(p)} is the target date; pairs must be other dates.")
         if p not in times:
-            raise TaskError(f"pair date {iso_date(p)} is not in the cube; its dates are {[iso_date(t) for t in times]}.")
+            raise TaskError(
+                f"pair date {iso_date(p)} is not in the cube; its dates are {[iso_date(t) for t in times]}."
+            )
         i = int(np.flatnonzero(times == p)[0])
         if not fine_ok[i]:
-            raise TaskError(f"the fine image at pair date {iso_date(p)} is all NaN; choose a date with a fine observation.")
+            raise TaskError(
+                f"the fine image at pair date {iso_date(p)} is all NaN; choose a date with a fine observation."
+            )
         if not coarse_ok[i]:
-            raise TaskError(f"the coarse image at pair date {iso_date(p)} is all NaN; choose a date with a coarse observation.")
+            raise TaskError(
+                f"the coarse image at pair date {iso_date(p)} is all NaN; choose a date with a coarse observation."
+            )
     return Task(target=target64, pairs=tuple(pair64))

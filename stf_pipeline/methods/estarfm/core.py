@@ -230,7 +230,12 @@ def estarfm_numpy(
 
 
 def estarfm_numba(
-    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, *, params: EstarfmParams, model: object | None = None
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
+    *,
+    params: EstarfmParams,
+    model: object | None = None,
 ) -> np.ndarray:
     """ESTARFM of one block (backend ``numba``): the window sums compiled per pixel
     (:func:`stf_pipeline.methods.estarfm.numba.estarfm_sums`, float64 accumulation; fastest on

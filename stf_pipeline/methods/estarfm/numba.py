@@ -285,7 +285,8 @@ def estarfm_finish(
 
 
 def spectral_correlation(fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
-    """ESTARFM's ``R`` per pixel (see :func:`stf_pipeline.methods.estarfm.core.spectral_correlation`), float64 ``(y, x)``.
+    """ESTARFM's ``R`` per pixel, float64 ``(y, x)``
+    (see :func:`stf_pipeline.methods.estarfm.core.spectral_correlation`).
 
     ``fine``, ``coarse``: ``(pair, band, y, x)``.
     """
@@ -310,7 +311,8 @@ def estarfm_sums(
 ) -> list[np.ndarray]:
     """ESTARFM's twelve window sums (as :func:`stf_pipeline.methods.estarfm.core.body` accumulates them), float64.
 
-    ``centre``, ``neighbour``, ``constants``: the arrays of :func:`stf_pipeline.methods.estarfm.core.prepare_arrays`; ``eps``:
+    ``centre``, ``neighbour``, ``constants``: the arrays of
+    :func:`stf_pipeline.methods.estarfm.core.prepare_arrays`; ``eps``:
     added to ``(1 - R) D`` before inverting. Returns ``[count, total, *sums]``: ``(y, x)`` twice,
     then ten ``(band, y, x)``.
     """

@@ -17,7 +17,8 @@ prediction that captures land-cover change. Steps (paper section and the authors
     each class (fraction > 0.01) whose coarse change lies within that class's 10th-90th
     percentiles give the rows of ``ΔC = Σ_c f_c Δf_c``; ``Δf`` is bounded to
     ``[min ΔC - std ΔC, max ΔC + std ΔC]`` over the window (IDL ``P_OLS`` with
-    ``CONSTRAINED_MIN``), solved by a batched active-set method (:func:`stf_pipeline.kernels.lstsq.box_lstsq`). The window
+    ``CONSTRAINED_MIN``), solved by a batched active-set method
+    (:func:`stf_pipeline.kernels.lstsq.box_lstsq`). The window
     moves with the cell, so the change varies across large scenes;
 (d) **temporal prediction** ``F_TP = F1 + Δf(class)`` and its coarse **residual**
     ``R = ΔC - Σ_c f_c Δf_c`` (Eq. 5-8, :func:`residuals`);

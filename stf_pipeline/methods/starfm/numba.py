@@ -126,7 +126,12 @@ def starfm_sums(
 
 
 def starfm_numba(
-    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, *, params: StarfmParams, model: object | None = None
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
+    *,
+    params: StarfmParams,
+    model: object | None = None,
 ) -> np.ndarray:
     """STARFM of one block (backend ``numba``): the window sums compiled per row, float64
     accumulation; fastest on CPUs."""

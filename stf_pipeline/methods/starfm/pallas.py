@@ -81,7 +81,9 @@ def starfm_program(radius: int, pairs: int, bands: int, strict: bool, interpret:
     return jax.jit(run, static_argnames="shape")
 
 
-def pallas_sums(centre: dict[str, Any], neighbour: dict[str, Any], threshold: Any, params: StarfmParams) -> tuple[Any, Any]:
+def pallas_sums(
+    centre: dict[str, Any], neighbour: dict[str, Any], threshold: Any, params: StarfmParams
+) -> tuple[Any, Any]:
     """The window sums by :func:`starfm_program` (traceable)."""
     import jax
 
