@@ -175,7 +175,7 @@ def fuse_series(
         Keyword arguments for ``stf.train`` when the model is trained here; ``train_times``
         default to the cube's ``stf_train_times`` attr, else every date with fine data.
     **params
-        Method parameters.
+        Method parameters, and ``backend=`` as for :func:`stf_pipeline.fuse`.
 
     Returns
     -------
@@ -210,7 +210,8 @@ def fuse_series(
     validate_cube(cube, check_values=True)
     spec = get_method(method)
     context = method_context(cube)
-    p = spec.make_params(**params)
+    spec.resolve_backend(str(params.get("backend", "auto")))  # stf.fuse's backend= passes through params
+    p = spec.make_params(**{name: value for name, value in params.items() if name != "backend"})
     if spec.prepare is not None:
         p = spec.prepare(p, context)
     keep = _check_keep(cube, keep)
