@@ -31,7 +31,7 @@ def fuse(
     cube: xr.Dataset,
     target: DateLike,
     *,
-    method: str,
+    method: str | MethodSpec[Any],
     pairs: Sequence[DateLike] | None = None,
     model: Any | None = None,
     chunks: tuple[int, int] | None = None,
@@ -50,8 +50,10 @@ def fuse(
         A cube (see :func:`stf_pipeline.validate_cube`).
     target : str, numpy.datetime64 or pandas.Timestamp
         Date to predict; its coarse image must be present.
-    method : str
-        Registered method name: ``delta``, ``starfm``, ``estarfm``, ``fsdaf``, ``stfdcnn``, ``biastf``.
+    method : str or MethodSpec
+        Registered method name (``delta``, ``starfm``, ``estarfm``, ``fsdaf``, ``stfdcnn``,
+        ``biastf``: :func:`stf_pipeline.available_methods`), or a :class:`MethodSpec` not in the
+        registry (e.g. one under development).
     pairs : sequence of date-like, optional
         Fine+coarse pair dates; default the nearest before and after the target (one for
         one-pair methods).
@@ -87,7 +89,7 @@ def fuse(
     from stf_pipeline import __version__
 
     validate_cube(cube)
-    spec = get_method(method)
+    spec = method if isinstance(method, MethodSpec) else get_method(method)
     context = method_context(cube)
     p = spec.make_params(**params)
     chosen = spec.resolve_backend(backend)

@@ -10,7 +10,7 @@ same operations, in the same band order, as the JAX path :mod:`stf_pipeline.meth
 packed with their scan index into one int64 (key bits above, index below: positive floats order
 like their bits), and those below the current k-th best are inserted into a small sorted buffer.
 Equal keys thus go to the earlier offset in row-major window order: the tie-break of the
-paper-literal reference (``tests/reference_fsdaf.py``) and of ``jax.lax.top_k``. The weights of
+paper-literal reference (``tests/methods/fsdaf/reference_fsdaf.py``) and of ``jax.lax.top_k``. The weights of
 the chosen pixels are then computed in float64.
 
 The compiled functions release the GIL (``nogil=True``); :func:`blend` splits a block's rows over

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import stf_pipeline as stf
 from stf_pipeline.exceptions import MethodError, TaskError
 from stf_pipeline.methods.delta import DeltaParams, delta_kernel
-from stf_pipeline.testing import assert_chunked_equals_unchunked, raise_if_dask_computes, random_cube
+from stf_pipeline.testing import assert_chunked_equals_unchunked, random_cube
 
 
 def _reference(fine, coarse, target, window, eps):
@@ -55,17 +55,6 @@ def test_one_pair_is_fine_plus_coarse_change(small_cube):
     pred = stf.fuse(small_cube, small_cube.time.values[2], method="delta", pairs=[small_cube.time.values[0]])
     want = small_cube.fine[0] + small_cube.coarse[2] - small_cube.coarse[0]
     np.testing.assert_allclose(pred.values, want.values, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("chunks", [(7, 9), (16, 5), (40, 48)])
-def test_chunked_equals_unchunked_bitwise(chunks):
-    cube = random_cube(n_times=3, height=40, width=48, seed=3)
-    cube["fine"][0, 0, 5:9, 5:9] = np.nan
-    target = cube.time.values[1]
-    eager = stf.fuse(cube, target, method="delta", window=7)
-    with raise_if_dask_computes():
-        lazy = stf.fuse(cube.chunk(time=1, y=chunks[0], x=chunks[1]), target, method="delta", window=7)
-    assert_chunked_equals_unchunked(eager, lazy)
 
 
 @pytest.mark.parametrize("date", ["2020-03-17", np.datetime64("2020-03-17"), pd.Timestamp("2020-03-17")])

@@ -24,7 +24,7 @@ from stf_pipeline.kernels.tps import local_tps, tps_matrix
 from stf_pipeline.methods import MethodContext, fsdaf
 from stf_pipeline.methods.fsdaf import core, residual, unmix
 from stf_pipeline.methods.fsdaf import numba as fsdaf_numba
-from stf_pipeline.parallel import fill_statistics, map_overlapping
+from stf_pipeline.parallel import fill_statistics
 from stf_pipeline.testing import raise_if_dask_computes, random_cube
 
 LGC = pathlib.Path("/work/shared/data/real/zhu_fsdaf_lgc")
@@ -307,19 +307,6 @@ def test_kernel_beats_fine_plus_coarse_change_on_class_change():
     got = fsdaf.fsdaf_kernel(f1[None], c1[None], c2, params=_params(6, centres))
     rmse = lambda a: np.sqrt(np.mean((a - f2) ** 2))  # noqa: E731
     assert rmse(got) < rmse(f1 + c2 - c1)
-
-
-@pytest.mark.parametrize(("factor", "clouds"), [(6, False), (6, True), (3, False)])
-def test_chunked_equals_unchunked_through_the_engine(factor, clouds):
-    f1, c1, c2, _, _ = _scene(seed=3, h=72, w=90, factor=factor, clouds=clouds)
-    centres = kmeans(f1.reshape(3, -1).T[np.isfinite(f1.reshape(3, -1).T).all(1)], 3)
-    p = _params(factor, centres)
-    halo = fsdaf.METHOD.halo(p, MethodContext(coarse_factor=factor, pixel_size=30.0, n_bands=3))
-    whole = map_overlapping(fsdaf.fsdaf_kernel, f1[None], c1[None], c2, halo=halo, align=factor, params=p)
-    lazy = map_overlapping(fsdaf.fsdaf_kernel, da.from_array(f1[None]), da.from_array(c1[None]), da.from_array(c2),
-                           halo=halo, align=factor, chunks=(24, 30), params=p)
-    assert lazy.numblocks[1:] == (3, 3)
-    np.testing.assert_allclose(lazy.compute(), whole, atol=1e-6, rtol=0)
 
 
 def _cube_with_classes(seed: int = 0) -> xr.Dataset:

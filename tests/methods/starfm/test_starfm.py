@@ -15,7 +15,7 @@ from stf_pipeline.exceptions import MethodError, TaskError
 from stf_pipeline.fusion import method_context
 from stf_pipeline.methods import get_method
 from stf_pipeline.methods.starfm import METHOD, StarfmParams
-from stf_pipeline.testing import assert_chunked_equals_unchunked, raise_if_dask_computes, random_cube
+from stf_pipeline.testing import random_cube
 
 
 def starfm_kernel(fine, coarse, target, *, params, backend="numpy"):
@@ -76,25 +76,6 @@ def test_search_distance_in_metres_sets_the_window(small_cube):
     assert context.pixel_size == 30.0
     assert params.radius == 25 and spec.halo(params, context) == 25
     assert spec.prepare(spec.make_params(radius=4), context).radius == 4
-
-
-@pytest.mark.parametrize("backend", ["numba", "pallas", "jax", "numpy"])
-def test_chunked_equals_unchunked(backend):
-    cube = random_cube(height=40, width=44, seed=3)
-    cube["fine"][0, 0, 5:9, 5:12] = np.nan
-    kwargs = dict(method="starfm", search_distance=120.0, backend=backend, n_classes=8.0)
-    whole = stf.fuse(cube, cube.time.values[1], **kwargs)
-    chunked = stf.fuse(cube.chunk({"y": 13, "x": 15}), cube.time.values[1], **kwargs)
-    assert np.isfinite(whole.values).mean() > 0.9
-    assert_chunked_equals_unchunked(whole, chunked)
-
-
-def test_fuse_is_lazy_on_dask_cubes():
-    cube = random_cube(height=40, width=44, seed=4).chunk({"y": 20, "x": 22})
-    with raise_if_dask_computes():
-        pred = stf.fuse(cube, cube.time.values[1], method="starfm", search_distance=90.0)
-    assert pred.chunks is not None
-    assert np.isfinite(pred.values).all()
 
 
 def test_pairs_after_the_target_are_allowed(small_cube):
