@@ -479,7 +479,7 @@ def _figures(
     preds = {name: ds["fine"].sel(time=date).load() for name, ds in fused.items()}
     bands = [str(b) for b in truth["band"].values]
     paths = [config.output / f"composites_{iso}.png", config.output / f"scatter_{iso}.png"]
-    plots.plot_composites(truth, preds, bands=_composite(bands), title=f"{config.name}: {iso}", path=paths[0])
+    plots.plot_composites(truth, preds, bands=_composite(bands), title=config.name, date=iso, path=paths[0])
     plots.plot_scatter(truth, preds, path=paths[1])
     return paths
 
