@@ -578,3 +578,29 @@ def test_stf_ingest_errors_write_nothing(products, capsys):
     assert "stf ingest with your own files needs --sensor-coarse (sensors: stf ingest --list-sensors)" in capsys.readouterr().err
     assert not out.exists() and not [p for p in folder.iterdir() if p.name.startswith(".cube.zarr")]
     assert main([*args, "--no-mask"]) == 0 and out.exists()
+
+
+def test_mcd43a4_masks_each_band_by_its_own_quality_band(products):
+    """MCD43A4: one quality band per band (0 full inversion, 1 magnitude inversion, 255 fill)."""
+    folder, data = products
+    transform, shape = MAKER.modis_grid()
+    quality = {n: np.zeros(shape, np.uint8) for n in (1, 2, 3, 4, 6, 7)}
+    quality[2][4, 5] = 1  # nir: magnitude inversion, masked by default
+    quality[1][5, 6] = 255  # red: fill
+    stored = {n: np.full(shape, 1000 * n, np.int16) for n in quality}
+    for n in quality:
+        for name, values in ((f"Nadir_Reflectance_Band{n}", stored[n]), (f"BRDF_Albedo_Band_Mandatory_Quality_Band{n}", quality[n])):
+            MAKER.write(folder / f"MCD43A4.061_{name}_doy2020153_aid0001.tif", values, crs=MAKER.SINUSOIDAL,
+                        transform=transform)
+    cube = stf.ingest(str(folder / "L*_SR_B*.TIF"), str(folder / "MCD43A4*Nadir_Reflectance_Band1_*.tif"),
+                      fine_sensor="landsat_c2_l2", coarse_sensor="mcd43a4", chunks=None)
+    coarse = cube["coarse"].sel(time="2020-06-01")
+    from pyproj import Transformer
+
+    xx, yy = np.meshgrid(cube["x"].values, cube["y"].values)
+    sx, sy = Transformer.from_crs("EPSG:32633", MAKER.SINUSOIDAL, always_xy=True).transform(xx, yy)
+    cols, rows = ((sx - transform.c) // MAKER.MODIS_PIXEL).astype(int), ((transform.f - sy) // MAKER.MODIS_PIXEL).astype(int)
+    for band, n in (("red", 1), ("nir", 2), ("blue", 3)):
+        expected = np.where(quality[n][rows, cols] == 0, np.float32(1000 * n * 1e-4), np.nan)
+        np.testing.assert_array_equal(coarse.sel(band=band).values, expected)
+    assert np.isnan(coarse.sel(band="nir").values).any() and np.isnan(coarse.sel(band="red").values).any()
