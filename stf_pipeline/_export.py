@@ -280,10 +280,11 @@ def export(
 
 
 # ----------------------------------------------------------------------------- the `stf export` command
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Any, parents: Sequence[Any] = ()) -> None:
     """Register ``stf export`` on the ``stf`` command's subparsers ``sub``."""
     p = sub.add_parser(
         "export",
+        parents=list(parents),
         help="write dates of a fused store (or any cube store) as Cloud-Optimized GeoTIFFs, one per date",
     )
     p.add_argument("store", type=Path, help="fused store (stf.fuse_series / stf run output) or cube store (*.zarr)")

@@ -769,12 +769,13 @@ def _check_catalog_argument(text: str) -> None:
         )
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Any, parents: Sequence[Any] = ()) -> None:
     """Register ``stf ingest`` on the ``stf`` command's subparsers ``sub``."""
     import argparse
 
     p = sub.add_parser(
         "ingest",
+        parents=list(parents),
         help="read a catalog's files, or your own fine/coarse images, into a cube store",
         description=(
             "stf ingest CATALOG -o CUBE.zarr reads a catalog (catalogs/NAME.yaml or a YAML path). "

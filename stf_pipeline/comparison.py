@@ -33,7 +33,7 @@ import pandas as pd
 import xarray as xr
 
 from stf_pipeline.cube import validate_cube
-from stf_pipeline.exceptions import ConfigError, STFError, TaskError
+from stf_pipeline.exceptions import ConfigError, TaskError
 from stf_pipeline.metrics import HIGHER_IS_BETTER, PER_BAND, PER_SCENE, best_indices, evaluate
 from stf_pipeline.task import DateLike, resolve_task, to_datetime64, valid_fraction
 
@@ -572,31 +572,44 @@ def _fit_pairs(
     return [pairs[k] for k in keep]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``stf compare PIPELINE.yaml [-o OUT] [--no-figures]``: run the comparison a pipeline file describes.
+#: what ``stf compare --help`` says
+DESCRIPTION = (
+    "Run several fusion methods on the same tasks, score them against the held-out truth, and write a table "
+    "(CSV, Markdown, JSON) and figures (PNG)."
+)
 
-    Builds the pipeline's cube, trains its learned methods, runs :func:`compare` with its methods
-    and targets, writes the table and figures into ``OUT`` (default: the pipeline's ``output``)
-    and prints the Markdown table. Returns 0, or 2 after printing the error of a bad pipeline.
-    """
-    parser = argparse.ArgumentParser(
-        prog="stf compare",
-        description="Run several fusion methods on the same tasks, score them against the held-out truth, and "
-        "write a table (CSV, Markdown, JSON) and figures (PNG).",
-    )
-    parser.add_argument("pipeline", help="pipeline YAML (see pipelines/compare-*.yaml)")
-    parser.add_argument("-o", "--out", help="output directory (default: the pipeline's output)")
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``stf compare`` (used by :func:`main` and by ``stf``'s parser)."""
+    parser.add_argument("pipeline", help="pipeline YAML file or the name of a shipped pipeline (see pipelines/compare-*.yaml)")
+    parser.add_argument("-o", "--out", type=Path, default=None, metavar="DIR",
+                        help="output folder (default: the pipeline's output)")
+    parser.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()], default=None,
+                        metavar="A,B", help="compare only these methods")
+    parser.add_argument("--targets", type=lambda t: [d.strip() for d in t.split(",") if d.strip()], default=None,
+                        metavar="DATE,...", help="targets (ISO dates) instead of the pipeline's")
+    parser.add_argument("--root", type=Path, default=None, metavar="DIR", help="data root of a catalog cube")
+    parser.add_argument("--overwrite", action="store_true", help="replace a cube.zarr written from another cube")
     parser.add_argument("--no-figures", action="store_true", help="write the table only")
-    args = parser.parse_args(argv)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the comparison parsed by :func:`add_arguments` and print the Markdown table; returns 0."""
     from stf_pipeline.pipeline import run_compare
 
-    try:
-        result = run_compare(args.pipeline, out=args.out, figures=not args.no_figures)
-    except (STFError, OSError) as err:
-        print(f"stf compare: error: {err}", file=sys.stderr)
-        return 2
+    result = run_compare(
+        args.pipeline, out=args.out, figures=not args.no_figures, methods=args.methods, targets=args.targets,
+        root=args.root, overwrite=args.overwrite,
+    )
     print(result.to_markdown())
     return 0
 
 
-__all__ = ["Comparison", "MethodRun", "compare", "main", "method_runs"]
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stf_pipeline.comparison PIPELINE [options]``: ``stf compare`` without ``stf``."""
+    from stf_pipeline.cli import main as stf_main
+
+    return stf_main(["compare", *(sys.argv[1:] if argv is None else argv)])
+
+
+__all__ = ["DESCRIPTION", "Comparison", "MethodRun", "add_arguments", "compare", "main", "method_runs", "run_from_args"]

@@ -49,6 +49,7 @@ def test_series_equals_fuse_per_date(tmp_path, backend):
         cube = cube.chunk({"time": 1, "y": 24, "x": 24})
     out = stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False)
     assert out.attrs["stf_series_complete"] is True
+    assert out.encoding["stf_action"] == "fused"
     assert out.source.values.tolist() == ["observed", "fused", "observed", "fused", "observed"]
     np.testing.assert_array_equal(out.time.values, cube.time.values)
     for i, date in enumerate(cube.time.values):
@@ -57,7 +58,12 @@ def test_series_equals_fuse_per_date(tmp_path, backend):
         else:
             expected = cube["fine"].isel(time=i).values
         np.testing.assert_array_equal(out["fine"].isel(time=i).values, expected)
-    np.testing.assert_array_equal(out["coarse"].values, cube["coarse"].values)
+    # the store holds the fused variable and its provenance, not copies of the inputs
+    assert sorted(out.data_vars) == ["fine", "fusion_method", "fusion_pairs", "model_digest", "source"]
+    assert out.fusion_method.values.tolist() == ["", "delta", "", "delta", ""]
+    assert out.fusion_pairs.values.tolist()[1] == "2020-03-01,2020-04-02"
+    assert set(out.model_digest.values.tolist()) == {""}
+    assert out.rio.crs.to_epsg() == 32633
     assert out["fine"].encoding["chunks"] == (1, 2, *CHUNKS)
     assert not (tmp_path / "f.zarr" / series.PROGRESS_DIR).exists()
     assert out.attrs["stf_method"] == "delta"
@@ -65,6 +71,16 @@ def test_series_equals_fuse_per_date(tmp_path, backend):
     stf.validate_cube(out)
     reopened = stf.open_cube(tmp_path / "f.zarr")
     np.testing.assert_array_equal(reopened.coarse_valid.values, np.ones(5))
+    # what the user asks to keep is copied at every output date
+    kept = stf.fuse_series(
+        cube, method="delta", out=tmp_path / "k.zarr", chunks=CHUNKS, progress=False, keep=("coarse",)
+    )
+    np.testing.assert_array_equal(kept["coarse"].values, cube["coarse"].values)
+    np.testing.assert_array_equal(kept["fine"].values, out["fine"].values)
+    with pytest.raises(stf.CubeError, match="no data variable 'fine_truth'"):
+        stf.fuse_series(cube, method="delta", out=tmp_path / "t.zarr", progress=False, keep=("fine_truth",))
+    with pytest.raises(stf.CubeError, match="cannot be kept"):
+        stf.fuse_series(cube, method="delta", out=tmp_path / "t.zarr", progress=False, keep=("qa",))
 
 
 def test_targets_pairs_and_dates_of_any_type(tmp_path):
@@ -124,29 +140,32 @@ def test_foreign_paths_are_never_touched(tmp_path):
         stf.fuse_series(cube, method="delta", out=tmp_path / "other.zarr", overwrite=True, progress=False)
 
 
-def test_existing_stores_rerun_refuse_or_overwrite(tmp_path):
+def test_existing_stores_rerun_refuse_or_overwrite(tmp_path, monkeypatch):
     cube = gappy_cube()
     path = tmp_path / "f.zarr"
     stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
     before = store_files(path)
-    # same request on a complete store (overwrite or not): nothing recomputed, store unchanged
-    with dask.config.set(scheduler=_raise_scheduler):
+    # same request on a complete store (overwrite or not): nothing fused again, store unchanged
+    with monkeypatch.context() as m:
+        _forbid_fusing(m)
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, overwrite=True)
     assert store_files(path) == before
-    # other input data on the same grid and dates is another request
-    changed = cube.copy(data={"fine": cube["fine"].values + 0.01, "coarse": cube["coarse"].values})
+    # other input data on the same grid and dates is another request, wherever the change is
+    fine = cube["fine"].values.copy()
+    fine[4, 1, 39, 47] += 0.01  # one pixel of the last observed date, far from the top-left corner
+    changed = cube.copy(data={"fine": fine, "coarse": cube["coarse"].values})
     for other in (changed, changed.chunk({"y": 16})):
-        with pytest.raises(stf.StoreError, match="overwrite=True"):
+        with pytest.raises(stf.StoreError, match=r"the input data changed\. Pass overwrite=True \(--overwrite\)"):
             stf.fuse_series(other, method="delta", out=path, chunks=CHUNKS, progress=False)
     # the same data, rewritten to a new store and opened lazily, is the same request
-    stf.write_cube(cube, tmp_path / "input.zarr")
-    with dask.config.set(scheduler="sync"):
-        lazy_token = series._data_token(stf.open_cube(tmp_path / "input.zarr"), series._Plan(
-            times=cube.time.values, source=np.array([]), tasks=(), chunks=CHUNKS, variables=("fine", "coarse")))
-    assert lazy_token == series._data_token(cube, series._Plan(
-        times=cube.time.values, source=np.array([]), tasks=(), chunks=CHUNKS, variables=("fine", "coarse")))
-    with pytest.raises(stf.StoreError, match="overwrite=True"):
+    stf.write_cube(cube, tmp_path / "input.zarr", chunks={"y": 24, "x": 24})
+    lazy = stf.open_cube(tmp_path / "input.zarr")
+    with monkeypatch.context() as m:
+        _forbid_fusing(m)
+        again = stf.fuse_series(lazy, method="delta", out=path, chunks=CHUNKS, progress=False)
+    assert again.encoding["stf_action"] == "reused"
+    with pytest.raises(stf.StoreError, match="the method or parameters changed"):
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, window=3)
     assert store_files(path) == before
     out = stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, window=3, overwrite=True)
@@ -158,8 +177,14 @@ def test_existing_stores_rerun_refuse_or_overwrite(tmp_path):
     stf.fuse_series(cube, method="delta", out=tmp_path / "c.zarr", progress=False, overwrite=True, chunks=CHUNKS)
 
 
-def _raise_scheduler(dsk, keys, **kwargs):
-    raise AssertionError("a complete store was recomputed")
+def _forbid_fusing(monkeypatch):
+    """Make any fusion or region write fail (the fingerprint of the inputs is still computed)."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a complete store was fused again")
+
+    monkeypatch.setattr(series, "fuse", fail)
+    monkeypatch.setattr(series, "_write_region", fail)
 
 
 class _Crash(Exception):
@@ -170,7 +195,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     cube = gappy_cube()
     reference = tmp_path / "ref.zarr"
     stf.fuse_series(cube, method="delta", out=reference, chunks=CHUNKS, progress=False)
-    n_regions = 2 * 5 * 3 * 3  # variables x dates x y blocks x x blocks
+    n_regions = 5 * 3 * 3  # dates x y blocks x x blocks of 'fine'
 
     original = series._write_region
     calls = []

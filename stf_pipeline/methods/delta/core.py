@@ -1,4 +1,4 @@
-"""``delta``: the naive baseline, fine image plus coarse change.
+"""``delta``'s NumPy kernel: the naive baseline, fine image plus coarse change.
 
 For each pair i: ``F_i(t) = F(t_i) + C(t) - C(t_i)``. With two or more pairs the predictions are
 averaged with weights ``1 / (m_i + eps)``, where ``m_i`` is the mean absolute coarse change
@@ -9,35 +9,11 @@ a pixel gets no weight there.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
-from stf_pipeline.exceptions import MethodError
-from stf_pipeline.methods._base import MethodContext, MethodSpec
-from stf_pipeline.methods._window import nanmean_window
-
-
-@dataclasses.dataclass(frozen=True)
-class DeltaParams:
-    """Parameters of the ``delta`` baseline.
-
-    Attributes
-    ----------
-    window : int, default 5
-        Odd side of the window for the mean coarse change that weights the pairs.
-    eps : float, default 1e-6
-        Added to the mean change before inverting (reflectance units).
-    """
-
-    window: int = 5
-    eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if self.window < 1 or self.window % 2 == 0:
-            raise MethodError(f"delta: window must be a positive odd number of pixels, got {self.window}.")
-        if not self.eps > 0:
-            raise MethodError(f"delta: eps must be > 0, got {self.eps}.")
+from stf_pipeline.kernels.window import nanmean_window
+from stf_pipeline.methods._base import MethodContext
+from stf_pipeline.methods.delta.params import DeltaParams
 
 
 def delta_kernel(
@@ -62,14 +38,5 @@ def delta_kernel(
     return fused.astype(np.float32)
 
 
-def _halo(params: DeltaParams, context: MethodContext) -> int:
+def halo(params: DeltaParams, context: MethodContext) -> int:
     return params.window // 2
-
-
-METHOD = MethodSpec(
-    name="delta",
-    params_type=DeltaParams,
-    kernel=delta_kernel,
-    halo=_halo,
-    n_pairs=(1, 8),
-)

@@ -8,14 +8,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_starfm import reference_starfm
 
 import stf_pipeline as stf
 from stf_pipeline.exceptions import MethodError, TaskError
 from stf_pipeline.fusion import method_context
 from stf_pipeline.methods import get_method
-from stf_pipeline.methods.starfm import StarfmParams, fill_class_std, starfm_kernel
+from stf_pipeline.methods.starfm import METHOD, StarfmParams
 from stf_pipeline.testing import assert_chunked_equals_unchunked, raise_if_dask_computes, random_cube
-from reference_starfm import reference_starfm
+
+
+def starfm_kernel(fine, coarse, target, *, params, backend="numpy"):
+    """The block kernel of ``backend``, as the engine picks it."""
+    return METHOD.kernel_for(backend)(fine, coarse, target, params=params)
 
 
 def _scene(seed: int, n_pairs: int, n_bands: int, ny: int, nx: int, nan_fraction: float):
@@ -47,8 +52,8 @@ def test_cpu_kernels_match_reference(seed, n_pairs, n_bands, ny, nx, radius, nan
     fine, coarse, target = _scene(seed, n_pairs, n_bands, ny, nx, nan_fraction)
     if not np.isfinite(fine).any(axis=(2, 3)).all():
         return
-    params = StarfmParams(radius=radius, n_classes=n_classes, filtering="strict" if strict else "either", backend=backend)
-    got = starfm_kernel(fine, coarse, target, params=params)
+    params = StarfmParams(radius=radius, n_classes=n_classes, filtering="strict" if strict else "either")
+    got = starfm_kernel(fine, coarse, target, params=params, backend=backend)
     want = reference_starfm(fine, coarse, target, radius=radius, n_classes=n_classes, strict=strict)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)
 
@@ -58,8 +63,8 @@ def test_cpu_kernels_match_reference(seed, n_pairs, n_bands, ny, nx, radius, nan
 @pytest.mark.parametrize("n_pairs", [1, 2])
 def test_compiled_kernels_match_reference(strict, n_pairs, backend):
     fine, coarse, target = _scene(7, n_pairs, 2, 13, 17, 0.05)
-    params = StarfmParams(radius=3, n_classes=8, filtering="strict" if strict else "either", tile=8, backend=backend)
-    got = starfm_kernel(fine, coarse, target, params=params)
+    params = StarfmParams(radius=3, n_classes=8, filtering="strict" if strict else "either", tile=8)
+    got = starfm_kernel(fine, coarse, target, params=params, backend=backend)
     want = reference_starfm(fine, coarse, target, radius=3, n_classes=8, strict=strict)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)
 
@@ -109,7 +114,7 @@ def test_all_nan_pair():
     fine, coarse, target = _scene(1, 1, 2, 9, 9, 0.0)
     fine[0, 1] = np.nan
     with pytest.raises(MethodError, match="all NaN"):
-        fill_class_std(fine, coarse, target, StarfmParams(radius=2), method="starfm")
+        METHOD.statistics(fine, coarse, target, StarfmParams(radius=2))
     cube = random_cube(height=30, width=30, seed=5)
     cube["fine"][0] = np.nan
     with pytest.raises(TaskError, match="all NaN"):
@@ -127,8 +132,8 @@ def test_ties_decided_on_the_integer_scale(backend):
     target = np.array([0.0364, 0.0515], np.float32).reshape(1, 1, 2)
     local = (0.0414, 0.0614)  # L + M0 - M
     for filtering, pixel0 in (("strict", local[0]), ("either", (local[0] + local[1] / 200) / 1.005)):
-        params = StarfmParams(radius=1, filtering=filtering, backend=backend)
-        got = starfm_kernel(fine, coarse, target, params=params)[0, 0]
+        params = StarfmParams(radius=1, filtering=filtering)
+        got = starfm_kernel(fine, coarse, target, params=params, backend=backend)[0, 0]
         # pixel 0: pixel 1 fails T <= 100 + sigma_T (strict drops it); pixel 1: both pass
         np.testing.assert_allclose(got, [pixel0, (local[0] + local[1] / 100) / 1.01], rtol=1e-6)
         want = reference_starfm(fine, coarse, target, radius=1, strict=filtering == "strict")[0, 0]
@@ -145,8 +150,8 @@ def test_zero_difference_copy_matches_reference(n_pairs, backend):
     target = coarse[0] + rng.integers(-1, 2, shape[1:]) * 3 / 4096  # T = 0 in pair 0 at a third
     fine[0, 0, 2, 3] = np.nan
     fine, coarse, target = (a.astype(np.float32) for a in (fine, coarse, target))
-    params = StarfmParams(radius=2, n_classes=8, zero_difference="copy", backend=backend, tile=8)
-    got = starfm_kernel(fine, coarse, target, params=params)
+    params = StarfmParams(radius=2, n_classes=8, zero_difference="copy", tile=8)
+    got = starfm_kernel(fine, coarse, target, params=params, backend=backend)
     want = reference_starfm(fine, coarse, target, radius=2, n_classes=8, copy_zero=True)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)
     # the special cases by hand: T = 0 keeps the fine value (mean over pairs), else S = 0 takes M0
@@ -157,7 +162,9 @@ def test_zero_difference_copy_matches_reference(n_pairs, backend):
     np.testing.assert_allclose(got[count > 0], unchanged[count > 0], rtol=1e-6)
     np.testing.assert_array_equal(got[spectral_zero], target[spectral_zero])
     assert spectral_zero.mean() > 0.1 and (count > 0).mean() > 0.2
-    weighted = starfm_kernel(fine, coarse, target, params=dataclasses.replace(params, zero_difference="weight"))
+    weighted = starfm_kernel(
+        fine, coarse, target, params=dataclasses.replace(params, zero_difference="weight"), backend=backend
+    )
     assert not np.allclose(weighted[count > 0], got[count > 0])
 
 
@@ -169,7 +176,7 @@ def test_zero_difference_copy_matches_reference(n_pairs, backend):
         {"filtering": "loose"},
         {"zero_difference": "skip"},
         {"n_classes": -1},
-        {"backend": "torch"},
+        {"tile": -1},
     ],
 )
 def test_bad_parameters(bad):
@@ -238,36 +245,37 @@ def test_jax_kernel_same_on_any_tile_size(tile):
     fine = rng.random((2, 2, 21, 26), dtype=np.float32)
     coarse = fine + rng.normal(0, 0.01, fine.shape).astype(np.float32)
     target = coarse.mean(axis=0) + np.float32(0.01)
-    want = starfm_kernel(fine, coarse, target, params=StarfmParams(radius=3, tile=8, backend="jax"))
-    got = starfm_kernel(fine, coarse, target, params=StarfmParams(radius=3, tile=tile, backend="jax"))
+    want = starfm_kernel(fine, coarse, target, params=StarfmParams(radius=3, tile=8), backend="jax")
+    got = starfm_kernel(fine, coarse, target, params=StarfmParams(radius=3, tile=tile), backend="jax")
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
 
 
 def test_numba_sums_same_in_one_thread_and_in_row_strips():
-    from stf_pipeline.methods._similar_numba import starfm_sums
-    from stf_pipeline.methods.starfm import _constants, _prepare_arrays
+    from stf_pipeline.methods.starfm.core import prepare_arrays, scene_constants
+    from stf_pipeline.methods.starfm.numba import starfm_sums
 
     fine, coarse, target = _scene(9, 2, 2, 37, 23, 0.05)
     params = StarfmParams(radius=4, n_classes=8)
-    centre, neighbour = _prepare_arrays(np, fine, coarse, target, params)
-    constants = _constants(fine, params)
+    centre, neighbour = prepare_arrays(np, fine, coarse, target, params)
+    constants = scene_constants(fine, params)
     strips = starfm_sums(centre, neighbour, constants, radius=4, strict=True)
     serial = starfm_sums(centre, neighbour, constants, radius=4, strict=True, threaded=False)
     for a, b in zip(strips, serial, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
-def test_auto_backend_is_numba_on_cpu():
-    from stf_pipeline.methods._similar import resolve_backend
-
-    assert StarfmParams().backend == "auto"
-    assert resolve_backend("auto") == "numba"
-    assert resolve_backend("jax") == "jax"
+def test_auto_backend_is_numba_on_cpu_and_unknown_backends_are_refused(small_cube):
+    assert METHOD.resolve_backend("auto") == "numba"
+    assert METHOD.resolve_backend("jax") == "jax"
+    with pytest.raises(MethodError, match="no 'torch' backend"):
+        stf.fuse(small_cube, small_cube.time.values[1], method="starfm", radius=2, backend="torch")
+    with pytest.raises(MethodError, match="backend= is an argument of stf.fuse"):
+        METHOD.make_params(backend="numba")
 
 
 def test_jax_kernel_one_tile_per_block_matches_reference():
     fine, coarse, target = _scene(3, 2, 2, 13, 17, 0.05)
-    params = StarfmParams(radius=3, n_classes=8, tile=0, backend="jax")
-    got = starfm_kernel(fine, coarse, target, params=params)
+    params = StarfmParams(radius=3, n_classes=8, tile=0)
+    got = starfm_kernel(fine, coarse, target, params=params, backend="jax")
     want = reference_starfm(fine, coarse, target, radius=3, n_classes=8, strict=True)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)

@@ -12,18 +12,20 @@ import pytest
 import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_fsdaf import reference_fsdaf
 from scipy.interpolate import RBFInterpolator
 from scipy.optimize import lsq_linear
 
 import stf_pipeline as stf
 from stf_pipeline.exceptions import MethodError
+from stf_pipeline.kernels.classify import isodata, kmeans, merge_clusters, nearest_centre, split_clusters
+from stf_pipeline.kernels.lstsq import box_lstsq
+from stf_pipeline.kernels.tps import local_tps, tps_matrix
 from stf_pipeline.methods import MethodContext, fsdaf
-from stf_pipeline.methods._classify import isodata, kmeans, merge_clusters, nearest_centre, split_clusters
-from stf_pipeline.methods._tps import local_tps, tps_matrix
-from stf_pipeline.parallel import map_overlapping
+from stf_pipeline.methods.fsdaf import core, residual, unmix
+from stf_pipeline.methods.fsdaf import numba as fsdaf_numba
+from stf_pipeline.parallel import fill_statistics, map_overlapping
 from stf_pipeline.testing import raise_if_dask_computes, random_cube
-
-from reference_fsdaf import reference_fsdaf
 
 LGC = pathlib.Path("/work/shared/data/real/zhu_fsdaf_lgc")
 
@@ -35,7 +37,7 @@ def _scene(seed: int = 1, h: int = 36, w: int = 44, nb: int = 3, factor: int = 6
     f1 = rng.uniform(0.0, 0.2, (nb, h, w)) + 0.15 * cls[None] + 0.05
     f2 = f1 + 0.05 * cls[None] - 0.03 + rng.normal(0, 0.01, f1.shape)
     f2[:, 5:15, 20:30] += 0.2
-    block = lambda a: np.repeat(np.repeat(fsdaf.cell_mean(a, factor), factor, 1), factor, 2)[:, :h, :w]  # noqa: E731
+    block = lambda a: np.repeat(np.repeat(unmix.cell_mean(a, factor), factor, 1), factor, 2)[:, :h, :w]  # noqa: E731
     c1, c2 = block(f1), block(f2)
     if clouds:
         f1[:, 20:24, 3:9] = np.nan
@@ -113,7 +115,7 @@ def test_isodata_classifier_fits_centres_within_bounds_and_rejects_bad_settings(
     f1, c1, c2, _, _ = _scene(seed=6)
     p = fsdaf.FSDAFParams(coarse_factor=6, classifier="isodata", n_classes=2, max_classes=4, unmix_radius=2,
                           half_window=5, n_similar=8, n_pure=10)
-    fitted = fsdaf.statistics(f1[None], c1[None], c2, p)
+    fitted = fsdaf.METHOD.statistics(f1[None], c1[None], c2, p)
     assert 2 <= len(fitted.centres) <= 4
     assert np.isfinite(fsdaf.fsdaf_kernel(f1[None], c1[None], c2, params=fitted)).all()
     with pytest.raises(MethodError, match="classifier"):
@@ -130,7 +132,7 @@ def test_isodata_classifier_fits_centres_within_bounds_and_rejects_bad_settings(
 def test_fractions_sum_to_one(n_classes, factor, h, w, seed):
     rng = np.random.default_rng(seed)
     labels = rng.integers(-1, n_classes, size=(h, w)).astype(np.int32)
-    frac, complete = fsdaf.class_fractions(labels, n_classes, factor)
+    frac, complete = unmix.class_fractions(labels, n_classes, factor)
     has = ~np.isnan(frac[0])
     np.testing.assert_allclose(frac[:, has].sum(axis=0), 1.0, atol=1e-12)
     # hand count for the first cell
@@ -150,9 +152,9 @@ def test_unmixing_recovers_a_known_class_change_exactly():
     frac[:, 4, 3:3 + n_classes] = np.eye(n_classes)  # one pure cell per class: the bounds hold the truth
     truth = rng.normal(0, 0.05, (nb, n_classes))
     dc = np.einsum("khw,bk->bhw", frac, truth)
-    change = fsdaf.unmix_change(frac, dc, np.ones((hc, wc), bool), radius=hc + wc, n_pure=12)
+    change = unmix.unmix_change(frac, dc, np.ones((hc, wc), bool), radius=hc + wc, n_pure=12)
     np.testing.assert_allclose(change, np.broadcast_to(truth[:, :, None, None], change.shape), atol=1e-6)
-    np.testing.assert_allclose(fsdaf.residuals(dc, frac, change), 0.0, atol=1e-6)
+    np.testing.assert_allclose(residual.residuals(dc, frac, change), 0.0, atol=1e-6)
 
 
 @settings(max_examples=40, deadline=None)
@@ -162,7 +164,7 @@ def test_box_lstsq_matches_scipy_bvls(k, seed):
     x = rng.normal(size=(3, 4 * k + 2, k))
     y = rng.normal(size=(3, 4 * k + 2)) * 3
     lo, hi = -0.3 * np.ones(3), 0.4 * np.ones(3)
-    got = fsdaf.box_lstsq(np.swapaxes(x, 1, 2) @ x, np.einsum("nrk,nr->nk", x, y), lo, hi)
+    got = box_lstsq(np.swapaxes(x, 1, 2) @ x, np.einsum("nrk,nr->nk", x, y), lo, hi)
     for n in range(3):
         want = lsq_linear(x[n], y[n], bounds=(lo[n], hi[n]), method="bvls", tol=1e-14).x
         np.testing.assert_allclose(got[n], want, atol=1e-8)
@@ -171,14 +173,14 @@ def test_box_lstsq_matches_scipy_bvls(k, seed):
 
 def test_box_lstsq_equal_bounds_pin_and_empty_bounds_give_nan():
     gram = np.repeat(np.eye(2)[None], 2, axis=0)
-    got = fsdaf.box_lstsq(gram, np.ones((2, 2)), np.array([0.3, np.inf]), np.array([0.3, -np.inf]))
+    got = box_lstsq(gram, np.ones((2, 2)), np.array([0.3, np.inf]), np.array([0.3, -np.inf]))
     np.testing.assert_array_equal(got[0], [0.3, 0.3])
     assert np.isnan(got[1]).all()
 
 
 def test_change_bounds_are_window_range_plus_std():
     dc = np.arange(25, dtype=float).reshape(1, 5, 5)
-    low, high = fsdaf.change_bounds(dc, 1)
+    low, high = unmix.change_bounds(dc, 1)
     win = dc[0, 1:4, 1:4]
     assert low[0, 2, 2] == pytest.approx(win.min() - win.std(ddof=1))
     assert high[0, 2, 2] == pytest.approx(win.max() + win.std(ddof=1))
@@ -214,7 +216,7 @@ def test_local_tps_passes_through_cell_centres():
 
 def test_heterogeneity_by_hand():
     labels = np.array([[0, 0, 1], [0, 1, 1], [2, 1, 1]])
-    het = fsdaf.heterogeneity(labels, 1)
+    het = residual.heterogeneity(labels, 1)
     assert het[1, 1] == pytest.approx(5 / 9)  # class 1 in the full 3x3 window
     assert het[0, 0] == pytest.approx(3 / 4)  # corner window 2x2: three 0s
     assert het[2, 0] == pytest.approx(1 / 4)
@@ -229,8 +231,8 @@ def test_residual_distribution_conserves_each_cell_residual(factor, seed):
     tps = rng.uniform(0, 0.5, (2, h, w))
     temporal = rng.uniform(0, 0.5, (2, h, w))
     het = rng.uniform(0, 1, (h, w))
-    change = fsdaf.distribute_residual(resid, tps, temporal, het, factor)
-    np.testing.assert_allclose(fsdaf.cell_mean(change, factor), resid, atol=1e-12)
+    change = residual.distribute_residual(resid, tps, temporal, het, factor)
+    np.testing.assert_allclose(unmix.cell_mean(change, factor), resid, atol=1e-12)
 
 
 # ----- (g) similar pixels ------------------------------------------------------------------
@@ -262,10 +264,8 @@ def test_similar_pixel_backends_choose_the_same_pixels_and_threads_do_not_matter
     jitted = fsdaf.similar_pixel_blend(f1, change, threshold, backend="jax", **kw)
     np.testing.assert_array_equal(np.isnan(compiled), np.isnan(f1).any(axis=0)[None].repeat(3, 0))
     np.testing.assert_allclose(jitted, compiled, rtol=0, atol=1e-6, equal_nan=True)
-    from stf_pipeline.methods import _fsdaf_numba
-
     use = np.isfinite(f1).all(axis=0) & np.isfinite(change).all(axis=0)
-    one_thread = _fsdaf_numba.blend(f1, change, threshold, use, fsdaf._rank_factor(6), radius=6, k=12, threaded=False)
+    one_thread = fsdaf_numba.blend(f1, change, threshold, use, core._rank_factor(6), radius=6, k=12, threaded=False)
     np.testing.assert_array_equal(one_thread, compiled)
 
 
@@ -282,9 +282,8 @@ def test_kernel_matches_float64_reference(clouds, gaps, factor, backend):
         c2[:, 12:18, 18:24] = np.nan
         c1[:, 0:6, 0:6] = np.nan
     centres = kmeans(f1.reshape(3, -1).T[np.isfinite(f1.reshape(3, -1).T).all(1)], 3)
-    p = _params(factor, centres, half_window=3 if factor == 2 else 5, fine_clip=((0.06, 0.5), (0.05, 0.52), (0.07, 0.49)),
-                backend=backend)
-    got = fsdaf.fsdaf_kernel(f1[None], c1[None], c2, params=p)
+    p = _params(factor, centres, half_window=3 if factor == 2 else 5, fine_clip=((0.06, 0.5), (0.05, 0.52), (0.07, 0.49)))
+    got = fsdaf.METHOD.kernel_for(backend)(f1[None], c1[None], c2, params=p)
     want = reference_fsdaf(f1, c1, c2, centres=centres, factor=factor, half_window=p.half_window, n_similar=8,
                            n_pure=10, unmix_radius=2, tps_radius=2, fine_clip=p.fine_clip)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
@@ -344,15 +343,15 @@ def test_statistics_fit_centres_and_clip_lazily_and_deterministically():
     cube = _cube_with_classes()
     fine = cube.fine.isel(time=[0]).values
     p = fsdaf.prepare(fsdaf.FSDAFParams(n_classes=3), MethodContext(coarse_factor=8, pixel_size=30.0, n_bands=3))
-    filled = fsdaf.statistics(fine, None, None, p)
+    filled = fsdaf.METHOD.statistics(fine, None, None, p)
     assert len(filled.centres) == 3 and len(filled.fine_clip) == 3
-    assert filled == fsdaf.statistics(fine, None, None, p)
+    assert filled == fsdaf.METHOD.statistics(fine, None, None, p)
     with raise_if_dask_computes():
-        lazy = fsdaf.statistics(da.from_array(fine, chunks=(1, 3, 24, 24)), None, None, p)
+        lazy = fill_statistics(fsdaf.METHOD.statistics, da.from_array(fine, chunks=(1, 3, 24, 24)), None, None, p)
     assert lazy.compute() == filled
-    with_map = fsdaf.statistics(fine, None, None, dataclasses.replace(p, class_map="classes"))
+    with_map = fsdaf.METHOD.statistics(fine, None, None, dataclasses.replace(p, class_map="classes"))
     assert with_map.centres is None and with_map.fine_clip == filled.fine_clip
-    assert fsdaf.extra_vars(with_map) == ("classes",) and fsdaf.extra_vars(p) == ()
+    assert core.extra_vars(with_map) == ("classes",) and core.extra_vars(p) == ()
 
 
 def test_fuse_with_a_class_map_from_the_cube():

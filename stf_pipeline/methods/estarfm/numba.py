@@ -1,118 +1,33 @@
-"""STARFM's and ESTARFM's window sums on the CPU, compiled with Numba.
+"""ESTARFM's compiled CPU pieces (Numba): the window sums (backend ``numba``, ``auto`` on CPUs),
+the spectral correlation and the prediction from the sums (both host backends).
 
-The same sums as the bodies of :mod:`stf_pipeline.methods.starfm` and
-:mod:`stf_pipeline.methods.estarfm` run by the drivers of :mod:`stf_pipeline.methods._similar`,
-but each window offset's work is fused into one compiled loop, so nothing goes through memory
-per offset:
-
-* STARFM, *row form*: for an output row, band and pair, the window rows in order and, for
-  each, its offsets in order: branch-free loops over the output row's pixels (vectorised by
-  LLVM) add the offset's weights to float32 sums over the window row (its six input rows stay
-  in the L1 cache), which are then added to float64 accumulators.
-* ESTARFM, *pixel form*: for each pixel, the window rows in order; per row a branch-free test
-  of every neighbour's similarity (all bands of both dates), then the similar neighbours'
-  increments (float32, as the bodies compute them) added in offset order to float64 sums: the
-  sums of the NumPy driver, bit for bit. Most neighbours are not similar (88 % on
-  ``zhu_estarfm``, 62 % on the synthetic scene), so skipping them saves most of the work.
-
-ESTARFM's other per-pixel steps are compiled too, with the operations of their NumPy
-expressions in the same order (so the same values): the spectral correlation ``R``
-(:func:`spectral_correlation`), the window sums of the temporal weights (:func:`box_sum`) and
-the prediction from the sums (:func:`estarfm_finish`).
-
-Neighbours outside the block are skipped, as in :func:`~stf_pipeline.methods._similar.accumulate_numpy`,
-and every pixel adds its terms in the same offset order whatever block or row strip it sits in,
-so chunked results equal unchunked ones bitwise. The compiled functions release the GIL
-(``nogil=True``); :func:`run_rows` shares a block's rows over the process-wide pool of one
-thread per core of :mod:`~stf_pipeline.methods._similar` (blocks mapped by several Dask threads
-at once never run more strips than there are cores). ``cache=True`` keeps the compiled code
-on disk (``__pycache__``): only a machine's first run pays the compilation.
+Window sums, *pixel form*: for each pixel, the window rows in order; per row a branch-free test
+of every neighbour's similarity (all bands of both dates), then the similar neighbours'
+increments (float32, as the NumPy body computes them) added in offset order to float64 sums:
+the sums of the NumPy driver, bit for bit. Most neighbours are not similar, so skipping them
+saves most of the work. The spectral correlation ``R`` and the prediction from the sums are
+the operations of their NumPy expressions in the same order (so the same values). Neighbours
+outside the block are skipped and every pixel adds its terms in the same offset order whatever
+block or row strip it sits in, so chunked results equal unchunked ones bitwise. Rows are shared
+over the cores (:func:`stf_pipeline.kernels.pool.run_rows`); ``cache=True`` keeps the compiled
+code on disk.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
 import numpy as np
 
-from stf_pipeline.cluster import machine_cores
+from stf_pipeline.kernels.pool import run_rows
+from stf_pipeline.kernels.similar import offset_distances
 
-_F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 
 
-@numba.njit(nogil=True, cache=True)
-def _starfm_rows(
-    fine: np.ndarray,
-    spectral: np.ndarray,
-    temporal: np.ndarray,
-    unit: np.ndarray,
-    inverse: np.ndarray,
-    local: np.ndarray,
-    centre_spectral: np.ndarray,
-    centre_temporal: np.ndarray,
-    threshold: np.ndarray,
-    distance_factor: np.ndarray,
-    radius: int,
-    strict: bool,
-    y_start: int,
-    y_stop: int,
-    total: np.ndarray,
-    weighted: np.ndarray,
-) -> None:  # pragma: no cover - compiled; covered through starfm_sums()
-    # neighbour arrays (pair, band, y, x) float32, NaN where missing; centre_*: (band, y, x);
-    # threshold: (pair, band); distance_factor: (side * side,) = 1 / (1 + d / A) per offset;
-    # total, weighted: (band, y, x) float64, rows y_start:y_stop written
-    n_pairs, n_bands, h, w = fine.shape
-    side = 2 * radius + 1
-    row_w = np.empty(w, dtype=np.float32)
-    row_wl = np.empty(w, dtype=np.float32)
-    for y in range(y_start, y_stop):
-        for b in range(n_bands):
-            out_w = total[b, y]
-            out_wl = weighted[b, y]
-            out_w[:] = 0.0
-            out_wl[:] = 0.0
-            for p in range(n_pairs):
-                t = threshold[p, b]
-                # one neighbour row at a time: its arrays stay in the L1 cache over the offsets
-                for yy in range(max(0, y - radius), min(h, y + radius + 1)):
-                    row_w[:] = _F0
-                    row_wl[:] = _F0
-                    for dx in range(-radius, radius + 1):
-                        x0 = max(0, -dx)
-                        x1 = min(w, w - dx)
-                        if x0 >= x1:
-                            continue
-                        g = distance_factor[(yy - y + radius) * side + dx + radius]
-                        # 1-d views from index 0: LLVM vectorises the loop (no index wraparound)
-                        c_f = fine[p, b, y, x0:x1]
-                        c_s = centre_spectral[b, y, x0:x1]
-                        c_t = centre_temporal[b, y, x0:x1]
-                        q_f = fine[p, b, yy, x0 + dx : x1 + dx]
-                        q_s = spectral[p, b, yy, x0 + dx : x1 + dx]
-                        q_t = temporal[p, b, yy, x0 + dx : x1 + dx]
-                        q_u = unit[p, b, yy, x0 + dx : x1 + dx]
-                        q_i = inverse[p, b, yy, x0 + dx : x1 + dx]
-                        q_l = local[p, b, yy, x0 + dx : x1 + dx]
-                        o_w = row_w[x0:x1]
-                        o_wl = row_wl[x0:x1]
-                        for i in range(x1 - x0):
-                            near = abs(q_f[i] - c_f[i]) <= t
-                            if strict:
-                                keep = near & (q_s[i] <= c_s[i]) & (q_t[i] <= c_t[i])
-                            else:
-                                keep = near & ((q_s[i] <= c_s[i]) | (q_t[i] <= c_t[i]))
-                            weight = q_u[i] + q_i[i] * g
-                            o_w[i] += weight if keep else _F0
-                            o_wl[i] += weight * q_l[i] if keep else _F0
-                    for i in range(w):
-                        out_w[i] += row_w[i]
-                        out_wl[i] += row_wl[i]
+def _f32(a: Any) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -337,108 +252,6 @@ def _correlation_rows(
             out[y, x] = r if np.isfinite(r) else 0.5
 
 
-@numba.njit(nogil=True, cache=True)
-def _box_sum_3d(a: np.ndarray, radius: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    # a, out: (n, y, x) float64; out = sums over the (2r+1)² window, nothing added outside a
-    n, h, w = a.shape
-    column = np.empty((h, w), dtype=np.float64)
-    for k in range(n):
-        # along y: whole rows, offsets in order
-        column[:, :] = 0.0
-        for y in range(h):
-            target = column[y]
-            for yy in range(max(0, y - radius), min(h, y + radius + 1)):
-                source = a[k, yy]
-                for i in range(w):
-                    target[i] += source[i]
-        # along x: shifted row slices, offsets in order
-        out[k] = 0.0
-        for y in range(h):
-            target = out[k, y]
-            source = column[y]
-            for dx in range(-radius, radius + 1):
-                x0 = max(0, -dx)
-                x1 = min(w, w - dx)
-                if x0 >= x1:
-                    continue
-                t = target[x0:x1]
-                q = source[x0 + dx : x1 + dx]
-                for i in range(x1 - x0):
-                    t[i] += q[i]
-
-
-def box_sum(a: np.ndarray, radius: int) -> np.ndarray:
-    """Sum over a ``(2r+1)²`` window on the last two axes (float64); nothing is added outside ``a``.
-
-    Per pixel, the terms are added in a fixed order (window rows, then columns, in offset
-    order), so a pixel's sum does not depend on the block it sits in.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    flat = np.ascontiguousarray(a.reshape((-1, *a.shape[-2:])))
-    out = np.empty_like(flat)
-    _box_sum_3d(flat, int(radius), out)
-    return out.reshape(a.shape)
-
-
-@numba.njit(nogil=True, cache=True)
-def _plane_std(a: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    # a: (plane, n) float32; out[k] = population std of plane k over its non-NaN values (NaN if none)
-    for k in range(start, stop):
-        total = 0.0
-        count = 0
-        for v in a[k]:
-            if not np.isnan(v):
-                total += v
-                count += 1
-        if count == 0:
-            out[k] = np.nan
-            continue
-        mean = total / count
-        squares = 0.0
-        for v in a[k]:
-            if not np.isnan(v):
-                squares += (v - mean) * (v - mean)
-        out[k] = np.sqrt(squares / count)
-
-
-def plane_std(a: np.ndarray) -> np.ndarray:
-    """Population standard deviation over the last two axes, NaN excluded (float64, two passes).
-
-    The planes are shared over the cores; NaN for an all-NaN plane.
-    """
-    a = np.asarray(a)
-    flat = np.ascontiguousarray(a.reshape((-1, a.shape[-2] * a.shape[-1])), dtype=np.float32)
-    out = np.empty(flat.shape[0], dtype=np.float64)
-    run_rows(_plane_std, flat.shape[0], (flat,), (out,))
-    return out.reshape(a.shape[:-2])
-
-
-@functools.lru_cache(maxsize=1)
-def _pool(workers: int) -> ThreadPoolExecutor:
-    # one pool for the process: blocks mapped by several Dask threads share its workers, so
-    # no more strips run at once than there are cores
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stf-rows")
-
-
-def run_rows(
-    rows: Callable[..., None], height: int, inputs: tuple[Any, ...], outputs: tuple[Any, ...], *, threaded: bool = True
-) -> None:
-    """Call ``rows(*inputs, y_start, y_stop, *outputs)`` over strips of the ``height`` rows.
-
-    Strips of a few rows, several per core, balance rows of unequal cost (gaps, edges);
-    ``threaded=False`` runs them in the calling thread (the same numbers).
-    """
-    cores = machine_cores()
-    if not threaded or cores == 1 or height < 2:
-        rows(*inputs, 0, height, *outputs)
-        return
-
-    strip = max(1, min(16, -(-height // (4 * cores))))
-    jobs = [_pool(cores).submit(rows, *inputs, y0, min(height, y0 + strip), *outputs) for y0 in range(0, height, strip)]
-    for job in jobs:
-        job.result()
-
-
 def estarfm_finish(
     accs: list[np.ndarray],
     fine: np.ndarray,
@@ -458,7 +271,7 @@ def estarfm_finish(
     ``accs``: the twelve sums of :func:`estarfm_sums`; ``fine``: the pairs' fine images;
     ``change_sum``: window sums of the valid coarse changes ``C_0 - C_k`` and ``n_valid`` of the
     valid pixels; ``table``: F-test critical values by number of regression points. The
-    operations of ``estarfm._finish``'s formulas, pixel by pixel (see that module).
+    operations of :func:`stf_pipeline.methods.estarfm.jax.predict_xp`, pixel by pixel.
     """
     count, total, *rest = (np.asarray(a, dtype=np.float64) for a in accs)
     sums = np.ascontiguousarray(np.stack(rest))
@@ -476,7 +289,7 @@ def estarfm_finish(
 
 
 def spectral_correlation(fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
-    """ESTARFM's ``R`` per pixel (see ``estarfm.spectral_correlation``), float64 ``(y, x)``.
+    """ESTARFM's ``R`` per pixel (see :func:`stf_pipeline.methods.estarfm.core.spectral_correlation`), float64 ``(y, x)``.
 
     ``fine``, ``coarse``: ``(pair, band, y, x)``.
     """
@@ -490,45 +303,6 @@ def spectral_correlation(fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
     return out
 
 
-def _offset_distances(radius: int) -> np.ndarray:
-    side = np.arange(-radius, radius + 1, dtype=np.float64)
-    dy, dx = np.meshgrid(side, side, indexing="ij")
-    # float32 distances, as the NumPy and JAX bodies see them
-    return np.sqrt(dy * dy + dx * dx).ravel().astype(np.float32)
-
-
-def _f32(a: Any) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
-def starfm_sums(
-    centre: dict[str, np.ndarray],
-    neighbour: dict[str, np.ndarray],
-    constants: dict[str, Any],
-    *,
-    radius: int,
-    strict: bool,
-    threaded: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """STARFM's window sums ``(Σ w, Σ w L)``, ``(band, y, x)`` float64.
-
-    ``centre``, ``neighbour``, ``constants``: the arrays of ``starfm._prepare_arrays``;
-    ``strict``: the paper's filter (else the USDA program's ``either``).
-    """
-    fine = _f32(neighbour["fine"])
-    n_bands, h, w = fine.shape[1:]
-    inverse_radius = np.float32(constants["inverse_radius"])
-    factor = _F1 / (_F1 + _offset_distances(radius) * inverse_radius)
-    total = np.empty((n_bands, h, w), dtype=np.float64)
-    weighted = np.empty((n_bands, h, w), dtype=np.float64)
-    threshold = _f32(np.asarray(constants["threshold"]).reshape(fine.shape[:2]))
-    arrays = [_f32(neighbour[k]) for k in ("spectral", "temporal", "unit", "inverse", "local")]
-    arrays += [_f32(centre["spectral"]), _f32(centre["temporal"])]
-    inputs = (fine, *arrays, threshold, factor, int(radius), bool(strict))
-    run_rows(_starfm_rows, h, inputs, (total, weighted), threaded=threaded)
-    return total, weighted
-
-
 def estarfm_sums(
     centre: dict[str, np.ndarray],
     neighbour: dict[str, np.ndarray],
@@ -538,16 +312,16 @@ def estarfm_sums(
     eps: float,
     threaded: bool = True,
 ) -> list[np.ndarray]:
-    """ESTARFM's twelve window sums (as ``estarfm._body`` accumulates them), float64.
+    """ESTARFM's twelve window sums (as :func:`stf_pipeline.methods.estarfm.core.body` accumulates them), float64.
 
-    ``centre``, ``neighbour``, ``constants``: the arrays of ``estarfm._prepare_arrays``; ``eps``:
+    ``centre``, ``neighbour``, ``constants``: the arrays of :func:`stf_pipeline.methods.estarfm.core.prepare_arrays`; ``eps``:
     added to ``(1 - R) D`` before inverting. Returns ``[count, total, *sums]``: ``(y, x)`` twice,
     then ten ``(band, y, x)``.
     """
     fine = _f32(neighbour["fine"])
     n_bands, h, w = fine.shape[1:]
     inverse_radius = np.float32(constants["inverse_radius"])
-    distance_term = _F1 + _offset_distances(radius) * inverse_radius
+    distance_term = _F1 + offset_distances(radius) * inverse_radius
     threshold = _f32(np.asarray(constants["threshold"]).reshape(fine.shape[:2]))
     count = np.empty((h, w), dtype=np.float64)
     total = np.empty((h, w), dtype=np.float64)

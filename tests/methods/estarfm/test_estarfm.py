@@ -12,8 +12,13 @@ from reference_estarfm import reference_estarfm
 
 import stf_pipeline as stf
 from stf_pipeline.exceptions import MethodError, TaskError
-from stf_pipeline.methods.estarfm import EstarfmParams, estarfm_kernel, spectral_correlation
+from stf_pipeline.methods.estarfm import METHOD, EstarfmParams, spectral_correlation
 from stf_pipeline.testing import assert_chunked_equals_unchunked, raise_if_dask_computes, random_cube
+
+
+def estarfm_kernel(fine, coarse, target, *, params, backend="numpy"):
+    """The block kernel of ``backend``, as the engine picks it."""
+    return METHOD.kernel_for(backend)(fine, coarse, target, params=params)
 
 
 def _scene(seed: int, n_bands: int, ny: int, nx: int, nan_fraction: float, gain: float = 1.2):
@@ -47,10 +52,10 @@ def test_cpu_kernels_match_reference(seed, n_bands, ny, nx, half_window, nan_fra
         return
     kwargs = dict(half_window=half_window, n_classes=n_classes, min_coarse_change=min_change, value_range=(0.0, upper))
     want = reference_estarfm(fine, coarse, target, **kwargs)
-    got = estarfm_kernel(fine, coarse, target, params=EstarfmParams(backend="numpy", **kwargs))
+    got = estarfm_kernel(fine, coarse, target, params=EstarfmParams(**kwargs))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)
     # the compiled sums are the NumPy driver's, term by term in the same order: the same bits
-    compiled = estarfm_kernel(fine, coarse, target, params=EstarfmParams(backend="numba", **kwargs))
+    compiled = estarfm_kernel(fine, coarse, target, params=EstarfmParams(**kwargs), backend="numba")
     np.testing.assert_array_equal(compiled, got)
 
 
@@ -59,7 +64,7 @@ def test_cpu_kernels_match_reference(seed, n_bands, ny, nx, half_window, nan_fra
 def test_compiled_kernels_match_reference(n_bands, backend):
     fine, coarse, target = _scene(11, n_bands, 14, 17, 0.03)
     kwargs = dict(half_window=3, n_classes=1.0, min_coarse_change=0.0, value_range=(0.0, 0.6))
-    got = estarfm_kernel(fine, coarse, target, params=EstarfmParams(tile=8, backend=backend, **kwargs))
+    got = estarfm_kernel(fine, coarse, target, params=EstarfmParams(tile=8, **kwargs), backend=backend)
     want = reference_estarfm(fine, coarse, target, **kwargs)
     if backend == "numba":  # float64 sums
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)
@@ -75,8 +80,7 @@ def test_compiled_kernels_match_reference(n_bands, backend):
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 1000), ny=st.integers(1, 9), nx=st.integers(1, 9), radius=st.integers(1, 4))
 def test_box_sum_matches_brute_force(seed, ny, nx, radius):
-    from stf_pipeline.methods._similar_numba import box_sum
-    from stf_pipeline.methods._window import box_sum_jax
+    from stf_pipeline.kernels.window import box_sum, box_sum_jax
 
     a = np.random.default_rng(seed).random((2, ny, nx))
     want = np.zeros_like(a)

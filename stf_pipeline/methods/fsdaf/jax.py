@@ -1,6 +1,6 @@
 """FSDAF's similar-pixel step (g) with JAX, for accelerators.
 
-The same rule as the Numba CPU kernel (:mod:`stf_pipeline.methods._fsdaf_numba`): float32
+The same rule as the Numba CPU kernel (:mod:`stf_pipeline.methods.fsdaf.numba`): float32
 ranking keys ``(S + 1e-5)(10 + d / r)`` of every window offset, built with the same operations
 in the same band order, the ``k`` smallest chosen by ``jax.lax.top_k`` (which puts the lower index
 first among equal values, so ties go to the earlier offset in scan order, as on the CPU), then
@@ -88,7 +88,7 @@ def blend(
 ) -> np.ndarray:
     """Weighted change of the ``k`` most similar pixels, ``(band, y, x)`` float64.
 
-    Same arguments as :func:`stf_pipeline.methods._fsdaf_numba.blend`; ``max_keys`` bounds the
+    Same arguments as :func:`stf_pipeline.methods.fsdaf.numba.blend`; ``max_keys`` bounds the
     keys of one strip (strip height = ``max_keys / (width · (2r+1)²)`` rows, 1 GiB of float32 keys
     by default).
     """

@@ -7,9 +7,8 @@ method receives the centre pixels ``c`` and their neighbours ``q`` at one offset
 arrays), the offset's distance and the method's constants ``k`` (non-spatial arrays), and
 returns the increments of its accumulators.
 
-Two drivers run a body (and the two methods' bodies are also written as compiled kernels:
-with Numba in :mod:`stf_pipeline.methods._similar_numba`, the default on CPUs, and with
-Pallas in :mod:`stf_pipeline.methods._similar_pallas`, the default on GPUs, traced inside the
+Two drivers run a body (the two methods' bodies are also written as compiled kernels, with
+Numba in their ``numba`` modules and with Pallas in their ``pallas`` modules, traced inside the
 same whole-block programs as :func:`window_sums`):
 
 * :func:`accumulate_numpy`: NumPy, slicing. Neighbours outside the block are skipped (the
@@ -100,15 +99,6 @@ def accumulate_numpy(
         for acc, inc in zip(accs, body(np, c, q, float(dist), constants), strict=True):
             acc[..., cy, cx] += inc
     return accs
-
-
-def resolve_backend(backend: str) -> str:
-    """``"auto"`` -> ``"pallas"`` when JAX's default device is an accelerator, else ``"numba"``."""
-    if backend != "auto":
-        return backend
-    import jax
-
-    return "numba" if jax.default_backend() == "cpu" else "pallas"
 
 
 def default_tile() -> int:
@@ -235,3 +225,10 @@ def f_critical(max_n: int, alpha: float) -> np.ndarray:
 def radius_from_distance(distance: float, pixel_size: float) -> int:
     """Search radius in pixels for a search distance in CRS units (metres)."""
     return int(math.floor(distance / pixel_size + 0.5))
+
+
+def offset_distances(radius: int) -> np.ndarray:
+    """Distances of the row-major window offsets in pixels, float32 (as the bodies see them)."""
+    side = np.arange(-radius, radius + 1, dtype=np.float64)
+    dy, dx = np.meshgrid(side, side, indexing="ij")
+    return np.sqrt(dy * dy + dx * dx).ravel().astype(np.float32)

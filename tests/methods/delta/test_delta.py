@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import stf_pipeline as stf
 from stf_pipeline.exceptions import MethodError, TaskError
 from stf_pipeline.methods.delta import DeltaParams, delta_kernel
-from stf_pipeline.testing import assert_chunked_equals_unchunked, random_cube, raise_if_dask_computes
+from stf_pipeline.testing import assert_chunked_equals_unchunked, raise_if_dask_computes, random_cube
 
 
 def _reference(fine, coarse, target, window, eps):

@@ -6,7 +6,7 @@ made several full-size temporaries; each pixel or cell is computed on its own, i
 
 In :func:`blend`, for every pixel the ``(2r+1)²`` window (truncated at the block edge) is
 scanned one window row at a time: the row's float32 ranking keys are computed branch-free (the
-same operations, in the same band order, as the JAX path :mod:`stf_pipeline.methods._fsdaf_jax`),
+same operations, in the same band order, as the JAX path :mod:`stf_pipeline.methods.fsdaf.jax`),
 packed with their scan index into one int64 (key bits above, index below: positive floats order
 like their bits), and those below the current k-th best are inserted into a small sorted buffer.
 Equal keys thus go to the earlier offset in row-major window order: the tie-break of the
@@ -15,7 +15,7 @@ the chosen pixels are then computed in float64.
 
 The compiled functions release the GIL (``nogil=True``); :func:`blend` splits a block's rows over
 the process-wide pool of one thread per core that STARFM and ESTARFM use too
-(:func:`~stf_pipeline.methods._similar_numba.run_rows`: shared by all Dask threads, so blocks
+(:func:`stf_pipeline.kernels.pool.run_rows`: shared by all Dask threads, so blocks
 mapped at once never run more row strips than there are cores). Each pixel is computed on its own, so the
 result does not depend on the split. ``cache=True`` keeps the compiled code on disk next to this
 module (``__pycache__``), so only the first run on a machine pays the compilation (about 4 s).
@@ -26,7 +26,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from stf_pipeline.methods._similar_numba import run_rows
+from stf_pipeline.kernels.pool import run_rows
 
 
 @numba.njit(nogil=True, cache=True)
