@@ -183,7 +183,8 @@ def _dates(cube: xr.Dataset, dates: Sequence[Any] | str | None, variable: str) -
         if "source" in cube:
             chosen = times[np.asarray(cube["source"].values).astype(str) == "fused"]
         else:
-            valid = cube[f"{variable}_valid"].values if f"{variable}_valid" in cube.coords else None
+            name = f"{variable}_valid"
+            valid = cube[name].values if name in cube.coords and cube[name].dims == ("time",) else None
             chosen = times if valid is None else times[valid > 0]
         if chosen.size == 0:
             raise StoreError(f"the store has no fused date (or no valid {variable!r} image); name dates with dates=[...].")

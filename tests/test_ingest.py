@@ -445,8 +445,8 @@ def test_one_band_file_per_date_finds_its_siblings_and_is_lazy(products):
                       coarse_sensor="mod09ga", chunks=None)
     with raise_if_dask_computes(max_computes=1):
         cube = stf.ingest(str(folder / "L*_SR_B2.TIF"), str(folder / "MOD09GA*b01*.tif"), fine_sensor="landsat_c2_l2",
-                          coarse_sensor="mod09ga", chunks={"y": 32, "x": 32})
-        assert cube["fine"].chunks[2:] == ((32, 32), (32, 32, 16))
+                          coarse_sensor="mod09ga", chunks={"y": 32, "x": 48})
+        assert cube["fine"].chunks[2:] == ((32, 32), (48, 32))
     xr.testing.assert_identical(cube.compute(), full)
 
 
@@ -454,14 +454,15 @@ def test_quality_rules_and_dilation_are_parameters(products):
     folder, data = products
     sensor = get_sensor("landsat8_c2_l2").with_mask(["fill", "cloud"], dilation=1)
     cube = stf.ingest(str(folder / "LC08*_SR_B*.TIF"), str(folder / "MOD09GA*.tif"), fine_sensor=sensor,
-                      coarse_sensor="mod09ga", chunks={"y": 16, "x": 16})
+                      coarse_sensor="mod09ga", chunks={"y": 12, "x": 80})  # a chunk border crosses the cloud
     scene = data["fine"]["2020-06-01"]
     cloud, fill = (scene["qa"] >> 3) & 1 == 1, scene["qa"] & 1 == 1
     padded = np.pad(cloud | fill, 1)
     grown = np.any([padded[1 + dy : 65 + dy, 1 + dx : 81 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
     masked = np.isnan(cube["fine"].values[0, 0])
     np.testing.assert_array_equal(masked, grown | (scene["dn"][0] == 0))
-    # the 4 x 6 cloud grown by one pixel across chunk borders, and the 3 fill pixels of row 0 into row 1
+    # the 4 x 6 cloud (rows 10-13) grown by one pixel across the chunk border at row 12, and the 3 fill
+    # pixels of row 0 into row 1
     assert grown.sum() == (4 + 2) * (6 + 2) + 2 * 4
     unmasked = stf.ingest(str(folder / "LC08*_SR_B*.TIF"), str(folder / "MOD09GA*.tif"), fine_sensor="landsat_c2_l2",
                           coarse_sensor="mod09ga", mask=False, chunks=None)
@@ -530,3 +531,76 @@ def test_error_coarse_image_not_covering_the_fine_grid(tmp_path):
     with pytest.raises(CatalogError, match=rf"coarse file {coarse} does not cover the fine grid: the fine area spans "
                                            r"x 500000.0..501200.0.*holds x 500600.0..502520.0.*mosaic them first"):
         ingest({"2020-01-01": fine}, {"2020-01-01": coarse}, bands=["nir"], fine_sensor=s, coarse_sensor=s)
+
+
+# ----------------------------------------------------------------------------- the `stf ingest` command
+def test_stf_ingest_own_files(products, capsys):
+    from stf_pipeline.cli import main
+
+    folder, _ = products
+    out = folder / "cube.zarr"
+    args = ["ingest", "--fine", str(folder / "L*_SR_B*.TIF"), "--coarse", str(folder / "MOD09GA*.tif"),
+            "--sensor-fine", "landsat_c2_l2", "--sensor-coarse", "mod09ga", "-o", str(out)]
+    assert main([*args, "--mask-fine", "fill,cloud", "--dilate-fine", "1", "--chunk", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "coarse_factor: 15" in text and "2 pair date(s)" in text and "1 coarse-only date(s)" in text
+    sensor = get_sensor("landsat_c2_l2").with_mask(["fill", "cloud"], dilation=1)
+    expected = stf.ingest(str(folder / "L*_SR_B*.TIF"), str(folder / "MOD09GA*.tif"), fine_sensor=sensor,
+                          coarse_sensor="mod09ga", chunks=None)
+    stored = stf.open_cube(out)
+    assert stored["fine"].chunks[2] == (32, 32)
+    for name in ("fine", "coarse"):
+        np.testing.assert_array_equal(stored[name].values, expected[name].values)
+    assert stored.rio.crs == expected.rio.crs and stored.attrs["coarse_factor"] == 15
+
+
+def test_stf_ingest_errors_write_nothing(products, capsys):
+    from stf_pipeline.cli import main
+
+    folder, _ = products
+    out = folder / "cube.zarr"
+    tif = folder / f"{MAKER.LANDSAT['2020-06-01'][0]}_SR_B2.TIF"
+    assert main(["ingest", str(tif), "-o", str(out)]) == 1  # a GeoTIFF is not read as a catalog YAML
+    err = capsys.readouterr().err
+    assert err.startswith(f"stf ingest: error: '{tif}' is an image (or a pattern of images), not a catalog YAML; "
+                          f"to ingest your own files run stf ingest --fine '{tif}' --coarse")
+    renamed = folder / "scene.yaml"
+    tif.rename(renamed)  # a binary file whatever its name
+    assert main(["ingest", str(renamed), "-o", str(out)]) == 1
+    assert "is an image (or a pattern of images), not a catalog YAML" in capsys.readouterr().err
+    renamed.rename(tif)
+    (folder / f"{MAKER.LANDSAT['2020-06-17'][0]}_QA_PIXEL.TIF").unlink()
+    args = ["ingest", "--fine", str(folder / "L*_SR_B*.TIF"), "--coarse", str(folder / "MOD09GA*.tif"),
+            "--sensor-fine", "landsat_c2_l2", "--sensor-coarse", "mod09ga", "-o", str(out)]
+    assert main(args) == 1
+    assert "its quality band 'QA_PIXEL' is missing" in capsys.readouterr().err
+    assert main(args[:-4] + ["-o", str(out)]) == 1
+    assert "stf ingest with your own files needs --sensor-coarse (sensors: stf ingest --list-sensors)" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in folder.iterdir() if p.name.startswith(".cube.zarr")]
+    assert main([*args, "--no-mask"]) == 0 and out.exists()
+
+
+def test_mcd43a4_masks_each_band_by_its_own_quality_band(products):
+    """MCD43A4: one quality band per band (0 full inversion, 1 magnitude inversion, 255 fill)."""
+    folder, data = products
+    transform, shape = MAKER.modis_grid()
+    quality = {n: np.zeros(shape, np.uint8) for n in (1, 2, 3, 4, 6, 7)}
+    quality[2][4, 5] = 1  # nir: magnitude inversion, masked by default
+    quality[1][5, 6] = 255  # red: fill
+    stored = {n: np.full(shape, 1000 * n, np.int16) for n in quality}
+    for n in quality:
+        for name, values in ((f"Nadir_Reflectance_Band{n}", stored[n]), (f"BRDF_Albedo_Band_Mandatory_Quality_Band{n}", quality[n])):
+            MAKER.write(folder / f"MCD43A4.061_{name}_doy2020153_aid0001.tif", values, crs=MAKER.SINUSOIDAL,
+                        transform=transform)
+    cube = stf.ingest(str(folder / "L*_SR_B*.TIF"), str(folder / "MCD43A4*Nadir_Reflectance_Band1_*.tif"),
+                      fine_sensor="landsat_c2_l2", coarse_sensor="mcd43a4", chunks=None)
+    coarse = cube["coarse"].sel(time="2020-06-01")
+    from pyproj import Transformer
+
+    xx, yy = np.meshgrid(cube["x"].values, cube["y"].values)
+    sx, sy = Transformer.from_crs("EPSG:32633", MAKER.SINUSOIDAL, always_xy=True).transform(xx, yy)
+    cols, rows = ((sx - transform.c) // MAKER.MODIS_PIXEL).astype(int), ((transform.f - sy) // MAKER.MODIS_PIXEL).astype(int)
+    for band, n in (("red", 1), ("nir", 2), ("blue", 3)):
+        expected = np.where(quality[n][rows, cols] == 0, np.float32(1000 * n * 1e-4), np.nan)
+        np.testing.assert_array_equal(coarse.sel(band=band).values, expected)
+    assert np.isnan(coarse.sel(band="nir").values).any() and np.isnan(coarse.sel(band="red").values).any()
