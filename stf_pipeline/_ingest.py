@@ -35,6 +35,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from stf_pipeline.cube import DIMS, validate_cube
 from stf_pipeline.exceptions import CatalogError
 from stf_pipeline.sensors import AnySensor, DatePattern, QAMask, Sensor, get_sensor
+from stf_pipeline.task import iso_date
 
 PathLike = str | os.PathLike[str]
 #: what :func:`ingest` takes for one sensor's files
@@ -46,10 +47,6 @@ DEFAULT_CHUNKS: dict[str, int] = {"y": 512, "x": 512}
 #: share of valid pixels allowed outside a sensor's ``valid_range`` before a file is rejected
 MAX_OUT_OF_RANGE = 0.001
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-def _iso(date: np.datetime64) -> str:
-    return str(np.datetime_as_string(date, unit="D"))
 
 
 def _to_date(value: Any, where: str) -> np.datetime64:
@@ -295,7 +292,7 @@ def _scenes(
         if other is not None and (
             entry["sensor"] != member or asset is None or entry["path"] is not None or asset in entry["files"]
         ):
-            raise CatalogError(f"{role}: two files for {_iso(date)}: {other} and {path}; keep one per date.")
+            raise CatalogError(f"{role}: two files for {iso_date(date)}: {other} and {path}; keep one per date.")
         if asset is None:
             entry["path"] = path
         else:
@@ -363,7 +360,7 @@ def _required_file(scene: _Scene, asset: str, what: str) -> Path:
         known, first = scene.files[0]
         expected = first.with_name(_token(known).sub(asset, first.name, count=1))
         raise CatalogError(
-            f"{scene.sensor.name} scene of {_iso(scene.date)}: no file for {what} ({asset!r}): expected {expected} "
+            f"{scene.sensor.name} scene of {iso_date(scene.date)}: no file for {what} ({asset!r}): expected {expected} "
             f"beside {first.name}; put the product's {asset} file there or choose other bands."
         )
     return path

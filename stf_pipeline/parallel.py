@@ -74,7 +74,7 @@ def _apply_block(
     coarse = stacked[n_pairs : 2 * n_pairs]
     coarse_target = stacked[2 * n_pairs]
     if extra_names:
-        kwargs["extra"] = dict(zip(extra_names, extra_blocks))
+        kwargs["extra"] = dict(zip(extra_names, extra_blocks, strict=True))
     out = kernel(fine, coarse, coarse_target, **kwargs)
     return np.asarray(out, dtype=np.float32)
 
@@ -146,7 +146,9 @@ def map_overlapping(
     extra_extended = []
     for values in extra.values():
         values = da.asarray(values).rechunk((ychunks, xchunks))
-        extra_extended.append(da.overlap.overlap(values, depth={0: ydepth, 1: xdepth}, boundary="none") if halo else values)
+        if halo:
+            values = da.overlap.overlap(values, depth={0: ydepth, 1: xdepth}, boundary="none")
+        extra_extended.append(values)
     out_chunks = extended.chunks[1:]
     mapped = da.map_blocks(
         _apply_block,

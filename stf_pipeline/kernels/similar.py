@@ -41,8 +41,8 @@ Body = Callable[[Any, Mapping[str, Any], Mapping[str, Any], Any, Mapping[str, An
 def offsets(radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row-major window offsets ``(dy, dx)`` and their Euclidean distance in pixels."""
     side = np.arange(-radius, radius + 1)
-    dy, dx = np.meshgrid(side, side, indexing="ij")
-    dy, dx = dy.ravel(), dx.ravel()
+    grid_y, grid_x = np.meshgrid(side, side, indexing="ij")
+    dy, dx = grid_y.ravel(), grid_x.ravel()
     return dy, dx, np.sqrt(dy * dy + dx * dx)
 
 
@@ -232,3 +232,8 @@ def offset_distances(radius: int) -> np.ndarray:
     side = np.arange(-radius, radius + 1, dtype=np.float64)
     dy, dx = np.meshgrid(side, side, indexing="ij")
     return np.sqrt(dy * dy + dx * dx).ravel().astype(np.float32)
+
+
+def as_f32(a: Any) -> np.ndarray:
+    """``a`` as a C-contiguous float32 NumPy array (what the compiled kernels take)."""
+    return np.ascontiguousarray(a, dtype=np.float32)

@@ -183,13 +183,18 @@ class MethodSpec(Generic[P]):
             kernels = {"jax": self.kernel}
         unknown = sorted(set(kernels) - set(BACKENDS))
         if unknown:
-            raise MethodError(f"method {self.name!r} declares unknown backend(s) {unknown}; backends are {list(BACKENDS)}.")
+            raise MethodError(
+                f"method {self.name!r} declares unknown backend(s) {unknown}; backends are {list(BACKENDS)}."
+            )
         object.__setattr__(self, "kernels", kernels)
         if self.reference is None:
             object.__setattr__(self, "reference", "numpy" if "numpy" in kernels else next(iter(kernels)))
-        for device, backend in {**self.auto, "reference": self.reference}.items():
+        declared: list[tuple[str, Any]] = [*self.auto.items(), ("reference", self.reference)]
+        for device, backend in declared:
             if backend not in kernels:
-                raise MethodError(f"method {self.name!r}: {device} backend {backend!r} is not among its kernels {list(kernels)}.")
+                raise MethodError(
+                    f"method {self.name!r}: {device} backend {backend!r} is not among its kernels {list(kernels)}."
+                )
         if self.kernel is None:
             object.__setattr__(self, "kernel", _AutoKernel(self))
 
