@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib.resources
 import json
 import logging
@@ -61,8 +60,10 @@ from stf_pipeline.exceptions import ConfigError, MethodError
 CUBE_KINDS: tuple[str, ...] = ("synthetic", "catalog", "zarr")
 #: the package's folder of shipped pipelines (a link to the clone's top-level ``pipelines/``)
 PIPELINE_DIR = Path(str(importlib.resources.files("stf_pipeline") / "pipelines"))
-#: attr of ``<output>/cube.zarr``: digest of the cube it was written from (see :func:`_source_digest`)
+#: attr of ``<output>/cube.zarr``: :func:`dask.base.tokenize` of the cube it was written from
 SOURCE_ATTR = "stf_pipeline_source"
+#: store in the output folder through which a cluster's workers read a cube that is not written
+WORKER_CUBE = ".stf_worker_cube.zarr"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 logger = logging.getLogger(__name__)
@@ -439,6 +440,18 @@ def _scheduler(config: PipelineConfig) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _worker_cube_removed(config: PipelineConfig) -> Iterator[None]:
+    """Remove the cube store made for a cluster's workers (:func:`_through_zarr`) at the end."""
+    from stf_pipeline._atomic import remove_directory
+
+    try:
+        yield
+    finally:
+        if (config.output / WORKER_CUBE).exists():
+            remove_directory(config.output / WORKER_CUBE)
+
+
 def _with_truth(cube: xr.Dataset, dates: np.ndarray) -> np.ndarray:
     """The ``dates`` at which ``fine_truth`` holds data (a catalog's held-out dates; all for synthetic cubes)."""
     if "fine_truth" not in cube.data_vars or dates.size == 0:
@@ -492,15 +505,17 @@ def _prepare(config: PipelineConfig, *, overwrite: bool) -> tuple[xr.Dataset, Pa
     from another is replaced only with ``overwrite``. Returns the cube, its path and whether it
     was reused.
     """
-    import stf_pipeline as stf
     from dask.base import tokenize
 
+    import stf_pipeline as stf
     from stf_pipeline.exceptions import CubeError, StoreError
     from stf_pipeline.info import describe_cube
 
     logger.info("[%s] cube from %s %s", config.name, config.cube.kind, dict(config.cube.options))
     cube = config.cube.build()
     if not config.write_cube:
+        if config.cluster is not None and config.cube.kind != "zarr":
+            cube = _through_zarr(cube, config.output / WORKER_CUBE)
         logger.info("%s", describe_cube(cube))
         return cube, None, False
     path = config.output / "cube.zarr"
@@ -527,6 +542,21 @@ def _prepare(config: PipelineConfig, *, overwrite: bool) -> tuple[xr.Dataset, Pa
     cube = stf.open_cube(path)
     logger.info("%s", describe_cube(cube))
     return cube, path, False
+
+
+def _through_zarr(cube: xr.Dataset, path: Path) -> xr.Dataset:
+    """The cube written to ``path`` and opened from there, so that workers read it from disk.
+
+    A catalog cube holds its images in memory, inside the Dask graph: on a cluster every graph
+    that reads them would carry them to the scheduler (``Sending large graph of size 11 MiB``,
+    ``Detected different run_spec``). From Zarr a graph task names a chunk of a store instead.
+    The folder is the run's output folder, which the workers write to anyway; :func:`run`
+    removes the store at the end.
+    """
+    import stf_pipeline as stf
+
+    logger.info("[cluster] the cube goes to the workers through %s (removed at the end of the run)", path)
+    return stf.open_cube(stf.write_cube(cube, path, overwrite=True))
 
 
 def _store_attrs(path: Path) -> dict[str, Any] | None:
@@ -653,33 +683,18 @@ def run(
     >>> result = stf.run("pipelines/demo.yaml")  # doctest: +SKIP
     >>> result.scores["delta"].rmse.mean().item()  # doctest: +SKIP
     """
-    from stf_pipeline import plots
-
     config = _configured(path_or_config, {"output": output, "methods": methods, "targets": targets, "root": root})
     _check_methods(config)
     config.output.mkdir(parents=True, exist_ok=True)
     reused: list[str] = []
-    with _scheduler(config):
+    # the cube is made on this process's threads, before a cluster starts: a catalog's images are
+    # read here and reach the workers through a Zarr store, not inside task graphs
+    with _worker_cube_removed(config):
         cube, cube_path, cube_reused = _prepare(config, overwrite=overwrite)
         if cube_reused:
             reused.append("cube")
-        fused_paths: dict[str, Path] = {}
-        fused_sets: dict[str, xr.Dataset] = {}
-        all_scores: dict[str, xr.Dataset] = {}
-        for run_ in config.methods:
-            fused, out, was_reused = _fuse_method(config, run_, cube, overwrite=overwrite)
-            fused_paths[run_.name] = out
-            fused_sets[run_.name] = fused
-            if was_reused:
-                reused.append(run_.name)
-            scores = _score(config, run_.name, cube, fused) if config.evaluate else None
-            if scores is not None:
-                all_scores[run_.name] = scores
-        figures: list[Path] = []
-        if config.figures and fused_sets:
-            figures = _figures(plots, cube, fused_sets, all_scores, config)
-            for path in figures:
-                logger.info("[%s] figure %s", config.name, path)
+        with _scheduler(config):
+            fused_paths, all_scores, figures = _fuse_all(config, cube, overwrite=overwrite, reused=reused)
     return PipelineResult(
         config=config,
         cube_path=cube_path,
@@ -688,6 +703,33 @@ def run(
         figures=tuple(figures),
         reused=tuple(reused),
     )
+
+
+def _fuse_all(
+    config: PipelineConfig, cube: xr.Dataset, *, overwrite: bool, reused: list[str]
+) -> tuple[dict[str, Path], dict[str, xr.Dataset], list[Path]]:
+    """Fuse, score and draw every method of :func:`run`: the fused stores, the scores and the
+    figures; appends the methods whose store was reused to ``reused``."""
+    from stf_pipeline import plots
+
+    fused_paths: dict[str, Path] = {}
+    fused_sets: dict[str, xr.Dataset] = {}
+    all_scores: dict[str, xr.Dataset] = {}
+    for run_ in config.methods:
+        fused, out, was_reused = _fuse_method(config, run_, cube, overwrite=overwrite)
+        fused_paths[run_.name] = out
+        fused_sets[run_.name] = fused
+        if was_reused:
+            reused.append(run_.name)
+        scores = _score(config, run_.name, cube, fused) if config.evaluate else None
+        if scores is not None:
+            all_scores[run_.name] = scores
+    figures: list[Path] = []
+    if config.figures and fused_sets:
+        figures = _figures(plots, cube, fused_sets, all_scores, config)
+        for path in figures:
+            logger.info("[%s] figure %s", config.name, path)
+    return fused_paths, all_scores, figures
 
 
 def run_compare(
@@ -720,28 +762,34 @@ def run_compare(
     -------
     stf_pipeline.compare.Comparison
     """
-    import stf_pipeline as stf
-
     config = _configured(path_or_config, {"output": out, "methods": methods, "targets": targets, "root": root})
     _check_methods(config)
     if not config.methods:
         raise ConfigError(f"pipeline {config.name}: 'methods' is empty; list the methods to compare.")
     config.output.mkdir(parents=True, exist_ok=True)
-    with _scheduler(config):
-        cube, _, _ = _prepare(config, overwrite=overwrite)
-        models = {}
-        for run_ in config.methods:
-            if stf.get_method(run_.name).learned:
-                logger.info("[%s] training %s", config.name, run_.name)
-                models[run_.name] = stf.train(
-                    cube, method=run_.name, workdir=config.output / f"train_{run_.name}", **_train_options(run_, cube)
-                )
-        return stf.compare(
-            cube,
-            methods={run_.name: dict(run_.params) for run_ in config.methods},
-            targets=list(config.targets) if config.targets else None,  # default: the catalog's targets
-            models=models,
-            out=config.output,
-            chunks=config.chunks,
-            figures=figures,
-        )
+    with _worker_cube_removed(config):
+        cube, _, _ = _prepare(config, overwrite=overwrite)  # before a cluster starts, as in run()
+        with _scheduler(config):
+            return _compare_all(config, cube, figures=figures)
+
+
+def _compare_all(config: PipelineConfig, cube: xr.Dataset, *, figures: bool) -> Any:
+    """Train the learned methods and run :func:`stf_pipeline.compare` for :func:`run_compare`."""
+    import stf_pipeline as stf
+
+    models = {}
+    for run_ in config.methods:
+        if stf.get_method(run_.name).learned:
+            logger.info("[%s] training %s", config.name, run_.name)
+            models[run_.name] = stf.train(
+                cube, method=run_.name, workdir=config.output / f"train_{run_.name}", **_train_options(run_, cube)
+            )
+    return stf.compare(
+        cube,
+        methods={run_.name: dict(run_.params) for run_ in config.methods},
+        targets=list(config.targets) if config.targets else None,  # default: the catalog's targets
+        models=models,
+        out=config.output,
+        chunks=config.chunks,
+        figures=figures,
+    )

@@ -207,7 +207,7 @@ def test_overwrite_errors_name_the_option(tmp_path, capsys):
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
-    import stf_pipeline.pipeline as pipeline
+    from stf_pipeline import pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -259,7 +259,7 @@ def test_bench_and_compare_dispatch(monkeypatch):
     bench.main = lambda argv: calls.append(("bench", argv)) or 3
     monkeypatch.setitem(sys.modules, bench.__name__, bench)
     assert main(["bench", "fake_bench", "--size", "64", "-n", "2", "--help"]) == 3
-    import stf_pipeline.pipeline as pipeline
+    from stf_pipeline import pipeline
 
     class Table:
         def to_markdown(self):

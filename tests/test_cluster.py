@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +138,33 @@ def test_gpu_cluster_one_worker_per_gpu_gives_the_same_store(tmp_path):
         stf.open_cube(tmp_path / "ref.zarr")["fine"].values,
         rtol=1e-5, atol=1e-6,
     )
+
+
+def test_pipeline_on_a_cluster_sends_no_data_in_graphs(tmp_path, monkeypatch, caplog, recwarn):
+    """A catalog cube holds its images in memory; on a cluster they reach the workers through a
+    Zarr store, so no graph carries them (the warning threshold is lowered to a tenth of the cube)."""
+    import dask
+    import yaml
+
+    from stf_pipeline.pipeline import WORKER_CUBE, run
+
+    spec = importlib.util.spec_from_file_location("make_fake_cia", Path(__file__).parent / "data" / "make_fake_cia.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    root = maker.make_fake(tmp_path / "data")
+    cube, _ = stf.open_catalog("lgc", root=root)
+    in_memory = sum(cube[v].nbytes for v in cube.data_vars)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "name": "c", "cube": {"catalog": "lgc"}, "write_cube": False, "figures": False,
+        "methods": [{"name": "delta", "params": {"window": 3}}], "targets": ["2004-12-12"],
+        "cluster": {"n_workers": 1, "threads_per_worker": 2, "memory_limit": "1GiB"},
+    }))
+    caplog.set_level(logging.WARNING, logger="distributed")
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": in_memory // 10}):
+        result = run(tmp_path / "p.yaml", root=root)
+    assert float(result.scores["delta"]["rmse"].mean()) > 0
+    noise = [str(w.message) for w in recwarn if "large graph" in str(w.message)]
+    noise += [r.getMessage() for r in caplog.records if "run_spec" in r.getMessage()]
+    assert noise == []
+    assert not (tmp_path / "out" / "c" / WORKER_CUBE).exists()  # removed at the end
