@@ -39,3 +39,24 @@ lock:
 
 clean:
 	rm -rf $(VENV) $(VENV)-lock out
+
+.PHONY: docs
+
+# The documentation site (the docs extra, also in dev): benchmarks page from docs/benchmarks/*.json, then
+# the site with warnings as errors into out/site.
+docs: $(STAMP)
+	$(BIN)/python docs/gen_benchmarks.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The linters (the lint extra): ruff (E, F, B, I at 120 columns) and mypy, settings in pyproject.toml.
+LINT_STAMP := $(VENV)/.lint-installed
+
+$(LINT_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[lint]"
+	touch $(LINT_STAMP)
+
+.PHONY: lint
+
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy stf_pipeline

@@ -52,7 +52,8 @@ import xarray as xr
 
 from stf_pipeline._schema import checked_keys
 from stf_pipeline.exceptions import CatalogError, TaskError
-from stf_pipeline.ingest import DEFAULT_CHUNKS, RESAMPLING, DatePattern, Sensor, get_sensor, ingest
+from stf_pipeline._ingest import DEFAULT_CHUNKS, RESAMPLING, ingest
+from stf_pipeline.sensors import DatePattern, Sensor, get_sensor
 from stf_pipeline.task import Task, resolve_task
 
 #: environment variable that overrides the data root

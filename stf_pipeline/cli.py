@@ -1,6 +1,7 @@
 """The ``stf`` command: a thin argparse layer over the library.
 
-``stf run PIPELINE``, ``stf info CUBE.zarr``, ``stf ingest CATALOG -o CUBE.zarr``,
+``stf run PIPELINE``, ``stf info CUBE.zarr``, ``stf ingest CATALOG -o CUBE.zarr`` (or ``--fine GLOB
+--coarse GLOB``), ``stf export FUSED.zarr -o DIR``,
 ``stf compare PIPELINE`` (:func:`stf_pipeline.pipeline.run_compare`) and ``stf bench NAME [ARGS...]``
 (``stf_pipeline.benchmarks.NAME.main``); ``stf --version``. ``-v``/``-q`` (before or after the
 command) show more or less of the ``stf_pipeline`` log on stderr (:mod:`stf_pipeline.log`).
@@ -81,18 +82,6 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ingest(args: argparse.Namespace) -> int:
-    from stf_pipeline.catalog import open_catalog
-    from stf_pipeline.cube import write_cube
-    from stf_pipeline.info import describe_cube
-
-    cube, task = open_catalog(args.catalog, root=args.root)
-    path = write_cube(cube, args.output, overwrite=args.overwrite)
-    print(describe_cube(path))
-    print(f"task: target {task.to_attrs()['target']}, pairs {task.to_attrs()['pairs']}")
-    return 0
-
-
 def _benchmarks() -> list[str]:
     import stf_pipeline.benchmarks as package
 
@@ -162,14 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cube", type=Path, help="cube store (*.zarr)")
     p.set_defaults(func=_info)
 
-    p = sub.add_parser("ingest", parents=[flags], help="read a catalog's files into a cube store")
-    p.add_argument("catalog", help="catalog name (see stf_pipeline/catalogs) or path to a catalog YAML")
-    p.add_argument("-o", "--output", type=Path, required=True, help="cube store to write (*.zarr)")
-    p.add_argument("--root", type=Path, default=None, metavar="DIR",
-                   help="data root (default: $STF_DATA_ROOT, ../shared/data/real beside a clone, "
-                   "~/.local/share/stf_pipeline)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing cube store")
-    p.set_defaults(func=_ingest)
+    from stf_pipeline import _export, _ingest  # `stf ingest` and `stf export`: parsers beside their code
+
+    _ingest.add_parser(sub, parents=[flags])
+    _export.add_parser(sub, parents=[flags])
 
     from stf_pipeline import comparison
 

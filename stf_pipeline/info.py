@@ -14,7 +14,7 @@ from stf_pipeline.cube import STORE_MARKER, open_cube, pixel_size, validate_cube
 def _valid_fractions(cube: xr.Dataset) -> dict[str, np.ndarray]:
     """Per-date valid-pixel fraction of ``fine``, ``coarse`` (and ``fine_truth``), from the
     ``*_valid`` coords when present, else computed in one pass."""
-    names = [n for n in ("fine", "coarse", "fine_truth") if n in cube.data_vars]
+    names = [n for n in ("fine", "coarse", "fine_truth") if n in cube.data_vars or f"{n}_valid" in cube.coords]
     known = {n: np.asarray(cube[f"{n}_valid"].values, float) for n in names if f"{n}_valid" in cube.coords}
     lazy = {n: cube[n].notnull().mean(("band", "y", "x")) for n in names if n not in known}
     (computed,) = dask.compute(lazy)

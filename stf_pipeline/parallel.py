@@ -16,10 +16,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import dask
 import dask.array as da
 import numpy as np
+
+if TYPE_CHECKING:
+    from stf_pipeline.methods._base import SceneStatistics
+
+P = TypeVar("P")
 
 
 def _spatial_chunks(length: int, nominal: int, *, halo: int, align: int) -> tuple[int, ...]:
@@ -159,3 +165,22 @@ def map_overlapping(
     if not halo:
         return mapped
     return da.overlap.trim_internal(mapped, {0: 0, 1: ydepth, 2: xdepth}, boundary="none")
+
+
+def fill_statistics(
+    statistics: SceneStatistics[P] | None, fine: Any, coarse: Any, coarse_target: Any, params: P
+) -> P | Any:
+    """A method's parameters with its scene-wide statistics filled in (``MethodSpec.statistics``).
+
+    The method's ``summarize`` reduces the whole arrays (lazily for Dask); its NumPy ``fit`` then
+    runs now for NumPy input, or as one ``dask.delayed`` task for Dask input (the return value is
+    then a ``Delayed`` params, passed to every block), so building the graph computes nothing.
+    """
+    if statistics is None:
+        return params
+    summaries = statistics.summarize(fine, coarse, coarse_target, params)
+    if summaries is None:
+        return params
+    if any(isinstance(a, da.Array) for a in summaries):
+        return dask.delayed(statistics.fit, pure=True)(params, *summaries)
+    return statistics.fit(params, *summaries)

@@ -577,7 +577,7 @@ def _fuse_method(
     """Fuse the targets with one method into ``<output>/fused_<method>.zarr``; whether an
     earlier run's complete store of the same request was reused."""
     import stf_pipeline as stf
-    from stf_pipeline.series import COMPLETE_ATTR, REQUEST_ATTR
+    from stf_pipeline.series import COMPLETE_ATTR
 
     spec = stf.get_method(run_.name)
     out = config.output / f"fused_{run_.name}.zarr"
@@ -596,7 +596,7 @@ def _fuse_method(
         train_options=_train_options(run_, cube) if spec.learned else None,
         **run_.params,
     )
-    reused = bool(before and before.get(COMPLETE_ATTR)) and before.get(REQUEST_ATTR) == fused.attrs.get(REQUEST_ATTR)
+    reused = fused.encoding.get("stf_action") == "reused"
     if reused:
         logger.info("[%s] reusing %s: an earlier run fused the same request with %s", config.name, out, run_.name)
     elif before is not None and before.get(COMPLETE_ATTR):

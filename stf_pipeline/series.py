@@ -1,23 +1,37 @@
 """``stf.fuse_series``: fuse every coarse-only date of a cube into a resumable Zarr cube.
 
 The output store is created first, from a lazy template (``to_zarr(compute=False)``: metadata,
-coordinates and the per-date ``source`` variable, no chunk data), then filled region by region:
-one region is one Zarr chunk ``(date, all bands, y block, x block)`` of one variable. Each region
+coordinates and the per-date provenance, no chunk data), then filled region by region: one
+region is one Zarr chunk ``(date, all bands, y block, x block)`` of one variable. Each region
 task writes its chunk and then records itself under ``<store>/.stf_progress/``. A run that is
 killed at any moment and started again with the same request skips the recorded regions and
 rewrites the others (a region write is idempotent), so it ends with exactly the store an
 uninterrupted run writes. Only when every region is recorded is the store marked complete
 (attr ``stf_series_complete``) and the record removed.
 
-Layout of the fused cube (the cube contract, DESIGN.md §1):
+What keeps it from losing or mixing data (see :mod:`stf_pipeline.store`): the whole call holds
+the store's writer lock; it refuses to write over a store its input is read from; the request
+(``stf_series_request``) is a digest of the full content of every input image it reads (hashed
+chunk by chunk), the method and all parameters, the dates, the layout and the model's weights,
+and a resumed or rerun call must match it part by part (``stf_series_parts``), else it is told
+what changed. Regions are computed in batches of one date and one strip of
+``STRIP`` columns, so memory depends on the chunk size and the worker count, not the scene.
+
+Layout of the fused cube (the cube contract, DESIGN.md §1, without ``coarse`` unless kept):
 
 - ``time``: the dates with a fine observation plus the fused targets, in order;
 - ``fine``: the observed fine image, or the fused prediction at the targets;
-- ``coarse``: the input coarse image at every date (and ``fine_truth`` when the input has it);
-- ``source`` ``(time,)``: ``"observed"`` or ``"fused"``;
+- ``coarse``, ``fine_truth``: only when asked for (``keep=``);
+- provenance ``(time,)``: ``source`` (``"observed"`` or ``"fused"``), ``fusion_method``,
+  ``fusion_pairs`` (ISO dates joined by ``,``) and ``model_digest`` (empty for observed dates);
+- coords: ``y``/``x``, the CRS (``spatial_ref``), ``coarse_valid``;
 - attrs: the input attrs plus ``stf_method``, ``stf_params`` (JSON), ``stf_tasks`` (JSON
-  ``{target: [pairs]}``), ``stf_pipeline_version``, ``stf_series_request`` (a digest of the
-  request, to refuse resuming a different one) and ``stf_series_complete``.
+  ``{target: [pairs]}``), ``stf_pipeline_version``, ``stf_series_request``,
+  ``stf_series_parts`` and ``stf_series_complete``.
+
+A learned method without a ``model`` is trained first into ``model_dir`` (default
+``<out>.model`` beside the store: checkpoints, ``model/``, ``history.json``,
+``loss_curves.png``), which a resumed run reuses.
 """
 
 from __future__ import annotations
@@ -25,11 +39,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import contextlib
 import os
-import re
 import shutil
-import sys
-import warnings
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,24 +54,56 @@ from dask.base import tokenize
 import numpy as np
 import xarray as xr
 
-from stf_pipeline._atomic import atomic_directory, remove_directory
-from stf_pipeline.cube import STORE_MARKER, STORE_VERSION, ZARR_FORMAT, validate_cube, with_valid_fractions
-from stf_pipeline.exceptions import StoreError, TaskError
+from stf_pipeline.cube import (
+    STORE_MARKER,
+    STORE_VERSION,
+    ZARR_FORMAT,
+    chunk_encoding,
+    open_store,
+    quiet_zarr,
+    remove_litter,
+    resolve_store_path,
+    strings_as_objects,
+    validate_cube,
+    with_valid_fractions,
+)
+from stf_pipeline._atomic import atomic_directory
+from stf_pipeline.exceptions import CubeError, StoreError, TaskError
 from stf_pipeline.fusion import fuse, method_context
 from stf_pipeline.methods import get_method, params_to_attrs
+from stf_pipeline.progress import DaskProgress, Progress
+from stf_pipeline.store import (
+    WriterLock,
+    check_not_an_input,
+    content_digest,
+    input_stores,
+    model_digest,
+    new_generation,
+)
 from stf_pipeline.task import DateLike, Task, resolve_task, to_datetime64, valid_fraction
+
+logger = logging.getLogger("stf_pipeline")
 
 #: sub-directory of the store holding one empty file per written region while a run is open
 PROGRESS_DIR = ".stf_progress"
-#: sub-directory of the store where learned methods train (``stf.train(..., workdir=...)``)
-TRAIN_DIR = ".stf_train"
 COMPLETE_ATTR = "stf_series_complete"
 REQUEST_ATTR = "stf_series_request"
+PARTS_ATTR = "stf_series_parts"
+#: file in ``model_dir`` naming the training request its model belongs to
+MODEL_REQUEST_FILE = ".stf_train_request"
 DEFAULT_CHUNK = 512
-#: side of the corner of every lazy input image hashed to fingerprint the data of a request
-SAMPLE = 256
-#: variables copied from the input cube at every output date (when present)
-_COPIED = ("coarse", "fine_truth")
+#: width in pixels of the column strips computed one after the other (memory bound of one batch)
+STRIP = 2048
+#: variables of the input cube a fused store may keep besides ``fine``
+KEEPABLE = ("coarse", "fine_truth")
+#: what each part of the request means, for the message when one changed
+_PART_NAMES = {
+    "data": "input data",
+    "params": "method or parameters",
+    "model": "model",
+    "dates": "targets, pairs or dates",
+    "layout": "bands, grid, chunks or kept variables",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +128,8 @@ def fuse_series(
     overwrite: bool = False,
     chunks: tuple[int, int] | None = None,
     progress: bool = True,
+    keep: Sequence[str] = (),
+    model_dir: str | os.PathLike[str] | None = None,
     train_options: Mapping[str, Any] | None = None,
     **params: Any,
 ) -> xr.Dataset:
@@ -89,12 +137,13 @@ def fuse_series(
 
     Runs on the current Dask scheduler (a ``distributed.Client`` when one is active, see
     :func:`stf_pipeline.cluster.start_cluster`). Calling it again with the same request after an
-    interruption resumes: regions already written are not recomputed.
+    interruption resumes: regions already written are not recomputed; on a complete store it
+    only checks the request and returns the store ("reusing").
 
     Parameters
     ----------
     cube : xarray.Dataset
-        Input cube (NumPy- or Dask-backed).
+        Input cube (NumPy- or Dask-backed). It must not be read from ``out``.
     method : str
         Registered method name (``delta``, ``starfm``, ``estarfm``, ``fsdaf``, ``stfdcnn``, ``biastf``).
     out : path-like
@@ -103,20 +152,25 @@ def fuse_series(
         Dates to fuse; default every date with coarse data and no fine data.
     model : FittedModel, optional
         Trained model for learned methods. If omitted for a learned method, the model is trained
-        with ``stf.train(cube, method=method, workdir=<out>/.stf_train, **train_options)``, so a
+        with ``stf.train(cube, method=method, workdir=model_dir, **train_options)``, so a
         resumed run reuses (or resumes) that training.
     pairs : sequence of date-like, or mapping target -> sequence, optional
         Pair dates for every target, or per target; default the nearest pairs of each target.
     overwrite : bool, default False
-        Replace an existing stf_pipeline store that holds a different request (another method,
-        parameters, targets, chunks or input). A store of the same request is always resumed
-        (or, when complete, returned as it is); a path that is not a stf_pipeline store is never
-        overwritten.
+        Replace an existing stf_pipeline store (and the trained model in ``model_dir``) that holds
+        a different request. A store of the same request is always resumed (or, when complete,
+        returned as it is); a path that is not a stf_pipeline store is never overwritten.
     chunks : (int, int), optional
         Spatial chunk of the store and of the computation; default the cube's chunks, or 512.
         Rounded up to a multiple of ``coarse_factor`` for coarse-aligned methods.
     progress : bool, default True
-        Show a progress bar (``distributed.progress`` under a client, Dask's bar otherwise).
+        Show progress: a bar in a terminal or Jupyter, periodic log lines elsewhere
+        (:class:`stf_pipeline.progress.Progress`).
+    keep : sequence of {"coarse", "fine_truth"}, default ()
+        Input variables to copy into the store at every output date besides ``fine``.
+    model_dir : path-like, optional
+        Where a learned method's model is trained: checkpoints, ``model/`` and
+        ``loss_curves.png``. Default ``<out>.model`` beside the store (``.zarr`` replaced).
     train_options : mapping, optional
         Keyword arguments for ``stf.train`` when the model is trained here; ``train_times``
         default to the cube's ``stf_train_times`` attr, else every date with fine data.
@@ -126,16 +180,22 @@ def fuse_series(
     Returns
     -------
     xarray.Dataset
-        The complete fused cube, opened lazily from ``out``.
+        The complete fused cube, opened lazily from ``out`` with checked reads. Its
+        ``encoding["stf_action"]`` says what this call did: ``"fused"``, ``"resumed"`` or
+        ``"reused"``.
 
     Raises
     ------
     TaskError
         No target date, a target with all-NaN coarse data, or a target without pairs
         (raised before anything is written).
+    CubeError
+        The cube breaks the contract (values included, on a sample), or ``keep`` names a
+        variable it does not have.
     StoreError
-        ``out`` exists and is not a stf_pipeline store, or holds a different request and
-        ``overwrite`` is False.
+        ``out`` exists and is not a stf_pipeline store, holds a different request (the message
+        says what changed) and ``overwrite`` is False, is being written by another process, or
+        is a store the cube is read from.
     MethodError
         Unknown method or parameters.
 
@@ -143,54 +203,149 @@ def fuse_series(
     --------
     >>> fused = stf.fuse_series(cube, method="delta", out="fused.zarr")  # doctest: +SKIP
     >>> fused.source.values  # doctest: +SKIP
-    array(['observed', 'fused', 'fused', 'observed'], dtype='<U8')
+    array(['observed', 'fused', 'fused', 'observed'], dtype=object)
     """
     from stf_pipeline import __version__
 
-    validate_cube(cube)
+    validate_cube(cube, check_values=True)
     spec = get_method(method)
     context = method_context(cube)
     p = spec.make_params(**params)
     if spec.prepare is not None:
         p = spec.prepare(p, context)
+    keep = _check_keep(cube, keep)
+    path = resolve_store_path(out)
+    model_path = Path(model_dir) if model_dir is not None else _default_model_dir(path)
+    sources = input_stores(cube)
+    check_not_an_input(path, sources, what="fuse_series")
+    if spec.learned and model is None:
+        check_not_an_input(model_path, sources, what="fuse_series (training)")
     cube = with_valid_fractions(cube)  # once, so resolving each target does not reread a lazy cube
-    plan = _plan(cube, spec=spec, params=p, context=context, targets=targets, pairs=pairs, chunks=chunks)
-    path = Path(out)
+    plan = _plan(cube, spec=spec, params=p, context=context, targets=targets, pairs=pairs, chunks=chunks, keep=keep)
     if spec.learned and model is None:
         train_options = _default_train_options(cube, train_options)
-    request = _request(cube, plan, method=spec.name, params=p, train_options=train_options, model=model)
-    digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
-    attrs = {
-        **{k: v for k, v in cube.attrs.items() if not k.startswith("stf_series")},
-        STORE_MARKER: STORE_VERSION,
-        "stf_method": spec.name,
-        "stf_params": json.dumps(params_to_attrs(p), sort_keys=True),
-        "stf_tasks": json.dumps(request["tasks"]),
-        "stf_pipeline_version": __version__,
-        REQUEST_ATTR: digest,
-        COMPLETE_ATTR: False,
-    }
-    state = _store_state(path, digest, overwrite=overwrite)
-    if state == "complete":
-        _finalize(path)
-        return xr.open_zarr(path, consolidated=True, decode_coords="all")
-    if state == "new":
-        _create_store(cube, plan, path, attrs)
-    if spec.learned and model is None:
-        from stf_pipeline.training import train
-
-        model = train(cube, method=spec.name, workdir=path / TRAIN_DIR, **dict(train_options or {}))
-    writes = _region_writes(cube, plan, path, digest, method=spec.name, model=model, params=params)
-    _compute(writes, progress=progress)
-    missing = _expected_regions(plan, cube) - _done_regions(path)
-    if missing:
-        raise StoreError(
-            f"{len(missing)} region(s) of {path} were not recorded as written (e.g. {sorted(missing)[0]}); "
-            "run stf.fuse_series again with the same arguments to resume."
+    with WriterLock(path, action="fuse_series"):
+        remove_litter(path)
+        start = time.perf_counter()
+        data = _data_digest(cube, plan)
+        logger.debug("fingerprint of the input data: %.2f s", time.perf_counter() - start)
+        parts = _request_parts(
+            cube, plan, method=spec.name, params=p, train_options=train_options, model=model, data=data
         )
-    _zarr_group(path, mode="r+").attrs[COMPLETE_ATTR] = True
-    _finalize(path)
-    return xr.open_zarr(path, consolidated=True, decode_coords="all")
+        digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        state = _store_state(path, digest, parts, overwrite=overwrite)
+        if state == "complete":
+            logger.info("reusing %s (complete, same request)", path)
+            _finalize(path)
+            return _opened(path, "reused")
+        if spec.learned and model is None:
+            model = _train_here(cube, spec.name, model_path, train_options, data=data, overwrite=overwrite)
+        digest_of_model = "" if model is None else model_digest(model)
+        if state == "new":
+            attrs = {
+                **{k: v for k, v in cube.attrs.items() if not k.startswith("stf_series")},
+                STORE_MARKER: STORE_VERSION,
+                "stf_method": spec.name,
+                "stf_params": json.dumps(params_to_attrs(p), sort_keys=True),
+                "stf_tasks": json.dumps({_iso(t.target): [_iso(q) for q in t.pairs] for t in plan.tasks}),
+                "stf_pipeline_version": __version__,
+                REQUEST_ATTR: digest,
+                PARTS_ATTR: json.dumps(parts, sort_keys=True),
+                COMPLETE_ATTR: False,
+            }
+            _create_store(cube, plan, path, attrs, method=spec.name, model_digest=digest_of_model)
+        else:
+            _check_model_provenance(path, digest_of_model)
+        writes, total = _region_writes(cube, plan, path, digest, method=spec.name, model=model, params=params)
+        action = "fused" if state == "new" else "resumed"
+        if state == "resume":
+            logger.info("resuming %s: %d of %d regions left", path, total, len(_expected_regions(plan, cube)))
+        else:
+            logger.info("fusing with %s -> %s (%d regions)", spec.name, path, total)
+        _compute(writes, total=total, progress=progress, desc=f"fuse_series {spec.name} -> {path.name}")
+        missing = _expected_regions(plan, cube) - _done_regions(path)
+        if missing:
+            raise StoreError(
+                f"{len(missing)} region(s) of {path} were not recorded as written (e.g. {sorted(missing)[0]}); "
+                "run stf.fuse_series again with the same arguments to resume."
+            )
+        _zarr_group(path, mode="r+").attrs[COMPLETE_ATTR] = True
+        _finalize(path)
+    return _opened(path, action)
+
+
+def _opened(path: Path, action: str) -> xr.Dataset:
+    fused = open_store(path)
+    fused.encoding["stf_action"] = action
+    return fused
+
+
+def _check_keep(cube: xr.Dataset, keep: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(keep, str):
+        keep = (keep,)
+    keep = tuple(dict.fromkeys(str(k) for k in keep))
+    for name in keep:
+        if name not in KEEPABLE:
+            raise CubeError(f"keep={keep!r}: {name!r} cannot be kept; choose from {KEEPABLE} (fine is always stored).")
+        if name not in cube.data_vars:
+            raise CubeError(
+                f"keep={keep!r}: the cube has no data variable {name!r}; keep only variables the cube has "
+                f"({sorted(str(v) for v in cube.data_vars if v in KEEPABLE)})."
+            )
+    return keep
+
+
+def _default_model_dir(path: Path) -> Path:
+    return path.with_suffix(".model") if path.suffix else path.with_name(path.name + ".model")
+
+
+def _train_here(
+    cube: xr.Dataset, method: str, model_dir: Path, options: Mapping[str, Any], *, data: str, overwrite: bool
+) -> Any:
+    """Train (or resume training, or reuse) the model of ``method`` in ``model_dir``, under its lock.
+
+    ``model_dir`` records the training request (data, method, options); another request's
+    model directory is replaced only with ``overwrite``.
+    """
+    from stf_pipeline.training import train
+
+    request = hashlib.sha256(
+        json.dumps({"method": method, "data": data, "options": json.loads(json.dumps(dict(options), default=str))},
+                   sort_keys=True).encode()
+    ).hexdigest()
+    model_dir = resolve_store_path(model_dir)
+    with WriterLock(model_dir, action="stf.train"):
+        remove_litter(model_dir)
+        marker = model_dir / MODEL_REQUEST_FILE
+        if model_dir.exists():
+            recorded = marker.read_text().strip() if marker.is_file() else None
+            if recorded is None:
+                raise StoreError(
+                    f"{model_dir} exists and is not a model directory of stf.fuse_series; refusing to train into "
+                    "it. Pass model_dir= another path, or remove it yourself."
+                )
+            if recorded != request:
+                if not overwrite:
+                    raise StoreError(
+                        f"{model_dir} holds a model trained for another request (other data, method or "
+                        "train_options); pass overwrite=True (--overwrite) to retrain it, or model_dir= another path."
+                    )
+                shutil.rmtree(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(request)
+        logger.info("training %s in %s", method, model_dir)
+        return train(cube, method=method, workdir=model_dir, **dict(options))
+
+
+def _check_model_provenance(path: Path, digest_of_model: str) -> None:
+    """A resumed run must predict with the model the store was started with."""
+    recorded = {str(v) for v in np.asarray(_zarr_group(path)["model_digest"][:]).tolist()} - {""}
+    if recorded and recorded != {digest_of_model}:
+        raise StoreError(
+            f"{path} was started with another model (weights digest {sorted(recorded)[0][:12]}..., now "
+            f"{digest_of_model[:12]}...); resuming would mix the two. Pass overwrite=True (--overwrite) to start "
+            "again, or choose another out= path."
+        )
 
 
 def _zarr_group(path: Path, *, mode: str = "r") -> Any:
@@ -209,6 +364,7 @@ def _plan(
     targets: Sequence[DateLike] | None,
     pairs: Sequence[DateLike] | Mapping[Any, Sequence[DateLike]] | None,
     chunks: tuple[int, int] | None,
+    keep: tuple[str, ...],
 ) -> _Plan:
     times = cube["time"].values.astype("datetime64[ns]")
     fine_ok = valid_fraction(cube, "fine") > 0
@@ -242,8 +398,7 @@ def _plan(
         data = cube["fine"].data
         chunks = (data.chunks[2][0], data.chunks[3][0]) if isinstance(data, da.Array) else (DEFAULT_CHUNK,) * 2
     size = tuple(min(_round_up(max(int(c), halo, 1), align), int(n)) for c, n in zip(chunks, cube["fine"].shape[2:]))
-    variables = ("fine", *[v for v in _COPIED if v in cube.data_vars])
-    return _Plan(times=out_times, source=source, tasks=tasks, chunks=size, variables=variables)  # type: ignore[arg-type]
+    return _Plan(times=out_times, source=source, tasks=tasks, chunks=size, variables=("fine", *keep))  # type: ignore[arg-type]
 
 
 def _default_train_options(cube: xr.Dataset, options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -264,41 +419,60 @@ def _iso(t: np.datetime64) -> str:
     return str(np.datetime_as_string(t, unit="D"))
 
 
-def _request(
-    cube: xr.Dataset, plan: _Plan, *, method: str, params: Any, train_options: Any, model: Any
-) -> dict[str, Any]:
-    """What defines the store's content: the same request resumes, another one is refused."""
+def _inputs(cube: xr.Dataset, plan: _Plan) -> dict[str, Any]:
+    """Every input image the store's content depends on, as ``{"var@date": (band, y, x) array}``."""
+    needed: dict[str, set[np.datetime64]] = {"fine": set(), "coarse": set()}
+    for t, kind in zip(plan.times, plan.source):
+        if kind == "observed":
+            needed["fine"].add(t)
+    for task in plan.tasks:
+        needed["coarse"].add(task.target)
+        needed["fine"].update(task.pairs)
+        needed["coarse"].update(task.pairs)
+    for name in plan.variables[1:]:
+        needed.setdefault(name, set()).update(plan.times)
+    return {f"{name}@{_iso(t)}": cube[name].sel(time=t).data for name, dates in needed.items() for t in sorted(dates)}
+
+
+def _data_digest(cube: xr.Dataset, plan: _Plan) -> str:
+    """Digest of the full content of every input image the output depends on (see
+    :func:`stf_pipeline.store.content_digest`): the same values, in memory or in any store and
+    chunking, are the same data; a change of any pixel is another."""
+    n_bands = cube.sizes["band"]
+    return content_digest(_inputs(cube, plan), (n_bands, *plan.chunks))
+
+
+def _request_parts(
+    cube: xr.Dataset, plan: _Plan, *, method: str, params: Any, train_options: Any, model: Any, data: str
+) -> dict[str, str]:
+    """What defines the store's content, by part: the same request resumes, another one is refused
+    with the parts that differ named."""
     grid = hashlib.sha256()
     for dim in ("y", "x"):
         grid.update(np.ascontiguousarray(cube[dim].values, dtype=np.float64).tobytes())
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
     return {
-        "method": method,
-        "params": params_to_attrs(params),
-        "tasks": {_iso(t.target): [_iso(p) for p in t.pairs] for t in plan.tasks},
-        "times": [_iso(t) for t in plan.times],
-        "bands": [str(b) for b in cube["band"].values],
-        "shape": [int(s) for s in cube["fine"].shape],
-        "grid": grid.hexdigest(),
-        "chunks": list(plan.chunks),
-        "variables": list(plan.variables),
-        "train_options": json.loads(json.dumps(dict(train_options or {}), default=str)),
-        "model": None if model is None else type(model).__name__,
-        "data": _data_token(cube, plan),
+        "data": data,
+        "params": digest(
+            {"method": method, "params": params_to_attrs(params),
+             "train_options": json.loads(json.dumps(dict(train_options or {}), default=str))}
+        ),
+        "model": "" if model is None else model_digest(model),
+        "dates": digest(
+            {"tasks": {_iso(t.target): [_iso(p) for p in t.pairs] for t in plan.tasks},
+             "times": [_iso(t) for t in plan.times]}
+        ),
+        "layout": digest(
+            {"bands": [str(b) for b in cube["band"].values], "shape": [int(s) for s in cube["fine"].shape],
+             "grid": grid.hexdigest(), "chunks": list(plan.chunks), "variables": list(plan.variables)}
+        ),
     }
 
 
-def _data_token(cube: xr.Dataset, plan: _Plan) -> str:
-    """Fingerprint of the input data: a hash of the top-left ``SAMPLE x SAMPLE`` pixels of every
-    image (for a lazy cube, one chunk read per date and variable). The same data, in memory or
-    rewritten to a new store, is the same request and resumes; another scene on the same grid
-    and dates is not. A change confined to the rest of the scene is not detected."""
-    corners = [cube[v].data[..., :SAMPLE, :SAMPLE] for v in ("fine", *plan.variables[1:])]
-    if any(isinstance(a, da.Array) for a in corners):
-        corners = list(dask.compute(*corners))
-    return tokenize(*(np.ascontiguousarray(a, dtype=np.float32) for a in corners))
-
-
-def _store_state(path: Path, digest: str, *, overwrite: bool) -> str:
+def _store_state(path: Path, digest: str, parts: Mapping[str, str], *, overwrite: bool) -> str:
     """``"new"`` (create it), ``"resume"`` or ``"complete"``; refuse anything that is not ours."""
     if not path.exists() and not path.is_symlink():
         return "new"
@@ -314,15 +488,20 @@ def _store_state(path: Path, digest: str, *, overwrite: bool) -> str:
     if attrs.get(REQUEST_ATTR) == digest:
         return "complete" if attrs.get(COMPLETE_ATTR) else "resume"
     if not overwrite:
+        try:
+            recorded = json.loads(attrs.get(PARTS_ATTR) or "{}")
+        except ValueError:
+            recorded = {}
+        changed = [_PART_NAMES[k] for k in _PART_NAMES if recorded and recorded.get(k) != parts.get(k)]
+        what = f"the {', the '.join(changed)} changed" if changed else "it was written by another request or tool"
         raise StoreError(
-            f"{path} holds another fused series or cube (method {attrs.get('stf_method')!r}, tasks "
-            f"{attrs.get('stf_tasks')}); pass overwrite=True to replace it, or choose another out= path."
+            f"{path} holds another fused series or cube (method {attrs.get('stf_method')!r}): {what}. "
+            "Pass overwrite=True (--overwrite) to replace it, or choose another out= path."
         )
-    remove_directory(path)
     return "new"
 
 
-def _template(cube: xr.Dataset, plan: _Plan, attrs: Mapping[str, Any]) -> xr.Dataset:
+def _template(cube: xr.Dataset, plan: _Plan, attrs: Mapping[str, Any], *, method: str, model_digest: str) -> xr.Dataset:
     sub = cube.sel(time=plan.times)
     n_bands, height, width = (int(s) for s in cube["fine"].shape[1:])
     chunk = (1, n_bands, *plan.chunks)
@@ -331,24 +510,34 @@ def _template(cube: xr.Dataset, plan: _Plan, attrs: Mapping[str, Any]) -> xr.Dat
         lazy = da.zeros((plan.times.size, n_bands, height, width), chunks=chunk, dtype=np.float32)
         var_attrs = {k: v for k, v in cube[name].attrs.items()}
         data_vars[name] = xr.Variable(("time", "band", "y", "x"), lazy, attrs=var_attrs)
-    data_vars["source"] = xr.Variable(
-        ("time",), plan.source.astype("<U8"), attrs={"description": "observed: fine observation; fused: prediction"}
-    )
+    fused = plan.source == "fused"
+    pairs = {t.target: ",".join(_iso(p) for p in t.pairs) for t in plan.tasks}
+    provenance = {
+        "source": (plan.source, "observed: fine observation; fused: prediction"),
+        "fusion_method": (np.where(fused, method, ""), "method that fused the date (empty: observed)"),
+        "fusion_pairs": (np.asarray([pairs.get(t, "") for t in plan.times]), "pair dates of the fusion (ISO, comma-separated)"),
+        "model_digest": (np.where(fused, model_digest, ""), "SHA-256 of the trained model's weights (learned methods)"),
+    }
+    for name, (values, description) in provenance.items():
+        data_vars[name] = xr.Variable(("time",), np.asarray(values, dtype=object), attrs={"description": description})
     coords = {name: coord.variable for name, coord in sub.coords.items() if not name.endswith("_valid")}
     coords["coarse_valid"] = xr.Variable(("time",), valid_fraction(sub, "coarse"))
-    return xr.Dataset(data_vars, coords=coords, attrs=dict(attrs))
+    return strings_as_objects(xr.Dataset(data_vars, coords=coords, attrs=dict(attrs)))
 
 
-def _create_store(cube: xr.Dataset, plan: _Plan, path: Path, attrs: Mapping[str, Any]) -> None:
-    """Write the template's metadata into a temporary store, then rename it into place."""
-    template = _template(cube, plan, attrs)
+def _create_store(
+    cube: xr.Dataset, plan: _Plan, path: Path, attrs: Mapping[str, Any], *, method: str, model_digest: str
+) -> None:
+    """Write the template's metadata into a temporary store, then swap it into place."""
+    template = _template(cube, plan, attrs, method=method, model_digest=model_digest)
     for var in template.variables.values():
         var.encoding = {}
     chunk = (1, template.sizes["band"], *plan.chunks)
-    encoding = {name: {"chunks": chunk, "dtype": "float32"} for name in plan.variables}
-    with atomic_directory(path) as tmp:
+    encoding = {name: {**chunk_encoding(chunk), "dtype": "float32"} for name in plan.variables}
+    with atomic_directory(path) as tmp, quiet_zarr():
         template.to_zarr(tmp, mode="w", compute=False, consolidated=True, zarr_format=ZARR_FORMAT, encoding=encoding)
         (tmp / PROGRESS_DIR).mkdir()
+        new_generation(tmp, attrs[REQUEST_ATTR])
 
 
 def _region_name(var: str, t: int, iy: int, ix: int) -> str:
@@ -409,13 +598,16 @@ def _source_array(
 
 def _region_writes(
     cube: xr.Dataset, plan: _Plan, path: Path, digest: str, *, method: str, model: Any, params: Mapping[str, Any]
-) -> list[Any]:
-    """One delayed write per region not yet recorded (recorded ones are not even computed)."""
+) -> tuple[list[list[Any]], int]:
+    """Batches of delayed region writes not yet recorded (recorded ones are not even computed),
+    and their number. One batch is one date of one variable in one strip of ``STRIP`` columns,
+    computed before the next starts, so memory is bounded by the strip, not the scene."""
     done = _done_regions(path)
     token = tokenize(str(path.resolve()), digest)
     height, width = cube.sizes["y"], cube.sizes["x"]
     yblocks, xblocks = _blocks(height, plan.chunks[0]), _blocks(width, plan.chunks[1])
-    writes = []
+    per_strip = max(1, STRIP // plan.chunks[1])
+    batches, total = [], 0
     for var in plan.variables:
         for t in range(plan.times.size):
             todo = [
@@ -427,36 +619,39 @@ def _region_writes(
             if not todo:
                 continue
             blocks = _source_array(cube, plan, var, t, method=method, model=model, params=params).to_delayed()
-            for iy, ix in todo:
-                writes.append(
+            for first in range(0, len(xblocks), per_strip):
+                batch = [
                     dask.delayed(_write_region)(
                         blocks[0, iy, ix], str(path), var, t, iy, ix, yblocks[iy], xblocks[ix],
                         dask_key_name=f"stf-write-{token}-{_region_name(var, t, iy, ix)}",
                     )
-                )
-    return writes
+                    for iy, ix in todo
+                    if first <= ix < first + per_strip
+                ]
+                if batch:
+                    batches.append(batch)
+                    total += len(batch)
+    return batches, total
 
 
-def _compute(writes: list[Any], *, progress: bool) -> None:
-    if not writes:
+def _compute(batches: list[list[Any]], *, total: int, progress: bool, desc: str) -> None:
+    """Compute the batches one after the other, on the active client or the local scheduler."""
+    if not batches:
         return
     client = _current_client()
-    if client is not None:
-        futures = client.compute(writes)
-        if progress:
-            from distributed import progress as show_progress
+    with Progress(total, desc=desc, unit="region", enabled=progress) as bar:
+        if client is not None:
+            from distributed import as_completed
 
-            show_progress(futures)
-        client.gather(futures)
-        return
-    if progress:
-        from dask.diagnostics import ProgressBar
-
-        # on a terminal the bar redraws in place; in a log file each redraw is text, so redraw rarely
-        with ProgressBar(dt=0.1 if sys.stdout.isatty() else 15.0):
-            dask.compute(*writes)
-    else:
-        dask.compute(*writes)
+            for batch in batches:
+                futures = client.compute(batch)
+                for _ in as_completed(futures):
+                    bar.update(1)
+                client.gather(futures)
+            return
+        with DaskProgress(bar, "stf-write-") if progress else contextlib.nullcontext():
+            for batch in batches:
+                dask.compute(*batch)
 
 
 def _current_client() -> Any | None:
@@ -480,7 +675,5 @@ def _finalize(path: Path) -> None:
     progress = path / PROGRESS_DIR
     if progress.exists():
         shutil.rmtree(progress)
-    with warnings.catch_warnings():
-        # the training folder of a learned method lives in the store on purpose (resumed and replaced with it)
-        warnings.filterwarnings("ignore", message=f"Object at {re.escape(TRAIN_DIR)} is not recognized")
+    with quiet_zarr():
         zarr.consolidate_metadata(str(path), zarr_format=ZARR_FORMAT)

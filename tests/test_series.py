@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import stf_pipeline as stf
-from stf_pipeline import series
+from stf_pipeline import series, store
 from stf_pipeline.testing import random_cube
 
 CHUNKS = (16, 16)
@@ -49,6 +49,7 @@ def test_series_equals_fuse_per_date(tmp_path, backend):
         cube = cube.chunk({"time": 1, "y": 24, "x": 24})
     out = stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False)
     assert out.attrs["stf_series_complete"] is True
+    assert out.encoding["stf_action"] == "fused"
     assert out.source.values.tolist() == ["observed", "fused", "observed", "fused", "observed"]
     np.testing.assert_array_equal(out.time.values, cube.time.values)
     for i, date in enumerate(cube.time.values):
@@ -57,7 +58,12 @@ def test_series_equals_fuse_per_date(tmp_path, backend):
         else:
             expected = cube["fine"].isel(time=i).values
         np.testing.assert_array_equal(out["fine"].isel(time=i).values, expected)
-    np.testing.assert_array_equal(out["coarse"].values, cube["coarse"].values)
+    # the store holds the fused variable and its provenance, not copies of the inputs
+    assert sorted(out.data_vars) == ["fine", "fusion_method", "fusion_pairs", "model_digest", "source"]
+    assert out.fusion_method.values.tolist() == ["", "delta", "", "delta", ""]
+    assert out.fusion_pairs.values.tolist()[1] == "2020-03-01,2020-04-02"
+    assert set(out.model_digest.values.tolist()) == {""}
+    assert out.rio.crs.to_epsg() == 32633
     assert out["fine"].encoding["chunks"] == (1, 2, *CHUNKS)
     assert not (tmp_path / "f.zarr" / series.PROGRESS_DIR).exists()
     assert out.attrs["stf_method"] == "delta"
@@ -65,6 +71,16 @@ def test_series_equals_fuse_per_date(tmp_path, backend):
     stf.validate_cube(out)
     reopened = stf.open_cube(tmp_path / "f.zarr")
     np.testing.assert_array_equal(reopened.coarse_valid.values, np.ones(5))
+    # what the user asks to keep is copied at every output date
+    kept = stf.fuse_series(
+        cube, method="delta", out=tmp_path / "k.zarr", chunks=CHUNKS, progress=False, keep=("coarse",)
+    )
+    np.testing.assert_array_equal(kept["coarse"].values, cube["coarse"].values)
+    np.testing.assert_array_equal(kept["fine"].values, out["fine"].values)
+    with pytest.raises(stf.CubeError, match="no data variable 'fine_truth'"):
+        stf.fuse_series(cube, method="delta", out=tmp_path / "t.zarr", progress=False, keep=("fine_truth",))
+    with pytest.raises(stf.CubeError, match="cannot be kept"):
+        stf.fuse_series(cube, method="delta", out=tmp_path / "t.zarr", progress=False, keep=("qa",))
 
 
 def test_targets_pairs_and_dates_of_any_type(tmp_path):
@@ -124,29 +140,32 @@ def test_foreign_paths_are_never_touched(tmp_path):
         stf.fuse_series(cube, method="delta", out=tmp_path / "other.zarr", overwrite=True, progress=False)
 
 
-def test_existing_stores_rerun_refuse_or_overwrite(tmp_path):
+def test_existing_stores_rerun_refuse_or_overwrite(tmp_path, monkeypatch):
     cube = gappy_cube()
     path = tmp_path / "f.zarr"
     stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
     before = store_files(path)
-    # same request on a complete store (overwrite or not): nothing recomputed, store unchanged
-    with dask.config.set(scheduler=_raise_scheduler):
+    # same request on a complete store (overwrite or not): nothing fused again, store unchanged
+    with monkeypatch.context() as m:
+        _forbid_fusing(m)
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, overwrite=True)
     assert store_files(path) == before
-    # other input data on the same grid and dates is another request
-    changed = cube.copy(data={"fine": cube["fine"].values + 0.01, "coarse": cube["coarse"].values})
+    # other input data on the same grid and dates is another request, wherever the change is
+    fine = cube["fine"].values.copy()
+    fine[4, 1, 39, 47] += 0.01  # one pixel of the last observed date, far from the top-left corner
+    changed = cube.copy(data={"fine": fine, "coarse": cube["coarse"].values})
     for other in (changed, changed.chunk({"y": 16})):
-        with pytest.raises(stf.StoreError, match="overwrite=True"):
+        with pytest.raises(stf.StoreError, match=r"the input data changed\. Pass overwrite=True \(--overwrite\)"):
             stf.fuse_series(other, method="delta", out=path, chunks=CHUNKS, progress=False)
     # the same data, rewritten to a new store and opened lazily, is the same request
-    stf.write_cube(cube, tmp_path / "input.zarr")
-    with dask.config.set(scheduler="sync"):
-        lazy_token = series._data_token(stf.open_cube(tmp_path / "input.zarr"), series._Plan(
-            times=cube.time.values, source=np.array([]), tasks=(), chunks=CHUNKS, variables=("fine", "coarse")))
-    assert lazy_token == series._data_token(cube, series._Plan(
-        times=cube.time.values, source=np.array([]), tasks=(), chunks=CHUNKS, variables=("fine", "coarse")))
-    with pytest.raises(stf.StoreError, match="overwrite=True"):
+    stf.write_cube(cube, tmp_path / "input.zarr", chunks={"y": 24, "x": 24})
+    lazy = stf.open_cube(tmp_path / "input.zarr")
+    with monkeypatch.context() as m:
+        _forbid_fusing(m)
+        again = stf.fuse_series(lazy, method="delta", out=path, chunks=CHUNKS, progress=False)
+    assert again.encoding["stf_action"] == "reused"
+    with pytest.raises(stf.StoreError, match="the method or parameters changed"):
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, window=3)
     assert store_files(path) == before
     out = stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, window=3, overwrite=True)
@@ -158,8 +177,14 @@ def test_existing_stores_rerun_refuse_or_overwrite(tmp_path):
     stf.fuse_series(cube, method="delta", out=tmp_path / "c.zarr", progress=False, overwrite=True, chunks=CHUNKS)
 
 
-def _raise_scheduler(dsk, keys, **kwargs):
-    raise AssertionError("a complete store was recomputed")
+def _forbid_fusing(monkeypatch):
+    """Make any fusion or region write fail (the fingerprint of the inputs is still computed)."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a complete store was fused again")
+
+    monkeypatch.setattr(series, "fuse", fail)
+    monkeypatch.setattr(series, "_write_region", fail)
 
 
 class _Crash(Exception):
@@ -170,7 +195,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     cube = gappy_cube()
     reference = tmp_path / "ref.zarr"
     stf.fuse_series(cube, method="delta", out=reference, chunks=CHUNKS, progress=False)
-    n_regions = 2 * 5 * 3 * 3  # variables x dates x y blocks x x blocks
+    n_regions = 5 * 3 * 3  # dates x y blocks x x blocks of 'fine'
 
     original = series._write_region
     calls = []
@@ -207,7 +232,7 @@ _KILLED_RUN = textwrap.dedent(
     import sys, time
     import dask, numpy as np
     import stf_pipeline as stf
-    from stf_pipeline import series
+    from stf_pipeline import series, store
     sys.path.insert(0, {tests!r})
     from test_series import gappy_cube
 
@@ -250,12 +275,15 @@ def test_killed_subprocess_resumes_to_the_same_store(tmp_path):
 
 
 @pytest.mark.slow
-def test_learned_method_trains_once_and_resume_reuses_the_training(tmp_path, monkeypatch):
+def test_learned_method_trains_once_beside_the_store_and_resume_reuses_it(tmp_path, monkeypatch, caplog):
+    import logging
+
     cube = random_cube(n_times=5, height=48, width=48)
     fine = cube["fine"].values.copy()
     fine[[1, 3]] = np.nan
     cube = cube.copy(data={"fine": fine, "coarse": cube["coarse"].values})
     path = tmp_path / "f.zarr"
+    model_dir = tmp_path / "f.model"  # the default: beside the store, not inside it
     options = {"config": "tiny"}
 
     original = series._write_region
@@ -268,18 +296,28 @@ def test_learned_method_trains_once_and_resume_reuses_the_training(tmp_path, mon
     monkeypatch.setattr(series, "_write_region", crashing)
     with dask.config.set(scheduler="synchronous"), pytest.raises(_Crash):
         stf.fuse_series(cube, method="biastf", out=path, chunks=(32, 32), progress=False, train_options=options)
-    checkpoints = _file_stamps(path / series.TRAIN_DIR, "stage*/**/*")
-    assert checkpoints
+    checkpoints = _file_stamps(model_dir, "stage*/**/*")
+    assert checkpoints and (model_dir / "loss_curves.png").is_file()
+    assert not [p for p in path.iterdir() if "train" in p.name]
     monkeypatch.setattr(series, "_write_region", original)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = stf.fuse_series(cube, method="biastf", out=path, chunks=(32, 32), progress=False, train_options=options)
-    assert not [w for w in caught if series.TRAIN_DIR in str(w.message)]  # Zarr's note on the training folder: silenced
-    assert _file_stamps(path / series.TRAIN_DIR, "stage*/**/*") == checkpoints  # restored, not trained again
-    model = stf.load_model(path / series.TRAIN_DIR / "model")
+    assert not [w for w in caught if "not recognized" in str(w.message)]
+    assert _file_stamps(model_dir, "stage*/**/*") == checkpoints  # restored, not trained again
+    model = stf.load_model(model_dir / "model")
+    digest = store.model_digest(model)
+    assert out.model_digest.values.tolist() == ["", digest, "", digest, ""]
     for date in cube.time.values[[1, 3]]:
         ref = stf.fuse(cube, date, method="biastf", model=model)
         np.testing.assert_array_equal(out["fine"].sel(time=date).values, ref.values)
+    with caplog.at_level(logging.INFO, logger="stf_pipeline"):
+        again = stf.fuse_series(cube, method="biastf", out=path, chunks=(32, 32), progress=False, train_options=options)
+    assert again.encoding["stf_action"] == "reused" and f"reusing {path}" in caplog.text
+    # other training options: the model directory belongs to another request
+    with pytest.raises(stf.StoreError, match="pass overwrite=True"):
+        stf.fuse_series(cube, method="biastf", out=path, chunks=(32, 32), progress=False,
+                        train_options={"config": "tiny", "seed": 1})
 
 
 def _file_stamps(root: Path, pattern: str) -> dict[str, tuple[int, int]]:

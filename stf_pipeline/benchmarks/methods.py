@@ -15,8 +15,8 @@ device's peak memory. Inputs:
 Learned methods are first trained with the ``"tiny"`` configuration on the input's pair dates
 (training time reported apart); where that is impossible they are reported as skipped. On the
 CPU the scene is fused through Dask in ``--chunk``-pixel chunks (threads use every core); with
-``--gpu`` it is fused in one block on the GPU. ``--backends numba jax`` times each method that
-has a ``backend`` parameter (STARFM, ESTARFM, FSDAF) once per backend, side by side. Prints a
+``--gpu`` it is fused in one block on the GPU. ``--backends numba jax`` times each method once
+per listed backend it declares (``MethodSpec.backends``), side by side. Prints a
 table; writes JSON (``--json``) with the machine description and the load average of each run.
 """
 
@@ -149,13 +149,13 @@ def _table(records: list[dict[str, Any]]) -> str:
 
 
 def _backends(method: str, wanted: list[str] | None) -> list[str | None]:
-    """The ``backend=`` values to time ``method`` with (``[None]``: its default)."""
-    import dataclasses
-
+    """The ``backend=`` values to time ``method`` with: those of ``wanted`` it declares
+    (``[None]``: its ``auto`` choice)."""
     from stf_pipeline.methods import get_method
 
-    fields = {f.name for f in dataclasses.fields(get_method(method).params_type)}
-    return list(wanted) if wanted and "backend" in fields else [None]
+    declared = get_method(method).backends
+    chosen: list[str | None] = [b for b in wanted or [] if b in declared]
+    return chosen or [None]
 
 
 def main(argv: list[str] | None = None) -> int:

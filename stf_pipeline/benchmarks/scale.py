@@ -15,6 +15,14 @@ on the whole arrays with ``stf.fuse`` through Dask (chunks of ``--chunk``): the 
 scheduler (what users get) and the synchronous one (the engine's pure overhead: overlap,
 halo trim, task bookkeeping, no parallel speed-up).
 
+``--series`` instead measures :func:`stf_pipeline.fuse_series` the way a user runs it at scale:
+the tiled scene (``--bands`` bands, ``--dates`` dates, fine on the first and last) is first
+written to a Zarr cube store (not timed, in its own process), then a fresh process opens it with
+:func:`stf_pipeline.open_cube` and fuses every coarse-only date into a store, with ``--chunk``
+chunks on the threaded scheduler with ``--workers`` workers. Sizes are ``HEIGHTxWIDTH`` or one
+side (square). Reported: wall time and the peak RSS of the fusing process, whose ratio between
+sizes shows whether memory follows the scene or the chunk.
+
 ``--gpu-series 1 2`` instead times :func:`stf_pipeline.fuse_series` (3 fused dates of a 5-date
 ``--gpu-size`` scene, after a compiling warm-up on a small scene) on a dask-cuda cluster with
 1 and then 2 GPU workers (one per GPU, 2 threads each) and reports the speed-up.
@@ -42,13 +50,22 @@ LARGE = 16000
 N_BANDS = 6
 
 
-def tiled_cube(size: int, *, tile: int = 500, seed: int = 0, n_times: int = 3, computed: bool = True) -> Any:
-    """A lazy ``size x size`` 6-band cube made of one synthetic tile repeated.
+def tiled_cube(
+    size: int | tuple[int, int],
+    *,
+    tile: int = 500,
+    seed: int = 0,
+    n_times: int = 3,
+    computed: bool = True,
+    n_bands: int = N_BANDS,
+) -> Any:
+    """A lazy ``size x size`` (or ``(height, width)``) cube made of one synthetic tile repeated.
 
     Fine images on the first and last date; the dates between are coarse-only (targets). With
     ``computed`` the tile is computed here and held in memory (the threaded scheduler then reads
     it for free); otherwise it stays lazy, so a distributed cluster generates it on the workers
-    (once per worker) instead of receiving it inside the graph.
+    (once per worker) instead of receiving it inside the graph. ``n_bands`` keeps the first
+    bands of the synthetic scene's six.
     """
     import dask
     import dask.array as da
@@ -56,18 +73,20 @@ def tiled_cube(size: int, *, tile: int = 500, seed: int = 0, n_times: int = 3, c
 
     import stf_pipeline as stf
 
-    if size % tile:
-        raise ValueError(f"scene size {size} must be a multiple of the tile {tile}; pick --tile accordingly.")
+    height, width = (size, size) if isinstance(size, int) else size
+    if height % tile or width % tile:
+        raise ValueError(f"scene size {height}x{width} must be a multiple of the tile {tile}; pick --tile accordingly.")
     src = stf.synthetic_scene(tile, tile, n_times=n_times, seed=seed, fine_times=[0, n_times - 1], chunks=tile)
+    src = src.isel(band=slice(0, n_bands))
     images = (src["fine"].data, src["coarse"].data)
     if computed:
-        images = tuple(da.from_array(a, chunks=(1, N_BANDS, tile, tile)) for a in dask.compute(*images, scheduler="sync"))
-    reps = (1, 1, size // tile, size // tile)
+        images = tuple(da.from_array(a, chunks=(1, n_bands, tile, tile)) for a in dask.compute(*images, scheduler="sync"))
+    reps = (1, 1, height // tile, width // tile)
     fine, coarse = (da.tile(a, reps) for a in images)
     step = float(src.x.values[1] - src.x.values[0])
     cube = stf.make_cube(
         fine, coarse, time=src.time.values, band=list(src.band.values),
-        y=src.y.values[0] - step * np.arange(size), x=src.x.values[0] + step * np.arange(size),
+        y=src.y.values[0] - step * np.arange(height), x=src.x.values[0] + step * np.arange(width),
         crs=src.rio.crs, coarse_factor=src.attrs["coarse_factor"],
     )
     valid = {name: ("time", src[f"{name}_valid"].values) for name in ("fine", "coarse")}
@@ -88,6 +107,63 @@ def _child_case(size: int, method: str, tile: int, workdir: Path) -> dict[str, A
     pred.data.to_zarr(str(workdir / "pred.zarr"), overwrite=True)
     wall = time.perf_counter() - start
     return {"size": size, "method": method, "wall_s": wall, "pixels": size * size}
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    height, _, width = text.partition("x")
+    return int(height), int(width or height)
+
+
+def _child_prepare(size: str, tile: int, bands: int, dates: int, chunk: int, store: Path) -> dict[str, Any]:
+    import dask
+
+    import stf_pipeline as stf
+
+    cube = tiled_cube(_parse_size(size), tile=tile, n_times=dates, n_bands=bands)
+    with dask.config.set(scheduler="threads"):
+        stf.write_cube(cube, store, chunks={"y": chunk, "x": chunk}, overwrite=True)
+    return {"store": str(store)}
+
+
+def _child_series(store: Path, chunk: int, workers: int, out: Path) -> dict[str, Any]:
+    import dask
+
+    import stf_pipeline as stf
+
+    cube = stf.open_cube(store)
+    start = time.perf_counter()
+    with dask.config.set(scheduler="threads", num_workers=workers):
+        fused = stf.fuse_series(cube, method="delta", out=out, chunks=(chunk, chunk), progress=False)
+    wall = time.perf_counter() - start
+    height, width = cube.sizes["y"], cube.sizes["x"]
+    return {
+        "height": height, "width": width, "bands": cube.sizes["band"], "dates": cube.sizes["time"],
+        "fused_dates": int((fused["source"].values == "fused").sum()), "chunk": chunk, "workers": workers,
+        "wall_s": wall, "pixels": height * width,
+    }
+
+
+def _series_report(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for size in args.sizes_text:
+        with tempfile.TemporaryDirectory(prefix="stf-bench-", dir=args.workdir) as tmp:
+            store = Path(tmp) / "input.zarr"
+            _run_child(["--child", "prepare", size, str(args.tile), str(args.bands), str(args.dates),
+                        str(args.chunk), str(store)])
+            result, peak = _run_child(
+                ["--child", "series", str(store), str(args.chunk), str(args.workers), str(Path(tmp) / "fused.zarr")]
+            )
+        result["peak_rss_bytes"] = peak
+        rows.append(result)
+        print(
+            f"delta series {result['height']}x{result['width']} ({result['bands']} bands, {result['fused_dates']} "
+            f"fused dates): {result['wall_s']:.2f} s, peak RSS {peak / 2**30:.2f} GiB",
+            flush=True,
+        )
+    ref = next((r for r in rows if (r["height"], r["width"]) == (2000, 2000)), rows[0])
+    for r in rows:
+        r["peak_vs_2000"] = r["peak_rss_bytes"] / ref["peak_rss_bytes"]
+    return rows
 
 
 def _child_overhead(size: int, method: str, chunk: int, repeats: int) -> dict[str, Any]:
@@ -224,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``stf bench scale``."""
     parser = argparse.ArgumentParser(prog="stf bench scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=["delta"], help="non-learned methods to time")
-    parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), help="scene sides (fine pixels)")
+    parser.add_argument(
+        "--sizes", nargs="+", default=[str(s) for s in SIZES], help="scene sides, or HEIGHTxWIDTH (--series)"
+    )
     parser.add_argument("--large", action="store_true", help=f"also {LARGE}x{LARGE}")
     parser.add_argument("--tile", type=int, default=250, help="synthetic tile side; chunk size of the scenes")
     parser.add_argument("--no-overhead", dest="overhead", action="store_false", help="skip the engine-overhead run")
@@ -232,14 +310,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the overhead timings (best kept)")
     parser.add_argument("--gpu-series", nargs="+", type=int, metavar="N", help="time fuse_series on N GPU workers")
     parser.add_argument("--gpu-size", type=int, default=4000, help="scene side of the GPU series")
+    parser.add_argument("--series", action="store_true", help="measure fuse_series from a Zarr cube store")
+    parser.add_argument("--bands", type=int, default=N_BANDS, help="bands of the --series scenes")
+    parser.add_argument("--dates", type=int, default=3, help="dates of the --series scenes (fine on first and last)")
+    parser.add_argument("--chunk", type=int, default=512, help="store and computation chunk of --series")
+    parser.add_argument("--workers", type=int, default=2, help="threads of the --series run")
+    parser.add_argument("--workdir", type=Path, default=None, help="where --series writes its temporary stores")
     parser.add_argument("--json", type=Path, default=Path("bench_scale.json"), help="output JSON path")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.sizes_text = list(args.sizes)
+    if not args.series:
+        args.sizes = [int(s) for s in args.sizes]
 
     if args.child:
         kind, *rest = args.child
         with tempfile.TemporaryDirectory(prefix="stf-bench-") as tmp:
-            if kind == "case":
+            if kind == "prepare":
+                result = _child_prepare(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]), Path(rest[5]))
+            elif kind == "series":
+                result = _child_series(Path(rest[0]), int(rest[1]), int(rest[2]), Path(rest[3]))
+            elif kind == "case":
                 result = _child_case(int(rest[0]), rest[1], int(rest[2]), Path(tmp))
             elif kind == "overhead":
                 result = _child_overhead(int(rest[0]), rest[1], int(rest[2]), int(rest[3]))
@@ -254,8 +345,18 @@ def main(argv: list[str] | None = None) -> int:
     learned = [m for m in args.methods if stf.get_method(m).learned]
     if learned:
         parser.error(f"learned methods {learned} need a trained model; time them with stf bench {learned[0]}.")
-    report: dict[str, Any] = {"machine": describe_machine(with_jax=False), "cases": [], "overhead": [], "gpu_series": []}
-    if args.gpu_series:
+    report: dict[str, Any] = {
+        "machine": describe_machine(with_jax=False), "cases": [], "overhead": [], "gpu_series": [], "series": []
+    }
+    if args.series:
+        report["series"] = _series_report(args)
+        print()
+        for r in report["series"]:
+            print(
+                f"{r['height']:>6}x{r['width']:<6} {r['wall_s']:8.2f} s {r['peak_rss_bytes'] / 2**30:8.2f} GiB "
+                f"({r['peak_vs_2000']:.2f}x the 2000² peak)"
+            )
+    elif args.gpu_series:
         for method in args.methods:
             result, peak = _run_child(
                 ["--child", "gpu", str(args.gpu_size), method, str(args.tile), *map(str, args.gpu_series)]

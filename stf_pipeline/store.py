@@ -1,0 +1,356 @@
+"""What keeps stores from losing or mixing data: writer locks, input checks, fingerprints, checked reads.
+
+- :class:`WriterLock`: one writer per store, an OS lock (``filelock``) on the hidden sibling
+  ``.NAME.stf-lock``, held for a whole write or resume. The kernel releases it when its process
+  dies, so the lock of a killed writer is taken over at once; the holder's pid, host and start
+  time (in ``.NAME.stf-lock.json``) name it to a second writer, and a record left by a dead
+  process is reported as a stale lock taken over.
+- :func:`check_not_an_input`: a call never writes over a store that one of its inputs is read
+  from (found in the Dask graph of the inputs, paths resolved).
+- :func:`content_digest` / :func:`model_digest`: fingerprints of what decides an output, the
+  full content of the inputs (hashed chunk by chunk, so memory stays bounded) and the weights
+  of a trained model.
+- :class:`CheckedChunks`: the lazy reader of stores opened by :func:`stf_pipeline.open_cube`,
+  which turns a damaged chunk (checksum mismatch, truncated, undecodable) into a
+  :class:`~stf_pipeline.exceptions.CubeError` naming the chunk, and refuses data from a store
+  that was replaced while it was being read (its ``.stf_generation`` changed).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from stf_pipeline.exceptions import CubeError, StoreError
+
+logger = logging.getLogger("stf_pipeline")
+
+#: file inside every store written by stf_pipeline: a fresh id per write, so a reader notices a swap
+GENERATION_FILE = ".stf_generation"
+#: suffix of the temporary files Zarr's local store writes a chunk into before renaming it
+PARTIAL_SUFFIX = ".partial"
+
+
+# --------------------------------------------------------------------------------------------
+# writer lock
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of store ``path`` (a sibling, so it survives the store being swapped)."""
+    return path.with_name(f".{path.name}.stf-lock")
+
+
+def _holder_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.stf-lock.json")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe(holder: Mapping[str, Any] | None) -> str:
+    if not holder:
+        return "a process that has not recorded itself yet"
+    return f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('start')}"
+
+
+class WriterLock:
+    """Exclusive writer lock of one store, held as a context manager.
+
+    Parameters
+    ----------
+    path : path-like
+        The store (it need not exist yet).
+    action : str
+        What the holder does, shown to other writers (``"fuse_series"``, ``"write_cube"``).
+
+    Raises
+    ------
+    StoreError
+        On entry, when another process (or another call in this one) holds the lock: the
+        message names the holder and the fix.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, action: str) -> None:
+        import filelock
+
+        self.path = Path(path)
+        self.action = action
+        self._lock = filelock.FileLock(str(lock_path(self.path)), timeout=0)
+
+    def __enter__(self) -> WriterLock:
+        import filelock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        holder_file = _holder_path(self.path)
+        try:
+            self._lock.acquire()
+        except filelock.Timeout:
+            holder = _read_holder(holder_file)
+            raise StoreError(
+                f"{self.path} is being written by another {holder.get('action', 'writer') if holder else 'writer'} "
+                f"({_describe(holder)}); wait for it to finish, or choose another output path."
+            ) from None
+        previous = _read_holder(holder_file)
+        if previous and previous.get("host") == socket.gethostname() and not _pid_alive(int(previous.get("pid", 0))):
+            logger.warning(
+                "took over the stale writer lock of %s left by %s (no longer running)", self.path, _describe(previous)
+            )
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "start": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "action": self.action,
+        }
+        tmp = holder_file.with_name(f"{holder_file.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, holder_file)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _holder_path(self.path).unlink(missing_ok=True)
+        self._lock.release()
+
+
+def _read_holder(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def is_locked(path: Path) -> bool:
+    """Whether some writer holds ``path``'s lock right now (tries and releases it)."""
+    import filelock
+
+    if not lock_path(path).exists():
+        return False
+    probe = filelock.FileLock(str(lock_path(path)), timeout=0)
+    try:
+        probe.acquire()
+    except filelock.Timeout:
+        return True
+    probe.release()
+    return False
+
+
+def remove_partial_files(store: Path) -> int:
+    """Delete the ``*.partial`` chunk files a killed chunk write left inside ``store``; return how many.
+
+    Only the writer-lock holder calls this (a live writer's partial files are in use).
+    """
+    count = 0
+    for root, _, files in os.walk(store):
+        for name in files:
+            if name.endswith(PARTIAL_SUFFIX):
+                os.unlink(os.path.join(root, name))
+                count += 1
+    if count:
+        logger.info("removed %d unfinished chunk file(s) of a killed write in %s", count, store)
+    return count
+
+
+def new_generation(store: Path, generation: str | None = None) -> None:
+    """Give ``store`` (being written, before it is swapped into place) its generation id.
+
+    Default a fresh random id; a fused series passes its request digest, so the same request
+    gives the same store byte for byte while any other request is another generation.
+    """
+    (store / GENERATION_FILE).write_text(generation or uuid.uuid4().hex)
+
+
+def read_generation(store: Path) -> str | None:
+    try:
+        return (store / GENERATION_FILE).read_text()
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# inputs of a call
+
+
+def input_stores(*objects: xr.Dataset | xr.DataArray | None) -> set[Path]:
+    """Real paths of the stores and files the lazy data of ``objects`` is read from.
+
+    Looks at the Dask graphs (the readers of :func:`stf_pipeline.open_cube` and xarray's
+    backend arrays know their store) and at xarray's ``encoding["source"]``.
+    """
+    found: set[Path] = set()
+    for obj in objects:
+        if obj is None:
+            continue
+        ds = obj if isinstance(obj, xr.Dataset) else obj.to_dataset(name="_")
+        for var in ds.variables.values():
+            if var._in_memory:  # loaded: no longer read from anywhere
+                continue
+            for source in (var.encoding.get("source"), ds.encoding.get("source")):
+                if source:
+                    found.add(Path(os.path.realpath(source)))
+            if isinstance(var.data, da.Array):
+                for value in var.data.dask.values():
+                    found.update(_paths_in(value))
+    return found
+
+
+def _paths_in(value: Any, depth: int = 0) -> Iterable[Path]:
+    """Store paths held by one graph value (a reader, a backend array, or a task wrapping one)."""
+    if depth > 8:
+        return
+    if isinstance(value, CheckedChunks):
+        yield Path(os.path.realpath(value.store))
+        return
+    for attr in ("value", "array", "_array", "args"):
+        inner = getattr(value, attr, None)
+        if inner is None or isinstance(inner, (np.ndarray, str, bytes, int, float)):
+            continue
+        if isinstance(inner, (tuple, list)):
+            for item in inner:
+                yield from _paths_in(item, depth + 1)
+        else:
+            yield from _paths_in(inner, depth + 1)
+    store = getattr(value, "store", None)
+    root = getattr(store, "root", None)
+    if root is not None and hasattr(value, "shape"):  # a zarr.Array on a local store
+        yield Path(os.path.realpath(str(root)))
+
+
+def check_not_an_input(out: Path, inputs: Iterable[Path], *, what: str) -> None:
+    """Refuse to write ``out`` when an input is read from it (or from inside or above it).
+
+    Raises
+    ------
+    StoreError
+        Naming the output, the input and the fix.
+    """
+    target = Path(os.path.realpath(out))
+    for source in inputs:
+        if source == target or target in source.parents or source in target.parents:
+            raise StoreError(
+                f"{what} would write over {out}, which the input is read from ({source}); writing there would "
+                "destroy the input. Choose another output path, or load the input into memory first "
+                "(cube = cube.load())."
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# fingerprints
+
+
+def _block_digest(block: np.ndarray) -> bytes:
+    return hashlib.sha256(np.ascontiguousarray(block, dtype=np.float32).data).digest()
+
+
+def content_digest(arrays: Mapping[str, Any], chunks: tuple[int, ...]) -> str:
+    """SHA-256 over the content of ``arrays`` (as float32), hashed block by block.
+
+    Every array is cut into blocks of ``chunks`` (the same for NumPy and Dask input, so the same
+    values give the same digest however they are held or chunked); each block is hashed in its
+    own task, so memory stays at a few blocks per worker whatever the size of the arrays.
+    """
+    names = sorted(arrays)
+    blocks = []
+    for name in names:
+        array = arrays[name]
+        lazy = array.rechunk(chunks) if isinstance(array, da.Array) else da.from_array(np.asarray(array), chunks=chunks)
+        delayed = lazy.to_delayed().ravel()
+        blocks.append([dask.delayed(_block_digest, pure=True)(b) for b in delayed])
+    digests = dask.compute(*[d for group in blocks for d in group])
+    total = hashlib.sha256()
+    i = 0
+    for name, group in zip(names, blocks):
+        total.update(name.encode())
+        for _ in group:
+            total.update(digests[i])
+            i += 1
+    return total.hexdigest()
+
+
+def model_digest(model: Any) -> str:
+    """SHA-256 of a trained model's weights and of everything else that shapes its predictions."""
+    import jax
+
+    if hasattr(model, "to_json") and hasattr(model, "params"):
+        digest = hashlib.sha256(json.dumps(model.to_json(), sort_keys=True, default=str).encode())
+        leaves = jax.tree_util.tree_flatten_with_path(model.params)[0]
+        for key_path, leaf in leaves:
+            leaf = np.asarray(leaf)
+            digest.update(f"{jax.tree_util.keystr(key_path)}:{leaf.dtype.str}:{leaf.shape}".encode())
+            digest.update(np.ascontiguousarray(leaf).data)
+        return digest.hexdigest()
+    from dask.base import tokenize
+
+    return hashlib.sha256(f"{type(model).__qualname__}:{tokenize(model)}".encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# checked reads
+
+
+class CheckedChunks:
+    """A lazily indexed store variable whose reads fail loudly.
+
+    ``x[key]`` reads through xarray's decoding (``variable[key]``); a decoding or checksum error
+    becomes a :class:`CubeError` that names the store, the variable and the chunk, and data read
+    after the store was replaced (another generation) is refused.
+    """
+
+    def __init__(self, variable: xr.Variable, store: Path, name: str, chunks: tuple[int, ...], generation: str | None):
+        self.variable = variable
+        self.store = Path(store)
+        self.name = name
+        self.chunks = chunks
+        self.generation = generation
+        self.shape = variable.shape
+        self.dtype = variable.dtype
+        self.ndim = variable.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            values = np.asarray(self.variable[key].values)
+        except Exception as err:
+            raise CubeError(
+                f"chunk {self._chunk_name(key)} of {self.store} is damaged ({type(err).__name__}: {err}); "
+                "the store was corrupted on disk: re-create it (stf.write_cube / `stf ingest`, or rerun "
+                "stf.fuse_series with overwrite=True)."
+            ) from err
+        if self.generation is not None and read_generation(self.store) != self.generation:
+            raise CubeError(
+                f"{self.store} was replaced by another writer while it was being read; open it again "
+                "(stf.open_cube) to read the new version."
+            )
+        return values
+
+    def _chunk_name(self, key: Any) -> str:
+        keys = key if isinstance(key, tuple) else (key,)
+        parts = []
+        for k, size in zip(keys, self.chunks):
+            if isinstance(k, slice):
+                first = (k.start or 0) // size
+                last = max(first, ((k.stop if k.stop is not None else first * size + 1) - 1) // size)
+                parts.append(str(first) if first == last else f"{first}-{last}")
+            else:
+                parts.append(str(int(k) // size))
+        return f"{self.name}/c/{'/'.join(parts)}"
+
+    def __dask_tokenize__(self) -> Any:
+        return (type(self).__name__, str(self.store), self.name, self.generation, self.shape)
