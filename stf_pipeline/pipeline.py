@@ -501,8 +501,8 @@ def _prepare(config: PipelineConfig, *, overwrite: bool) -> tuple[xr.Dataset, Pa
     """Build the cube; write it to ``<output>/cube.zarr`` and reopen it from there if asked.
 
     A ``cube.zarr`` written from the same cube (same :func:`dask.base.tokenize` of the lazy
-    source: the synthetic arguments, the catalog's files, the input store) is reused; one written
-    from another is replaced only with ``overwrite``. Returns the cube, its path and whether it
+    source: the synthetic arguments, the catalog's files, the input store) is reused, with or
+    without ``overwrite``; one written from another is replaced only with ``overwrite``. Returns the cube, its path and whether it
     was reused.
     """
     from dask.base import tokenize
@@ -524,19 +524,20 @@ def _prepare(config: PipelineConfig, *, overwrite: bool) -> tuple[xr.Dataset, Pa
         logger.info("%s", describe_cube(cube))
         return cube, path, True
     digest = tokenize(cube)
-    if path.exists() and not overwrite:
+    if path.exists():
         try:
             written = stf.open_cube(path)
         except CubeError:
             written = None
-        if written is None or written.attrs.get(SOURCE_ATTR) != digest:
+        if written is not None and written.attrs.get(SOURCE_ATTR) == digest:
+            logger.info("[%s] reusing %s (written from this cube by an earlier run)", config.name, path)
+            logger.info("%s", describe_cube(written))
+            return written, path, True
+        if not overwrite:
             what = "a damaged cube store" if written is None else "a cube written from another source"
             raise StoreError(
                 f"{path} holds {what}; pass overwrite=True to replace it, or pass output= another folder."
             )
-        logger.info("[%s] reusing %s (written from this cube by an earlier run)", config.name, path)
-        logger.info("%s", describe_cube(written))
-        return written, path, True
     stf.write_cube(cube.assign_attrs({SOURCE_ATTR: digest}), path, overwrite=overwrite)
     logger.info("[%s] wrote %s", config.name, path)
     cube = stf.open_cube(path)
@@ -559,34 +560,16 @@ def _through_zarr(cube: xr.Dataset, path: Path) -> xr.Dataset:
     return stf.open_cube(stf.write_cube(cube, path, overwrite=True))
 
 
-def _store_attrs(path: Path) -> dict[str, Any] | None:
-    """The root attrs of a Zarr store as on disk, or None when there is no readable store."""
-    import zarr
-
-    if not path.is_dir():
-        return None
-    try:
-        return dict(zarr.open_group(str(path), mode="r", use_consolidated=False).attrs.asdict())
-    except Exception:  # noqa: BLE001  (anything unreadable: fuse_series decides what to do with it)
-        return None
-
-
 def _fuse_method(
     config: PipelineConfig, run_: MethodRun, cube: xr.Dataset, *, overwrite: bool
 ) -> tuple[xr.Dataset, Path, bool]:
     """Fuse the targets with one method into ``<output>/fused_<method>.zarr``; whether an
     earlier run's complete store of the same request was reused."""
     import stf_pipeline as stf
-    from stf_pipeline.series import COMPLETE_ATTR
 
     spec = stf.get_method(run_.name)
     out = config.output / f"fused_{run_.name}.zarr"
-    before = _store_attrs(out)
-    if before is None:
-        logger.info("[%s] fusing with %s -> %s", config.name, run_.name, out)
-    elif not before.get(COMPLETE_ATTR):
-        logger.info("[%s] fusing with %s -> %s (resuming the stopped run if it is the same request)", config.name, run_.name, out)
-    fused = stf.fuse_series(
+    fused = stf.fuse_series(  # it logs whether it fuses, resumes or reuses the store
         cube,
         method=run_.name,
         out=out,
@@ -597,10 +580,6 @@ def _fuse_method(
         **run_.params,
     )
     reused = fused.encoding.get("stf_action") == "reused"
-    if reused:
-        logger.info("[%s] reusing %s: an earlier run fused the same request with %s", config.name, out, run_.name)
-    elif before is not None and before.get(COMPLETE_ATTR):
-        logger.info("[%s] fused with %s -> %s (replaced another request)", config.name, run_.name, out)
     return fused, out, reused
 
 

@@ -151,7 +151,9 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert exit_.value.code == 2
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["info"], ["ingest"], ["compare"], ["bench"], ["bench", "scale"]])
+@pytest.mark.parametrize(
+    "command", [[], ["run"], ["info"], ["ingest"], ["export"], ["compare"], ["bench"], ["bench", "scale"]]
+)
 def test_every_help_exits_0(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
@@ -179,6 +181,10 @@ def test_version(capsys):
          "x holds a cube; pass --overwrite to replace it, or pass --out with another folder."),
         ("or pass that folder as the data root (root= in Python, --root on the command line).",
          "or pass that folder as the data root (--root DIR)."),
+        ("x holds another request. Pass overwrite=True (--overwrite) to replace it, or choose another out= path.",
+         "x holds another request. Pass --overwrite to replace it, or choose another --out folder."),
+        ("x already exists; pass overwrite=True (stf export --overwrite) or another folder.",
+         "x already exists; pass --overwrite or another folder."),
         ("two\n  lines", "two lines"),
     ],
 )
