@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
-import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from stf_pipeline.exceptions import ConfigError
+
+logger = logging.getLogger(__name__)
 
 #: fraction of the machine's memory that all local workers together may hold
 WORKER_MEMORY_FRACTION = 0.7
@@ -141,7 +143,7 @@ def start_cluster(config: ClusterConfig | Mapping[str, Any] | None = None, *, qu
     config : ClusterConfig or mapping, optional
         Default: a local cluster sized to the machine.
     quiet : bool, default False
-        Do not print the cluster size and dashboard link.
+        Log the cluster size and dashboard link at DEBUG instead of INFO.
 
     Yields
     ------
@@ -204,12 +206,12 @@ def _cuda_cluster(config: ClusterConfig) -> Any:
 
 
 def _announce(client: Any, what: str, *, quiet: bool) -> None:
-    if quiet:
-        return
-    print(f"stf: {what}", file=sys.stderr)
+    """Log the cluster's size and where its dashboard is (INFO; ``quiet``: DEBUG)."""
+    level = logging.DEBUG if quiet else logging.INFO
+    logger.log(level, "%s", what)
     try:
         import bokeh  # noqa: F401  (the dashboard needs it)
     except ImportError:
-        print("stf: Dask dashboard unavailable: pip install bokeh to watch the run live", file=sys.stderr)
+        logger.log(level, "Dask dashboard unavailable: pip install bokeh to watch the run live")
     else:
-        print(f"stf: Dask dashboard at {client.dashboard_link}", file=sys.stderr)
+        logger.log(level, "Dask dashboard at %s", client.dashboard_link)

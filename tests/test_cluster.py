@@ -70,9 +70,10 @@ def _files(path):
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_existing_cluster_by_address(tmp_path, capsys):
+def test_existing_cluster_by_address(tmp_path, caplog):
     from distributed import LocalCluster
 
+    caplog.set_level(logging.INFO, logger="stf_pipeline")
     cube = _cube()
     stf.fuse_series(cube, method="delta", out=tmp_path / "ref.zarr", chunks=(32, 32), progress=False)
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False) as cluster:
@@ -80,7 +81,7 @@ def test_existing_cluster_by_address(tmp_path, capsys):
             assert client.scheduler_info()["address"] == cluster.scheduler_address
 
             stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=(32, 32))
-    assert f"connected to {cluster.scheduler_address}" in capsys.readouterr().err
+    assert f"connected to {cluster.scheduler_address}" in caplog.messages
     assert _files(tmp_path / "f.zarr") == _files(tmp_path / "ref.zarr")
 
 
