@@ -183,6 +183,30 @@ def start_cluster(config: ClusterConfig | Mapping[str, Any] | None = None, *, qu
         yield client
 
 
+def shared(value: Any) -> Any:
+    """``value`` as one Dask task that block tasks depend on, sent to the workers once.
+
+    Under a ``distributed.Client`` the value is scattered to the cluster once per client (a
+    large object such as a trained network then never sits inside a task graph: no ``Sending
+    large graph`` for every call that uses it) and the same future is reused by later calls;
+    without a client it is one ``dask.delayed`` task of the local graph.
+    """
+    import dask
+
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):  # no distributed client: the threaded scheduler shares memory
+        return dask.delayed(value, pure=False, traverse=False)
+    cache = client.__dict__.setdefault("_stf_shared", {})
+    held = cache.get(id(value))
+    if held is None or held[0] is not value:  # the entry keeps ``value`` alive, so its id stays its own
+        held = (value, client.scatter(value, hash=False))
+        cache[id(value)] = held
+    return dask.delayed(held[1], traverse=False)
+
+
 def _cuda_cluster(config: ClusterConfig) -> Any:
     try:
         from dask_cuda import LocalCUDACluster

@@ -196,3 +196,27 @@ def test_pipeline_on_a_cluster_sends_no_data_in_graphs(tmp_path, monkeypatch, ca
     noise += [r.getMessage() for r in caplog.records if "run_spec" in r.getMessage()]
     assert noise == []
     assert not (tmp_path / "out" / "c" / WORKER_CUBE).exists()  # removed at the end
+
+
+@pytest.mark.slow
+def test_a_model_goes_to_the_cluster_once_not_inside_graphs(tmp_path, recwarn):
+    """A trained model is scattered once per client (stf_pipeline.cluster.shared): no graph carries
+    it (threshold: half the pickled model), and the store equals the one fused on threads."""
+    import argparse
+    import pickle
+
+    import dask
+
+    from stf_pipeline.benchmarks import biastf as bench
+
+    model = bench._random_model(argparse.Namespace(filters=16, steps=1, batch_size=1, patch_size=16), multiband=True)
+    cube = stf.synthetic_scene(height=48, width=48, n_times=5, seed=2)  # six bands, as the random model
+    stf.fuse_series(cube, method="biastf", model=model, out=tmp_path / "ref.zarr", chunks=(24, 24), progress=False)
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": len(pickle.dumps(model)) // 2}):
+        with start_cluster({"n_workers": 1, "threads_per_worker": 2, "memory_limit": "2GiB"}, quiet=True):
+            stf.fuse_series(cube, method="biastf", model=model, out=tmp_path / "f.zarr", chunks=(24, 24), progress=False)
+    assert [str(w.message) for w in recwarn if "large graph" in str(w.message)] == []
+    np.testing.assert_allclose(
+        stf.open_cube(tmp_path / "f.zarr")["fine"].values, stf.open_cube(tmp_path / "ref.zarr")["fine"].values,
+        rtol=0, atol=1e-6,
+    )
