@@ -50,9 +50,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from stf_pipeline._ingest import DEFAULT_CHUNKS, RESAMPLING, ingest
 from stf_pipeline._schema import checked_keys
 from stf_pipeline.exceptions import CatalogError, TaskError
-from stf_pipeline._ingest import DEFAULT_CHUNKS, RESAMPLING, ingest
 from stf_pipeline.sensors import DatePattern, Sensor, get_sensor
 from stf_pipeline.task import Task, resolve_task
 

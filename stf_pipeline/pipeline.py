@@ -395,7 +395,7 @@ def _train_options(run_: MethodRun, cube: xr.Dataset) -> dict[str, Any]:
         listed = list(cube.attrs.get("stf_train_times") or [])
         options["train_times"] = listed or [
             str(np.datetime_as_string(t, unit="D"))
-            for t, f in zip(cube["time"].values, valid_fraction(cube, "fine"))
+            for t, f in zip(cube["time"].values, valid_fraction(cube, "fine"), strict=True)
             if f > 0
         ]
     return options
@@ -418,7 +418,7 @@ def _scores_to_json(scores: xr.Dataset, path: Path) -> None:
         s = scores.sel(time=t)
         out[str(np.datetime_as_string(t, unit="D"))] = {
             name: (
-                {str(b): float(v) for b, v in zip(s["band"].values, s[name].values)}
+                {str(b): float(v) for b, v in zip(s["band"].values, s[name].values, strict=True)}
                 if "band" in s[name].dims
                 else float(s[name])
             )
