@@ -42,7 +42,9 @@ def _georeferencing(image: xr.DataArray, crs: Any | None) -> tuple[Any, Any]:
             "or write one on the cube with cube.rio.write_crs(...)."
         )
     if image.sizes["x"] < 2 or image.sizes["y"] < 2:
-        raise StoreError(f"the image is {image.sizes['y']} x {image.sizes['x']} pixels; a GeoTIFF needs at least 2 x 2.")
+        raise StoreError(
+            f"the image is {image.sizes['y']} x {image.sizes['x']} pixels; a GeoTIFF needs at least 2 x 2."
+        )
     return crs, image.rio.transform(recalc=True)
 
 
@@ -125,7 +127,7 @@ def to_geotiff(
     image = image.transpose("band", "y", "x")
     path = Path(path)
     if path.exists() and not overwrite:
-        raise StoreError(f"{path} already exists; pass overwrite=True (stf export --overwrite) or choose another path.")
+        raise StoreError(f"{path} already exists; pass overwrite=True or choose another path.")
     crs, transform = _georeferencing(image, crs)
     values, nodata = _encoded(np.asarray(image.values), dtype)
     bands = [str(b) for b in image["band"].values]
@@ -136,9 +138,19 @@ def to_geotiff(
     plain, cog = path.with_name(stem + ".gtiff.tif"), path.with_name(stem + ".cog.tif")
     try:
         with rasterio.open(
-            plain, "w", driver="GTiff", width=values.shape[2], height=values.shape[1], count=len(bands),
-            dtype=values.dtype, crs=crs, transform=transform, nodata=nodata, tiled=True,
-            blockxsize=blocksize, blockysize=blocksize,
+            plain,
+            "w",
+            driver="GTiff",
+            width=values.shape[2],
+            height=values.shape[1],
+            count=len(bands),
+            dtype=values.dtype,
+            crs=crs,
+            transform=transform,
+            nodata=nodata,
+            tiled=True,
+            blockxsize=blocksize,
+            blockysize=blocksize,
         ) as dst:
             dst.write(values)
             for i, band in enumerate(bands, start=1):
@@ -150,8 +162,14 @@ def to_geotiff(
             dst.units = (str(image.attrs.get("units", "reflectance")),) * len(bands)
             dst.update_tags(**metadata)
         rasterio.shutil.copy(
-            plain, cog, driver="COG", BLOCKSIZE=blocksize, COMPRESS=compress, OVERVIEWS="AUTO",
-            RESAMPLING="AVERAGE", OVERVIEW_RESAMPLING="AVERAGE",
+            plain,
+            cog,
+            driver="COG",
+            BLOCKSIZE=blocksize,
+            COMPRESS=compress,
+            OVERVIEWS="AUTO",
+            RESAMPLING="AVERAGE",
+            OVERVIEW_RESAMPLING="AVERAGE",
             **({"PREDICTOR": "YES"} if compress.upper() in ("DEFLATE", "ZSTD", "LZW") else {}),
         )
         os.replace(cog, path)
@@ -187,7 +205,9 @@ def _dates(cube: xr.Dataset, dates: Sequence[Any] | str | None, variable: str) -
             valid = cube[name].values if name in cube.coords and cube[name].dims == ("time",) else None
             chosen = times if valid is None else times[valid > 0]
         if chosen.size == 0:
-            raise StoreError(f"the store has no fused date (or no valid {variable!r} image); name dates with dates=[...].")
+            raise StoreError(
+                f"the store has no fused date (or no valid {variable!r} image); name dates with dates=[...]."
+            )
         return list(chosen)
     if isinstance(dates, str):
         if dates == "all":
@@ -263,17 +283,19 @@ def export(
     else:
         cube, name = open_cube(source), Path(source).name.removesuffix(".zarr")
     if variable not in cube.data_vars:
-        raise StoreError(f"the store has no variable {variable!r} (it has {sorted(map(str, cube.data_vars))}); choose one.")
+        raise StoreError(
+            f"the store has no variable {variable!r} (it has {sorted(map(str, cube.data_vars))}); choose one."
+        )
     prefix = prefix or name
     chosen = _dates(cube, dates, variable)
     out_dir = Path(out_dir)
     targets = [out_dir / f"{prefix}_{np.datetime_as_string(t, unit='D')}.tif" for t in chosen]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not overwrite:
-        raise StoreError(f"{existing} already exist; pass overwrite=True (stf export --overwrite) or another folder.")
+        raise StoreError(f"{existing} already exist; pass overwrite=True or another folder.")
     tags = {k: cube.attrs[k] for k in ("stf_method", "stf_params", "coarse_factor") if k in cube.attrs}
     written = []
-    for date, target in zip(chosen, targets):
+    for date, target in zip(chosen, targets, strict=True):
         image = cube[variable].sel(time=date)
         written.append(to_geotiff(image, target, dtype=dtype, overwrite=overwrite, tags=tags, **options))
     return written
@@ -291,7 +313,9 @@ def add_parser(sub: Any, parents: Sequence[Any] = ()) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="folder of the GeoTIFFs")
     p.add_argument("--dates", help="comma-separated ISO dates, or 'all' (default: the fused dates)")
     p.add_argument("--format", default="cog", choices=FORMATS, help="file format")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="float32 reflectance or int16 x 10000 (scale 1e-4)")
+    p.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="float32 reflectance or int16 x 10000 (scale 1e-4)"
+    )
     p.add_argument("--variable", default="fine", help="data variable to write")
     p.add_argument("--prefix", help="file name prefix (default: the store's name)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
@@ -301,8 +325,14 @@ def add_parser(sub: Any, parents: Sequence[Any] = ()) -> None:
 def run_command(args: Any) -> int:
     """Handler of ``stf export``."""
     written = export(
-        args.store, args.output, dates=args.dates, variable=args.variable, format=args.format, dtype=args.dtype,
-        prefix=args.prefix, overwrite=args.overwrite,
+        args.store,
+        args.output,
+        dates=args.dates,
+        variable=args.variable,
+        format=args.format,
+        dtype=args.dtype,
+        prefix=args.prefix,
+        overwrite=args.overwrite,
     )
     for path in written:
         print(path)
