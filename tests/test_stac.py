@@ -130,3 +130,20 @@ def test_error_missing_quality_band_and_no_items(tmp_path):
         stf.from_stac(collections["fine"], collections["coarse"], fine_sensor="landsat_c2_l2", coarse_sensor="mod09ga")
     with pytest.raises(CatalogError, match=r"no coarse STAC items given"):
         stf.from_stac(collections["fine"], [], fine_sensor="landsat_c2_l2", coarse_sensor="mod09ga")
+
+
+def test_error_coarse_items_not_covering_the_fine_area(catalog):
+    import pystac
+
+    _, collections = catalog
+    coarse = list(pystac.read_file(str(collections["coarse"])).get_items())
+    west, south, east, north = coarse[1].bbox
+    # the second date's tile now reaches only the western half of its former footprint
+    half = [[west, south], [(west + east) / 2, south], [(west + east) / 2, north], [west, north], [west, south]]
+    coarse[1].geometry = {"type": "Polygon", "coordinates": [half]}
+    with pytest.raises(
+        CatalogError,
+        match=r"coarse STAC items \['MOD09GA.A2020161.h19v05.061'\] of 2020-06-09 do not "
+        r"cover the fine area .*add the neighbouring tiles",
+    ):
+        stf.from_stac(collections["fine"], coarse, fine_sensor="landsat_c2_l2", coarse_sensor="mod09ga")
