@@ -48,14 +48,14 @@ def _georeferencing(image: xr.DataArray, crs: Any | None) -> tuple[Any, Any]:
     return crs, image.rio.transform(recalc=True)
 
 
-def _encoded(values: np.ndarray, dtype: str) -> tuple[np.ndarray, float]:
-    """Values as stored in the file, and the nodata value that stands for NaN."""
+def _encoded(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Reflectance as stored in the file: float32 (NaN stays NaN), or int16 x 10000 with NaN as INT16_NODATA."""
     if dtype == "float32":
-        return values.astype(np.float32), float("nan")
+        return values.astype(np.float32)
     scaled = np.round(values.astype(np.float64) / INT16_SCALE)
     finite = np.isfinite(scaled)
     scaled = np.clip(np.where(finite, scaled, INT16_NODATA), INT16_NODATA + 1, np.iinfo(np.int16).max)
-    return np.where(finite, scaled, INT16_NODATA).astype(np.int16), float(INT16_NODATA)
+    return np.where(finite, scaled, INT16_NODATA).astype(np.int16)
 
 
 def to_geotiff(
@@ -129,7 +129,8 @@ def to_geotiff(
     if path.exists() and not overwrite:
         raise StoreError(f"{path} already exists; pass overwrite=True or choose another path.")
     crs, transform = _georeferencing(image, crs)
-    values, nodata = _encoded(np.asarray(image.values), dtype)
+    values = np.asarray(image.values)  # computed once; encoded band by band (a float64 copy of one band at a time)
+    nodata = float("nan") if dtype == "float32" else float(INT16_NODATA)
     bands = [str(b) for b in image["band"].values]
     metadata = {k: str(v) for k, v in _provenance(image).items()}
     metadata.update({k: str(v) for k, v in (tags or {}).items()})
@@ -144,7 +145,7 @@ def to_geotiff(
             width=values.shape[2],
             height=values.shape[1],
             count=len(bands),
-            dtype=values.dtype,
+            dtype=dtype,
             crs=crs,
             transform=transform,
             nodata=nodata,
@@ -152,8 +153,8 @@ def to_geotiff(
             blockxsize=blocksize,
             blockysize=blocksize,
         ) as dst:
-            dst.write(values)
             for i, band in enumerate(bands, start=1):
+                dst.write(_encoded(values[i - 1], dtype), i)
                 dst.set_band_description(i, band)
                 dst.update_tags(i, name=band)
             if dtype == "int16":
