@@ -15,7 +15,7 @@ grid (463.3 m / 926.6 m pixels), covering the fine area with a margin.
 Values are seeded random fields; :func:`write_products` returns them (reflectance before
 encoding, quality arrays, grids) so tests compute expected cube values independently.
 
-Usage: ``python tests/data/make_products.py OUTDIR``
+Usage: ``python tests/data/make_products.py OUTDIR [--size 2048]``
 """
 
 from __future__ import annotations
@@ -213,10 +213,14 @@ def write_stac(folder: Path, *, drop: tuple[str, str] | None = None) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
+    global FINE_SHAPE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, help="fine images of SIZE x SIZE pixels (default 64 x 80)")
     args = parser.parse_args(argv)
+    if args.size:
+        FINE_SHAPE = (args.size, args.size)
     write_products(args.outdir, seed=args.seed)
     write_stac(args.outdir)
 
