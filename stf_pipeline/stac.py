@@ -206,11 +206,22 @@ def _crop(ds: xr.Dataset, bbox: tuple[float, float, float, float]) -> xr.Dataset
     return ds.isel(x=np.flatnonzero(keep_x), y=np.flatnonzero(keep_y))
 
 
+def _solar_day(item: Any) -> np.datetime64:
+    """The item's local solar day (UTC time + longitude / 15 h), as odc-stac's ``groupby="solar_day"`` dates it."""
+    when = item.datetime or item.common_metadata.start_datetime
+    if when is None:
+        raise CatalogError(f"STAC item {item.id!r} has no datetime (nor start_datetime); it cannot be dated.")
+    west, _, east, _ = item.bbox if item.bbox is not None else (0.0, 0.0, 0.0, 0.0)
+    offset = np.timedelta64(int(round((west + east) / 2 / 15 * 3600)), "s")  # 15 degrees of longitude per hour
+    stamp = np.datetime64(when.replace(tzinfo=None), "s") + offset
+    return stamp.astype("datetime64[D]")
+
+
 def _ids_by_day(items: list[Any]) -> list[list[str]]:
-    """Item ids grouped by acquisition day, in day order (how odc-stac's solar_day grouping orders them, to the day)."""
+    """Item ids grouped by local solar day, in day order (as odc-stac's solar_day grouping orders them)."""
     days: dict[Any, list[str]] = {}
     for item in items:
-        days.setdefault(np.datetime64(item.datetime.replace(tzinfo=None), "D"), []).append(item.id)
+        days.setdefault(_solar_day(item), []).append(item.id)
     return [days[d] for d in sorted(days)]
 
 
@@ -227,7 +238,7 @@ def _check_coverage(coarse_items: list[Any], geobox: Any) -> None:
     area = geobox.extent.to_crs("EPSG:4326")
     by_day: dict[Any, list[Any]] = {}
     for item in coarse_items:
-        by_day.setdefault(np.datetime64(item.datetime.replace(tzinfo=None), "D"), []).append(item)
+        by_day.setdefault(_solar_day(item), []).append(item)
     for day, items in sorted(by_day.items()):
         if any(item.geometry is None for item in items):
             continue
