@@ -127,7 +127,9 @@ def to_geotiff(
     if path.exists() and not overwrite:
         raise StoreError(f"{path} already exists; pass overwrite=True (stf export --overwrite) or choose another path.")
     crs, transform = _georeferencing(image, crs)
-    values, nodata = _encoded(np.asarray(image.values), dtype)
+    from stf_pipeline.parallel import local_scheduler
+
+    values, nodata = _encoded(np.asarray(image.compute(scheduler=local_scheduler()).values), dtype)
     bands = [str(b) for b in image["band"].values]
     metadata = {k: str(v) for k, v in _provenance(image).items()}
     metadata.update({k: str(v) for k, v in (tags or {}).items()})
