@@ -129,7 +129,10 @@ def to_geotiff(
     if path.exists() and not overwrite:
         raise StoreError(f"{path} already exists; pass overwrite=True or choose another path.")
     crs, transform = _georeferencing(image, crs)
-    values = np.asarray(image.values)  # computed once; encoded band by band (a float64 copy of one band at a time)
+    from stf_pipeline.parallel import local_scheduler
+
+    # computed once, on the local scheduler; encoded band by band (a float64 copy of one band at a time)
+    values = np.asarray(image.compute(scheduler=local_scheduler()).values)
     nodata = float("nan") if dtype == "float32" else float(INT16_NODATA)
     bands = [str(b) for b in image["band"].values]
     metadata = {k: str(v) for k, v in _provenance(image).items()}

@@ -34,6 +34,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from stf_pipeline.cube import DIMS, validate_cube
 from stf_pipeline.exceptions import CatalogError
+from stf_pipeline.parallel import local_scheduler
 from stf_pipeline.sensors import AnySensor, DatePattern, QAMask, Sensor, get_sensor
 from stf_pipeline.task import iso_date
 
@@ -512,7 +513,7 @@ def _check_values(
         stats[role] = (valid.sum(dims), outside.sum(dims), stack.min(dims), stack.max(dims))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN dates have no min/max
-        (computed,) = dask.compute(stats)
+        (computed,) = dask.compute(stats, scheduler=local_scheduler())
     fractions = {}
     for role, (n_valid, n_outside, vmin, vmax) in computed.items():
         sensor = sensors[role]
