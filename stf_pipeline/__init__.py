@@ -24,8 +24,8 @@ from stf_pipeline.exceptions import (
     MethodError,
     ModelError,
     PlotError,
-    StoreError,
     STFError,
+    StoreError,
     TaskError,
 )
 

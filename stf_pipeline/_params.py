@@ -51,7 +51,7 @@ def _matches(value: Any, hint: Any) -> bool:
             return False
         if len(args) == 2 and args[1] is Ellipsis:
             return all(_matches(item, args[0]) for item in value)
-        return not args or (len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args)))
+        return not args or (len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args, strict=True)))
     if origin is None and isinstance(hint, type):
         return isinstance(value, hint)
     return True

@@ -50,9 +50,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from stf_pipeline._ingest import DEFAULT_CHUNKS, RESAMPLING, ingest
 from stf_pipeline._schema import checked_keys
 from stf_pipeline.exceptions import CatalogError, TaskError
-from stf_pipeline._ingest import DEFAULT_CHUNKS, RESAMPLING, ingest
 from stf_pipeline.sensors import DatePattern, Sensor, get_sensor
 from stf_pipeline.task import Task, iso_date, resolve_task
 
@@ -68,16 +68,17 @@ def data_roots() -> list[tuple[Path, str]]:
     """Where catalog folders are looked for when no ``root`` is passed, in order, each with why.
 
     ``$STF_DATA_ROOT`` when set (and then only it); else ``../shared/data/real`` beside the clone
-    this package runs from, then ``$XDG_DATA_HOME/stf_pipeline`` (``~/.local/share/stf_pipeline``).
+    this package runs from (when it runs from one), then ``$XDG_DATA_HOME/stf_pipeline``
+    (``~/.local/share/stf_pipeline``).
     """
     env = os.environ.get(DATA_ROOT_ENV)
     if env:
         return [(Path(env).expanduser(), f"${DATA_ROOT_ENV}")]
     user = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "stf_pipeline"
-    return [
-        ((_CHECKOUT.parent / "shared" / "data" / "real").resolve(), "beside the clone"),
-        (user, "the user data folder"),
-    ]
+    roots = [(user, "the user data folder")]
+    if (_CHECKOUT / "pyproject.toml").is_file():  # running from a clone, not from an installed package
+        roots.insert(0, ((_CHECKOUT.parent / "shared" / "data" / "real").resolve(), "beside the clone"))
+    return roots
 
 
 def data_root() -> Path:

@@ -38,11 +38,12 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 INTERRUPTED = "interrupted: rerun the same command to resume"
 
-#: library wording (Python arguments) -> the command's options, applied to error messages
+#: library wording (Python arguments) -> the command's options, applied to error messages (the
+#: first letter keeps its case; a hint already given in brackets is dropped)
 _CLI_WORDS: tuple[tuple[str, str], ...] = (
-    (r"pass overwrite=True", "pass --overwrite"),
-    (r"pass output= another folder", "pass --out with another folder"),
-    (r"choose another out= path", "choose another --out folder"),
+    (r"(p)ass overwrite=True(?: \((?:stf \w+ )?--overwrite\))?", r"\1ass --overwrite"),
+    (r"(p)ass output= another folder", r"\1ass --out with another folder"),
+    (r"(c)hoose another out= path", r"\1hoose another --out folder"),
     (r"\(root= in Python, --root on the command line\)", "(--root DIR)"),
 )
 
@@ -53,7 +54,7 @@ def cli_message(err: BaseException) -> str:
     """The error's message on one line, with Python argument names replaced by the command's options."""
     text = " ".join(str(err).split())
     for pattern, words in _CLI_WORDS:
-        text = re.sub(pattern, words, text)
+        text = re.sub(pattern, words, text, flags=re.IGNORECASE)
     return text
 
 

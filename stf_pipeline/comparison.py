@@ -281,8 +281,7 @@ class Comparison:
             for kind in composites:
                 name = kind if isinstance(kind, str) else "grey" if len(kind) == 1 else "rgb"
                 stem = f"composite_{name}_{date}"
-                figs[stem] = plots.plot_composites(truth, preds, bands=kind, path=path(stem), dpi=dpi,
-                                                   title=_composite_title(kind, date))
+                figs[stem] = plots.plot_composites(truth, preds, bands=kind, date=date, path=path(stem), dpi=dpi)
             ref = self.reference.isel(target=i)
             ref_date = str(self.reference["reference_date"].values[i])
             figs[f"change_{date}"] = plots.plot_change(
@@ -493,12 +492,6 @@ def _split_best(cell: str) -> list[str]:
 def _finite(value: Any) -> float | None:
     value = float(value)
     return value if np.isfinite(value) else None
-
-
-def _composite_title(kind: str | tuple[str, ...], date: str) -> str:
-    names = {"true": "True-colour (red/green/blue)", "false": "False-colour (nir/red/green)"}
-    text = names.get(kind, f"Composite ({'/'.join(kind)})") if isinstance(kind, str) else f"Composite ({'/'.join(kind)})"
-    return f"{text}, {date}: truth and predictions, one stretch (2–98 % of truth); yellow box = zoom"
 
 
 def _targets(cube: xr.Dataset, targets: Sequence[DateLike] | None, truth_var: str) -> list[np.datetime64]:

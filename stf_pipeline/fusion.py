@@ -6,7 +6,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import dask
 import dask.array as da
 import xarray as xr
 
@@ -151,7 +150,10 @@ def _run_task(
         extra = {name: da.asarray(values) for name, values in extra.items()}
     if isinstance(fine, da.Array) and kernel_kwargs.get("model") is not None:
         # one task holds the model, so it is shipped once per worker, not inside every block task
-        kernel_kwargs["model"] = dask.delayed(kernel_kwargs["model"], pure=False, traverse=False)
+        # (on a cluster: scattered once, not inside the graph of each call)
+        from stf_pipeline.cluster import shared
+
+        kernel_kwargs["model"] = shared(kernel_kwargs["model"])
     return map_overlapping(
         spec.kernel_for(backend), fine, coarse, coarse_target, halo=halo, align=align, chunks=chunks, extra=extra,
         **kernel_kwargs,

@@ -42,7 +42,7 @@ def setup(level: int | str = DEFAULT_LEVEL, *, stream: TextIO | None = None) -> 
     """Show the ``stf_pipeline`` logger's records at ``level`` and above on ``stream``.
 
     Replaces a handler installed by an earlier call (so calling it twice does not print twice)
-    and leaves the root logger alone.
+    and stops the records there (not passed on to the root logger's handlers).
 
     Parameters
     ----------
@@ -64,6 +64,7 @@ def setup(level: int | str = DEFAULT_LEVEL, *, stream: TextIO | None = None) -> 
     handler._stf_setup = True  # type: ignore[attr-defined]
     handler.setFormatter(_Formatter("%(message)s"))
     logger.addHandler(handler)
+    logger.propagate = False  # a root handler some dependency installs would print every record again
     logger.setLevel(level.upper() if isinstance(level, str) else level)
     return handler
 

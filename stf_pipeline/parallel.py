@@ -15,17 +15,32 @@ chunk height, not with its area: halving the chunk halves it (``stf bench scale 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import dask
 import dask.array as da
+import dask.threaded
 import numpy as np
 
 if TYPE_CHECKING:
     from stf_pipeline.methods._base import SceneStatistics
 
 P = TypeVar("P")
+
+
+def local_scheduler() -> Callable[..., Any] | None:
+    """The scheduler for a ``dask.compute`` in this package: Dask's threaded scheduler
+    (``dask.threaded.get``) when no distributed Client can exist (``dask.distributed`` not
+    imported, no scheduler configured), else ``None`` (Dask's own choice, e.g. the active Client).
+
+    The scheduler Dask would pick for arrays anyway, passed as a function because Dask, given
+    none or a name, imports ``distributed`` (a quarter of a second) to look for a Client.
+    """
+    if "distributed" in sys.modules or dask.config.get("scheduler", None) is not None:
+        return None
+    return dask.threaded.get
 
 
 def _spatial_chunks(length: int, nominal: int, *, halo: int, align: int) -> tuple[int, ...]:

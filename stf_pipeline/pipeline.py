@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib.resources
 import json
 import logging
@@ -61,8 +60,10 @@ from stf_pipeline.exceptions import ConfigError, MethodError
 CUBE_KINDS: tuple[str, ...] = ("synthetic", "catalog", "zarr")
 #: the package's folder of shipped pipelines (a link to the clone's top-level ``pipelines/``)
 PIPELINE_DIR = Path(str(importlib.resources.files("stf_pipeline") / "pipelines"))
-#: attr of ``<output>/cube.zarr``: digest of the cube it was written from (see :func:`_source_digest`)
+#: attr of ``<output>/cube.zarr``: :func:`dask.base.tokenize` of the cube it was written from
 SOURCE_ATTR = "stf_pipeline_source"
+#: store in the output folder through which a cluster's workers read a cube that is not written
+WORKER_CUBE = ".stf_worker_cube.zarr"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 logger = logging.getLogger(__name__)
@@ -396,7 +397,7 @@ def _train_options(run_: MethodRun, cube: xr.Dataset) -> dict[str, Any]:
         listed = list(cube.attrs.get("stf_train_times") or [])
         options["train_times"] = listed or [
             str(np.datetime_as_string(t, unit="D"))
-            for t, f in zip(cube["time"].values, valid_fraction(cube, "fine"))
+            for t, f in zip(cube["time"].values, valid_fraction(cube, "fine"), strict=True)
             if f > 0
         ]
     return options
@@ -419,7 +420,7 @@ def _scores_to_json(scores: xr.Dataset, path: Path) -> None:
         s = scores.sel(time=t)
         out[str(np.datetime_as_string(t, unit="D"))] = {
             name: (
-                {str(b): float(v) for b, v in zip(s["band"].values, s[name].values)}
+                {str(b): float(v) for b, v in zip(s["band"].values, s[name].values, strict=True)}
                 if "band" in s[name].dims
                 else float(s[name])
             )
@@ -439,6 +440,18 @@ def _scheduler(config: PipelineConfig) -> Iterator[None]:
 
     with start_cluster(dict(config.cluster)):
         yield
+
+
+@contextlib.contextmanager
+def _worker_cube_removed(config: PipelineConfig) -> Iterator[None]:
+    """Remove the cube store made for a cluster's workers (:func:`_through_zarr`) at the end."""
+    from stf_pipeline._atomic import remove_directory
+
+    try:
+        yield
+    finally:
+        if (config.output / WORKER_CUBE).exists():
+            remove_directory(config.output / WORKER_CUBE)
 
 
 def _with_truth(cube: xr.Dataset, dates: np.ndarray) -> np.ndarray:
@@ -481,7 +494,7 @@ def _figures(
     preds = {name: ds["fine"].sel(time=date).load() for name, ds in fused.items()}
     bands = [str(b) for b in truth["band"].values]
     paths = [config.output / f"composites_{iso}.png", config.output / f"scatter_{iso}.png"]
-    plots.plot_composites(truth, preds, bands=_composite(bands), title=f"{config.name}: {iso}", path=paths[0])
+    plots.plot_composites(truth, preds, bands=_composite(bands), title=config.name, date=iso, path=paths[0])
     plots.plot_scatter(truth, preds, path=paths[1])
     return paths
 
@@ -490,19 +503,21 @@ def _prepare(config: PipelineConfig, *, overwrite: bool) -> tuple[xr.Dataset, Pa
     """Build the cube; write it to ``<output>/cube.zarr`` and reopen it from there if asked.
 
     A ``cube.zarr`` written from the same cube (same :func:`dask.base.tokenize` of the lazy
-    source: the synthetic arguments, the catalog's files, the input store) is reused; one written
-    from another is replaced only with ``overwrite``. Returns the cube, its path and whether it
+    source: the synthetic arguments, the catalog's files, the input store) is reused, with or
+    without ``overwrite``; one written from another is replaced only with ``overwrite``. Returns the cube, its path and whether it
     was reused.
     """
-    import stf_pipeline as stf
     from dask.base import tokenize
 
+    import stf_pipeline as stf
     from stf_pipeline.exceptions import CubeError, StoreError
     from stf_pipeline.info import describe_cube
 
     logger.info("[%s] cube from %s %s", config.name, config.cube.kind, dict(config.cube.options))
     cube = config.cube.build()
     if not config.write_cube:
+        if config.cluster is not None and config.cube.kind != "zarr":
+            cube = _through_zarr(cube, config.output / WORKER_CUBE)
         logger.info("%s", describe_cube(cube))
         return cube, None, False
     path = config.output / "cube.zarr"
@@ -511,19 +526,20 @@ def _prepare(config: PipelineConfig, *, overwrite: bool) -> tuple[xr.Dataset, Pa
         logger.info("%s", describe_cube(cube))
         return cube, path, True
     digest = tokenize(cube)
-    if path.exists() and not overwrite:
+    if path.exists():
         try:
             written = stf.open_cube(path)
         except CubeError:
             written = None
-        if written is None or written.attrs.get(SOURCE_ATTR) != digest:
+        if written is not None and written.attrs.get(SOURCE_ATTR) == digest:
+            logger.info("[%s] reusing %s (written from this cube by an earlier run)", config.name, path)
+            logger.info("%s", describe_cube(written))
+            return written, path, True
+        if not overwrite:
             what = "a damaged cube store" if written is None else "a cube written from another source"
             raise StoreError(
                 f"{path} holds {what}; pass overwrite=True to replace it, or pass output= another folder."
             )
-        logger.info("[%s] reusing %s (written from this cube by an earlier run)", config.name, path)
-        logger.info("%s", describe_cube(written))
-        return written, path, True
     stf.write_cube(cube.assign_attrs({SOURCE_ATTR: digest}), path, overwrite=overwrite)
     logger.info("[%s] wrote %s", config.name, path)
     cube = stf.open_cube(path)
@@ -531,16 +547,19 @@ def _prepare(config: PipelineConfig, *, overwrite: bool) -> tuple[xr.Dataset, Pa
     return cube, path, False
 
 
-def _store_attrs(path: Path) -> dict[str, Any] | None:
-    """The root attrs of a Zarr store as on disk, or None when there is no readable store."""
-    import zarr
+def _through_zarr(cube: xr.Dataset, path: Path) -> xr.Dataset:
+    """The cube written to ``path`` and opened from there, so that workers read it from disk.
 
-    if not path.is_dir():
-        return None
-    try:
-        return dict(zarr.open_group(str(path), mode="r", use_consolidated=False).attrs.asdict())
-    except Exception:  # noqa: BLE001  (anything unreadable: fuse_series decides what to do with it)
-        return None
+    A catalog cube holds its images in memory, inside the Dask graph: on a cluster every graph
+    that reads them would carry them to the scheduler (``Sending large graph of size 11 MiB``,
+    ``Detected different run_spec``). From Zarr a graph task names a chunk of a store instead.
+    The folder is the run's output folder, which the workers write to anyway; :func:`run`
+    removes the store at the end.
+    """
+    import stf_pipeline as stf
+
+    logger.info("[cluster] the cube goes to the workers through %s (removed at the end of the run)", path)
+    return stf.open_cube(stf.write_cube(cube, path, overwrite=True))
 
 
 def _fuse_method(
@@ -549,16 +568,10 @@ def _fuse_method(
     """Fuse the targets with one method into ``<output>/fused_<method>.zarr``; whether an
     earlier run's complete store of the same request was reused."""
     import stf_pipeline as stf
-    from stf_pipeline.series import COMPLETE_ATTR
 
     spec = stf.get_method(run_.name)
     out = config.output / f"fused_{run_.name}.zarr"
-    before = _store_attrs(out)
-    if before is None:
-        logger.info("[%s] fusing with %s -> %s", config.name, run_.name, out)
-    elif not before.get(COMPLETE_ATTR):
-        logger.info("[%s] fusing with %s -> %s (resuming the stopped run if it is the same request)", config.name, run_.name, out)
-    fused = stf.fuse_series(
+    fused = stf.fuse_series(  # it logs whether it fuses, resumes or reuses the store
         cube,
         method=run_.name,
         out=out,
@@ -569,10 +582,6 @@ def _fuse_method(
         **run_.params,
     )
     reused = fused.encoding.get("stf_action") == "reused"
-    if reused:
-        logger.info("[%s] reusing %s: an earlier run fused the same request with %s", config.name, out, run_.name)
-    elif before is not None and before.get(COMPLETE_ATTR):
-        logger.info("[%s] fused with %s -> %s (replaced another request)", config.name, run_.name, out)
     return fused, out, reused
 
 
@@ -655,33 +664,18 @@ def run(
     >>> result = stf.run("pipelines/demo.yaml")  # doctest: +SKIP
     >>> result.scores["delta"].rmse.mean().item()  # doctest: +SKIP
     """
-    from stf_pipeline import plots
-
     config = _configured(path_or_config, {"output": output, "methods": methods, "targets": targets, "root": root})
     _check_methods(config)
     config.output.mkdir(parents=True, exist_ok=True)
     reused: list[str] = []
-    with _scheduler(config):
+    # the cube is made on this process's threads, before a cluster starts: a catalog's images are
+    # read here and reach the workers through a Zarr store, not inside task graphs
+    with _worker_cube_removed(config):
         cube, cube_path, cube_reused = _prepare(config, overwrite=overwrite)
         if cube_reused:
             reused.append("cube")
-        fused_paths: dict[str, Path] = {}
-        fused_sets: dict[str, xr.Dataset] = {}
-        all_scores: dict[str, xr.Dataset] = {}
-        for run_ in config.methods:
-            fused, out, was_reused = _fuse_method(config, run_, cube, overwrite=overwrite)
-            fused_paths[run_.name] = out
-            fused_sets[run_.name] = fused
-            if was_reused:
-                reused.append(run_.name)
-            scores = _score(config, run_.name, cube, fused) if config.evaluate else None
-            if scores is not None:
-                all_scores[run_.name] = scores
-        figures: list[Path] = []
-        if config.figures and fused_sets:
-            figures = _figures(plots, cube, fused_sets, all_scores, config)
-            for path in figures:
-                logger.info("[%s] figure %s", config.name, path)
+        with _scheduler(config):
+            fused_paths, all_scores, figures = _fuse_all(config, cube, overwrite=overwrite, reused=reused)
     return PipelineResult(
         config=config,
         cube_path=cube_path,
@@ -690,6 +684,33 @@ def run(
         figures=tuple(figures),
         reused=tuple(reused),
     )
+
+
+def _fuse_all(
+    config: PipelineConfig, cube: xr.Dataset, *, overwrite: bool, reused: list[str]
+) -> tuple[dict[str, Path], dict[str, xr.Dataset], list[Path]]:
+    """Fuse, score and draw every method of :func:`run`: the fused stores, the scores and the
+    figures; appends the methods whose store was reused to ``reused``."""
+    from stf_pipeline import plots
+
+    fused_paths: dict[str, Path] = {}
+    fused_sets: dict[str, xr.Dataset] = {}
+    all_scores: dict[str, xr.Dataset] = {}
+    for run_ in config.methods:
+        fused, out, was_reused = _fuse_method(config, run_, cube, overwrite=overwrite)
+        fused_paths[run_.name] = out
+        fused_sets[run_.name] = fused
+        if was_reused:
+            reused.append(run_.name)
+        scores = _score(config, run_.name, cube, fused) if config.evaluate else None
+        if scores is not None:
+            all_scores[run_.name] = scores
+    figures: list[Path] = []
+    if config.figures and fused_sets:
+        figures = _figures(plots, cube, fused_sets, all_scores, config)
+        for path in figures:
+            logger.info("[%s] figure %s", config.name, path)
+    return fused_paths, all_scores, figures
 
 
 def run_compare(
@@ -722,28 +743,34 @@ def run_compare(
     -------
     stf_pipeline.compare.Comparison
     """
-    import stf_pipeline as stf
-
     config = _configured(path_or_config, {"output": out, "methods": methods, "targets": targets, "root": root})
     _check_methods(config)
     if not config.methods:
         raise ConfigError(f"pipeline {config.name}: 'methods' is empty; list the methods to compare.")
     config.output.mkdir(parents=True, exist_ok=True)
-    with _scheduler(config):
-        cube, _, _ = _prepare(config, overwrite=overwrite)
-        models = {}
-        for run_ in config.methods:
-            if stf.get_method(run_.name).learned:
-                logger.info("[%s] training %s", config.name, run_.name)
-                models[run_.name] = stf.train(
-                    cube, method=run_.name, workdir=config.output / f"train_{run_.name}", **_train_options(run_, cube)
-                )
-        return stf.compare(
-            cube,
-            methods={run_.name: dict(run_.params) for run_ in config.methods},
-            targets=list(config.targets) if config.targets else None,  # default: the catalog's targets
-            models=models,
-            out=config.output,
-            chunks=config.chunks,
-            figures=figures,
-        )
+    with _worker_cube_removed(config):
+        cube, _, _ = _prepare(config, overwrite=overwrite)  # before a cluster starts, as in run()
+        with _scheduler(config):
+            return _compare_all(config, cube, figures=figures)
+
+
+def _compare_all(config: PipelineConfig, cube: xr.Dataset, *, figures: bool) -> Any:
+    """Train the learned methods and run :func:`stf_pipeline.compare` for :func:`run_compare`."""
+    import stf_pipeline as stf
+
+    models = {}
+    for run_ in config.methods:
+        if stf.get_method(run_.name).learned:
+            logger.info("[%s] training %s", config.name, run_.name)
+            models[run_.name] = stf.train(
+                cube, method=run_.name, workdir=config.output / f"train_{run_.name}", **_train_options(run_, cube)
+            )
+    return stf.compare(
+        cube,
+        methods={run_.name: dict(run_.params) for run_ in config.methods},
+        targets=list(config.targets) if config.targets else None,  # default: the catalog's targets
+        models=models,
+        out=config.output,
+        chunks=config.chunks,
+        figures=figures,
+    )

@@ -14,8 +14,8 @@ the store's writer lock; it refuses to write over a store its input is read from
 (``stf_series_request``) is a digest of the full content of every input image it reads (hashed
 chunk by chunk), the method and all parameters, the dates, the layout and the model's weights,
 and a resumed or rerun call must match it part by part (``stf_series_parts``), else it is told
-what changed. Regions are computed in batches of one date and one strip of
-``STRIP`` columns, so memory depends on the chunk size and the worker count, not the scene.
+what changed. Regions are computed in batches of one date and one tile of ``TILE``
+pixels square, so memory depends on the chunk size and the worker count, not the scene.
 
 Layout of the fused cube (the cube contract, DESIGN.md §1, without ``coarse`` unless kept):
 
@@ -92,8 +92,8 @@ PARTS_ATTR = "stf_series_parts"
 #: file in ``model_dir`` naming the training request its model belongs to
 MODEL_REQUEST_FILE = ".stf_train_request"
 DEFAULT_CHUNK = 512
-#: width in pixels of the column strips computed one after the other (memory bound of one batch)
-STRIP = 2048
+#: side in pixels of the tiles computed one after the other (the memory bound of one batch)
+TILE = 2048
 #: variables of the input cube a fused store may keep besides ``fine``
 KEEPABLE = ("coarse", "fine_truth")
 #: what each part of the request means, for the message when one changed
@@ -597,13 +597,14 @@ def _region_writes(
     cube: xr.Dataset, plan: _Plan, path: Path, digest: str, *, method: str, model: Any, params: Mapping[str, Any]
 ) -> tuple[list[list[Any]], int]:
     """Batches of delayed region writes not yet recorded (recorded ones are not even computed),
-    and their number. One batch is one date of one variable in one strip of ``STRIP`` columns,
-    computed before the next starts, so memory is bounded by the strip, not the scene."""
+    and their number. One batch is one date of one variable in one tile of ``TILE`` x ``TILE``
+    pixels, computed before the next starts, so memory is bounded by the tile, not the scene
+    (at the price of reading the ring of input chunks around each tile again for the halo)."""
     done = _done_regions(path)
     token = tokenize(str(path.resolve()), digest)
     height, width = cube.sizes["y"], cube.sizes["x"]
     yblocks, xblocks = _blocks(height, plan.chunks[0]), _blocks(width, plan.chunks[1])
-    per_strip = max(1, STRIP // plan.chunks[1])
+    per_tile = (max(1, TILE // plan.chunks[0]), max(1, TILE // plan.chunks[1]))
     batches, total = [], 0
     for var in plan.variables:
         for t in range(plan.times.size):
@@ -616,18 +617,19 @@ def _region_writes(
             if not todo:
                 continue
             blocks = _source_array(cube, plan, var, t, method=method, model=model, params=params).to_delayed()
-            for first in range(0, len(xblocks), per_strip):
-                batch = [
-                    dask.delayed(_write_region)(
-                        blocks[0, iy, ix], str(path), var, t, iy, ix, yblocks[iy], xblocks[ix],
-                        dask_key_name=f"stf-write-{token}-{_region_name(var, t, iy, ix)}",
-                    )
-                    for iy, ix in todo
-                    if first <= ix < first + per_strip
-                ]
-                if batch:
-                    batches.append(batch)
-                    total += len(batch)
+            for top in range(0, len(yblocks), per_tile[0]):
+                for left in range(0, len(xblocks), per_tile[1]):
+                    batch = [
+                        dask.delayed(_write_region)(
+                            blocks[0, iy, ix], str(path), var, t, iy, ix, yblocks[iy], xblocks[ix],
+                            dask_key_name=f"stf-write-{token}-{_region_name(var, t, iy, ix)}",
+                        )
+                        for iy, ix in todo
+                        if top <= iy < top + per_tile[0] and left <= ix < left + per_tile[1]
+                    ]
+                    if batch:
+                        batches.append(batch)
+                        total += len(batch)
     return batches, total
 
 
@@ -636,6 +638,8 @@ def _compute(batches: list[list[Any]], *, total: int, progress: bool, desc: str)
     if not batches:
         return
     client = _current_client()
+    if client is None:
+        _return_freed_memory()
     with Progress(total, desc=desc, unit="region", enabled=progress) as bar:
         if client is not None:
             from distributed import as_completed
@@ -649,6 +653,32 @@ def _compute(batches: list[list[Any]], *, total: int, progress: bool, desc: str)
         with DaskProgress(bar, "stf-write-") if progress else contextlib.nullcontext():
             for batch in batches:
                 dask.compute(*batch)
+
+
+def _return_freed_memory() -> None:
+    """Make glibc return freed memory to the OS instead of keeping it in its heaps.
+
+    By default glibc raises its mmap threshold each time a large array is freed, after which
+    arrays of a chunk's size come from the heap and stay resident when freed, so the resident
+    size creeps up with the number of chunks processed, i.e. with the scene. A fixed trim
+    threshold (what Dask's nanny sets for its workers through ``MALLOC_TRIM_THRESHOLD_``) turns
+    that off for this process. A no-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:  # pragma: no cover - no C library to load
+        return
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+
+
+#: glibc's ``M_TRIM_THRESHOLD`` parameter number and the value Dask's workers use
+_M_TRIM_THRESHOLD = -1
+_TRIM_THRESHOLD = 64 * 1024
 
 
 def _current_client() -> Any | None:

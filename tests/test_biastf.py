@@ -151,17 +151,17 @@ def test_fusion_matches_float64_reference():
 
 
 def test_untrained_model_with_change_weights_is_delta(trained, cube):
-    """Zero networks: each direction is F(j) + A dC (``g_base="change"``: A = I, exactly ``delta``'s
-    F(j) + dC), fused like delta's inverse-change weights."""
+    """Zero networks: each direction is F(j) + dC, fused like delta's inverse-change weights
+    (``g_base="linear"``: F(j) + A dC)."""
     model, _ = trained
     zero = dataclasses.replace(model, params=jax.tree_util.tree_map(np.zeros_like, model.params))
     fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]
-    plain = dataclasses.replace(zero, config={**zero.config, "g_base": "change"})
-    fused, _ = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, eps=1e-6), model=plain)
+    fused, _ = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, eps=1e-6), model=zero)
     expected = delta_kernel(fine, coarse, ct, params=DeltaParams(window=9, eps=1e-6))
     np.testing.assert_allclose(fused, expected, rtol=1e-4, atol=1e-5)
     conversion = np.asarray(zero.extra["statistics"]["conversion"])
-    _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, extrapolate=True), model=zero)
+    linear = dataclasses.replace(zero, config={**zero.config, "g_base": "linear"})
+    _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, extrapolate=True), model=linear)
     converted = np.einsum("ab,nbyx->nayx", conversion, ct[None] - coarse)
     np.testing.assert_allclose(transitional, fine + converted, rtol=1e-5, atol=1e-6)
 
@@ -180,14 +180,15 @@ def test_conversion_is_the_least_squares_fit_of_the_block_changes(cube):
 
 
 def _g_and_b(model, fine, coarse, ct):
-    """G's and B's outputs ``(pair, y, x, band)`` and G's base ``A dC``, composed by hand from the
-    networks, the recorded normalisation and the conversion ``A``."""
+    """G's and B's outputs ``(pair, y, x, band)`` and G's base (``dC``, or ``A dC``), composed by
+    hand from the networks and the recorded normalisation."""
     cfg = BiaSTFConfig.resolve(model.config)
     stats = model.extra["statistics"]
     mean, scale, change_scale = (np.asarray(stats[k])[:, None, None] for k in ("mean", "scale", "change"))
     net = BandNet(fine.shape[1], cfg.filters, biastf.TABLE1_KERNELS, multiband=cfg.multiband)
     target = np.broadcast_to(ct[None], coarse.shape)
-    base = np.einsum("ab,nbyx->nyxa", np.asarray(stats["conversion"]), target - coarse)
+    conversion = np.asarray(stats["conversion"]) if cfg.g_base == "linear" else np.eye(fine.shape[1])
+    base = np.einsum("ab,nbyx->nyxa", conversion, target - coarse)
     x_g = np.stack([(target - coarse) / change_scale, (fine - mean) / scale, (coarse - mean) / scale, (target - mean) / scale], -1)
     x_g = x_g.transpose(0, 2, 3, 1, 4)
     g = base + np.asarray(net.apply({"params": model.params["G"]}, x_g)) * np.asarray(stats["change"])
@@ -220,7 +221,7 @@ def test_learned_part_fades_out_beyond_the_training_changes(trained, cube):
     assert 0.1 < (trust == 0).mean() < 0.9 and 0.1 < (trust == 1).mean() < 0.9 and ((trust > 0) & (trust < 1)).any()
     _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9), model=model)
     np.testing.assert_allclose(transitional, fine + (base + trust * (g + b - base)).transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(transitional[..., -4:], (fine + base.transpose(0, 3, 1, 2))[..., -4:], rtol=1e-6)  # F(j) + A dC
+    np.testing.assert_allclose(transitional[..., -4:], (fine + base.transpose(0, 3, 1, 2))[..., -4:], rtol=1e-6)  # F(j) + dC
 
 
 def test_nan_input_hands_the_pixel_to_the_other_pair(trained, cube):

@@ -151,7 +151,9 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert exit_.value.code == 2
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["info"], ["ingest"], ["compare"], ["bench"], ["bench", "scale"]])
+@pytest.mark.parametrize(
+    "command", [[], ["run"], ["info"], ["ingest"], ["export"], ["compare"], ["bench"], ["bench", "scale"]]
+)
 def test_every_help_exits_0(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
@@ -179,6 +181,10 @@ def test_version(capsys):
          "x holds a cube; pass --overwrite to replace it, or pass --out with another folder."),
         ("or pass that folder as the data root (root= in Python, --root on the command line).",
          "or pass that folder as the data root (--root DIR)."),
+        ("x holds another request. Pass overwrite=True (--overwrite) to replace it, or choose another out= path.",
+         "x holds another request. Pass --overwrite to replace it, or choose another --out folder."),
+        ("x already exists; pass overwrite=True (stf export --overwrite) or another folder.",
+         "x already exists; pass --overwrite or another folder."),
         ("two\n  lines", "two lines"),
     ],
 )
@@ -207,7 +213,7 @@ def test_overwrite_errors_name_the_option(tmp_path, capsys):
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
-    import stf_pipeline.pipeline as pipeline
+    from stf_pipeline import pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -259,7 +265,7 @@ def test_bench_and_compare_dispatch(monkeypatch):
     bench.main = lambda argv: calls.append(("bench", argv)) or 3
     monkeypatch.setitem(sys.modules, bench.__name__, bench)
     assert main(["bench", "fake_bench", "--size", "64", "-n", "2", "--help"]) == 3
-    import stf_pipeline.pipeline as pipeline
+    from stf_pipeline import pipeline
 
     class Table:
         def to_markdown(self):

@@ -78,7 +78,9 @@ _CHILD = textwrap.dedent(
     def replace(src, dst, *a, **k):
         src, dst = str(src), str(dst)
         if src.endswith(".partial"):
-            hit("root-metadata" if dst == str(out / "zarr.json") else "chunk-partial" if "/c/" in dst else "")
+            root = Path(dst).parent
+            is_root = Path(dst).name == "zarr.json" and (root == out or root.name.startswith(f".{{out.name}}.tmp-"))
+            hit("root-metadata" if is_root else "chunk-partial" if "/c/" in dst else "")
         if dst.endswith(".stf-swap"):
             real_replace(src, dst, *a, **k)
             return hit("journal")

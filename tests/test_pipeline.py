@@ -244,7 +244,7 @@ def test_rerun_reuses_the_cube_and_the_fused_store(tmp_path, caplog):
     again = run(config)
     assert again.reused == ("cube", "delta")
     assert "[tiny] reusing out/cube.zarr (written from this cube by an earlier run)" in caplog.messages
-    assert any(m.startswith("[tiny] reusing out/fused_delta.zarr") for m in caplog.messages)
+    assert any(m.startswith("reusing out/fused_delta.zarr") for m in caplog.messages)  # said by fuse_series
     assert not any("fusing with" in m for m in caplog.messages)
     assert stamps() == stamp  # no chunk rewritten
     xr.testing.assert_identical(again.scores["delta"], first.scores["delta"])
@@ -253,7 +253,7 @@ def test_rerun_reuses_the_cube_and_the_fused_store(tmp_path, caplog):
     assert "scores of delta" in summary
     # another request in the same place: an error until the user says to replace it
     other = PipelineConfig.from_mapping(tiny_spec(tmp_path, figures=False, methods=[{"name": "delta", "params": {"window": 5}}]))
-    with pytest.raises(stf.StoreError, match=r"fused_delta.zarr holds another .*pass overwrite=True"):
+    with pytest.raises(stf.StoreError, match=r"fused_delta.zarr holds another .*[Pp]ass overwrite=True"):
         run(other)
     assert run(other, overwrite=True).reused == ("cube",)
     # another cube in the same place

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import stf_pipeline as stf
-from stf_pipeline import series
+from stf_pipeline import series, store
 from stf_pipeline.testing import random_cube
 
 CHUNKS = (16, 16)
@@ -232,7 +232,7 @@ _KILLED_RUN = textwrap.dedent(
     import sys, time
     import dask, numpy as np
     import stf_pipeline as stf
-    from stf_pipeline import series
+    from stf_pipeline import series, store
     sys.path.insert(0, {tests!r})
     from test_series import gappy_cube
 
@@ -275,12 +275,15 @@ def test_killed_subprocess_resumes_to_the_same_store(tmp_path):
 
 
 @pytest.mark.slow
-def test_learned_method_trains_once_and_resume_reuses_the_training(tmp_path, monkeypatch):
+def test_learned_method_trains_once_beside_the_store_and_resume_reuses_it(tmp_path, monkeypatch, caplog):
+    import logging
+
     cube = random_cube(n_times=5, height=48, width=48)
     fine = cube["fine"].values.copy()
     fine[[1, 3]] = np.nan
     cube = cube.copy(data={"fine": fine, "coarse": cube["coarse"].values})
     path = tmp_path / "f.zarr"
+    model_dir = tmp_path / "f.model"  # the default: beside the store, not inside it
     options = {"config": "tiny"}
 
     original = series._write_region
@@ -293,19 +296,42 @@ def test_learned_method_trains_once_and_resume_reuses_the_training(tmp_path, mon
     monkeypatch.setattr(series, "_write_region", crashing)
     with dask.config.set(scheduler="synchronous"), pytest.raises(_Crash):
         stf.fuse_series(cube, method="biastf", out=path, chunks=(32, 32), progress=False, train_options=options)
-    checkpoints = _file_stamps(path / series.TRAIN_DIR, "stage*/**/*")
-    assert checkpoints
+    checkpoints = _file_stamps(model_dir, "stage*/**/*")
+    assert checkpoints and (model_dir / "loss_curves.png").is_file()
+    assert not [p for p in path.iterdir() if "train" in p.name]
     monkeypatch.setattr(series, "_write_region", original)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = stf.fuse_series(cube, method="biastf", out=path, chunks=(32, 32), progress=False, train_options=options)
-    assert not [w for w in caught if series.TRAIN_DIR in str(w.message)]  # Zarr's note on the training folder: silenced
-    assert _file_stamps(path / series.TRAIN_DIR, "stage*/**/*") == checkpoints  # restored, not trained again
-    model = stf.load_model(path / series.TRAIN_DIR / "model")
+    assert not [w for w in caught if "not recognized" in str(w.message)]
+    assert _file_stamps(model_dir, "stage*/**/*") == checkpoints  # restored, not trained again
+    model = stf.load_model(model_dir / "model")
+    digest = store.model_digest(model)
+    assert out.model_digest.values.tolist() == ["", digest, "", digest, ""]
     for date in cube.time.values[[1, 3]]:
         ref = stf.fuse(cube, date, method="biastf", model=model)
         np.testing.assert_array_equal(out["fine"].sel(time=date).values, ref.values)
+    with caplog.at_level(logging.INFO, logger="stf_pipeline"):
+        again = stf.fuse_series(cube, method="biastf", out=path, chunks=(32, 32), progress=False, train_options=options)
+    assert again.encoding["stf_action"] == "reused" and f"reusing {path}" in caplog.text
+    # other training options: the model directory belongs to another request
+    with pytest.raises(stf.StoreError, match="pass overwrite=True"):
+        stf.fuse_series(cube, method="biastf", out=path, chunks=(32, 32), progress=False,
+                        train_options={"config": "tiny", "seed": 1})
 
 
 def _file_stamps(root: Path, pattern: str) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.glob(pattern) if p.is_file()}
+
+
+def test_tiles_computed_one_after_the_other_give_the_same_store(tmp_path, monkeypatch):
+    cube = gappy_cube()
+    reference = tmp_path / "ref.zarr"
+    stf.fuse_series(cube, method="delta", out=reference, chunks=CHUNKS, progress=False, window=5)
+    monkeypatch.setattr(series, "TILE", 16)  # 3 x 3 tiles of one chunk each, every one reading its halo ring
+    batches = []
+    original = series._compute
+    monkeypatch.setattr(series, "_compute", lambda b, **kw: (batches.append(len(b)), original(b, **kw)))
+    stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False, window=5)
+    assert batches == [5 * 9]
+    assert store_files(tmp_path / "f.zarr") == store_files(reference)
