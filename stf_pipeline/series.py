@@ -638,8 +638,6 @@ def _compute(batches: list[list[Any]], *, total: int, progress: bool, desc: str)
     if not batches:
         return
     client = _current_client()
-    if client is None:
-        _return_freed_memory()
     with Progress(total, desc=desc, unit="region", enabled=progress) as bar:
         if client is not None:
             from distributed import as_completed
@@ -653,32 +651,32 @@ def _compute(batches: list[list[Any]], *, total: int, progress: bool, desc: str)
         with DaskProgress(bar, "stf-write-") if progress else contextlib.nullcontext():
             for batch in batches:
                 dask.compute(*batch)
+                _return_freed_memory()
 
 
 def _return_freed_memory() -> None:
-    """Make glibc return freed memory to the OS instead of keeping it in its heaps.
+    """Give the memory freed by a batch back to the OS (a no-op off glibc).
 
-    By default glibc raises its mmap threshold each time a large array is freed, after which
-    arrays of a chunk's size come from the heap and stay resident when freed, so the resident
-    size creeps up with the number of chunks processed, i.e. with the scene. A fixed trim
-    threshold (what Dask's nanny sets for its workers through ``MALLOC_TRIM_THRESHOLD_``) turns
-    that off for this process. A no-op off glibc.
+    glibc keeps freed chunk-sized arrays in its heaps, so without it the resident size creeps
+    up with the number of batches, i.e. with the scene. Called once per batch, it costs nothing
+    measurable (a fixed trim threshold would return every freed array at once, and refaulting
+    them made the computation several times slower).
     """
-    import ctypes
-    import ctypes.util
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:  # pragma: no cover - no C library to load
-        return
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:  # pragma: no cover - no C library to load
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
-#: glibc's ``M_TRIM_THRESHOLD`` parameter number and the value Dask's workers use
-_M_TRIM_THRESHOLD = -1
-_TRIM_THRESHOLD = 64 * 1024
+_LIBC: Any = None
 
 
 def _current_client() -> Any | None:
