@@ -51,7 +51,7 @@ import pandas as pd
 import xarray as xr
 
 from stf_pipeline._ingest import DEFAULT_CHUNKS, RESAMPLING, ingest
-from stf_pipeline._schema import checked_keys
+from stf_pipeline._schema import checked_keys, safe_load
 from stf_pipeline.exceptions import CatalogError, TaskError
 from stf_pipeline.sensors import DatePattern, Sensor, get_sensor
 from stf_pipeline.task import Task, iso_date, resolve_task
@@ -357,7 +357,7 @@ def load_catalog(name_or_path: str | os.PathLike[str]) -> Catalog:
     if not path.is_file():
         raise CatalogError(f"catalog file {path} does not exist; check the path.")
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise CatalogError(f"catalog {path} is not valid YAML: {err}") from None
     return Catalog.from_mapping(spec, source=str(path))

@@ -411,12 +411,12 @@ PRESET_DIR = "sensor_presets"
 
 def _load_presets() -> dict[str, AnySensor]:
     """Every ``sensor_presets/*.yaml``: single sensors first, then families built from them."""
-    import yaml
+    from stf_pipeline._schema import safe_load
 
     specs = {}
     for entry in sorted(resources.files("stf_pipeline").joinpath(PRESET_DIR).iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
-            spec = yaml.safe_load(entry.read_text())
+            spec = safe_load(entry.read_text())
             specs[str(spec["name"])] = spec
     presets: dict[str, AnySensor] = {}
     for name, spec in specs.items():
