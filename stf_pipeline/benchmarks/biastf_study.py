@@ -63,6 +63,22 @@ SCENES: dict[str, dict[str, Any]] = {
 }
 
 
+def _machine() -> dict[str, Any]:
+    """:func:`describe_machine`, or its JAX part where ``distributed`` (memory size) cannot load."""
+    try:
+        return describe_machine()
+    except ImportError:
+        import os
+        import platform
+
+        import jax
+
+        return {
+            "cpu": platform.processor(), "cores": os.cpu_count(), "jax": jax.__version__,
+            "jax_backend": jax.default_backend(), "devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()],
+        }
+
+
 def _cube(spec: dict[str, Any], size: int | None = None) -> Any:
     import stf_pipeline as stf
 
@@ -109,6 +125,7 @@ def run_scene(
 
     import stf_pipeline as stf
     from stf_pipeline.comparison import _targets
+    from stf_pipeline.exceptions import STFError
     from stf_pipeline.training import default_train_times
 
     spec = SCENES[name]
@@ -117,17 +134,20 @@ def run_scene(
     data_range = _data_range(cube, targets)
     train_times = default_train_times(cube)
     record: dict[str, Any] = {
-        "scene": name, "about": spec["about"], "machine": describe_machine(),
+        "scene": name, "about": spec["about"], "machine": _machine(),
         "targets": [str(np.datetime_as_string(t, unit="D")) for t in targets], "train_times": train_times, "runs": {},
         "size": size, "preset": preset,
     }
-    classical = [m for m in methods if m in CLASSICAL]
-    if classical:
+    for method in (m for m in methods if m in CLASSICAL):
         start = time.perf_counter()
-        result = stf.compare(cube, methods=classical, targets=targets, data_range=data_range, figures=False)
-        for label, values in _scores(result).items():
-            record["runs"][label] = {"method": label, **values}
-        echo(f"[{name}] {classical}: {time.perf_counter() - start:.1f} s")
+        try:
+            result = stf.compare(cube, methods=[method], targets=targets, data_range=data_range, figures=False)
+        except STFError as err:  # e.g. a default search window larger than a small scene
+            record.setdefault("failed", {})[method] = str(err)
+            echo(f"[{name}] {method} cannot run with its defaults: {err}")
+            continue
+        record["runs"][method] = {"method": method, **_scores(result)[method]}
+        echo(f"[{name}] {method}: {time.perf_counter() - start:.1f} s")
         if save is not None:
             save(record)
     for seed in seeds:
@@ -207,6 +227,9 @@ def render(records: list[dict[str, Any]], command: str) -> str:
                     lines.append(f"- {label}: mean RMSE {100 * gain:.1f} % lower than ESTARFM's" if gain >= 0 else
                                  f"- {label}: mean RMSE {-100 * gain:.1f} % higher than ESTARFM's")
         lines.append("")
+        for method, message in record.get("failed", {}).items():
+            lines.append(f"- {method} did not run with its defaults: {message}")
+        lines.append("")
         lines.append("Per date (RMSE): " + "; ".join(
             f"{label}: " + ", ".join(f"{v:.4f}" for v in r["rmse"]) for label, r in runs.items()
         ))
@@ -239,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         records: dict[str, dict[str, Any]] = {}
         for path in sorted(out.rglob("study_*.json")):  # runs of one scene may come from several folders
             record = json.loads(path.read_text())
-            runs = records.setdefault(record["scene"], {**record, "runs": {}})["runs"]
-            runs.update(record["runs"])
+            merged = records.setdefault(record["scene"], {**record, "runs": {}, "failed": {}})
+            merged["runs"].update(record["runs"])
+            merged["failed"].update(record.get("failed", {}))
         order = list(SCENES)
         ordered = sorted(records.values(), key=lambda r: order.index(r["scene"]) if r["scene"] in order else len(order))
         for record in ordered:  # classical methods first, then the learned ones by seed

@@ -339,7 +339,8 @@ class Statistics:
         return cls((0.0,) * n_bands, (1.0,) * n_bands, (1.0,) * n_bands, tuple(map(tuple, np.eye(n_bands).tolist())), (np.inf,) * n_bands)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v if k != "limit" else list(v) for k, v in dataclasses.asdict(self).items()}
+        """JSON form (lists), as stored in ``model.extra["statistics"]``."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_model(cls, model: Any) -> Statistics:
