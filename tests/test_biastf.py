@@ -295,7 +295,7 @@ def test_stage2_lowers_the_residual_and_the_tiny_model_stays_near_delta():
 
 
 def test_device_aware_defaults_are_small_on_a_cpu():
-    """``config=None`` on a CPU: 32-filter networks, patches and batches sized to the free memory,
+    """``config=None`` on a CPU: 32-filter networks, patches and batches sized to the memory,
     a time limit; on a GPU: the 128-filter networks."""
     small = biastf.cpu_training(2**29)
     large = biastf.cpu_training(24 * 2**30)

@@ -88,7 +88,8 @@ def _train_config(values: Mapping[str, Any] | Any) -> Any:
 
 def cpu_training(available_bytes: int | None = None, *, filters: int = 32) -> dict[str, Any]:
     """Training settings that fit a CPU: patch and batch sized to ``available_bytes`` (default: the
-    memory available now).
+    machine's memory; not the free memory, which changes between runs: a rerun must pick the same
+    settings to resume from its checkpoints).
 
     The activations of one ``p x p`` patch through ``G`` or ``B`` (three hidden layers of
     ``filters`` maps, forward and backward, float32, 6 bands) take about
@@ -97,7 +98,7 @@ def cpu_training(available_bytes: int | None = None, *, filters: int = 32) -> di
     """
     import psutil
 
-    available = psutil.virtual_memory().available if available_bytes is None else int(available_bytes)
+    available = psutil.virtual_memory().total if available_bytes is None else int(available_bytes)
     patch = 64 if available >= 4 * 2**30 else 48
     per_patch = patch * patch * 3 * filters * 4 * 4
     batch = int(np.clip(0.1 * available // per_patch, 4, 32))
@@ -186,7 +187,7 @@ class BiaSTFConfig:
 
         ``"auto"`` (what ``config=None`` gives): ``"gpu"`` when JAX has an accelerator, else
         ``"cpu"``. ``"gpu"``: multiband 128-filter networks, 128 x 128 patches, batch 64.
-        ``"cpu"``: multiband 32-filter networks, patch and batch sized to the free memory
+        ``"cpu"``: multiband 32-filter networks, patch and batch sized to the memory
         (:func:`cpu_training`), 5 minutes per training at most. ``"paper"``: the paper's per-band
         128-filter networks. All of these train until the held-out date stops improving
         (:data:`TRAINING`). ``"tiny"``: 16 filters, 32 x 32 patches, 150 steps per stage, no
