@@ -82,8 +82,8 @@ def test_stf_export_a_fused_store(cube, tmp_path, capsys):
         np.testing.assert_array_equal(src.read(), fused["fine"].sel(time=TARGET).values)
         assert src.descriptions == ("red", "nir", "swir1") and src.crs == cube.rio.crs
         assert src.tags()["stf_method"] == "delta" and src.tags()["date"] == TARGET
-    assert main(["export", str(fused_path), "-o", str(out), "--dates", "all"]) == 1
-    assert "already exist; pass overwrite=True (stf export --overwrite)" in capsys.readouterr().err
+    assert main(["export", str(fused_path), "-o", str(out), "--dates", "all"]) == 2
+    assert "already exist; pass --overwrite or another folder" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [f"fused_{TARGET}.tif"]  # nothing written, no temp files
     assert main(["export", str(fused_path), "-o", str(out), "--dates", "all", "--overwrite", "--dtype", "int16"]) == 0
     assert len(list(out.iterdir())) == 3

@@ -560,21 +560,21 @@ def test_stf_ingest_errors_write_nothing(products, capsys):
     folder, _ = products
     out = folder / "cube.zarr"
     tif = folder / f"{MAKER.LANDSAT['2020-06-01'][0]}_SR_B2.TIF"
-    assert main(["ingest", str(tif), "-o", str(out)]) == 1  # a GeoTIFF is not read as a catalog YAML
+    assert main(["ingest", str(tif), "-o", str(out)]) == 2  # a GeoTIFF is not read as a catalog YAML
     err = capsys.readouterr().err
-    assert err.startswith(f"stf ingest: error: '{tif}' is an image (or a pattern of images), not a catalog YAML; "
+    assert err.startswith(f"stf: error: '{tif}' is an image (or a pattern of images), not a catalog YAML; "
                           f"to ingest your own files run stf ingest --fine '{tif}' --coarse")
     renamed = folder / "scene.yaml"
     tif.rename(renamed)  # a binary file whatever its name
-    assert main(["ingest", str(renamed), "-o", str(out)]) == 1
+    assert main(["ingest", str(renamed), "-o", str(out)]) == 2
     assert "is an image (or a pattern of images), not a catalog YAML" in capsys.readouterr().err
     renamed.rename(tif)
     (folder / f"{MAKER.LANDSAT['2020-06-17'][0]}_QA_PIXEL.TIF").unlink()
     args = ["ingest", "--fine", str(folder / "L*_SR_B*.TIF"), "--coarse", str(folder / "MOD09GA*.tif"),
             "--sensor-fine", "landsat_c2_l2", "--sensor-coarse", "mod09ga", "-o", str(out)]
-    assert main(args) == 1
+    assert main(args) == 2
     assert "its quality band 'QA_PIXEL' is missing" in capsys.readouterr().err
-    assert main(args[:-4] + ["-o", str(out)]) == 1
+    assert main(args[:-4] + ["-o", str(out)]) == 2
     assert "stf ingest with your own files needs --sensor-coarse (sensors: stf ingest --list-sensors)" in capsys.readouterr().err
     assert not out.exists() and not [p for p in folder.iterdir() if p.name.startswith(".cube.zarr")]
     assert main([*args, "--no-mask"]) == 0 and out.exists()
