@@ -40,7 +40,7 @@ def resolve(path: str) -> Any:
     for split in range(len(parts), 0, -1):
         try:
             value: Any = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
+        except (ImportError, TypeError, ValueError):  # not a module, or not an absolute name
             continue
         for part in parts[split:]:
             value = getattr(value, part, None)
@@ -55,6 +55,7 @@ def convert(text: str, module: str, targets: dict[int, str]) -> str:
 
     def replace(match: re.Match[str]) -> str:
         short, path = match.groups()
+        path = path.lstrip(".")  # ``.name``: Sphinx's "look in this module first", which is done anyway
         shown = f"`{path.rsplit('.', 1)[-1] if short else path}`"
         for candidate in (f"{module}.{path}", path, f"stf_pipeline.{path}"):
             value = resolve(candidate)

@@ -42,18 +42,20 @@ def _georeferencing(image: xr.DataArray, crs: Any | None) -> tuple[Any, Any]:
             "or write one on the cube with cube.rio.write_crs(...)."
         )
     if image.sizes["x"] < 2 or image.sizes["y"] < 2:
-        raise StoreError(f"the image is {image.sizes['y']} x {image.sizes['x']} pixels; a GeoTIFF needs at least 2 x 2.")
+        raise StoreError(
+            f"the image is {image.sizes['y']} x {image.sizes['x']} pixels; a GeoTIFF needs at least 2 x 2."
+        )
     return crs, image.rio.transform(recalc=True)
 
 
-def _encoded(values: np.ndarray, dtype: str) -> tuple[np.ndarray, float]:
-    """Values as stored in the file, and the nodata value that stands for NaN."""
+def _encoded(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Reflectance as stored in the file: float32 (NaN stays NaN), or int16 x 10000 with NaN as INT16_NODATA."""
     if dtype == "float32":
-        return values.astype(np.float32), float("nan")
+        return values.astype(np.float32)
     scaled = np.round(values.astype(np.float64) / INT16_SCALE)
     finite = np.isfinite(scaled)
     scaled = np.clip(np.where(finite, scaled, INT16_NODATA), INT16_NODATA + 1, np.iinfo(np.int16).max)
-    return np.where(finite, scaled, INT16_NODATA).astype(np.int16), float(INT16_NODATA)
+    return np.where(finite, scaled, INT16_NODATA).astype(np.int16)
 
 
 def to_geotiff(
@@ -125,9 +127,13 @@ def to_geotiff(
     image = image.transpose("band", "y", "x")
     path = Path(path)
     if path.exists() and not overwrite:
-        raise StoreError(f"{path} already exists; pass overwrite=True (stf export --overwrite) or choose another path.")
+        raise StoreError(f"{path} already exists; pass overwrite=True or choose another path.")
     crs, transform = _georeferencing(image, crs)
-    values, nodata = _encoded(np.asarray(image.values), dtype)
+    from stf_pipeline.parallel import local_scheduler
+
+    # computed once, on the local scheduler; encoded band by band (a float64 copy of one band at a time)
+    values = np.asarray(image.compute(scheduler=local_scheduler()).values)
+    nodata = float("nan") if dtype == "float32" else float(INT16_NODATA)
     bands = [str(b) for b in image["band"].values]
     metadata = {k: str(v) for k, v in _provenance(image).items()}
     metadata.update({k: str(v) for k, v in (tags or {}).items()})
@@ -136,12 +142,22 @@ def to_geotiff(
     plain, cog = path.with_name(stem + ".gtiff.tif"), path.with_name(stem + ".cog.tif")
     try:
         with rasterio.open(
-            plain, "w", driver="GTiff", width=values.shape[2], height=values.shape[1], count=len(bands),
-            dtype=values.dtype, crs=crs, transform=transform, nodata=nodata, tiled=True,
-            blockxsize=blocksize, blockysize=blocksize,
+            plain,
+            "w",
+            driver="GTiff",
+            width=values.shape[2],
+            height=values.shape[1],
+            count=len(bands),
+            dtype=dtype,
+            crs=crs,
+            transform=transform,
+            nodata=nodata,
+            tiled=True,
+            blockxsize=blocksize,
+            blockysize=blocksize,
         ) as dst:
-            dst.write(values)
             for i, band in enumerate(bands, start=1):
+                dst.write(_encoded(values[i - 1], dtype), i)
                 dst.set_band_description(i, band)
                 dst.update_tags(i, name=band)
             if dtype == "int16":
@@ -150,8 +166,14 @@ def to_geotiff(
             dst.units = (str(image.attrs.get("units", "reflectance")),) * len(bands)
             dst.update_tags(**metadata)
         rasterio.shutil.copy(
-            plain, cog, driver="COG", BLOCKSIZE=blocksize, COMPRESS=compress, OVERVIEWS="AUTO",
-            RESAMPLING="AVERAGE", OVERVIEW_RESAMPLING="AVERAGE",
+            plain,
+            cog,
+            driver="COG",
+            BLOCKSIZE=blocksize,
+            COMPRESS=compress,
+            OVERVIEWS="AUTO",
+            RESAMPLING="AVERAGE",
+            OVERVIEW_RESAMPLING="AVERAGE",
             **({"PREDICTOR": "YES"} if compress.upper() in ("DEFLATE", "ZSTD", "LZW") else {}),
         )
         os.replace(cog, path)
@@ -187,7 +209,9 @@ def _dates(cube: xr.Dataset, dates: Sequence[Any] | str | None, variable: str) -
             valid = cube[name].values if name in cube.coords and cube[name].dims == ("time",) else None
             chosen = times if valid is None else times[valid > 0]
         if chosen.size == 0:
-            raise StoreError(f"the store has no fused date (or no valid {variable!r} image); name dates with dates=[...].")
+            raise StoreError(
+                f"the store has no fused date (or no valid {variable!r} image); name dates with dates=[...]."
+            )
         return list(chosen)
     if isinstance(dates, str):
         if dates == "all":
@@ -263,17 +287,19 @@ def export(
     else:
         cube, name = open_cube(source), Path(source).name.removesuffix(".zarr")
     if variable not in cube.data_vars:
-        raise StoreError(f"the store has no variable {variable!r} (it has {sorted(map(str, cube.data_vars))}); choose one.")
+        raise StoreError(
+            f"the store has no variable {variable!r} (it has {sorted(map(str, cube.data_vars))}); choose one."
+        )
     prefix = prefix or name
     chosen = _dates(cube, dates, variable)
     out_dir = Path(out_dir)
     targets = [out_dir / f"{prefix}_{np.datetime_as_string(t, unit='D')}.tif" for t in chosen]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not overwrite:
-        raise StoreError(f"{existing} already exist; pass overwrite=True (stf export --overwrite) or another folder.")
+        raise StoreError(f"{existing} already exist; pass overwrite=True or another folder.")
     tags = {k: cube.attrs[k] for k in ("stf_method", "stf_params", "coarse_factor") if k in cube.attrs}
     written = []
-    for date, target in zip(chosen, targets):
+    for date, target in zip(chosen, targets, strict=True):
         image = cube[variable].sel(time=date)
         written.append(to_geotiff(image, target, dtype=dtype, overwrite=overwrite, tags=tags, **options))
     return written
@@ -291,7 +317,9 @@ def add_parser(sub: Any, parents: Sequence[Any] = ()) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="folder of the GeoTIFFs")
     p.add_argument("--dates", help="comma-separated ISO dates, or 'all' (default: the fused dates)")
     p.add_argument("--format", default="cog", choices=FORMATS, help="file format")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="float32 reflectance or int16 x 10000 (scale 1e-4)")
+    p.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="float32 reflectance or int16 x 10000 (scale 1e-4)"
+    )
     p.add_argument("--variable", default="fine", help="data variable to write")
     p.add_argument("--prefix", help="file name prefix (default: the store's name)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
@@ -301,8 +329,14 @@ def add_parser(sub: Any, parents: Sequence[Any] = ()) -> None:
 def run_command(args: Any) -> int:
     """Handler of ``stf export``."""
     written = export(
-        args.store, args.output, dates=args.dates, variable=args.variable, format=args.format, dtype=args.dtype,
-        prefix=args.prefix, overwrite=args.overwrite,
+        args.store,
+        args.output,
+        dates=args.dates,
+        variable=args.variable,
+        format=args.format,
+        dtype=args.dtype,
+        prefix=args.prefix,
+        overwrite=args.overwrite,
     )
     for path in written:
         print(path)

@@ -23,7 +23,7 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dask
 import dask.array as da
@@ -34,7 +34,9 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from stf_pipeline.cube import DIMS, validate_cube
 from stf_pipeline.exceptions import CatalogError
+from stf_pipeline.parallel import local_scheduler
 from stf_pipeline.sensors import AnySensor, DatePattern, QAMask, Sensor, get_sensor
+from stf_pipeline.task import iso_date
 
 PathLike = str | os.PathLike[str]
 #: what :func:`ingest` takes for one sensor's files
@@ -46,10 +48,6 @@ DEFAULT_CHUNKS: dict[str, int] = {"y": 512, "x": 512}
 #: share of valid pixels allowed outside a sensor's ``valid_range`` before a file is rejected
 MAX_OUT_OF_RANGE = 0.001
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-def _iso(date: np.datetime64) -> str:
-    return str(np.datetime_as_string(date, unit="D"))
 
 
 def _to_date(value: Any, where: str) -> np.datetime64:
@@ -82,7 +80,7 @@ def _open(path: Path, chunks: Mapping[str, int] | None) -> xr.DataArray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         try:
-            array = rioxarray.open_rasterio(path, masked=False)
+            array = cast(xr.DataArray, rioxarray.open_rasterio(path, masked=False))  # one file: one DataArray
         except RasterioIOError as err:
             hint = (
                 "this GDAL has no HDF4 driver: save the bands as GeoTIFF (gdal_translate of each subdataset, or "
@@ -92,7 +90,9 @@ def _open(path: Path, chunks: Mapping[str, int] | None) -> xr.DataArray:
             )
             raise CatalogError(f"GDAL cannot read {path} ({err}); {hint}") from None
     if chunks is not None and _grid_of(array).georeferenced:
-        array = rioxarray.open_rasterio(path, chunks={"band": -1, **chunks}, masked=False, lock=False)
+        array = cast(
+            xr.DataArray, rioxarray.open_rasterio(path, chunks={"band": -1, **chunks}, masked=False, lock=False)
+        )
     return array
 
 
@@ -193,7 +193,9 @@ def _onto_fine_grid(
             factor = fh // h
             data = array.data
             data = data.repeat(factor, axis=1).repeat(factor, axis=2)
-            return xr.DataArray(data, dims=array.dims, coords={"band": array["band"], "y": template["y"], "x": template["x"]})
+            return xr.DataArray(
+                data, dims=array.dims, coords={"band": array["band"], "y": template["y"], "x": template["x"]}
+            )
     raise CatalogError(
         f"coarse file {path} cannot be put on the fine grid: {grid.describe()} vs fine {fine_grid.describe()}; "
         "georeference both (same or reprojectable CRS) or give the coarse file the fine file's shape."
@@ -221,7 +223,8 @@ def _expand(files: Files | None, role: str) -> Mapping[Any, PathLike] | list[Pat
 
 
 def _token(asset: str) -> re.Pattern[str]:
-    """``asset`` as a whole word of a file name or band description (``SR_B1`` matches ``x_SR_B1.TIF``, not ``x_SR_B10``)."""
+    """``asset`` as a whole word of a file name or band description (``SR_B1`` matches ``x_SR_B1.TIF``,
+    not ``x_SR_B10``)."""
     return re.compile(rf"(?<![A-Za-z0-9]){re.escape(asset)}(?![A-Za-z0-9])")
 
 
@@ -256,9 +259,9 @@ def _per_band_asset(sensor: Sensor, path: Path) -> str | None:
     """The asset whose name is a word of ``path``'s file name (a single-band file), else None."""
     if not sensor.assets:
         return None
-    names = [a for _, a in sensor.assets]
+    names = [a for _, a in sensor.asset_pairs]
     if sensor.qa is not None:
-        names += [sensor.qa.asset] if isinstance(sensor.qa.asset, str) else [a for _, a in sensor.qa.asset]
+        names += sensor.qa.asset_names
     for asset in sorted(names, key=len, reverse=True):
         if _token(asset).search(path.name):
             return asset
@@ -295,7 +298,7 @@ def _scenes(
         if other is not None and (
             entry["sensor"] != member or asset is None or entry["path"] is not None or asset in entry["files"]
         ):
-            raise CatalogError(f"{role}: two files for {_iso(date)}: {other} and {path}; keep one per date.")
+            raise CatalogError(f"{role}: two files for {iso_date(date)}: {other} and {path}; keep one per date.")
         if asset is None:
             entry["path"] = path
         else:
@@ -326,7 +329,9 @@ def _band_data(scene: _Scene, bands: Sequence[str], chunks: Mapping[str, int] | 
             path = _required_file(scene, sensor.asset(band), f"band {band!r}")
             layer = _open(path, chunks)
             if layer.sizes["band"] != 1:
-                raise CatalogError(f"{path} has {layer.sizes['band']} bands; a file named for one band must hold one band.")
+                raise CatalogError(
+                    f"{path} has {layer.sizes['band']} bands; a file named for one band must hold one band."
+                )
             if grid is not None and not _same_grid(grid, _grid_of(layer)):
                 raise CatalogError(
                     f"{path} disagrees with {scene.first} of the same scene: {_grid_of(layer).describe()} vs "
@@ -338,22 +343,27 @@ def _band_data(scene: _Scene, bands: Sequence[str], chunks: Mapping[str, int] | 
         picked = xr.concat(layers, dim="band", join="override", coords="minimal", compat="override")
         if isinstance(picked.data, da.Array):
             picked = picked.chunk({"band": -1})
-    return picked.drop_vars([c for c in picked.coords if c not in ("y", "x", "spatial_ref")]).assign_coords(
-        band=list(bands)
-    ).assign_attrs(file_nodata=nodata)
+    return (
+        picked.drop_vars([c for c in picked.coords if c not in ("y", "x", "spatial_ref")])
+        .assign_coords(band=list(bands))
+        .assign_attrs(file_nodata=nodata)
+    )
 
 
 def _described_band(raw: xr.DataArray, asset: str, path: Path, sensor: Sensor) -> int:
     """Position of the band of a multi-band file whose description names ``asset``."""
-    descriptions = [str(d or "") for d in raw.attrs.get("long_name", ()) or ()] if isinstance(
-        raw.attrs.get("long_name"), (tuple, list)
-    ) else [str(raw.attrs.get("long_name", ""))]
+    descriptions = (
+        [str(d or "") for d in raw.attrs.get("long_name", ()) or ()]
+        if isinstance(raw.attrs.get("long_name"), (tuple, list))
+        else [str(raw.attrs.get("long_name", ""))]
+    )
     for i, text in enumerate(descriptions):
         if _token(asset).search(text):
             return i
     raise CatalogError(
         f"{path} has {raw.sizes['band']} band(s) but sensor {sensor.name!r} declares {len(sensor.bands)} "
-        f"({list(sensor.bands)}) and no band is described {asset!r}; fix the sensor's band list or give one file per band."
+        f"({list(sensor.bands)}) and no band is described {asset!r}; fix the sensor's band list or give one file "
+        "per band."
     )
 
 
@@ -363,7 +373,7 @@ def _required_file(scene: _Scene, asset: str, what: str) -> Path:
         known, first = scene.files[0]
         expected = first.with_name(_token(known).sub(asset, first.name, count=1))
         raise CatalogError(
-            f"{scene.sensor.name} scene of {_iso(scene.date)}: no file for {what} ({asset!r}): expected {expected} "
+            f"{scene.sensor.name} scene of {iso_date(scene.date)}: no file for {what} ({asset!r}): expected {expected} "
             f"beside {first.name}; put the product's {asset} file there or choose other bands."
         )
     return path
@@ -380,7 +390,9 @@ def _quality(scene: _Scene, bands: Sequence[str], data: xr.DataArray, chunks: Ma
         if asset not in per_asset:
             per_asset[asset] = _bad_pixels(scene, asset, qa, grid, chunks)
         layers.append(per_asset[asset])
-    return xr.concat(layers, dim="band", join="override", coords="minimal", compat="override").assign_coords(band=list(bands))
+    return xr.concat(layers, dim="band", join="override", coords="minimal", compat="override").assign_coords(
+        band=list(bands)
+    )
 
 
 def _bad_pixels(scene: _Scene, asset: str, qa: QAMask, grid: _Grid, chunks: Mapping[str, int] | None) -> xr.DataArray:
@@ -409,7 +421,7 @@ def _bad_pixels(scene: _Scene, asset: str, qa: QAMask, grid: _Grid, chunks: Mapp
         if qa.dilation:
             bad = data.map_overlap(qa.bad, depth=qa.dilation, boundary="none", dtype=bool)
         else:
-            bad = data.map_blocks(qa.bad, dtype=bool)
+            bad = da.map_blocks(qa.bad, data, dtype=bool)
     else:
         bad = qa.bad(np.asarray(data))
     qa_grid = _grid_of(raw)
@@ -430,16 +442,21 @@ def _nearest_onto(bad: np.ndarray, source: _Grid, target: _Grid, path: Path) -> 
         )
     out = np.ones(target.shape, dtype=np.uint8)
     reproject(
-        bad.astype(np.uint8), out, src_transform=source.transform, src_crs=source.crs,
-        dst_transform=target.transform, dst_crs=target.crs, resampling=Resampling.nearest, dst_nodata=1,
+        bad.astype(np.uint8),
+        out,
+        src_transform=source.transform,
+        src_crs=source.crs,
+        dst_transform=target.transform,
+        dst_crs=target.crs,
+        resampling=Resampling.nearest,
+        dst_nodata=1,
     )
     return out.astype(bool)
 
 
-def _read_scene(
-    scene: _Scene, bands: Sequence[str], chunks: Mapping[str, int] | None, *, mask: bool
-) -> xr.DataArray:
-    """A scene's ``bands`` as float32 reflectance ``(band, y, x)`` on its own grid, NaN for nodata and flagged pixels."""
+def _read_scene(scene: _Scene, bands: Sequence[str], chunks: Mapping[str, int] | None, *, mask: bool) -> xr.DataArray:
+    """A scene's ``bands`` as float32 reflectance ``(band, y, x)`` on its own grid, NaN for nodata and flagged
+    pixels."""
     sensor = scene.sensor
     data = _band_data(scene, bands, chunks)
     nodata = [sensor.nodata if sensor.nodata is not None else n for n in data.attrs["file_nodata"]]
@@ -482,10 +499,11 @@ def _stack(
 
 def _check_values(
     stacks: Mapping[str, xr.DataArray],
-    paths: Mapping[str, Mapping[np.datetime64, Path]],
+    paths: Mapping[str, Mapping[np.datetime64, Any]],
     sensors: Mapping[str, Sensor],
 ) -> dict[str, np.ndarray]:
-    """One pass over every stack: valid fraction per date; error for values outside the sensor's range."""
+    """One pass over every stack: valid fraction per date; error for values outside the sensor's range, naming
+    the file (``paths``: what names each date's image in messages)."""
     stats = {}
     for role, stack in stacks.items():
         lo, hi = sensors[role].valid_range
@@ -495,7 +513,7 @@ def _check_values(
         stats[role] = (valid.sum(dims), outside.sum(dims), stack.min(dims), stack.max(dims))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN dates have no min/max
-        (computed,) = dask.compute(stats)
+        (computed,) = dask.compute(stats, scheduler=local_scheduler())
     fractions = {}
     for role, (n_valid, n_outside, vmin, vmax) in computed.items():
         sensor = sensors[role]
@@ -510,7 +528,8 @@ def _check_values(
                 )
                 raise CatalogError(
                     f"{paths[role][t]}: after scale {sensor.scale:g} and offset {sensor.offset:g}, {bad / n:.1%} "
-                    f"of valid values lie outside {sensor.valid_range} (min {float(vmin[i]):.4g}, max {top:.4g}); {hint}."
+                    f"of valid values lie outside {sensor.valid_range} (min {float(vmin[i]):.4g}, "
+                    f"max {top:.4g}); {hint}."
                 )
         fractions[role] = np.asarray(n_valid, dtype=np.float64) / np.prod(stacks[role].shape[1:])
     return fractions
@@ -683,11 +702,13 @@ def ingest(
                 else:
                     # a native-resolution image is small: read it without Dask to resample it
                     image = _read_scene(scene, bands, chunks if on_fine else None, mask=mask)
-                    image = _onto_fine_grid(image, coarse_grid, fine_grid, template, resampling=resampling, path=path)
+                    image = _onto_fine_grid(
+                        image, coarse_grid, fine_grid, cast(xr.DataArray, template), resampling=resampling, path=path
+                    )
                 images[role][date] = image.load() if not isinstance(image.data, da.Array) else image
     paths = {role: {date: first[0] for date, first in f.items()} for role, f in firsts.items()}
     times = np.array(sorted(set().union(*groups.values())), dtype="datetime64[ns]")
-    stacks = {role: _stack(images[role], template, chunks) for role in groups if images[role]}
+    stacks = {role: _stack(images[role], cast(xr.DataArray, template), chunks) for role in groups if images[role]}
     readers = {role: next(iter(g.values())).sensor for role, g in groups.items() if g}
     fractions = _check_values(stacks, paths, readers)
     for role, stack in stacks.items():
@@ -706,7 +727,7 @@ def ingest(
     if "fine_truth" in cube:
         cube["fine_truth"].attrs["description"] = "held-out fine images, for evaluation"
     valid = {
-        role: dict(zip(np.array(sorted(groups[role]), dtype="datetime64[ns]"), fractions[role]))
+        role: dict(zip(np.array(sorted(groups[role]), dtype="datetime64[ns]"), fractions[role], strict=True))
         for role in ("fine", "coarse")
     }
     cube = cube.assign_coords(
@@ -726,7 +747,10 @@ def _clip_of(scenes: Mapping[np.datetime64, _Scene]) -> tuple[float, float] | No
     """The clip range of a group's sensor(s) (the members of a family share it)."""
     clips = {scene.sensor.clip for scene in scenes.values()}
     if len(clips) > 1:
-        raise CatalogError(f"the sensors {sorted({s.sensor.name for s in scenes.values()})} clip differently; give them one clip range.")
+        raise CatalogError(
+            f"the sensors {sorted({s.sensor.name for s in scenes.values()})} clip differently; "
+            "give them one clip range."
+        )
     return clips.pop() if clips else None
 
 
@@ -736,7 +760,7 @@ def _provenance(sensor: AnySensor, scenes: Mapping[np.datetime64, _Scene], mask:
     out = {"units": next(iter(scenes.values())).sensor.units if scenes else "reflectance", "sensor": ", ".join(members)}
     rules = {
         f"{s.sensor.qa.asset if isinstance(s.sensor.qa.asset, str) else 'per-band quality'}: "
-        f"{', '.join(s.sensor.qa.use)} (dilation {s.sensor.qa.dilation} px)"
+        f"{', '.join(s.sensor.qa.use or ())} (dilation {s.sensor.qa.dilation} px)"
         for s in scenes.values()
         if mask and s.sensor.qa is not None
     }
@@ -787,25 +811,39 @@ def add_parser(sub: Any, parents: Sequence[Any] = ()) -> None:
     )
     p.add_argument("catalog", nargs="?", help="catalog name (catalogs/NAME.yaml) or path to a catalog YAML")
     p.add_argument("-o", "--output", type=Path, help="cube store to write (*.zarr)")
-    p.add_argument("--root", type=Path, default=None, help="data root of a catalog (default $STF_DATA_ROOT or ../shared/data/real)")
+    p.add_argument(
+        "--root", type=Path, default=None, help="data root of a catalog (default $STF_DATA_ROOT or ../shared/data/real)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing cube store")
     files = p.add_argument_group("your own files (instead of a catalog)")
-    files.add_argument("--fine", nargs="+", metavar="GLOB", help="fine images: paths or quoted globs, e.g. 'LC08*_SR_B*.TIF'")
+    files.add_argument(
+        "--fine", nargs="+", metavar="GLOB", help="fine images: paths or quoted globs, e.g. 'LC08*_SR_B*.TIF'"
+    )
     files.add_argument("--coarse", nargs="+", metavar="GLOB", help="coarse images, e.g. 'MOD09GA*.tif'")
     files.add_argument("--truth", nargs="+", metavar="GLOB", help="held-out fine images (read with the fine sensor)")
     files.add_argument("--sensor-fine", help="fine sensor preset (see --list-sensors)")
     files.add_argument("--sensor-coarse", help="coarse sensor preset")
     files.add_argument("--bands", help="comma-separated cube bands (default: every band both sensors provide)")
-    files.add_argument("--date-regex", help="regex whose first group is the date in a file name (default: the preset's)")
+    files.add_argument(
+        "--date-regex", help="regex whose first group is the date in a file name (default: the preset's)"
+    )
     files.add_argument("--date-format", default="%Y%m%d", help="strptime format of --date-regex's group")
     files.add_argument("--resampling", default="nearest", choices=RESAMPLING, help="coarse -> fine grid resampling")
     files.add_argument("--coarse-factor", type=int, help="native coarse pixel in fine pixels (default: from the grids)")
     files.add_argument("--no-mask", action="store_true", help="ignore the quality bands (no cloud masking)")
     for role in ("fine", "coarse"):
-        files.add_argument(f"--mask-{role}", metavar="RULES", help=f"comma-separated quality rules of the {role} sensor to mask (default: the preset's)")
-        files.add_argument(f"--dilate-{role}", type=int, metavar="PX", help=f"grow the {role} quality mask by PX pixels")
+        files.add_argument(
+            f"--mask-{role}",
+            metavar="RULES",
+            help=f"comma-separated quality rules of the {role} sensor to mask (default: the preset's)",
+        )
+        files.add_argument(
+            f"--dilate-{role}", type=int, metavar="PX", help=f"grow the {role} quality mask by PX pixels"
+        )
     files.add_argument("--chunk", type=int, default=DEFAULT_CHUNKS["y"], help="chunk size (pixels) of the store")
-    p.add_argument("--list-sensors", action="store_true", help="list the sensor presets (bands, quality rules) and exit")
+    p.add_argument(
+        "--list-sensors", action="store_true", help="list the sensor presets (bands, quality rules) and exit"
+    )
     p.set_defaults(func=run_command)
 
 
@@ -818,18 +856,25 @@ def _masked_sensor(name: str, rules: str | None, dilation: int | None) -> AnySen
 
 
 def describe_sensors() -> str:
-    """One line per sensor preset: name, cube bands, quality band and rules (what ``stf ingest --list-sensors`` prints)."""
+    """One line per sensor preset: name, cube bands, quality band and rules (what ``stf ingest --list-sensors``
+    prints)."""
     from stf_pipeline.sensors import SENSORS, SensorFamily
 
     lines = []
     for name, sensor in SENSORS.items():
         if isinstance(sensor, SensorFamily):
-            lines.append(f"{name}: any of {[m.name for m in sensor.members]} (by file name); bands {list(sensor.cube_bands)}")
+            lines.append(
+                f"{name}: any of {[m.name for m in sensor.members]} (by file name); bands {list(sensor.cube_bands)}"
+            )
             continue
         qa = sensor.qa
-        rules = "" if qa is None else (
-            f"; quality {qa.asset if isinstance(qa.asset, str) else 'per band'}: rules "
-            f"{[r.name for r in qa.rules]}, masked by default {list(qa.use)}"
+        rules = (
+            ""
+            if qa is None
+            else (
+                f"; quality {qa.asset if isinstance(qa.asset, str) else 'per band'}: rules "
+                f"{[r.name for r in qa.rules]}, masked by default {list(qa.use or ())}"
+            )
         )
         lines.append(f"{name}: bands {list(sensor.cube_bands)}{rules}")
     return "\n".join(lines)
@@ -850,7 +895,9 @@ def run_command(args: Any) -> int:
         raise CatalogError("give either a catalog or --fine/--coarse files, not both.")
     if not own:
         if args.catalog is None:
-            raise CatalogError("nothing to ingest: give a catalog (stf ingest lgc -o cube.zarr) or --fine/--coarse files.")
+            raise CatalogError(
+                "nothing to ingest: give a catalog (stf ingest lgc -o cube.zarr) or --fine/--coarse files."
+            )
         from stf_pipeline.catalog import open_catalog
 
         _check_catalog_argument(args.catalog)
@@ -859,10 +906,20 @@ def run_command(args: Any) -> int:
         print(describe_cube(path))
         print(f"task: target {task.to_attrs()['target']}, pairs {task.to_attrs()['pairs']}")
         return 0
-    missing = [flag for flag, value in (("--fine", args.fine), ("--coarse", args.coarse), ("--sensor-fine", args.sensor_fine),
-                                        ("--sensor-coarse", args.sensor_coarse)) if value is None]
+    missing = [
+        flag
+        for flag, value in (
+            ("--fine", args.fine),
+            ("--coarse", args.coarse),
+            ("--sensor-fine", args.sensor_fine),
+            ("--sensor-coarse", args.sensor_coarse),
+        )
+        if value is None
+    ]
     if missing:
-        raise CatalogError(f"stf ingest with your own files needs {', '.join(missing)} (sensors: stf ingest --list-sensors).")
+        raise CatalogError(
+            f"stf ingest with your own files needs {', '.join(missing)} (sensors: stf ingest --list-sensors)."
+        )
     fine_sensor = _masked_sensor(args.sensor_fine, args.mask_fine, args.dilate_fine)
     coarse_sensor = _masked_sensor(args.sensor_coarse, args.mask_coarse, args.dilate_coarse)
     cube = ingest(

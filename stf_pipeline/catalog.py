@@ -51,10 +51,10 @@ import pandas as pd
 import xarray as xr
 
 from stf_pipeline._ingest import DEFAULT_CHUNKS, RESAMPLING, ingest
-from stf_pipeline._schema import checked_keys
+from stf_pipeline._schema import checked_keys, safe_load
 from stf_pipeline.exceptions import CatalogError, TaskError
 from stf_pipeline.sensors import DatePattern, Sensor, get_sensor
-from stf_pipeline.task import Task, resolve_task
+from stf_pipeline.task import Task, iso_date, resolve_task
 
 #: environment variable that overrides the data root
 DATA_ROOT_ENV = "STF_DATA_ROOT"
@@ -114,10 +114,6 @@ def _date(value: Any, where: str) -> np.datetime64:
         raise CatalogError(f"{where}: cannot read {value!r} as a date; use an ISO date such as 2001-05-24.") from None
 
 
-def _iso(date: np.datetime64) -> str:
-    return str(np.datetime_as_string(date, unit="D"))
-
-
 _SENSOR_KEYS = ("preset", *(f.name for f in dataclasses.fields(Sensor)))
 
 
@@ -175,7 +171,7 @@ class FileGroup:
             if not isinstance(raw, Mapping) or not raw:
                 raise CatalogError(f"{where}.files must be a non-empty mapping {{date: path}}, got {raw!r}.")
             files = tuple(
-                (_iso(_date(d, f"{where}.files")), contained(str(p), f"{where}.files")) for d, p in raw.items()
+                (iso_date(_date(d, f"{where}.files")), contained(str(p), f"{where}.files")) for d, p in raw.items()
             )
         date = None
         if "date" in spec:
@@ -202,7 +198,7 @@ class FileGroup:
             for path in found:
                 date = self.date.parse(path.relative_to(root))  # type: ignore[union-attr]
                 if date in out:
-                    raise CatalogError(f"{where}: two files for {_iso(date)}: {out[date]} and {path}.")
+                    raise CatalogError(f"{where}: two files for {iso_date(date)}: {out[date]} and {path}.")
                 out[date] = path
             return out
         return {_date(d, where): (root / p) for d, p in self.files}
@@ -225,9 +221,9 @@ class CatalogTask:
             value = spec.get(key) or []
             if not isinstance(value, list):
                 raise CatalogError(f"{where}.{key} must be a list of dates, got {value!r}.")
-            return tuple(_iso(_date(v, f"{where}.{key}")) for v in value)
+            return tuple(iso_date(_date(v, f"{where}.{key}")) for v in value)
 
-        target = _iso(_date(spec["target"], f"{where}.target"))
+        target = iso_date(_date(spec["target"], f"{where}.target"))
         pairs = dates("pairs") if spec.get("pairs") is not None else None
         targets = dates("targets") or (target,)
         if target not in targets:
@@ -361,7 +357,7 @@ def load_catalog(name_or_path: str | os.PathLike[str]) -> Catalog:
     if not path.is_file():
         raise CatalogError(f"catalog file {path} does not exist; check the path.")
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise CatalogError(f"catalog {path} is not valid YAML: {err}") from None
     return Catalog.from_mapping(spec, source=str(path))
@@ -413,7 +409,7 @@ def open_catalog(
     for date in truth:
         if date in fine:
             raise CatalogError(
-                f"{where}: {_iso(date)} has both a fine file and a truth file; a held-out date has no fine image."
+                f"{where}: {iso_date(date)} has both a fine file and a truth file; a held-out date has no fine image."
             )
     cube = ingest(
         fine,
@@ -434,7 +430,7 @@ def open_catalog(
             "stf_train_times": list(catalog.task.train),
         },
     )
-    times = {_iso(t) for t in cube["time"].values}
+    times = {iso_date(t) for t in cube["time"].values}
     for label, dates in (("targets", catalog.task.targets), ("pairs", catalog.task.pairs or ()), ("train", catalog.task.train)):
         missing = [d for d in dates if d not in times]
         if missing:

@@ -35,7 +35,7 @@ import xarray as xr
 from stf_pipeline.cube import validate_cube
 from stf_pipeline.exceptions import ConfigError, TaskError
 from stf_pipeline.metrics import HIGHER_IS_BETTER, PER_BAND, PER_SCENE, best_indices, evaluate
-from stf_pipeline.task import DateLike, resolve_task, to_datetime64, valid_fraction
+from stf_pipeline.task import DateLike, iso_date, resolve_task, to_datetime64, valid_fraction
 
 #: rows of the table, in order; ``time_s`` is the wall time of the fusion
 TABLE_METRICS: tuple[str, ...] = ("rmse", "mae", "bias", "cc", "ssim", "ergas", "sam", "time_s")
@@ -137,7 +137,7 @@ class Comparison:
     @property
     def targets(self) -> list[str]:
         """ISO dates of the targets."""
-        return [_iso(t) for t in self.scores["target"].values]
+        return [iso_date(t) for t in self.scores["target"].values]
 
     def tidy(self) -> pd.DataFrame:
         """Long table: one row per (target, method, metric, band) with its value and ``best`` flag."""
@@ -405,7 +405,7 @@ def compare(
     score_attrs: dict[str, Any] = {}
 
     for i, target in enumerate(target_dates):
-        date = _iso(target)
+        date = iso_date(target)
         truth = cube[truth_var].sel(time=target).compute()
         if not np.isfinite(truth.values).any():
             raise TaskError(f"the truth ({truth_var}) at target {date} is all NaN; choose targets with a truth image.")
@@ -432,7 +432,7 @@ def compare(
                 chunks=chunks, **dict(run.params),
             ).compute()
             per_scene["time_s"][i, j] = time.perf_counter() - start
-            used_pairs.setdefault(date, {})[run.label] = [_iso(p) for p in task.pairs]
+            used_pairs.setdefault(date, {})[run.label] = [iso_date(p) for p in task.pairs]
             if reference_time is None:
                 before = [p for p in task.pairs if p < target]
                 reference_time = before[-1] if before else task.pairs[0]
@@ -447,7 +447,7 @@ def compare(
         if reference_time is None:
             reference_time = target
         references.append(cube[truth_var].sel(time=reference_time).compute().drop_vars("time"))
-        reference_dates.append(_iso(reference_time))
+        reference_dates.append(iso_date(reference_time))
     if not used_pairs:
         raise TaskError(
             f"no method could run on any target: {skipped}; pass targets/pairs that the methods accept."
@@ -489,10 +489,6 @@ def _split_best(cell: str) -> list[str]:
     return cell.split(BEST_SEPARATOR) if cell else []
 
 
-def _iso(date: Any) -> str:
-    return str(np.datetime_as_string(np.datetime64(date, "ns"), unit="D"))
-
-
 def _finite(value: Any) -> float | None:
     value = float(value)
     return value if np.isfinite(value) else None
@@ -504,9 +500,9 @@ def _targets(cube: xr.Dataset, targets: Sequence[DateLike] | None, truth_var: st
         targets = list(np.atleast_1d(cube.attrs["stf_targets"]))
     if targets is not None:
         chosen = [to_datetime64(t) for t in ([targets] if isinstance(targets, str) else targets)]
-        missing = [_iso(t) for t in chosen if t not in times]
+        missing = [iso_date(t) for t in chosen if t not in times]
         if missing:
-            raise TaskError(f"targets {missing} are not dates of the cube; its dates are {[_iso(t) for t in times]}.")
+            raise TaskError(f"targets {missing} are not dates of the cube; its dates are {[iso_date(t) for t in times]}.")
         if not chosen:
             raise TaskError("targets is empty; give at least one date to predict.")
         return sorted(set(chosen))

@@ -105,8 +105,9 @@ def fuse(
     kernel_kwargs: dict[str, Any] = {"params": p}
     if spec.learned:
         kernel_kwargs["model"] = model
-        if hasattr(model, "check_cube"):
-            model.check_cube(cube)
+        check_cube = getattr(model, "check_cube", None)
+        if check_cube is not None:
+            check_cube(cube)
     result = _run_task(cube, task, spec=spec, backend=chosen, context=context, chunks=chunks, **kernel_kwargs)
     out = _wrap(result, cube, task)
     out.attrs.update(

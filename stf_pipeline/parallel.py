@@ -15,17 +15,32 @@ chunk height, not with its area: halving the chunk halves it (``stf bench scale 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import dask
 import dask.array as da
+import dask.threaded
 import numpy as np
 
 if TYPE_CHECKING:
     from stf_pipeline.methods._base import SceneStatistics
 
 P = TypeVar("P")
+
+
+def local_scheduler() -> Callable[..., Any] | None:
+    """The scheduler for a ``dask.compute`` in this package: Dask's threaded scheduler
+    (``dask.threaded.get``) when no distributed Client can exist (``dask.distributed`` not
+    imported, no scheduler configured), else ``None`` (Dask's own choice, e.g. the active Client).
+
+    The scheduler Dask would pick for arrays anyway, passed as a function because Dask, given
+    none or a name, imports ``distributed`` (a quarter of a second) to look for a Client.
+    """
+    if "distributed" in sys.modules or dask.config.get("scheduler", None) is not None:
+        return None
+    return dask.threaded.get
 
 
 def _spatial_chunks(length: int, nominal: int, *, halo: int, align: int) -> tuple[int, ...]:
@@ -74,7 +89,7 @@ def _apply_block(
     coarse = stacked[n_pairs : 2 * n_pairs]
     coarse_target = stacked[2 * n_pairs]
     if extra_names:
-        kwargs["extra"] = dict(zip(extra_names, extra_blocks))
+        kwargs["extra"] = dict(zip(extra_names, extra_blocks, strict=True))
     out = kernel(fine, coarse, coarse_target, **kwargs)
     return np.asarray(out, dtype=np.float32)
 
@@ -146,7 +161,9 @@ def map_overlapping(
     extra_extended = []
     for values in extra.values():
         values = da.asarray(values).rechunk((ychunks, xchunks))
-        extra_extended.append(da.overlap.overlap(values, depth={0: ydepth, 1: xdepth}, boundary="none") if halo else values)
+        if halo:
+            values = da.overlap.overlap(values, depth={0: ydepth, 1: xdepth}, boundary="none")
+        extra_extended.append(values)
     out_chunks = extended.chunks[1:]
     mapped = da.map_blocks(
         _apply_block,

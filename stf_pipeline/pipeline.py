@@ -378,7 +378,9 @@ def _check_methods(config: PipelineConfig) -> None:
     for run_ in config.methods:
         spec = get_method(run_.name)
         try:
-            spec.make_params(**run_.params)
+            params = dict(run_.params)
+            spec.resolve_backend(str(params.pop("backend", "auto")))  # an argument of stf.fuse, not a parameter
+            spec.make_params(**params)
         except (TypeError, MethodError) as err:
             raise ConfigError(f"pipeline {config.name}: method {run_.name!r} params {dict(run_.params)}: {err}") from None
         if run_.train is not None and not spec.learned:

@@ -99,9 +99,13 @@ class QARule:
         if self.keep is not None:
             object.__setattr__(self, "keep", tuple(int(v) for v in self.keep))
         if len(bits) != 2 or not 0 <= bits[0] <= bits[1] < 32:
-            raise CatalogError(f"QA rule {self.name!r}: bits must be (first, last) with 0 <= first <= last < 32, got {bits}.")
+            raise CatalogError(
+                f"QA rule {self.name!r}: bits must be (first, last) with 0 <= first <= last < 32, got {bits}."
+            )
         if bool(self.mask) == (self.keep is not None):
-            raise CatalogError(f"QA rule {self.name!r}: give exactly one of 'mask' (bad values) or 'keep' (good values).")
+            raise CatalogError(
+                f"QA rule {self.name!r}: give exactly one of 'mask' (bad values) or 'keep' (good values)."
+            )
 
     def bad(self, qa: np.ndarray) -> np.ndarray:
         """Boolean array: where ``qa`` fails this rule."""
@@ -131,7 +135,7 @@ class QAMask:
         cloud edges and thin shadows are often missed by the flags.
     """
 
-    asset: str | Mapping[str, str]
+    asset: str | Mapping[str, str] | tuple[tuple[str, str], ...]
     rules: tuple[QARule, ...]
     use: tuple[str, ...] | None = None
     dilation: int = 0
@@ -143,24 +147,36 @@ class QAMask:
         object.__setattr__(self, "rules", rules)
         names = [r.name for r in rules]
         if not rules or len(set(names)) != len(names):
-            raise CatalogError(f"QA band {self.asset!r}: rules must be a non-empty list with unique names, got {names}.")
+            raise CatalogError(
+                f"QA band {self.asset!r}: rules must be a non-empty list with unique names, got {names}."
+            )
         use = tuple(names) if self.use is None else tuple(str(u) for u in self.use)
         unknown = [u for u in use if u not in names]
         if unknown:
             raise CatalogError(f"QA band {self.asset!r} has no rule(s) {unknown}; choose among {names}.")
         object.__setattr__(self, "use", use)
         if isinstance(self.dilation, bool) or int(self.dilation) != self.dilation or self.dilation < 0:
-            raise CatalogError(f"QA band {self.asset!r}: dilation must be a whole number of pixels >= 0, got {self.dilation!r}.")
+            raise CatalogError(
+                f"QA band {self.asset!r}: dilation must be a whole number of pixels >= 0, got {self.dilation!r}."
+            )
         object.__setattr__(self, "dilation", int(self.dilation))
 
     def asset_for(self, band: str) -> str:
         """The quality band's asset name for cube band ``band``."""
         if isinstance(self.asset, str):
             return self.asset
-        found = dict(self.asset)
+        found = dict(self.asset.items() if isinstance(self.asset, Mapping) else self.asset)
         if band not in found:
             raise CatalogError(f"the quality mask names no quality band for band {band!r}; add it to 'asset'.")
         return found[band]
+
+    @property
+    def asset_names(self) -> tuple[str, ...]:
+        """Every quality band's asset name."""
+        if isinstance(self.asset, str):
+            return (self.asset,)
+        pairs = self.asset.items() if isinstance(self.asset, Mapping) else self.asset
+        return tuple(dict.fromkeys(a for _, a in pairs))
 
     def bad(self, qa: np.ndarray) -> np.ndarray:
         """Boolean array: where any used rule marks ``qa`` bad (or ``qa`` is NaN), grown by ``dilation`` pixels.
@@ -174,7 +190,7 @@ class QAMask:
             qa = np.where(missing, 0, qa)
         bad = missing.copy()
         for rule in self.rules:
-            if rule.name in self.use:
+            if rule.name in (self.use or ()):
                 bad |= rule.bad(qa)
         if self.dilation and bad.any():
             size = [1] * (bad.ndim - 2) + [2 * self.dilation + 1] * 2
@@ -232,7 +248,7 @@ class Sensor:
 
     name: str
     bands: tuple[str, ...] = ()
-    assets: Mapping[str, str] | None = None
+    assets: Mapping[str, str] | tuple[tuple[str, str], ...] | None = None
     scale: float = 1.0
     offset: float = 0.0
     nodata: float | None = None
@@ -247,7 +263,8 @@ class Sensor:
     def __post_init__(self) -> None:
         object.__setattr__(self, "bands", tuple(str(b) for b in self.bands))
         if self.assets is not None:
-            object.__setattr__(self, "assets", tuple((str(b), str(a)) for b, a in dict(self.assets).items()))
+            pairs = self.assets.items() if isinstance(self.assets, Mapping) else self.assets
+            object.__setattr__(self, "assets", tuple((str(b), str(a)) for b, a in pairs))
         object.__setattr__(self, "valid_range", tuple(float(v) for v in self.valid_range))
         if isinstance(self.date, Mapping):
             object.__setattr__(self, "date", DatePattern(**self.date))
@@ -256,13 +273,15 @@ class Sensor:
         if self.clip is not None:
             object.__setattr__(self, "clip", tuple(float(v) for v in self.clip))
             if len(self.clip) != 2 or not self.clip[0] < self.clip[1]:
-                raise CatalogError(f"sensor {self.name!r}: clip must be (low, high) with low < high or null, got {self.clip}.")
+                raise CatalogError(
+                    f"sensor {self.name!r}: clip must be (low, high) with low < high or null, got {self.clip}."
+                )
         if not self.bands and not self.assets:
             raise CatalogError(
                 f"sensor {self.name!r} declares no bands; list the file's bands in order ('bands') "
                 "or the asset of each band ('assets')."
             )
-        for names in (self.bands, [b for b, _ in self.assets or ()]):
+        for names in (self.bands, [b for b, _ in self.asset_pairs]):
             named = [b for b in names if b]
             if len(set(named)) != len(named):
                 raise CatalogError(f"sensor {self.name!r} has duplicate band names {list(names)}; make them unique.")
@@ -270,23 +289,34 @@ class Sensor:
             raise CatalogError(f"sensor {self.name!r}: scale must be a finite non-zero number, got {self.scale!r}.")
         lo, hi = self.valid_range
         if len(self.valid_range) != 2 or not lo < hi:
-            raise CatalogError(f"sensor {self.name!r}: valid_range must be (low, high) with low < high, got {self.valid_range}.")
+            raise CatalogError(
+                f"sensor {self.name!r}: valid_range must be (low, high) with low < high, got {self.valid_range}."
+            )
         if self.pattern is not None:
             try:
                 re.compile(self.pattern)
             except re.error as err:
-                raise CatalogError(f"sensor {self.name!r}: pattern {self.pattern!r} is not a regular expression ({err}).") from None
+                raise CatalogError(
+                    f"sensor {self.name!r}: pattern {self.pattern!r} is not a regular expression ({err})."
+                ) from None
+
+    @property
+    def asset_pairs(self) -> tuple[tuple[str, str], ...]:
+        """``(cube band, asset)`` of every band of single-band files (empty for multi-band files)."""
+        if isinstance(self.assets, Mapping):
+            return tuple(self.assets.items())
+        return self.assets or ()
 
     @property
     def cube_bands(self) -> tuple[str, ...]:
         """The cube bands this sensor provides, in its own order."""
         if self.assets:
-            return tuple(b for b, _ in self.assets)
+            return tuple(b for b, _ in self.asset_pairs)
         return tuple(b for b in self.bands if b)
 
     def asset(self, band: str) -> str:
         """Asset name (single-band file or band description) of cube band ``band``."""
-        found = dict(self.assets or ())
+        found = dict(self.asset_pairs)
         if band not in found:
             raise CatalogError(
                 f"band {band!r} is not among sensor {self.name!r}'s bands {list(self.cube_bands)}; "
@@ -381,12 +411,12 @@ PRESET_DIR = "sensor_presets"
 
 def _load_presets() -> dict[str, AnySensor]:
     """Every ``sensor_presets/*.yaml``: single sensors first, then families built from them."""
-    import yaml
+    from stf_pipeline._schema import safe_load
 
     specs = {}
     for entry in sorted(resources.files("stf_pipeline").joinpath(PRESET_DIR).iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
-            spec = yaml.safe_load(entry.read_text())
+            spec = safe_load(entry.read_text())
             specs[str(spec["name"])] = spec
     presets: dict[str, AnySensor] = {}
     for name, spec in specs.items():

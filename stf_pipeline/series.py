@@ -14,8 +14,8 @@ the store's writer lock; it refuses to write over a store its input is read from
 (``stf_series_request``) is a digest of the full content of every input image it reads (hashed
 chunk by chunk), the method and all parameters, the dates, the layout and the model's weights,
 and a resumed or rerun call must match it part by part (``stf_series_parts``), else it is told
-what changed. Regions are computed in batches of one date and one strip of
-``STRIP`` columns, so memory depends on the chunk size and the worker count, not the scene.
+what changed. Regions are computed in batches of one date and one tile of ``TILE``
+pixels square, so memory depends on the chunk size and the worker count, not the scene.
 
 Layout of the fused cube (the cube contract, DESIGN.md §1, without ``coarse`` unless kept):
 
@@ -80,7 +80,7 @@ from stf_pipeline.store import (
     model_digest,
     new_generation,
 )
-from stf_pipeline.task import DateLike, Task, resolve_task, to_datetime64, valid_fraction
+from stf_pipeline.task import DateLike, Task, iso_date, resolve_task, to_datetime64, valid_fraction
 
 logger = logging.getLogger("stf_pipeline")
 
@@ -92,8 +92,8 @@ PARTS_ATTR = "stf_series_parts"
 #: file in ``model_dir`` naming the training request its model belongs to
 MODEL_REQUEST_FILE = ".stf_train_request"
 DEFAULT_CHUNK = 512
-#: width in pixels of the column strips computed one after the other (memory bound of one batch)
-STRIP = 2048
+#: side in pixels of the tiles computed one after the other (the memory bound of one batch)
+TILE = 2048
 #: variables of the input cube a fused store may keep besides ``fine``
 KEEPABLE = ("coarse", "fine_truth")
 #: what each part of the request means, for the message when one changed
@@ -175,7 +175,7 @@ def fuse_series(
         Keyword arguments for ``stf.train`` when the model is trained here; ``train_times``
         default to the cube's ``stf_train_times`` attr, else every date with fine data.
     **params
-        Method parameters.
+        Method parameters, and ``backend=`` as for :func:`stf_pipeline.fuse`.
 
     Returns
     -------
@@ -210,7 +210,8 @@ def fuse_series(
     validate_cube(cube, check_values=True)
     spec = get_method(method)
     context = method_context(cube)
-    p = spec.make_params(**params)
+    spec.resolve_backend(str(params.get("backend", "auto")))  # stf.fuse's backend= passes through params
+    p = spec.make_params(**{name: value for name, value in params.items() if name != "backend"})
     if spec.prepare is not None:
         p = spec.prepare(p, context)
     keep = _check_keep(cube, keep)
@@ -247,7 +248,7 @@ def fuse_series(
                 STORE_MARKER: STORE_VERSION,
                 "stf_method": spec.name,
                 "stf_params": json.dumps(params_to_attrs(p), sort_keys=True),
-                "stf_tasks": json.dumps({_iso(t.target): [_iso(q) for q in t.pairs] for t in plan.tasks}),
+                "stf_tasks": json.dumps({iso_date(t.target): [iso_date(q) for q in t.pairs] for t in plan.tasks}),
                 "stf_pipeline_version": __version__,
                 REQUEST_ATTR: digest,
                 PARTS_ATTR: json.dumps(parts, sort_keys=True),
@@ -383,7 +384,7 @@ def _plan(
     per_target: Mapping[np.datetime64, Sequence[DateLike] | None]
     if isinstance(pairs, Mapping):
         per_target = {to_datetime64(k): v for k, v in pairs.items()}
-        unknown = sorted(_iso(t) for t in set(per_target) - set(chosen))
+        unknown = sorted(iso_date(t) for t in set(per_target) - set(chosen))
         if unknown:
             raise TaskError(f"pairs given for {unknown}, which are not targets; give pairs only for target dates.")
     else:
@@ -407,16 +408,12 @@ def _default_train_options(cube: xr.Dataset, options: Mapping[str, Any] | None) 
     if "train_times" not in options:
         listed = [str(t) for t in cube.attrs.get("stf_train_times") or []]
         fine_ok = valid_fraction(cube, "fine") > 0
-        options["train_times"] = listed or [_iso(t) for t in cube["time"].values[fine_ok]]
+        options["train_times"] = listed or [iso_date(t) for t in cube["time"].values[fine_ok]]
     return options
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def _iso(t: np.datetime64) -> str:
-    return str(np.datetime_as_string(t, unit="D"))
 
 
 def _inputs(cube: xr.Dataset, plan: _Plan) -> dict[str, Any]:
@@ -431,7 +428,7 @@ def _inputs(cube: xr.Dataset, plan: _Plan) -> dict[str, Any]:
         needed["coarse"].update(task.pairs)
     for name in plan.variables[1:]:
         needed.setdefault(name, set()).update(plan.times)
-    return {f"{name}@{_iso(t)}": cube[name].sel(time=t).data for name, dates in needed.items() for t in sorted(dates)}
+    return {f"{name}@{iso_date(t)}": cube[name].sel(time=t).data for name, dates in needed.items() for t in sorted(dates)}
 
 
 def _data_digest(cube: xr.Dataset, plan: _Plan) -> str:
@@ -462,8 +459,8 @@ def _request_parts(
         ),
         "model": "" if model is None else model_digest(model),
         "dates": digest(
-            {"tasks": {_iso(t.target): [_iso(p) for p in t.pairs] for t in plan.tasks},
-             "times": [_iso(t) for t in plan.times]}
+            {"tasks": {iso_date(t.target): [iso_date(p) for p in t.pairs] for t in plan.tasks},
+             "times": [iso_date(t) for t in plan.times]}
         ),
         "layout": digest(
             {"bands": [str(b) for b in cube["band"].values], "shape": [int(s) for s in cube["fine"].shape],
@@ -511,7 +508,7 @@ def _template(cube: xr.Dataset, plan: _Plan, attrs: Mapping[str, Any], *, method
         var_attrs = {k: v for k, v in cube[name].attrs.items()}
         data_vars[name] = xr.Variable(("time", "band", "y", "x"), lazy, attrs=var_attrs)
     fused = plan.source == "fused"
-    pairs = {t.target: ",".join(_iso(p) for p in t.pairs) for t in plan.tasks}
+    pairs = {t.target: ",".join(iso_date(p) for p in t.pairs) for t in plan.tasks}
     provenance = {
         "source": (plan.source, "observed: fine observation; fused: prediction"),
         "fusion_method": (np.where(fused, method, ""), "method that fused the date (empty: observed)"),
@@ -600,13 +597,14 @@ def _region_writes(
     cube: xr.Dataset, plan: _Plan, path: Path, digest: str, *, method: str, model: Any, params: Mapping[str, Any]
 ) -> tuple[list[list[Any]], int]:
     """Batches of delayed region writes not yet recorded (recorded ones are not even computed),
-    and their number. One batch is one date of one variable in one strip of ``STRIP`` columns,
-    computed before the next starts, so memory is bounded by the strip, not the scene."""
+    and their number. One batch is one date of one variable in one tile of ``TILE`` x ``TILE``
+    pixels, computed before the next starts, so memory is bounded by the tile, not the scene
+    (at the price of reading the ring of input chunks around each tile again for the halo)."""
     done = _done_regions(path)
     token = tokenize(str(path.resolve()), digest)
     height, width = cube.sizes["y"], cube.sizes["x"]
     yblocks, xblocks = _blocks(height, plan.chunks[0]), _blocks(width, plan.chunks[1])
-    per_strip = max(1, STRIP // plan.chunks[1])
+    per_tile = (max(1, TILE // plan.chunks[0]), max(1, TILE // plan.chunks[1]))
     batches, total = [], 0
     for var in plan.variables:
         for t in range(plan.times.size):
@@ -619,18 +617,19 @@ def _region_writes(
             if not todo:
                 continue
             blocks = _source_array(cube, plan, var, t, method=method, model=model, params=params).to_delayed()
-            for first in range(0, len(xblocks), per_strip):
-                batch = [
-                    dask.delayed(_write_region)(
-                        blocks[0, iy, ix], str(path), var, t, iy, ix, yblocks[iy], xblocks[ix],
-                        dask_key_name=f"stf-write-{token}-{_region_name(var, t, iy, ix)}",
-                    )
-                    for iy, ix in todo
-                    if first <= ix < first + per_strip
-                ]
-                if batch:
-                    batches.append(batch)
-                    total += len(batch)
+            for top in range(0, len(yblocks), per_tile[0]):
+                for left in range(0, len(xblocks), per_tile[1]):
+                    batch = [
+                        dask.delayed(_write_region)(
+                            blocks[0, iy, ix], str(path), var, t, iy, ix, yblocks[iy], xblocks[ix],
+                            dask_key_name=f"stf-write-{token}-{_region_name(var, t, iy, ix)}",
+                        )
+                        for iy, ix in todo
+                        if top <= iy < top + per_tile[0] and left <= ix < left + per_tile[1]
+                    ]
+                    if batch:
+                        batches.append(batch)
+                        total += len(batch)
     return batches, total
 
 
@@ -652,6 +651,32 @@ def _compute(batches: list[list[Any]], *, total: int, progress: bool, desc: str)
         with DaskProgress(bar, "stf-write-") if progress else contextlib.nullcontext():
             for batch in batches:
                 dask.compute(*batch)
+                _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Give the memory freed by a batch back to the OS (a no-op off glibc).
+
+    glibc keeps freed chunk-sized arrays in its heaps, so without it the resident size creeps
+    up with the number of batches, i.e. with the scene. Called once per batch, it costs nothing
+    measurable (a fixed trim threshold would return every freed array at once, and refaulting
+    them made the computation several times slower).
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:  # pragma: no cover - no C library to load
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
 
 
 def _current_client() -> Any | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dask.array as da
 import numpy as np
@@ -64,9 +64,9 @@ def _items(items: Items, role: str) -> list[Any]:
         elif isinstance(read, pystac.ItemCollection):
             found = list(read)
         else:
-            found = list(read.get_items(recursive=True))  # type: ignore[union-attr]
+            found = list(cast(Any, read).get_items(recursive=True))  # a Catalog or Collection
     else:
-        found = list(items)
+        found = list(cast(Iterable[Any], items))
     if not found:
         raise CatalogError(f"no {role} STAC items given; search a collection (pystac_client) or read a catalog first.")
     return found
@@ -151,16 +151,19 @@ def _load(
             ds = _crop(ds, crop)
         geobox = ds.odc.geobox
         times = ds["time"].values.astype("datetime64[D]").astype("datetime64[ns]")
-        for t, item_ids in zip(times, _ids_by_day(group)):
+        for t, item_ids in zip(times, _ids_by_day(group), strict=True):
             labels[t] = f"STAC items {item_ids}"
         stored = xr.concat([ds[keys[b]] for b in bands], dim="band").transpose("band", "time", "y", "x")
         if isinstance(stored.data, da.Array):
             stored = stored.chunk({"band": -1})  # _scale_block takes every band's nodata
-        nodata = [member.nodata if member.nodata is not None else ds[keys[b]].attrs.get("nodata") for b in bands]
-        nodata = tuple(n if n is not None and _representable(n, stored.dtype) else None for n in nodata)
+        given = [member.nodata if member.nodata is not None else ds[keys[b]].attrs.get("nodata") for b in bands]
+        nodata = tuple(n if n is not None and _representable(n, stored.dtype) else None for n in given)
         scaled = xr.apply_ufunc(
-            _scale_block, stored, kwargs={"nodata": nodata, "scale": member.scale, "offset": member.offset},
-            dask="parallelized", output_dtypes=[np.float32],
+            _scale_block,
+            stored,
+            kwargs={"nodata": nodata, "scale": member.scale, "offset": member.offset},
+            dask="parallelized",
+            output_dtypes=[np.float32],
         )
         if qa_assets:
             qa: Any = member.qa
@@ -169,8 +172,11 @@ def _load(
                 raw = ds[keys[f"qa:{qa_assets[band]}"]].data
                 if isinstance(raw, da.Array):
                     depth = {0: 0, 1: qa.dilation, 2: qa.dilation}
-                    bad.append(raw.map_overlap(qa.bad, depth=depth, boundary="none", dtype=bool) if qa.dilation
-                               else raw.map_blocks(qa.bad, dtype=bool))
+                    bad.append(
+                        raw.map_overlap(qa.bad, depth=depth, boundary="none", dtype=bool)
+                        if qa.dilation
+                        else da.map_blocks(qa.bad, raw, dtype=bool)
+                    )
                 else:
                     bad.append(qa.bad(np.asarray(raw)))
             stack = da.stack(bad) if any(isinstance(b, da.Array) for b in bad) else np.stack(bad)
@@ -194,15 +200,28 @@ def _crop(ds: xr.Dataset, bbox: tuple[float, float, float, float]) -> xr.Dataset
     x, y = ds["x"].values, ds["y"].values
     keep_x, keep_y = (x >= west) & (x <= east), (y >= south) & (y <= north)
     if not keep_x.any() or not keep_y.any():
-        raise CatalogError(f"bbox {bbox} does not overlap the fine items' grid; give a lon/lat box inside their footprint.")
+        raise CatalogError(
+            f"bbox {bbox} does not overlap the fine items' grid; give a lon/lat box inside their footprint."
+        )
     return ds.isel(x=np.flatnonzero(keep_x), y=np.flatnonzero(keep_y))
 
 
+def _solar_day(item: Any) -> np.datetime64:
+    """The item's local solar day (UTC time + longitude / 15 h), as odc-stac's ``groupby="solar_day"`` dates it."""
+    when = item.datetime or item.common_metadata.start_datetime
+    if when is None:
+        raise CatalogError(f"STAC item {item.id!r} has no datetime (nor start_datetime); it cannot be dated.")
+    west, _, east, _ = item.bbox if item.bbox is not None else (0.0, 0.0, 0.0, 0.0)
+    offset = np.timedelta64(int(round((west + east) / 2 / 15 * 3600)), "s")  # 15 degrees of longitude per hour
+    stamp = np.datetime64(when.replace(tzinfo=None), "s") + offset
+    return stamp.astype("datetime64[D]")
+
+
 def _ids_by_day(items: list[Any]) -> list[list[str]]:
-    """Item ids grouped by acquisition day, in day order (how odc-stac's solar_day grouping orders them, to the day)."""
+    """Item ids grouped by local solar day, in day order (as odc-stac's solar_day grouping orders them)."""
     days: dict[Any, list[str]] = {}
     for item in items:
-        days.setdefault(np.datetime64(item.datetime.replace(tzinfo=None), "D"), []).append(item.id)
+        days.setdefault(_solar_day(item), []).append(item.id)
     return [days[d] for d in sorted(days)]
 
 
@@ -219,12 +238,12 @@ def _check_coverage(coarse_items: list[Any], geobox: Any) -> None:
     area = geobox.extent.to_crs("EPSG:4326")
     by_day: dict[Any, list[Any]] = {}
     for item in coarse_items:
-        by_day.setdefault(np.datetime64(item.datetime.replace(tzinfo=None), "D"), []).append(item)
+        by_day.setdefault(_solar_day(item), []).append(item)
     for day, items in sorted(by_day.items()):
         if any(item.geometry is None for item in items):
             continue
         footprint = unary_union([Geometry(item.geometry, crs="EPSG:4326") for item in items])
-        if not footprint.buffer(1e-9).contains(area):
+        if footprint is None or not footprint.buffer(1e-9).contains(area):
             raise CatalogError(
                 f"coarse STAC items {[i.id for i in items]} of {day} do not cover the fine area {area.boundingbox}; "
                 "search with the fine area's bbox (intersects=) or add the neighbouring tiles."
@@ -308,21 +327,41 @@ def from_stac(
         raise CatalogError(f"bands must be a non-empty list of unique names, got {bands}.")
     overrides = dict(asset_keys or {})
     fine_list, coarse_list = _items(fine_items, "fine"), _items(coarse_items, "coarse")
-    common = {"mask": mask, "overrides": overrides, "chunks": chunks}
     grid_options: dict[str, Any] = {k: v for k, v in (("crs", crs), ("resolution", resolution)) if v is not None}
     if grid_options and bbox is not None:
         grid_options["bbox"] = bbox  # a grid of the user's: odc-stac fits it to the box
     fine, geobox, fine_labels, fine_members = _load(
-        odc_stac, fine_list, sensors["fine"], bands, resampling="nearest", geobox=None, load_options=grid_options,
-        crop=None if grid_options else bbox, **common
+        odc_stac,
+        fine_list,
+        sensors["fine"],
+        bands,
+        resampling="nearest",
+        geobox=None,
+        load_options=grid_options,
+        crop=None if grid_options else bbox,
+        mask=mask,
+        overrides=overrides,
+        chunks=chunks,
     )
     _check_coverage(coarse_list, geobox)
     coarse, _, coarse_labels, coarse_members = _load(
-        odc_stac, coarse_list, sensors["coarse"], bands, resampling=resampling, geobox=geobox, load_options={}, **common
+        odc_stac,
+        coarse_list,
+        sensors["coarse"],
+        bands,
+        resampling=resampling,
+        geobox=geobox,
+        load_options={},
+        mask=mask,
+        overrides=overrides,
+        chunks=chunks,
     )
     if coarse_factor is None:
-        native = odc_stac.load(coarse_list[:1], bands=[_asset_key(coarse_list[0], coarse_members[0].asset(bands[0]),
-                                                                  overrides, f"band {bands[0]!r}")], chunks={})
+        native = odc_stac.load(
+            coarse_list[:1],
+            bands=[_asset_key(coarse_list[0], coarse_members[0].asset(bands[0]), overrides, f"band {bands[0]!r}")],
+            chunks={},
+        )
         coarse_factor = _derived_factor(_grid(native.odc.geobox), _grid(geobox))
     y, x = fine["y"].values.astype(np.float64), fine["x"].values.astype(np.float64)
     stacks = {"fine": fine.assign_coords(y=y, x=x), "coarse": coarse.assign_coords(y=y, x=x)}
@@ -331,15 +370,16 @@ def from_stac(
     fractions = _check_values(stacks, labels, readers)
     times = np.array(sorted(set(fine["time"].values) | set(coarse["time"].values)), dtype="datetime64[ns]")
     for role, stack in stacks.items():
-        if readers[role].clip is not None:
-            stack = stack.clip(*readers[role].clip)
+        bounds = readers[role].clip
+        if bounds is not None:
+            stack = stack.clip(*bounds)
         stacks[role] = stack.reindex(time=times).astype(np.float32)
     cube = xr.Dataset(stacks, attrs=dict(attrs or {}))
     for role, members in (("fine", fine_members), ("coarse", coarse_members)):
         cube[role].attrs.update({"units": members[0].units, "sensor": ", ".join(sorted(m.name for m in members))})
-    valid = {role: dict(zip(stacks[role]["time"].values, [0.0] * times.size)) for role in stacks}
+    valid = {role: dict.fromkeys(times, 0.0) for role in stacks}
     for role, stack in (("fine", fine), ("coarse", coarse)):
-        valid[role].update(zip(stack["time"].values, fractions[role]))
+        valid[role].update(zip(stack["time"].values, fractions[role], strict=True))
     cube = cube.assign_coords(
         fine_valid=("time", [valid["fine"][t] for t in times]),
         coarse_valid=("time", [valid["coarse"][t] for t in times]),

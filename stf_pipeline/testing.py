@@ -76,7 +76,7 @@ def random_cube(
     return make_cube(
         fine.astype(np.float32),
         coarse.astype(np.float32),
-        time=times,
+        time=list(times),
         band=list(bands),
         y=y,
         x=x,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import xarray as xr
 
@@ -13,6 +13,9 @@ from stf_pipeline.cube import validate_cube
 from stf_pipeline.exceptions import MethodError, ModelError
 from stf_pipeline.methods import available_methods, get_method
 from stf_pipeline.task import DateLike
+
+if TYPE_CHECKING:
+    from stf_pipeline.nn.model import FittedModel
 
 
 def train(
@@ -24,7 +27,7 @@ def train(
     workdir: str | os.PathLike[str] | None = None,
     val_times: Sequence[DateLike] | None = None,
     **options: Any,
-) -> Any:
+) -> FittedModel:
     """Train the learned ``method`` on ``cube`` and return its :class:`~stf_pipeline.nn.FittedModel`.
 
     Parameters
@@ -97,7 +100,7 @@ def default_train_times(cube: xr.Dataset) -> list[str]:
     ]
 
 
-def load_model(path: str | os.PathLike[str]) -> Any:
+def load_model(path: str | os.PathLike[str]) -> FittedModel:
     """Read a model saved with ``model.save(path)``.
 
     Raises

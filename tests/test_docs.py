@@ -267,10 +267,12 @@ def test_sphinx_roles_become_code_linked_to_the_api_page():
     text = (
         "A cube (see :func:`stf_pipeline.validate_cube`), written by :func:`write_cube`; "
         ":class:`~stf_pipeline.exceptions.CubeError` if not; :func:`~stf_pipeline.cluster.start_cluster`, "
-        ":mod:`stf_pipeline.parallel` and :class:`Nowhere` are not on the API page."
+        ":mod:`stf_pipeline.parallel`, :func:`.nowhere` and :class:`Nowhere` are not on the API page; "
+        ":func:`.write_cube` is."
     )
     assert roles.convert(text, "stf_pipeline.cube", targets) == (
         "A cube (see [`stf_pipeline.validate_cube`][stf_pipeline.cube.validate_cube]), written by "
         "[`write_cube`][stf_pipeline.cube.write_cube]; [`CubeError`][stf_pipeline.exceptions.CubeError] if not; "
-        "`start_cluster`, `stf_pipeline.parallel` and `Nowhere` are not on the API page."
+        "`start_cluster`, `stf_pipeline.parallel`, `nowhere` and `Nowhere` are not on the API page; "
+        "[`write_cube`][stf_pipeline.cube.write_cube] is."
     )

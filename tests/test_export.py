@@ -9,7 +9,7 @@ import rioxarray  # noqa: F401
 import xarray as xr
 
 import stf_pipeline as stf
-from stf_pipeline.cli import main
+from stf_pipeline.cli import EXIT_ERROR, main
 from stf_pipeline.exceptions import StoreError
 from stf_pipeline.testing import random_cube
 
@@ -54,8 +54,13 @@ def test_to_geotiff_float32_reads_back_equal(cube, tmp_path):
 def test_to_geotiff_int16_with_scale_and_overviews(cube, tmp_path):
     image = cube["fine"].sel(time="2020-01-01")
     big = xr.concat([image] * 4, dim="x").assign_coords(x=cube["x"].values[0] + 30.0 * np.arange(4 * cube.sizes["x"]))
-    path = stf.export(xr.Dataset({"fine": big.expand_dims(time=image["time"].values[None])}).rio.write_crs(cube.rio.crs),
-                      tmp_path, dtype="int16", prefix="scene", blocksize=256)[0]
+    path = stf.export(
+        xr.Dataset({"fine": big.expand_dims(time=image["time"].values[None])}).rio.write_crs(cube.rio.crs),
+        tmp_path,
+        dtype="int16",
+        prefix="scene",
+        blocksize=256,
+    )[0]
     assert path.name == "scene_2020-01-01.tif"
     expected = np.round(big.values.astype(np.float64) * 1e4)
     expected[np.isnan(expected)] = -32768
@@ -82,7 +87,7 @@ def test_stf_export_a_fused_store(cube, tmp_path, capsys):
         np.testing.assert_array_equal(src.read(), fused["fine"].sel(time=TARGET).values)
         assert src.descriptions == ("red", "nir", "swir1") and src.crs == cube.rio.crs
         assert src.tags()["stf_method"] == "delta" and src.tags()["date"] == TARGET
-    assert main(["export", str(fused_path), "-o", str(out), "--dates", "all"]) == 2
+    assert main(["export", str(fused_path), "-o", str(out), "--dates", "all"]) == EXIT_ERROR
     assert "already exist; pass --overwrite or another folder" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [f"fused_{TARGET}.tif"]  # nothing written, no temp files
     assert main(["export", str(fused_path), "-o", str(out), "--dates", "all", "--overwrite", "--dtype", "int16"]) == 0

@@ -322,3 +322,16 @@ def test_learned_method_trains_once_beside_the_store_and_resume_reuses_it(tmp_pa
 
 def _file_stamps(root: Path, pattern: str) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.glob(pattern) if p.is_file()}
+
+
+def test_tiles_computed_one_after_the_other_give_the_same_store(tmp_path, monkeypatch):
+    cube = gappy_cube()
+    reference = tmp_path / "ref.zarr"
+    stf.fuse_series(cube, method="delta", out=reference, chunks=CHUNKS, progress=False, window=5)
+    monkeypatch.setattr(series, "TILE", 16)  # 3 x 3 tiles of one chunk each, every one reading its halo ring
+    batches = []
+    original = series._compute
+    monkeypatch.setattr(series, "_compute", lambda b, **kw: (batches.append(len(b)), original(b, **kw)))
+    stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False, window=5)
+    assert batches == [5 * 9]
+    assert store_files(tmp_path / "f.zarr") == store_files(reference)

@@ -42,7 +42,9 @@ def _load(source: str, size: int, bands: int) -> tuple[Any, Any, list[Any]]:
     if source == "synthetic":
         from stf_pipeline.synthetic import BANDS
 
-        cube = stf.synthetic_scene(size, size, n_times=3, seed=0, pixel_size=30.0, fine_times=[0, 2], bands=BANDS[:bands])
+        cube = stf.synthetic_scene(
+            size, size, n_times=3, seed=0, pixel_size=30.0, fine_times=[0, 2], bands=BANDS[:bands]
+        )
         cube = cube.load()
         times = cube.time.values
         return cube, times[1], [times[0], times[2]]
@@ -129,22 +131,27 @@ def _run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     return {**_job_id(job), "skipped": f"failed: {tail[0]}"}
 
 
+def _num(record: dict[str, Any], key: str, fmt: str) -> str:
+    value = record.get(key)
+    return format(value, fmt) if value is not None else "-"
+
+
 def _table(records: list[dict[str, Any]]) -> str:
-    head = f"{'method':9s} {'backend':8s} {'input':28s} {'dev':4s} {'first s':>8s} {'steady s':>8s} {'CPU s':>7s} {'RSS MiB':>8s} {'GPU MiB':>8s} {'RMSE':>8s} {'SSIM':>6s}"
+    head = (
+        f"{'method':9s} {'backend':8s} {'input':28s} {'dev':4s} {'first s':>8s} {'steady s':>8s} {'CPU s':>7s} "
+        f"{'RSS MiB':>8s} {'GPU MiB':>8s} {'RMSE':>8s} {'SSIM':>6s}"
+    )
     lines = [head, "-" * len(head)]
     for r in records:
         if "skipped" in r:
             lines.append(f"{r['method']:9s} {r.get('backend', '-'):8s} {r['input']:28s} skipped: {r['skipped']}")
             continue
-
-        def num(key: str, fmt: str) -> str:
-            value = r.get(key)
-            return format(value, fmt) if value is not None else "-"
-
-        lines.append(
-            f"{r['method']:9s} {r['backend']:8s} {r['input']:28s} {r['device']:4s} {num('first_s', '8.2f')} {num('steady_s', '8.2f')} {num('cpu_s', '7.1f')} "
-            f"{num('peak_rss_mib', '8.0f')} {num('gpu_peak_mib', '8.0f')} {num('rmse', '8.5f')} {num('ssim', '6.3f')}"
-        )
+        numbers = [
+            _num(r, key, fmt)
+            for key, fmt in (("first_s", "8.2f"), ("steady_s", "8.2f"), ("cpu_s", "7.1f"), ("peak_rss_mib", "8.0f"),
+                             ("gpu_peak_mib", "8.0f"), ("rmse", "8.5f"), ("ssim", "6.3f"))
+        ]
+        lines.append(f"{r['method']:9s} {r['backend']:8s} {r['input']:28s} {r['device']:4s} " + " ".join(numbers))
     return "\n".join(lines)
 
 

@@ -148,7 +148,7 @@ def merge_clusters(
     dist = np.sqrt(((centres[:, None] - centres[None]) ** 2).sum(axis=-1))
     pairs = sorted((dist[i, j], i, j) for i in range(k) for j in range(i + 1, k) if dist[i, j] < merge_dist)
     used: set[int] = set()
-    merged = []
+    merged: list[np.ndarray] = []
     for _, i, j in pairs:
         if len(merged) == max_pairs or k - len(merged) <= min_classes:
             break

@@ -42,6 +42,11 @@ def blocked_shape(shape: tuple[int, int]) -> tuple[int, int]:
 
 
 def call(kernel: Callable[..., None], n_out: int, shape: tuple[int, int], interpret: bool, *inputs: Any) -> Any:
+    """Run ``kernel`` over a grid of output blocks covering ``shape``: ``(n_out, *shape)`` float32.
+
+    ``interpret=True`` interprets it (any device, slowly); otherwise it is compiled by Triton with
+    :data:`NUM_WARPS` warps.
+    """
     import jax
     from jax.experimental import pallas as pl
 
@@ -59,6 +64,8 @@ def call(kernel: Callable[..., None], n_out: int, shape: tuple[int, int], interp
 
 
 def loader(y0: Any, x0: Any) -> Callable[[Any, int, Any, Any], Any]:
+    """``load(ref, plane, dy, dx)``: the output block at ``(y0, x0)`` of ``plane``, shifted by the
+    offset ``(dy, dx)`` in padded coordinates (``(radius, radius)`` is the block itself)."""
     from jax.experimental import pallas as pl
 
     def load(ref: Any, plane: int, dy: Any, dx: Any) -> Any:
@@ -80,6 +87,7 @@ def over_offsets(radius: int, accs: list[Any], one: Callable[[Any, Any, list[Any
 
 
 def distance_factor(dy: Any, dx: Any, radius: int, inverse_radius: float) -> Any:
+    """``D = 1 + d / r`` of the offset ``(dy, dx)`` in padded coordinates (float32)."""
     import jax.numpy as jnp
 
     fy = (dy - radius).astype(jnp.float32)
@@ -88,6 +96,7 @@ def distance_factor(dy: Any, dx: Any, radius: int, inverse_radius: float) -> Any
 
 
 def store(out_ref: Any, accs: list[Any]) -> None:
+    """Write the accumulators as the planes of this program's output block."""
     from jax.experimental import pallas as pl
 
     y0 = pl.program_id(0) * BLOCK[0]

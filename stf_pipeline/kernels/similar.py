@@ -41,8 +41,8 @@ Body = Callable[[Any, Mapping[str, Any], Mapping[str, Any], Any, Mapping[str, An
 def offsets(radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row-major window offsets ``(dy, dx)`` and their Euclidean distance in pixels."""
     side = np.arange(-radius, radius + 1)
-    dy, dx = np.meshgrid(side, side, indexing="ij")
-    dy, dx = dy.ravel(), dx.ravel()
+    grid_y, grid_x = np.meshgrid(side, side, indexing="ij")
+    dy, dx = grid_y.ravel(), grid_x.ravel()
     return dy, dx, np.sqrt(dy * dy + dx * dx)
 
 
@@ -213,12 +213,12 @@ def window_sums(
 
 def f_critical(max_n: int, alpha: float) -> np.ndarray:
     """``F(1, n-2)`` critical values at level ``alpha`` for ``n`` in ``[0, max_n]`` (inf for n < 3)."""
-    from scipy.stats import f
+    from scipy.special import fdtri  # the inverse F CDF that scipy.stats.f.isf calls (a lighter import)
 
     n = np.arange(max_n + 1)
     out = np.full(n.shape, np.inf)
     ok = n >= 3
-    out[ok] = f.isf(alpha, 1, n[ok] - 2)
+    out[ok] = fdtri(1, n[ok] - 2, 1.0 - alpha)
     return out
 
 
@@ -232,3 +232,8 @@ def offset_distances(radius: int) -> np.ndarray:
     side = np.arange(-radius, radius + 1, dtype=np.float64)
     dy, dx = np.meshgrid(side, side, indexing="ij")
     return np.sqrt(dy * dy + dx * dx).ravel().astype(np.float32)
+
+
+def as_f32(a: Any) -> np.ndarray:
+    """``a`` as a C-contiguous float32 NumPy array (what the compiled kernels take)."""
+    return np.ascontiguousarray(a, dtype=np.float32)

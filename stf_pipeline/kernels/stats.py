@@ -20,6 +20,7 @@ import numpy as np
 
 from stf_pipeline.exceptions import MethodError
 from stf_pipeline.kernels.pool import run_rows
+from stf_pipeline.kernels.similar import check_window
 
 P = TypeVar("P")
 
@@ -97,3 +98,21 @@ def with_class_std(params: P, std: Any, method: str) -> P:
                 "choose pair dates with fine observations."
             )
     return dataclasses.replace(params, class_std=rows)  # type: ignore[type-var]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassStd:
+    """The two halves of ``MethodSpec.statistics`` for a method whose parameters hold a search
+    window (``window_radius``) and the scene std of each fine band (``class_std``)."""
+
+    method: str
+
+    def summarize(self, fine: Any, coarse: Any, coarse_target: Any, params: Any) -> tuple[Any, ...] | None:
+        """Checks the window against the scene; the scene std of each fine band unless ``class_std``
+        is given (:func:`class_std_summary`)."""
+        check_window(params.window_radius, tuple(fine.shape[-2:]), self.method)
+        return None if params.class_std is not None else (class_std_summary(fine),)
+
+    def fit(self, params: P, std: Any) -> P:
+        """``params`` with ``class_std`` set (:func:`with_class_std`)."""
+        return with_class_std(params, std, self.method)

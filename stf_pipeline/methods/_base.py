@@ -29,6 +29,10 @@ inputs within ``halo`` pixels. Methods that work on native coarse pixels set
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import importlib.util
+import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, get_args
 
@@ -110,8 +114,28 @@ class SceneStatistics(Generic[P]):
         return params if summaries is None else self.fit(params, *summaries)
 
 
+def _accelerator_possible() -> bool:
+    """Whether JAX could find an accelerator here: JAX is already imported, or ``JAX_PLATFORMS``
+    names a platform other than the CPU, or an accelerator plugin (a ``jax_plugins`` module or
+    entry point, ``libtpu``) is installed. Without any of these JAX has only its CPU backend."""
+    if "jax" in sys.modules:
+        return True
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return any(p.strip() not in ("", "cpu") for p in platforms.split(","))
+    if importlib.util.find_spec("jax_plugins") is not None or importlib.util.find_spec("libtpu") is not None:
+        return True
+    return bool(importlib.metadata.entry_points(group="jax_plugins"))
+
+
 def device_kind() -> Device:
-    """``"cpu"`` when JAX's default device is the CPU, else ``"gpu"`` (any accelerator)."""
+    """``"cpu"`` when JAX's default device is the CPU, else ``"gpu"`` (any accelerator).
+
+    JAX (seconds to import) is only asked when an accelerator is possible at all
+    (:func:`_accelerator_possible`), so a CPU-only process fusing with Numba never imports it.
+    """
+    if not _accelerator_possible():
+        return "cpu"
     import jax
 
     return "cpu" if jax.default_backend() == "cpu" else "gpu"
@@ -183,13 +207,18 @@ class MethodSpec(Generic[P]):
             kernels = {"jax": self.kernel}
         unknown = sorted(set(kernels) - set(BACKENDS))
         if unknown:
-            raise MethodError(f"method {self.name!r} declares unknown backend(s) {unknown}; backends are {list(BACKENDS)}.")
+            raise MethodError(
+                f"method {self.name!r} declares unknown backend(s) {unknown}; backends are {list(BACKENDS)}."
+            )
         object.__setattr__(self, "kernels", kernels)
         if self.reference is None:
             object.__setattr__(self, "reference", "numpy" if "numpy" in kernels else next(iter(kernels)))
-        for device, backend in {**self.auto, "reference": self.reference}.items():
+        declared: list[tuple[str, Any]] = [*self.auto.items(), ("reference", self.reference)]
+        for device, backend in declared:
             if backend not in kernels:
-                raise MethodError(f"method {self.name!r}: {device} backend {backend!r} is not among its kernels {list(kernels)}.")
+                raise MethodError(
+                    f"method {self.name!r}: {device} backend {backend!r} is not among its kernels {list(kernels)}."
+                )
         if self.kernel is None:
             object.__setattr__(self, "kernel", _AutoKernel(self))
 

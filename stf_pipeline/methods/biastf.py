@@ -11,11 +11,11 @@ transitional predictions.
 - **Networks** (Table 1): ``G`` and ``B`` are Conv 7x7 -> 5x5 -> 3x3 (ReLU, 'same') -> 3x3,
   with ``filters`` ``(n1, n2, n3)``. They are one network per band (``multiband=False``, the
   paper) or one network for all bands (``multiband=True``).
-- **G's base** (``g_base``): ``G = base + net``. ``"linear"`` (default) uses ``base = A dC``,
-  where ``A`` (bands x bands) is a least-squares fine/coarse conversion of the changes at the
-  coarse scale over the training pairs. ``"change"`` uses ``base = dC``. Inputs are ``dC, F(j),
-  C(j), C(k)``, and for ``B`` also ``G``'s output; each is normalised per band with constants
-  recorded in the model (``normalise``).
+- **G's base** (``g_base``): ``G = base + net``, with ``base = dC`` (default) or ``A dC``
+  (``"linear"``: ``A``, bands x bands, a least-squares fine/coarse conversion of the changes
+  at the coarse scale over the training pairs). Inputs are ``dC, F(j), C(j), C(k)``, and for
+  ``B`` also ``G``'s output; each is normalised per band with constants recorded in the model
+  (``normalise``).
 - **Training** (Eqs. 16-18) runs on all ordered pairs of the training dates. Stage 1 fits ``G``
   to ``dF``; stage 2 fits ``B`` to ``dF - G``. The loss is the mean absolute error (``"l2"``:
   Eq. 16-17's squared error). Unless ``val_times`` are given, one training date is held out
@@ -24,7 +24,7 @@ transitional predictions.
   that many steps (``refit``).
 - **Beyond the training changes**: where ``|dC|`` exceeds ``L`` (the 99.5th percentile of the
   training pairs' ``|dC|``, per band), the learned part ``G + B - base`` fades linearly to 0 at
-  ``1.25 L``. There the prediction is ``F(j) + A dC``, a linear conversion, as ESTARFM's.
+  ``1.25 L``. There the prediction falls back to ``F(j) + base``.
 - **Fusion f** (``weights``): ``"change"`` (default) weights each direction by ``1 / (S + eps)``
   with ``S`` the local mean ``|C(k) - C(j)|``. ``"similarity"`` uses ``S = |local mean of
   F^(j,k) - C(k)|``, the paper's wording.
@@ -123,8 +123,9 @@ class BiaSTFConfig:
         (Eqs. 16-17).
     g_residual : bool, default True
         ``G(dC) = base + net(...)`` (True) or ``net(...)`` (False).
-    g_base : {"linear", "change"}, default "linear"
-        ``base = A dC`` with the fitted conversion ``A`` (bands x bands), or ``dC`` itself.
+    g_base : {"change", "linear"}, default "change"
+        ``base = dC``, or ``A dC`` with the fitted conversion ``A`` (bands x bands; measured
+        worse, ``docs/methods/biastf.md``).
     normalise : bool, default True
         Per-band input and target scaling with constants from the training dates, recorded in
         the model (``model.extra["statistics"]``).
@@ -147,7 +148,7 @@ class BiaSTFConfig:
     g_loss: str = "l1"
     b_loss: str = "l1"
     g_residual: bool = True
-    g_base: str = "linear"
+    g_base: str = "change"
     normalise: bool = True
     refit: bool = True
     train_dtype: str = "float32"
@@ -338,7 +339,8 @@ class Statistics:
         return cls((0.0,) * n_bands, (1.0,) * n_bands, (1.0,) * n_bands, tuple(map(tuple, np.eye(n_bands).tolist())), (np.inf,) * n_bands)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v if k != "limit" else list(v) for k, v in dataclasses.asdict(self).items()}
+        """JSON form (lists), as stored in ``model.extra["statistics"]``."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_model(cls, model: Any) -> Statistics:
@@ -696,9 +698,9 @@ def predict_block(
         _WARNED.add(model)
         log.warning(
             "biastf: the coarse change exceeds the training pairs' range (L = %s) on %.0f %% of the predicted pixels; "
-            "there the learned correction fades out and the prediction falls back to F(j) + A dC (linear conversion). "
+            "there the learned correction fades out and the prediction falls back to F(j) + %s. "
             "Train with dates that span such changes, or pass extrapolate=True to apply the networks anyway.",
-            [round(v, 4) for v in stats.limit], 100 * share,
+            [round(v, 4) for v in stats.limit], 100 * share, "A dC" if BiaSTFConfig.resolve(model.config).g_base == "linear" else "dC",
         )
     return np.asarray(fused, dtype=np.float32), transitional
 
@@ -744,6 +746,7 @@ def _fit_stages(
 
     from stf_pipeline.nn import PatchSampler, checkpoint_store, create_train_state, ordered_pairs
     from stf_pipeline.nn import fit as fit_stage
+    from stf_pipeline.nn.train import NO_VALIDATION_STEPS
 
     n_bands = int(cube.sizes["band"])
     g_model, b_model = _networks(cfg, n_bands, cfg.train_dtype)
@@ -763,6 +766,8 @@ def _fit_stages(
             tc = dataclasses.replace(tc, patch_size=side)
         if steps is not None:
             tc = dataclasses.replace(tc, steps=max(int(steps[stage - 1]), 1), patience=0)
+        elif not held:
+            tc = dataclasses.replace(tc, steps=min(tc.steps, NO_VALIDATION_STEPS))
         common = {"patch_size": tc.patch_size, "batch_size": tc.batch_size, "preload": tc.preload}
         sampler = PatchSampler(cube, times, items=ordered_pairs(n), seed=tc.seed, augment=tc.augment, **common)
         val = PatchSampler(cube, [*times, *held], items=val_items, seed=tc.seed + 7919, **common) if held else None

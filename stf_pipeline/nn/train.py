@@ -42,6 +42,8 @@ from stf_pipeline.nn.sampler import Batch, PatchSampler
 log = logging.getLogger(__name__)
 
 LOSSES: tuple[str, ...] = ("l1", "l2")
+#: steps per stage when there is nothing to validate on (two training dates, no val_times)
+NO_VALIDATION_STEPS = 500
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 
@@ -452,14 +454,14 @@ def holdout_split(times: Sequence[Any], *, name: str) -> tuple[list[Any], list[A
     With three or more dates, one date is held out: the interior date (never the first or the
     last, so the fitted dates still span the series) nearest the middle of the time span. With
     fewer there is nothing to spare: all dates are fitted, none validates, and a warning says
-    so (the budget is then the step and time limits alone).
+    so; the methods then train ``NO_VALIDATION_STEPS`` steps per stage at most.
     """
     times = list(times)
     if len(times) < 3:
         log.warning(
             "%s: %d training date(s): too few to hold one out for validation; training without validation "
-            "(no early stopping: the step and time limits end it). Pass val_times, or three or more train_times.",
-            name, len(times),
+            "for at most %d steps per stage (no early stopping). Pass val_times, or three or more train_times.",
+            name, len(times), NO_VALIDATION_STEPS,
         )
         return times, []
     values = np.asarray(times, dtype="datetime64[ns]").astype(np.int64).astype(np.float64)

@@ -15,7 +15,7 @@ grid (463.3 m / 926.6 m pixels), covering the fine area with a margin.
 Values are seeded random fields; :func:`write_products` returns them (reflectance before
 encoding, quality arrays, grids) so tests compute expected cube values independently.
 
-Usage: ``python tests/data/make_products.py OUTDIR``
+Usage: ``python tests/data/make_products.py OUTDIR [--size 2048]``
 """
 
 from __future__ import annotations
@@ -35,10 +35,14 @@ FINE_CRS, X0, Y0, RES = "EPSG:32633", 500_000.0, 4_000_000.0, 30.0
 FINE_SHAPE = (64, 80)
 #: product id of each fine scene and its bands' file names (cube band -> SR_Bn)
 LANDSAT = {
-    "2020-06-01": ("LC08_L2SP_190035_20200601_20200608_02_T1",
-                   {"blue": 2, "green": 3, "red": 4, "nir": 5, "swir1": 6, "swir2": 7}),
-    "2020-06-17": ("LE07_L2SP_190035_20200617_20200713_02_T1",
-                   {"blue": 1, "green": 2, "red": 3, "nir": 4, "swir1": 5, "swir2": 7}),
+    "2020-06-01": (
+        "LC08_L2SP_190035_20200601_20200608_02_T1",
+        {"blue": 2, "green": 3, "red": 4, "nir": 5, "swir1": 6, "swir2": 7},
+    ),
+    "2020-06-17": (
+        "LE07_L2SP_190035_20200617_20200713_02_T1",
+        {"blue": 1, "green": 2, "red": 3, "nir": 4, "swir1": 5, "swir2": 7},
+    ),
 }
 MODIS_DATES = {"2020-06-01": "2020153", "2020-06-09": "2020161", "2020-06-17": "2020169"}
 MODIS_BANDS = {"red": 1, "nir": 2, "blue": 3, "green": 4, "nir2": 5, "swir1": 6, "swir2": 7}
@@ -52,8 +56,14 @@ def write(path: Path, data: np.ndarray, *, crs: Any, transform: Any, nodata: flo
 
     with MemoryFile() as memory:
         with memory.open(
-            driver="GTiff", height=data.shape[0], width=data.shape[1], count=1, dtype=data.dtype,
-            crs=crs, transform=transform, nodata=nodata,
+            driver="GTiff",
+            height=data.shape[0],
+            width=data.shape[1],
+            count=1,
+            dtype=data.dtype,
+            crs=crs,
+            transform=transform,
+            nodata=nodata,
         ) as dst:
             dst.write(data, 1)
         with memory.open() as src:
@@ -92,8 +102,13 @@ def write_products(folder: Path, *, seed: int = 0) -> dict[str, Any]:
         qa[30:32, 5:9] = 1 << 4  # cloud shadow
         qa[35, 40] = 1 << 5  # snow: kept by default
         for band, number in numbers.items():
-            write(folder / f"{product}_SR_B{number}.TIF", dn[BANDS.index(band)], crs=FINE_CRS,
-                  transform=fine_transform, nodata=0)
+            write(
+                folder / f"{product}_SR_B{number}.TIF",
+                dn[BANDS.index(band)],
+                crs=FINE_CRS,
+                transform=fine_transform,
+                nodata=0,
+            )
         write(folder / f"{product}_QA_PIXEL.TIF", qa, crs=FINE_CRS, transform=fine_transform, nodata=1)
         out["fine"][date] = {"product": product, "dn": dn, "qa": qa}
     transform, shape = modis_grid()
@@ -110,10 +125,16 @@ def write_products(folder: Path, *, seed: int = 0) -> dict[str, Any]:
         state[3, 1] = 0b01 << 8  # small cirrus: kept by default
         state[1, 4] = 0b11  # cloud state "not set, assumed clear": kept
         for band, number in MODIS_BANDS.items():
-            write(folder / f"MOD09GA.061_sur_refl_b{number:02d}_1_doy{doy}_aid0001.tif",
-                  stored[list(MODIS_BANDS).index(band)], crs=SINUSOIDAL, transform=transform, nodata=-28672)
-        write(folder / f"MOD09GA.061_state_1km_1_doy{doy}_aid0001.tif", state, crs=SINUSOIDAL,
-              transform=state_transform)
+            write(
+                folder / f"MOD09GA.061_sur_refl_b{number:02d}_1_doy{doy}_aid0001.tif",
+                stored[list(MODIS_BANDS).index(band)],
+                crs=SINUSOIDAL,
+                transform=transform,
+                nodata=-28672,
+            )
+        write(
+            folder / f"MOD09GA.061_state_1km_1_doy{doy}_aid0001.tif", state, crs=SINUSOIDAL, transform=state_transform
+        )
         out["coarse"][date] = {"stored": stored, "state": state}
     out["coarse_transform"], out["state_transform"] = transform, state_transform
     return out
@@ -148,10 +169,14 @@ def write_stac(folder: Path, *, drop: tuple[str, str] | None = None) -> dict[str
         assets["qa_pixel"] = folder / f"{product}_QA_PIXEL.TIF"
         scenes["fine"].append((product, datetime.datetime.fromisoformat(date + "T09:40:00+00:00"), assets))
     for date, doy in MODIS_DATES.items():
-        assets = {f"sur_refl_b{n:02d}": folder / f"MOD09GA.061_sur_refl_b{n:02d}_1_doy{doy}_aid0001.tif"
-                  for n in MODIS_BANDS.values()}
+        assets = {
+            f"sur_refl_b{n:02d}": folder / f"MOD09GA.061_sur_refl_b{n:02d}_1_doy{doy}_aid0001.tif"
+            for n in MODIS_BANDS.values()
+        }
         assets["state_1km"] = folder / f"MOD09GA.061_state_1km_1_doy{doy}_aid0001.tif"
-        scenes["coarse"].append((f"MOD09GA.A{doy}.h19v05.061", datetime.datetime.fromisoformat(date + "T10:30:00+00:00"), assets))
+        scenes["coarse"].append(
+            (f"MOD09GA.A{doy}.h19v05.061", datetime.datetime.fromisoformat(date + "T10:30:00+00:00"), assets)
+        )
     out = {}
     root = pystac.Catalog("stf-test", "small Landsat and MODIS-like COGs")
     for role, entries in scenes.items():
@@ -167,11 +192,16 @@ def write_stac(folder: Path, *, drop: tuple[str, str] | None = None) -> dict[str
             ProjectionExtension.add_to(item)
             for key, path in assets.items():
                 if (item_id, key) != drop:
-                    item.add_asset(key, _asset(pystac, path, ["data"] if key not in ("qa_pixel", "state_1km") else ["qa"]))
+                    item.add_asset(
+                        key, _asset(pystac, path, ["data"] if key not in ("qa_pixel", "state_1km") else ["qa"])
+                    )
             items.append(item)
         collection = pystac.Collection(
-            f"{role}-collection", f"{role} scenes", pystac.Extent(
-                pystac.SpatialExtent([list(items[0].bbox)]), pystac.TemporalExtent([[items[0].datetime, items[-1].datetime]])
+            f"{role}-collection",
+            f"{role} scenes",
+            pystac.Extent(
+                pystac.SpatialExtent([list(items[0].bbox)]),
+                pystac.TemporalExtent([[items[0].datetime, items[-1].datetime]]),
             ),
         )
         collection.add_items(items)
@@ -183,10 +213,14 @@ def write_stac(folder: Path, *, drop: tuple[str, str] | None = None) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
+    global FINE_SHAPE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, help="fine images of SIZE x SIZE pixels (default 64 x 80)")
     args = parser.parse_args(argv)
+    if args.size:
+        FINE_SHAPE = (args.size, args.size)
     write_products(args.outdir, seed=args.seed)
     write_stac(args.outdir)
 

@@ -2,15 +2,15 @@
 
 A method without an entry in ``CASES`` is checked with its default parameters on the default
 cube. Learned methods (one training step of a tiny network, then the checks) are marked ``slow``:
-compiling their networks for every block shape takes about 30 s each on a CPU. No backend is GPU-only today (``pallas`` runs interpreted on a CPU); one that is would be
-listed in ``GPU_ONLY`` and skipped where JAX's default device is a CPU.
+compiling their networks for every block shape takes tens of seconds each on a CPU. No backend
+is GPU-only today (``pallas`` runs interpreted on a CPU); one that is would be listed in
+``GPU_ONLY`` and skipped where JAX's default device is a CPU.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest

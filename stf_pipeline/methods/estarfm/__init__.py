@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from stf_pipeline.methods._base import MethodSpec, SceneStatistics
 from stf_pipeline.methods.estarfm.core import (
+    STATISTICS,
     estarfm_numba,
     estarfm_numpy,
-    fit_statistics,
     halo,
     spectral_correlation,
     sum_terms,
-    summarize,
 )
 from stf_pipeline.methods.estarfm.jax import estarfm_jax, estarfm_pallas
 from stf_pipeline.methods.estarfm.params import EstarfmParams
@@ -27,7 +26,7 @@ METHOD: MethodSpec[EstarfmParams] = MethodSpec(
     auto={"cpu": "numba", "gpu": "pallas"},
     halo=halo,
     n_pairs=(2, 2),
-    statistics=SceneStatistics(summarize, fit_statistics),
+    statistics=SceneStatistics(STATISTICS.summarize, STATISTICS.fit),
 )
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""ESTARFM's NumPy reference, host kernels and engine hooks: the Enhanced STARFM for complex heterogeneous regions (Zhu et al. 2010).
+"""ESTARFM (Zhu et al. 2010): the NumPy reference, the host kernels and the engine hooks.
 
 Zhu, X., Chen, J., Gao, F., Chen, X., Masek, J. G. (2010). An enhanced spatial and temporal
 adaptive reflectance fusion model for complex heterogeneous regions. Remote Sensing of
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from stf_pipeline.exceptions import MethodError
-from stf_pipeline.kernels.similar import accumulate_numpy, check_window, f_critical
-from stf_pipeline.kernels.stats import class_std_summary, quiet_nan, scene_std, with_class_std
+from stf_pipeline.kernels.similar import accumulate_numpy, f_critical
+from stf_pipeline.kernels.stats import ClassStd, quiet_nan, scene_std
 from stf_pipeline.kernels.window import box_sum
 from stf_pipeline.methods._base import MethodContext
 from stf_pipeline.methods.estarfm.numba import estarfm_finish, estarfm_sums
@@ -230,7 +230,12 @@ def estarfm_numpy(
 
 
 def estarfm_numba(
-    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, *, params: EstarfmParams, model: object | None = None
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
+    *,
+    params: EstarfmParams,
+    model: object | None = None,
 ) -> np.ndarray:
     """ESTARFM of one block (backend ``numba``): the window sums compiled per pixel
     (:func:`stf_pipeline.methods.estarfm.numba.estarfm_sums`, float64 accumulation; fastest on
@@ -246,13 +251,5 @@ def halo(params: EstarfmParams, context: MethodContext) -> int:
     return params.half_window
 
 
-def summarize(fine: Any, coarse: Any, coarse_target: Any, params: EstarfmParams) -> tuple[Any, ...] | None:
-    """``SceneStatistics.summarize``: checks the window against the scene; the scene std of each
-    fine band unless ``class_std`` is given."""
-    check_window(params.window_radius, tuple(fine.shape[-2:]), "estarfm")
-    return None if params.class_std is not None else (class_std_summary(fine),)
-
-
-def fit_statistics(params: EstarfmParams, std: Any) -> EstarfmParams:
-    """``SceneStatistics.fit``: ``class_std`` from the scene std."""
-    return with_class_std(params, std, "estarfm")
+#: ``MethodSpec.statistics``: the scene std of each fine band, once for the whole scene.
+STATISTICS = ClassStd("estarfm")

@@ -57,7 +57,14 @@ def _jax_program(radius: int, tile: int, pallas: bool) -> Any:
 
 
 def predict_xp(
-    xp: Any, sums: list[Any], fine: Any, change_sum: Any, n_valid: Any, valid: Any, table: np.ndarray, params: EstarfmParams
+    xp: Any,
+    sums: list[Any],
+    fine: Any,
+    change_sum: Any,
+    n_valid: Any,
+    valid: Any,
+    table: np.ndarray,
+    params: EstarfmParams,
 ) -> Any:
     """ESTARFM's per-pixel prediction from the window sums as whole-array float64 operations
     (``jax.numpy`` on the device; the formulas of the compiled host prediction,
@@ -127,7 +134,12 @@ def _on_device(
 
 
 def estarfm_jax(
-    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, *, params: EstarfmParams, model: object | None = None
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
+    *,
+    params: EstarfmParams,
+    model: object | None = None,
 ) -> np.ndarray:
     """ESTARFM of one block (backend ``jax``): window sums as ``lax.fori_loop`` over offsets in
     tiles, float32, on any JAX device; float64 prediction on the device."""
@@ -135,7 +147,12 @@ def estarfm_jax(
 
 
 def estarfm_pallas(
-    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, *, params: EstarfmParams, model: object | None = None
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
+    *,
+    params: EstarfmParams,
+    model: object | None = None,
 ) -> np.ndarray:
     """ESTARFM of one block (backend ``pallas``): window sums by the Pallas kernel (float32; fastest
     on GPUs, interpreted on CPUs); float64 prediction on the device."""

@@ -21,13 +21,9 @@ import numba
 import numpy as np
 
 from stf_pipeline.kernels.pool import run_rows
-from stf_pipeline.kernels.similar import offset_distances
+from stf_pipeline.kernels.similar import as_f32, offset_distances
 
 _F1 = np.float32(1.0)
-
-
-def _f32(a: Any) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -275,7 +271,7 @@ def estarfm_finish(
     """
     count, total, *rest = (np.asarray(a, dtype=np.float64) for a in accs)
     sums = np.ascontiguousarray(np.stack(rest))
-    f = _f32(fine)
+    f = as_f32(fine)
     out = np.empty(f.shape[1:], dtype=np.float32)
     inputs = (
         np.ascontiguousarray(count), np.ascontiguousarray(total), sums, f,
@@ -289,7 +285,8 @@ def estarfm_finish(
 
 
 def spectral_correlation(fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
-    """ESTARFM's ``R`` per pixel (see :func:`stf_pipeline.methods.estarfm.core.spectral_correlation`), float64 ``(y, x)``.
+    """ESTARFM's ``R`` per pixel, float64 ``(y, x)``
+    (see :func:`stf_pipeline.methods.estarfm.core.spectral_correlation`).
 
     ``fine``, ``coarse``: ``(pair, band, y, x)``.
     """
@@ -314,19 +311,20 @@ def estarfm_sums(
 ) -> list[np.ndarray]:
     """ESTARFM's twelve window sums (as :func:`stf_pipeline.methods.estarfm.core.body` accumulates them), float64.
 
-    ``centre``, ``neighbour``, ``constants``: the arrays of :func:`stf_pipeline.methods.estarfm.core.prepare_arrays`; ``eps``:
+    ``centre``, ``neighbour``, ``constants``: the arrays of
+    :func:`stf_pipeline.methods.estarfm.core.prepare_arrays`; ``eps``:
     added to ``(1 - R) D`` before inverting. Returns ``[count, total, *sums]``: ``(y, x)`` twice,
     then ten ``(band, y, x)``.
     """
-    fine = _f32(neighbour["fine"])
+    fine = as_f32(neighbour["fine"])
     n_bands, h, w = fine.shape[1:]
     inverse_radius = np.float32(constants["inverse_radius"])
     distance_term = _F1 + offset_distances(radius) * inverse_radius
-    threshold = _f32(np.asarray(constants["threshold"]).reshape(fine.shape[:2]))
+    threshold = as_f32(np.asarray(constants["threshold"]).reshape(fine.shape[:2]))
     count = np.empty((h, w), dtype=np.float64)
     total = np.empty((h, w), dtype=np.float64)
     sums = np.empty((10, n_bands, h, w), dtype=np.float64)
-    arrays = [_f32(neighbour[k]) for k in ("spread", "fine0", "coarse0", "change")]
+    arrays = [as_f32(neighbour[k]) for k in ("spread", "fine0", "coarse0", "change")]
     inputs = (fine, *arrays, threshold, distance_term, np.float32(eps), int(radius))
     run_rows(_estarfm_rows, h, inputs, (count, total, sums), threaded=threaded)
     return [count, total, *sums]

@@ -15,16 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from stf_pipeline.kernels.pallas import (
-    BLOCK,
-    blocked_shape,
-    call,
-    distance_factor,
-    loader,
-    over_offsets,
-    pad_planes,
-    store,
-)
+from stf_pipeline.kernels import pallas as kp
 from stf_pipeline.methods.estarfm.core import FILLS, WEIGHT_EPS, sum_terms
 
 
@@ -45,7 +36,7 @@ def estarfm_program(radius: int, bands: int, eps: float, interpret: bool) -> Cal
     inverse_radius = 1.0 / radius
 
     def kernel(thr_ref: Any, fine_ref: Any, spread_ref: Any, coarse_ref: Any, change_ref: Any, out_ref: Any) -> None:
-        load = loader(pl.program_id(0) * BLOCK[0], pl.program_id(1) * BLOCK[1])
+        load = kp.loader(pl.program_id(0) * kp.BLOCK[0], pl.program_id(1) * kp.BLOCK[1])
         centre = [load(fine_ref, k, radius, radius) for k in range(2 * nb)]
         fine1 = [jnp.where(jnp.isnan(centre[b]), 0.0, centre[b]) for b in range(nb)]
         coarse1 = [load(coarse_ref, b, radius, radius) for b in range(nb)]
@@ -57,7 +48,7 @@ def estarfm_program(radius: int, bands: int, eps: float, interpret: bool) -> Cal
             for k in range(1, 2 * nb):
                 similar = similar & (jnp.abs(q[k] - centre[k]) < threshold[k])
             m = similar.astype(jnp.float32)
-            w = m / (load(spread_ref, 0, dy, dx) * distance_factor(dy, dx, radius, inverse_radius) + np.float32(eps))
+            w = m / (load(spread_ref, 0, dy, dx) * kp.distance_factor(dy, dx, radius, inverse_radius) + np.float32(eps))
             accs[0] = accs[0] + m
             accs[1] = accs[1] + w
             for b in range(nb):
@@ -70,11 +61,11 @@ def estarfm_program(radius: int, bands: int, eps: float, interpret: bool) -> Cal
                     accs[2 + s * nb + b] = accs[2 + s * nb + b] + term
             return accs
 
-        zero = jnp.zeros(BLOCK, jnp.float32)
-        store(out_ref, over_offsets(radius, [zero] * (2 + 10 * nb), one))
+        zero = jnp.zeros(kp.BLOCK, jnp.float32)
+        kp.store(out_ref, kp.over_offsets(radius, [zero] * (2 + 10 * nb), one))
 
     def run(threshold: Any, fine: Any, spread: Any, coarse0: Any, change: Any, shape: tuple[int, int]) -> Any:
-        return call(kernel, 2 + 10 * nb, shape, interpret, threshold, fine, spread, coarse0, change)
+        return kp.call(kernel, 2 + 10 * nb, shape, interpret, threshold, fine, spread, coarse0, change)
 
     return jax.jit(run, static_argnames="shape")
 
@@ -84,11 +75,11 @@ def pallas_sums(neighbour: dict[str, Any], threshold: Any, radius: int) -> list[
     import jax
 
     pairs, bands, ny, nx = neighbour["fine"].shape
-    shape = blocked_shape((ny, nx))
+    shape = kp.blocked_shape((ny, nx))
 
     def planes(name: str) -> Any:
         a = neighbour[name].reshape((-1, ny, nx))
-        return pad_planes(a, radius, shape, np.nan if name == "fine" else FILLS[name])
+        return kp.pad_planes(a, radius, shape, np.nan if name == "fine" else FILLS[name])
 
     program = estarfm_program(radius, bands, WEIGHT_EPS, jax.default_backend() == "cpu")
     sums = program(threshold.reshape(-1), *(planes(n) for n in ("fine", "spread", "coarse0", "change")), shape=shape)

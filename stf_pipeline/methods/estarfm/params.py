@@ -66,7 +66,9 @@ class EstarfmParams:
         if not self.max_conversion > 0:
             raise MethodError(f"estarfm: max_conversion must be > 0, got {self.max_conversion}.")
         if self.min_similar < 3:
-            raise MethodError(f"estarfm: min_similar must be >= 3 (a regression needs 3 points), got {self.min_similar}.")
+            raise MethodError(
+                f"estarfm: min_similar must be >= 3 (a regression needs 3 points), got {self.min_similar}."
+            )
         if self.tile is not None and self.tile < 0:
             raise MethodError(f"estarfm: tile must be >= 0 (0: whole block), got {self.tile}.")
 

@@ -17,7 +17,8 @@ prediction that captures land-cover change. Steps (paper section and the authors
     each class (fraction > 0.01) whose coarse change lies within that class's 10th-90th
     percentiles give the rows of ``ΔC = Σ_c f_c Δf_c``; ``Δf`` is bounded to
     ``[min ΔC - std ΔC, max ΔC + std ΔC]`` over the window (IDL ``P_OLS`` with
-    ``CONSTRAINED_MIN``), solved by a batched active-set method (:func:`stf_pipeline.kernels.lstsq.box_lstsq`). The window
+    ``CONSTRAINED_MIN``), solved by a batched active-set method
+    (:func:`stf_pipeline.kernels.lstsq.box_lstsq`). The window
     moves with the cell, so the change varies across large scenes;
 (d) **temporal prediction** ``F_TP = F1 + Δf(class)`` and its coarse **residual**
     ``R = ΔC - Σ_c f_c Δf_c`` (Eq. 5-8, :func:`residuals`);
@@ -30,35 +31,19 @@ prediction that captures land-cover change. Steps (paper section and the authors
     pixels within ``half_window=20`` pixels (:func:`similar_pixel_blend`), as in the IDL code's
     2017 revision: candidates are pixels within a per-band threshold ``2σ/n_classes`` rather than
     of the same class, and the weight includes the spectral difference as well as the distance.
-    This step is 95 % of the work: a compiled Numba scan on the CPU, ``lax.top_k`` over row
+    This step is most of the work: a compiled Numba scan on the CPU, ``lax.top_k`` over row
     strips with JAX on a GPU (backends ``numba`` and ``jax``), both choosing the same pixels.
 
-Chunk-border correctness
-------------------------
-Everything a block computes is either per pixel or a function of a fixed neighbourhood: class
-centres and the fine clip are scene-wide parameters fitted once before the blocks run
-(``METHOD.statistics``, lazily for Dask input); every window (unmixing, allowed range, similarity
-threshold, TPS, homogeneity, similar pixels) is centred on the cell or pixel and truncated only at
-the block edge. The halo is ``max(coarse_factor · (ceil(half_window / coarse_factor) + max(unmix_radius,
-tps_radius) + 1), 2 · half_window)`` fine pixels, which covers the longest dependency chains
-(similar pixel → its cell → that cell's window; similar pixel → its homogeneity window), and the
-engine aligns blocks to cells (``coarse_aligned=True``). So every output pixel sees exactly the
-data it sees in an unchunked run; window sums are accumulated
-in a fixed order and every cell's small systems are solved on their own, so chunked equals
-unchunked (bitwise in practice; the tests allow 1e-6 for batched LAPACK/BLAS rounding).
-
-Where this differs from the authors' code (all deliberate): statistics that the IDL code takes
-over a whole 30x30-cell processing block (unmixing samples and bounds, allowed value range,
-similarity threshold) are taken over the moving ``unmix_radius`` window, so they do not depend on
-how the scene is tiled; the fine-image noise clip (0.01/99.99 percentiles) is global; the constraint
-is kept (the authors' Python port drops it); the out-of-range clamp enforces both bounds; ties in
-purity are broken by distance to the cell; classes are fitted on a subsample (k-means by default,
-our ISODATA with the IDL parameters on request) rather than by ENVI's ISODATA on every pixel.
+Every window is centred on its cell or pixel and truncated only at the block edge, class centres
+and the noise clip are fitted once for the scene (``METHOD.statistics``), and the halo covers the
+longest dependency chain (:func:`halo`), so chunked equals unchunked. Why, and where this differs
+from the authors' code: ``docs/methods/fsdaf.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -254,31 +239,11 @@ def _range_fix(
     return np.where((pred < lo) | (pred > hi), fallback, pred)
 
 
-def fsdaf_numba(
-    fine: np.ndarray,
-    coarse: np.ndarray,
-    coarse_target: np.ndarray,
-    *,
-    params: FSDAFParams,
-    model: object | None = None,
-    extra: dict[str, np.ndarray] | None = None,
-) -> np.ndarray:
-    """FSDAF of one block (backend ``numba``, the reference): every step compiled for the CPU."""
-    return fsdaf_kernel(fine, coarse, coarse_target, params=params, extra=extra, backend="numba")
-
-
-def fsdaf_jax(
-    fine: np.ndarray,
-    coarse: np.ndarray,
-    coarse_target: np.ndarray,
-    *,
-    params: FSDAFParams,
-    model: object | None = None,
-    extra: dict[str, np.ndarray] | None = None,
-) -> np.ndarray:
-    """FSDAF of one block (backend ``jax``): the similar-pixel step (g), 95 % of the work, with JAX
-    on its default device (``lax.top_k`` over row strips); the other steps as ``numba``."""
-    return fsdaf_kernel(fine, coarse, coarse_target, params=params, extra=extra, backend="jax")
+#: FSDAF of one block, backend ``numba`` (the reference): every step compiled for the CPU.
+fsdaf_numba = functools.partial(fsdaf_kernel, backend="numba")
+#: FSDAF of one block, backend ``jax``: the similar-pixel step (g), most of the work, with JAX on
+#: its default device (``lax.top_k`` over row strips); the other steps as ``numba``.
+fsdaf_jax = functools.partial(fsdaf_kernel, backend="jax")
 
 
 def prepare(params: FSDAFParams, context: MethodContext, model: object | None = None) -> FSDAFParams:

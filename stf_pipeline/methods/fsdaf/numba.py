@@ -1,6 +1,6 @@
 """FSDAF's compiled CPU kernels (Numba): the similar-pixel step (g) and the per-pixel and per-cell steps.
 
-:func:`blend` (step g) is 95 % of the work. :func:`distribute`, :func:`temporal`,
+:func:`blend` (step g) is most of the work. :func:`distribute`, :func:`temporal`,
 :func:`cell_extremes`, :func:`cell_mean` and :func:`homogeneity` replace NumPy expressions that
 made several full-size temporaries; each pixel or cell is computed on its own, in a fixed order.
 
@@ -18,7 +18,7 @@ the process-wide pool of one thread per core that STARFM and ESTARFM use too
 (:func:`stf_pipeline.kernels.pool.run_rows`: shared by all Dask threads, so blocks
 mapped at once never run more row strips than there are cores). Each pixel is computed on its own, so the
 result does not depend on the split. ``cache=True`` keeps the compiled code on disk next to this
-module (``__pycache__``), so only the first run on a machine pays the compilation (about 4 s).
+module (``__pycache__``), so only the first run on a machine pays the compilation.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _blend_rows(
                 for i in range(m):
                     packed = (np.int64(key_bits[i]) << 32) | (base + i)
                     hit[c] = packed
-                    c += packed < worst
+                    c += packed < worst  # type: ignore[assignment]  # bool as 0/1, compiled
                 for q in range(c):
                     packed = hit[q]
                     if packed >= worst:

@@ -54,12 +54,11 @@ class FSDAFParams:
         Purest cells per class used for unmixing (IDL ``num_pure=100``).
     unmix_radius : int, default 8
         Half side, in cells, of the moving window for unmixing, allowed range and similarity
-        threshold. The IDL code uses fixed 30x30-cell blocks; 17x17 cells is our choice: on
-        ``zhu_fsdaf_lgc`` radius 5 was worse (RMSE 0.0203) and 12 or 15 no better (0.0200) than 8
-        (0.0200), while the halo grows with it.
+        threshold. The IDL code uses fixed 30x30-cell blocks; 17x17 cells is our choice
+        (measured in ``docs/methods/fsdaf.md``), while the halo grows with it.
     tps_radius : int, default 3
         Half side, in cells, of the knot neighbourhood of each local thin-plate spline (our
-        choice: 7x7 knots; 5 gives the same RMSE on ``zhu_fsdaf_lgc`` at more cost).
+        choice: 7x7 knots; ``docs/methods/fsdaf.md``).
     valid_range : (float, float), default (0.0, 1.0)
         Physical range of reflectance (IDL ``DN_min``/``DN_max`` = 0/10000 at scale 1e-4).
     n_samples : int, default 20000

@@ -9,7 +9,7 @@ The method (equations, departures from the paper and the USDA program) is descri
 from __future__ import annotations
 
 from stf_pipeline.methods._base import MethodSpec, SceneStatistics
-from stf_pipeline.methods.starfm.core import fit_statistics, halo, prepare, starfm_numpy, summarize
+from stf_pipeline.methods.starfm.core import STATISTICS, halo, prepare, starfm_numpy
 from stf_pipeline.methods.starfm.jax import starfm_jax, starfm_pallas
 from stf_pipeline.methods.starfm.numba import starfm_numba
 from stf_pipeline.methods.starfm.params import StarfmParams
@@ -22,7 +22,7 @@ METHOD: MethodSpec[StarfmParams] = MethodSpec(
     halo=halo,
     n_pairs=(1, 8),
     prepare=prepare,
-    statistics=SceneStatistics(summarize, fit_statistics),
+    statistics=SceneStatistics(STATISTICS.summarize, STATISTICS.fit),
 )
 
 __all__ = ["METHOD", "StarfmParams", "starfm_jax", "starfm_numba", "starfm_numpy", "starfm_pallas"]

@@ -55,7 +55,12 @@ def _on_device(
 
 
 def starfm_jax(
-    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, *, params: StarfmParams, model: object | None = None
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
+    *,
+    params: StarfmParams,
+    model: object | None = None,
 ) -> np.ndarray:
     """STARFM of one block (backend ``jax``): the window sums as ``lax.fori_loop`` over offsets in
     tiles (:func:`stf_pipeline.kernels.similar.window_sums`), float32, on any JAX device."""
@@ -63,7 +68,12 @@ def starfm_jax(
 
 
 def starfm_pallas(
-    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, *, params: StarfmParams, model: object | None = None
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
+    *,
+    params: StarfmParams,
+    model: object | None = None,
 ) -> np.ndarray:
     """STARFM of one block (backend ``pallas``): the window sums by the Pallas kernel of
     :mod:`stf_pipeline.methods.starfm.pallas` (float32; fastest on GPUs, interpreted on CPUs)."""

@@ -19,16 +19,12 @@ import numba
 import numpy as np
 
 from stf_pipeline.kernels.pool import run_rows
-from stf_pipeline.kernels.similar import offset_distances
+from stf_pipeline.kernels.similar import as_f32, offset_distances
 from stf_pipeline.methods.starfm.core import finish, prepare_arrays, scene_constants
 from stf_pipeline.methods.starfm.params import StarfmParams
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
-
-
-def _f32(a: Any) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -115,22 +111,27 @@ def starfm_sums(
     ``centre``, ``neighbour``, ``constants``: the arrays of ``core.prepare_arrays``;
     ``strict``: the paper's filter (else the USDA program's ``either``).
     """
-    fine = _f32(neighbour["fine"])
+    fine = as_f32(neighbour["fine"])
     n_bands, h, w = fine.shape[1:]
     inverse_radius = np.float32(constants["inverse_radius"])
     factor = _F1 / (_F1 + offset_distances(radius) * inverse_radius)
     total = np.empty((n_bands, h, w), dtype=np.float64)
     weighted = np.empty((n_bands, h, w), dtype=np.float64)
-    threshold = _f32(np.asarray(constants["threshold"]).reshape(fine.shape[:2]))
-    arrays = [_f32(neighbour[k]) for k in ("spectral", "temporal", "unit", "inverse", "local")]
-    arrays += [_f32(centre["spectral"]), _f32(centre["temporal"])]
+    threshold = as_f32(np.asarray(constants["threshold"]).reshape(fine.shape[:2]))
+    arrays = [as_f32(neighbour[k]) for k in ("spectral", "temporal", "unit", "inverse", "local")]
+    arrays += [as_f32(centre["spectral"]), as_f32(centre["temporal"])]
     inputs = (fine, *arrays, threshold, factor, int(radius), bool(strict))
     run_rows(_starfm_rows, h, inputs, (total, weighted), threaded=threaded)
     return total, weighted
 
 
 def starfm_numba(
-    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, *, params: StarfmParams, model: object | None = None
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
+    *,
+    params: StarfmParams,
+    model: object | None = None,
 ) -> np.ndarray:
     """STARFM of one block (backend ``numba``): the window sums compiled per row, float64
     accumulation; fastest on CPUs."""

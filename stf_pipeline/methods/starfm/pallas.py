@@ -15,16 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from stf_pipeline.kernels.pallas import (
-    BLOCK,
-    blocked_shape,
-    call,
-    distance_factor,
-    loader,
-    over_offsets,
-    pad_planes,
-    store,
-)
+from stf_pipeline.kernels import pallas as kp
 from stf_pipeline.methods.starfm.params import StarfmParams
 
 
@@ -56,14 +47,14 @@ def starfm_program(radius: int, pairs: int, bands: int, strict: bool, interpret:
         local_ref: Any,
         out_ref: Any,
     ) -> None:
-        load = loader(pl.program_id(0) * BLOCK[0], pl.program_id(1) * BLOCK[1])
+        load = kp.loader(pl.program_id(0) * kp.BLOCK[0], pl.program_id(1) * kp.BLOCK[1])
         centre = [load(fine_ref, k, radius, radius) for k in range(pairs * nb)]
         spectral_min = [load(smin_ref, b, radius, radius) for b in range(nb)]
         temporal_min = [load(tmin_ref, b, radius, radius) for b in range(nb)]
         threshold = [thr_ref[k] for k in range(pairs * nb)]
 
         def one(dy: Any, dx: Any, accs: list[Any]) -> list[Any]:
-            factor = distance_factor(dy, dx, radius, inverse_radius)
+            factor = kp.distance_factor(dy, dx, radius, inverse_radius)
             for b in range(nb):
                 total = weighted = None
                 for p in range(pairs):
@@ -81,25 +72,27 @@ def starfm_program(radius: int, pairs: int, bands: int, strict: bool, interpret:
                 accs[nb + b] = accs[nb + b] + weighted
             return accs
 
-        zero = jnp.zeros(BLOCK, jnp.float32)
-        store(out_ref, over_offsets(radius, [zero] * (2 * nb), one))
+        zero = jnp.zeros(kp.BLOCK, jnp.float32)
+        kp.store(out_ref, kp.over_offsets(radius, [zero] * (2 * nb), one))
 
     def run(threshold: Any, *planes: Any, shape: tuple[int, int]) -> Any:
-        return call(kernel, 2 * nb, shape, interpret, threshold, *planes)
+        return kp.call(kernel, 2 * nb, shape, interpret, threshold, *planes)
 
     return jax.jit(run, static_argnames="shape")
 
 
-def pallas_sums(centre: dict[str, Any], neighbour: dict[str, Any], threshold: Any, params: StarfmParams) -> tuple[Any, Any]:
+def pallas_sums(
+    centre: dict[str, Any], neighbour: dict[str, Any], threshold: Any, params: StarfmParams
+) -> tuple[Any, Any]:
     """The window sums by :func:`starfm_program` (traceable)."""
     import jax
 
     pairs, bands, ny, nx = neighbour["fine"].shape
     radius = params.window_radius
-    shape = blocked_shape((ny, nx))
+    shape = kp.blocked_shape((ny, nx))
 
     def planes(a: Any) -> Any:
-        return pad_planes(a.reshape((-1, ny, nx)), radius, shape, np.nan)
+        return kp.pad_planes(a.reshape((-1, ny, nx)), radius, shape, np.nan)
 
     inverse = jax.numpy.where(neighbour["unit"] > 0, -1.0, neighbour["inverse"])
     program = starfm_program(radius, pairs, bands, params.filtering == "strict", jax.default_backend() == "cpu")

@@ -82,7 +82,9 @@ class StarfmParams:
         if not self.scale > 0:
             raise MethodError(f"starfm: scale must be > 0, got {self.scale}.")
         if self.filtering not in ("strict", "either"):
-            raise MethodError(f"starfm: filtering must be 'strict' (paper) or 'either' (USDA program), got {self.filtering!r}.")
+            raise MethodError(
+                f"starfm: filtering must be 'strict' (paper) or 'either' (USDA program), got {self.filtering!r}."
+            )
         if self.temporal_term not in ("pairs", "always"):
             raise MethodError(
                 f"starfm: temporal_term must be 'pairs' (USDA program) or 'always' (paper), got {self.temporal_term!r}."

@@ -77,21 +77,6 @@ def test_compiled_kernels_match_reference(n_bands, backend):
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=rtol, equal_nan=True)
 
 
-@settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 1000), ny=st.integers(1, 9), nx=st.integers(1, 9), radius=st.integers(1, 4))
-def test_box_sum_matches_brute_force(seed, ny, nx, radius):
-    from stf_pipeline.kernels.window import box_sum, box_sum_jax
-
-    a = np.random.default_rng(seed).random((2, ny, nx))
-    want = np.zeros_like(a)
-    for y in range(ny):
-        for x in range(nx):
-            window = a[:, max(0, y - radius) : y + radius + 1, max(0, x - radius) : x + radius + 1]
-            want[:, y, x] = window.sum(axis=(1, 2))
-    np.testing.assert_allclose(box_sum(a, radius), want, rtol=1e-12)
-    np.testing.assert_allclose(np.asarray(box_sum_jax(a.astype(np.float32), radius)), want, rtol=1e-5)
-
-
 def test_spectral_correlation_by_hand():
     fine = np.array([[[[0.1]], [[0.2]]], [[[0.3]], [[0.4]]]])  # (pair, band, 1, 1)
     coarse = np.array([[[[0.2]], [[0.1]]], [[[0.4]], [[0.5]]]])

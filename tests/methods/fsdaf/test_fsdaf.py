@@ -13,14 +13,10 @@ import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_fsdaf import reference_fsdaf
-from scipy.interpolate import RBFInterpolator
-from scipy.optimize import lsq_linear
 
 import stf_pipeline as stf
 from stf_pipeline.exceptions import MethodError
-from stf_pipeline.kernels.classify import isodata, kmeans, merge_clusters, nearest_centre, split_clusters
-from stf_pipeline.kernels.lstsq import box_lstsq
-from stf_pipeline.kernels.tps import local_tps, tps_matrix
+from stf_pipeline.kernels.classify import kmeans
 from stf_pipeline.methods import MethodContext, fsdaf
 from stf_pipeline.methods.fsdaf import core, residual, unmix
 from stf_pipeline.methods.fsdaf import numba as fsdaf_numba
@@ -52,63 +48,6 @@ def _params(factor: int, centres: np.ndarray, **kw) -> fsdaf.FSDAFParams:
 
 
 # ----- (a) classes -------------------------------------------------------------------------
-
-
-def test_kmeans_is_seeded_and_finds_separated_clusters():
-    rng = np.random.default_rng(0)
-    truth = np.array([[0.1, 0.2], [0.5, 0.1], [0.3, 0.6]])
-    x = np.concatenate([c + rng.normal(0, 0.01, (200, 2)) for c in truth])
-    a = kmeans(x, 3, seed=3)
-    np.testing.assert_array_equal(a, kmeans(x, 3, seed=3))
-    np.testing.assert_allclose(a, truth[np.lexsort(truth.T[::-1])], atol=0.005)
-    labels = nearest_centre(np.array([[0.1, np.nan], [0.2, 0.2]]), a)
-    assert labels[1] == -1 and labels[0] >= 0
-
-
-def test_kmeans_too_many_classes_is_a_clear_error():
-    with pytest.raises(MethodError, match="n_classes=4"):
-        kmeans(np.array([[0.1, 0.1], [0.2, 0.2], [0.1, 0.1]]), 4)
-
-
-def test_isodata_split_by_hand():
-    # one cluster, band 1 spread sigma = 0.1 > split_std: two centres at mean -/+ 1 sigma in band 1;
-    # the other (sigma 0.01) stays
-    x = np.array([[0.0, -0.1], [0.0, 0.1], [1.0, 0.99], [1.0, 1.01]])
-    centres = np.array([[0.0, 0.0], [1.0, 1.0]])
-    got = split_clusters(x, np.array([0, 0, 1, 1]), centres, max_new=4, split_std=0.05, split_mult=1.0)
-    np.testing.assert_allclose(got, [[0.0, -0.1], [1.0, 1.0], [0.0, 0.1]])
-    none = split_clusters(x, np.array([0, 0, 1, 1]), centres, max_new=0, split_std=0.05, split_mult=1.0)
-    np.testing.assert_array_equal(none, centres)
-
-
-def test_isodata_merge_by_hand():
-    # pairs closer than 0.05: (0, 1) at 0.01 and (2, 3) at 0.02, merged into count-weighted means,
-    # closest first; max_pairs and min_classes limit the merges
-    centres = np.array([[0.0], [0.01], [1.0], [1.02], [3.0]])
-    counts = np.array([3, 1, 1, 1, 5])
-    got = merge_clusters(centres, counts, max_pairs=2, merge_dist=0.05, min_classes=2)
-    np.testing.assert_allclose(got, [[3.0], [0.0025], [1.01]])
-    one = merge_clusters(centres, counts, max_pairs=1, merge_dist=0.05, min_classes=2)
-    np.testing.assert_allclose(one, [[1.0], [1.02], [3.0], [0.0025]])
-    floor = merge_clusters(centres, counts, max_pairs=2, merge_dist=0.05, min_classes=4)
-    np.testing.assert_allclose(floor, [[1.0], [1.02], [3.0], [0.0025]])
-
-
-def test_isodata_finds_the_clusters_within_its_class_bounds():
-    rng = np.random.default_rng(0)
-    truth = np.array([[0.1, 0.2], [0.5, 0.1], [0.3, 0.6], [0.7, 0.7]])
-    x = np.concatenate([c + rng.normal(0, 0.01, (300, 2)) for c in truth])
-    got = isodata(x, min_classes=4, max_classes=6, min_pixels=20)  # six start centres merge to four
-    np.testing.assert_allclose(got, truth[np.lexsort(truth.T[::-1])], atol=0.005)
-    wide = np.concatenate([x, [0.9, 0.2] + rng.normal(0, 0.01, (300, 2)) * [12, 1]])  # sigma 0.12 in band 0
-    five = np.concatenate([truth, [[0.9, 0.2]]])
-    np.testing.assert_allclose(isodata(wide, min_classes=2, max_classes=5, min_pixels=20),
-                               five[np.lexsort(five.T[::-1])], atol=0.01)
-    # room for a sixth class: the wide cluster splits into its halves, means 0.9 -/+ 0.12 sqrt(2 / pi)
-    six = isodata(wide, min_classes=2, max_classes=6, min_pixels=20)
-    np.testing.assert_allclose(six[-2:], [[0.804, 0.2], [0.996, 0.2]], atol=0.02)
-    with pytest.raises(MethodError, match="min_classes"):
-        isodata(x, min_classes=5, max_classes=4)
 
 
 def test_isodata_classifier_fits_centres_within_bounds_and_rejects_bad_settings():
@@ -157,27 +96,6 @@ def test_unmixing_recovers_a_known_class_change_exactly():
     np.testing.assert_allclose(residual.residuals(dc, frac, change), 0.0, atol=1e-6)
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.integers(1, 6), st.integers(0, 10_000))
-def test_box_lstsq_matches_scipy_bvls(k, seed):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(3, 4 * k + 2, k))
-    y = rng.normal(size=(3, 4 * k + 2)) * 3
-    lo, hi = -0.3 * np.ones(3), 0.4 * np.ones(3)
-    got = box_lstsq(np.swapaxes(x, 1, 2) @ x, np.einsum("nrk,nr->nk", x, y), lo, hi)
-    for n in range(3):
-        want = lsq_linear(x[n], y[n], bounds=(lo[n], hi[n]), method="bvls", tol=1e-14).x
-        np.testing.assert_allclose(got[n], want, atol=1e-8)
-    assert (got >= -0.3 - 1e-12).all() and (got <= 0.4 + 1e-12).all()
-
-
-def test_box_lstsq_equal_bounds_pin_and_empty_bounds_give_nan():
-    gram = np.repeat(np.eye(2)[None], 2, axis=0)
-    got = box_lstsq(gram, np.ones((2, 2)), np.array([0.3, np.inf]), np.array([0.3, -np.inf]))
-    np.testing.assert_array_equal(got[0], [0.3, 0.3])
-    assert np.isnan(got[1]).all()
-
-
 def test_change_bounds_are_window_range_plus_std():
     dc = np.arange(25, dtype=float).reshape(1, 5, 5)
     low, high = unmix.change_bounds(dc, 1)
@@ -187,28 +105,6 @@ def test_change_bounds_are_window_range_plus_std():
 
 
 # ----- (e) thin-plate spline ---------------------------------------------------------------
-
-
-def test_tps_interpolates_its_knots_and_reproduces_planes():
-    rng = np.random.default_rng(0)
-    knots = rng.uniform(-3, 3, (15, 2))
-    np.testing.assert_allclose(tps_matrix(knots, knots), np.eye(15), atol=1e-9)
-    targets = rng.uniform(-3, 3, (40, 2))
-    plane = 0.3 + 0.2 * knots[:, 0] - 0.7 * knots[:, 1]
-    np.testing.assert_allclose(tps_matrix(knots, targets) @ plane, 0.3 + 0.2 * targets[:, 0] - 0.7 * targets[:, 1], atol=1e-9)
-    values = rng.normal(size=15)
-    want = RBFInterpolator(knots, values, kernel="thin_plate_spline", degree=1)(targets)
-    np.testing.assert_allclose(tps_matrix(knots, targets) @ values, want, atol=1e-9)
-
-
-def test_local_tps_passes_through_cell_centres():
-    rng = np.random.default_rng(1)
-    cells = rng.uniform(0, 1, (2, 6, 7))
-    cells[:, 2, 3] = np.nan  # a missing knot changes the pattern around it
-    fine = local_tps(cells, 5, 2, (30, 35))
-    centre = fine[:, 2::5, 2::5]  # odd factor: the middle fine pixel sits on the cell centre
-    ok = np.isfinite(cells).all(axis=0)
-    np.testing.assert_allclose(centre[:, ok], cells[:, ok], atol=1e-9)
 
 
 # ----- (f) homogeneity and residual distribution -------------------------------------------

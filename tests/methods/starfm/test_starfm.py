@@ -260,3 +260,14 @@ def test_jax_kernel_one_tile_per_block_matches_reference():
     got = starfm_kernel(fine, coarse, target, params=params, backend="jax")
     want = reference_starfm(fine, coarse, target, radius=3, n_classes=8, strict=True)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_backend_passes_through_fuse_series_and_pipelines_check_it(tmp_path, small_cube):
+    target = small_cube.time.values[1]
+    fused = stf.fuse_series(small_cube, method="starfm", out=tmp_path / "s.zarr", targets=[target], radius=2,
+                            backend="numpy", progress=False)
+    want = stf.fuse(small_cube, target, method="starfm", radius=2, backend="numba")
+    np.testing.assert_allclose(fused["fine"].sel(time=target).values, want.values, rtol=0, atol=1e-6)
+    with pytest.raises(MethodError, match="no 'torch' backend"):
+        stf.fuse_series(small_cube, method="starfm", out=tmp_path / "t.zarr", targets=[target], radius=2,
+                        backend="torch", progress=False)
