@@ -258,7 +258,8 @@ def test_bad_inputs_raise_clear_errors(trained, cube):
     with pytest.raises(TaskError, match="needs at least two"):
         stf.train(cube, method="biastf", train_times=times[[1, 1]], config=FAST)
     small = stf.train(cube, method="biastf", train_times=times[[0, 1]], config={**FAST, "train": {**FAST["train"], "patch_size": 64}})
-    assert small.extra["validation"]["mode"].startswith("none")  # two dates: no validation (documented fallback)
+    assert small.extra["validation"]["mode"].startswith("none")  # two dates: no validation (documented fallback):
+    assert all(not np.any(leaf) for leaf in jax.tree_util.tree_leaves(small.params))  # zero networks, F(j) + dC
     nan_cube = cube.copy(deep=True)
     nan_cube["fine"][1] = np.nan
     with pytest.raises(ConfigError, match="all NaN"):

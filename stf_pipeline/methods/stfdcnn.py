@@ -30,6 +30,7 @@ other takes over); NaN where no pair predicts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import functools
 import math
 import os
@@ -646,6 +647,7 @@ def fit(
         ``workdir`` of another model.
     """
     from stf_pipeline.nn import FittedModel, holdout_split, save_history
+    from stf_pipeline.nn.train import NO_VALIDATION_STEPS
 
     validate_cube(cube, require_coarse_factor=True)
     cfg = STFDCNNConfig.resolve(config)
@@ -666,6 +668,8 @@ def fit(
     fit_dates = dates
     if auto:
         fit_dates, val_dates = holdout_split(dates, name="stfdcnn")
+        if not val_dates:
+            logging.getLogger(__name__).warning("stfdcnn: no validation: training %d steps per stage at most.", NO_VALIDATION_STEPS)
     coarse_factor = int(cube.attrs["coarse_factor"])
     r = int(cfg.lsr_factor) if cfg.lsr_factor is not None else default_lsr_factor(coarse_factor)
     bands = tuple(str(b) for b in cube["band"].values.tolist())
