@@ -5,7 +5,8 @@
 >>> pred = stf.fuse(cube, target=cube.time[2].values, method="delta")
 
 Public names are imported lazily (module ``__getattr__``), so ``import stf_pipeline`` stays
-cheap and does not import JAX; importing it registers the ``.stf`` accessor.
+cheap and does not import JAX; importing it registers the ``.stf`` accessor. Progress is logged
+under the ``stf_pipeline`` logger; ``stf_pipeline.log.setup()`` shows it (``stf`` does).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib
 from typing import Any
 
 from stf_pipeline import accessor as _accessor  # noqa: F401  (registers .stf)
+from stf_pipeline import log as _log  # noqa: F401  (the stf_pipeline logger, silent until log.setup())
 from stf_pipeline.exceptions import (
     CatalogError,
     ConfigError,
@@ -22,8 +24,8 @@ from stf_pipeline.exceptions import (
     MethodError,
     ModelError,
     PlotError,
-    StoreError,
     STFError,
+    StoreError,
     TaskError,
 )
 
@@ -43,7 +45,9 @@ _LAZY: dict[str, str] = {
     "available_methods": "stf_pipeline.methods",
     "get_method": "stf_pipeline.methods",
     "open_catalog": "stf_pipeline.catalog",
-    "ingest": "stf_pipeline.ingest",
+    "ingest": "stf_pipeline._ingest",
+    "from_stac": "stf_pipeline.stac",
+    "export": "stf_pipeline._export",
     "train": "stf_pipeline.training",
     "load_model": "stf_pipeline.training",
     "evaluate": "stf_pipeline.metrics",

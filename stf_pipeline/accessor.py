@@ -21,6 +21,7 @@ _BOUND: dict[str, tuple[str, str]] = {
     "train": ("stf_pipeline.training", "train"),
     "evaluate": ("stf_pipeline.metrics", "evaluate"),
     "compare": ("stf_pipeline.comparison", "compare"),
+    "to_geotiff": ("stf_pipeline._export", "to_geotiff"),
 }
 
 

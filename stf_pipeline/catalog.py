@@ -3,9 +3,17 @@
 A catalog names the files of a data set (explicitly by date, or by a glob with a date pattern),
 how to read each sensor (:class:`stf_pipeline.ingest.Sensor` fields, or a preset name), the cube
 bands, ``coarse_factor``, and the task: the target date, its pair dates, and optionally more
-evaluation ``targets`` and ``train`` dates for learned methods. Paths are relative to the
-catalog's ``root`` under the data root: ``$STF_DATA_ROOT`` if set, else ``../shared/data/real``
-beside the repository (:func:`data_root`), so a user points a catalog at their own copy.
+evaluation ``targets`` and ``train`` dates for learned methods. The shipped catalogs are package
+data (``stf_pipeline/catalogs``, a link to the clone's top-level ``catalogs/``), read with
+:mod:`importlib.resources`, so an installed package finds them too.
+
+File paths are relative to the catalog's ``root`` folder, which lies under a data root. The data
+root is, in this order (:func:`data_roots`): the ``root=`` argument (``--root``), else the first of
+``$STF_DATA_ROOT``, ``../shared/data/real`` beside a clone of the repository and
+``$XDG_DATA_HOME/stf_pipeline`` (``~/.local/share/stf_pipeline``) that holds the catalog's folder.
+A catalog's paths stay inside its folder: an absolute path or a ``..`` in ``root``, a file, a
+glob or a layer is an error (point ``root=`` elsewhere instead), so a catalog cannot hand
+arbitrary files of the machine to GDAL.
 
 Held-out truth images go into the data variable ``fine_truth``; ``fine`` is NaN at their dates.
 
@@ -13,7 +21,8 @@ Schema (unknown keys are errors)::
 
     name: zhu_estarfm            # defaults to the file name
     description: free text
-    root: zhu_estarfm            # folder under the data root (or an absolute path)
+    root: zhu_estarfm            # folder under the data root
+    download: where to get the files (shown when they are missing)
     bands: [green, red, nir]     # cube band names, in order
     coarse_factor: 20
     pixel_size: 30               # nominal, for files without georeferencing
@@ -30,6 +39,7 @@ preset (``preset: mod09ga``).
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 import warnings
 from collections.abc import Mapping
@@ -40,28 +50,57 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from stf_pipeline._schema import checked_keys
+from stf_pipeline._ingest import DEFAULT_CHUNKS, RESAMPLING, ingest
+from stf_pipeline._schema import checked_keys, safe_load
 from stf_pipeline.exceptions import CatalogError, TaskError
-from stf_pipeline.ingest import DEFAULT_CHUNKS, RESAMPLING, DatePattern, Sensor, get_sensor, ingest
-from stf_pipeline.task import Task, resolve_task
+from stf_pipeline.sensors import DatePattern, Sensor, get_sensor
+from stf_pipeline.task import Task, iso_date, resolve_task
 
 #: environment variable that overrides the data root
 DATA_ROOT_ENV = "STF_DATA_ROOT"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CATALOG_DIR = REPO_ROOT / "catalogs"
+#: the package's folder of shipped catalogs (a link to the clone's top-level ``catalogs/``)
+CATALOG_DIR = Path(str(importlib.resources.files("stf_pipeline") / "catalogs"))
+#: the folder that holds ``stf_pipeline/`` (a clone's root when the package is not installed)
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def data_roots() -> list[tuple[Path, str]]:
+    """Where catalog folders are looked for when no ``root`` is passed, in order, each with why.
+
+    ``$STF_DATA_ROOT`` when set (and then only it); else ``../shared/data/real`` beside the clone
+    this package runs from (when it runs from one), then ``$XDG_DATA_HOME/stf_pipeline``
+    (``~/.local/share/stf_pipeline``).
+    """
+    env = os.environ.get(DATA_ROOT_ENV)
+    if env:
+        return [(Path(env).expanduser(), f"${DATA_ROOT_ENV}")]
+    user = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "stf_pipeline"
+    roots = [(user, "the user data folder")]
+    if (_CHECKOUT / "pyproject.toml").is_file():  # running from a clone, not from an installed package
+        roots.insert(0, ((_CHECKOUT.parent / "shared" / "data" / "real").resolve(), "beside the clone"))
+    return roots
 
 
 def data_root() -> Path:
-    """Where catalog ``root`` folders live: ``$STF_DATA_ROOT``, else ``<repo>/../shared/data/real``."""
-    env = os.environ.get(DATA_ROOT_ENV)
-    if env:
-        return Path(env).expanduser()
-    return (REPO_ROOT.parent / "shared" / "data" / "real").resolve()
+    """The first existing folder of :func:`data_roots` (the first one when none exists)."""
+    roots = [path for path, _ in data_roots()]
+    return next((path for path in roots if path.is_dir()), roots[0])
 
 
 def catalog_names() -> list[str]:
-    """Names of the catalogs shipped in ``catalogs/``."""
+    """Names of the shipped catalogs."""
     return sorted(p.stem for p in CATALOG_DIR.glob("*.yaml"))
+
+
+def contained(path: str, where: str, *, pattern: bool = False) -> str:
+    """``path`` if it is relative and has no ``..`` part (it stays inside its folder), else a CatalogError."""
+    parts = Path(path).parts
+    if Path(path).is_absolute() or ".." in parts or (not pattern and not parts):
+        raise CatalogError(
+            f"{where}: {path!r} must be a path inside the catalog's folder (relative, without '..'); "
+            "to read files elsewhere, pass the data root (root= in Python, --root on the command line)."
+        )
+    return path
 
 
 def _check_keys(mapping: Any, allowed: tuple[str, ...], where: str, required: tuple[str, ...] = ()) -> dict:
@@ -73,10 +112,6 @@ def _date(value: Any, where: str) -> np.datetime64:
         return pd.Timestamp(value).to_datetime64().astype("datetime64[ns]")
     except (ValueError, TypeError):
         raise CatalogError(f"{where}: cannot read {value!r} as a date; use an ISO date such as 2001-05-24.") from None
-
-
-def _iso(date: np.datetime64) -> str:
-    return str(np.datetime_as_string(date, unit="D"))
 
 
 _SENSOR_KEYS = ("preset", *(f.name for f in dataclasses.fields(Sensor)))
@@ -135,7 +170,9 @@ class FileGroup:
             raw = spec["files"]
             if not isinstance(raw, Mapping) or not raw:
                 raise CatalogError(f"{where}.files must be a non-empty mapping {{date: path}}, got {raw!r}.")
-            files = tuple((_iso(_date(d, f"{where}.files")), str(p)) for d, p in raw.items())
+            files = tuple(
+                (iso_date(_date(d, f"{where}.files")), contained(str(p), f"{where}.files")) for d, p in raw.items()
+            )
         date = None
         if "date" in spec:
             d = _check_keys(spec["date"], ("regex", "format"), f"{where}.date", required=("regex", "format"))
@@ -145,7 +182,8 @@ class FileGroup:
         resampling = str(spec.get("resampling", "nearest"))
         if resampling not in RESAMPLING:
             raise CatalogError(f"{where}.resampling {resampling!r} is not one of {list(RESAMPLING)}.")
-        return cls(sensor=sensor, files=files, glob=spec.get("glob"), date=date, resampling=resampling)
+        glob = contained(str(spec["glob"]), f"{where}.glob", pattern=True) if "glob" in spec else None
+        return cls(sensor=sensor, files=files, glob=glob, date=date, resampling=resampling)
 
     def resolve(self, root: Path, where: str) -> dict[np.datetime64, Path]:
         """``{date: absolute path}`` under ``root``."""
@@ -160,7 +198,7 @@ class FileGroup:
             for path in found:
                 date = self.date.parse(path.relative_to(root))  # type: ignore[union-attr]
                 if date in out:
-                    raise CatalogError(f"{where}: two files for {_iso(date)}: {out[date]} and {path}.")
+                    raise CatalogError(f"{where}: two files for {iso_date(date)}: {out[date]} and {path}.")
                 out[date] = path
             return out
         return {_date(d, where): (root / p) for d, p in self.files}
@@ -183,9 +221,9 @@ class CatalogTask:
             value = spec.get(key) or []
             if not isinstance(value, list):
                 raise CatalogError(f"{where}.{key} must be a list of dates, got {value!r}.")
-            return tuple(_iso(_date(v, f"{where}.{key}")) for v in value)
+            return tuple(iso_date(_date(v, f"{where}.{key}")) for v in value)
 
-        target = _iso(_date(spec["target"], f"{where}.target"))
+        target = iso_date(_date(spec["target"], f"{where}.target"))
         pairs = dates("pairs") if spec.get("pairs") is not None else None
         targets = dates("targets") or (target,)
         if target not in targets:
@@ -208,6 +246,7 @@ class Catalog:
     coarse_factor: int | None = None
     pixel_size: float = 30.0
     description: str = ""
+    download: str = ""
     source: str = ""
 
     @classmethod
@@ -216,7 +255,7 @@ class Catalog:
         spec = _check_keys(
             spec,
             (
-                "name", "description", "root", "bands", "coarse_factor", "pixel_size",
+                "name", "description", "download", "root", "bands", "coarse_factor", "pixel_size",
                 "fine", "coarse", "truth", "layers", "task",
             ),
             where,
@@ -238,9 +277,9 @@ class Catalog:
                 f"got {layers!r}."
             )
         return cls(
-            layers=tuple(layers.items()),
+            layers=tuple((k, contained(v, f"{where}: layers.{k}")) for k, v in layers.items()),
             name=str(spec.get("name", Path(source).stem)),
-            root=str(spec.get("root", "")),
+            root=contained(str(spec.get("root", "")), f"{where}: root", pattern=True),
             bands=tuple(bands),
             fine=FileGroup.from_mapping(spec["fine"], f"{where}: fine", role="fine"),
             coarse=FileGroup.from_mapping(spec["coarse"], f"{where}: coarse", role="coarse"),
@@ -249,12 +288,34 @@ class Catalog:
             coarse_factor=factor,
             pixel_size=float(pixel_size),
             description=str(spec.get("description", "")).strip(),
+            download=str(spec.get("download", "")).strip(),
             source=source,
         )
 
     def root_path(self, root: str | os.PathLike[str] | None = None) -> Path:
-        base = Path(root).expanduser() if root is not None else data_root()
-        return base / self.root
+        """The folder holding this catalog's files: ``<root>/<self.root>`` for an explicit
+        ``root``, else under the first data root of :func:`data_roots` that has it.
+
+        Raises
+        ------
+        CatalogError
+            The folder is in none of the places looked at; the message lists them and says how
+            to get the data.
+        """
+        if root is not None:
+            looked = [(Path(root).expanduser(), "root= (--root)")]
+        else:
+            looked = data_roots()
+        for base, _ in looked:
+            if (base / self.root).is_dir():
+                return base / self.root
+        places = "; ".join(f"{base / self.root} ({why})" for base, why in looked)
+        get = f" Get the files: {self.download}" if self.download else ""
+        raise CatalogError(
+            f"catalog {self.name}: its data folder {self.root or 'the data root'!r} was not found; looked in {places}."
+            f"{get} Then put the folder {self.root!r} in one of those places, set ${DATA_ROOT_ENV} to the folder "
+            "that holds it, or pass that folder as the data root (root= in Python, --root on the command line)."
+        )
 
 
 def _read_layer(path: Path, cube: xr.Dataset, where: str) -> xr.DataArray:
@@ -289,14 +350,14 @@ def load_catalog(name_or_path: str | os.PathLike[str]) -> Catalog:
     path = Path(text)
     if not (text.endswith((".yaml", ".yml")) or path.exists()):
         path = CATALOG_DIR / f"{text}.yaml"
-        if not path.exists():
+        if Path(text).name != text or not path.exists():
             raise CatalogError(
                 f"unknown catalog {text!r}; shipped catalogs are {catalog_names()}, or pass a path to a YAML file."
             )
     if not path.is_file():
         raise CatalogError(f"catalog file {path} does not exist; check the path.")
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise CatalogError(f"catalog {path} is not valid YAML: {err}") from None
     return Catalog.from_mapping(spec, source=str(path))
@@ -315,7 +376,8 @@ def open_catalog(
     name_or_path : str, path or Catalog
         Shipped catalog name (see ``catalogs/``), a YAML path, or a loaded :class:`Catalog`.
     root : path-like, optional
-        Data root; default ``$STF_DATA_ROOT`` or ``../shared/data/real`` beside the repository.
+        Data root (the folder holding the catalog's ``root`` folder); default: the first of
+        :func:`data_roots` that holds it.
     chunks : mapping, optional
         Dask chunks (default 512×512, lazy); ``None`` loads into NumPy.
 
@@ -341,18 +403,13 @@ def open_catalog(
     catalog = name_or_path if isinstance(name_or_path, Catalog) else load_catalog(name_or_path)
     base = catalog.root_path(root)
     where = f"catalog {catalog.name}"
-    if not base.is_dir():
-        raise CatalogError(
-            f"{where}: its data folder {base} does not exist; set ${DATA_ROOT_ENV} (or pass root=) to the folder "
-            f"that holds {catalog.root or 'its files'!r}."
-        )
     fine = catalog.fine.resolve(base, f"{where}: fine")
     coarse = catalog.coarse.resolve(base, f"{where}: coarse")
     truth = catalog.truth.resolve(base, f"{where}: truth") if catalog.truth is not None else {}
     for date in truth:
         if date in fine:
             raise CatalogError(
-                f"{where}: {_iso(date)} has both a fine file and a truth file; a held-out date has no fine image."
+                f"{where}: {iso_date(date)} has both a fine file and a truth file; a held-out date has no fine image."
             )
     cube = ingest(
         fine,
@@ -373,7 +430,7 @@ def open_catalog(
             "stf_train_times": list(catalog.task.train),
         },
     )
-    times = {_iso(t) for t in cube["time"].values}
+    times = {iso_date(t) for t in cube["time"].values}
     for label, dates in (("targets", catalog.task.targets), ("pairs", catalog.task.pairs or ()), ("train", catalog.task.train)):
         missing = [d for d in dates if d not in times]
         if missing:

@@ -1,9 +1,16 @@
 """The ``stf`` command: a thin argparse layer over the library.
 
-``stf run PIPELINE.yaml``, ``stf info CUBE.zarr``, ``stf ingest CATALOG -o CUBE.zarr``,
-``stf bench NAME [ARGS...]`` (``stf_pipeline.benchmarks.NAME.main``) and
-``stf compare PIPELINE.yaml [ARGS...]`` (``stf_pipeline.comparison.main``). Errors of the library
-(:class:`~stf_pipeline.STFError`) are printed as one line and exit with status 1.
+``stf run PIPELINE``, ``stf info CUBE.zarr``, ``stf ingest CATALOG -o CUBE.zarr`` (or ``--fine GLOB
+--coarse GLOB``), ``stf export FUSED.zarr -o DIR``,
+``stf compare PIPELINE`` (:func:`stf_pipeline.pipeline.run_compare`) and ``stf bench NAME [ARGS...]``
+(``stf_pipeline.benchmarks.NAME.main``); ``stf --version``. ``-v``/``-q`` (before or after the
+command) show more or less of the ``stf_pipeline`` log on stderr (:mod:`stf_pipeline.log`).
+
+Errors of the library (:class:`~stf_pipeline.STFError`) and of the file system are printed as one
+line ``stf: error: ...`` worded for the command line (``--overwrite``, not ``overwrite=True``) and
+exit with status 2, as argparse does for bad arguments; ``-v`` adds the traceback. Ctrl-C prints
+one line, ``interrupted: rerun the same command to resume``, and exits with 130 (128 + SIGINT):
+every output is written so that the same command continues where it stopped.
 
 The command turns on JAX's persistent compilation cache (:func:`compilation_cache_dir`), for itself
 and the Dask workers it starts: a second ``stf`` run reuses the compiled networks and kernels instead
@@ -16,19 +23,56 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import os
 import pkgutil
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from stf_pipeline.exceptions import STFError
 
+#: exit status of an error (argparse uses 2 for bad arguments) and of Ctrl-C (128 + SIGINT)
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+INTERRUPTED = "interrupted: rerun the same command to resume"
+
+#: library wording (Python arguments) -> the command's options, applied to error messages (the
+#: first letter keeps its case; a hint already given in brackets is dropped)
+_CLI_WORDS: tuple[tuple[str, str], ...] = (
+    (r"(p)ass overwrite=True(?: \((?:stf \w+ )?--overwrite\))?", r"\1ass --overwrite"),
+    (r"(p)ass output= another folder", r"\1ass --out with another folder"),
+    (r"(c)hoose another out= path", r"\1hoose another --out folder"),
+    (r"\(root= in Python, --root on the command line\)", "(--root DIR)"),
+)
+
+logger = logging.getLogger("stf_pipeline.cli")
+
+
+def cli_message(err: BaseException) -> str:
+    """The error's message on one line, with Python argument names replaced by the command's options."""
+    text = " ".join(str(err).split())
+    for pattern, words in _CLI_WORDS:
+        text = re.sub(pattern, words, text, flags=re.IGNORECASE)
+    return text
+
+
+def _csv(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
 
 def _run(args: argparse.Namespace) -> int:
     from stf_pipeline.pipeline import run
 
-    run(args.pipeline)
+    result = run(
+        args.pipeline, output=args.out, methods=args.methods, targets=args.targets, root=args.root,
+        overwrite=args.overwrite,
+    )
+    print(result.summary())
     return 0
 
 
@@ -39,18 +83,6 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ingest(args: argparse.Namespace) -> int:
-    from stf_pipeline.catalog import open_catalog
-    from stf_pipeline.cube import write_cube
-    from stf_pipeline.info import describe_cube
-
-    cube, task = open_catalog(args.catalog, root=args.root)
-    path = write_cube(cube, args.output, overwrite=args.overwrite)
-    print(describe_cube(path))
-    print(f"task: target {task.to_attrs()['target']}, pairs {task.to_attrs()['pairs']}")
-    return 0
-
-
 def _benchmarks() -> list[str]:
     import stf_pipeline.benchmarks as package
 
@@ -58,6 +90,8 @@ def _benchmarks() -> list[str]:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.name is None:
+        raise STFError(f"name a benchmark: stf bench NAME [ARGS]; available: {', '.join(_benchmarks())}.")
     module = f"stf_pipeline.benchmarks.{args.name}"
     if not args.name.isidentifier() or importlib.util.find_spec(module) is None:
         raise STFError(f"unknown benchmark {args.name!r}; available: {_benchmarks()}.")
@@ -67,38 +101,77 @@ def _bench(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from stf_pipeline import comparison
 
-    return int(comparison.main([args.pipeline, *args.args]) or 0)
+    return comparison.run_from_args(args)
+
+
+def _version() -> str:
+    from stf_pipeline import __version__
+
+    return f"stf (stf_pipeline) {__version__}"
+
+
+def _logging_flags() -> argparse.ArgumentParser:
+    """``-v``/``-q``, accepted before and after the command (SUPPRESS: a later default does not reset them)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    group = flags.add_argument_group("logging")
+    group.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                       help="show more of the log (-v: debug messages and tracebacks)")
+    group.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS,
+                       help="show less (-q: warnings and errors only, -qq: errors only)")
+    return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``stf`` argument parser."""
-    parser = argparse.ArgumentParser(prog="stf", description="Spatio-temporal fusion of satellite images.")
+    flags = _logging_flags()
+    parser = argparse.ArgumentParser(
+        prog="stf", description="Spatio-temporal fusion of satellite images.", parents=[flags],
+        epilog="Run 'stf COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run a pipeline YAML (cube -> fusion -> scores -> figures)")
-    p.add_argument("pipeline", type=Path, help="pipeline file, e.g. pipelines/demo.yaml")
+    p = sub.add_parser(
+        "run", parents=[flags], help="run a pipeline (cube -> fusion -> scores -> figures)",
+        description="Run a pipeline: build or open the cube, fuse its targets with each method, score and draw "
+        "them. Rerunning the same command reuses finished outputs and resumes an interrupted one.",
+    )
+    p.add_argument("pipeline", help="pipeline YAML file, or the name of a shipped pipeline (e.g. demo)")
+    p.add_argument("-o", "--out", type=Path, default=None, metavar="DIR",
+                   help="output folder (default: the pipeline's output, out/<name>)")
+    p.add_argument("--methods", type=_csv, default=None, metavar="A,B",
+                   help="run only these methods (the pipeline's, or any registered method with its defaults)")
+    p.add_argument("--targets", type=_csv, default=None, metavar="DATE,...",
+                   help="fuse these dates (ISO, e.g. 2004-05-02) instead of the pipeline's targets")
+    p.add_argument("--root", type=Path, default=None, metavar="DIR", help="data root of a catalog cube")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs that hold something else (by default that is an error)")
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("info", help="describe a cube store: dates, bands, grid, CRS, pairs, missing data")
+    p = sub.add_parser("info", parents=[flags], help="describe a cube store: dates, bands, grid, CRS, pairs, missing data")
     p.add_argument("cube", type=Path, help="cube store (*.zarr)")
     p.set_defaults(func=_info)
 
-    p = sub.add_parser("ingest", help="read a catalog's files into a cube store")
-    p.add_argument("catalog", help="catalog name (catalogs/NAME.yaml) or path to a catalog YAML")
-    p.add_argument("-o", "--output", type=Path, required=True, help="cube store to write (*.zarr)")
-    p.add_argument("--root", type=Path, default=None, help="data root (default $STF_DATA_ROOT or ../shared/data/real)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing cube store")
-    p.set_defaults(func=_ingest)
+    from stf_pipeline import _export, _ingest  # `stf ingest` and `stf export`: parsers beside their code
 
-    p = sub.add_parser("bench", help="run a benchmark: stf_pipeline.benchmarks.NAME", add_help=False)
-    p.add_argument("name", help="benchmark module name")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see stf bench NAME --help)")
-    p.set_defaults(func=_bench)
+    _ingest.add_parser(sub, parents=[flags])
+    _export.add_parser(sub, parents=[flags])
 
-    p = sub.add_parser("compare", help="compare the methods of a pipeline on its targets: stf_pipeline.comparison", add_help=False)
-    p.add_argument("pipeline", help="pipeline file")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="further arguments (see stf compare PIPELINE --help)")
+    from stf_pipeline import comparison
+
+    p = sub.add_parser("compare", parents=[flags], help="compare the methods of a pipeline on its targets: table + figures",
+                       description=comparison.DESCRIPTION)
+    comparison.add_arguments(p)
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser(
+        "bench", parents=[flags], help="run a benchmark: stf_pipeline.benchmarks.NAME",
+        description="Run a benchmark module of stf_pipeline.benchmarks; 'stf bench NAME --help' lists its options.",
+        epilog=f"benchmarks: {', '.join(_benchmarks())}",
+    )
+    p.add_argument("name", nargs="?", default=None, help="benchmark name")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see stf bench NAME --help)")
+    p.set_defaults(func=_bench)
     return parser
 
 
@@ -114,15 +187,22 @@ def compilation_cache_dir() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stf`` console script; returns the exit status."""
+    from stf_pipeline.log import level_from_flags, setup
+
     # read by JAX when it is imported, here and in the worker processes that inherit the environment
     os.environ["JAX_COMPILATION_CACHE_DIR"] = compilation_cache_dir()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", 0)
+    setup(level_from_flags(verbose, getattr(args, "quiet", 0)))
     try:
-        return args.func(args)
-    except STFError as err:
-        print(f"stf {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (STFError, OSError) as err:
+        logger.debug("traceback of the error below", exc_info=True)
+        print(f"stf: error: {cli_message(err)}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
-import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from stf_pipeline.exceptions import ConfigError
+
+logger = logging.getLogger(__name__)
 
 #: fraction of the machine's memory that all local workers together may hold
 WORKER_MEMORY_FRACTION = 0.7
@@ -141,7 +143,7 @@ def start_cluster(config: ClusterConfig | Mapping[str, Any] | None = None, *, qu
     config : ClusterConfig or mapping, optional
         Default: a local cluster sized to the machine.
     quiet : bool, default False
-        Do not print the cluster size and dashboard link.
+        Log the cluster size and dashboard link at DEBUG instead of INFO.
 
     Yields
     ------
@@ -181,6 +183,30 @@ def start_cluster(config: ClusterConfig | Mapping[str, Any] | None = None, *, qu
         yield client
 
 
+def shared(value: Any) -> Any:
+    """``value`` as one Dask task that block tasks depend on, sent to the workers once.
+
+    Under a ``distributed.Client`` the value is scattered to the cluster once per client (a
+    large object such as a trained network then never sits inside a task graph: no ``Sending
+    large graph`` for every call that uses it) and the same future is reused by later calls;
+    without a client it is one ``dask.delayed`` task of the local graph.
+    """
+    import dask
+
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):  # no distributed client: the threaded scheduler shares memory
+        return dask.delayed(value, pure=False, traverse=False)
+    cache = client.__dict__.setdefault("_stf_shared", {})
+    held = cache.get(id(value))
+    if held is None or held[0] is not value:  # the entry keeps ``value`` alive, so its id stays its own
+        held = (value, client.scatter(value, hash=False))
+        cache[id(value)] = held
+    return dask.delayed(held[1], traverse=False)
+
+
 def _cuda_cluster(config: ClusterConfig) -> Any:
     try:
         from dask_cuda import LocalCUDACluster
@@ -204,12 +230,12 @@ def _cuda_cluster(config: ClusterConfig) -> Any:
 
 
 def _announce(client: Any, what: str, *, quiet: bool) -> None:
-    if quiet:
-        return
-    print(f"stf: {what}", file=sys.stderr)
+    """Log the cluster's size and where its dashboard is (INFO; ``quiet``: DEBUG)."""
+    level = logging.DEBUG if quiet else logging.INFO
+    logger.log(level, "%s", what)
     try:
         import bokeh  # noqa: F401  (the dashboard needs it)
     except ImportError:
-        print("stf: Dask dashboard unavailable: pip install bokeh to watch the run live", file=sys.stderr)
+        logger.log(level, "Dask dashboard unavailable: pip install bokeh to watch the run live")
     else:
-        print(f"stf: Dask dashboard at {client.dashboard_link}", file=sys.stderr)
+        logger.log(level, "Dask dashboard at %s", client.dashboard_link)

@@ -33,9 +33,9 @@ import pandas as pd
 import xarray as xr
 
 from stf_pipeline.cube import validate_cube
-from stf_pipeline.exceptions import ConfigError, STFError, TaskError
+from stf_pipeline.exceptions import ConfigError, TaskError
 from stf_pipeline.metrics import HIGHER_IS_BETTER, PER_BAND, PER_SCENE, best_indices, evaluate
-from stf_pipeline.task import DateLike, resolve_task, to_datetime64, valid_fraction
+from stf_pipeline.task import DateLike, iso_date, resolve_task, to_datetime64, valid_fraction
 
 #: rows of the table, in order; ``time_s`` is the wall time of the fusion
 TABLE_METRICS: tuple[str, ...] = ("rmse", "mae", "bias", "cc", "ssim", "ergas", "sam", "time_s")
@@ -137,7 +137,7 @@ class Comparison:
     @property
     def targets(self) -> list[str]:
         """ISO dates of the targets."""
-        return [_iso(t) for t in self.scores["target"].values]
+        return [iso_date(t) for t in self.scores["target"].values]
 
     def tidy(self) -> pd.DataFrame:
         """Long table: one row per (target, method, metric, band) with its value and ``best`` flag."""
@@ -281,8 +281,7 @@ class Comparison:
             for kind in composites:
                 name = kind if isinstance(kind, str) else "grey" if len(kind) == 1 else "rgb"
                 stem = f"composite_{name}_{date}"
-                figs[stem] = plots.plot_composites(truth, preds, bands=kind, path=path(stem), dpi=dpi,
-                                                   title=_composite_title(kind, date))
+                figs[stem] = plots.plot_composites(truth, preds, bands=kind, date=date, path=path(stem), dpi=dpi)
             ref = self.reference.isel(target=i)
             ref_date = str(self.reference["reference_date"].values[i])
             figs[f"change_{date}"] = plots.plot_change(
@@ -406,7 +405,7 @@ def compare(
     score_attrs: dict[str, Any] = {}
 
     for i, target in enumerate(target_dates):
-        date = _iso(target)
+        date = iso_date(target)
         truth = cube[truth_var].sel(time=target).compute()
         if not np.isfinite(truth.values).any():
             raise TaskError(f"the truth ({truth_var}) at target {date} is all NaN; choose targets with a truth image.")
@@ -433,7 +432,7 @@ def compare(
                 chunks=chunks, **dict(run.params),
             ).compute()
             per_scene["time_s"][i, j] = time.perf_counter() - start
-            used_pairs.setdefault(date, {})[run.label] = [_iso(p) for p in task.pairs]
+            used_pairs.setdefault(date, {})[run.label] = [iso_date(p) for p in task.pairs]
             if reference_time is None:
                 before = [p for p in task.pairs if p < target]
                 reference_time = before[-1] if before else task.pairs[0]
@@ -448,7 +447,7 @@ def compare(
         if reference_time is None:
             reference_time = target
         references.append(cube[truth_var].sel(time=reference_time).compute().drop_vars("time"))
-        reference_dates.append(_iso(reference_time))
+        reference_dates.append(iso_date(reference_time))
     if not used_pairs:
         raise TaskError(
             f"no method could run on any target: {skipped}; pass targets/pairs that the methods accept."
@@ -490,19 +489,9 @@ def _split_best(cell: str) -> list[str]:
     return cell.split(BEST_SEPARATOR) if cell else []
 
 
-def _iso(date: Any) -> str:
-    return str(np.datetime_as_string(np.datetime64(date, "ns"), unit="D"))
-
-
 def _finite(value: Any) -> float | None:
     value = float(value)
     return value if np.isfinite(value) else None
-
-
-def _composite_title(kind: str | tuple[str, ...], date: str) -> str:
-    names = {"true": "True-colour (red/green/blue)", "false": "False-colour (nir/red/green)"}
-    text = names.get(kind, f"Composite ({'/'.join(kind)})") if isinstance(kind, str) else f"Composite ({'/'.join(kind)})"
-    return f"{text}, {date}: truth and predictions, one stretch (2–98 % of truth); yellow box = zoom"
 
 
 def _targets(cube: xr.Dataset, targets: Sequence[DateLike] | None, truth_var: str) -> list[np.datetime64]:
@@ -511,9 +500,9 @@ def _targets(cube: xr.Dataset, targets: Sequence[DateLike] | None, truth_var: st
         targets = list(np.atleast_1d(cube.attrs["stf_targets"]))
     if targets is not None:
         chosen = [to_datetime64(t) for t in ([targets] if isinstance(targets, str) else targets)]
-        missing = [_iso(t) for t in chosen if t not in times]
+        missing = [iso_date(t) for t in chosen if t not in times]
         if missing:
-            raise TaskError(f"targets {missing} are not dates of the cube; its dates are {[_iso(t) for t in times]}.")
+            raise TaskError(f"targets {missing} are not dates of the cube; its dates are {[iso_date(t) for t in times]}.")
         if not chosen:
             raise TaskError("targets is empty; give at least one date to predict.")
         return sorted(set(chosen))
@@ -572,31 +561,44 @@ def _fit_pairs(
     return [pairs[k] for k in keep]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``stf compare PIPELINE.yaml [-o OUT] [--no-figures]``: run the comparison a pipeline file describes.
+#: what ``stf compare --help`` says
+DESCRIPTION = (
+    "Run several fusion methods on the same tasks, score them against the held-out truth, and write a table "
+    "(CSV, Markdown, JSON) and figures (PNG)."
+)
 
-    Builds the pipeline's cube, trains its learned methods, runs :func:`compare` with its methods
-    and targets, writes the table and figures into ``OUT`` (default: the pipeline's ``output``)
-    and prints the Markdown table. Returns 0, or 2 after printing the error of a bad pipeline.
-    """
-    parser = argparse.ArgumentParser(
-        prog="stf compare",
-        description="Run several fusion methods on the same tasks, score them against the held-out truth, and "
-        "write a table (CSV, Markdown, JSON) and figures (PNG).",
-    )
-    parser.add_argument("pipeline", help="pipeline YAML (see pipelines/compare-*.yaml)")
-    parser.add_argument("-o", "--out", help="output directory (default: the pipeline's output)")
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``stf compare`` (used by :func:`main` and by ``stf``'s parser)."""
+    parser.add_argument("pipeline", help="pipeline YAML file or the name of a shipped pipeline (see pipelines/compare-*.yaml)")
+    parser.add_argument("-o", "--out", type=Path, default=None, metavar="DIR",
+                        help="output folder (default: the pipeline's output)")
+    parser.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()], default=None,
+                        metavar="A,B", help="compare only these methods")
+    parser.add_argument("--targets", type=lambda t: [d.strip() for d in t.split(",") if d.strip()], default=None,
+                        metavar="DATE,...", help="targets (ISO dates) instead of the pipeline's")
+    parser.add_argument("--root", type=Path, default=None, metavar="DIR", help="data root of a catalog cube")
+    parser.add_argument("--overwrite", action="store_true", help="replace a cube.zarr written from another cube")
     parser.add_argument("--no-figures", action="store_true", help="write the table only")
-    args = parser.parse_args(argv)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the comparison parsed by :func:`add_arguments` and print the Markdown table; returns 0."""
     from stf_pipeline.pipeline import run_compare
 
-    try:
-        result = run_compare(args.pipeline, out=args.out, figures=not args.no_figures)
-    except (STFError, OSError) as err:
-        print(f"stf compare: error: {err}", file=sys.stderr)
-        return 2
+    result = run_compare(
+        args.pipeline, out=args.out, figures=not args.no_figures, methods=args.methods, targets=args.targets,
+        root=args.root, overwrite=args.overwrite,
+    )
     print(result.to_markdown())
     return 0
 
 
-__all__ = ["Comparison", "MethodRun", "compare", "main", "method_runs"]
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stf_pipeline.comparison PIPELINE [options]``: ``stf compare`` without ``stf``."""
+    from stf_pipeline.cli import main as stf_main
+
+    return stf_main(["compare", *(sys.argv[1:] if argv is None else argv)])
+
+
+__all__ = ["DESCRIPTION", "Comparison", "MethodRun", "add_arguments", "compare", "main", "method_runs", "run_from_args"]

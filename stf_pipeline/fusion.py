@@ -6,14 +6,13 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import dask
 import dask.array as da
 import xarray as xr
 
 from stf_pipeline.cube import pixel_size, validate_cube
 from stf_pipeline.exceptions import MethodError
-from stf_pipeline.methods import MethodContext, get_method, params_to_attrs
-from stf_pipeline.parallel import map_overlapping
+from stf_pipeline.methods import MethodContext, MethodSpec, get_method, params_to_attrs
+from stf_pipeline.parallel import fill_statistics, map_overlapping
 from stf_pipeline.task import DateLike, Task, resolve_task
 
 
@@ -31,10 +30,11 @@ def fuse(
     cube: xr.Dataset,
     target: DateLike,
     *,
-    method: str,
+    method: str | MethodSpec[Any],
     pairs: Sequence[DateLike] | None = None,
     model: Any | None = None,
     chunks: tuple[int, int] | None = None,
+    backend: str = "auto",
     **params: Any,
 ) -> xr.DataArray:
     """Predict the fine image of ``cube`` at ``target`` with ``method``.
@@ -49,8 +49,10 @@ def fuse(
         A cube (see :func:`stf_pipeline.validate_cube`).
     target : str, numpy.datetime64 or pandas.Timestamp
         Date to predict; its coarse image must be present.
-    method : str
-        Registered method name: ``delta``, ``starfm``, ``estarfm``, ``fsdaf``, ``stfdcnn``, ``biastf``.
+    method : str or MethodSpec
+        Registered method name (``delta``, ``starfm``, ``estarfm``, ``fsdaf``, ``stfdcnn``,
+        ``biastf``: :func:`stf_pipeline.available_methods`), or a :class:`MethodSpec` not in the
+        registry (e.g. one under development).
     pairs : sequence of date-like, optional
         Fine+coarse pair dates; default the nearest before and after the target (one for
         one-pair methods).
@@ -58,6 +60,14 @@ def fuse(
         Trained model, required by learned methods (``stf.train``).
     chunks : (int, int), optional
         Spatial chunk size for the computation; default the cube's chunks.
+    backend : {"auto", "numpy", "numba", "jax", "pallas"}, default "auto"
+        Implementation of the method's kernel, among those it declares (``MethodSpec.kernels``;
+        ``stf.get_method(name).backends``): ``numpy``, whole-array NumPy (the reference);
+        ``numba``, compiled for the CPU cores; ``jax``, a jitted XLA program on JAX's default
+        device; ``pallas``, Pallas (Triton) kernels for GPUs (interpreted, slowly, on a CPU).
+        ``auto`` takes the method's choice for JAX's default device (``MethodSpec.auto``, e.g.
+        ``numba`` on a CPU and ``pallas`` on a GPU for STARFM). All backends give the numbers of
+        the reference to float32 rounding; the chosen one is recorded in the ``backend`` attr.
     **params
         Method parameters (see the method's parameter dataclass).
 
@@ -78,29 +88,32 @@ def fuse(
     from stf_pipeline import __version__
 
     validate_cube(cube)
-    spec = get_method(method)
+    spec = method if isinstance(method, MethodSpec) else get_method(method)
     context = method_context(cube)
     p = spec.make_params(**params)
+    chosen = spec.resolve_backend(backend)
     if spec.learned and model is None:
         raise MethodError(
             f"method {spec.name!r} is learned: train it first, model = stf.train(cube, method={spec.name!r}, "
             "train_times=[...]), then pass model=model."
         )
     if spec.prepare is not None:
-        p = spec.prepare(p, context, model=model) if spec.learned else spec.prepare(p, context)
+        p = spec.prepare(p, context, model=model)
     if spec.coarse_aligned and context.coarse_factor is None:
         validate_cube(cube, require_coarse_factor=True)
     task = resolve_task(cube, target, pairs=pairs, n_pairs=spec.n_pairs)
     kernel_kwargs: dict[str, Any] = {"params": p}
     if spec.learned:
         kernel_kwargs["model"] = model
-        if hasattr(model, "check_cube"):
-            model.check_cube(cube)
-    result = _run_task(cube, task, spec=spec, context=context, chunks=chunks, **kernel_kwargs)
+        check_cube = getattr(model, "check_cube", None)
+        if check_cube is not None:
+            check_cube(cube)
+    result = _run_task(cube, task, spec=spec, backend=chosen, context=context, chunks=chunks, **kernel_kwargs)
     out = _wrap(result, cube, task)
     out.attrs.update(
         {
             "method": spec.name,
+            "backend": chosen,
             "stf_params": json.dumps(params_to_attrs(p)),
             "target": task.to_attrs()["target"],
             "pairs": task.to_attrs()["pairs"],
@@ -117,7 +130,8 @@ def _run_task(
     cube: xr.Dataset,
     task: Task,
     *,
-    spec: Any,
+    spec: MethodSpec[Any],
+    backend: str,
     context: MethodContext,
     chunks: tuple[int, int] | None,
     **kernel_kwargs: Any,
@@ -131,20 +145,22 @@ def _run_task(
     if chunks is not None and not isinstance(fine, da.Array):
         fine, coarse, coarse_target = (da.asarray(a) for a in (fine, coarse, coarse_target))
     extra = _extra_inputs(cube, spec, kernel_kwargs["params"])  # before statistics: those may be delayed
-    if spec.statistics is not None:
-        kernel_kwargs["params"] = spec.statistics(fine, coarse, coarse_target, kernel_kwargs["params"])
+    kernel_kwargs["params"] = fill_statistics(spec.statistics, fine, coarse, coarse_target, kernel_kwargs["params"])
     if extra and isinstance(fine, da.Array):
         extra = {name: da.asarray(values) for name, values in extra.items()}
     if isinstance(fine, da.Array) and kernel_kwargs.get("model") is not None:
         # one task holds the model, so it is shipped once per worker, not inside every block task
-        kernel_kwargs["model"] = dask.delayed(kernel_kwargs["model"], pure=False, traverse=False)
+        # (on a cluster: scattered once, not inside the graph of each call)
+        from stf_pipeline.cluster import shared
+
+        kernel_kwargs["model"] = shared(kernel_kwargs["model"])
     return map_overlapping(
-        spec.kernel, fine, coarse, coarse_target, halo=halo, align=align, chunks=chunks, extra=extra,
+        spec.kernel_for(backend), fine, coarse, coarse_target, halo=halo, align=align, chunks=chunks, extra=extra,
         **kernel_kwargs,
     )
 
 
-def _extra_inputs(cube: xr.Dataset, spec: Any, params: Any) -> dict[str, Any]:
+def _extra_inputs(cube: xr.Dataset, spec: MethodSpec[Any], params: Any) -> dict[str, Any]:
     """Per-pixel ``(y, x)`` cube variables the method asks for (``MethodSpec.extra_vars``)."""
     if spec.extra_vars is None:
         return {}

@@ -132,7 +132,7 @@ def describe_cube(cube: xr.Dataset | str | os.PathLike[str]) -> str:
         if truth is not None:
             row += f"  {_percent(1 - truth[i]):>13}"
         lines.append(row)
-    hidden = ("title", "catalog", "coarse_factor", "description", STORE_MARKER)
+    hidden = ("title", "catalog", "coarse_factor", "description", STORE_MARKER, "stf_pipeline_source")
     extra = {k: v for k, v in cube.attrs.items() if k not in hidden}
     if extra:
         lines.append("  attrs: " + ", ".join(f"{k}={_short(v)}" for k, v in extra.items()))

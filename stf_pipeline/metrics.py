@@ -38,6 +38,7 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Iterator, Mapping
+from typing import cast
 
 import dask.array as da
 import numpy as np
@@ -131,8 +132,9 @@ def evaluate(
     pred = pred.transpose(*order)
     truth = truth.transpose(*order)
 
-    truth_finite = np.isfinite(truth)
-    valid = (np.isfinite(pred) & truth_finite).all(BAND_DIM)
+    # numpy's stubs type ufuncs of DataArrays as ndarrays; xarray returns DataArrays (hence the casts)
+    truth_finite = cast(xr.DataArray, np.isfinite(truth))
+    valid = (cast(xr.DataArray, np.isfinite(pred)) & truth_finite).all(BAND_DIM)
     if mask is not None:
         valid = valid & _as_mask(mask, pred)
     n_truth = truth_finite.sum((BAND_DIM, *SPATIAL_DIMS))
@@ -146,12 +148,12 @@ def evaluate(
     with _quiet():
         diff = p - t
         bias = diff.mean(SPATIAL_DIMS)
-        rmse = np.sqrt((diff**2).mean(SPATIAL_DIMS))
+        rmse = cast(xr.DataArray, np.sqrt((diff**2).mean(SPATIAL_DIMS)))
         mae = abs(diff).mean(SPATIAL_DIMS)
         p_mean = p.mean(SPATIAL_DIMS)
         t_mean = t.mean(SPATIAL_DIMS)
         pa, ta = p - p_mean, t - t_mean
-        spread = np.sqrt((pa**2).mean(SPATIAL_DIMS) * (ta**2).mean(SPATIAL_DIMS))
+        spread = cast(xr.DataArray, np.sqrt((pa**2).mean(SPATIAL_DIMS) * (ta**2).mean(SPATIAL_DIMS)))
         cc = (pa * ta).mean(SPATIAL_DIMS) / spread.where(spread > 0)
         ergas = 100.0 * ratio * np.sqrt(((rmse / t_mean.where(t_mean != 0)) ** 2).mean(BAND_DIM, skipna=False))
         sam = _spectral_angle(p, t).mean(SPATIAL_DIMS)
@@ -356,9 +358,9 @@ def _as_mask(mask: xr.DataArray | np.ndarray, like: xr.DataArray) -> xr.DataArra
 def _spectral_angle(p: xr.DataArray, t: xr.DataArray) -> xr.DataArray:
     """Per-pixel angle between the spectra; NaN where invalid or where a spectrum is all zero."""
     dot = (p * t).sum(BAND_DIM, skipna=False)
-    norm = np.sqrt((p**2).sum(BAND_DIM, skipna=False) * (t**2).sum(BAND_DIM, skipna=False))
+    norm = cast(xr.DataArray, np.sqrt((p**2).sum(BAND_DIM, skipna=False) * (t**2).sum(BAND_DIM, skipna=False)))
     cos = (dot / norm.where(norm > 0)).clip(-1.0, 1.0)
-    return np.arccos(cos)
+    return cast(xr.DataArray, np.arccos(cos))
 
 
 def ssim_map(

@@ -15,11 +15,32 @@ chunk height, not with its area: halving the chunk halves it (``stf bench scale 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import dask
 import dask.array as da
+import dask.threaded
 import numpy as np
+
+if TYPE_CHECKING:
+    from stf_pipeline.methods._base import SceneStatistics
+
+P = TypeVar("P")
+
+
+def local_scheduler() -> Callable[..., Any] | None:
+    """The scheduler for a ``dask.compute`` in this package: Dask's threaded scheduler
+    (``dask.threaded.get``) when no distributed Client can exist (``dask.distributed`` not
+    imported, no scheduler configured), else ``None`` (Dask's own choice, e.g. the active Client).
+
+    The scheduler Dask would pick for arrays anyway, passed as a function because Dask, given
+    none or a name, imports ``distributed`` (a quarter of a second) to look for a Client.
+    """
+    if "distributed" in sys.modules or dask.config.get("scheduler", None) is not None:
+        return None
+    return dask.threaded.get
 
 
 def _spatial_chunks(length: int, nominal: int, *, halo: int, align: int) -> tuple[int, ...]:
@@ -68,7 +89,7 @@ def _apply_block(
     coarse = stacked[n_pairs : 2 * n_pairs]
     coarse_target = stacked[2 * n_pairs]
     if extra_names:
-        kwargs["extra"] = dict(zip(extra_names, extra_blocks))
+        kwargs["extra"] = dict(zip(extra_names, extra_blocks, strict=True))
     out = kernel(fine, coarse, coarse_target, **kwargs)
     return np.asarray(out, dtype=np.float32)
 
@@ -140,7 +161,9 @@ def map_overlapping(
     extra_extended = []
     for values in extra.values():
         values = da.asarray(values).rechunk((ychunks, xchunks))
-        extra_extended.append(da.overlap.overlap(values, depth={0: ydepth, 1: xdepth}, boundary="none") if halo else values)
+        if halo:
+            values = da.overlap.overlap(values, depth={0: ydepth, 1: xdepth}, boundary="none")
+        extra_extended.append(values)
     out_chunks = extended.chunks[1:]
     mapped = da.map_blocks(
         _apply_block,
@@ -159,3 +182,22 @@ def map_overlapping(
     if not halo:
         return mapped
     return da.overlap.trim_internal(mapped, {0: 0, 1: ydepth, 2: xdepth}, boundary="none")
+
+
+def fill_statistics(
+    statistics: SceneStatistics[P] | None, fine: Any, coarse: Any, coarse_target: Any, params: P
+) -> P | Any:
+    """A method's parameters with its scene-wide statistics filled in (``MethodSpec.statistics``).
+
+    The method's ``summarize`` reduces the whole arrays (lazily for Dask); its NumPy ``fit`` then
+    runs now for NumPy input, or as one ``dask.delayed`` task for Dask input (the return value is
+    then a ``Delayed`` params, passed to every block), so building the graph computes nothing.
+    """
+    if statistics is None:
+        return params
+    summaries = statistics.summarize(fine, coarse, coarse_target, params)
+    if summaries is None:
+        return params
+    if any(isinstance(a, da.Array) for a in summaries):
+        return dask.delayed(statistics.fit, pure=True)(params, *summaries)
+    return statistics.fit(params, *summaries)

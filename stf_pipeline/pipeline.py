@@ -3,7 +3,18 @@
 A pipeline builds or opens a cube, optionally writes it to Zarr, fuses every target date with
 each listed method (training learned ones first), scores the predictions against the held-out
 truth and draws figures. Every step is a library call, so the same run is one function call
-from Jupyter: ``stf.run("pipelines/demo.yaml")``.
+from Jupyter: ``stf.run("pipelines/demo.yaml")`` (or ``stf.run("demo")``: the shipped pipelines
+are package data). Progress is logged under the ``stf_pipeline`` logger
+(:func:`stf_pipeline.log.setup` shows it).
+
+A rerun of the same pipeline continues where the last one stopped: it reuses the written cube
+(``cube.zarr`` records which source it was made from) and each complete fused store of the same
+request, and resumes an interrupted one. Outputs that hold something else are only replaced with
+``overwrite=True`` (``stf run --overwrite``).
+
+The file's ``name`` is a plain name and its ``output`` a relative path without ``..``, so a
+pipeline file cannot write outside the folder it is run from; an output folder elsewhere is
+given by the user (``output=`` / ``stf run --out DIR``).
 
 Schema (unknown keys are errors; ``extends: other.yaml`` merges this file over another)::
 
@@ -12,7 +23,7 @@ Schema (unknown keys are errors; ``extends: other.yaml`` merges this file over a
       synthetic: {height: 480, width: 480, n_times: 10, seed: 0}   # stf.synthetic_scene kwargs
       # catalog: zhu_estarfm      # or {name: cia, root: /data/stf}: stf.open_catalog
       # zarr: scene.zarr          # stf.open_cube
-    output: out/demo              # default out/<name>
+    output: out/demo              # default out/<name>; relative, without '..'
     write_cube: true              # write the cube to <output>/cube.zarr and continue from it
     methods:
       - name: delta
@@ -30,9 +41,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.resources
 import json
+import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -44,6 +58,15 @@ from stf_pipeline._schema import checked_keys
 from stf_pipeline.exceptions import ConfigError, MethodError
 
 CUBE_KINDS: tuple[str, ...] = ("synthetic", "catalog", "zarr")
+#: the package's folder of shipped pipelines (a link to the clone's top-level ``pipelines/``)
+PIPELINE_DIR = Path(str(importlib.resources.files("stf_pipeline") / "pipelines"))
+#: attr of ``<output>/cube.zarr``: :func:`dask.base.tokenize` of the cube it was written from
+SOURCE_ATTR = "stf_pipeline_source"
+#: store in the output folder through which a cluster's workers read a cube that is not written
+WORKER_CUBE = ".stf_worker_cube.zarr"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+logger = logging.getLogger(__name__)
 
 
 def _keys(mapping: Any, allowed: Sequence[str], where: str, required: Sequence[str] = ()) -> dict[str, Any]:
@@ -75,14 +98,14 @@ class CubeSource:
             options = {"path": value} if isinstance(value, str) else _keys(value, ("path",), "cube.zarr", ("path",))
         return cls(kind=kind, options=_freeze(options))
 
-    def build(self) -> xr.Dataset:
-        """Make the cube (lazily where the source allows)."""
+    def build(self, *, root: str | os.PathLike[str] | None = None) -> xr.Dataset:
+        """Make the cube (lazily where the source allows); ``root`` replaces a catalog's data root."""
         import stf_pipeline as stf
 
         if self.kind == "synthetic":
             return stf.synthetic_scene(**self.options)
         if self.kind == "catalog":
-            cube, _ = stf.open_catalog(self.options["name"], root=self.options.get("root"))
+            cube, _ = stf.open_catalog(self.options["name"], root=root if root is not None else self.options.get("root"))
             return cube
         return stf.open_cube(self.options["path"])
 
@@ -143,6 +166,18 @@ class PipelineConfig:
         fields = tuple(f.name for f in dataclasses.fields(cls))
         spec = _keys(spec, fields, f"pipeline {source}", ("cube",))
         name = str(spec.get("name", Path(source).stem if source != "<mapping>" else "pipeline"))
+        if not _NAME.fullmatch(name):
+            raise ConfigError(
+                f"pipeline {source}: name {name!r} must be a plain name (letters, digits, '.', '_', '-'; no path), "
+                "e.g. name: my-run; it names the default output folder out/<name>."
+            )
+        output = Path(spec.get("output") or Path("out") / name)
+        if output.is_absolute() or ".." in output.parts:
+            raise ConfigError(
+                f"pipeline {source}: output {str(output)!r} must be a relative path without '..' (it is written "
+                "below the folder the pipeline is run from); to write elsewhere, pass it yourself: "
+                "stf run PIPELINE --out DIR, or stf.run(path, output=DIR)."
+            )
         methods = spec.get("methods") or []
         if not isinstance(methods, list):
             raise ConfigError(f"pipeline {source}: methods must be a list, got {methods!r}.")
@@ -173,7 +208,7 @@ class PipelineConfig:
             name=name,
             cube=CubeSource.from_mapping(spec["cube"]),
             methods=tuple(MethodRun.from_mapping(m, f"pipeline {source}: methods[{i}]") for i, m in enumerate(methods)),
-            output=Path(spec.get("output") or Path("out") / name),
+            output=output,
             write_cube=spec.get("write_cube", True),
             targets=targets,
             chunks=chunks,
@@ -181,6 +216,63 @@ class PipelineConfig:
             figures=spec.get("figures", True),
             cluster=None if cluster is None else _freeze(cluster),
         )
+
+
+    def with_overrides(
+        self,
+        *,
+        output: str | os.PathLike[str] | None = None,
+        methods: Sequence[str] | None = None,
+        targets: Sequence[Any] | None = None,
+        root: str | os.PathLike[str] | None = None,
+    ) -> PipelineConfig:
+        """This config with the user's choices of ``stf run --out/--methods/--targets/--root``.
+
+        Parameters
+        ----------
+        output : path-like, optional
+            Output folder (any path: the user gives it).
+        methods : sequence of str, optional
+            Run only these methods: names of the pipeline's methods (with their params and
+            training options) or of any registered method (with its defaults), in this order.
+        targets : sequence of date-like, optional
+            Fuse (and score) these dates instead of the pipeline's targets.
+        root : path-like, optional
+            Data root of a catalog cube (``stf.open_catalog(..., root=)``).
+
+        Raises
+        ------
+        ConfigError
+            An unknown method, a date that is not ISO, or ``root`` for a cube that is not a catalog.
+        """
+        changes: dict[str, Any] = {}
+        if output is not None:
+            changes["output"] = Path(output)
+        if methods is not None:
+            from stf_pipeline.methods import available_methods
+
+            listed = {m.name: m for m in self.methods}
+            unknown = [m for m in methods if m.lower() not in listed and m.lower() not in available_methods()]
+            if unknown or not methods:
+                raise ConfigError(
+                    f"pipeline {self.name}: unknown method(s) {unknown or methods}; choose among the pipeline's "
+                    f"{list(listed)} or any of {available_methods()}."
+                )
+            changes["methods"] = tuple(listed.get(m.lower(), MethodRun(name=m.lower())) for m in methods)
+        if targets is not None:
+            try:
+                changes["targets"] = tuple(str(np.datetime64(str(t), "D")) for t in targets)
+            except ValueError:
+                raise ConfigError(f"targets {list(targets)} must be ISO dates such as 2004-05-02.") from None
+            if not changes["targets"]:
+                raise ConfigError("targets is empty; give at least one date such as 2004-05-02.")
+        if root is not None:
+            if self.cube.kind != "catalog":
+                raise ConfigError(
+                    f"pipeline {self.name}: a data root is only for a catalog cube; this one is {self.cube.kind}."
+                )
+            changes["cube"] = CubeSource(kind="catalog", options=_freeze({**self.cube.options, "root": str(root)}))
+        return dataclasses.replace(self, **changes)
 
 
 def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,7 +293,10 @@ def _read_spec(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise ConfigError(f"pipeline file {path} does not exist; pass a YAML file such as pipelines/demo.yaml.")
+        raise ConfigError(
+            f"pipeline file {path} does not exist; pass a YAML file or the name of a shipped pipeline "
+            f"({', '.join(pipeline_names())})."
+        )
     if path.resolve() in chain:
         raise ConfigError(f"pipeline {path} extends itself through {[str(p) for p in chain]}; break the cycle.")
     try:
@@ -217,8 +312,25 @@ def _read_spec(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merge(_read_spec(path.parent / str(base), (*chain, path.resolve())), spec)
 
 
+def pipeline_names() -> list[str]:
+    """Names of the shipped pipelines (``stf run NAME``)."""
+    return sorted(p.stem for p in PIPELINE_DIR.glob("*.yaml"))
+
+
+def pipeline_path(path_or_name: str | os.PathLike[str]) -> Path:
+    """The file of a pipeline: ``path_or_name`` itself when it exists, else the shipped pipeline
+    of that name (``demo``, ``demo.yaml``, ``pipelines/demo.yaml`` outside a clone)."""
+    path = Path(path_or_name)
+    if path.exists():
+        return path
+    shipped = PIPELINE_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if path.parent in (Path("."), Path("pipelines")) and shipped.is_file():
+        return shipped
+    return path
+
+
 def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:
-    """Load and validate a pipeline YAML file.
+    """Load and validate a pipeline YAML file (or a shipped pipeline by name, see :func:`pipeline_path`).
 
     A variant names a base file with ``extends: base.yaml`` (relative to the variant) and gives
     only what differs: mappings merge key by key, other values replace, ``null`` removes a key
@@ -229,19 +341,34 @@ def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:
     ConfigError
         Missing file, invalid YAML, or a schema violation (naming the key and the valid ones).
     """
-    path = Path(path)
+    path = pipeline_path(path)
     return PipelineConfig.from_mapping(_read_spec(path), source=str(path))
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineResult:
-    """What :func:`run` produced: paths of the stores and figures, and the scores per method."""
+    """What :func:`run` produced: paths of the stores and figures, the scores per method, and
+    which outputs an earlier run had already made (``reused``: ``"cube"`` and method names)."""
 
     config: PipelineConfig
     cube_path: Path | None
     fused: Mapping[str, Path]
     scores: Mapping[str, xr.Dataset]
     figures: tuple[Path, ...]
+    reused: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """Plain text of the outputs: what ``stf run`` prints at the end (stores, score tables, figures)."""
+        name = self.config.name
+        lines = [f"[{name}] outputs in {self.config.output}"]
+        if self.cube_path is not None:
+            lines.append(f"  cube: {self.cube_path}{' (reused)' if 'cube' in self.reused else ''}")
+        for method, path in self.fused.items():
+            lines.append(f"  {method}: {path}{' (reused)' if method in self.reused else ''}")
+        for method, scores in self.scores.items():
+            lines.append(_score_table(method, scores))
+        lines += [f"  figure: {path}" for path in self.figures]
+        return "\n".join(lines)
 
 
 def _check_methods(config: PipelineConfig) -> None:
@@ -251,7 +378,9 @@ def _check_methods(config: PipelineConfig) -> None:
     for run_ in config.methods:
         spec = get_method(run_.name)
         try:
-            spec.make_params(**run_.params)
+            params = dict(run_.params)
+            spec.resolve_backend(str(params.pop("backend", "auto")))  # an argument of stf.fuse, not a parameter
+            spec.make_params(**params)
         except (TypeError, MethodError) as err:
             raise ConfigError(f"pipeline {config.name}: method {run_.name!r} params {dict(run_.params)}: {err}") from None
         if run_.train is not None and not spec.learned:
@@ -268,7 +397,7 @@ def _train_options(run_: MethodRun, cube: xr.Dataset) -> dict[str, Any]:
         listed = list(cube.attrs.get("stf_train_times") or [])
         options["train_times"] = listed or [
             str(np.datetime_as_string(t, unit="D"))
-            for t, f in zip(cube["time"].values, valid_fraction(cube, "fine"))
+            for t, f in zip(cube["time"].values, valid_fraction(cube, "fine"), strict=True)
             if f > 0
         ]
     return options
@@ -291,7 +420,7 @@ def _scores_to_json(scores: xr.Dataset, path: Path) -> None:
         s = scores.sel(time=t)
         out[str(np.datetime_as_string(t, unit="D"))] = {
             name: (
-                {str(b): float(v) for b, v in zip(s["band"].values, s[name].values)}
+                {str(b): float(v) for b, v in zip(s["band"].values, s[name].values, strict=True)}
                 if "band" in s[name].dims
                 else float(s[name])
             )
@@ -311,6 +440,18 @@ def _scheduler(config: PipelineConfig) -> Iterator[None]:
 
     with start_cluster(dict(config.cluster)):
         yield
+
+
+@contextlib.contextmanager
+def _worker_cube_removed(config: PipelineConfig) -> Iterator[None]:
+    """Remove the cube store made for a cluster's workers (:func:`_through_zarr`) at the end."""
+    from stf_pipeline._atomic import remove_directory
+
+    try:
+        yield
+    finally:
+        if (config.output / WORKER_CUBE).exists():
+            remove_directory(config.output / WORKER_CUBE)
 
 
 def _with_truth(cube: xr.Dataset, dates: np.ndarray) -> np.ndarray:
@@ -353,31 +494,133 @@ def _figures(
     preds = {name: ds["fine"].sel(time=date).load() for name, ds in fused.items()}
     bands = [str(b) for b in truth["band"].values]
     paths = [config.output / f"composites_{iso}.png", config.output / f"scatter_{iso}.png"]
-    plots.plot_composites(truth, preds, bands=_composite(bands), title=f"{config.name}: {iso}", path=paths[0])
+    plots.plot_composites(truth, preds, bands=_composite(bands), title=config.name, date=iso, path=paths[0])
     plots.plot_scatter(truth, preds, path=paths[1])
     return paths
 
 
-def _prepare(config: PipelineConfig, echo: Callable[[str], None]) -> tuple[xr.Dataset, Path | None]:
-    """Build the cube; write it to ``<output>/cube.zarr`` and reopen it from there if asked."""
+def _prepare(config: PipelineConfig, *, overwrite: bool) -> tuple[xr.Dataset, Path | None, bool]:
+    """Build the cube; write it to ``<output>/cube.zarr`` and reopen it from there if asked.
+
+    A ``cube.zarr`` written from the same cube (same :func:`dask.base.tokenize` of the lazy
+    source: the synthetic arguments, the catalog's files, the input store) is reused, with or
+    without ``overwrite``; one written from another is replaced only with ``overwrite``. Returns
+    the cube, its path and whether it was reused.
+    """
+    from dask.base import tokenize
+
     import stf_pipeline as stf
+    from stf_pipeline.exceptions import CubeError, StoreError
     from stf_pipeline.info import describe_cube
 
-    echo(f"[{config.name}] cube from {config.cube.kind} {dict(config.cube.options)}")
+    logger.info("[%s] cube from %s %s", config.name, config.cube.kind, dict(config.cube.options))
     cube = config.cube.build()
-    cube_path = None
-    if config.write_cube:
-        cube_path = stf.write_cube(cube, config.output / "cube.zarr", overwrite=True)
-        echo(f"[{config.name}] wrote {cube_path}")
-        cube = stf.open_cube(cube_path)
-    echo(describe_cube(cube))
-    return cube, cube_path
+    if not config.write_cube:
+        if config.cluster is not None and config.cube.kind != "zarr":
+            cube = _through_zarr(cube, config.output / WORKER_CUBE)
+        logger.info("%s", describe_cube(cube))
+        return cube, None, False
+    path = config.output / "cube.zarr"
+    if config.cube.kind == "zarr" and Path(config.cube.options["path"]).resolve() == path.resolve():
+        logger.info("[%s] the cube is already %s; not writing it over itself", config.name, path)
+        logger.info("%s", describe_cube(cube))
+        return cube, path, True
+    digest = tokenize(cube)
+    if path.exists():
+        try:
+            written = stf.open_cube(path)
+        except CubeError:
+            written = None
+        if written is not None and written.attrs.get(SOURCE_ATTR) == digest:
+            logger.info("[%s] reusing %s (written from this cube by an earlier run)", config.name, path)
+            logger.info("%s", describe_cube(written))
+            return written, path, True
+        if not overwrite:
+            what = "a damaged cube store" if written is None else "a cube written from another source"
+            raise StoreError(
+                f"{path} holds {what}; pass overwrite=True to replace it, or pass output= another folder."
+            )
+    stf.write_cube(cube.assign_attrs({SOURCE_ATTR: digest}), path, overwrite=overwrite)
+    logger.info("[%s] wrote %s", config.name, path)
+    cube = stf.open_cube(path)
+    logger.info("%s", describe_cube(cube))
+    return cube, path, False
+
+
+def _through_zarr(cube: xr.Dataset, path: Path) -> xr.Dataset:
+    """The cube written to ``path`` and opened from there, so that workers read it from disk.
+
+    A catalog cube holds its images in memory, inside the Dask graph: on a cluster every graph
+    that reads them would carry them to the scheduler (``Sending large graph of size 11 MiB``,
+    ``Detected different run_spec``). From Zarr a graph task names a chunk of a store instead.
+    The folder is the run's output folder, which the workers write to anyway; :func:`run`
+    removes the store at the end.
+    """
+    import stf_pipeline as stf
+
+    logger.info("[cluster] the cube goes to the workers through %s (removed at the end of the run)", path)
+    return stf.open_cube(stf.write_cube(cube, path, overwrite=True))
+
+
+def _fuse_method(
+    config: PipelineConfig, run_: MethodRun, cube: xr.Dataset, *, overwrite: bool
+) -> tuple[xr.Dataset, Path, bool]:
+    """Fuse the targets with one method into ``<output>/fused_<method>.zarr``; whether an
+    earlier run's complete store of the same request was reused."""
+    import stf_pipeline as stf
+
+    spec = stf.get_method(run_.name)
+    out = config.output / f"fused_{run_.name}.zarr"
+    fused = stf.fuse_series(  # it logs whether it fuses, resumes or reuses the store
+        cube,
+        method=run_.name,
+        out=out,
+        targets=config.targets,
+        overwrite=overwrite,
+        chunks=config.chunks,
+        train_options=_train_options(run_, cube) if spec.learned else None,
+        **run_.params,
+    )
+    reused = fused.encoding.get("stf_action") == "reused"
+    return fused, out, reused
+
+
+def _score(config: PipelineConfig, name: str, cube: xr.Dataset, fused: xr.Dataset) -> xr.Dataset | None:
+    """Scores of the fused dates that have held-out truth, written to ``scores_<name>.json``."""
+    import stf_pipeline as stf
+
+    targets = _with_truth(cube, fused["time"].values[fused["source"].values == "fused"])
+    if not targets.size:
+        logger.info("[%s] no held-out truth (fine_truth) at the fused dates of %s: no scores.", config.name, name)
+        return None
+    factor = cube.attrs.get("coarse_factor")
+    scores = stf.evaluate(
+        fused["fine"].sel(time=targets), cube["fine_truth"].sel(time=targets), ratio=1.0 / factor if factor else None
+    )
+    path = config.output / f"scores_{name}.json"
+    _scores_to_json(scores, path)
+    logger.info(
+        "[%s] %s: mean RMSE %.4f, SSIM %.3f over %d date(s) -> %s",
+        config.name, name, float(scores["rmse"].mean()), float(scores["ssim"].mean()), targets.size, path,
+    )
+    return scores
+
+
+def _configured(
+    path_or_config: str | os.PathLike[str] | PipelineConfig, overrides: Mapping[str, Any]
+) -> PipelineConfig:
+    config = path_or_config if isinstance(path_or_config, PipelineConfig) else load_pipeline(path_or_config)
+    return config.with_overrides(**overrides)
 
 
 def run(
     path_or_config: str | os.PathLike[str] | PipelineConfig,
     *,
-    echo: Callable[[str], None] = print,
+    output: str | os.PathLike[str] | None = None,
+    methods: Sequence[str] | None = None,
+    targets: Sequence[Any] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> PipelineResult:
     """Run a pipeline: what ``stf run PIPELINE.yaml`` calls.
 
@@ -386,14 +629,22 @@ def run(
     (:func:`stf_pipeline.fuse_series`, which trains a learned method first with the ``train``
     options; ``train_times`` default to the catalog's training dates or every fine date); score
     the fused dates against ``fine_truth`` (``<output>/scores_<method>.json``); draw composites and
-    scatter plots of all methods at the hardest target date.
+    scatter plots of all methods at the hardest target date. Progress is logged (INFO) under
+    ``stf_pipeline``; :meth:`PipelineResult.summary` is the text ``stf run`` prints at the end.
+
+    Running it again continues: the cube and complete fused stores of the same request are
+    reused (``PipelineResult.reused``), an interrupted store is resumed.
 
     Parameters
     ----------
-    path_or_config : path-like or PipelineConfig
-        A pipeline YAML file or a loaded config.
-    echo : callable, default print
-        Where progress text goes.
+    path_or_config : path-like, str or PipelineConfig
+        A pipeline YAML file, the name of a shipped pipeline (``"demo"``) or a loaded config.
+    output, methods, targets, root
+        Replace the pipeline's output folder, methods, targets or catalog data root
+        (:meth:`PipelineConfig.with_overrides`; ``stf run --out/--methods/--targets/--root``).
+    overwrite : bool, default False
+        Replace outputs that hold something else (another cube, another request); without it
+        such an output is an error and nothing is replaced.
 
     Returns
     -------
@@ -403,6 +654,8 @@ def run(
     ------
     ConfigError
         A malformed pipeline or method parameters (before any work starts).
+    StoreError
+        An output holds something else and ``overwrite`` is False.
     STFError
         From the steps (catalog, cube, task, method, store errors).
 
@@ -411,61 +664,53 @@ def run(
     >>> result = stf.run("pipelines/demo.yaml")  # doctest: +SKIP
     >>> result.scores["delta"].rmse.mean().item()  # doctest: +SKIP
     """
-    import stf_pipeline as stf
-    from stf_pipeline import plots
-
-    config = path_or_config if isinstance(path_or_config, PipelineConfig) else load_pipeline(path_or_config)
+    config = _configured(path_or_config, {"output": output, "methods": methods, "targets": targets, "root": root})
     _check_methods(config)
     config.output.mkdir(parents=True, exist_ok=True)
-    with _scheduler(config):
-        cube, cube_path = _prepare(config, echo)
-        factor = cube.attrs.get("coarse_factor")
-        fused_paths: dict[str, Path] = {}
-        fused_sets: dict[str, xr.Dataset] = {}
-        all_scores: dict[str, xr.Dataset] = {}
-        for run_ in config.methods:
-            spec = stf.get_method(run_.name)
-            out = config.output / f"fused_{run_.name}.zarr"
-            fused = stf.fuse_series(
-                cube,
-                method=run_.name,
-                out=out,
-                targets=config.targets,
-                overwrite=True,
-                chunks=config.chunks,
-                train_options=_train_options(run_, cube) if spec.learned else None,
-                **run_.params,
-            )
-            if fused.encoding.get("stf_action") == "reused":
-                echo(f"[{config.name}] reusing {out}")
-            else:
-                echo(f"[{config.name}] {fused.encoding.get('stf_action', 'fused')} with {run_.name} -> {out}")
-            fused_paths[run_.name] = out
-            fused_sets[run_.name] = fused
-            targets = _with_truth(cube, fused["time"].values[fused["source"].values == "fused"])
-            if config.evaluate and not targets.size:
-                echo(f"[{config.name}] no held-out truth (fine_truth) at the fused dates: no scores.")
-            elif config.evaluate:
-                scores = stf.evaluate(
-                    fused["fine"].sel(time=targets),
-                    cube["fine_truth"].sel(time=targets),
-                    ratio=1.0 / factor if factor else None,
-                )
-                all_scores[run_.name] = scores
-                _scores_to_json(scores, config.output / f"scores_{run_.name}.json")
-                echo(_score_table(run_.name, scores))
-        figures: list[Path] = []
-        if config.figures and fused_sets:
-            figures = _figures(plots, cube, fused_sets, all_scores, config)
-            for path in figures:
-                echo(f"[{config.name}] figure {path}")
+    reused: list[str] = []
+    # the cube is made on this process's threads, before a cluster starts: a catalog's images are
+    # read here and reach the workers through a Zarr store, not inside task graphs
+    with _worker_cube_removed(config):
+        cube, cube_path, cube_reused = _prepare(config, overwrite=overwrite)
+        if cube_reused:
+            reused.append("cube")
+        with _scheduler(config):
+            fused_paths, all_scores, figures = _fuse_all(config, cube, overwrite=overwrite, reused=reused)
     return PipelineResult(
         config=config,
         cube_path=cube_path,
         fused=MappingProxyType(fused_paths),
         scores=MappingProxyType(all_scores),
         figures=tuple(figures),
+        reused=tuple(reused),
     )
+
+
+def _fuse_all(
+    config: PipelineConfig, cube: xr.Dataset, *, overwrite: bool, reused: list[str]
+) -> tuple[dict[str, Path], dict[str, xr.Dataset], list[Path]]:
+    """Fuse, score and draw every method of :func:`run`: the fused stores, the scores and the
+    figures; appends the methods whose store was reused to ``reused``."""
+    from stf_pipeline import plots
+
+    fused_paths: dict[str, Path] = {}
+    fused_sets: dict[str, xr.Dataset] = {}
+    all_scores: dict[str, xr.Dataset] = {}
+    for run_ in config.methods:
+        fused, out, was_reused = _fuse_method(config, run_, cube, overwrite=overwrite)
+        fused_paths[run_.name] = out
+        fused_sets[run_.name] = fused
+        if was_reused:
+            reused.append(run_.name)
+        scores = _score(config, run_.name, cube, fused) if config.evaluate else None
+        if scores is not None:
+            all_scores[run_.name] = scores
+    figures: list[Path] = []
+    if config.figures and fused_sets:
+        figures = _figures(plots, cube, fused_sets, all_scores, config)
+        for path in figures:
+            logger.info("[%s] figure %s", config.name, path)
+    return fused_paths, all_scores, figures
 
 
 def run_compare(
@@ -473,7 +718,10 @@ def run_compare(
     *,
     out: str | os.PathLike[str] | None = None,
     figures: bool = True,
-    echo: Callable[[str], None] = print,
+    methods: Sequence[str] | None = None,
+    targets: Sequence[Any] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> Any:
     """Compare a pipeline's methods on the same targets: what ``stf compare PIPELINE.yaml`` calls.
 
@@ -482,39 +730,47 @@ def run_compare(
 
     Parameters
     ----------
-    path_or_config : path-like or PipelineConfig
+    path_or_config : path-like, str or PipelineConfig
     out : path-like, optional
         Output directory for the table and figures; default the pipeline's ``output``.
     figures : bool, default True
-    echo : callable, default print
+    methods, targets, root
+        As for :func:`run`.
+    overwrite : bool, default False
+        Replace a ``cube.zarr`` written from another cube.
 
     Returns
     -------
     stf_pipeline.compare.Comparison
     """
-    import stf_pipeline as stf
-
-    config = path_or_config if isinstance(path_or_config, PipelineConfig) else load_pipeline(path_or_config)
+    config = _configured(path_or_config, {"output": out, "methods": methods, "targets": targets, "root": root})
     _check_methods(config)
     if not config.methods:
         raise ConfigError(f"pipeline {config.name}: 'methods' is empty; list the methods to compare.")
-    output = Path(out) if out is not None else config.output
-    output.mkdir(parents=True, exist_ok=True)
-    with _scheduler(config):
-        cube, _ = _prepare(config, echo)
-        models = {}
-        for run_ in config.methods:
-            if stf.get_method(run_.name).learned:
-                echo(f"[{config.name}] training {run_.name}")
-                models[run_.name] = stf.train(
-                    cube, method=run_.name, workdir=output / f"train_{run_.name}", **_train_options(run_, cube)
-                )
-        return stf.compare(
-            cube,
-            methods={run_.name: dict(run_.params) for run_ in config.methods},
-            targets=list(config.targets) if config.targets else None,  # default: the catalog's targets
-            models=models,
-            out=output,
-            chunks=config.chunks,
-            figures=figures,
-        )
+    config.output.mkdir(parents=True, exist_ok=True)
+    with _worker_cube_removed(config):
+        cube, _, _ = _prepare(config, overwrite=overwrite)  # before a cluster starts, as in run()
+        with _scheduler(config):
+            return _compare_all(config, cube, figures=figures)
+
+
+def _compare_all(config: PipelineConfig, cube: xr.Dataset, *, figures: bool) -> Any:
+    """Train the learned methods and run :func:`stf_pipeline.compare` for :func:`run_compare`."""
+    import stf_pipeline as stf
+
+    models = {}
+    for run_ in config.methods:
+        if stf.get_method(run_.name).learned:
+            logger.info("[%s] training %s", config.name, run_.name)
+            models[run_.name] = stf.train(
+                cube, method=run_.name, workdir=config.output / f"train_{run_.name}", **_train_options(run_, cube)
+            )
+    return stf.compare(
+        cube,
+        methods={run_.name: dict(run_.params) for run_ in config.methods},
+        targets=list(config.targets) if config.targets else None,  # default: the catalog's targets
+        models=models,
+        out=config.output,
+        chunks=config.chunks,
+        figures=figures,
+    )

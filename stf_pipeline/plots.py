@@ -6,7 +6,8 @@ writes it as PNG when given ``path``. Figures are built without :mod:`matplotlib
 work under any backend (Agg on servers) and leave no global state behind.
 
 * :func:`plot_composites` — truth and predictions as true- or false-colour composites with one
-  shared stretch (percentiles of the truth) and a zoom box (Figures 7/8).
+  shared stretch (percentiles of the truth) and a zoom box (Figures 7/8). Its title names the
+  date, which band is drawn in which colour and the stretch; a scale bar gives the distances.
 * :func:`plot_change` — change ``ΔF`` from a reference (pair) date, true and predicted (Figure 9).
 * :func:`plot_bias` — fine-minus-coarse bias, true and predicted, and the prediction error
   (bias-error) maps (Figure 10).
@@ -129,6 +130,70 @@ def worst_window(truth: xr.DataArray, predictions: Mapping[str, xr.DataArray], s
     return int(i), int(i) + size, int(j), int(j) + size
 
 
+def composite_text(bands: str | Sequence[str], names: Sequence[str]) -> str:
+    """Which band is drawn in which colour: ``true colour, R,G,B = red, green, blue``."""
+    if len(names) == 1:
+        return f"grey = {names[0]}"
+    mapping = f"R,G,B = {', '.join(names)}"
+    return f"{bands} colour, {mapping}" if isinstance(bands, str) else mapping
+
+
+def image_date(image: xr.DataArray) -> str | None:
+    """The ISO date of a one-date image (its scalar ``time`` or ``target`` coordinate), else None."""
+    for name in ("time", "target"):
+        if name in image.coords and image[name].ndim == 0:
+            try:
+                return str(np.datetime_as_string(np.datetime64(image[name].values, "ns"), unit="D"))
+            except (TypeError, ValueError):
+                return str(image[name].values)
+    return None
+
+
+def ground_units(image: xr.DataArray) -> tuple[float, str] | None:
+    """``(pixel size, unit)`` along x in the image's CRS: metres for projected CRSs, degrees for
+    geographic ones, nominal metres without a CRS; None when the pixel size is unknown."""
+    if image.sizes["x"] < 2:
+        return None
+    size = float(abs(image["x"].values[1] - image["x"].values[0]))
+    crs = None
+    try:
+        import rioxarray  # noqa: F401  (registers .rio)
+
+        crs = image.rio.crs
+    except Exception:  # noqa: BLE001  (no or an unreadable CRS: a nominal grid)
+        crs = None
+    if crs is not None and crs.is_geographic:
+        return size, "°"
+    return size, "m" if crs is not None else "m (nominal grid)"
+
+
+def _nice_length(length: float) -> float:
+    """The largest of 1, 2, 5 x 10^k not above ``length``."""
+    power = 10 ** np.floor(np.log10(length))
+    return float(max(m for m in (1, 2, 5) if m * power <= length) * power)
+
+
+def _scale_bar(ax: Any, pixels: int, units: tuple[float, str]) -> None:
+    """A bar of a round ground length (about a quarter of the panel width) in the lower left corner."""
+    size, unit = units
+    length = _nice_length(pixels * size / 4)
+    if unit.startswith("m") and length >= 1000:
+        label = f"{length / 1000:g} km{unit[1:]}"
+    else:
+        label = f"{length:g} {unit}" if unit != "°" else f"{length:g}°"
+    bar = length / size
+    x0, x1 = ax.get_xlim()
+    y0, y1 = ax.get_ylim()  # images: y0 is the bottom edge (the larger row)
+    left = x0 + 0.05 * (x1 - x0)
+    bottom = y0 - 0.07 * (y0 - y1)
+    ax.plot([left, left + bar], [bottom, bottom], color="black", linewidth=4, solid_capstyle="butt")
+    ax.plot([left, left + bar], [bottom, bottom], color="white", linewidth=2, solid_capstyle="butt")
+    ax.text(left, bottom - 0.04 * (y0 - y1), label, color="white", fontsize=7, va="bottom", ha="left",
+            bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+
+
 def _save(fig: Figure, path: PathLike | None, dpi: int) -> Figure:
     if path is not None:
         os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
@@ -174,11 +239,17 @@ def plot_composites(
     zoom: tuple[int, int, int, int] | None = None,
     percentiles: tuple[float, float] = (2.0, 98.0),
     title: str | None = None,
+    date: str | None = None,
+    scale_bar: bool = True,
     panel_size: float = 2.6,
     path: PathLike | None = None,
     dpi: int = 120,
 ) -> Figure:
     """Truth and predictions as composites with one shared stretch and a zoom box (Figures 7/8).
+
+    The figure's title says what is drawn: the date, which band is drawn in which colour (``true
+    colour, R,G,B = red, green, blue``), the stretch (``2–98 % per band of the truth, shared by
+    all panels``) and the zoom window; the truth panels carry a scale bar in the CRS's units.
 
     Parameters
     ----------
@@ -195,6 +266,11 @@ def plot_composites(
     percentiles : (float, float), default (2, 98)
         Linear stretch between these percentiles of the truth, per band.
     title : str, optional
+        Put first in the figure title (e.g. the run's name); the description follows.
+    date : str, optional
+        The date shown; default the truth's scalar ``time`` (or ``target``) coordinate.
+    scale_bar : bool, default True
+        Draw a scale bar (needs the ``x`` coordinate's pixel size) on the truth panels.
     panel_size : float
         Inches per panel.
     path : path-like, optional
@@ -205,6 +281,7 @@ def plot_composites(
     -------
     matplotlib.figure.Figure
     """
+    date = date if date is not None else image_date(truth)
     truth, preds = _check_inputs(truth, predictions)
     names = resolve_bands(_bands(truth), bands)
     limits = stretch_limits(truth, names, percentiles)
@@ -233,14 +310,18 @@ def plot_composites(
     if len(names) == 1:
         scale = cm.ScalarMappable(colors.Normalize(*limits[0]), cmap="gray")
         fig.colorbar(scale, ax=axes, label=f"{names[0]} (shared stretch)", shrink=0.8, extend="both")
-    kind = bands if isinstance(bands, str) else "/".join(names)
-    stretch = f"stretch {percentiles[0]:g}–{percentiles[1]:g} % of truth, shared"
+    units = ground_units(truth) if scale_bar else None
+    if units is not None:
+        _scale_bar(axes[0, 0], nx, units)
+        _scale_bar(axes[1, 0], c1 - c0, units)
+    stretch = f"stretch {percentiles[0]:g}–{percentiles[1]:g} % per band of the truth, shared by all panels"
     note = _nodata_note(*(p.sel(band=list(names)).values for p in panels.values()))
-    _suptitle(
-        fig,
-        (title or f"{kind}-colour composite ({'/'.join(names)}), {stretch}; "
-         f"zoom rows {r0}–{r1}, cols {c0}–{c1}") + note,
+    text = "; ".join(
+        part for part in (
+            date, composite_text(bands, names), stretch, f"yellow box: zoom, rows {r0}–{r1}, cols {c0}–{c1}"
+        ) if part
     )
+    _suptitle(fig, (f"{title}: {text}" if title else text[0].upper() + text[1:]) + note)
     return _save(fig, path, dpi)
 
 

@@ -80,7 +80,7 @@ from stf_pipeline.store import (
     model_digest,
     new_generation,
 )
-from stf_pipeline.task import DateLike, Task, resolve_task, to_datetime64, valid_fraction
+from stf_pipeline.task import DateLike, Task, iso_date, resolve_task, to_datetime64, valid_fraction
 
 logger = logging.getLogger("stf_pipeline")
 
@@ -175,7 +175,7 @@ def fuse_series(
         Keyword arguments for ``stf.train`` when the model is trained here; ``train_times``
         default to the cube's ``stf_train_times`` attr, else every date with fine data.
     **params
-        Method parameters.
+        Method parameters, and ``backend=`` as for :func:`stf_pipeline.fuse`.
 
     Returns
     -------
@@ -210,7 +210,8 @@ def fuse_series(
     validate_cube(cube, check_values=True)
     spec = get_method(method)
     context = method_context(cube)
-    p = spec.make_params(**params)
+    spec.resolve_backend(str(params.get("backend", "auto")))  # stf.fuse's backend= passes through params
+    p = spec.make_params(**{name: value for name, value in params.items() if name != "backend"})
     if spec.prepare is not None:
         p = spec.prepare(p, context)
     keep = _check_keep(cube, keep)
@@ -247,7 +248,7 @@ def fuse_series(
                 STORE_MARKER: STORE_VERSION,
                 "stf_method": spec.name,
                 "stf_params": json.dumps(params_to_attrs(p), sort_keys=True),
-                "stf_tasks": json.dumps({_iso(t.target): [_iso(q) for q in t.pairs] for t in plan.tasks}),
+                "stf_tasks": json.dumps({iso_date(t.target): [iso_date(q) for q in t.pairs] for t in plan.tasks}),
                 "stf_pipeline_version": __version__,
                 REQUEST_ATTR: digest,
                 PARTS_ATTR: json.dumps(parts, sort_keys=True),
@@ -383,7 +384,7 @@ def _plan(
     per_target: Mapping[np.datetime64, Sequence[DateLike] | None]
     if isinstance(pairs, Mapping):
         per_target = {to_datetime64(k): v for k, v in pairs.items()}
-        unknown = sorted(_iso(t) for t in set(per_target) - set(chosen))
+        unknown = sorted(iso_date(t) for t in set(per_target) - set(chosen))
         if unknown:
             raise TaskError(f"pairs given for {unknown}, which are not targets; give pairs only for target dates.")
     else:
@@ -407,16 +408,12 @@ def _default_train_options(cube: xr.Dataset, options: Mapping[str, Any] | None) 
     if "train_times" not in options:
         listed = [str(t) for t in cube.attrs.get("stf_train_times") or []]
         fine_ok = valid_fraction(cube, "fine") > 0
-        options["train_times"] = listed or [_iso(t) for t in cube["time"].values[fine_ok]]
+        options["train_times"] = listed or [iso_date(t) for t in cube["time"].values[fine_ok]]
     return options
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def _iso(t: np.datetime64) -> str:
-    return str(np.datetime_as_string(t, unit="D"))
 
 
 def _inputs(cube: xr.Dataset, plan: _Plan) -> dict[str, Any]:
@@ -431,7 +428,7 @@ def _inputs(cube: xr.Dataset, plan: _Plan) -> dict[str, Any]:
         needed["coarse"].update(task.pairs)
     for name in plan.variables[1:]:
         needed.setdefault(name, set()).update(plan.times)
-    return {f"{name}@{_iso(t)}": cube[name].sel(time=t).data for name, dates in needed.items() for t in sorted(dates)}
+    return {f"{name}@{iso_date(t)}": cube[name].sel(time=t).data for name, dates in needed.items() for t in sorted(dates)}
 
 
 def _data_digest(cube: xr.Dataset, plan: _Plan) -> str:
@@ -462,8 +459,8 @@ def _request_parts(
         ),
         "model": "" if model is None else model_digest(model),
         "dates": digest(
-            {"tasks": {_iso(t.target): [_iso(p) for p in t.pairs] for t in plan.tasks},
-             "times": [_iso(t) for t in plan.times]}
+            {"tasks": {iso_date(t.target): [iso_date(p) for p in t.pairs] for t in plan.tasks},
+             "times": [iso_date(t) for t in plan.times]}
         ),
         "layout": digest(
             {"bands": [str(b) for b in cube["band"].values], "shape": [int(s) for s in cube["fine"].shape],
@@ -511,7 +508,7 @@ def _template(cube: xr.Dataset, plan: _Plan, attrs: Mapping[str, Any], *, method
         var_attrs = {k: v for k, v in cube[name].attrs.items()}
         data_vars[name] = xr.Variable(("time", "band", "y", "x"), lazy, attrs=var_attrs)
     fused = plan.source == "fused"
-    pairs = {t.target: ",".join(_iso(p) for p in t.pairs) for t in plan.tasks}
+    pairs = {t.target: ",".join(iso_date(p) for p in t.pairs) for t in plan.tasks}
     provenance = {
         "source": (plan.source, "observed: fine observation; fused: prediction"),
         "fusion_method": (np.where(fused, method, ""), "method that fused the date (empty: observed)"),

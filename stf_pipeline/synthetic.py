@@ -23,7 +23,7 @@ The coarse sensor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import dask.array as da
 import numpy as np
@@ -152,20 +152,27 @@ def surface_reflectance(
 
 
 # --------------------------------------------------------------------------- sensors
-def _coarse_sensor(seed: int, n_bands: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+#: the coarse sensor's difference from the fine one (``synthetic_scene(coarse_bias=...)``): the
+#: share of each neighbouring band leaking into a band, the spread of the per-band gains (around
+#: 1) and offsets (around 0.005), the amplitude of the date-dependent atmospheric offset in the
+#: first band, and the point-spread function's sigma in native coarse pixels
+COARSE_BIAS: dict[str, float] = {"leak": 0.04, "gain_spread": 0.16, "offset_spread": 0.03, "atmosphere": 0.012, "psf": 0.5}
+
+
+def _coarse_sensor(seed: int, n_bands: int, bias: dict[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Band leakage matrix, gain and offset of the coarse sensor relative to the fine one."""
-    leak = 0.04
+    leak = bias["leak"]
     response = np.eye(n_bands) * (1 - 2 * leak) + np.eye(n_bands, k=1) * leak + np.eye(n_bands, k=-1) * leak
     response /= response.sum(axis=1, keepdims=True)
-    gain = 0.92 + 0.16 * hash_uniform(seed + 20, np.arange(n_bands))
-    offset = -0.01 + 0.03 * hash_uniform(seed + 21, np.arange(n_bands))
+    gain = 1 - bias["gain_spread"] / 2 + bias["gain_spread"] * hash_uniform(seed + 20, np.arange(n_bands))
+    offset = 0.005 - bias["offset_spread"] / 2 + bias["offset_spread"] * hash_uniform(seed + 21, np.arange(n_bands))
     return response, gain, offset
 
 
-def _atmosphere(seed: int, t_index: int, n_bands: int) -> np.ndarray:
+def _atmosphere(seed: int, t_index: int, n_bands: int, amplitude: float) -> np.ndarray:
     """Date-dependent additive atmospheric offset per band, strongest at short wavelengths."""
     strength = np.linspace(1.6, 0.3, n_bands)
-    return 0.012 * (2 * hash_uniform(seed + 22, t_index, np.arange(n_bands)) - 1) * strength
+    return amplitude * (2 * hash_uniform(seed + 22, t_index, np.arange(n_bands)) - 1) * strength
 
 
 def _block_mean(a: np.ndarray, factor: int) -> np.ndarray:
@@ -179,8 +186,8 @@ def _block_mean(a: np.ndarray, factor: int) -> np.ndarray:
     return total / (factor * factor)
 
 
-def _psf_sigma(coarse_factor: int) -> float:
-    return 0.5 * coarse_factor
+def _psf_sigma(coarse_factor: int, psf: float) -> float:
+    return psf * coarse_factor
 
 
 class _Scene:
@@ -195,6 +202,7 @@ class _Scene:
         coarse_factor: int,
         flood_day: float | None,
         noise: float,
+        bias: dict[str, float],
     ) -> None:
         self.seed = seed
         self.days = days
@@ -202,6 +210,7 @@ class _Scene:
         self.coarse_factor = coarse_factor
         self.flood_day = flood_day
         self.noise = noise
+        self.bias = bias
         self.season_length = float(max(days[-1] - days[0], 1.0))
 
     def surface(self, t: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -222,17 +231,18 @@ class _Scene:
     def coarse_block(self, block_info: dict | None = None) -> np.ndarray:
         (t0, t1), _, (y0, y1), (x0, x1) = block_info[None]["array-location"]
         f = self.coarse_factor
-        halo = int(np.ceil(4 * _psf_sigma(f)))
+        sigma = _psf_sigma(f, self.bias["psf"])
+        halo = max(int(np.ceil(4 * sigma)), 1)
         cy0, cy1 = y0 // f, -(-y1 // f)
         cx0, cx1 = x0 // f, -(-x1 // f)
         rows = np.arange(cy0 * f - halo, cy1 * f + halo)
         cols = np.arange(cx0 * f - halo, cx1 * f + halo)
-        response, gain, offset = _coarse_sensor(self.seed, self.n_bands)
+        response, gain, offset = _coarse_sensor(self.seed, self.n_bands, self.bias)
         out = np.empty((t1 - t0, self.n_bands, y1 - y0, x1 - x0), np.float32)
         for k, t in enumerate(range(t0, t1)):
             seen = np.einsum("ij,jyx->iyx", response, self.surface(t, rows, cols))
-            seen = gain[:, None, None] * seen + (offset + _atmosphere(self.seed, t, self.n_bands))[:, None, None]
-            sigma = _psf_sigma(f)
+            atmosphere = _atmosphere(self.seed, t, self.n_bands, self.bias["atmosphere"])
+            seen = gain[:, None, None] * seen + (offset + atmosphere)[:, None, None]
             seen = gaussian_filter1d(seen, sigma, axis=1, truncate=4.0, mode="nearest")
             seen = gaussian_filter1d(seen, sigma, axis=2, truncate=4.0, mode="nearest")
             coarse = _block_mean(seen[:, halo:-halo, halo:-halo], f)
@@ -256,6 +266,7 @@ def synthetic_scene(
     flood: bool = True,
     flood_time: float | None = None,
     noise: float = 0.004,
+    coarse_bias: Mapping[str, float] | None = None,
     chunks: int = 512,
     crs: str = "EPSG:32755",
     origin: tuple[float, float] = (700_000.0, 6_700_000.0),
@@ -285,6 +296,10 @@ def synthetic_scene(
         Date index of the flood peak (fractional allowed); default 55 % through the series.
     noise : float
         Amplitude of the fine sensor's per-pixel noise.
+    coarse_bias : mapping, optional
+        How the coarse sensor differs from the fine one: any of the keys of
+        :data:`COARSE_BIAS` (``leak``, ``gain_spread``, ``offset_spread``, ``atmosphere``,
+        ``psf``), the others keep those defaults.
     chunks : int, default 512
         Spatial chunk size (``time=1, band=-1``).
     crs : str
@@ -316,17 +331,23 @@ def synthetic_scene(
     if any(not 0 <= i < n_times for i in observed):
         raise CubeError(f"fine_times {list(observed)} must be date indices in [0, {n_times}).")
 
+    unknown = sorted(set(coarse_bias or {}) - set(COARSE_BIAS))
+    if unknown:
+        raise CubeError(f"coarse_bias keys {unknown} are unknown; valid keys are {sorted(COARSE_BIAS)}.")
+    bias = {**COARSE_BIAS, **{k: float(v) for k, v in (coarse_bias or {}).items()}}
+    if not 0 <= bias["leak"] < 0.5 or bias["psf"] < 0:
+        raise CubeError(f"coarse_bias: leak must be in [0, 0.5) and psf >= 0, got {bias['leak']} and {bias['psf']}.")
     days = np.arange(n_times, dtype=np.float64) * interval_days
     flood_day = None
     if flood:
         flood_day = (flood_time if flood_time is not None else 0.55 * (n_times - 1)) * interval_days
     scene = _Scene(
-        seed=seed, days=days, n_bands=len(bands), coarse_factor=coarse_factor, flood_day=flood_day, noise=noise
+        seed=seed, days=days, n_bands=len(bands), coarse_factor=coarse_factor, flood_day=flood_day, noise=noise, bias=bias
     )
     shape = (n_times, len(bands), height, width)
     dask_chunks = (1, len(bands), chunks, chunks)
     meta = np.empty((0, 0, 0, 0), np.float32)
-    token = tokenize(seed, shape, coarse_factor, flood_day, noise, interval_days, chunks)
+    token = tokenize(seed, shape, coarse_factor, flood_day, noise, interval_days, chunks, sorted(bias.items()))
     truth = da.map_blocks(
         scene.fine_block, chunks=da.core.normalize_chunks(dask_chunks, shape), dtype=np.float32, meta=meta,
         name=f"synthetic-fine-{token}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import dask.array as da
 import numpy as np
@@ -13,7 +13,7 @@ import xarray as xr
 
 from stf_pipeline.exceptions import TaskError
 
-DateLike = str | np.datetime64 | pd.Timestamp | Any
+DateLike: TypeAlias = str | np.datetime64 | pd.Timestamp | Any
 
 
 def to_datetime64(value: DateLike) -> np.datetime64:
@@ -24,8 +24,14 @@ def to_datetime64(value: DateLike) -> np.datetime64:
         raise TaskError(f"cannot read {value!r} as a date; use an ISO string such as '2001-07-11'.") from err
 
 
-def _iso(date: np.datetime64) -> str:
-    return str(np.datetime_as_string(date, unit="D"))
+def iso_date(date: Any) -> str:
+    """``YYYY-MM-DD`` of a ``numpy.datetime64`` (or anything ``numpy.datetime64`` reads)."""
+    return str(np.datetime_as_string(np.datetime64(date, "ns"), unit="D"))
+
+
+#: Transitional name of :func:`iso_date` (``methods/biastf.py``, ``methods/stfdcnn.py``,
+#: ``nn/sampler.py`` import it).
+_iso = iso_date
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +50,7 @@ class Task:
 
     def to_attrs(self) -> dict[str, Any]:
         """ISO strings for provenance attrs."""
-        return {"target": _iso(self.target), "pairs": [_iso(p) for p in self.pairs]}
+        return {"target": iso_date(self.target), "pairs": [iso_date(p) for p in self.pairs]}
 
 
 def valid_fraction(cube: xr.Dataset, variable: str) -> np.ndarray:
@@ -96,15 +102,15 @@ def resolve_task(
     target64 = to_datetime64(target)
     if target64 not in times:
         raise TaskError(
-            f"target date {_iso(target64)} is not in the cube; its dates are "
-            f"{[_iso(t) for t in times]}."
+            f"target date {iso_date(target64)} is not in the cube; its dates are "
+            f"{[iso_date(t) for t in times]}."
         )
     coarse_ok = valid_fraction(cube, "coarse") > 0
     fine_ok = valid_fraction(cube, "fine") > 0
     t_index = int(np.flatnonzero(times == target64)[0])
     if not coarse_ok[t_index]:
         raise TaskError(
-            f"the coarse image at target date {_iso(target64)} is all NaN; "
+            f"the coarse image at target date {iso_date(target64)} is all NaN; "
             "a fusion needs the coarse observation of the target date: choose another target."
         )
     lo, hi = n_pairs
@@ -116,24 +122,30 @@ def resolve_task(
         else:
             chosen = before[-1:] + after[:1]
         if len(chosen) < lo:
-            have = [_iso(times[i]) for i in before + after]
+            have = [iso_date(times[i]) for i in before + after]
             raise TaskError(
-                f"method needs {lo} pair date(s) around {_iso(target64)} (one before and one after), "
+                f"method needs {lo} pair date(s) around {iso_date(target64)} (one before and one after), "
                 f"but the dates with both fine and coarse data are {have}; pass pairs=[...] explicitly "
                 "or choose another target."
             )
         return Task(target=target64, pairs=tuple(times[i] for i in chosen))
     pair64 = sorted({to_datetime64(p) for p in pairs})
     if not lo <= len(pair64) <= hi:
-        raise TaskError(f"method takes {lo} to {hi} pair date(s), got {len(pair64)}: {[_iso(p) for p in pair64]}.")
+        raise TaskError(f"method takes {lo} to {hi} pair date(s), got {len(pair64)}: {[iso_date(p) for p in pair64]}.")
     for p in pair64:
         if p == target64:
-            raise TaskError(f"pair date {_iso(p)} is the target date; pairs must be other dates.")
+            raise TaskError(f"pair date {iso_date(p)} is the target date; pairs must be other dates.")
         if p not in times:
-            raise TaskError(f"pair date {_iso(p)} is not in the cube; its dates are {[_iso(t) for t in times]}.")
+            raise TaskError(
+                f"pair date {iso_date(p)} is not in the cube; its dates are {[iso_date(t) for t in times]}."
+            )
         i = int(np.flatnonzero(times == p)[0])
         if not fine_ok[i]:
-            raise TaskError(f"the fine image at pair date {_iso(p)} is all NaN; choose a date with a fine observation.")
+            raise TaskError(
+                f"the fine image at pair date {iso_date(p)} is all NaN; choose a date with a fine observation."
+            )
         if not coarse_ok[i]:
-            raise TaskError(f"the coarse image at pair date {_iso(p)} is all NaN; choose a date with a coarse observation.")
+            raise TaskError(
+                f"the coarse image at pair date {iso_date(p)} is all NaN; choose a date with a coarse observation."
+            )
     return Task(target=target64, pairs=tuple(pair64))

@@ -1,15 +1,23 @@
-"""Reusable checks and tiny fixtures for tests of stf_pipeline and of code built on it."""
+"""Reusable checks and tiny fixtures for tests of stf_pipeline and of code built on it.
+
+:func:`check_method` is the conformance suite every registered method passes for every backend
+it declares (``tests/methods/test_conformance.py``); run it on a new method before registering it.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
 
 from stf_pipeline.cube import make_cube
+from stf_pipeline.methods._base import MethodContext, MethodSpec
 
 BANDS6: tuple[str, ...] = ("blue", "green", "red", "nir", "swir1", "swir2")
 
@@ -68,7 +76,7 @@ def random_cube(
     return make_cube(
         fine.astype(np.float32),
         coarse.astype(np.float32),
-        time=times,
+        time=list(times),
         band=list(bands),
         y=y,
         x=x,
@@ -87,3 +95,145 @@ def assert_chunked_equals_unchunked(
         np.testing.assert_array_equal(a, b)
     else:
         np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, equal_nan=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WiderHalo:
+    """A method's halo plus ``extra`` pixels (picklable, for :func:`check_method`)."""
+
+    halo: Any
+    extra: int
+
+    def __call__(self, params: Any, context: MethodContext) -> int:
+        return int(self.halo(params, context)) + self.extra
+
+
+def _with_holes(cube: xr.Dataset, seed: int) -> xr.Dataset:
+    """``cube`` with a 5x7 hole in every fine image, a 4x4 hole in every coarse image and a few
+    missing pixels in the coarse target (time index 1), at seeded places."""
+    rng = np.random.default_rng(seed)
+    fine = cube["fine"].values.copy()
+    coarse = cube["coarse"].values.copy()
+    ny, nx = fine.shape[-2:]
+    y0, x0 = int(rng.integers(0, ny - 5)), int(rng.integers(0, nx - 7))
+    fine[..., y0 : y0 + 5, x0 : x0 + 7] = np.nan
+    y0, x0 = int(rng.integers(0, ny - 4)), int(rng.integers(0, nx - 4))
+    coarse[..., y0 : y0 + 4, x0 : x0 + 4] = np.nan
+    coarse[1, :, rng.integers(0, ny, 3), rng.integers(0, nx, 3)] = np.nan
+    return cube.assign(fine=(cube["fine"].dims, fine), coarse=(cube["coarse"].dims, coarse))
+
+
+def _far_from_missing(cube: xr.Dataset, times: Sequence[Any], halo: int) -> np.ndarray:
+    """``(y, x)`` pixels more than ``halo`` pixels from any missing input at ``times``."""
+    from scipy import ndimage
+
+    missing = np.zeros(cube["fine"].shape[-2:], dtype=bool)
+    for name in ("fine", "coarse"):
+        missing |= cube[name].sel(time=list(times)).isnull().any(("time", "band")).values
+    return ~ndimage.binary_dilation(missing, structure=np.ones((2 * halo + 1, 2 * halo + 1), bool))
+
+
+def _assert_close(got: np.ndarray, want: np.ndarray, rtol: float, atol: float, what: str) -> None:
+    if rtol == 0 and atol == 0:
+        np.testing.assert_array_equal(got, want, err_msg=what)
+    else:
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, equal_nan=True, err_msg=what)
+
+
+def check_method(
+    method: str | MethodSpec[Any],
+    backend: str = "auto",
+    *,
+    cube: xr.Dataset | None = None,
+    params: Mapping[str, Any] | None = None,
+    model: Any | None = None,
+    chunks: tuple[int, int] = (16, 16),
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    reference_rtol: float = 0.0,
+    reference_atol: float = 1e-5,
+    seed: int = 0,
+) -> None:
+    """Check that a method's ``backend`` honours the engine's contract (:mod:`stf_pipeline.methods._base`).
+
+    Through :func:`stf_pipeline.fuse`, at the second date of ``cube``:
+
+    1. *lazy*: fusing a Dask-backed cube computes nothing (:func:`raise_if_dask_computes`);
+    2. *chunked == unchunked*: with NaN holes in the inputs (a hole in every fine and every coarse
+       image, missing pixels in the target's coarse image), the chunked result equals the
+       whole-scene one (to ``rtol``/``atol``; bitwise by default) and the kernel does not fail; the
+       output is float32 with no infinities, NaN only where the method leaves a pixel undefined,
+       which must lie within the halo of a missing input;
+    3. *halo large enough*: a chunked run with the halo widened by two coarse pixels (or 2 pixels)
+       gives the same numbers;
+    4. *backend == reference*: on the cube without holes, the backend matches the method's
+       reference backend (``MethodSpec.reference``) to ``reference_rtol``/``reference_atol``.
+
+    Parameters
+    ----------
+    method : str or MethodSpec
+        A registered name or a spec not (yet) in the registry.
+    backend : str, default "auto"
+        One of the method's backends (``MethodSpec.backends``) or ``auto``.
+    cube : xarray.Dataset, optional
+        NumPy-backed cube, default :func:`random_cube` (3 dates, 2 bands, 40x48, coarse factor 8).
+        Pick it, ``params`` and ``chunks`` so that the scene holds several chunks beyond the halo.
+    params : mapping, optional
+        Method parameters (keyword arguments of :func:`stf_pipeline.fuse`).
+    model : FittedModel, optional
+        For learned methods.
+    chunks : (int, int), default (16, 16)
+        Nominal chunk size of the chunked runs.
+    rtol, atol : float
+        Tolerance of chunked against unchunked (and of the widened halo).
+    reference_rtol, reference_atol : float
+        Tolerance of ``backend`` against the reference backend.
+    seed : int
+        Seed of the scattered holes.
+
+    Raises
+    ------
+    AssertionError
+        Naming the check that failed.
+    """
+    from stf_pipeline.fusion import fuse, method_context
+    from stf_pipeline.methods import get_method
+
+    spec = method if isinstance(method, MethodSpec) else get_method(method)
+    cube = random_cube() if cube is None else cube
+    target = cube["time"].values[1]
+    kwargs: dict[str, Any] = {"method": spec, "backend": backend, "model": model, **dict(params or {})}
+    holes = _with_holes(cube, seed)
+    lazy_cube = holes.chunk({"time": 1, "y": chunks[0], "x": chunks[1]})
+
+    with raise_if_dask_computes():
+        lazy = fuse(lazy_cube, target, **kwargs)
+    assert isinstance(lazy.data, da.Array), f"{spec.name}/{backend}: fusing a Dask-backed cube did not stay lazy"
+    blocks = lazy.data.numblocks[1] * lazy.data.numblocks[2]
+    assert blocks > 1, f"{spec.name}/{backend}: the check needs several chunks; pass a larger cube or smaller chunks"
+
+    out = fuse(holes, target, **kwargs)
+    eager = out.values
+    assert eager.dtype == np.float32, f"{spec.name}/{backend}: output dtype {eager.dtype}, not float32"
+    assert not np.isinf(eager).any(), f"{spec.name}/{backend}: infinite values from NaN inputs"
+    context = method_context(cube)
+    prepared = spec.make_params(**dict(params or {}))
+    prepared = spec.prepare(prepared, context, model=model) if spec.prepare is not None else prepared
+    halo = int(spec.halo(prepared, context))
+    far = _far_from_missing(holes, [*out.attrs["pairs"], out.attrs["target"]], halo)
+    assert np.isfinite(eager[:, far]).all(), f"{spec.name}/{backend}: NaN beyond the halo of every missing input"
+    _assert_close(lazy.values, eager, rtol, atol, f"{spec.name}/{backend}: chunked != unchunked")
+
+    align = int(cube.attrs.get("coarse_factor") or 1) if spec.coarse_aligned else 1
+    wider = dataclasses.replace(spec, halo=_WiderHalo(spec.halo, 2 * align if align > 1 else 2))
+    widened = fuse(lazy_cube, target, **{**kwargs, "method": wider}).values
+    _assert_close(widened, eager, rtol, atol, f"{spec.name}/{backend}: a wider halo changes the result")
+
+    if spec.resolve_backend(backend) != spec.reference:
+        got = fuse(cube, target, **kwargs).values
+        want = fuse(cube, target, **{**kwargs, "backend": spec.reference}).values
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"{spec.name}/{backend}: NaN pattern")
+        np.testing.assert_allclose(
+            got, want, rtol=reference_rtol, atol=reference_atol, equal_nan=True,
+            err_msg=f"{spec.name}/{backend} != {spec.reference} (the reference)",
+        )

@@ -13,7 +13,15 @@ import rasterio
 import yaml
 
 import stf_pipeline as stf
-from stf_pipeline.catalog import CATALOG_DIR, DATA_ROOT_ENV, Catalog, catalog_names, data_root, load_catalog
+from stf_pipeline.catalog import (
+    CATALOG_DIR,
+    DATA_ROOT_ENV,
+    Catalog,
+    catalog_names,
+    data_root,
+    data_roots,
+    load_catalog,
+)
 from stf_pipeline.exceptions import CatalogError
 
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning", "ignore::rasterio.errors.NotGeoreferencedWarning")
@@ -137,17 +145,61 @@ def test_lgc_catalog_on_fake_copy_uses_the_biastf_split(fake_root):
 
 def test_data_root_env_var_points_catalogs_at_another_copy(fake_root, monkeypatch):
     monkeypatch.setenv(DATA_ROOT_ENV, str(fake_root))
-    assert data_root() == fake_root
+    assert data_root() == fake_root and data_roots() == [(fake_root, "$STF_DATA_ROOT")]
     cube, _ = stf.open_catalog("lgc")
     assert cube.sizes["time"] == 14
     monkeypatch.setenv(DATA_ROOT_ENV, str(fake_root / "elsewhere"))
-    with pytest.raises(CatalogError, match=r"catalog lgc: its data folder .*elsewhere/LGC does not exist; set \$STF_DATA_ROOT"):
+    with pytest.raises(
+        CatalogError,
+        match=r"catalog lgc: its data folder 'LGC' was not found; looked in .*elsewhere/LGC \(\$STF_DATA_ROOT\)\. "
+        r"Get the files: doi:10.4225/08/5111AD2B7FEE6 .* set \$STF_DATA_ROOT to the folder that holds it, or pass "
+        r"that folder as the data root \(root= in Python, --root on the command line\)",
+    ):
         stf.open_catalog("lgc")
 
 
-def test_default_data_root_is_shared_data_beside_the_repo(monkeypatch):
+def test_data_root_search_order(fake_root, tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
-    assert data_root() == (CATALOG_DIR.parent.parent / "shared" / "data" / "real").resolve()
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    clone = (Path(__file__).resolve().parents[2] / "shared" / "data" / "real").resolve()
+    user = tmp_path / "xdg" / "stf_pipeline"
+    assert data_roots() == [(clone, "beside the clone"), (user, "the user data folder")]
+    with pytest.raises(CatalogError, match=rf"looked in {clone}/LGC \(beside the clone\); {user}/LGC \(the user"):
+        stf.open_catalog("lgc")
+    shutil.copytree(fake_root / "LGC", user / "LGC")  # found in the user data folder
+    assert stf.open_catalog("lgc")[0].sizes["time"] == 14
+    with pytest.raises(CatalogError, match=r"looked in .*nowhere/LGC \(root= \(--root\)\)"):
+        stf.open_catalog("lgc", root=tmp_path / "nowhere")  # an explicit root is the only place looked at
+
+
+def test_catalogs_are_package_data():
+    import importlib.resources
+
+    shipped = importlib.resources.files("stf_pipeline") / "catalogs" / "zhu_estarfm.yaml"
+    assert shipped.is_file() and load_catalog("zhu_estarfm").download.startswith("the ESTARFM test data")
+    assert all(load_catalog(name).download for name in catalog_names())  # every catalog says where to get it
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.update(root="../../etc"), r"root: '../../etc' must be a path inside the catalog's folder"),
+        (lambda s: s.update(root="/data/LGC"), r"root: '/data/LGC' must be a path inside"),
+        (lambda s: s["fine"]["files"].update({"2004-04-17": "../../../../etc/hostname"}), r"fine.files: '../../../../etc/hostname'"),
+        (lambda s: s["fine"]["files"].update({"2004-04-17": "/etc/hostname"}), r"fine.files: '/etc/hostname' must be"),
+        (lambda s: s["coarse"].update(glob="../*/MODIS/*.int"), r"coarse.glob: '../\*/MODIS/\*.int' must be"),
+        (lambda s: s.update(layers={"classes": "../x.tif"}), r"layers.classes: '../x.tif' must be"),
+    ],
+)
+def test_catalog_paths_stay_in_the_catalog_folder(tmp_path, base_spec, edit, message):
+    edit(base_spec)
+    with pytest.raises(CatalogError, match=message + r".*pass the data root \(root= in Python, --root"):
+        load_catalog(_write(tmp_path, base_spec))
+
+
+def test_catalog_names_are_not_paths():
+    with pytest.raises(CatalogError, match=r"unknown catalog '../catalogs/cia'"):
+        load_catalog("../catalogs/cia")
 
 
 # ------------------------------------------------------------------ schema and task errors

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import rioxarray  # noqa: F401  (registers .rio)
 import xarray as xr
+import yaml
 from pyproj import CRS
 
 import stf_pipeline as stf
@@ -132,17 +133,110 @@ def test_open_cube_on_missing_truncated_and_corrupt_stores(foreign_store, tmp_pa
         stf.open_cube(no_fine)
 
 
-def test_cli_errors_are_one_line_and_exit_1(tmp_path, capsys):
-    assert main(["info", str(tmp_path / "absent.zarr")]) == 1
-    assert capsys.readouterr().err.startswith(f"stf info: error: no cube store at {tmp_path / 'absent.zarr'}")
-    assert main(["run", str(tmp_path / "absent.yaml")]) == 1
-    assert "stf run: error: pipeline file" in capsys.readouterr().err
-    assert main(["ingest", "no_such_catalog", "-o", str(tmp_path / "x.zarr")]) == 1
-    assert "stf ingest: error: unknown catalog 'no_such_catalog'" in capsys.readouterr().err
-    assert main(["bench", "no_such_bench"]) == 1
-    assert "stf bench: error: unknown benchmark 'no_such_bench'; available: [" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "absent.zarr")]) == 2
+    assert capsys.readouterr().err.startswith(f"stf: error: no cube store at {tmp_path / 'absent.zarr'}")
+    assert main(["run", str(tmp_path / "absent.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stf: error: pipeline file") and "shipped pipeline (biastf-synthetic" in err
+    assert err.count("\n") == 1
+    assert main(["ingest", "no_such_catalog", "-o", str(tmp_path / "x.zarr")]) == 2
+    assert "stf: error: unknown catalog 'no_such_catalog'" in capsys.readouterr().err
+    assert main(["bench", "no_such_bench"]) == 2
+    assert "stf: error: unknown benchmark 'no_such_bench'; available: [" in capsys.readouterr().err
+    assert main(["bench"]) == 2
+    assert "stf: error: name a benchmark: stf bench NAME [ARGS]; available: biastf, methods, scale" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
         main(["frobnicate"])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["run"], ["info"], ["ingest"], ["export"], ["compare"], ["bench"], ["bench", "scale"]]
+)
+def test_every_help_exits_0(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: stf {' '.join(command)}".rstrip())
+    if command == ["bench"]:
+        assert "benchmarks: biastf, methods, scale, stfdcnn" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"stf (stf_pipeline) {stf.__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("message", "cli"),
+    [
+        ("x.zarr already exists; pass overwrite=True to replace it or choose another path.",
+         "x.zarr already exists; pass --overwrite to replace it or choose another path."),
+        ("x holds another fused series (...); pass overwrite=True to replace it, or choose another out= path.",
+         "x holds another fused series (...); pass --overwrite to replace it, or choose another --out folder."),
+        ("x holds a cube; pass overwrite=True to replace it, or pass output= another folder.",
+         "x holds a cube; pass --overwrite to replace it, or pass --out with another folder."),
+        ("or pass that folder as the data root (root= in Python, --root on the command line).",
+         "or pass that folder as the data root (--root DIR)."),
+        ("x holds another request. Pass overwrite=True (--overwrite) to replace it, or choose another out= path.",
+         "x holds another request. Pass --overwrite to replace it, or choose another --out folder."),
+        ("x already exists; pass overwrite=True (stf export --overwrite) or another folder.",
+         "x already exists; pass --overwrite or another folder."),
+        ("two\n  lines", "two lines"),
+    ],
+)
+def test_errors_are_worded_for_the_command_line(message, cli):
+    from stf_pipeline.cli import cli_message
+
+    assert cli_message(stf.STFError(message)) == cli
+
+
+def test_overwrite_errors_name_the_option(tmp_path, capsys):
+    foreign = tmp_path / "a.zarr"
+    independent_cube().to_zarr(foreign, zarr_format=2, consolidated=True)
+    with pytest.raises(stf.StoreError, match="pass overwrite=True"):
+        stf.write_cube(independent_cube(), foreign)  # the library's wording...
+    spec = {"name": "t", "cube": {"zarr": str(foreign)}, "write_cube": True, "methods": []}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    stf.write_cube(stf.synthetic_scene(height=8, width=8, n_times=3), out / "cube.zarr")
+    assert main(["run", str(tmp_path / "p.yaml"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # ...and the command's
+    assert err == (
+        f"stf: error: {out / 'cube.zarr'} holds a cube written from another source; pass --overwrite to replace it, "
+        "or pass --out with another folder."
+    )
+    assert main(["run", str(tmp_path / "p.yaml"), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
+    from stf_pipeline import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run", interrupted)
+    assert main(["run", "demo"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "interrupted: rerun the same command to resume\n" and captured.out == ""
+
+
+def test_verbose_and_quiet_set_the_log_level():
+    import logging
+
+    from stf_pipeline.log import level_from_flags
+
+    assert level_from_flags() == logging.INFO
+    assert level_from_flags(verbose=1) == logging.DEBUG and level_from_flags(verbose=3) == logging.DEBUG
+    assert level_from_flags(quiet=1) == logging.WARNING and level_from_flags(quiet=2) == logging.ERROR
+    assert level_from_flags(verbose=1, quiet=1) == logging.INFO
+    from stf_pipeline.cli import build_parser
+
+    assert build_parser().parse_args(["-q", "run", "demo"]).quiet == 1  # before the command
+    assert build_parser().parse_args(["run", "demo", "-vv"]).verbose == 2  # or after it
 
 
 def test_stf_ingest_writes_a_catalog_cube(tmp_path, capsys):
@@ -159,8 +253,8 @@ def test_stf_ingest_writes_a_catalog_cube(tmp_path, capsys):
     stored = stf.open_cube(out)
     xr.testing.assert_identical(stored["fine_truth"].compute().drop_vars("spatial_ref"),
                                 cube["fine_truth"].compute().drop_vars("spatial_ref"))
-    assert main(["ingest", "lgc", "-o", str(out), "--root", str(root)]) == 1
-    assert "already exists" in capsys.readouterr().err
+    assert main(["ingest", "lgc", "-o", str(out), "--root", str(root)]) == 2
+    assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
     assert main(["ingest", "lgc", "-o", str(out), "--root", str(root), "--overwrite"]) == 0
 
 
@@ -170,12 +264,20 @@ def test_bench_and_compare_dispatch(monkeypatch):
     bench.__spec__ = importlib.machinery.ModuleSpec(bench.__name__, None)
     bench.main = lambda argv: calls.append(("bench", argv)) or 3
     monkeypatch.setitem(sys.modules, bench.__name__, bench)
-    assert main(["bench", "fake_bench", "--size", "64", "-n", "2"]) == 3
-    import stf_pipeline.comparison as comparison
+    assert main(["bench", "fake_bench", "--size", "64", "-n", "2", "--help"]) == 3
+    from stf_pipeline import pipeline
 
-    monkeypatch.setattr(comparison, "main", lambda argv: calls.append(("compare", argv)) or 0)
-    assert main(["compare", "pipelines/demo.yaml", "--no-figures"]) == 0
-    assert calls == [("bench", ["--size", "64", "-n", "2"]), ("compare", ["pipelines/demo.yaml", "--no-figures"])]
+    class Table:
+        def to_markdown(self):
+            return "| table |"
+
+    monkeypatch.setattr(pipeline, "run_compare", lambda path, **kw: calls.append(("compare", path, kw)) or Table())
+    assert main(["compare", "pipelines/demo.yaml", "--no-figures", "--methods", "delta,starfm", "-o", "x"]) == 0
+    assert calls == [
+        ("bench", ["--size", "64", "-n", "2", "--help"]),
+        ("compare", "pipelines/demo.yaml", {"out": Path("x"), "figures": False, "methods": ["delta", "starfm"],
+                                            "targets": None, "root": None, "overwrite": False}),
+    ]
 
 
 def test_stf_turns_on_the_jax_compilation_cache(monkeypatch, tmp_path):
@@ -215,3 +317,34 @@ def test_stf_info_labels_the_dates_of_a_fused_cube(foreign_store, tmp_path, caps
     assert "fused cube: 2 fused date(s), 2 observed date(s)" in text
     roles = [line.split()[1] for line in text.splitlines() if line.startswith("  2021-")]
     assert roles == ["observed", "fused", "fused", "observed"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_run_then_the_same_command_resumes(tmp_path):
+    """A real SIGINT while ``stf run`` fuses: one line, exit 130; the same command then resumes."""
+    import signal
+    import threading
+    import time
+
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "name": "sig", "cube": {"synthetic": {"height": 480, "width": 480, "n_times": 6, "seed": 0}},
+        "methods": [{"name": "fsdaf"}], "chunks": [96, 96], "figures": False,
+    }))
+    command = [sys.executable, "-m", "stf_pipeline.cli", "run", "p.yaml"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while not any("fusing with fsdaf" in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130
+    reader.join(10)
+    assert lines[-1] == "interrupted: rerun the same command to resume\n"
+    assert not any("Traceback" in line for line in lines)
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "reusing out/sig/cube.zarr" in again.stderr and "resuming out/sig/fused_fsdaf.zarr" in again.stderr
+    assert list(stf.open_cube(tmp_path / "out" / "sig" / "fused_fsdaf.zarr")["source"].values).count("fused") == 3

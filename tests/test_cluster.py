@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,9 +70,10 @@ def _files(path):
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_existing_cluster_by_address(tmp_path, capsys):
+def test_existing_cluster_by_address(tmp_path, caplog):
     from distributed import LocalCluster
 
+    caplog.set_level(logging.INFO, logger="stf_pipeline")
     cube = _cube()
     stf.fuse_series(cube, method="delta", out=tmp_path / "ref.zarr", chunks=(32, 32), progress=False)
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False) as cluster:
@@ -78,7 +81,7 @@ def test_existing_cluster_by_address(tmp_path, capsys):
             assert client.scheduler_info()["address"] == cluster.scheduler_address
 
             stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=(32, 32))
-    assert f"connected to {cluster.scheduler_address}" in capsys.readouterr().err
+    assert f"connected to {cluster.scheduler_address}" in caplog.messages
     assert _files(tmp_path / "f.zarr") == _files(tmp_path / "ref.zarr")
 
 
@@ -135,4 +138,85 @@ def test_gpu_cluster_one_worker_per_gpu_gives_the_same_store(tmp_path):
         stf.open_cube(tmp_path / "f.zarr")["fine"].values,
         stf.open_cube(tmp_path / "ref.zarr")["fine"].values,
         rtol=1e-5, atol=1e-6,
+    )
+
+
+def _memory_catalog(folder: Path) -> Path:
+    """A catalog of GeoTIFFs without georeferencing (like the classic ENVI samples): ingest reads
+    them into memory, so the cube's images sit inside its Dask graph. Returns the catalog file."""
+    import rasterio
+    import yaml
+
+    rng = np.random.default_rng(5)
+    dates = ["2020-01-01", "2020-01-17", "2020-02-02"]
+    data = folder / "mem"
+    data.mkdir(parents=True)
+    for kind in ("fine", "coarse"):
+        for d in dates:
+            with rasterio.open(data / f"{kind}_{d}.tif", "w", driver="GTiff", height=160, width=160, count=2,
+                               dtype="float32") as dst:
+                dst.write(rng.uniform(0.05, 0.5, (2, 160, 160)).astype(np.float32))
+    sensor = {"name": "plain", "bands": ["red", "nir"], "scale": 1.0}
+    catalog = {
+        "name": "mem", "root": "mem", "download": "made by the test", "bands": ["red", "nir"], "coarse_factor": 4,
+        "fine": {"sensor": sensor, "files": {dates[0]: f"fine_{dates[0]}.tif", dates[2]: f"fine_{dates[2]}.tif"}},
+        "coarse": {"sensor": sensor, "files": {d: f"coarse_{d}.tif" for d in dates}},
+        "truth": {"files": {dates[1]: f"fine_{dates[1]}.tif"}},
+        "task": {"target": dates[1], "pairs": [dates[0], dates[2]]},
+    }
+    path = folder / "mem.yaml"
+    path.write_text(yaml.safe_dump(catalog))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_pipeline_on_a_cluster_sends_no_data_in_graphs(tmp_path, monkeypatch, caplog, recwarn):
+    """A catalog cube read into memory reaches a cluster's workers through a Zarr store, so no
+    graph carries its images (the warning threshold is lowered to half of one image stack)."""
+    import dask
+    import yaml
+
+    from stf_pipeline.pipeline import WORKER_CUBE, run
+
+    catalog = _memory_catalog(tmp_path)
+    cube, _ = stf.open_catalog(catalog, root=tmp_path)
+    threshold = cube["fine"].nbytes // 2  # a graph carrying the images exceeds it, one naming chunks does not
+    assert len(__import__("cloudpickle").dumps(dict(cube["fine"].data.__dask_graph__()))) > threshold  # in the graph
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "name": "c", "cube": {"catalog": str(catalog)}, "write_cube": False, "figures": False,
+        "methods": [{"name": "delta", "params": {"window": 3}}],
+        "cluster": {"n_workers": 1, "threads_per_worker": 2, "memory_limit": "1GiB"},
+    }))
+    caplog.set_level(logging.WARNING, logger="distributed")
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": threshold}):
+        result = run(tmp_path / "p.yaml", root=tmp_path)
+    assert float(result.scores["delta"]["rmse"].mean()) > 0
+    noise = [str(w.message) for w in recwarn if "large graph" in str(w.message)]
+    noise += [r.getMessage() for r in caplog.records if "run_spec" in r.getMessage()]
+    assert noise == []
+    assert not (tmp_path / "out" / "c" / WORKER_CUBE).exists()  # removed at the end
+
+
+@pytest.mark.slow
+def test_a_model_goes_to_the_cluster_once_not_inside_graphs(tmp_path, recwarn):
+    """A trained model is scattered once per client (stf_pipeline.cluster.shared): no graph carries
+    it (threshold: half the pickled model), and the store equals the one fused on threads."""
+    import argparse
+    import pickle
+
+    import dask
+
+    from stf_pipeline.benchmarks import biastf as bench
+
+    model = bench._random_model(argparse.Namespace(filters=16, steps=1, batch_size=1, patch_size=16), multiband=True)
+    cube = stf.synthetic_scene(height=48, width=48, n_times=5, seed=2)  # six bands, as the random model
+    stf.fuse_series(cube, method="biastf", model=model, out=tmp_path / "ref.zarr", chunks=(24, 24), progress=False)
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": len(pickle.dumps(model)) // 2}):
+        with start_cluster({"n_workers": 1, "threads_per_worker": 2, "memory_limit": "2GiB"}, quiet=True):
+            stf.fuse_series(cube, method="biastf", model=model, out=tmp_path / "f.zarr", chunks=(24, 24), progress=False)
+    assert [str(w.message) for w in recwarn if "large graph" in str(w.message)] == []
+    np.testing.assert_allclose(
+        stf.open_cube(tmp_path / "f.zarr")["fine"].values, stf.open_cube(tmp_path / "ref.zarr")["fine"].values,
+        rtol=0, atol=1e-6,
     )

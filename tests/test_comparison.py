@@ -143,12 +143,11 @@ def test_stf_compare_command(tmp_path, capsys):
         "name: tiny\n"
         "cube:\n"
         "  synthetic: {height: 40, width: 40, n_times: 4, seed: 1, fine_times: [0, 2, 3], coarse_factor: 8}\n"
-        f"output: {tmp_path / 'out'}\n"
         "write_cube: false\n"
         "methods:\n"
         "  - name: delta\n"
     )
-    assert main([str(pipeline), "--no-figures"]) == 0
+    assert main([str(pipeline), "--no-figures", "-o", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "| RMSE | 2004-05-02 | blue |" in printed
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compare.csv", "compare.json", "compare.md"]

@@ -7,24 +7,29 @@ every expected value is computed from the raw arrays.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rasterio.transform import from_origin
 
 import stf_pipeline as stf
+from stf_pipeline._ingest import ingest
 from stf_pipeline.exceptions import CatalogError
-from stf_pipeline.ingest import SENSORS, DatePattern, Sensor, dated_files, get_sensor, ingest
+from stf_pipeline.sensors import SENSORS, DatePattern, Sensor, get_sensor
 from stf_pipeline.testing import raise_if_dask_computes
 
 BANDS6 = ("blue", "green", "red", "nir", "swir1", "swir2")
 FINE = Sensor("tm", BANDS6, scale=1e-4, nodata=-9999)
-COARSE = SENSORS["mod09ga"]  # MODIS band order: red, nir, blue, green, nir2, swir1, swir2
+COARSE = SENSORS[
+    "mod09ga"
+].without_mask()  # 7-band files in MODIS band order: red, nir, blue, green, nir2, swir1, swir2
 X0, Y0, RES = 500_000.0, 4_000_000.0, 30.0
 
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # affine's `*` inside rasterio
@@ -68,7 +73,10 @@ def scene(tmp_path):
     coarse = rng.integers(100, 5000, size=(3, 7, 2, 3)).astype(np.int16)
     coarse[2, :, 1, 2] = -28672
     files = {
-        "fine": {d: write_tif(tmp_path / f"LT05_{d}.tif", fine[i], nodata=-9999) for i, d in enumerate(["2001137", "2001201"])},
+        "fine": {
+            d: write_tif(tmp_path / f"LT05_{d}.tif", fine[i], nodata=-9999)
+            for i, d in enumerate(["2001137", "2001201"])
+        },
         "coarse": {
             d: write_tif(tmp_path / f"MOD09GA_{d}.tif", coarse[i], res=480.0, nodata=-28672)
             for i, d in enumerate(["2001137", "2001169", "2001201"])
@@ -88,7 +96,7 @@ def test_geotiff_scale_nodata_bands_and_nearest_upsampling(scene, backend):
         _by_date(files["coarse"]),
         bands=["red", "nir"],
         fine_sensor=FINE,
-        coarse_sensor="mod09ga",
+        coarse_sensor=COARSE,
         coarse_factor=16,
         chunks={"y": 16, "x": 16} if backend == "dask" else None,
     )
@@ -181,7 +189,9 @@ def test_envi_without_georeferencing_gets_a_nominal_grid(tmp_path):
     np.testing.assert_array_equal(cube["y"].values, -(np.arange(8) + 0.5) * 25.0)
     np.testing.assert_array_equal(cube["x"].values, (np.arange(12) + 0.5) * 25.0)
     np.testing.assert_array_equal(cube["fine"].values[0], (fine * 1e-4).astype(np.float32))
-    np.testing.assert_array_equal(cube["coarse"].values[0], (coarse * 1e-4).astype(np.float32).repeat(4, 1).repeat(4, 2))
+    np.testing.assert_array_equal(
+        cube["coarse"].values[0], (coarse * 1e-4).astype(np.float32).repeat(4, 1).repeat(4, 2)
+    )
 
 
 def test_values_are_clipped_to_the_contract_range_unless_asked_not_to(tmp_path):
@@ -199,28 +209,46 @@ def test_truth_goes_to_fine_truth_and_fine_stays_nan(scene):
     fine, _, files = scene
     fine_files = _by_date(files["fine"])
     (first, f1), (second, f2) = fine_files.items()
-    cube = ingest({first: f1}, _by_date(files["coarse"]), truth={second: f2}, bands=["red"], fine_sensor=FINE,
-                  coarse_sensor=COARSE, chunks=None)
-    assert np.isnan(cube["fine"].sel(time=second).values).all()
-    np.testing.assert_array_equal(
-        cube["fine_truth"].sel(time=second).values[0], (fine[1, 2] * 1e-4).astype(np.float32)
+    cube = ingest(
+        {first: f1},
+        _by_date(files["coarse"]),
+        truth={second: f2},
+        bands=["red"],
+        fine_sensor=FINE,
+        coarse_sensor=COARSE,
+        chunks=None,
     )
+    assert np.isnan(cube["fine"].sel(time=second).values).all()
+    np.testing.assert_array_equal(cube["fine_truth"].sel(time=second).values[0], (fine[1, 2] * 1e-4).astype(np.float32))
     np.testing.assert_array_equal(cube["fine_truth"].sel(time=first).values, cube["fine"].sel(time=first).values)
 
 
 def test_dates_from_file_names(scene):
     _, _, files = scene
     pattern = DatePattern(r"_(\d{7})\.tif$", "%Y%j")
-    cube = ingest(list(files["fine"].values()), list(files["coarse"].values()), date_pattern=pattern,
-                  bands=["nir"], fine_sensor=FINE, coarse_sensor=COARSE, chunks=None)
+    cube = ingest(
+        list(files["fine"].values()),
+        list(files["coarse"].values()),
+        date_pattern=pattern,
+        bands=["nir"],
+        fine_sensor=FINE,
+        coarse_sensor=COARSE,
+        chunks=None,
+    )
     assert [str(t)[:10] for t in cube["time"].values] == ["2001-05-17", "2001-06-18", "2001-07-20"]
 
 
 def test_ingest_is_lazy_after_its_one_checking_pass(scene):
     _, _, files = scene
     with raise_if_dask_computes(max_computes=1):
-        cube = ingest(_by_date(files["fine"]), _by_date(files["coarse"]), bands=["nir"], fine_sensor=FINE,
-                      coarse_sensor=COARSE, chunks={"y": 16, "x": 16})
+        cube = ingest(
+            _by_date(files["fine"]),
+            _by_date(files["coarse"]),
+            bands=["nir"],
+            fine_sensor=FINE,
+            coarse_sensor=COARSE,
+            chunks={"y": 16, "x": 16},
+        )
         assert cube["fine"].chunks == ((1, 1, 1), (1,), (16, 16), (16, 16, 16))
         pred = stf.fuse(cube, cube["time"].values[1], method="delta")
     assert pred.shape == (1, 32, 48)
@@ -240,8 +268,9 @@ def test_error_fine_files_on_different_grids(tmp_path):
     s = Sensor("s", ("nir",), scale=1e-4)
     for other in (b, c):
         with pytest.raises(CatalogError, match=rf"fine/truth file {other} disagrees with {a}.*share one grid"):
-            ingest({"2020-01-01": a, "2020-01-02": other}, {"2020-01-01": a}, bands=["nir"], fine_sensor=s,
-                   coarse_sensor=s)
+            ingest(
+                {"2020-01-01": a, "2020-01-02": other}, {"2020-01-01": a}, bands=["nir"], fine_sensor=s, coarse_sensor=s
+            )
 
 
 def test_error_coarse_files_on_different_grids(tmp_path):
@@ -263,17 +292,31 @@ def test_error_coarse_file_that_cannot_reach_the_fine_grid(tmp_path):
             ingest({"2020-01-01": fine}, {"2020-01-01": coarse}, bands=["nir"], fine_sensor=s, coarse_sensor=s)
     quarter = write_envi(tmp_path / "quarter", np.ones((1, 2, 3)))
     with pytest.raises(CatalogError, match=r"not georeferenced, so it can only be upsampled with 'nearest'"):
-        ingest({"2020-01-01": fine}, {"2020-01-01": quarter}, bands=["nir"], fine_sensor=s, coarse_sensor=s,
-               resampling="bilinear")
+        ingest(
+            {"2020-01-01": fine},
+            {"2020-01-01": quarter},
+            bands=["nir"],
+            fine_sensor=s,
+            coarse_sensor=s,
+            resampling="bilinear",
+        )
 
 
 def test_error_scale_factor_leaves_values_far_outside_the_range(scene):
     _, _, files = scene
     unscaled = dataclasses.replace(FINE, scale=1.0)
-    with pytest.raises(CatalogError, match=r"LT05_2001137.tif: after scale 1 and offset 0, 100.0% of valid values "
-                                           r"lie outside \(-0.5, 1.5\).*reflectance x 10000: set scale 1.0e-4"):
-        ingest(_by_date(files["fine"]), _by_date(files["coarse"]), bands=["nir"], fine_sensor=unscaled,
-               coarse_sensor=COARSE)
+    with pytest.raises(
+        CatalogError,
+        match=r"LT05_2001137.tif: after scale 1 and offset 0, 100.0% of valid values "
+        r"lie outside \(-0.5, 1.5\).*reflectance x 10000: set scale 1.0e-4",
+    ):
+        ingest(
+            _by_date(files["fine"]),
+            _by_date(files["coarse"]),
+            bands=["nir"],
+            fine_sensor=unscaled,
+            coarse_sensor=COARSE,
+        )
 
 
 def test_error_wrong_offset_gets_the_generic_hint(tmp_path):
@@ -312,11 +355,20 @@ def test_error_files_and_dates(scene, tmp_path):
         ingest({}, coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE)
     with pytest.raises(CatalogError, match=r"no coarse files given"):
         ingest(_by_date(files["fine"]), {}, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE)
-    with pytest.raises(CatalogError, match=r"fine: paths were given without dates"):
+    with pytest.raises(
+        CatalogError, match=r"fine: cannot tell the date of .*LT05_2001137.tif: sensor .tm. declares no date pattern"
+    ):
         ingest(list(files["fine"].values()), coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE)
     pattern = DatePattern(r"LT05_(\d{4})", "%Y")
     with pytest.raises(CatalogError, match=r"fine: two files for 2001-01-01"):
-        dated_files(list(files["fine"].values()), date_pattern=pattern, role="fine")
+        ingest(
+            list(files["fine"].values()),
+            coarse,
+            date_pattern=pattern,
+            bands=["red"],
+            fine_sensor=FINE,
+            coarse_sensor=COARSE,
+        )
     with pytest.raises(CatalogError, match=r"cannot read a date from 'x/b.tif': regex"):
         DatePattern(r"(\d{8})", "%Y%m%d").parse("x/b.tif")
     with pytest.raises(CatalogError, match=r"'2001999' .*does not match date format '%Y%j'"):
@@ -324,10 +376,11 @@ def test_error_files_and_dates(scene, tmp_path):
     with pytest.raises(CatalogError, match=r"date regex .* has no group; wrap the date part in"):
         DatePattern(r"\d+", "%Y")
     with pytest.raises(CatalogError, match=r"cannot read 'someday' as a date"):
-        dated_files({"someday": "a.tif"})
+        ingest({"someday": "a.tif"}, coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE)
     with pytest.raises(CatalogError, match=r"resampling 'lanczos' is not one of"):
-        ingest(_by_date(files["fine"]), coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE,
-               resampling="lanczos")
+        ingest(
+            _by_date(files["fine"]), coarse, bands=["red"], fine_sensor=FINE, coarse_sensor=COARSE, resampling="lanczos"
+        )
 
 
 @settings(max_examples=12, deadline=None)
@@ -353,7 +406,10 @@ def test_property_scale_clip_and_nearest_upsampling(factor, rows, cols, scale, o
         cube = ingest(
             {"2020-01-01": write_tif(tmp / "f.tif", fine)},
             {"2020-01-01": write_tif(tmp / "c.tif", coarse, res=RES * factor)},
-            bands=["nir"], fine_sensor=sensor, coarse_sensor=sensor, chunks=None,
+            bands=["nir"],
+            fine_sensor=sensor,
+            coarse_sensor=sensor,
+            chunks=None,
         )
     expected = np.clip((fine * scale + offset).astype(np.float32), 0, 1)
     expected[0, 0, 0] = np.nan
@@ -361,3 +417,337 @@ def test_property_scale_clip_and_nearest_upsampling(factor, rows, cols, scale, o
     native = np.clip((coarse * scale + offset).astype(np.float32), 0, 1)
     np.testing.assert_array_equal(cube["coarse"].values[0], native.repeat(factor, 1).repeat(factor, 2))
     assert cube["fine_valid"].item() == pytest.approx(1 - 1 / fine.size)
+
+
+# ----------------------------------------------------------------------------- products: Landsat C2 L2 + MOD09GA
+def _maker():
+    spec = importlib.util.spec_from_file_location("make_products", Path(__file__).parent / "data" / "make_products.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MAKER = _maker()
+PRODUCT_BANDS = ["blue", "green", "red", "nir", "swir1", "swir2"]
+
+
+@pytest.fixture
+def products(tmp_path):
+    return tmp_path, MAKER.write_products(tmp_path)
+
+
+def _landsat_expected(dn, qa, masked_bits=(0, 1, 2, 3, 4)):
+    """clip(DN * 2.75e-5 - 0.2, 0, 1), NaN where DN is fill or a masked QA_PIXEL bit is set."""
+    values = np.clip((dn.astype(np.float64) * 2.75e-5 - 0.2).astype(np.float32), 0, 1)
+    bad = np.zeros(qa.shape, bool)
+    for bit in masked_bits:
+        bad |= (qa >> bit) & 1 == 1
+    values[:, bad] = np.nan
+    values[dn == 0] = np.nan
+    return values
+
+
+def _modis_expected(stored, state, cube):
+    """Nearest reference computed with pyproj: each fine pixel centre, moved to the sinusoidal grid, takes
+    the 463 m pixel it falls in; NaN for fill and where its 1 km state is cloudy/mixed, shadow or cirrus >= average."""
+    from pyproj import Transformer
+
+    xx, yy = np.meshgrid(cube["x"].values, cube["y"].values)
+    sx, sy = Transformer.from_crs("EPSG:32633", MAKER.SINUSOIDAL, always_xy=True).transform(xx, yy)
+    t = MAKER.modis_grid()[0]
+    cols = np.floor((sx - t.c) / MAKER.MODIS_PIXEL).astype(int)
+    rows = np.floor((t.f - sy) / MAKER.MODIS_PIXEL).astype(int)
+    order = [list(MAKER.MODIS_BANDS).index(b) for b in PRODUCT_BANDS]
+    raw = stored[order][:, rows, cols]
+    values = np.clip((raw.astype(np.float64) * 1e-4).astype(np.float32), 0, 1)
+    s = state[rows // 2, cols // 2].astype(np.int64)
+    bad = np.isin(s & 0b11, [1, 2]) | ((s >> 2) & 1 == 1) | np.isin((s >> 8) & 0b11, [2, 3])
+    values[:, bad] = np.nan
+    values[raw == -28672] = np.nan
+    return values
+
+
+def test_landsat_c2_and_mod09ga_files_from_globs(products):
+    folder, data = products
+    cube = stf.ingest(
+        str(folder / "L*_SR_B*.TIF"), str(folder / "MOD09GA*.tif"), fine_sensor="landsat_c2_l2", coarse_sensor="mod09ga"
+    )
+    assert cube["band"].values.tolist() == PRODUCT_BANDS  # the bands both presets provide
+    assert [str(t)[:10] for t in cube["time"].values] == ["2020-06-01", "2020-06-09", "2020-06-17"]
+    assert cube.rio.crs.to_epsg() == 32633 and cube.rio.transform() == data["fine_transform"]
+    # sinusoidal is equal-area and UTM scales by ~0.9996 near its central meridian: 463.3 m * 0.9996 / 30 m
+    assert cube.attrs["coarse_factor"] == round(MAKER.MODIS_PIXEL * 0.9996 / 30) == 15
+    assert cube["fine"].attrs["sensor"] == "landsat7_c2_l2, landsat8_c2_l2"
+    c = cube.compute()
+    for i, date in ((0, "2020-06-01"), (2, "2020-06-17")):
+        scene = data["fine"][date]
+        bits = (0, 1, 2, 3, 4) if scene["product"].startswith("LC08") else (0, 1, 3, 4)
+        np.testing.assert_array_equal(c["fine"].values[i], _landsat_expected(scene["dn"], scene["qa"], bits))
+    assert np.isnan(c["fine"].values[1]).all()
+    assert not np.isnan(c["fine"].values[0][:, 35, 40]).any()  # snow is not masked by default
+    for i, date in enumerate(MAKER.MODIS_DATES):
+        expected = _modis_expected(data["coarse"][date]["stored"], data["coarse"][date]["state"], cube)
+        np.testing.assert_array_equal(c["coarse"].values[i], expected)
+        assert 0 < np.isnan(expected).mean() < 1
+    np.testing.assert_allclose(c["fine_valid"].values[[0, 2]], 1 - np.isnan(c["fine"].values[[0, 2]]).mean((1, 2, 3)))
+
+
+def test_one_band_file_per_date_finds_its_siblings_and_is_lazy(products):
+    folder, _ = products
+    full = stf.ingest(
+        str(folder / "L*_SR_B*.TIF"),
+        str(folder / "MOD09GA*.tif"),
+        fine_sensor="landsat_c2_l2",
+        coarse_sensor="mod09ga",
+        chunks=None,
+    )
+    with raise_if_dask_computes(max_computes=1):
+        cube = stf.ingest(
+            str(folder / "L*_SR_B2.TIF"),
+            str(folder / "MOD09GA*b01*.tif"),
+            fine_sensor="landsat_c2_l2",
+            coarse_sensor="mod09ga",
+            chunks={"y": 32, "x": 48},
+        )
+        assert cube["fine"].chunks[2:] == ((32, 32), (48, 32))
+    xr.testing.assert_identical(cube.compute(), full)
+
+
+def test_quality_rules_and_dilation_are_parameters(products):
+    folder, data = products
+    sensor = get_sensor("landsat8_c2_l2").with_mask(["fill", "cloud"], dilation=1)
+    cube = stf.ingest(
+        str(folder / "LC08*_SR_B*.TIF"),
+        str(folder / "MOD09GA*.tif"),
+        fine_sensor=sensor,
+        coarse_sensor="mod09ga",
+        chunks={"y": 12, "x": 80},
+    )  # a chunk border crosses the cloud
+    scene = data["fine"]["2020-06-01"]
+    cloud, fill = (scene["qa"] >> 3) & 1 == 1, scene["qa"] & 1 == 1
+    padded = np.pad(cloud | fill, 1)
+    grown = np.any([padded[1 + dy : 65 + dy, 1 + dx : 81 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+    masked = np.isnan(cube["fine"].values[0, 0])
+    np.testing.assert_array_equal(masked, grown | (scene["dn"][0] == 0))
+    # the 4 x 6 cloud (rows 10-13) grown by one pixel across the chunk border at row 12, and the 3 fill
+    # pixels of row 0 into row 1
+    assert grown.sum() == (4 + 2) * (6 + 2) + 2 * 4
+    unmasked = stf.ingest(
+        str(folder / "LC08*_SR_B*.TIF"),
+        str(folder / "MOD09GA*.tif"),
+        fine_sensor="landsat_c2_l2",
+        coarse_sensor="mod09ga",
+        mask=False,
+        chunks=None,
+    )
+    assert np.isnan(unmasked["fine"].values[0]).sum() == 6 * 3  # only the fill pixels
+    with pytest.raises(CatalogError, match=r"QA band 'QA_PIXEL' has no rule\(s\) \['clouds'\]; choose among"):
+        get_sensor("landsat_c2_l2").with_mask(["clouds"])
+
+
+def test_sensor_presets_declare_products():
+    l8, l7, modis, mcd = (get_sensor(n) for n in ("landsat8_c2_l2", "landsat7_c2_l2", "mod09ga", "mcd43a4"))
+    assert (l8.asset("red"), l7.asset("red"), l7.asset("swir2")) == ("SR_B4", "SR_B3", "SR_B7")
+    assert (l8.scale, l8.offset, l8.nodata) == (2.75e-5, -0.2, 0)
+    assert [modis.asset(b) for b in PRODUCT_BANDS] == [f"sur_refl_b0{n}" for n in (3, 4, 1, 2, 6, 7)]
+    assert (modis.scale, modis.nodata, mcd.nodata) == (1e-4, -28672, 32767)
+    assert mcd.qa.asset_for("swir1") == "BRDF_Albedo_Band_Mandatory_Quality_Band6"
+    qa = np.array([0, 1, 2, 255], np.uint8)  # MCD43A4: 0 good, 1 magnitude inversion, 255 fill
+    np.testing.assert_array_equal(mcd.qa.bad(qa), [False, True, False, True])
+    state = np.array([0b00, 0b01, 0b10, 0b11, 1 << 2, 1 << 8, 2 << 8, 3 << 8, 1 << 12], np.uint16)
+    np.testing.assert_array_equal(modis.qa.bad(state), [0, 1, 1, 0, 1, 0, 1, 1, 0])
+    assert get_sensor("landsat_c2_l2").for_file("LT05_L2SP_x_SR_B1.TIF").name == "landsat5_c2_l2"
+    with pytest.raises(CatalogError, match=r"LX99_a.TIF matches none of sensor 'landsat_c2_l2'"):
+        get_sensor("landsat_c2_l2").for_file("LX99_a.TIF")
+
+
+def test_stf_ingest_is_the_function_after_the_catalog_module_is_imported():
+    importlib.import_module("stf_pipeline.catalog")
+    assert callable(stf.ingest) and stf.ingest.__name__ == "ingest"
+
+
+# ----------------------------------------------------------------------------- product errors
+def test_error_missing_quality_band(products):
+    folder, _ = products
+    qa = folder / f"{MAKER.LANDSAT['2020-06-01'][0]}_QA_PIXEL.TIF"
+    qa.unlink()
+    with pytest.raises(
+        CatalogError,
+        match=rf"its quality band 'QA_PIXEL' is missing: expected {qa}; put the "
+        r"product's QA_PIXEL file beside its bands, or pass mask=False",
+    ):
+        stf.ingest(
+            str(folder / "LC08*_SR_B*.TIF"),
+            str(folder / "MOD09GA*.tif"),
+            fine_sensor="landsat_c2_l2",
+            coarse_sensor="mod09ga",
+        )
+    cube = stf.ingest(
+        str(folder / "LC08*_SR_B*.TIF"),
+        str(folder / "MOD09GA*.tif"),
+        fine_sensor="landsat_c2_l2",
+        coarse_sensor="mod09ga",
+        mask=False,
+        chunks=None,
+    )
+    assert cube.sizes["time"] == 3
+
+
+def test_error_missing_band_file_and_unreadable_dates(products):
+    folder, _ = products
+    product = MAKER.LANDSAT["2020-06-01"][0]
+    (folder / f"{product}_SR_B5.TIF").unlink()
+    with pytest.raises(
+        CatalogError,
+        match=rf"landsat8_c2_l2 scene of 2020-06-01: no file for band 'nir' \('SR_B5'\): "
+        rf"expected .*{product}_SR_B5.TIF",
+    ):
+        stf.ingest(
+            str(folder / "LC08*_SR_B2.TIF"),
+            str(folder / "MOD09GA*.tif"),
+            fine_sensor="landsat_c2_l2",
+            coarse_sensor="mod09ga",
+        )
+    odd = folder / "LC08_my_scene_SR_B2.TIF"
+    (folder / f"{product}_SR_B2.TIF").rename(odd)
+    with pytest.raises(
+        CatalogError, match=r"cannot read a date from '.*LC08_my_scene_SR_B2.TIF': regex .*--date-regex"
+    ):
+        stf.ingest([odd], str(folder / "MOD09GA*.tif"), fine_sensor="landsat_c2_l2", coarse_sensor="mod09ga")
+    with pytest.raises(CatalogError, match=r"fine: '.*nothing\*.TIF' matches no file"):
+        stf.ingest(
+            str(folder / "nothing*.TIF"),
+            str(folder / "MOD09GA*.tif"),
+            fine_sensor="landsat_c2_l2",
+            coarse_sensor="mod09ga",
+        )
+
+
+def test_error_coarse_image_not_covering_the_fine_grid(tmp_path):
+    fine = write_tif(tmp_path / "f.tif", np.full((1, 40, 40), 1000, np.int16))
+    # 480 m pixels from x0 + 600 m: the western 600 m of the fine area are outside
+    coarse = write_tif(tmp_path / "c.tif", np.full((1, 4, 4), 1000, np.int16), res=480.0, x0=X0 + 600)
+    s = Sensor("s", ("nir",), scale=1e-4)
+    with pytest.raises(
+        CatalogError,
+        match=rf"coarse file {coarse} does not cover the fine grid: the fine area spans "
+        r"x 500000.0..501200.0.*holds x 500600.0..502520.0.*mosaic them first",
+    ):
+        ingest({"2020-01-01": fine}, {"2020-01-01": coarse}, bands=["nir"], fine_sensor=s, coarse_sensor=s)
+
+
+# ----------------------------------------------------------------------------- the `stf ingest` command
+def test_stf_ingest_own_files(products, capsys):
+    from stf_pipeline.cli import main
+
+    folder, _ = products
+    out = folder / "cube.zarr"
+    args = [
+        "ingest",
+        "--fine",
+        str(folder / "L*_SR_B*.TIF"),
+        "--coarse",
+        str(folder / "MOD09GA*.tif"),
+        "--sensor-fine",
+        "landsat_c2_l2",
+        "--sensor-coarse",
+        "mod09ga",
+        "-o",
+        str(out),
+    ]
+    assert main([*args, "--mask-fine", "fill,cloud", "--dilate-fine", "1", "--chunk", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "coarse_factor: 15" in text and "2 pair date(s)" in text and "1 coarse-only date(s)" in text
+    sensor = get_sensor("landsat_c2_l2").with_mask(["fill", "cloud"], dilation=1)
+    expected = stf.ingest(
+        str(folder / "L*_SR_B*.TIF"),
+        str(folder / "MOD09GA*.tif"),
+        fine_sensor=sensor,
+        coarse_sensor="mod09ga",
+        chunks=None,
+    )
+    stored = stf.open_cube(out)
+    assert stored["fine"].chunks[2] == (32, 32)
+    for name in ("fine", "coarse"):
+        np.testing.assert_array_equal(stored[name].values, expected[name].values)
+    assert stored.rio.crs == expected.rio.crs and stored.attrs["coarse_factor"] == 15
+
+
+def test_stf_ingest_errors_write_nothing(products, capsys):
+    from stf_pipeline.cli import EXIT_ERROR, main
+
+    folder, _ = products
+    out = folder / "cube.zarr"
+    tif = folder / f"{MAKER.LANDSAT['2020-06-01'][0]}_SR_B2.TIF"
+    assert main(["ingest", str(tif), "-o", str(out)]) == EXIT_ERROR  # a GeoTIFF is not read as a catalog YAML
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"stf: error: '{tif}' is an image (or a pattern of images), not a catalog YAML; "
+        f"to ingest your own files run stf ingest --fine '{tif}' --coarse"
+    )
+    renamed = folder / "scene.yaml"
+    tif.rename(renamed)  # a binary file whatever its name
+    assert main(["ingest", str(renamed), "-o", str(out)]) == EXIT_ERROR
+    assert "is an image (or a pattern of images), not a catalog YAML" in capsys.readouterr().err
+    renamed.rename(tif)
+    (folder / f"{MAKER.LANDSAT['2020-06-17'][0]}_QA_PIXEL.TIF").unlink()
+    args = [
+        "ingest",
+        "--fine",
+        str(folder / "L*_SR_B*.TIF"),
+        "--coarse",
+        str(folder / "MOD09GA*.tif"),
+        "--sensor-fine",
+        "landsat_c2_l2",
+        "--sensor-coarse",
+        "mod09ga",
+        "-o",
+        str(out),
+    ]
+    assert main(args) == EXIT_ERROR
+    assert "its quality band 'QA_PIXEL' is missing" in capsys.readouterr().err
+    assert main(args[:-4] + ["-o", str(out)]) == EXIT_ERROR
+    assert (
+        "stf ingest with your own files needs --sensor-coarse (sensors: stf ingest --list-sensors)"
+        in capsys.readouterr().err
+    )
+    assert not out.exists() and not [p for p in folder.iterdir() if p.name.startswith(".cube.zarr")]
+    assert main([*args, "--no-mask"]) == 0 and out.exists()
+
+
+def test_mcd43a4_masks_each_band_by_its_own_quality_band(products):
+    """MCD43A4: one quality band per band (0 full inversion, 1 magnitude inversion, 255 fill)."""
+    folder, data = products
+    transform, shape = MAKER.modis_grid()
+    quality = {n: np.zeros(shape, np.uint8) for n in (1, 2, 3, 4, 6, 7)}
+    quality[2][4, 5] = 1  # nir: magnitude inversion, masked by default
+    quality[1][5, 6] = 255  # red: fill
+    stored = {n: np.full(shape, 1000 * n, np.int16) for n in quality}
+    for n in quality:
+        for name, values in (
+            (f"Nadir_Reflectance_Band{n}", stored[n]),
+            (f"BRDF_Albedo_Band_Mandatory_Quality_Band{n}", quality[n]),
+        ):
+            MAKER.write(
+                folder / f"MCD43A4.061_{name}_doy2020153_aid0001.tif", values, crs=MAKER.SINUSOIDAL, transform=transform
+            )
+    cube = stf.ingest(
+        str(folder / "L*_SR_B*.TIF"),
+        str(folder / "MCD43A4*Nadir_Reflectance_Band1_*.tif"),
+        fine_sensor="landsat_c2_l2",
+        coarse_sensor="mcd43a4",
+        chunks=None,
+    )
+    coarse = cube["coarse"].sel(time="2020-06-01")
+    from pyproj import Transformer
+
+    xx, yy = np.meshgrid(cube["x"].values, cube["y"].values)
+    sx, sy = Transformer.from_crs("EPSG:32633", MAKER.SINUSOIDAL, always_xy=True).transform(xx, yy)
+    cols, rows = (
+        ((sx - transform.c) // MAKER.MODIS_PIXEL).astype(int),
+        ((transform.f - sy) // MAKER.MODIS_PIXEL).astype(int),
+    )
+    for band, n in (("red", 1), ("nir", 2), ("blue", 3)):
+        expected = np.where(quality[n][rows, cols] == 0, np.float32(1000 * n * 1e-4), np.nan)
+        np.testing.assert_array_equal(coarse.sel(band=band).values, expected)
+    assert np.isnan(coarse.sel(band="nir").values).any() and np.isnan(coarse.sel(band="red").values).any()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +22,21 @@ TINY = {"height": 60, "width": 80, "n_times": 5, "seed": 3}
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Pipelines write below the folder they run from: run every test in its own."""
+    monkeypatch.chdir(tmp_path)
+
+
 def tiny_spec(tmp_path, **overrides):
     spec = {
         "name": "tiny",
         "cube": {"synthetic": dict(TINY)},
-        "output": str(tmp_path / "out"),
+        "output": "out",
         "methods": [{"name": "delta", "params": {"window": 3}}],
     }
     spec.update(overrides)
     return spec
-
-
-def quiet(_text: str) -> None:
-    """Swallow progress text."""
 
 
 def test_shipped_pipelines_load():
@@ -92,7 +95,7 @@ def test_config_errors_name_the_key(tmp_path, edit, message):
 
 
 def test_config_file_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"pipeline file .*absent.yaml does not exist; pass a YAML file such as"):
+    with pytest.raises(ConfigError, match=r"pipeline file .*absent.yaml does not exist; pass a YAML file or the name of a shipped pipeline \(biastf-synthetic, .*demo\)"):
         load_pipeline(tmp_path / "absent.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("cube: {synthetic: [")
@@ -103,22 +106,23 @@ def test_config_file_errors(tmp_path):
 def test_bad_method_params_fail_before_any_work(tmp_path):
     config = PipelineConfig.from_mapping(tiny_spec(tmp_path, methods=[{"name": "delta", "params": {"window": 4}}]))
     with pytest.raises(ConfigError, match=r"method 'delta' params \{'window': 4\}: delta: window must be a positive odd"):
-        run(config, echo=quiet)
+        run(config)
     config = PipelineConfig.from_mapping(tiny_spec(tmp_path, methods=[{"name": "delta", "params": {"radius": 4}}]))
     with pytest.raises(ConfigError, match=r"method 'delta' params \{'radius': 4\}"):
-        run(config, echo=quiet)
+        run(config)
     config = PipelineConfig.from_mapping(tiny_spec(tmp_path, methods=[{"name": "delta", "train": {"epochs": 1}}]))
     with pytest.raises(ConfigError, match=r"method 'delta' is not learned; remove its 'train' entry"):
-        run(config, echo=quiet)
-    assert not (tmp_path / "out").exists()
+        run(config)
+    assert not Path("out").exists()
 
 
-def test_run_synthetic_end_to_end_matches_library_calls(tmp_path):
-    lines: list[str] = []
-    result = run(PipelineConfig.from_mapping(tiny_spec(tmp_path)), echo=lines.append)
-    out = tmp_path / "out"
+def test_run_synthetic_end_to_end_matches_library_calls(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="stf_pipeline")
+    result = run(PipelineConfig.from_mapping(tiny_spec(tmp_path)))
+    out = Path("out")
     assert result.cube_path == out / "cube.zarr" and result.fused == {"delta": out / "fused_delta.zarr"}
-    assert any("stf cube" in line and "coarse-only" in line for line in lines)  # stf info of the written cube
+    assert any("stf cube" in line and "coarse-only" in line for line in caplog.messages)  # stf info of the written cube
+    assert not result.reused
     cube = stf.open_cube(out / "cube.zarr")
     scores = result.scores["delta"]
     targets = cube["time"].values[cube["fine_valid"].values == 0]
@@ -139,25 +143,25 @@ def test_run_from_zarr_with_explicit_targets_and_no_extras(tmp_path):
     target = str(np.datetime_as_string(stf.open_cube(store)["time"].values[1], unit="D"))
     spec = tiny_spec(tmp_path, cube={"zarr": str(store)}, write_cube=False, targets=[target], evaluate=False,
                      figures=False)
-    result = run(PipelineConfig.from_mapping(spec), echo=quiet)
+    result = run(PipelineConfig.from_mapping(spec))
     assert result.cube_path is None and not result.scores and not result.figures
     fused = result.fused["delta"]
-    assert not (tmp_path / "out" / "cube.zarr").exists()
+    assert not Path("out/cube.zarr").exists()
     ds = xr.open_zarr(fused)
     assert list(ds["source"].values).count("fused") == 1
 
 
 @pytest.mark.skipif(not (data_root() / "imagefusion_kranj").exists(), reason="shared real data not present")
-def test_run_catalog_scores_only_dates_with_truth(tmp_path):
-    lines: list[str] = []
+def test_run_catalog_scores_only_dates_with_truth(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="stf_pipeline")
     # 2020-03-16 has MODIS only (no truth), 2020-03-17 is the held-out Landsat date
     spec = tiny_spec(tmp_path, cube={"catalog": "imagefusion_kranj"}, write_cube=False,
                      targets=["2020-03-16", "2020-03-17"])
-    result = run(PipelineConfig.from_mapping(spec), echo=lines.append)
+    result = run(PipelineConfig.from_mapping(spec))
     scores = result.scores["delta"]
     assert [str(np.datetime_as_string(t, unit="D")) for t in scores["time"].values] == ["2020-03-17"]
     assert float(scores["cc"].mean()) > 0.5
-    assert any("composites_2020-03-17.png" in line for line in lines)
+    assert any("composites_2020-03-17.png" in line for line in caplog.messages)
 
 
 def test_train_options_default_to_catalog_split_or_fine_dates():
@@ -173,17 +177,17 @@ def test_train_options_default_to_catalog_split_or_fine_dates():
 
 def test_run_compare_writes_the_table(tmp_path):
     spec = tiny_spec(tmp_path, write_cube=False)
-    comparison = run_compare(PipelineConfig.from_mapping(spec), out=tmp_path / "cmp", figures=False, echo=quiet)
+    comparison = run_compare(PipelineConfig.from_mapping(spec), out=tmp_path / "cmp", figures=False)
     assert "delta" in comparison.to_markdown()
     assert (tmp_path / "cmp" / "compare.csv").exists()
     with pytest.raises(ConfigError, match=r"'methods' is empty; list the methods to compare"):
-        run_compare(PipelineConfig.from_mapping(tiny_spec(tmp_path, methods=[])), echo=quiet)
+        run_compare(PipelineConfig.from_mapping(tiny_spec(tmp_path, methods=[])))
 
 
 @pytest.mark.slow
 def test_run_on_a_local_cluster(tmp_path):
     spec = tiny_spec(tmp_path, cluster={"n_workers": 1, "threads_per_worker": 1}, figures=False)
-    result = run(PipelineConfig.from_mapping(spec), echo=quiet)
+    result = run(PipelineConfig.from_mapping(spec))
     assert "delta" in result.scores
 
 
@@ -191,7 +195,7 @@ def test_run_on_a_local_cluster(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("stf_pipeline.methods.biastf") is None, reason="biastf not present")
 def test_run_trains_a_learned_method(tmp_path):
     spec = tiny_spec(tmp_path, methods=[{"name": "biastf", "train": {"config": "tiny"}}], figures=False)
-    result = run(PipelineConfig.from_mapping(spec), echo=quiet)
+    result = run(PipelineConfig.from_mapping(spec))
     assert np.isfinite(result.scores["biastf"]["rmse"].values).all()
 
 
@@ -225,3 +229,92 @@ def test_variants_extend_a_base_file(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match=r"scalar.yaml must be a mapping of pipeline keys, got int"):
         load_pipeline(scalar)
+
+
+def test_rerun_reuses_the_cube_and_the_fused_store(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="stf_pipeline")
+    config = PipelineConfig.from_mapping(tiny_spec(tmp_path, figures=False))
+    first = run(config)
+
+    def stamps():
+        return {p: p.stat().st_mtime_ns for p in Path("out/fused_delta.zarr/fine").rglob("*") if p.is_file()}
+
+    stamp = stamps()
+    caplog.clear()
+    again = run(config)
+    assert again.reused == ("cube", "delta")
+    assert "[tiny] reusing out/cube.zarr (written from this cube by an earlier run)" in caplog.messages
+    assert any(m.startswith("reusing out/fused_delta.zarr") for m in caplog.messages)  # said by fuse_series
+    assert not any("fusing with" in m for m in caplog.messages)
+    assert stamps() == stamp  # no chunk rewritten
+    xr.testing.assert_identical(again.scores["delta"], first.scores["delta"])
+    summary = again.summary()
+    assert "  cube: out/cube.zarr (reused)" in summary and "  delta: out/fused_delta.zarr (reused)" in summary
+    assert "scores of delta" in summary
+    # another request in the same place: an error until the user says to replace it
+    other = PipelineConfig.from_mapping(tiny_spec(tmp_path, figures=False, methods=[{"name": "delta", "params": {"window": 5}}]))
+    with pytest.raises(stf.StoreError, match=r"fused_delta.zarr holds another .*[Pp]ass overwrite=True"):
+        run(other)
+    assert run(other, overwrite=True).reused == ("cube",)
+    # another cube in the same place
+    moved = PipelineConfig.from_mapping(tiny_spec(tmp_path, cube={"synthetic": {**TINY, "seed": 4}}))
+    with pytest.raises(stf.StoreError, match=r"out/cube.zarr holds a cube written from another source; pass overwrite=True"):
+        run(moved)
+
+
+def test_user_choices_override_the_pipeline(tmp_path):
+    config = PipelineConfig.from_mapping(tiny_spec(tmp_path))
+    cube = stf.synthetic_scene(**TINY)
+    target = str(np.datetime_as_string(cube["time"].values[2], unit="D"))
+    result = run(config, output=tmp_path / "elsewhere", methods=["estarfm", "delta"], targets=[target])
+    assert list(result.fused) == ["estarfm", "delta"]
+    assert result.fused["delta"] == tmp_path / "elsewhere" / "fused_delta.zarr"
+    for name in ("estarfm", "delta"):
+        fused = xr.open_zarr(result.fused[name])
+        assert [str(np.datetime_as_string(t, unit="D")) for t in fused["time"].values[fused["source"].values == "fused"]] == [target]
+    assert json.loads(xr.open_zarr(result.fused["delta"]).attrs["stf_params"])["window"] == 3  # the pipeline's params
+    with pytest.raises(ConfigError, match=r"unknown method\(s\) \['magic'\]; choose among the pipeline's \['delta'\]"):
+        config.with_overrides(methods=["magic"])
+    with pytest.raises(ConfigError, match=r"targets \['July'\] must be ISO dates"):
+        config.with_overrides(targets=["July"])
+    with pytest.raises(ConfigError, match=r"a data root is only for a catalog cube; this one is synthetic"):
+        config.with_overrides(root=tmp_path)
+    catalog = PipelineConfig.from_mapping({"cube": {"catalog": "lgc"}}).with_overrides(root=tmp_path)
+    assert catalog.cube.options == {"name": "lgc", "root": str(tmp_path)}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"name": "../../../x"}, r"name '../../../x' must be a plain name"),
+        ({"name": "a/b"}, r"name 'a/b' must be a plain name"),
+        ({"output": "../outside"}, r"output '../outside' must be a relative path without '..'"),
+        ({"output": "/tmp/x"}, r"output '/tmp/x' must be a relative path .* stf run PIPELINE --out DIR"),
+    ],
+)
+def test_pipeline_files_cannot_write_outside_their_folder(tmp_path, edit, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec(tmp_path, **edit)))
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline(path)
+
+
+def test_shipped_pipelines_by_name_from_any_folder(tmp_path):
+    from stf_pipeline.pipeline import PIPELINE_DIR, pipeline_names, pipeline_path
+
+    assert "demo" in pipeline_names()
+    assert pipeline_path("demo") == pipeline_path("demo.yaml") == PIPELINE_DIR / "demo.yaml"
+    assert pipeline_path("pipelines/demo.yaml") == PIPELINE_DIR / "demo.yaml"  # cwd is tmp_path: no such file here
+    assert load_pipeline("demo").name == "demo"
+    own = tmp_path / "demo.yaml"
+    own.write_text(yaml.safe_dump(tiny_spec(tmp_path, name="mine")))
+    assert load_pipeline("demo.yaml").name == "mine"  # a file in the working folder comes first
+
+
+def test_a_cube_that_is_its_own_output_is_not_rewritten(tmp_path):
+    store = stf.write_cube(stf.synthetic_scene(**TINY), Path("out") / "cube.zarr")
+    before = stf.open_cube(store).compute()
+    spec = tiny_spec(tmp_path, cube={"zarr": "out/cube.zarr"}, figures=False, evaluate=False)
+    result = run(PipelineConfig.from_mapping(spec))
+    assert result.reused == ("cube",)
+    xr.testing.assert_identical(stf.open_cube(store).compute(), before)

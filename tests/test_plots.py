@@ -177,3 +177,49 @@ def test_bad_input_errors(scene):
         plots.plot_scatter(truth.expand_dims(time=2), preds)
     with pytest.raises(PlotError, match="empty"):
         plots.plot_losses([])
+
+
+def _scale_bar(ax):
+    """(length in pixels, label) of the scale bar drawn on ``ax``."""
+    (line, _) = ax.lines[:2]
+    xs = line.get_xdata()
+    labels = [t.get_text() for t in ax.texts]
+    return xs[1] - xs[0], labels
+
+
+def test_composite_title_names_date_bands_and_stretch(scene):
+    truth, preds = scene
+    dated = truth.assign_coords(time=np.datetime64("2004-07-05"))
+    fig = plots.plot_composites(dated, preds, bands="true", title="demo", zoom=(8, 24, 10, 26))
+    title = " ".join(fig.get_suptitle().split())
+    assert title == (
+        "demo: 2004-07-05; true colour, R,G,B = red, green, blue; stretch 2–98 % per band of the truth, shared by "
+        "all panels; yellow box: zoom, rows 8–24, cols 10–26"
+    )
+    fig = plots.plot_composites(truth, preds, bands=("swir2", "nir", "red"), date="2001-07-11", percentiles=(1, 99))
+    title = " ".join(fig.get_suptitle().split())
+    assert title.startswith("2001-07-11; R,G,B = swir2, nir, red; stretch 1–99 % per band of the truth")
+    grey = plots.plot_composites(truth, preds, bands=("nir",))
+    assert " ".join(grey.get_suptitle().split()).startswith("Grey = nir; stretch 2–98 %")
+
+
+def test_composites_carry_a_scale_bar_in_ground_units(scene):
+    truth, preds = scene  # 48 pixels of 30 m without a CRS: 1440 m wide, a quarter is 360 m -> a 200 m bar
+    fig = plots.plot_composites(truth, preds, zoom=(8, 24, 10, 26))
+    length, labels = _scale_bar(fig.axes[0])
+    assert length == pytest.approx(200 / 30) and labels == ["200 m (nominal grid)"]
+    length, labels = _scale_bar(fig.axes[3])  # the truth's zoom: 16 pixels = 480 m, a quarter 120 m -> 100 m
+    assert length == pytest.approx(100 / 30) and labels == ["100 m (nominal grid)"]
+    assert not fig.axes[1].lines  # on the truth panels only
+    import rioxarray  # noqa: F401
+
+    projected = truth.rio.write_crs("EPSG:32633")
+    wide = projected.assign_coords(x=projected["x"] * 100)  # 3 km pixels: 144 km wide -> a 20 km bar
+    fig = plots.plot_composites(wide, {k: v.assign_coords(x=wide["x"]) for k, v in preds.items()}, zoom=(8, 24, 10, 26))
+    assert _scale_bar(fig.axes[0]) == (pytest.approx(20_000 / 3000), ["20 km"])
+    geographic = truth.assign_coords(x=0.001 * np.arange(48)).rio.write_crs("EPSG:4326")
+    fig = plots.plot_composites(geographic, {k: v.assign_coords(x=geographic["x"]) for k, v in preds.items()},
+                                zoom=(8, 24, 10, 26))
+    assert _scale_bar(fig.axes[0]) == (pytest.approx(0.01 / 0.001), ["0.01°"])
+    assert_readable(fig)
+    assert not plots.plot_composites(truth, preds, scale_bar=False).axes[0].lines

@@ -15,8 +15,8 @@ device's peak memory. Inputs:
 Learned methods are first trained with the ``"tiny"`` configuration on the input's pair dates
 (training time reported apart); where that is impossible they are reported as skipped. On the
 CPU the scene is fused through Dask in ``--chunk``-pixel chunks (threads use every core); with
-``--gpu`` it is fused in one block on the GPU. ``--backends numba jax`` times each method that
-has a ``backend`` parameter (STARFM, ESTARFM, FSDAF) once per backend, side by side. Prints a
+``--gpu`` it is fused in one block on the GPU. ``--backends numba jax`` times each method once
+per listed backend it declares (``MethodSpec.backends``), side by side. Prints a
 table; writes JSON (``--json``) with the machine description and the load average of each run.
 """
 
@@ -42,7 +42,9 @@ def _load(source: str, size: int, bands: int) -> tuple[Any, Any, list[Any]]:
     if source == "synthetic":
         from stf_pipeline.synthetic import BANDS
 
-        cube = stf.synthetic_scene(size, size, n_times=3, seed=0, pixel_size=30.0, fine_times=[0, 2], bands=BANDS[:bands])
+        cube = stf.synthetic_scene(
+            size, size, n_times=3, seed=0, pixel_size=30.0, fine_times=[0, 2], bands=BANDS[:bands]
+        )
         cube = cube.load()
         times = cube.time.values
         return cube, times[1], [times[0], times[2]]
@@ -129,33 +131,38 @@ def _run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     return {**_job_id(job), "skipped": f"failed: {tail[0]}"}
 
 
+def _num(record: dict[str, Any], key: str, fmt: str) -> str:
+    value = record.get(key)
+    return format(value, fmt) if value is not None else "-"
+
+
 def _table(records: list[dict[str, Any]]) -> str:
-    head = f"{'method':9s} {'backend':8s} {'input':28s} {'dev':4s} {'first s':>8s} {'steady s':>8s} {'CPU s':>7s} {'RSS MiB':>8s} {'GPU MiB':>8s} {'RMSE':>8s} {'SSIM':>6s}"
+    head = (
+        f"{'method':9s} {'backend':8s} {'input':28s} {'dev':4s} {'first s':>8s} {'steady s':>8s} {'CPU s':>7s} "
+        f"{'RSS MiB':>8s} {'GPU MiB':>8s} {'RMSE':>8s} {'SSIM':>6s}"
+    )
     lines = [head, "-" * len(head)]
     for r in records:
         if "skipped" in r:
             lines.append(f"{r['method']:9s} {r.get('backend', '-'):8s} {r['input']:28s} skipped: {r['skipped']}")
             continue
-
-        def num(key: str, fmt: str) -> str:
-            value = r.get(key)
-            return format(value, fmt) if value is not None else "-"
-
-        lines.append(
-            f"{r['method']:9s} {r['backend']:8s} {r['input']:28s} {r['device']:4s} {num('first_s', '8.2f')} {num('steady_s', '8.2f')} {num('cpu_s', '7.1f')} "
-            f"{num('peak_rss_mib', '8.0f')} {num('gpu_peak_mib', '8.0f')} {num('rmse', '8.5f')} {num('ssim', '6.3f')}"
-        )
+        numbers = [
+            _num(r, key, fmt)
+            for key, fmt in (("first_s", "8.2f"), ("steady_s", "8.2f"), ("cpu_s", "7.1f"), ("peak_rss_mib", "8.0f"),
+                             ("gpu_peak_mib", "8.0f"), ("rmse", "8.5f"), ("ssim", "6.3f"))
+        ]
+        lines.append(f"{r['method']:9s} {r['backend']:8s} {r['input']:28s} {r['device']:4s} " + " ".join(numbers))
     return "\n".join(lines)
 
 
 def _backends(method: str, wanted: list[str] | None) -> list[str | None]:
-    """The ``backend=`` values to time ``method`` with (``[None]``: its default)."""
-    import dataclasses
-
+    """The ``backend=`` values to time ``method`` with: those of ``wanted`` it declares
+    (``[None]``: its ``auto`` choice)."""
     from stf_pipeline.methods import get_method
 
-    fields = {f.name for f in dataclasses.fields(get_method(method).params_type)}
-    return list(wanted) if wanted and "backend" in fields else [None]
+    declared = get_method(method).backends
+    chosen: list[str | None] = [b for b in wanted or [] if b in declared]
+    return chosen or [None]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,19 +1,20 @@
 """The method protocol: what every fusion method gives the engine.
 
-A method is a module in :mod:`stf_pipeline.methods` that defines one module-level
-``METHOD = MethodSpec(...)``. The engine (:mod:`stf_pipeline.parallel`) owns chunking:
-it calls ``kernel`` on overlapping NumPy blocks and trims ``halo`` pixels from each side.
+A method is a subpackage of :mod:`stf_pipeline.methods` whose ``__init__`` defines one
+``METHOD = MethodSpec(...)`` and whose name is one line of the registry
+(:data:`stf_pipeline.methods._MODULES`). The engine (:mod:`stf_pipeline.fusion`,
+:mod:`stf_pipeline.parallel`) owns chunking, laziness and the choice of backend: it calls the
+chosen kernel on overlapping NumPy blocks and trims ``halo`` pixels from each side.
 
 Kernel contract
 ---------------
 ``kernel(fine, coarse, coarse_target, *, params, model=None) -> ndarray``
 
 fine, coarse : float32 arrays ``(pair, band, y, x)``
-    Fine and coarse reflectance at the pair dates, in the order the task gives them
-    (chronological). NaN marks missing observations.
+    Fine and coarse reflectance at the pair dates, chronological. NaN marks missing data.
 coarse_target : float32 array ``(band, y, x)``
     Coarse reflectance at the target date.
-params : the method's frozen parameter dataclass.
+params : the method's frozen parameter dataclass ``P``.
 model : a fitted model (learned methods only).
 
 It returns float32 ``(band, y, x)``. A block is a window of the scene: at the scene edge the
@@ -21,29 +22,48 @@ block simply ends (no padding), so a kernel that treats "outside the block" as "
 a chunked result equal to the unchunked one, as long as every output pixel only depends on
 inputs within ``halo`` pixels. Methods that work on native coarse pixels set
 ``coarse_aligned=True``: the engine then makes every block start on a multiple of
-``coarse_factor`` (halo and chunks are rounded up to multiples of it) and passes
-``coarse_factor`` through ``params`` or ``context``.
+``coarse_factor``. A method declares one kernel per backend (``numpy``, ``numba``, ``jax``,
+``pallas``) and which one ``backend="auto"`` takes on a CPU and on a GPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import importlib.util
+import os
+import sys
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, get_args
 
 import numpy as np
 
+from stf_pipeline._params import check_param_types
 from stf_pipeline.exceptions import MethodError
 
+if TYPE_CHECKING:
+    from stf_pipeline.nn.model import FittedModel
 
-class Kernel(Protocol):
+#: Kernel implementations a method may declare.
+Backend = Literal["numpy", "numba", "jax", "pallas"]
+#: Kinds of JAX default device that ``backend="auto"`` distinguishes.
+Device = Literal["cpu", "gpu"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+P = TypeVar("P")
+P_contra = TypeVar("P_contra", contravariant=True)
+
+
+class Kernel(Protocol[P_contra]):
+    """A pure block kernel (see the module docstring)."""
+
     def __call__(
         self,
         fine: np.ndarray,
         coarse: np.ndarray,
         coarse_target: np.ndarray,
         *,
-        params: Any,
+        params: P_contra,
         model: Any | None = None,
     ) -> np.ndarray: ...
 
@@ -68,71 +88,197 @@ class MethodContext:
 
 
 @dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    """Everything the engine needs to run one fusion method.
+class SceneStatistics(Generic[P]):
+    """Scene-wide values every block must share, so that a chunked result equals the unchunked one.
+
+    Attributes
+    ----------
+    summarize : Callable[[fine, coarse, coarse_target, P], tuple | None]
+        Array reductions of the whole pair and target arrays (e.g. a per-band standard deviation,
+        a strided sample), written once for NumPy and Dask arrays alike (a Dask reduction stays
+        lazy); ``None`` when ``params`` already hold the values. May raise :class:`MethodError`
+        for inputs the method cannot use (e.g. a window larger than the scene).
+    fit : Callable[[P, *summaries], P]
+        The parameters with the statistics filled in, from the NumPy summaries.
+
+    The engine joins the two (:func:`stf_pipeline.parallel.fill_statistics`): eagerly for NumPy
+    input, as one ``dask.delayed`` task for Dask input, so building a graph computes nothing.
+    """
+
+    summarize: Callable[[Any, Any, Any, P], tuple[Any, ...] | None]
+    fit: Callable[..., P]
+
+    def __call__(self, fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, params: P) -> P:
+        """The parameters filled from NumPy inputs, now."""
+        summaries = self.summarize(fine, coarse, coarse_target, params)
+        return params if summaries is None else self.fit(params, *summaries)
+
+
+def _accelerator_possible() -> bool:
+    """Whether JAX could find an accelerator here: JAX is already imported, or ``JAX_PLATFORMS``
+    names a platform other than the CPU, or an accelerator plugin (a ``jax_plugins`` module or
+    entry point, ``libtpu``) is installed. Without any of these JAX has only its CPU backend."""
+    if "jax" in sys.modules:
+        return True
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return any(p.strip() not in ("", "cpu") for p in platforms.split(","))
+    if importlib.util.find_spec("jax_plugins") is not None or importlib.util.find_spec("libtpu") is not None:
+        return True
+    return bool(importlib.metadata.entry_points(group="jax_plugins"))
+
+
+def device_kind() -> Device:
+    """``"cpu"`` when JAX's default device is the CPU, else ``"gpu"`` (any accelerator).
+
+    JAX (seconds to import) is only asked when an accelerator is possible at all
+    (:func:`_accelerator_possible`), so a CPU-only process fusing with Numba never imports it.
+    """
+    if not _accelerator_possible():
+        return "cpu"
+    import jax
+
+    return "cpu" if jax.default_backend() == "cpu" else "gpu"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MethodSpec(Generic[P]):
+    """Everything the engine needs to run one fusion method; ``P`` is its parameter dataclass.
 
     Attributes
     ----------
     name : str
         Registry name (``"starfm"``...).
-    params_type : type
+    params_type : type[P]
         Frozen dataclass of the method's parameters; validates itself in ``__post_init__``.
-    kernel : Kernel
-        Pure block kernel (see module docstring).
-    halo : Callable[[params, MethodContext], int]
+    halo : Callable[[P, MethodContext], int]
         Pixels of context one output pixel needs on each side.
+    kernels : Mapping[Backend, Kernel[P]]
+        The block kernel of every backend the method implements.
+    auto : Mapping[Device, Backend]
+        The backend ``backend="auto"`` takes on each kind of device (e.g. ``{"cpu": "numba",
+        "gpu": "pallas"}``); a device not listed takes ``reference``.
+    reference : Backend | None
+        The backend the others are checked against (default: ``"numpy"`` if declared, else the
+        first of ``kernels``).
+    kernel : Kernel[P] | None
+        Single-kernel form: a method that gives only ``kernel=`` declares one JAX kernel
+        (``kernels={"jax": kernel}``, the learned methods). Otherwise filled with a kernel that
+        runs the ``auto`` backend of the device at call time.
     n_pairs : tuple[int, int]
         Minimum and maximum number of pair dates the method accepts.
     coarse_aligned : bool
         Blocks must start on native coarse pixel boundaries.
     learned : bool
         Needs a model from ``fit`` before ``fuse``.
-    fit : Callable | None
+    fit : Callable[..., FittedModel] | None
         ``fit(cube, *, train_times, config, ...) -> FittedModel`` for learned methods.
-    prepare : Callable | None
-        ``prepare(params, context) -> params``: fills context-dependent defaults (e.g. a search
-        distance in metres turned into pixels) before the halo is computed. Learned methods get
-        ``prepare(params, context, model=model)`` (e.g. a halo equal to the model's receptive field).
-    statistics : Callable | None
-        ``statistics(fine, coarse, coarse_target, params) -> params``: fills scene-wide
-        statistics (e.g. the per-band standard deviation behind STARFM's similarity threshold)
-        from the whole pair arrays, so that every block uses the same values and a chunked result
-        equals the unchunked one. Given Dask arrays it returns a ``dask.delayed`` params object
-        (the engine stays lazy); given NumPy arrays, the params themselves.
-    extra_vars : Callable | None
-        ``extra_vars(params) -> tuple[str, ...]``: names of ``(y, x)`` cube variables (e.g. a
-        land-cover class map) the kernel needs; they are overlapped like the images and passed
-        to the kernel as ``extra={name: block}``.
+    prepare : Callable[[P, MethodContext, FittedModel | None], P] | None
+        ``prepare(params, context, model=None) -> params``: fills context-dependent defaults (a
+        search distance in metres turned into pixels, a halo equal to a model's receptive
+        field) before the halo is computed.
+    statistics : SceneStatistics[P] | None
+        Scene-wide values every block shares (see :class:`SceneStatistics`).
+    extra_vars : Callable[[P], tuple[str, ...]] | None
+        Names of ``(y, x)`` cube variables (e.g. a land-cover class map) the kernel needs; they
+        are overlapped like the images and passed to the kernel as ``extra={name: block}``.
     """
 
     name: str
-    params_type: type
-    kernel: Kernel
-    halo: Callable[[Any, MethodContext], int]
+    params_type: type[P]
+    halo: Callable[[P, MethodContext], int]
+    kernels: Mapping[Backend, Kernel[P]] = dataclasses.field(default_factory=dict)
+    auto: Mapping[Device, Backend] = dataclasses.field(default_factory=dict)
+    reference: Backend | None = None
+    kernel: Kernel[P] | None = None
     n_pairs: tuple[int, int] = (1, 2)
     coarse_aligned: bool = False
     learned: bool = False
-    fit: Callable[..., Any] | None = None
-    prepare: Callable[..., Any] | None = None
-    statistics: Callable[[Any, Any, Any, Any], Any] | None = None
-    extra_vars: Callable[[Any], tuple[str, ...]] | None = None
+    fit: Callable[..., FittedModel] | None = None
+    prepare: Callable[..., P] | None = None
+    statistics: SceneStatistics[P] | None = None
+    extra_vars: Callable[[P], tuple[str, ...]] | None = None
 
-    def make_params(self, params: Any | None = None, **overrides: Any) -> Any:
-        """Build the parameter dataclass, rejecting unknown names with the valid ones listed."""
+    def __post_init__(self) -> None:
+        kernels = dict(self.kernels)
+        if not kernels:
+            if self.kernel is None:
+                raise MethodError(f"method {self.name!r} declares no kernel; pass kernels={{'numpy': ...}}.")
+            kernels = {"jax": self.kernel}
+        unknown = sorted(set(kernels) - set(BACKENDS))
+        if unknown:
+            raise MethodError(
+                f"method {self.name!r} declares unknown backend(s) {unknown}; backends are {list(BACKENDS)}."
+            )
+        object.__setattr__(self, "kernels", kernels)
+        if self.reference is None:
+            object.__setattr__(self, "reference", "numpy" if "numpy" in kernels else next(iter(kernels)))
+        declared: list[tuple[str, Any]] = [*self.auto.items(), ("reference", self.reference)]
+        for device, backend in declared:
+            if backend not in kernels:
+                raise MethodError(
+                    f"method {self.name!r}: {device} backend {backend!r} is not among its kernels {list(kernels)}."
+                )
+        if self.kernel is None:
+            object.__setattr__(self, "kernel", _AutoKernel(self))
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        """The backends this method implements."""
+        return tuple(self.kernels)
+
+    def resolve_backend(self, backend: str = "auto") -> Backend:
+        """The backend ``backend`` names: itself if declared; for ``"auto"``, the ``auto`` choice for
+        JAX's default device (a method with one backend never asks the device).
+
+        Raises
+        ------
+        MethodError
+            If the method has no such backend.
+        """
+        if backend == "auto":
+            if len(self.kernels) == 1:
+                return next(iter(self.kernels))
+            return self.auto.get(device_kind(), self.reference) or self.backends[0]
+        if backend not in self.kernels:
+            raise MethodError(
+                f"method {self.name!r} has no {backend!r} backend; choose one of {['auto', *self.backends]}."
+            )
+        return backend  # type: ignore[return-value]
+
+    def kernel_for(self, backend: str = "auto") -> Kernel[P]:
+        """The block kernel of ``backend`` (see :meth:`resolve_backend`)."""
+        return self.kernels[self.resolve_backend(backend)]
+
+    def make_params(self, params: P | None = None, **overrides: Any) -> P:
+        """Build the parameter dataclass, rejecting unknown names with the valid ones listed and
+        values of the wrong type with the expected type named."""
         if params is not None and not isinstance(params, self.params_type):
             raise MethodError(
                 f"params for method {self.name!r} must be a {self.params_type.__name__}, "
                 f"got {type(params).__name__}; pass keyword arguments instead."
             )
-        valid = {f.name for f in dataclasses.fields(self.params_type)}
+        valid = {f.name for f in dataclasses.fields(self.params_type)}  # type: ignore[arg-type]
         unknown = sorted(set(overrides) - valid)
         if unknown:
+            hint = " (backend= is an argument of stf.fuse)" if "backend" in unknown else ""
             raise MethodError(
                 f"unknown parameter(s) {unknown} for method {self.name!r}; "
-                f"valid parameters are {sorted(valid)}."
+                f"valid parameters are {sorted(valid)}{hint}."
             )
+        check_param_types(self.params_type, overrides, method=self.name)
         base = params if params is not None else self.params_type()
-        return dataclasses.replace(base, **overrides) if overrides else base
+        return dataclasses.replace(base, **overrides) if overrides else base  # type: ignore[type-var]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _AutoKernel:
+    """A method's kernel for ``backend="auto"``, chosen when called (by the device of that moment)."""
+
+    spec: MethodSpec[Any] = dataclasses.field(repr=False)
+
+    def __call__(self, fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, **kwargs: Any) -> np.ndarray:
+        return self.spec.kernel_for("auto")(fine, coarse, coarse_target, **kwargs)
 
 
 def params_to_attrs(params: Any) -> Mapping[str, Any]:

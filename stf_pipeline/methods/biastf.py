@@ -1,86 +1,39 @@
 """``biastf``: sensor-bias-driven spatio-temporal fusion (Li et al., Sci China Inf Sci 2020, 63:140302).
 
-The model (Eqs. 11-13): for the target date ``k`` and the pair dates ``k-1`` and ``k+1``::
+The model (Eqs. 11-13), for the target date ``k`` and the pair dates ``j`` in ``{k-1, k+1}``::
 
-    F^(j,k) = F(j) + G(dC(k, j)) + B(k, j)        for j in {k-1, k+1}
-    F(k)    = f(F^(k-1,k), F^(k+1,k))
+    F^(j,k) = F(j) + G(dC(k, j)) + B(k, j),        F(k) = f(F^(k-1,k), F^(k+1,k))
 
-``G`` turns the coarse change ``dC(k, j) = C(k) - C(j)`` (on the fine grid) into the fine change,
-``B`` is the bias between the sensors' changes that ``G`` leaves, and ``f`` fuses the two
+``dC(k, j) = C(k) - C(j)`` is the coarse change on the fine grid. ``G`` turns it into the fine
+change, ``B`` is the bias between the sensors' changes that ``G`` leaves, ``f`` fuses the two
 transitional predictions.
 
-Networks (Table 1)
-    Each of ``G`` and ``B`` is Conv 7x7xn1 -> 5x5xn2 -> 3x3xn3 (ReLU, stride 1, 'same' padding)
-    -> 3x3x1, ``n1 = n2 = n3 = 128``. The last layer has one output, so by default there is one
-    ``G`` and one ``B`` network per band, as in the paper; ``multiband=True`` uses one network per
-    role with one output per band (ours: faster, and it sees all bands).
-Inputs (the paper does not list them; our choice, configurable)
-    ``G``: the coarse change ``dC(i, j)``, the known fine image ``F(j)`` and both coarse images
-    ``C(j)`` (``coarse_known``) and ``C(i)`` (``coarse_target``) (``g_inputs``). ``B``: the same
-    plus ``G``'s output (``b_inputs``): the bias depends on the predicted change. With ``C(j)``
-    next to ``F(j)`` a network sees the two sensors over the same scene on the same date, i.e.
-    the sensor bias itself; with only ``dC`` and ``F(j)`` it cannot. Measured (H100, synthetic
-    CIA-like split, multiband 128-filter networks, squared-error losses, 1000 steps per stage,
-    mean RMSE over the 7 targets): ``delta`` 0.00999, ``G``/``B`` on (``dC``, ``F(j)``) 0.01379 (3 of 7 dates better
-    than ``delta``), on all four inputs 0.00861 (7 of 7 better).
-    ``G`` learns a correction of the coarse change, ``G(dC) = dC + net(...)`` (residual learning,
-    as STFDCNN does; ``g_residual=False`` gives the plain mapping): an untrained or unsure network
-    then falls back on the coarse change, and changes unlike any between training dates (a flood)
-    still come through. The loss is Eq. 16 either way.
-Training (Eqs. 16-18)
-    Samples are **all ordered pairs (i, j), i != j, of the training dates** (both directions, as
-    prediction uses k-1 -> k and k+1 -> k), cut into random patches (128 x 128 in the paper).
-    Stage 1 trains ``G`` on the target ``dF(i, j) = F(i) - F(j)``; stage 2 freezes ``G`` and trains
-    ``B`` on ``B(i, j) = dF(i, j) - G(dC(i, j))``. The paper names the two subproblems' losses
-    "l1" (Eq. 16) and "l2" (Eq. 17) and writes each as a squared Frobenius norm. Both stages
-    default to the mean **absolute** error (``g_loss``, ``b_loss``; ``"l2"`` is the squared
-    error), which we measured better on both synthetic splits (H100, 128 filters, 300 steps per
-    stage, batch 64, 128 x 128 patches; mean RMSE over the targets, ``delta``: CIA 0.00999, LGC
-    0.01535): per-band networks with l1/l1 CIA 0.0093 (7 of 7 dates better than ``delta``), LGC
-    0.0144 (4-5 of 6, two seeds); l1/l2 CIA 0.0099 (3 of 7), LGC 0.0145; l2/l2 (500 steps)
-    CIA 0.0102 (3 of 7), LGC 0.0146. Multiband, three seeds: l1/l1 CIA 0.0080-0.0085 (7 of 7),
-    LGC 0.0147-0.0149 (3-4 of 6); l2/l2 CIA 0.0086-0.0088, LGC 0.0150-0.0160 (2-4 of 6).
-    Adam (Optax), NaN pixels masked out of both losses: a pixel counts only when every input is
-    valid within the networks' receptive field.
-Fusion ``f`` (Eq. 13; ``weights``: the paper does not define its similarity measure)
-    ``"similarity"`` (Section 3's wording: weights from each transitional prediction's
-    similarity to ``C(k)``): for each direction, the mean of ``F^(j,k) - C(k)`` over a
-    ``window x window`` neighbourhood (``window`` = ``coarse_factor`` rounded up to odd: the
-    prediction aggregated to the coarse scale, compared with the coarse target) gives
-    ``S_j = |mean|``. ``"change"`` (default; the temporal weight of STFDCNN and ESTARFM, which
-    the paper names as strategies for ``f`` under Eq. 2): ``S_j`` = the mean of
-    ``|C(k) - C(j)|`` over the window, so the date with less coarse change counts more. The
-    weights are ``1 / (S_j + eps)`` normalised per pixel and band (``eps = 1e-3`` reflectance).
-    Why ``"change"`` is the default: for ``F(j) + dC(k, j)`` (an untrained ``G``, and most of
-    what a trained one predicts) ``F^(j,k) - C(k) = F(j) - C(j)`` does not depend on ``k``, so
-    ``"similarity"`` carries no temporal information; with a sensor bias (gain/offset between
-    sensors) it collapses to near-equal weights. On the synthetic demo scene this cost
-    ``"similarity"`` up to 2x the RMSE of ``delta`` (e.g. 0.0125 vs 0.0057 untrained on
-    2004-08-06), while ``"change"`` reproduces ``delta`` exactly for the untrained model.
+- **Networks** (Table 1): ``G`` and ``B`` are Conv 7x7 -> 5x5 -> 3x3 (ReLU, 'same') -> 3x3,
+  with ``filters`` ``(n1, n2, n3)``. They are one network per band (``multiband=False``, the
+  paper) or one network for all bands (``multiband=True``).
+- **G's base** (``g_base``): ``G = base + net``, with ``base = dC`` (default) or ``A dC``
+  (``"linear"``: ``A``, bands x bands, a least-squares fine/coarse conversion of the changes
+  at the coarse scale over the training pairs). Inputs are ``dC, F(j), C(j), C(k)``, and for
+  ``B`` also ``G``'s output; each is normalised per band with constants recorded in the model
+  (``normalise``).
+- **Training** (Eqs. 16-18) runs on all ordered pairs of the training dates. Stage 1 fits ``G``
+  to ``dF``; stage 2 fits ``B`` to ``dF - G``. The loss is the mean absolute error (``"l2"``:
+  Eq. 16-17's squared error). Unless ``val_times`` are given, one training date is held out
+  (:func:`stf_pipeline.nn.holdout_split`). Training stops when the held-out date stops
+  improving, and the best step is kept. Both networks are then refitted on all dates for
+  that many steps (``refit``). With nothing to validate on, the networks stay zero
+  (``unvalidated_steps``).
+- **Beyond the training changes**: where ``|dC|`` exceeds ``L`` (the 99.5th percentile of the
+  training pairs' ``|dC|``, per band), the learned part ``G + B - base`` fades linearly to 0 at
+  ``1.25 L``. There the prediction falls back to ``F(j) + base``.
+- **Fusion f** (``weights``): ``"change"`` (default) weights each direction by ``1 / (S + eps)``
+  with ``S`` the local mean ``|C(k) - C(j)|``. ``"similarity"`` uses ``S = |local mean of
+  F^(j,k) - C(k)|``, the paper's wording.
+- **Inference** runs through the engine. The halo is ``2 x 7`` pixels (G then B) plus half the
+  fusion window, so chunked equals unchunked. A pixel with NaN in its receptive field gets no
+  prediction from that direction.
 
-Changes unlike any seen in training (``extrapolate=False``, the default)
-    Networks extrapolate badly: on the synthetic LGC-like split, the flood date's coarse change
-    lies outside every training pair's range on 35-53 % of the NIR/SWIR pixels, and there the
-    learned corrections made BiaSTF worse than ``F(j) + dC``. So training records, per band, the
-    99.5th percentile ``L`` of ``|dC|`` over the training pairs (``model.extra["change_limit"]``),
-    and where ``|dC(k, j)| > L`` the learned part ``G + B - dC`` fades out linearly, reaching 0 at
-    ``1.25 L``: the prediction falls back to ``F(j) + dC`` (as ESTARFM falls back when its
-    conversion coefficient is out of range). The fade is per pixel and band, so chunking does
-    not change it. With the default losses (H100, 300 steps per stage, mean RMSE over the
-    6 LGC-like targets), multiband networks with the fade 0.0147-0.0149, without it 0.0147-0.0162
-    (three seeds); per-band 0.0144 with it, 0.0142 without (one seed). On the CIA-like split it
-    moves the mean RMSE by 1e-5 at most.
-
-Inference runs through the engine: the kernel is the jitted forward pass of ``G`` then ``B`` for
-both directions plus ``f``; its halo is the receptive field of ``G`` then ``B`` (7 + 7 pixels)
-plus half the fusion window. A pixel whose receptive field holds NaN gets no prediction from that
-direction (the other takes over); NaN where neither predicts. ``dtype="bfloat16"`` runs the
-networks in bfloat16 and ``"float32"`` at full float32 precision (parameters and fusion stay float32);
-the default ``"tensorfloat32"`` runs float32 at the device's default precision: TF32 tensor cores on
-NVIDIA GPUs, plain float32 on CPUs. Measured on an H100 (per-band paper networks, 1000 x 1000 x 6):
-TF32 is 9x faster than full float32 (0.75 s vs 6.75 s) and chunked equals unchunked to 1.6e-6; it
-is 4e-5 reflectance from full float32 for a trained model, 3.8e-4 for the benchmark's random
-networks (bfloat16: 0.52 s, chunked 5.2e-5 apart, 3.8e-4 and 3.1e-3 from float32).
+Measurements behind every default (hardware, commands, numbers) are in ``docs/methods/biastf.md``.
 """
 
 from __future__ import annotations
@@ -88,7 +41,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -100,6 +55,8 @@ from stf_pipeline.exceptions import ConfigError, MethodError, TaskError
 from stf_pipeline.methods._base import MethodContext, MethodSpec
 from stf_pipeline.methods._window import box_sum_jax
 
+log = logging.getLogger(__name__)
+
 #: Table 1 kernel sides (fixed: the halo depends on them).
 TABLE1_KERNELS: tuple[int, int, int, int] = (7, 5, 3, 3)
 #: receptive radius of one Table 1 network
@@ -109,13 +66,44 @@ B_INPUTS: tuple[str, ...] = (*G_INPUTS, "change_pred")
 DTYPES: tuple[str, ...] = ("float32", "tensorfloat32", "bfloat16")
 FUSION_WEIGHTS: tuple[str, ...] = ("change", "similarity")
 TRAIN_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
-PRESETS: tuple[str, ...] = ("paper", "tiny")
+G_BASES: tuple[str, ...] = ("linear", "change")
+PRESETS: tuple[str, ...] = ("auto", "gpu", "cpu", "paper", "tiny")
+#: training settings of every preset but "tiny": validation on held-out dates (the initial,
+#: zero-correction networks compete), early stopping, augmentation
+TRAINING: dict[str, Any] = {
+    "validate_initial": True,
+    "eval_every": 100,
+    "eval_batches": 8,
+    "patience": 5,
+    "augment": True,
+    "checkpoint_every": 500,
+    "max_minutes": 3.0,
+}
 
 
 def _train_config(values: Mapping[str, Any] | Any) -> Any:
     from stf_pipeline.nn.train import TrainConfig
 
     return values if isinstance(values, TrainConfig) else TrainConfig.from_dict(values)
+
+
+def cpu_training(available_bytes: int | None = None, *, filters: int = 32) -> dict[str, Any]:
+    """Training settings that fit a CPU: patch and batch sized to ``available_bytes`` (default: the
+    machine's memory; not the free memory, which changes between runs: a rerun must pick the same
+    settings to resume from its checkpoints).
+
+    The activations of one ``p x p`` patch through ``G`` or ``B`` (three hidden layers of
+    ``filters`` maps, forward and backward, float32, 6 bands) take about
+    ``p^2 x 3 x filters x 4 bytes x 4``; the batch is sized to a tenth of the available memory,
+    between 4 and 32 patches of 64 x 64 (48 x 48 under 4 GiB). ``max_minutes`` caps each training.
+    """
+    import psutil
+
+    available = psutil.virtual_memory().total if available_bytes is None else int(available_bytes)
+    patch = 64 if available >= 4 * 2**30 else 48
+    per_patch = patch * patch * 3 * filters * 4 * 4
+    batch = int(np.clip(0.1 * available // per_patch, 4, 32))
+    return {**TRAINING, "batch_size": batch, "patch_size": patch, "learning_rate": 1e-3, "max_minutes": 5.0, "progress": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +114,9 @@ class BiaSTFConfig:
     ----------
     filters : (int, int, int), default (128, 128, 128)
         ``n1, n2, n3`` of Table 1.
-    multiband : bool, default False
-        One network per role for all bands (True) instead of one per band (the paper).
+    multiband : bool, default True
+        One network per role for all bands (True) instead of one per band (the paper's, preset
+        ``"paper"``).
     g_inputs, b_inputs : tuple of str
         Input images of ``G`` and ``B`` per band (see module docstring); default: all four images,
         and for ``B`` also ``"change_pred"`` (``G``'s output).
@@ -135,23 +124,40 @@ class BiaSTFConfig:
         Loss of each stage: absolute error (measured better, module docstring) or squared error
         (Eqs. 16-17).
     g_residual : bool, default True
-        ``G(dC) = dC + net(...)`` (True) or ``net(...)`` (False).
+        ``G(dC) = base + net(...)`` (True) or ``net(...)`` (False).
+    g_base : {"change", "linear"}, default "change"
+        ``base = dC``, or ``A dC`` with the fitted conversion ``A`` (bands x bands; measured
+        worse, ``docs/methods/biastf.md``).
+    normalise : bool, default True
+        Per-band input and target scaling with constants from the training dates, recorded in
+        the model (``model.extra["statistics"]``).
+    refit : bool, default True
+        With automatically held-out validation dates: after the validated run, refit both
+        networks on all training dates for the best run's number of steps.
+    unvalidated_steps : int, default 0
+        Steps per stage when nothing validates (two training dates, no ``val_times``). 0 keeps
+        the zero-initialised networks: the prediction is ``F(j) + dC`` fused by ``f``, because
+        an unvalidated correction made both two-date real sets worse (``docs/methods/biastf.md``).
     train_dtype : {"float32", "bfloat16"}, default "float32"
         Computation dtype of the networks while training (parameters stay float32); float32
         convolutions run at the device's default precision (TF32 on recent NVIDIA GPUs).
     stage1, stage2 : TrainConfig
         Optimisation of ``G`` and of ``B`` (stage 2's seed is offset so its patches differ).
-        Both presets validate before the first step (``validate_initial``): with ``val_times``,
-        the zero-initialised networks (fine + coarse change) are kept unless training beats them.
+        The presets validate before the first step (``validate_initial``): the zero-initialised
+        networks (fine + converted coarse change) are kept unless training beats them.
     """
 
     filters: tuple[int, int, int] = (128, 128, 128)
-    multiband: bool = False
+    multiband: bool = True
     g_inputs: tuple[str, ...] = G_INPUTS
     b_inputs: tuple[str, ...] = B_INPUTS
     g_loss: str = "l1"
     b_loss: str = "l1"
     g_residual: bool = True
+    g_base: str = "change"
+    normalise: bool = True
+    refit: bool = True
+    unvalidated_steps: int = 0
     train_dtype: str = "float32"
     stage1: Any = None
     stage2: Any = None
@@ -164,7 +170,8 @@ class BiaSTFConfig:
         object.__setattr__(self, "b_inputs", tuple(self.b_inputs))
         for name in ("stage1", "stage2"):
             value = getattr(self, name)
-            object.__setattr__(self, name, TrainConfig(validate_initial=True) if value is None else _train_config(value))
+            default = TrainConfig(**TRAINING, seed=0 if name == "stage1" else 1)
+            object.__setattr__(self, name, default if value is None else _train_config(value))
         if len(self.filters) != 3 or min(self.filters) < 1:
             raise ConfigError(f"biastf: filters must be three positive ints (n1, n2, n3), got {self.filters}.")
         for name, allowed in (("g_inputs", G_INPUTS), ("b_inputs", B_INPUTS)):
@@ -175,16 +182,36 @@ class BiaSTFConfig:
         for name in ("g_loss", "b_loss"):
             if getattr(self, name) not in ("l1", "l2"):
                 raise ConfigError(f"biastf: {name} must be 'l1' or 'l2', got {getattr(self, name)!r}.")
+        if isinstance(self.unvalidated_steps, bool) or not isinstance(self.unvalidated_steps, int) or self.unvalidated_steps < 0:
+            raise ConfigError(f"biastf: unvalidated_steps must be an int >= 0, got {self.unvalidated_steps!r}.")
+        if self.g_base not in G_BASES:
+            raise ConfigError(f"biastf: g_base must be one of {G_BASES}, got {self.g_base!r}.")
         if self.train_dtype not in TRAIN_DTYPES:
             raise ConfigError(f"biastf: train_dtype must be one of {TRAIN_DTYPES}, got {self.train_dtype!r}.")
 
     @classmethod
     def preset(cls, name: str) -> BiaSTFConfig:
-        """``"paper"``: the paper's networks and 128 x 128 patches. ``"tiny"``: multiband networks
-        of 16 filters, 32 x 32 patches, 150 steps per stage: trains for real on a CPU in seconds
-        (tests, demo)."""
-        if name == "paper":
+        """A named configuration.
+
+        ``"auto"`` (what ``config=None`` gives): ``"gpu"`` when JAX has an accelerator, else
+        ``"cpu"``. ``"gpu"``: multiband 128-filter networks, 128 x 128 patches, batch 64.
+        ``"cpu"``: multiband 32-filter networks, patch and batch sized to the memory
+        (:func:`cpu_training`), 5 minutes per training at most. ``"paper"``: the paper's per-band
+        128-filter networks. All of these train until the held-out date stops improving
+        (:data:`TRAINING`). ``"tiny"``: 16 filters, 32 x 32 patches, 150 steps per stage, no
+        early stopping: trains for real on a CPU in seconds (tests, demo).
+        """
+        if name == "auto":
+            import jax
+
+            return cls.preset("gpu" if jax.default_backend() != "cpu" else "cpu")
+        if name == "gpu":
             return cls()
+        if name == "paper":
+            return cls(multiband=False)
+        if name == "cpu":
+            train = cpu_training()
+            return cls(filters=(32, 32, 32), stage1=train, stage2={**train, "seed": 1})
         if name == "tiny":
             tiny = {
                 "steps": 150,
@@ -200,12 +227,12 @@ class BiaSTFConfig:
                 "log_every": 10,
                 "progress": False,
             }
-            return cls(filters=(16, 16, 16), multiband=True, stage1=tiny, stage2={**tiny, "seed": 1})
+            return cls(filters=(16, 16, 16), refit=False, stage1=tiny, stage2={**tiny, "seed": 1})
         raise ConfigError(f"biastf: unknown config preset {name!r}; choose one of {PRESETS}.")
 
     @classmethod
     def resolve(cls, config: BiaSTFConfig | Mapping[str, Any] | str | None) -> BiaSTFConfig:
-        """Config from a dataclass, a preset name, None (paper) or a mapping.
+        """Config from a dataclass, a preset name, None (``"auto"``) or a mapping.
 
         A mapping may name a ``preset`` to start from, override any field, give ``train``
         (optimisation settings for both stages) and ``stage1``/``stage2`` (per stage, on top).
@@ -214,13 +241,13 @@ class BiaSTFConfig:
         if isinstance(config, cls):
             return config
         if config is None or isinstance(config, str):
-            return cls.preset(config or "paper")
+            return cls.preset(config or "auto")
         if not isinstance(config, Mapping):
             raise ConfigError(
                 f"biastf: config must be a BiaSTFConfig, a mapping or a preset name {PRESETS}, got {type(config).__name__}."
             )
         values = dict(config)
-        base = cls.preset(values.pop("preset", "paper"))
+        base = cls.preset(values.pop("preset", "auto"))
         common = dict(values.pop("train", {}) or {})
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - valid)
@@ -291,12 +318,122 @@ def _halo(params: BiaSTFParams, context: MethodContext) -> int:
     return 2 * NET_RADIUS + int(window) // 2
 
 
+@dataclasses.dataclass(frozen=True)
+class Statistics:
+    """Per-band constants fitted on the training dates and recorded in the model.
+
+    Attributes
+    ----------
+    mean, scale : tuple of float
+        Mean and standard deviation of the fine reflectance: ``F(j)``, ``C(j)`` and ``C(k)`` enter
+        the networks as ``(x - mean) / scale``.
+    change : tuple of float
+        Standard deviation of the coarse change ``dC`` over the training pairs: ``dC``, ``G``'s
+        output and both stages' targets are divided by it.
+    conversion : tuple of tuple of float
+        ``A`` (bands x bands): ``G``'s base ``A dC`` (``g_base="linear"``).
+    limit : tuple of float
+        ``L``, where the learned part starts to fade (:func:`trust_in_change`).
+    """
+
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    change: tuple[float, ...]
+    conversion: tuple[tuple[float, ...], ...]
+    limit: tuple[float, ...]
+
+    @classmethod
+    def identity(cls, n_bands: int) -> Statistics:
+        """No normalisation, ``A = I``, no limit (models saved before these were recorded)."""
+        return cls((0.0,) * n_bands, (1.0,) * n_bands, (1.0,) * n_bands, tuple(map(tuple, np.eye(n_bands).tolist())), (np.inf,) * n_bands)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (lists), as stored in ``model.extra["statistics"]``."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_model(cls, model: Any) -> Statistics:
+        """The model's statistics; a model without them predicts as before they existed."""
+        n = len(model.bands)
+        saved = model.extra.get("statistics")
+        out = cls.identity(n)
+        if saved is not None:
+            out = cls(**{k: tuple(tuple(r) for r in v) if k == "conversion" else tuple(v) for k, v in saved.items()})
+        elif model.extra.get("change_limit") is not None:
+            out = dataclasses.replace(out, limit=tuple(model.extra["change_limit"]))
+        return out
+
+    def arrays(self) -> dict[str, Any]:
+        """float32 NumPy arrays (traced arguments of the jitted predictor)."""
+        return {k: np.asarray(v, np.float32) for k, v in dataclasses.asdict(self).items()}
+
+
+#: ridge weight (relative to the mean diagonal of dC'dC) pulling the conversion ``A`` towards ``I``
+CONVERSION_RIDGE = 1e-3
+
+
+def fit_statistics(cube: xr.Dataset, times: Sequence[Any], factor: int | None, *, normalise: bool = True) -> Statistics:
+    """:class:`Statistics` of ``times``: per-band moments, ``A`` and ``L``.
+
+    ``A`` is the least-squares fit of the fine change averaged over each native coarse pixel to
+    the coarse change there, over every pair of ``times``: ``dF_blocks ~ A dC`` (no intercept,
+    ridge ``CONVERSION_RIDGE`` towards the identity). It undoes what is linear in the sensors'
+    difference (gain, cross-band leakage) and holds for changes of any size.
+    """
+    step = max(int(factor or 1), 1)
+    sel = cube.sel(time=list(times))
+    coarse = _coarse_sample(cube, times, factor).astype(np.float64)  # (t, band, cy, cx)
+    fine = sel["fine"].coarsen(y=step, x=step, boundary="trim").mean().values.astype(np.float64)
+    fine_px = sel["fine"].isel(y=slice(step // 2, None, step), x=slice(step // 2, None, step)).values.astype(np.float64)
+    n_bands = coarse.shape[1]
+    limit = change_limit(coarse)
+    cy, cx = min(fine.shape[2], coarse.shape[2]), min(fine.shape[3], coarse.shape[3])
+    pairs = [(i, j) for i in range(len(times)) for j in range(i + 1, len(times))]
+    dc = np.concatenate([(coarse[i] - coarse[j])[:, :cy, :cx].reshape(n_bands, -1) for i, j in pairs], axis=1)
+    df = np.concatenate([(fine[i] - fine[j])[:, :cy, :cx].reshape(n_bands, -1) for i, j in pairs], axis=1)
+    ok = np.isfinite(dc).all(0) & np.isfinite(df).all(0)
+    x, y = dc[:, ok].T, df[:, ok].T  # (samples, band)
+    conversion = np.eye(n_bands)
+    if len(x) > 4 * n_bands:
+        gram = x.T @ x
+        ridge = CONVERSION_RIDGE * np.trace(gram) / n_bands
+        conversion = np.eye(n_bands) + np.linalg.solve(gram + ridge * np.eye(n_bands), x.T @ (y - x)).T
+    if not normalise:
+        return dataclasses.replace(Statistics.identity(n_bands), conversion=tuple(map(tuple, conversion.tolist())), limit=tuple(limit))
+    mean = np.nanmean(fine_px, axis=(0, 2, 3))
+    scale = np.nanstd(fine_px, axis=(0, 2, 3))
+    change = np.nanstd(dc, axis=1) if dc.size else np.ones(n_bands)
+    floor = 1e-4  # reflectance: a constant band must not divide by zero
+    return Statistics(
+        mean=tuple(np.nan_to_num(mean).tolist()),
+        scale=tuple(np.maximum(np.nan_to_num(scale), floor).tolist()),
+        change=tuple(np.maximum(np.nan_to_num(change), floor).tolist()),
+        conversion=tuple(map(tuple, conversion.tolist())),
+        limit=tuple(limit),
+    )
+
+
 # --------------------------------------------------------------------------- JAX parts
-def _features(names: Sequence[str], images: Mapping[str, Any]) -> Any:
-    """Stack named ``(n, band, y, x)`` images into ``(n, y, x, band, channel)``, NaN -> 0."""
+def _per_band(values: Any) -> Any:
+    """``(band,)`` constants shaped to broadcast over ``(n, band, y, x)``."""
     import jax.numpy as jnp
 
-    stacked = jnp.stack([images[name] for name in names], axis=-1)
+    return jnp.asarray(values, jnp.float32)[:, None, None]
+
+
+def _features(names: Sequence[str], images: Mapping[str, Any], stats: Any) -> Any:
+    """Normalised named ``(n, band, y, x)`` images stacked into ``(n, y, x, band, channel)``, NaN -> 0."""
+    import jax.numpy as jnp
+
+    mean, scale, change = _per_band(stats["mean"]), _per_band(stats["scale"]), _per_band(stats["change"])
+    scaled = {
+        "coarse_change": lambda a: a / change,
+        "change_pred": lambda a: a / change,
+        "fine_known": lambda a: (a - mean) / scale,
+        "coarse_known": lambda a: (a - mean) / scale,
+        "coarse_target": lambda a: (a - mean) / scale,
+    }
+    stacked = jnp.stack([scaled[name](images[name]) for name in names], axis=-1)
     return jnp.nan_to_num(jnp.transpose(stacked, (0, 2, 3, 1, 4)), nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -310,8 +447,11 @@ def _valid_within(valid: Any, radius: int) -> Any:
     return jax.lax.reduce_window(invalid, 0.0, jax.lax.max, dims, (1,) * valid.ndim, pad) == 0
 
 
-def _pair_images(fine_j: Any, coarse_i: Any, coarse_j: Any) -> tuple[dict[str, Any], Any]:
-    """Named inputs for predicting date i from date j, and where they are all valid (``(n, band, y, x)``)."""
+def _pair_images(fine_j: Any, coarse_i: Any, coarse_j: Any, mix_bands: bool) -> tuple[dict[str, Any], Any]:
+    """Named inputs for predicting date i from date j, and where they are all valid (``(n, band, y, x)``).
+
+    With ``mix_bands`` (a conversion across bands) a pixel needs the coarse change of every band.
+    """
     import jax.numpy as jnp
 
     images = {
@@ -321,6 +461,8 @@ def _pair_images(fine_j: Any, coarse_i: Any, coarse_j: Any) -> tuple[dict[str, A
         "coarse_target": coarse_i,
     }
     valid = jnp.isfinite(fine_j) & jnp.isfinite(coarse_j) & jnp.isfinite(coarse_i)
+    if mix_bands:
+        valid = valid & jnp.isfinite(images["coarse_change"]).all(axis=1, keepdims=True)
     return images, valid
 
 
@@ -334,7 +476,7 @@ def _networks(config: BiaSTFConfig, n_bands: int, dtype: str) -> tuple[Any, Any]
         "hidden": config.filters,
         "kernel_sizes": TABLE1_KERNELS,
         "multiband": config.multiband,
-        "zero_last": True,  # untrained G adds nothing to the coarse change, untrained B no bias
+        "zero_last": True,  # untrained G adds nothing to its base, untrained B no bias
     }
     jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32  # tensorfloat32: float32 at default precision
     return BandNet(**kw, dtype=jdtype), BandNet(**kw, dtype=jdtype)
@@ -347,42 +489,72 @@ def _channels_last(a: Any) -> Any:
     return jnp.transpose(a, (0, 2, 3, 1))
 
 
-def _g_base(images: Mapping[str, Any], config: BiaSTFConfig) -> Any:
-    """What ``G``'s network output is added to: the coarse change (``g_residual``) or 0, ``(n, y, x, band)``."""
+def _converted(images: Mapping[str, Any], stats: Any) -> Any:
+    """``A dC`` ``(n, y, x, band)`` (NaN -> 0)."""
     import jax.numpy as jnp
 
-    change = _channels_last(images["coarse_change"])
-    return jnp.nan_to_num(change) if config.g_residual else jnp.zeros_like(change)
+    change = jnp.nan_to_num(_channels_last(images["coarse_change"]))
+    return jnp.einsum("nyxb,ab->nyxa", change, jnp.asarray(stats["conversion"], jnp.float32))
 
 
-def g_batch(crops: Mapping[str, Any], aux: Any, *, config: BiaSTFConfig) -> Any:
-    """Stage-1 batch: inputs ``g_inputs`` of ``(i, j)``, target ``dF(i, j)`` (less ``dC`` with ``g_residual``)."""
+def _g_base(images: Mapping[str, Any], config: BiaSTFConfig, stats: Any) -> Any:
+    """What ``G``'s network output is added to, ``(n, y, x, band)``: ``A dC``, ``dC`` or 0."""
+    import jax.numpy as jnp
+
+    if not config.g_residual:
+        return jnp.zeros_like(_channels_last(images["coarse_change"]))
+    if config.g_base == "linear":
+        return _converted(images, stats)
+    return jnp.nan_to_num(_channels_last(images["coarse_change"]))
+
+
+def _apply_g(g_model: Any, params: Any, images: Mapping[str, Any], config: BiaSTFConfig, stats: Any) -> Any:
+    """``G = base + change_scale x net(normalised inputs)``, ``(n, y, x, band)``."""
+    import jax.numpy as jnp
+
+    net = g_model.apply({"params": params}, _features(config.g_inputs, images, stats))
+    return _g_base(images, config, stats) + net * jnp.asarray(stats["change"], jnp.float32)
+
+
+def _apply_b(b_model: Any, params: Any, images: Mapping[str, Any], config: BiaSTFConfig, stats: Any) -> Any:
+    """``B = change_scale x net(normalised inputs)``, ``(n, y, x, band)``."""
+    import jax.numpy as jnp
+
+    return b_model.apply({"params": params}, _features(config.b_inputs, images, stats)) * jnp.asarray(stats["change"], jnp.float32)
+
+
+def _mixes_bands(config: BiaSTFConfig) -> bool:
+    return config.g_residual and config.g_base == "linear"
+
+
+def g_batch(crops: Mapping[str, Any], aux: Any, *, config: BiaSTFConfig, stats: Statistics) -> Any:
+    """Stage-1 batch: inputs ``g_inputs`` of ``(i, j)``, target ``(dF(i, j) - base) / change``."""
     import jax.numpy as jnp
 
     from stf_pipeline.nn.sampler import Batch
 
     fine, coarse = crops["fine"], crops["coarse"]
-    images, valid = _pair_images(fine[:, 1], coarse[:, 0], coarse[:, 1])
-    target = fine[:, 0] - fine[:, 1]
-    if config.g_residual:
-        target = target - images["coarse_change"]
-    mask = _valid_within(valid, NET_RADIUS) & jnp.isfinite(target)
-    return Batch(_features(config.g_inputs, images), jnp.transpose(target, (0, 2, 3, 1)), jnp.transpose(mask, (0, 2, 3, 1)))
+    s = stats.arrays()
+    images, valid = _pair_images(fine[:, 1], coarse[:, 0], coarse[:, 1], _mixes_bands(config))
+    target = (_channels_last(fine[:, 0] - fine[:, 1]) - _g_base(images, config, s)) / jnp.asarray(s["change"])
+    mask = _channels_last(_valid_within(valid, NET_RADIUS)) & jnp.isfinite(target)
+    return Batch(_features(config.g_inputs, images, s), jnp.nan_to_num(target), mask)
 
 
-def b_batch(crops: Mapping[str, Any], aux: Any, *, config: BiaSTFConfig, g_model: Any) -> Any:
-    """Stage-2 batch: inputs ``b_inputs`` (with the frozen ``G``'s output), target ``dF - G(dC)``."""
+def b_batch(crops: Mapping[str, Any], aux: Any, *, config: BiaSTFConfig, stats: Statistics, g_model: Any) -> Any:
+    """Stage-2 batch: inputs ``b_inputs`` (with the frozen ``G``'s output), target ``(dF - G) / change``."""
     import jax.numpy as jnp
 
     from stf_pipeline.nn.sampler import Batch
 
     fine, coarse = crops["fine"], crops["coarse"]
-    images, valid = _pair_images(fine[:, 1], coarse[:, 0], coarse[:, 1])
-    g = _g_base(images, config) + g_model.apply({"params": aux}, _features(config.g_inputs, images))  # (n, y, x, band)
+    s = stats.arrays()
+    images, valid = _pair_images(fine[:, 1], coarse[:, 0], coarse[:, 1], _mixes_bands(config))
+    g = _apply_g(g_model, aux, images, config, s)
     images["change_pred"] = jnp.transpose(g, (0, 3, 1, 2))
-    target = jnp.transpose(fine[:, 0] - fine[:, 1], (0, 2, 3, 1)) - g
-    mask = _valid_within(valid, 2 * NET_RADIUS) & jnp.isfinite(target.transpose(0, 3, 1, 2))
-    return Batch(_features(config.b_inputs, images), target, jnp.transpose(mask, (0, 2, 3, 1)))
+    target = (_channels_last(fine[:, 0] - fine[:, 1]) - g) / jnp.asarray(s["change"])
+    mask = _channels_last(_valid_within(valid, 2 * NET_RADIUS)) & jnp.isfinite(target)
+    return Batch(_features(config.b_inputs, images, s), jnp.nan_to_num(target), mask)
 
 
 def fuse_directions(
@@ -446,34 +618,38 @@ def _forward(
     g_model: Any,
     b_model: Any,
     params: Any,
+    stats: Any,
     fine: Any,
     coarse: Any,
     coarse_target: Any,
-    limit: Any,
     *,
     window: int,
     eps: float,
     weights: str,
-) -> tuple[Any, Any]:
-    """Traced body of the predictor: fused ``(band, y, x)`` and transitional ``(pair, band, y, x)``."""
+) -> tuple[Any, Any, Any]:
+    """Traced body of the predictor: fused ``(band, y, x)``, transitional ``(pair, band, y, x)`` and
+    the number of valid pixels beyond the limit ``L`` (where the learned part fades)."""
     import jax.numpy as jnp
 
     target = jnp.broadcast_to(coarse_target[None], coarse.shape)
-    images, valid = _pair_images(fine, target, coarse)
-    g = _g_base(images, config) + g_model.apply({"params": params["G"]}, _features(config.g_inputs, images))
+    images, valid = _pair_images(fine, target, coarse, _mixes_bands(config))
+    g = _apply_g(g_model, params["G"], images, config, stats)
     images["change_pred"] = jnp.transpose(g, (0, 3, 1, 2))
-    b = b_model.apply({"params": params["B"]}, _features(config.b_inputs, images))
+    b = _apply_b(b_model, params["B"], images, config, stats)
+    base = _converted(images, stats) if config.g_base == "linear" else jnp.nan_to_num(_channels_last(images["coarse_change"]))
     change = jnp.nan_to_num(_channels_last(images["coarse_change"]))
-    learned = trust_in_change(change, limit) * (g + b - change)
-    transitional = fine + jnp.transpose(change + learned, (0, 3, 1, 2))
-    transitional = jnp.where(_valid_within(valid, 2 * NET_RADIUS) & valid, transitional, jnp.nan)
+    trust = trust_in_change(change, stats["limit"])
+    transitional = fine + jnp.transpose(base + trust * (g + b - base), (0, 3, 1, 2))
+    ok = _valid_within(valid, 2 * NET_RADIUS) & valid
+    transitional = jnp.where(ok, transitional, jnp.nan)
     fused = fuse_directions(transitional, coarse_target, window=window, eps=eps, weights=weights, coarse=coarse)
-    return fused, transitional
+    beyond = jnp.sum(ok & (jnp.transpose(trust, (0, 3, 1, 2)) < 1))
+    return fused, transitional, beyond
 
 
 @functools.lru_cache(maxsize=8)
 def _predictor(config_json: str, n_bands: int, dtype: str, window: int, eps: float, weights: str) -> Any:
-    """Jitted ``(params, fine, coarse, coarse_target, limit) -> fused (band, y, x)`` and the transitional predictions."""
+    """Jitted ``(params, stats, fine, coarse, coarse_target) -> (fused, transitional, beyond)``."""
     import jax
 
     config = BiaSTFConfig.resolve(json.loads(config_json))
@@ -481,13 +657,19 @@ def _predictor(config_json: str, n_bands: int, dtype: str, window: int, eps: flo
     precision = "highest" if dtype == "float32" else "default"
 
     @jax.jit
-    def predict(params: Any, fine: Any, coarse: Any, coarse_target: Any, limit: Any) -> tuple[Any, Any]:
+    def predict(params: Any, stats: Any, fine: Any, coarse: Any, coarse_target: Any) -> tuple[Any, Any, Any]:
         with jax.default_matmul_precision(precision):
             return _forward(
-                config, g_model, b_model, params, fine, coarse, coarse_target, limit, window=window, eps=eps, weights=weights
+                config, g_model, b_model, params, stats, fine, coarse, coarse_target, window=window, eps=eps, weights=weights
             )
 
     return predict
+
+
+#: models already warned about changes beyond their training range (one warning per model)
+_WARNED: weakref.WeakSet = weakref.WeakSet()
+#: share of a block's valid pixels beyond ``L`` above which that is logged as a warning
+BEYOND_WARNING = 0.01
 
 
 def predict_block(
@@ -498,7 +680,11 @@ def predict_block(
     params: BiaSTFParams,
     model: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fused ``(band, y, x)`` and transitional ``(pair, band, y, x)`` predictions of one block."""
+    """Fused ``(band, y, x)`` and transitional ``(pair, band, y, x)`` predictions of one block.
+
+    Where the coarse change goes beyond the training pairs' (more than ``BEYOND_WARNING`` of the
+    block's valid pixels), a warning names the documented fallback, once per model.
+    """
     if model is None or getattr(model, "method", None) != "biastf":
         raise MethodError(
             "biastf needs a model trained with stf.train(cube, method='biastf', ...), "
@@ -511,11 +697,21 @@ def predict_block(
     predict = _predictor(
         json.dumps(model.config, sort_keys=True), len(model.bands), params.dtype, int(params.window), float(params.eps), params.weights
     )
-    limit = model.extra.get("change_limit")
-    if params.extrapolate or limit is None:
-        limit = [np.inf] * len(model.bands)
-    fused, transitional = predict(model.params, fine, coarse, coarse_target, np.asarray(limit, np.float32))
-    return np.asarray(fused, dtype=np.float32), np.asarray(transitional, dtype=np.float32)
+    stats = Statistics.from_model(model)
+    if params.extrapolate:
+        stats = dataclasses.replace(stats, limit=(np.inf,) * len(model.bands))
+    fused, transitional, beyond = predict(model.params, stats.arrays(), fine, coarse, coarse_target)
+    transitional = np.asarray(transitional, dtype=np.float32)
+    share = int(beyond) / max(int(np.isfinite(transitional).sum()), 1)
+    if share > BEYOND_WARNING and model not in _WARNED:
+        _WARNED.add(model)
+        log.warning(
+            "biastf: the coarse change exceeds the training pairs' range (L = %s) on %.0f %% of the predicted pixels; "
+            "there the learned correction fades out and the prediction falls back to F(j) + %s. "
+            "Train with dates that span such changes, or pass extrapolate=True to apply the networks anyway.",
+            [round(v, 4) for v in stats.limit], 100 * share, "A dC" if BiaSTFConfig.resolve(model.config).g_base == "linear" else "dC",
+        )
+    return np.asarray(fused, dtype=np.float32), transitional
 
 
 def biastf_kernel(
@@ -537,6 +733,70 @@ def _coarse_sample(cube: xr.Dataset, times: Sequence[Any], factor: int | None) -
     return cube["coarse"].sel(time=list(times)).isel(y=slice(step // 2, None, step), x=slice(step // 2, None, step)).values
 
 
+def _fit_stages(
+    cube: xr.Dataset,
+    cfg: BiaSTFConfig,
+    times: Sequence[Any],
+    held: Sequence[Any],
+    stats: Statistics,
+    *,
+    steps: Sequence[int] | None,
+    workdir: Path | None,
+    fingerprint: Mapping[str, Any],
+    suffix: str = "",
+) -> tuple[dict[str, Any], dict[str, Any], list[Any]]:
+    """Train ``G`` then ``B`` on the ordered pairs of ``times``, validated on ``held``.
+
+    ``steps``: run exactly this many steps per stage, without validation (the refit). Returns the
+    parameters, the histories and the :class:`~stf_pipeline.nn.FitResult` of each stage.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from stf_pipeline.nn import PatchSampler, checkpoint_store, create_train_state, ordered_pairs
+    from stf_pipeline.nn import fit as fit_stage
+
+    n_bands = int(cube.sizes["band"])
+    g_model, b_model = _networks(cfg, n_bands, cfg.train_dtype)
+    n = len(times)
+    val_items = [item for v in range(len(held)) for j in range(n) for item in ((n + v, j), (j, n + v))]
+    side = min(int(cube.sizes["y"]), int(cube.sizes["x"]))
+    params: dict[str, Any] = {}
+    history: dict[str, Any] = {}
+    results = []
+    stages = (
+        ("G", cfg.stage1, g_model, cfg.g_inputs, cfg.g_loss, functools.partial(g_batch, config=cfg, stats=stats)),
+        ("B", cfg.stage2, b_model, cfg.b_inputs, cfg.b_loss, functools.partial(b_batch, config=cfg, stats=stats, g_model=g_model)),
+    )
+    for stage, (name, tc, model, inputs, loss, make_batch) in enumerate(stages, start=1):
+        if tc.patch_size > side:
+            log.info("biastf: patch_size %d is larger than the scene; using %d", tc.patch_size, side)
+            tc = dataclasses.replace(tc, patch_size=side)
+        fixed = steps[stage - 1] if steps is not None else (None if held else cfg.unvalidated_steps)
+        if fixed is not None:
+            tc = dataclasses.replace(tc, steps=max(int(fixed), 1), patience=0)
+        common = {"patch_size": tc.patch_size, "batch_size": tc.batch_size, "preload": tc.preload}
+        sampler = PatchSampler(cube, times, items=ordered_pairs(n), seed=tc.seed, augment=tc.augment, **common)
+        val = PatchSampler(cube, [*times, *held], items=val_items, seed=tc.seed + 7919, **common) if held else None
+        sample = jnp.zeros((1, tc.patch_size, tc.patch_size, n_bands, len(inputs)), jnp.float32)
+        state = create_train_state(jax.random.key(tc.seed), tc, model, sample, loss=loss)
+        key = f"stage{stage}_{name}{suffix}"
+        if fixed == 0:  # the validated run kept the initial (zero) network, or nothing validates
+            params[name], history[key] = jax.device_get(state.params), {}
+            continue
+        directory = workdir / f"stage{stage}{suffix}" if workdir is not None else None
+        stage_print = {**fingerprint, "stage": name, "train": dataclasses.asdict(dataclasses.replace(tc, progress=False))}
+        with checkpoint_store(directory, fingerprint=stage_print) as store:
+            result = fit_stage(
+                state, sampler, make_batch, config=tc, aux=params.get("G"), val_sampler=val, checkpoints=store,
+                name=f"biastf stage {stage} ({name}{suffix})",
+            )
+        params[name] = jax.device_get(result.params)
+        history[key] = {**result.history, "best_step": result.best_step, "stop_reason": result.stop_reason}
+        results.append(result)
+    return params, history, results
+
+
 def fit(
     cube: xr.Dataset,
     *,
@@ -554,24 +814,23 @@ def fit(
     train_times : sequence of date-like
         At least two dates with fine and coarse images.
     config : BiaSTFConfig, mapping, preset name or None
-        See :meth:`BiaSTFConfig.resolve`; default the paper's.
+        See :meth:`BiaSTFConfig.resolve`; default ``"auto"`` (sized to the device).
     workdir : path-like, optional
-        Checkpoints (``stage1/``, ``stage2/``; a rerun resumes), ``history.json``,
-        ``loss_curves.png`` and the final ``model/``.
+        Checkpoints (``stage1/``, ``stage2/``, and ``stage1_refit/``, ``stage2_refit/``; a rerun
+        resumes, also after Ctrl-C), ``history.json``, ``loss_curves.png`` and the final ``model/``.
     val_times : sequence of date-like, optional
         Held-out dates with fine images: validation pairs predict each of them from each training
-        date; used for early stopping (the best parameters are kept).
+        date and back; they choose the best step and stop the training. Default: one training
+        date is held out (:func:`stf_pipeline.nn.holdout_split`; with two training dates there
+        is no validation, and a warning says so), and with ``refit`` the networks are then
+        trained again on all dates for the best step counts.
 
     Returns
     -------
     FittedModel
+        ``extra`` records the validation (``"validation"``), the statistics, ``change_limit``.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from stf_pipeline.nn import FittedModel, PatchSampler, create_train_state, ordered_pairs, save_history
-    from stf_pipeline.nn import checkpoint_store
-    from stf_pipeline.nn import fit as fit_stage
+    from stf_pipeline.nn import FittedModel, holdout_split, save_history
     from stf_pipeline.task import _iso, to_datetime64
 
     cfg = BiaSTFConfig.resolve(config)
@@ -581,46 +840,51 @@ def fit(
             f"biastf learns from ordered pairs of training dates and needs at least two, got {[_iso(t) for t in times]}; "
             "pass train_times with two or more dates that have fine and coarse images."
         )
-    held = sorted({to_datetime64(t) for t in (val_times or ())} - set(times))
+    if val_times:
+        held = sorted({to_datetime64(t) for t in val_times} - set(times))
+        fit_times, mode = times, "val_times"
+    else:
+        fit_times, held = holdout_split(times, name="biastf")
+        mode = "held-out training date" if held else "none (too few training dates)"
+        if not held:
+            log.warning(
+                "biastf: no validation, so %s; pass val_times, or config={'unvalidated_steps': N} to train anyway.",
+                f"{cfg.unvalidated_steps} unvalidated steps per stage" if cfg.unvalidated_steps else
+                "the networks stay zero and the prediction is F(j) + dC fused by f (the documented fallback)",
+            )
     bands = [str(b) for b in cube["band"].values.tolist()]
     factor = cube.attrs.get("coarse_factor")
-    n = len(times)
     fingerprint = {
         "method": "biastf",
-        "config": cfg.to_dict(),
+        "config": {**cfg.to_dict(), "stage1": None, "stage2": None},
         "bands": bands,
         "coarse_factor": factor,
-        "train_times": [_iso(t) for t in times],
+        "train_times": [_iso(t) for t in fit_times],
         "val_times": [_iso(t) for t in held],
     }
-    g_model, b_model = _networks(cfg, len(bands), cfg.train_dtype)
-    val_items = [(n + v, j) for v in range(len(held)) for j in range(n)]
-    history: dict[str, Any] = {}
-    params: dict[str, Any] = {}
-    stages = (
-        ("G", cfg.stage1, g_model, cfg.g_inputs, cfg.g_loss, functools.partial(g_batch, config=cfg)),
-        ("B", cfg.stage2, b_model, cfg.b_inputs, cfg.b_loss, functools.partial(b_batch, config=cfg, g_model=g_model)),
+    directory = None if workdir is None else Path(workdir)
+    stats = fit_statistics(cube, fit_times, factor, normalise=cfg.normalise)
+    params, history, results = _fit_stages(
+        cube, cfg, fit_times, held, stats, steps=None, workdir=directory, fingerprint=fingerprint
     )
-    for stage, (name, tc, model, inputs, loss, make_batch) in enumerate(stages, start=1):
-        common = {"patch_size": tc.patch_size, "batch_size": tc.batch_size, "preload": tc.preload}
-        sampler = PatchSampler(cube, times, items=ordered_pairs(n), seed=tc.seed, **common)
-        val = PatchSampler(cube, [*times, *held], items=val_items, seed=tc.seed + 7919, **common) if held else None
-        sample = jnp.zeros((1, tc.patch_size, tc.patch_size, len(bands), len(inputs)), jnp.float32)
-        state = create_train_state(jax.random.key(tc.seed), tc, model, sample, loss=loss)
-        directory = Path(workdir) / f"stage{stage}" if workdir is not None else None
-        with checkpoint_store(directory, fingerprint={**fingerprint, "stage": name}) as store:
-            result = fit_stage(
-                state,
-                sampler,
-                make_batch,
-                config=tc,
-                aux=params.get("G"),
-                val_sampler=val,
-                checkpoints=store,
-                name=f"biastf stage {stage} ({name})",
-            )
-        params[name] = jax.device_get(result.params)
-        history[f"stage{stage}_{name}"] = result.history
+    best = [r.best_step for r in results]
+    refit = bool(cfg.refit and held and not val_times)
+    if refit:
+        log.info("biastf: refitting on all %d training dates for %s steps (the validated best)", len(times), best)
+        stats = fit_statistics(cube, times, factor, normalise=cfg.normalise)
+        refit_print = {**fingerprint, "train_times": [_iso(t) for t in times], "val_times": [], "steps": best}
+        params, more, _ = _fit_stages(
+            cube, cfg, times, [], stats, steps=best, workdir=directory, fingerprint=refit_print, suffix="_refit"
+        )
+        history.update(more)
+    validation = {
+        "mode": mode,
+        "val_times": [_iso(t) for t in held],
+        "fit_times": [_iso(t) for t in fit_times],
+        "best_steps": best,
+        "stop_reasons": [r.stop_reason for r in results],
+        "refit": refit,
+    }
     model_out = FittedModel(
         method="biastf",
         config=cfg.to_dict(),
@@ -629,10 +893,15 @@ def fit(
         coarse_factor=None if factor is None else int(factor),
         train_times=tuple(_iso(t) for t in times),
         history=history,
-        extra={"val_times": [_iso(t) for t in held], "change_limit": change_limit(_coarse_sample(cube, times, factor))},
+        extra={
+            "val_times": [_iso(t) for t in held],
+            "validation": validation,
+            "statistics": stats.to_dict(),
+            "change_limit": list(stats.limit),
+        },
     )
     if workdir is not None:
-        save_history(history, workdir)
+        save_history({k: v for k, v in history.items() if v}, workdir)
         model_out.save(Path(workdir) / "model", overwrite=True)
     return model_out
 

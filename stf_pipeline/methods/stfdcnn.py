@@ -1,52 +1,36 @@
 """``stfdcnn``: spatiotemporal fusion with two deep CNNs (Song et al., IEEE JSTARS 2018, 11:821-829).
 
-STFDCNN bridges the coarse (MODIS-like) and fine (Landsat-like) resolutions in two learned steps
-through an intermediate **low-spatial-resolution (LSR)** fine image, the fine image averaged over
-``r x r`` fine pixels:
+STFDCNN bridges the coarse and fine resolutions in two learned steps through an intermediate
+**low-spatial-resolution (LSR)** fine image, the fine image averaged over ``r x r`` fine pixels:
 
-1. the **non-linear mapping (NLM) CNN** maps the coarse image on the LSR grid (the cube's coarse
-   image, already resampled onto the fine grid, averaged over the same ``r x r`` blocks) to the
-   LSR fine image: it learns the sensor difference (spectral response, atmosphere, point-spread);
-2. the **super-resolution (SR) CNN** maps the LSR fine image, interpolated (Keys cubic, as SRCNN
-   interpolates its input) onto the fine grid, to the fine image: it learns the lost spatial
-   detail.
+1. the **non-linear mapping (NLM) CNN** maps the coarse image, averaged over the same ``r x r``
+   blocks, to the LSR fine image (the sensor difference: spectral response, atmosphere, PSF);
+2. the **super-resolution (SR) CNN** maps the LSR fine image, interpolated (Keys cubic) onto the
+   fine grid, to the fine image (the lost spatial detail).
 
-Both are five-layer CNNs with residual learning (:mod:`stf_pipeline.nn.stfdcnn_modules`), trained
-stage by stage on all fine+coarse pair dates (:func:`fit`).
+Both are five-layer residual CNNs (:mod:`stf_pipeline.nn.stfdcnn_modules`), trained stage by
+stage on the training dates (:func:`fit`) with BiaSTF's machinery: one training date held out
+for validation, early stopping, refit on all dates, augmentation, a time limit.
 
-Prediction (the paper's "fusion model"), for the target date ``t`` and pairs ``k`` before and
-after, at both levels in turn:
+Prediction, for the target ``t`` and the pairs ``k`` before and after, at both levels in turn:
+transitional images ``T_j`` (``NLM(C_j)``, then ``SR(up(L_j))``); each pair predicts by
+high-pass modulation of its known image ``L_k``::
 
-* LSR level: transitional images ``T_j = NLM(C_j)`` for the pair dates and the target; each pair
-  predicts by **high-pass modulation** of its known LSR fine image ``L_k``::
+    P_k = T_t + (T_t / T_k) * (L_k - T_k)
 
-      P_k = T_t + (T_t / T_k) * (L_k - T_k)
+and the two predictions are weighted by ``1 / (local mean |T_t - T_k| + eps)``. The exact
+equations are our reading of the paper's abstract; the choices that could not be confirmed (layer
+sizes, ``r``, the weight window, the ratio guards ``min_reflectance`` and ``max_gain``) are
+parameters, listed with their reasons in ``docs/methods/stfdcnn.md``.
 
-  and the two predictions are combined with weights from the transitional change,
-  ``w_k ∝ 1 / (mean |T_t - T_k| + eps)`` (a local ``weight_window`` mean, per band), giving the
-  LSR prediction ``L_t``.
-* fine level: transitional images from the SR CNN, ``T_t = SR(up(L_t))`` and ``T_k = SR(up(L_k))``,
-  the same modulation of the known fine images and the same weighting give the fine prediction.
-
-What the paper's abstract confirms: the two five-layer CNNs and their roles, the LSR images, the
-transitional images, high-pass modulation and a weighting of the predictions from before and
-after. The exact equations of the fusion model above are our reading of it (the modulation is the
-classic high-pass modulation of pan-sharpening, the weights those of ESTARFM-like temporal
-weighting): the full text was not available to us to confirm them. Other choices made where a
-detail could not be confirmed (each is a parameter): the kernel sizes and widths of the layers (:class:`~stf_pipeline.nn.stfdcnn_modules.CNNConfig`,
-3x3 and 64 maps by default); the LSR factor ``r`` (default: the divisor of ``coarse_factor`` closest
-to its square root, 4 for MODIS 480 m on Landsat 30 m, so that each CNN bridges a similar ~4x
-resolution gap; a divisor keeps LSR pixels nested in native coarse pixels); the local window of
-the weights; and two guards of the ratio ``T_t / T_k`` for reflectance near zero (both terms are
-floored at ``min_reflectance`` and the gain clipped to ``[1/max_gain, max_gain]``).
-
-Missing data: a pixel whose CNN receptive field holds NaN (clouds, nodata) gets no prediction from
-that pair there (the other pair takes over); NaN where no pair predicts.
+Missing data: a pixel whose receptive field holds NaN gets no prediction from that pair (the
+other takes over); NaN where no pair predicts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import functools
 import math
 import os
@@ -496,8 +480,12 @@ class STFDCNNConfig:
         The non-linear mapping and super-resolution networks (five layers each).
     train : TrainConfig
         Optimisation settings of each stage (the same for both; ``patch_size`` in fine pixels,
-        a multiple of ``lsr_factor``). Default: the shared defaults, so that STFDCNN gets the
-        training budget BiaSTF gets.
+        a multiple of ``lsr_factor``). Default: BiaSTF's training settings
+        (:data:`stf_pipeline.methods.biastf.TRAINING`: held-out date, early stopping,
+        augmentation, time limit), so that STFDCNN gets the budget rule BiaSTF gets.
+    refit : bool, default True
+        With an automatically held-out validation date: after the validated run, refit both
+        networks on all training dates for the best run's number of steps (as BiaSTF).
     loss : {"l2", "l1"}, default "l2"
         The paper's loss is the mean squared error.
     """
@@ -507,12 +495,15 @@ class STFDCNNConfig:
     sr: CNNConfig = CNNConfig()
     train: Any = None
     loss: str = "l2"
+    refit: bool = True
 
     def __post_init__(self) -> None:
         from stf_pipeline.nn.train import LOSSES, TrainConfig
 
         if self.train is None:
-            object.__setattr__(self, "train", TrainConfig())
+            from stf_pipeline.methods.biastf import TRAINING
+
+            object.__setattr__(self, "train", TrainConfig(**TRAINING))
         if not isinstance(self.train, TrainConfig):
             raise ConfigError(f"stfdcnn: train must be a TrainConfig or a mapping, got {type(self.train).__name__}.")
         if self.lsr_factor is not None and (isinstance(self.lsr_factor, bool) or int(self.lsr_factor) < 1):
@@ -535,7 +526,7 @@ class STFDCNNConfig:
                 steps=150, batch_size=8, patch_size=32, learning_rate=2e-3, warmup_steps=10, eval_every=50,
                 eval_batches=2, patience=0, checkpoint_every=150, log_every=10, progress=False,
             )
-            return cls(nlm=small, sr=small, train=train)
+            return cls(nlm=small, sr=small, train=train, refit=False)
         raise ConfigError(f"stfdcnn: unknown config preset {name!r}; choose one of {PRESETS}.")
 
     @classmethod
@@ -578,6 +569,7 @@ class STFDCNNConfig:
             "sr": self.sr.to_dict(),
             "train": dataclasses.asdict(self.train),
             "loss": self.loss,
+            "refit": self.refit,
         }
 
 
@@ -637,7 +629,10 @@ def fit(
     workdir : path-like, optional
         Checkpoints and loss history; rerunning with the same workdir resumes.
     val_times : sequence of date-like, optional
-        Held-out dates for the validation loss and early stopping.
+        Held-out dates for the validation loss and early stopping. Default: one training date
+        is held out (:func:`stf_pipeline.nn.holdout_split`; none with two dates, with a
+        warning), and with ``refit`` both networks are refitted on all dates for the best
+        step counts.
 
     Returns
     -------
@@ -651,9 +646,8 @@ def fit(
         No ``coarse_factor``; too few or unusable dates; a bad configuration; a checkpoint in
         ``workdir`` of another model.
     """
-    from stf_pipeline.nn import FittedModel, PatchSampler, create_train_state, save_history
-    from stf_pipeline.nn import checkpoint_store
-    from stf_pipeline.nn import fit as fit_stage
+    from stf_pipeline.nn import FittedModel, holdout_split, save_history
+    from stf_pipeline.nn.train import NO_VALIDATION_STEPS
 
     validate_cube(cube, require_coarse_factor=True)
     cfg = STFDCNNConfig.resolve(config)
@@ -670,6 +664,12 @@ def fit(
             f"stfdcnn: validation dates {shared} are also training dates; validation needs held-out dates: "
             "remove them from one of the two lists."
         )
+    auto = not val_times
+    fit_dates = dates
+    if auto:
+        fit_dates, val_dates = holdout_split(dates, name="stfdcnn")
+        if not val_dates:
+            logging.getLogger(__name__).warning("stfdcnn: no validation: training %d steps per stage at most.", NO_VALIDATION_STEPS)
     coarse_factor = int(cube.attrs["coarse_factor"])
     r = int(cfg.lsr_factor) if cfg.lsr_factor is not None else default_lsr_factor(coarse_factor)
     bands = tuple(str(b) for b in cube["band"].values.tolist())
@@ -678,46 +678,33 @@ def fit(
     except MethodError as err:
         raise ConfigError(str(err)) from None
     train = cfg.train
+    side = min(int(cube.sizes["y"]), int(cube.sizes["x"])) // r * r
+    if train.patch_size > side:
+        train = dataclasses.replace(train, patch_size=side)
     if train.patch_size % r:
         raise ConfigError(
             f"stfdcnn: patch_size {train.patch_size} must be a multiple of lsr_factor {r} (patches hold whole "
             f"LSR pixels); use e.g. {max(r, train.patch_size // r * r)}."
         )
-    stages = (
-        ("nlm", arch.nlm, NLMBatch(r, arch.nlm.receptive_radius), ("fine", "coarse"), train.patch_size // r),
-        ("sr", arch.sr, SRBatch(r, arch.sr.receptive_radius), ("fine",), train.patch_size),
-    )
-    keys = jax.random.split(jax.random.key(train.seed), len(stages))
     workdir = None if workdir is None else Path(workdir)
     settings = cfg.to_dict()
     settings["train"].pop("progress")  # showing a progress bar or not does not change the model
     fingerprint = {
         "method": "stfdcnn", "architecture": arch.to_dict(), "config": settings,
-        "train_times": [_iso(t) for t in dates], "val_times": [_iso(t) for t in val_dates],
+        "train_times": [_iso(t) for t in fit_dates], "val_times": [_iso(t) for t in val_dates],
     }
-    params: dict[str, Any] = {}
-    history: dict[str, Any] = {}
-    for number, (key, (name, net_cfg, make_batch, variables, size)) in enumerate(zip(keys, stages, strict=True)):
-        stage_train = dataclasses.replace(train, seed=train.seed + number)  # independent patch draws per stage
-        samplers = [
-            PatchSampler(
-                cube, times, items=[(i,) for i in range(len(times))], patch_size=train.patch_size,
-                batch_size=train.batch_size, seed=seed, align=r, variables=variables, preload=train.preload,
-            )
-            if times else None
-            for times, seed in ((dates, stage_train.seed), (val_dates, stage_train.seed + 1000))
-        ]
-        network = ResidualCNN(n_bands=len(bands), config=net_cfg)
-        sample = jnp.zeros((1, size, size, len(bands), 1))
-        state = create_train_state(key, stage_train, network, sample, loss=cfg.loss)
-        directory = None if workdir is None else workdir / name
-        with checkpoint_store(directory, fingerprint={**fingerprint, "stage": name}) as store:
-            result = fit_stage(
-                state, samplers[0], make_batch, config=stage_train, val_sampler=samplers[1], checkpoints=store,
-                name=f"stfdcnn {name}",
-            )
-        params[name] = jax.device_get(result.params)
-        history[f"stage{number + 1}_{name}"] = result.history
+    params, history, results = _fit_stages(cube, arch, cfg, train, fit_dates, val_dates, None, workdir, fingerprint)
+    best = [res.best_step for res in results]
+    refit = bool(cfg.refit and auto and val_dates)
+    if refit:
+        refit_print = {**fingerprint, "train_times": [_iso(t) for t in dates], "val_times": [], "steps": best}
+        params, more, _ = _fit_stages(cube, arch, cfg, train, dates, [], best, workdir, refit_print, suffix="_refit")
+        history.update(more)
+    validation = {
+        "mode": "val_times" if not auto else ("held-out training date" if val_dates else "none (too few training dates)"),
+        "val_times": [_iso(t) for t in val_dates], "fit_times": [_iso(t) for t in fit_dates], "best_steps": best,
+        "stop_reasons": [res.stop_reason for res in results], "refit": refit,
+    }
     model = FittedModel(
         method="stfdcnn",
         config={"architecture": arch.to_dict(), "training": cfg.to_dict()},
@@ -726,12 +713,75 @@ def fit(
         coarse_factor=coarse_factor,
         train_times=tuple(_iso(t) for t in dates),
         history=history,
-        extra={"val_times": [_iso(t) for t in val_dates]},
+        extra={"val_times": [_iso(t) for t in val_dates], "validation": validation},
     )
     if workdir is not None:
-        save_history(history, workdir)
+        save_history({k: v for k, v in history.items() if v}, workdir)
         model.save(workdir / "model", overwrite=True)
     return model
+
+
+def _fit_stages(
+    cube: xr.Dataset,
+    arch: Architecture,
+    cfg: STFDCNNConfig,
+    train: Any,
+    dates: Sequence[Any],
+    val_dates: Sequence[Any],
+    steps: Sequence[int] | None,
+    workdir: Path | None,
+    fingerprint: Mapping[str, Any],
+    *,
+    suffix: str = "",
+) -> tuple[dict[str, Any], dict[str, Any], list[Any]]:
+    """Train the NLM then the SR network on ``dates``, validated on ``val_dates``; ``steps``: run
+    exactly that many steps per stage without validation (the refit)."""
+    from stf_pipeline.nn import PatchSampler, checkpoint_store, create_train_state
+    from stf_pipeline.nn import fit as fit_stage
+    from stf_pipeline.nn.train import NO_VALIDATION_STEPS
+
+    r = arch.lsr_factor
+    stages = (
+        ("nlm", arch.nlm, NLMBatch(r, arch.nlm.receptive_radius), ("fine", "coarse"), train.patch_size // r),
+        ("sr", arch.sr, SRBatch(r, arch.sr.receptive_radius), ("fine",), train.patch_size),
+    )
+    keys = jax.random.split(jax.random.key(train.seed), len(stages))
+    params: dict[str, Any] = {}
+    history: dict[str, Any] = {}
+    results = []
+    for number, (key, (name, net_cfg, make_batch, variables, size)) in enumerate(zip(keys, stages, strict=True)):
+        stage_train = dataclasses.replace(train, seed=train.seed + number)  # independent patch draws per stage
+        if steps is not None:
+            stage_train = dataclasses.replace(stage_train, steps=max(int(steps[number]), 1), patience=0)
+        elif not val_dates:
+            stage_train = dataclasses.replace(stage_train, steps=min(stage_train.steps, NO_VALIDATION_STEPS))
+        samplers = [
+            PatchSampler(
+                cube, times, items=[(i,) for i in range(len(times))], patch_size=train.patch_size,
+                batch_size=train.batch_size, seed=seed, align=r, variables=variables, preload=train.preload,
+                augment=augment,
+            )
+            if times else None
+            for times, seed, augment in ((dates, stage_train.seed, train.augment), (val_dates, stage_train.seed + 1000, False))
+        ]
+        network = ResidualCNN(n_bands=len(arch.bands), config=net_cfg)
+        sample = jnp.zeros((1, size, size, len(arch.bands), 1))
+        state = create_train_state(key, stage_train, network, sample, loss=cfg.loss)
+        label = f"stage{number + 1}_{name}{suffix}"
+        if steps is not None and steps[number] == 0:  # the validated run kept the initial network
+            params[name], history[label] = jax.device_get(state.params), {}
+            continue
+        directory = None if workdir is None else workdir / f"{name}{suffix}"
+        stage_print = {**fingerprint, "stage": name, "steps": stage_train.steps}
+        with checkpoint_store(directory, fingerprint=stage_print) as store:
+            result = fit_stage(
+                state, samplers[0], make_batch, config=stage_train, val_sampler=samplers[1], checkpoints=store,
+                name=f"stfdcnn {name}{suffix}",
+            )
+        params[name] = jax.device_get(result.params)
+        history[label] = {**result.history, "best_step": result.best_step, "stop_reason": result.stop_reason}
+        results.append(result)
+    return params, history, results
 
 
 METHOD = MethodSpec(

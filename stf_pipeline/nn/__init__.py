@@ -4,7 +4,7 @@
 - :mod:`~stf_pipeline.nn.sampler`: :class:`PatchSampler` (seeded random patches over items of
   dates), :class:`Batch`, :func:`ordered_pairs`.
 - :mod:`~stf_pipeline.nn.train`: :class:`TrainConfig`, :class:`TrainState`, :func:`create_train_state`,
-  pure jitted :func:`train_step` / :func:`eval_step`, the loop :func:`fit`.
+  pure jitted :func:`train_step` / :func:`eval_step`, the loop :func:`fit`, :func:`holdout_split`.
 - :mod:`~stf_pipeline.nn.checkpoint`: :class:`CheckpointStore` (Orbax, resumable, fingerprinted).
 - :mod:`~stf_pipeline.nn.model`: :class:`FittedModel` (save/load, cube checks).
 
@@ -22,6 +22,7 @@ from stf_pipeline.nn.train import (
     create_train_state,
     eval_step,
     fit,
+    holdout_split,
     make_optimizer,
     make_schedule,
     masked_metrics,
@@ -44,6 +45,7 @@ __all__ = [
     "create_train_state",
     "eval_step",
     "fit",
+    "holdout_split",
     "make_optimizer",
     "make_schedule",
     "masked_metrics",

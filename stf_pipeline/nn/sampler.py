@@ -18,6 +18,10 @@ Two ways to read:
   (Dask- or Zarr-backed) cube in one compute. For scenes that do not fit in memory.
 
 Both give identical crops.
+
+``augment=True`` applies one of the eight symmetries of the square (flips and 90-degree
+rotations, drawn per item from ``(seed, step)`` as well) to every variable of an item alike, so
+whatever a method derives from the crops (inputs, target, mask) stays aligned.
 """
 
 from __future__ import annotations
@@ -78,6 +82,19 @@ def _gather(data: dict[str, jax.Array], dates: jax.Array, y0: jax.Array, x0: jax
     return {name: crop(arr) for name, arr in data.items()}
 
 
+@jax.jit
+def dihedral(data: dict[str, jax.Array], ops: jax.Array) -> dict[str, jax.Array]:
+    """Apply per item ``ops`` ``(batch, 3)`` bool (flip rows, flip columns, transpose, in that
+    order) to every ``(batch, ..., p, p)`` array of ``data``: the eight symmetries of the square."""
+
+    def one(arr: jax.Array, op: jax.Array) -> jax.Array:
+        arr = jnp.where(op[0], jnp.flip(arr, -2), arr)
+        arr = jnp.where(op[1], jnp.flip(arr, -1), arr)
+        return jnp.where(op[2], jnp.swapaxes(arr, -1, -2), arr)
+
+    return {name: jax.vmap(one)(arr, ops) for name, arr in data.items()}
+
+
 class PatchSampler:
     """Seeded random patches over items of dates of a cube.
 
@@ -103,6 +120,9 @@ class PatchSampler:
         Cube variables to crop.
     preload : bool, default True
         Read the dates into device memory once (fast) instead of per batch (see module docstring).
+    augment : bool, default False
+        Random flips and 90-degree rotations, the same for all variables of an item (module
+        docstring); use it for training patches, not for validation.
 
     Raises
     ------
@@ -123,6 +143,7 @@ class PatchSampler:
         align: int = 1,
         variables: Sequence[str] = ("fine", "coarse"),
         preload: bool = True,
+        augment: bool = False,
     ) -> None:
         height, width = int(cube.sizes["y"]), int(cube.sizes["x"])
         if patch_size < 1 or batch_size < 1:
@@ -164,6 +185,7 @@ class PatchSampler:
         self.align = max(int(align), 1)
         self.variables = tuple(variables)
         self.preload = bool(preload)
+        self.augment = bool(augment)
         self._n_origins = ((height - self.patch_size) // self.align + 1, (width - self.patch_size) // self.align + 1)
         self._data: dict[str, jax.Array] | None = None
         if self.preload:
@@ -180,8 +202,16 @@ class PatchSampler:
         x0 = rng.integers(0, self._n_origins[1], size=self.batch_size) * self.align
         return self.items[which], y0.astype(np.int32), x0.astype(np.int32)
 
+    def symmetries(self, step: int) -> np.ndarray:
+        """The ``(batch, 3)`` bool symmetries of batch ``step`` (see :func:`dihedral`)."""
+        return np.random.default_rng([self.seed, int(step), 1]).integers(0, 2, size=(self.batch_size, 3)).astype(bool)
+
     def crops(self, step: int) -> dict[str, jax.Array]:
         """Crops of batch ``step``: ``{variable: (batch, k, band, patch, patch)}`` float32, NaN kept."""
+        out = self._crops(step)
+        return dihedral(out, jnp.asarray(self.symmetries(step))) if self.augment else out
+
+    def _crops(self, step: int) -> dict[str, jax.Array]:
         items, y0, x0 = self.draw(step)
         if self._data is not None:
             return _gather(self._data, jnp.asarray(items), jnp.asarray(y0), jnp.asarray(x0), size=self.patch_size)

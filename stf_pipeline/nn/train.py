@@ -4,14 +4,16 @@ The pieces, generic over the network and the loss:
 
 - :class:`TrainConfig`: optimiser, schedule, steps, patches, validation, early stopping,
   checkpoints; frozen and validated.
-- :func:`make_optimizer`: ``optax.chain(clip_by_global_norm, adam(warmup + cosine schedule))``.
+- :func:`make_optimizer`: ``optax.chain(clip_by_global_norm, adam(warmup + cosine schedule))``
+  (AdamW with ``weight_decay``).
 - :func:`create_train_state`: initialise a Flax module into a :class:`TrainState`.
 - :func:`train_step` / :func:`eval_step`: pure, jitted, masked ``l1``/``l2`` losses.
 - :func:`fit`: the loop: seeded batches from a :class:`~stf_pipeline.nn.sampler.PatchSampler`,
   built by a method's ``make_batch(crops, aux) -> Batch`` (fused into the jitted step), validation
   on held-out batches (optionally also before the first step), early stopping (the best parameters
-  are kept), Orbax checkpoints that
-  resume after a kill, a tqdm bar showing the loss, and a loss history (for loss-curve figures).
+  are kept), a wall-time limit, Orbax checkpoints that resume after a kill (Ctrl-C writes one
+  before it stops), a tqdm bar showing the loss, and a loss history (for loss-curve figures).
+- :func:`holdout_split`: which training dates to hold out for validation when none are given.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,11 @@ from flax.training import train_state
 from stf_pipeline.exceptions import ConfigError
 from stf_pipeline.nn.sampler import Batch, PatchSampler
 
+log = logging.getLogger(__name__)
+
 LOSSES: tuple[str, ...] = ("l1", "l2")
+#: steps per stage when there is nothing to validate on (two training dates, no val_times)
+NO_VALIDATION_STEPS = 500
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 
@@ -83,6 +91,14 @@ class TrainConfig:
         Show a tqdm progress bar with the loss.
     preload : bool, default True
         Read training dates into device memory once (see :class:`PatchSampler`).
+    max_minutes : float, optional
+        Wall-time limit of this training (stage); it stops after the step that passes it, keeping
+        the best parameters, as early stopping does. None: no limit.
+    weight_decay : float, default 0.0
+        Decoupled weight decay (AdamW) per step, relative to the learning rate.
+    augment : bool, default False
+        Random flips and 90-degree rotations of the training patches (the same for every image of
+        one item, so inputs, target and mask stay aligned; see :class:`PatchSampler`).
     """
 
     steps: int = 20000
@@ -103,6 +119,9 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     preload: bool = True
+    max_minutes: float | None = None
+    weight_decay: float = 0.0
+    augment: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "patch_size", "eval_every", "eval_batches", "checkpoint_every", "log_every"):
@@ -118,8 +137,10 @@ class TrainConfig:
             raise ConfigError(f"train config: schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
         if not 0 <= self.final_lr_fraction <= 1:
             raise ConfigError(f"train config: final_lr_fraction must be in [0, 1], got {self.final_lr_fraction!r}.")
-        if self.grad_clip < 0 or self.min_delta < 0:
-            raise ConfigError("train config: grad_clip and min_delta must be >= 0.")
+        if self.grad_clip < 0 or self.min_delta < 0 or self.weight_decay < 0:
+            raise ConfigError("train config: grad_clip, min_delta and weight_decay must be >= 0.")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"train config: max_minutes must be > 0 or None (no limit), got {self.max_minutes!r}.")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
@@ -152,13 +173,16 @@ def make_schedule(config: TrainConfig) -> optax.Schedule:
 
 @functools.lru_cache(maxsize=32)
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """``optax.chain(clip_by_global_norm, adam(schedule))`` (the paper trains with Adam).
+    """``optax.chain(clip_by_global_norm, adam(schedule))`` (the paper trains with Adam; AdamW when
+    ``weight_decay`` > 0).
 
     Cached per (frozen, hashable) config: the optimiser is static metadata of the
     :class:`TrainState`, so an equal object lets a second training reuse the compiled steps.
     """
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
-    return optax.chain(*parts, optax.adam(make_schedule(config)))
+    schedule = make_schedule(config)
+    adam = optax.adamw(schedule, weight_decay=config.weight_decay) if config.weight_decay > 0 else optax.adam(schedule)
+    return optax.chain(*parts, adam)
 
 
 class TrainState(train_state.TrainState):
@@ -267,12 +291,20 @@ class FitResult:
         ``{"step", "loss", "rmse", "mae"}`` training readings and ``{"val_step", "val_loss",
         "val_rmse"}`` validation readings, lists of numbers.
     stopped_early : bool
+        Stopped by early stopping or the time limit (not by ``steps``).
+    best_step : int
+        Step of ``params`` (0: the initial parameters won validation; the last step without
+        validation).
+    stop_reason : str
+        ``"steps"``, ``"early stopping"`` or ``"time limit"``.
     """
 
     state: TrainState
     params: Any
     history: dict[str, list[float]]
     stopped_early: bool
+    best_step: int = 0
+    stop_reason: str = "steps"
 
 
 def _empty_history() -> dict[str, list[float]]:
@@ -292,6 +324,11 @@ def fit(
     on_step: Callable[[int, TrainState], None] | None = None,
 ) -> FitResult:
     """Train ``state`` on batches ``make_batch(sampler.crops(step), aux)``.
+
+    The budget: ``config.steps`` at most, fewer when validation stops improving
+    (``patience``) or when ``config.max_minutes`` have passed. Ctrl-C (``KeyboardInterrupt``)
+    writes a checkpoint of the current step and the best parameters before it propagates, so
+    a rerun with the same ``checkpoints`` resumes there.
 
     Parameters
     ----------
@@ -322,13 +359,15 @@ def fit(
     from tqdm.auto import tqdm
 
     history = _empty_history()
-    best_params, best_val, bad = state.params, math.inf, 0
-    stopped_early = False
+    best_params, best_val, bad, best_step = state.params, math.inf, 0, 0
+    reason = "steps"
     if checkpoints is not None and checkpoints.latest_step() is not None:
         restored, meta = checkpoints.restore({"state": state, "best_params": state.params})
         state, best_params = restored["state"], restored["best_params"]
         history = {k: list(v) for k, v in meta["history"].items()}
-        best_val, bad, stopped_early = float(meta["best_val"]), int(meta["bad"]), bool(meta["stopped_early"])
+        best_val, bad, best_step = float(meta["best_val"]), int(meta["bad"]), int(meta.get("best_step", 0))
+        reason = str(meta.get("stop_reason", "early stopping" if meta["stopped_early"] else "steps"))
+        log.info("%s: resuming from the checkpoint at step %d in %s", name, int(state.step), checkpoints.directory)
     val_batches = (
         [val_sampler.crops(i) for i in range(config.eval_batches)] if val_sampler is not None else []
     )
@@ -346,43 +385,92 @@ def fit(
 
     def save(step: int) -> None:
         if checkpoints is not None:
-            meta = {"history": history, "best_val": best_val, "bad": bad, "stopped_early": stopped_early}
+            meta = {
+                "history": history, "best_val": best_val, "bad": bad, "best_step": best_step,
+                "stopped_early": reason != "steps", "stop_reason": reason,
+            }
             checkpoints.save(step, {"state": state, "best_params": best_params}, meta)
 
+    def flush() -> None:
+        fetched = jax.device_get([m for _, m in pending])
+        for (s, _), m in zip(pending, fetched):
+            history["step"].append(s)
+            for key in ("loss", "rmse", "mae"):
+                history[key].append(float(m[key]))
+        pending.clear()
+
     start = int(state.step)
+    deadline = None if config.max_minutes is None else time.monotonic() + 60.0 * config.max_minutes
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     bar = tqdm(total=config.steps, initial=start, desc=name, disable=not config.progress, leave=False)
+    step = start
     try:
-        step = start
-        while step < config.steps and not stopped_early:
+        while step < config.steps and reason == "steps":
             state, metrics = _sample_step(state, sampler.crops(step), aux, make_batch=make_batch)
             step += 1
             pending.append((step, metrics))
             if on_step is not None:
                 on_step(step, state)
-            if step % config.log_every == 0 or step == config.steps:
-                fetched = jax.device_get([m for _, m in pending])
-                for (s, _), m in zip(pending, fetched):
-                    history["step"].append(s)
-                    for key in ("loss", "rmse", "mae"):
-                        history[key].append(float(m[key]))
-                pending.clear()
+            out_of_time = deadline is not None and time.monotonic() > deadline
+            if step % config.log_every == 0 or step == config.steps or out_of_time:
+                flush()
                 bar.set_postfix(loss=f"{history['loss'][-1]:.3g}", rmse=f"{history['rmse'][-1]:.3g}")
                 bar.update(step - bar.n)
-            if val_batches and (step % config.eval_every == 0 or step == config.steps):
+            if val_batches and (step % config.eval_every == 0 or step == config.steps or out_of_time):
                 val_loss = validate(step)
                 if val_loss < best_val * (1 - config.min_delta):
-                    best_val, bad, best_params = val_loss, 0, state.params
+                    best_val, bad, best_params, best_step = val_loss, 0, state.params, step
                 else:
                     bad += 1
-                    stopped_early = config.patience > 0 and bad >= config.patience
-            if step % config.checkpoint_every == 0 or step == config.steps or stopped_early:
+                    if config.patience > 0 and bad >= config.patience:
+                        reason = "early stopping"
+            if out_of_time and reason == "steps":
+                reason = "time limit"
+                log.warning("%s: stopped at step %d, the time limit of %g min (max_minutes)", name, step, config.max_minutes)
+            if step % config.checkpoint_every == 0 or step == config.steps or reason != "steps":
                 save(step)
+    except KeyboardInterrupt:
+        pending[:] = [(s, m) for s, m in pending if s <= int(state.step)]
+        flush()
+        save(int(state.step))
+        log.warning("%s: interrupted at step %d; %s", name, step,
+                    "checkpoint written: rerun with the same workdir to resume" if checkpoints is not None else "no workdir, nothing kept")
+        raise
     finally:
         bar.close()
     if not val_batches:
-        best_params = state.params
-    return FitResult(state=state, params=best_params, history=history, stopped_early=stopped_early)
+        best_params, best_step = state.params, int(state.step)
+    if reason == "early stopping":
+        log.info("%s: early stopping at step %d, best validation at step %d", name, step, best_step)
+    return FitResult(
+        state=state, params=best_params, history=history, stopped_early=reason != "steps", best_step=best_step,
+        stop_reason=reason,
+    )
+
+
+def holdout_split(times: Sequence[Any], *, name: str) -> tuple[list[Any], list[Any]]:
+    """Split sorted training ``times`` into (dates to fit on, held-out validation dates).
+
+    With three or more dates, one date is held out: the interior date (never the first or the
+    last, so the fitted dates still span the series) nearest the middle of the time span. With
+    fewer there is nothing to spare: all dates are fitted, none validates, and a warning says
+    so; what the methods then do is theirs (BiaSTF keeps its zero networks, STFDCNN trains
+    ``NO_VALIDATION_STEPS`` steps per stage).
+    """
+    times = list(times)
+    if len(times) < 3:
+        log.warning(
+            "%s: %d training date(s): too few to hold one out for validation, so nothing can tell a useful "
+            "correction from overfitting (see the method's documentation for its fallback). Pass val_times, or three "
+            "or more train_times.",
+            name, len(times),
+        )
+        return times, []
+    values = np.asarray(times, dtype="datetime64[ns]").astype(np.int64).astype(np.float64)
+    middle = 0.5 * (values[0] + values[-1])
+    inner = range(1, len(times) - 1)
+    held = min(inner, key=lambda i: (abs(values[i] - middle), i))
+    return [t for i, t in enumerate(times) if i != held], [times[held]]
 
 
 def save_history(history: Mapping[str, Mapping[str, list[float]]], directory: str | Path) -> Path:

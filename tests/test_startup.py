@@ -1,0 +1,125 @@
+"""Start-up cost: what ``import stf_pipeline`` pulls in, which device question imports JAX, and
+that every compiled kernel is cached on disk (so a second process does not compile again)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numba
+import pytest
+from numba.core.caching import NullCache
+from numba.core.dispatcher import Dispatcher
+
+import stf_pipeline
+from stf_pipeline.methods import _base
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("jax", "flax", "optax", "orbax", "rasterio", "matplotlib", "distributed", "numba", "scipy.stats")
+
+
+def _child(code: str, **env: str) -> dict:
+    """Run ``code`` in a fresh interpreter (this checkout first on the path); its last stdout line as JSON."""
+    environ = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_import_stf_pipeline_imports_no_heavy_dependency() -> None:
+    loaded = _child(
+        "import json, sys; import stf_pipeline as stf; stf.STFError; "
+        f"print(json.dumps([m for m in {list(HEAVY)!r} if m in sys.modules]))"
+    )
+    assert loaded == []
+
+
+def test_numba_fusion_on_cpu_never_imports_jax() -> None:
+    # a CPU-only JAX (no accelerator plugin) is not imported to learn that the device is a CPU
+    result = _child(
+        "import json, sys; import numpy as np; import stf_pipeline as stf; "
+        "cube = stf.synthetic_scene(40, 40, n_times=3, seed=0, fine_times=[0, 2]).load(); "
+        "pred = stf.fuse(cube, cube.time.values[1], method='estarfm', half_window=5); "
+        "print(json.dumps({'backend': pred.attrs['backend'], 'jax': 'jax' in sys.modules, "
+        "'finite': bool(np.isfinite(pred.values).any())}))",
+        JAX_PLATFORMS="cpu",
+    )
+    assert result == {"backend": "numba", "jax": False, "finite": True}
+
+
+@pytest.mark.parametrize(
+    ("platforms", "expected"), [("cpu", False), ("cuda", True), ("cpu,cuda", True), (" cpu ", False)]
+)
+def test_jax_platforms_decide_whether_an_accelerator_is_possible(
+    monkeypatch: pytest.MonkeyPatch, platforms: str, expected: bool
+) -> None:
+    monkeypatch.delitem(sys.modules, "jax", raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert _base._accelerator_possible() is expected
+
+
+def test_an_installed_jax_plugin_makes_an_accelerator_possible(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "jax", raising=False)
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    found = {"jax_plugins": object()}
+    monkeypatch.setattr(_base.importlib.util, "find_spec", lambda name: found.get(name))
+    assert _base._accelerator_possible() is True
+    found.clear()
+    monkeypatch.setattr(_base.importlib.metadata, "entry_points", lambda group: [])
+    assert _base._accelerator_possible() is False
+
+
+def test_device_kind_asks_jax_once_it_is_imported(monkeypatch: pytest.MonkeyPatch) -> None:
+    jax = pytest.importorskip("jax")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert "jax" in sys.modules
+    assert _base.device_kind() == ("cpu" if jax.default_backend() == "cpu" else "gpu")
+
+
+def _compiled_kernels() -> dict[str, Dispatcher]:
+    """Every Numba dispatcher defined in a module of the package that imports Numba."""
+    found: dict[str, Dispatcher] = {}
+    for info in pkgutil.walk_packages(stf_pipeline.__path__, "stf_pipeline."):
+        spec = importlib.util.find_spec(info.name)
+        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+            continue
+        if "import numba" not in Path(spec.origin).read_text():
+            continue
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if isinstance(value, Dispatcher) and value.py_func.__module__ == module.__name__:
+                found[f"{module.__name__}.{name}"] = value
+    return found
+
+
+def test_every_compiled_kernel_is_cached_on_disk() -> None:
+    kernels = _compiled_kernels()
+    # the window sums, statistics and the kernels of STARFM, ESTARFM and FSDAF
+    assert len(kernels) >= 12, sorted(kernels)
+    uncached = sorted(name for name, kernel in kernels.items() if isinstance(kernel._cache, NullCache))
+    assert uncached == [], f"add cache=True to the @numba.njit of {uncached}"
+    for name, kernel in kernels.items():
+        # the locator numba chose (next to the source, else the user cache dir or $NUMBA_CACHE_DIR) is usable
+        locator = kernel._cache._impl.locator
+        locator.ensure_cache_path()
+        assert os.access(kernel._cache.cache_path, os.W_OK), name
+
+
+@pytest.mark.slow  # compiles the ESTARFM kernels from nothing (about 10 CPU-s)
+def test_cache_dir_override_is_used(tmp_path: Path) -> None:
+    # $NUMBA_CACHE_DIR (for a read-only install) receives the compiled kernels of a fusion
+    _child(
+        "import json; import stf_pipeline as stf; "
+        "cube = stf.synthetic_scene(30, 30, n_times=3, seed=0, fine_times=[0, 2]).load(); "
+        "stf.fuse(cube, cube.time.values[1], method='estarfm', backend='numba', half_window=5); print('{}')",
+        NUMBA_CACHE_DIR=str(tmp_path),
+        JAX_PLATFORMS="cpu",
+    )
+    cached = {p.name.split("-")[0] for p in tmp_path.rglob("*.nbi")}
+    assert {"numba._estarfm_rows", "numba._estarfm_finish_rows", "window._box_sum_3d"} <= cached, cached
+    assert numba.config.CACHE_DIR != str(tmp_path)  # the child's setting did not leak here
