@@ -3,8 +3,8 @@
 A cube is an :class:`xarray.Dataset` with float32 variables ``fine`` and ``coarse`` of dims
 ``(time, band, y, x)`` on one grid, strictly increasing ``time``, string ``band`` names, float
 ``y``/``x`` pixel centres, optionally a rioxarray ``spatial_ref`` CRS coordinate, and the attr
-``coarse_factor`` (native coarse pixel size in fine pixels). Stores are Zarr v3 with a CRC32C checksum per chunk, written
-atomically (temporary store, then rename) with consolidated metadata.
+``coarse_factor`` (native coarse pixel size in fine pixels). Stores are Zarr v3 with a CRC32C
+checksum per chunk, written atomically (temporary store, then rename) with consolidated metadata.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dask
 import dask.array as da
@@ -31,7 +31,7 @@ DEFAULT_CHUNKS: dict[str, int] = {"time": 1, "band": -1, "y": 512, "x": 512}
 STORE_MARKER = "stf_pipeline_cube"
 STORE_VERSION = 1
 #: Zarr v3 stores, so every chunk carries a ``crc32c`` checksum (a core v3 codec) after its compression.
-ZARR_FORMAT = 3
+ZARR_FORMAT: Literal[3] = 3
 #: Plausible range of reflectance; values outside it are almost always a missing scale factor.
 REFLECTANCE_RANGE = (-0.5, 2.0)
 #: Side of the window sampled per checked image by :func:`validate_cube`'s value checks.
@@ -312,7 +312,9 @@ def make_cube(
     cube = xr.Dataset(
         {
             "fine": (DIMS, fine.astype(np.float32) if hasattr(fine, "astype") else np.asarray(fine, np.float32)),
-            "coarse": (DIMS, coarse.astype(np.float32) if hasattr(coarse, "astype") else np.asarray(coarse, np.float32)),
+            "coarse": (
+                DIMS, coarse.astype(np.float32) if hasattr(coarse, "astype") else np.asarray(coarse, np.float32)
+            ),
         },
         coords=coords,
         attrs=dict(attrs or {}),
@@ -343,7 +345,10 @@ def with_valid_fractions(cube: xr.Dataset) -> xr.Dataset:
     if any(isinstance(f.data, da.Array) for f in fractions):
         fractions = list(dask.compute(*fractions))
     return cube.assign_coords(
-        {f"{name}_valid": ("time", np.asarray(f.values, dtype=np.float64)) for name, f in zip(missing, fractions)}
+        {
+            f"{name}_valid": ("time", np.asarray(f.values, dtype=np.float64))
+            for name, f in zip(missing, fractions, strict=True)
+        }
     )
 
 
@@ -513,7 +518,9 @@ def open_store(
         )
     generation = read_generation(path)
     try:
-        cube = xr.open_zarr(path, consolidated=None, chunks={} if chunks is None else chunks, decode_coords="all")
+        cube = xr.open_zarr(
+            path, consolidated=None, chunks={} if chunks is None else chunks, decode_coords="all"  # type: ignore[arg-type]
+        )
         raw = xr.open_dataset(
             path, engine="zarr", consolidated=None, chunks=None, cache=False, decode_coords="all"
         )
@@ -601,7 +608,7 @@ def _chunk_files(path: Path, name: str, meta: Mapping[str, Any]) -> tuple[set[st
         grid = meta["chunks"]
         separator = meta.get("dimension_separator") or "."
         prefix = ""
-    counts = [-(-size // chunk) if size else 0 for size, chunk in zip(meta["shape"], grid)]
+    counts = [-(-size // chunk) if size else 0 for size, chunk in zip(meta["shape"], grid, strict=True)]
     expected = {prefix + separator.join(map(str, idx)) for idx in itertools.product(*(range(n) for n in counts))}
     if not meta["shape"]:
         expected = {prefix + "0"} if prefix else {"0"}

@@ -36,24 +36,25 @@ A learned method without a ``model`` is trained first into ``model_dir`` (defaul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-import contextlib
 import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dask
 import dask.array as da
-from dask.base import tokenize
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
 
+from stf_pipeline._atomic import atomic_directory
 from stf_pipeline.cube import (
     STORE_MARKER,
     STORE_VERSION,
@@ -67,7 +68,6 @@ from stf_pipeline.cube import (
     validate_cube,
     with_valid_fractions,
 )
-from stf_pipeline._atomic import atomic_directory
 from stf_pipeline.exceptions import CubeError, StoreError, TaskError
 from stf_pipeline.fusion import fuse, method_context
 from stf_pipeline.methods import get_method, params_to_attrs
@@ -240,7 +240,7 @@ def fuse_series(
             _finalize(path)
             return _opened(path, "reused")
         if spec.learned and model is None:
-            model = _train_here(cube, spec.name, model_path, train_options, data=data, overwrite=overwrite)
+            model = _train_here(cube, spec.name, model_path, train_options or {}, data=data, overwrite=overwrite)
         digest_of_model = "" if model is None else model_digest(model)
         if state == "new":
             attrs = {
@@ -349,7 +349,7 @@ def _check_model_provenance(path: Path, digest_of_model: str) -> None:
         )
 
 
-def _zarr_group(path: Path, *, mode: str = "r") -> Any:
+def _zarr_group(path: Path, *, mode: Literal["r", "r+"] = "r") -> Any:
     """Open the root group of a store without consolidated metadata (the attrs as on disk)."""
     import zarr
 
@@ -398,7 +398,8 @@ def _plan(
     if chunks is None:
         data = cube["fine"].data
         chunks = (data.chunks[2][0], data.chunks[3][0]) if isinstance(data, da.Array) else (DEFAULT_CHUNK,) * 2
-    size = tuple(min(_round_up(max(int(c), halo, 1), align), int(n)) for c, n in zip(chunks, cube["fine"].shape[2:]))
+    shape = cube["fine"].shape[2:]
+    size = tuple(min(_round_up(max(int(c), halo, 1), align), int(n)) for c, n in zip(chunks, shape, strict=True))
     return _Plan(times=out_times, source=source, tasks=tasks, chunks=size, variables=("fine", *keep))  # type: ignore[arg-type]
 
 
@@ -419,7 +420,7 @@ def _round_up(value: int, multiple: int) -> int:
 def _inputs(cube: xr.Dataset, plan: _Plan) -> dict[str, Any]:
     """Every input image the store's content depends on, as ``{"var@date": (band, y, x) array}``."""
     needed: dict[str, set[np.datetime64]] = {"fine": set(), "coarse": set()}
-    for t, kind in zip(plan.times, plan.source):
+    for t, kind in zip(plan.times, plan.source, strict=True):
         if kind == "observed":
             needed["fine"].add(t)
     for task in plan.tasks:
@@ -428,7 +429,9 @@ def _inputs(cube: xr.Dataset, plan: _Plan) -> dict[str, Any]:
         needed["coarse"].update(task.pairs)
     for name in plan.variables[1:]:
         needed.setdefault(name, set()).update(plan.times)
-    return {f"{name}@{iso_date(t)}": cube[name].sel(time=t).data for name, dates in needed.items() for t in sorted(dates)}
+    return {
+        f"{name}@{iso_date(t)}": cube[name].sel(time=t).data for name, dates in needed.items() for t in sorted(dates)
+    }
 
 
 def _data_digest(cube: xr.Dataset, plan: _Plan) -> str:
@@ -512,12 +515,14 @@ def _template(cube: xr.Dataset, plan: _Plan, attrs: Mapping[str, Any], *, method
     provenance = {
         "source": (plan.source, "observed: fine observation; fused: prediction"),
         "fusion_method": (np.where(fused, method, ""), "method that fused the date (empty: observed)"),
-        "fusion_pairs": (np.asarray([pairs.get(t, "") for t in plan.times]), "pair dates of the fusion (ISO, comma-separated)"),
+        "fusion_pairs": (
+            np.asarray([pairs.get(t, "") for t in plan.times]), "pair dates of the fusion (ISO, comma-separated)"
+        ),
         "model_digest": (np.where(fused, model_digest, ""), "SHA-256 of the trained model's weights (learned methods)"),
     }
     for name, (values, description) in provenance.items():
         data_vars[name] = xr.Variable(("time",), np.asarray(values, dtype=object), attrs={"description": description})
-    coords = {name: coord.variable for name, coord in sub.coords.items() if not name.endswith("_valid")}
+    coords = {name: coord.variable for name, coord in sub.coords.items() if not str(name).endswith("_valid")}
     coords["coarse_valid"] = xr.Variable(("time",), valid_fraction(sub, "coarse"))
     return strings_as_objects(xr.Dataset(data_vars, coords=coords, attrs=dict(attrs)))
 

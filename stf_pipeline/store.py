@@ -280,7 +280,7 @@ def content_digest(arrays: Mapping[str, Any], chunks: tuple[int, ...]) -> str:
     digests = dask.compute(*[d for group in blocks for d in group])
     total = hashlib.sha256()
     i = 0
-    for name, group in zip(names, blocks):
+    for name, group in zip(names, blocks, strict=True):
         total.update(name.encode())
         for _ in group:
             total.update(digests[i])
@@ -346,7 +346,7 @@ class CheckedChunks:
     def _chunk_name(self, key: Any) -> str:
         keys = key if isinstance(key, tuple) else (key,)
         parts = []
-        for k, size in zip(keys, self.chunks):
+        for k, size in zip(keys, self.chunks, strict=False):  # an integer key may index fewer dims
             if isinstance(k, slice):
                 first = (k.start or 0) // size
                 last = max(first, ((k.stop if k.stop is not None else first * size + 1) - 1) // size)

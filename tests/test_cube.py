@@ -139,7 +139,8 @@ def test_open_store_with_a_missing_chunk(tmp_path):
     chunk = path / "fine" / "c" / "1" / "0" / "1" / "0"
     # a temporary file left by a killed chunk write does not count as the chunk
     chunk.rename(chunk.with_name("0.3f2a9c1d.partial"))
-    with pytest.raises(CubeError, match=r"truncated: variable 'fine' has 7 of 8 chunk files \(missing fine/c/1/0/1/0\)"):
+    expected = r"truncated: variable 'fine' has 7 of 8 chunk files \(missing fine/c/1/0/1/0\)"
+    with pytest.raises(CubeError, match=expected):
         stf.open_cube(path)
 
 

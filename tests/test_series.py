@@ -212,7 +212,8 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
     assert not series._zarr_group(path).attrs["stf_series_complete"]
     assert len(os.listdir(path / series.PROGRESS_DIR)) == 17
-    with pytest.raises(stf.CubeError, match="not finished yet.*rerun stf.fuse_series"):  # an unfinished store is not a cube yet
+    # an unfinished store is not a cube yet
+    with pytest.raises(stf.CubeError, match="not finished yet.*rerun stf.fuse_series"):
         stf.open_cube(path)
 
     calls.clear()
@@ -324,7 +325,9 @@ def test_learned_method_trains_once_beside_the_store_and_resume_reuses_it(tmp_pa
 
 
 def _file_stamps(root: Path, pattern: str) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.glob(pattern) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.glob(pattern) if p.is_file()
+    }
 
 
 def test_tiles_computed_one_after_the_other_give_the_same_store(tmp_path, monkeypatch):

@@ -80,7 +80,8 @@ def tiled_cube(
     src = src.isel(band=slice(0, n_bands))
     images = (src["fine"].data, src["coarse"].data)
     if computed:
-        images = tuple(da.from_array(a, chunks=(1, n_bands, tile, tile)) for a in dask.compute(*images, scheduler="sync"))
+        computed = dask.compute(*images, scheduler="sync")
+        images = tuple(da.from_array(a, chunks=(1, n_bands, tile, tile)) for a in computed)
     reps = (1, 1, height // tile, width // tile)
     fine, coarse = (da.tile(a, reps) for a in images)
     step = float(src.x.values[1] - src.x.values[0])
