@@ -258,7 +258,8 @@ def test_bad_inputs_raise_clear_errors(trained, cube):
     with pytest.raises(TaskError, match="needs at least two"):
         stf.train(cube, method="biastf", train_times=times[[1, 1]], config=FAST)
     small = stf.train(cube, method="biastf", train_times=times[[0, 1]], config={**FAST, "train": {**FAST["train"], "patch_size": 64}})
-    assert small.extra["validation"]["mode"].startswith("none")  # two dates: no validation (documented fallback)
+    assert small.extra["validation"]["mode"].startswith("none")  # two dates: no validation (documented fallback):
+    assert all(not np.any(leaf) for leaf in jax.tree_util.tree_leaves(small.params))  # zero networks, F(j) + dC
     nan_cube = cube.copy(deep=True)
     nan_cube["fine"][1] = np.nan
     with pytest.raises(ConfigError, match="all NaN"):
@@ -295,7 +296,7 @@ def test_stage2_lowers_the_residual_and_the_tiny_model_stays_near_delta():
 
 
 def test_device_aware_defaults_are_small_on_a_cpu():
-    """``config=None`` on a CPU: 32-filter networks, patches and batches sized to the free memory,
+    """``config=None`` on a CPU: 32-filter networks, patches and batches sized to the memory,
     a time limit; on a GPU: the 128-filter networks."""
     small = biastf.cpu_training(2**29)
     large = biastf.cpu_training(24 * 2**30)

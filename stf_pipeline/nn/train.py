@@ -454,14 +454,16 @@ def holdout_split(times: Sequence[Any], *, name: str) -> tuple[list[Any], list[A
     With three or more dates, one date is held out: the interior date (never the first or the
     last, so the fitted dates still span the series) nearest the middle of the time span. With
     fewer there is nothing to spare: all dates are fitted, none validates, and a warning says
-    so; the methods then train ``NO_VALIDATION_STEPS`` steps per stage at most.
+    so; what the methods then do is theirs (BiaSTF keeps its zero networks, STFDCNN trains
+    ``NO_VALIDATION_STEPS`` steps per stage).
     """
     times = list(times)
     if len(times) < 3:
         log.warning(
-            "%s: %d training date(s): too few to hold one out for validation; training without validation "
-            "for at most %d steps per stage (no early stopping). Pass val_times, or three or more train_times.",
-            name, len(times), NO_VALIDATION_STEPS,
+            "%s: %d training date(s): too few to hold one out for validation, so nothing can tell a useful "
+            "correction from overfitting (see the method's documentation for its fallback). Pass val_times, or three "
+            "or more train_times.",
+            name, len(times),
         )
         return times, []
     values = np.asarray(times, dtype="datetime64[ns]").astype(np.int64).astype(np.float64)

@@ -1,4 +1,4 @@
-"""``stf bench biastf_study``: every method on the study scenes, scored as issue 15 asks.
+"""``stf bench biastf study``: every method on the study scenes, scored as issue 15 asks.
 
 The scenes (:data:`SCENES`):
 
@@ -20,7 +20,7 @@ Each scene writes ``OUT/study_<scene>.json``. ``--doc`` renders every JSON file 
 ``OUT`` into one Markdown page: a table per scene, the dates each method wins by RMSE, and
 BiaSTF against ESTARFM. ``--render-only`` skips the runs.
 
-    stf bench biastf_study --out out/study --doc docs/study.md
+    stf bench biastf study --out out/study --doc docs/study.md
 """
 
 from __future__ import annotations
@@ -113,12 +113,14 @@ def run_scene(
     *,
     size: int | None = None,
     preset: str | None = None,
+    biastf_config: dict[str, Any] | None = None,
     save: Any = None,
     echo: Any = print,
 ) -> dict[str, Any]:
     """Train and compare every method on scene ``name``; returns the JSON-able record.
 
     ``save(record)`` is called after every method (a run cut short keeps what finished).
+    ``biastf_config`` is merged into BiaSTF's configuration (ablations; recorded in the run).
     ``size`` shrinks the synthetic scenes and ``preset`` names a config preset of the learned
     methods (both for quick checks; the study uses neither)."""
     import numpy as np
@@ -155,13 +157,16 @@ def run_scene(
             config: dict[str, Any] = {"stage1": {"seed": seed}, "stage2": {"seed": seed + 1}} if method == "biastf" else {"train": {"seed": seed}}
             if preset:
                 config["preset"] = preset
+            if method == "biastf" and biastf_config:
+                config.update(biastf_config)
             start = time.perf_counter()
             model = stf.train(cube, method=method, train_times=train_times, config=config)
             train_s = time.perf_counter() - start
             result = stf.compare(
                 cube, methods=[method], targets=targets, models={method: model}, data_range=data_range, figures=False
             )
-            label = f"{method} (seed {seed})"
+            variant = f", {json.dumps(biastf_config, sort_keys=True)}" if method == "biastf" and biastf_config else ""
+            label = f"{method} (seed {seed}{variant})"
             record["runs"][label] = {
                 "method": method, "seed": seed, "train_s": train_s, "validation": model.extra.get("validation"),
                 **_scores(result)[method],
@@ -193,7 +198,8 @@ def render(records: list[dict[str, Any]], command: str) -> str:
         "Every method through `stf.compare` with its defaults; STFDCNN and BiaSTF trained by `stf.train` with no",
         "configuration (sized to the device, validation on a held-out training date, early stopping, refit on all",
         "dates), once per training seed. Mean over bands and target dates; SSIM at the truth's band range. A date is",
-        "won when the run's RMSE is the lowest of all methods (learned peers of the same seed). Regenerate with:",
+        "won when the run's RMSE is the lowest of all methods (learned peers of the same seed). A scene lists the",
+        "runs that finished; `docs/methods/biastf.md` says which were cut short and why. Regenerate with:",
         "",
         f"    {command}",
         "",
@@ -238,7 +244,7 @@ def render(records: list[dict[str, Any]], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stf bench biastf_study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="stf bench biastf study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", default=",".join(SCENES), help=f"comma-separated, of {list(SCENES)}")
     parser.add_argument("--seeds", default="0,1", help="training seeds of the learned methods (default 0,1)")
     parser.add_argument("--methods", default=",".join(CLASSICAL + LEARNED))
@@ -247,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-only", action="store_true", help="only render the JSON files in --out")
     parser.add_argument("--size", type=int, default=None, help="shrink the synthetic scenes (quick checks only)")
     parser.add_argument("--preset", default=None, help="config preset of the learned methods (quick checks only)")
+    parser.add_argument("--biastf-config", default=None, help='JSON merged into BiaSTF\'s config, e.g. \'{"g_base": "linear"}\'')
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             path = out / f"study_{name}.json"
             run_scene(
                 name, seeds, args.methods.split(","), size=args.size, preset=args.preset,
+                biastf_config=json.loads(args.biastf_config) if args.biastf_config else None,
                 save=lambda record, path=path: path.write_text(json.dumps(record, indent=1)),
             )
     if args.doc:
@@ -269,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         ordered = sorted(records.values(), key=lambda r: order.index(r["scene"]) if r["scene"] in order else len(order))
         for record in ordered:  # classical methods first, then the learned ones by seed
             record["runs"] = dict(sorted(record["runs"].items(), key=lambda kv: ("seed" in kv[1], kv[1].get("seed", 0), kv[0])))
-        command = "stf bench biastf_study --out out/study --doc docs/study.md"
+        command = "stf bench biastf study --out out/study --doc docs/study.md"
         Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
         Path(args.doc).write_text(render(ordered, command))
         print(f"wrote {args.doc} from {len(ordered)} scene(s)")
