@@ -271,7 +271,10 @@ def content_digest(arrays: Mapping[str, Any], chunks: tuple[int, ...]) -> str:
     blocks = []
     for name in names:
         array = arrays[name]
-        lazy = array.rechunk(chunks) if isinstance(array, da.Array) else da.from_array(np.asarray(array), chunks=chunks)
+        lazy = (
+            array.rechunk(chunks) if isinstance(array, da.Array)
+            else da.from_array(np.asarray(array), chunks=chunks, name=False)  # name=False: no hash of the whole array
+        )
         delayed = lazy.to_delayed().ravel()
         blocks.append([dask.delayed(_block_digest, pure=True)(b) for b in delayed])
     digests = dask.compute(*[d for group in blocks for d in group])

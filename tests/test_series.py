@@ -314,10 +314,13 @@ def test_learned_method_trains_once_beside_the_store_and_resume_reuses_it(tmp_pa
     with caplog.at_level(logging.INFO, logger="stf_pipeline"):
         again = stf.fuse_series(cube, method="biastf", out=path, chunks=(32, 32), progress=False, train_options=options)
     assert again.encoding["stf_action"] == "reused" and f"reusing {path}" in caplog.text
-    # other training options: the model directory belongs to another request
-    with pytest.raises(stf.StoreError, match="pass overwrite=True"):
-        stf.fuse_series(cube, method="biastf", out=path, chunks=(32, 32), progress=False,
-                        train_options={"config": "tiny", "seed": 1})
+    # other training options: the store and the model directory belong to another request
+    other = {"config": "tiny", "seed": 1}
+    with pytest.raises(stf.StoreError, match=r"the method or parameters changed\. Pass overwrite=True"):
+        stf.fuse_series(cube, method="biastf", out=path, chunks=(32, 32), progress=False, train_options=other)
+    with pytest.raises(stf.StoreError, match="holds a model trained for another request"):
+        stf.fuse_series(cube, method="biastf", out=tmp_path / "g.zarr", model_dir=model_dir, chunks=(32, 32),
+                        progress=False, train_options=other)
 
 
 def _file_stamps(root: Path, pattern: str) -> dict[str, tuple[int, int]]:
