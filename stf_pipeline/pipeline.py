@@ -504,8 +504,8 @@ def _prepare(config: PipelineConfig, *, overwrite: bool) -> tuple[xr.Dataset, Pa
 
     A ``cube.zarr`` written from the same cube (same :func:`dask.base.tokenize` of the lazy
     source: the synthetic arguments, the catalog's files, the input store) is reused, with or
-    without ``overwrite``; one written from another is replaced only with ``overwrite``. Returns the cube, its path and whether it
-    was reused.
+    without ``overwrite``; one written from another is replaced only with ``overwrite``. Returns
+    the cube, its path and whether it was reused.
     """
     from dask.base import tokenize
 

@@ -42,7 +42,7 @@ def train(
     config : optional
         The method's configuration: its config dataclass, a mapping of its fields (nested
         ``train`` mapping for the optimisation settings), a preset name, or None: a
-        configuration sized to the device (a GPU, or the CPU's free memory), trained until a
+        configuration sized to the device (a GPU, or the CPU's memory), trained until a
         held-out training date stops improving.
     workdir : path-like, optional
         Directory for checkpoints, loss history and loss-curve figure; a rerun with the same
@@ -96,7 +96,9 @@ def default_train_times(cube: xr.Dataset) -> list[str]:
     if listed:
         return [str(t) for t in listed]
     return [
-        str(np.datetime_as_string(t, unit="D")) for t, f in zip(cube["time"].values, valid_fraction(cube, "fine")) if f > 0
+        str(np.datetime_as_string(t, unit="D"))
+        for t, f in zip(cube["time"].values, valid_fraction(cube, "fine"), strict=True)
+        if f > 0
     ]
 
 

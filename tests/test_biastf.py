@@ -43,7 +43,7 @@ def test_config_presets_mappings_and_errors():
     assert paper.filters == (128, 128, 128) and not paper.multiband and paper.stage1.patch_size == 128
     assert paper.g_loss == paper.b_loss == "l1"  # measured better than the squared error of Eqs. 16-17
     gpu = BiaSTFConfig.resolve("gpu")
-    assert gpu.multiband and gpu.g_base == "linear" and gpu.stage1.augment and gpu.stage1.patience > 0
+    assert gpu.multiband and gpu.g_base == "change" and gpu.stage1.augment and gpu.stage1.patience > 0
     cfg = BiaSTFConfig.resolve({"preset": "tiny", "multiband": False, "train": {"steps": 7}, "stage2": {"steps": 9}})
     assert cfg.filters == (16, 16, 16) and not cfg.multiband and cfg.stage1.steps == 7 and cfg.stage2.steps == 9
     assert BiaSTFConfig.resolve(cfg.to_dict()) == cfg
@@ -79,6 +79,8 @@ def test_training_writes_history_figure_and_model(trained, cube):
         assert np.all(np.isfinite(history["loss"]))
     assert (workdir / "loss_curves.png").stat().st_size > 0 and (workdir / "history.json").is_file()
     loaded = stf.load_model(workdir / "model")
+    assert loaded.extra["statistics"] == model.extra["statistics"]  # the normalisation travels with the model
+    assert biastf.Statistics.from_model(loaded) == biastf.Statistics.from_model(model)
     target = cube.time.values[2]
     np.testing.assert_array_equal(
         stf.fuse(cube, target, method="biastf", model=loaded).values, stf.fuse(cube, target, method="biastf", model=model).values
@@ -207,7 +209,7 @@ def test_kernel_is_f_of_fine_plus_g_plus_b(trained, cube):
     np.testing.assert_allclose(fused, _reference_fusion(expected, ct, 9, 1e-3, coarse), rtol=1e-4, atol=1e-5)
 
 
-def test_learned_part_fades_out_beyond_the_training_changes(trained, cube):
+def test_learned_part_fades_out_beyond_the_training_changes(trained, cube, caplog):
     model, _ = trained
     train = cube.coarse.values[[0, 1, 3, 4]][..., 4::8, 4::8].astype(np.float64)  # one pixel per coarse pixel
     changes = np.stack([np.abs(train[i] - train[j]) for i in range(4) for j in range(4) if i < j])
@@ -219,7 +221,10 @@ def test_learned_part_fades_out_beyond_the_training_changes(trained, cube):
     change = (ct[None] - coarse).transpose(0, 2, 3, 1)
     trust = np.clip(1 - (np.abs(change) - limit) / (0.25 * limit), 0, 1)
     assert 0.1 < (trust == 0).mean() < 0.9 and 0.1 < (trust == 1).mean() < 0.9 and ((trust > 0) & (trust < 1)).any()
-    _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9), model=model)
+    biastf._WARNED.discard(model)
+    with caplog.at_level("WARNING", logger="stf_pipeline.methods.biastf"):
+        _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9), model=model)
+    assert "exceeds the training pairs' range" in caplog.text and "falls back to F(j) + dC" in caplog.text
     np.testing.assert_allclose(transitional, fine + (base + trust * (g + b - base)).transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(transitional[..., -4:], (fine + base.transpose(0, 3, 1, 2))[..., -4:], rtol=1e-6)  # F(j) + dC
 
@@ -253,7 +258,13 @@ def test_bad_inputs_raise_clear_errors(trained, cube):
     with pytest.raises(TaskError, match="needs at least two"):
         stf.train(cube, method="biastf", train_times=times[[1, 1]], config=FAST)
     small = stf.train(cube, method="biastf", train_times=times[[0, 1]], config={**FAST, "train": {**FAST["train"], "patch_size": 64}})
-    assert small.extra["validation"]["mode"].startswith("none")  # two dates: no validation (documented fallback)
+    assert small.extra["validation"]["mode"].startswith("none")  # two dates: no validation (documented fallback):
+    zero = dataclasses.replace(small, params=jax.tree_util.tree_map(np.zeros_like, small.params))
+    blocks = (cube.fine.values[[0, 1]], cube.coarse.values[[0, 1]], cube.coarse.values[2])
+    np.testing.assert_array_equal(  # untrained (zero-output) networks: F(j) + dC fused by f
+        predict_block(*blocks, params=BiaSTFParams(window=9), model=small)[1],
+        predict_block(*blocks, params=BiaSTFParams(window=9), model=zero)[1],
+    )
     nan_cube = cube.copy(deep=True)
     nan_cube["fine"][1] = np.nan
     with pytest.raises(ConfigError, match="all NaN"):
@@ -287,3 +298,49 @@ def test_stage2_lowers_the_residual_and_the_tiny_model_stays_near_delta():
             errors[method, k] = float(np.sqrt(np.nanmean((pred.values - scene.fine_truth.values[k]) ** 2)))
     assert errors["biastf", 5] < errors["delta", 5], errors
     assert errors["biastf", 3] < 1.15 * errors["delta", 3], errors
+
+
+def test_device_aware_defaults_are_small_on_a_cpu():
+    """``config=None`` on a CPU: 32-filter networks, patches and batches sized to the memory,
+    a time limit; on a GPU: the 128-filter networks."""
+    small = biastf.cpu_training(2**29)
+    large = biastf.cpu_training(24 * 2**30)
+    assert small["patch_size"] == 48 and 4 <= small["batch_size"] < large["batch_size"] <= 32
+    assert large["patch_size"] == 64 and large["max_minutes"] == 5.0
+    # activations of one step stay within a tenth of the memory (3 hidden layers of 32 maps, fwd + bwd)
+    assert large["batch_size"] * 64 * 64 * 3 * 32 * 4 * 4 <= 0.1 * 24 * 2**30
+    cfg = BiaSTFConfig.resolve(None)
+    if jax.default_backend() == "cpu":
+        assert cfg.filters == (32, 32, 32) and cfg.stage1.patch_size <= 64 and cfg.stage1.max_minutes == 5.0
+    else:
+        assert cfg.filters == (128, 128, 128) and cfg.stage1.patch_size == 128
+    assert cfg.multiband and cfg.stage1.validate_initial and cfg.stage1.patience > 0 and cfg.stage1.augment
+
+
+def test_default_training_holds_out_a_date_stops_early_and_refits(cube, caplog):
+    """No val_times: one training date validates, early stopping ends the run at the best step
+    (patience 1), and the networks are refitted on all dates for that many steps."""
+    config = {**FAST, "refit": True, "train": {**FAST["train"], "steps": 60, "eval_every": 5, "patience": 1, "min_delta": 0.5}}
+    model = stf.train(cube, method="biastf", config=config)  # train_times: every date with a fine image
+    validation = model.extra["validation"]
+    assert validation["mode"] == "held-out training date" and validation["val_times"] == [str(cube.time.values[2])[:10]]
+    assert len(model.train_times) == 5 and validation["refit"]
+    g = model.history["stage1_G"]
+    assert validation["stop_reasons"][0] == "early stopping" and g["step"][-1] < 60
+    assert validation["best_steps"][0] == g["best_step"] < g["step"][-1]
+    if validation["best_steps"][0] > 0:
+        assert model.history["stage1_G_refit"]["step"][-1] == validation["best_steps"][0]
+
+
+def test_all_nan_patches_train_without_nan(cube):
+    """Half of every date NaN (clouds): patches there hold no valid pixel, count for nothing, and
+    training stays finite."""
+    cloudy = cube.copy(deep=True)
+    cloudy["fine"][:, :, :, :28] = np.nan
+    times = cloudy.time.values
+    model = stf.train(cloudy, method="biastf", train_times=times[[0, 1, 3, 4]], val_times=times[[2]], config=FAST)
+    for params in model.params.values():
+        assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+    assert all(np.all(np.isfinite(h["loss"])) for h in model.history.values() if h)
+    pred = stf.fuse(cloudy, times[2], method="biastf", model=model).values
+    assert np.isnan(pred[..., :20]).all() and np.isfinite(pred[..., 44:]).all()

@@ -320,3 +320,34 @@ def test_stf_info_labels_the_dates_of_a_fused_cube(foreign_store, tmp_path, caps
     assert "fused cube: 2 fused date(s), 2 observed date(s)" in text
     roles = [line.split()[1] for line in text.splitlines() if line.startswith("  2021-")]
     assert roles == ["observed", "fused", "fused", "observed"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_run_then_the_same_command_resumes(tmp_path):
+    """A real SIGINT while ``stf run`` fuses: one line, exit 130; the same command then resumes."""
+    import signal
+    import threading
+    import time
+
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "name": "sig", "cube": {"synthetic": {"height": 480, "width": 480, "n_times": 6, "seed": 0}},
+        "methods": [{"name": "fsdaf"}], "chunks": [96, 96], "figures": False,
+    }))
+    command = [sys.executable, "-m", "stf_pipeline.cli", "run", "p.yaml"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while not any("fusing with fsdaf" in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130
+    reader.join(10)
+    assert lines[-1] == "interrupted: rerun the same command to resume\n"
+    assert not any("Traceback" in line for line in lines)
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "reusing out/sig/cube.zarr" in again.stderr and "resuming out/sig/fused_fsdaf.zarr" in again.stderr
+    assert list(stf.open_cube(tmp_path / "out" / "sig" / "fused_fsdaf.zarr")["source"].values).count("fused") == 3

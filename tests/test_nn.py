@@ -12,8 +12,8 @@ import pytest
 
 from stf_pipeline.exceptions import ConfigError, ModelError
 from stf_pipeline.nn import (
-    Batch,
     BandNet,
+    Batch,
     CheckpointStore,
     FittedModel,
     PatchSampler,
@@ -21,12 +21,14 @@ from stf_pipeline.nn import (
     create_train_state,
     eval_step,
     fit,
+    holdout_split,
     make_schedule,
     masked_metrics,
     ordered_pairs,
     receptive_radius,
     train_step,
 )
+from stf_pipeline.nn.sampler import dihedral
 from stf_pipeline.testing import random_cube
 
 CFG = TrainConfig(
@@ -290,3 +292,83 @@ def test_bandnet_bfloat16_close_to_float32():
     bf16 = functools.partial(BandNet, 2, (4, 4, 4), (7, 5, 3, 3), multiband=True, dtype=jnp.bfloat16)().apply({"params": params}, x)
     assert bf16.dtype == jnp.float32
     np.testing.assert_allclose(bf16, f32, atol=0.05 * float(jnp.abs(f32).max()))
+
+
+def test_dihedral_by_hand():
+    a = jnp.asarray([[[1.0, 2.0], [3.0, 4.0]]])  # (batch 1, 2, 2)
+    ops = {
+        (0, 0, 0): [[1, 2], [3, 4]],
+        (1, 0, 0): [[3, 4], [1, 2]],  # rows flipped
+        (0, 1, 0): [[2, 1], [4, 3]],  # columns flipped
+        (0, 0, 1): [[1, 3], [2, 4]],  # transposed
+        (1, 1, 1): [[4, 2], [3, 1]],  # flips then transpose: rotation by 180 deg, transposed
+    }
+    for op, expected in ops.items():
+        got = dihedral({"a": a}, jnp.asarray([op], bool))["a"]
+        np.testing.assert_array_equal(got[0], np.asarray(expected, np.float32))
+
+
+def test_augmentation_keeps_every_image_of_an_item_aligned(cube):
+    kw = {"items": ordered_pairs(4), "patch_size": 16, "batch_size": 6, "seed": 2}
+    plain = PatchSampler(cube, cube.time.values, **kw).crops(3)
+    augmented = PatchSampler(cube, cube.time.values, augment=True, **kw)
+    crops, ops = augmented.crops(3), augmented.symmetries(3)
+    assert ops.any() and not np.array_equal(crops["fine"], plain["fine"])
+    for name in ("fine", "coarse"):  # one symmetry per item, the same for both dates and both variables
+        np.testing.assert_array_equal(crops[name], dihedral({"x": plain[name]}, jnp.asarray(ops))["x"])
+    batch, reference = change_batch(crops, None), change_batch(plain, None)  # derived inputs, target, mask
+    for field in ("targets", "mask"):
+        ref = jnp.moveaxis(getattr(reference, field), -1, 1)  # (batch, band, y, x)
+        np.testing.assert_array_equal(jnp.moveaxis(getattr(batch, field), -1, 1), dihedral({"x": ref}, jnp.asarray(ops))["x"])
+    ref = jnp.moveaxis(reference.inputs, (3, 4), (1, 2))
+    np.testing.assert_array_equal(jnp.moveaxis(batch.inputs, (3, 4), (1, 2)), dihedral({"x": ref}, jnp.asarray(ops))["x"])
+
+
+def test_ctrl_c_writes_a_checkpoint_and_a_rerun_resumes(cube, tmp_path):
+    full = _run(cube)
+
+    def interrupt(step, state):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(cube, tmp_path / "ckpt", on_step=interrupt)
+    assert CheckpointStore(tmp_path / "ckpt", fingerprint={"method": "test"}).latest_step() == 6  # not the last periodic one (4)
+    resumed = _run(cube, tmp_path / "ckpt")
+    assert int(resumed.state.step) == 12 and resumed.history == full.history
+    assert _same(resumed.state.params, full.state.params) and _same(resumed.params, full.params)
+
+
+def test_time_limit_stops_and_keeps_the_best(cube):
+    config = TrainConfig(**{**CFG.__dict__, "steps": 1000, "max_minutes": 1e-9, "validate_initial": True})
+    sampler = PatchSampler(cube, cube.time.values[:3], items=ordered_pairs(3), patch_size=16, batch_size=4)
+    state = create_train_state(jax.random.key(0), config, _net(), jnp.zeros((1, 16, 16, 2, 2)))
+    result = fit(state, sampler, change_batch, config=config, val_sampler=sampler)
+    assert result.stop_reason == "time limit" and result.stopped_early and int(result.state.step) == 1
+    assert result.history["val_step"] == [0, 1] and result.best_step in (0, 1)
+    with pytest.raises(ConfigError, match="max_minutes"):
+        TrainConfig(max_minutes=0)
+    with pytest.raises(ConfigError, match="weight_decay"):
+        TrainConfig(weight_decay=-1.0)
+
+
+def test_weight_decay_shrinks_the_parameters_more():
+    batch = _fixed_batch()
+    plain = create_train_state(jax.random.key(0), TrainConfig(warmup_steps=0), _net(), batch.inputs)
+    decayed = create_train_state(jax.random.key(0), TrainConfig(warmup_steps=0, weight_decay=0.5), _net(), batch.inputs)
+    for _ in range(5):
+        plain, _ = train_step(plain, batch)
+        decayed, _ = train_step(decayed, batch)
+    norm = lambda p: sum(float(jnp.sum(x**2)) for x in jax.tree_util.tree_leaves(p))  # noqa: E731
+    assert norm(decayed.params) < norm(plain.params)
+
+
+def test_holdout_split_keeps_the_ends_and_warns_with_two_dates(caplog):
+    times = np.datetime64("2020-01-01") + np.array([0, 10, 20, 30, 100]) * np.timedelta64(1, "D")
+    fit_on, held = holdout_split(list(times), name="m")
+    assert held == [times[3]] and fit_on == [times[0], times[1], times[2], times[4]]  # day 30 is nearest day 50
+    assert holdout_split(list(times[:3]), name="m") == ([times[0], times[2]], [times[1]])
+    with caplog.at_level("WARNING"):
+        fit_on, held = holdout_split(list(times[:2]), name="m")
+    assert held == [] and fit_on == list(times[:2])
+    assert "too few to hold one out for validation" in caplog.text and "Pass val_times" in caplog.text

@@ -297,10 +297,23 @@ def test_training_learns_and_records_both_stages(cube, model):
     assert sorted(model.history) == ["stage1_nlm", "stage2_sr"]
     for h in model.history.values():
         assert h["step"][-1] == 20
-        assert len(h["val_rmse"]) == 2 and np.isfinite(h["val_rmse"]).all()
+        assert h["val_step"] == [0, 10, 20] and np.isfinite(h["val_rmse"]).all()  # the initial networks compete (default)
     nlm = model.history["stage1_nlm"]["loss"]
     assert np.mean(nlm[-5:]) < np.mean(nlm[:5])
     assert model.config["architecture"]["lsr_factor"] == 2
+    assert model.extra["validation"]["mode"] == "val_times" and not model.extra["validation"]["refit"]
+
+
+def test_default_training_holds_out_a_date_and_refits(cube):
+    """No val_times: one training date validates (the interior one nearest the middle), and the
+    networks are refitted on all dates for the validated best step counts."""
+    model = stf.train(cube, method="stfdcnn", config=_tiny_config(steps=10, eval_every=5))
+    validation = model.extra["validation"]
+    assert validation["mode"] == "held-out training date" and validation["val_times"] == [str(cube.time.values[1])[:10]]
+    assert len(model.train_times) == 4 and validation["refit"] and len(validation["best_steps"]) == 2
+    for name, best in zip(("nlm", "sr"), validation["best_steps"]):
+        refit = model.history[f"stage{1 if name == 'nlm' else 2}_{name}_refit"]
+        assert refit == {} if best == 0 else refit["step"][-1] == best
 
 
 def test_training_is_deterministic_and_resumes(cube, model, workdir):

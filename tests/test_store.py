@@ -72,14 +72,13 @@ def test_pipeline_whose_cube_is_its_own_output_is_refused(tmp_path):
         name: self
         cube: {{zarr: {out / 'fused_delta.zarr'}}}
         methods: [delta]
-        output: {out}
         write_cube: false
         evaluate: false
         figures: false
     """))
     before = files(out / "fused_delta.zarr")
     with pytest.raises(stf.StoreError, match="would write over"):
-        run(tmp_path / "p.yaml", echo=lambda _: None)
+        run(tmp_path / "p.yaml", output=out)
     assert files(out / "fused_delta.zarr") == before
 
 

@@ -3,7 +3,7 @@ import pytest
 
 import stf_pipeline as stf
 from stf_pipeline.exceptions import CubeError
-from stf_pipeline.synthetic import hash_uniform, value_noise
+from stf_pipeline.synthetic import hash_uniform, synthetic_scene, value_noise
 from stf_pipeline.testing import raise_if_dask_computes
 
 
@@ -91,3 +91,20 @@ def test_hash_and_noise_are_pure_functions():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(CubeError, match=match):
         stf.synthetic_scene(**{"n_times": 3, **kwargs})
+
+
+def test_coarse_bias_changes_only_the_coarse_sensor():
+    """Stronger leakage, gains, atmosphere and PSF: the fine images stay the same, the coarse ones
+    move away from the fine block means; all-default keys reproduce the default scene."""
+    from stf_pipeline.synthetic import COARSE_BIAS
+
+    base = synthetic_scene(80, 80, n_times=2, seed=4).load()
+    same = synthetic_scene(80, 80, n_times=2, seed=4, coarse_bias=dict(COARSE_BIAS)).load()
+    np.testing.assert_array_equal(same.coarse.values, base.coarse.values)
+    strong = synthetic_scene(80, 80, n_times=2, seed=4, coarse_bias={"leak": 0.1, "gain_spread": 0.3, "atmosphere": 0.03}).load()
+    np.testing.assert_array_equal(strong.fine_truth.values, base.fine_truth.values)
+    blocks = base.fine_truth.coarsen(y=20, x=20).mean().values
+    error = lambda cube: np.abs(cube.coarse.values[..., ::20, ::20] - blocks).mean()  # noqa: E731
+    assert error(strong) > 1.5 * error(base)
+    with pytest.raises(CubeError, match=r"coarse_bias keys \['gain'\] are unknown"):
+        synthetic_scene(40, 40, n_times=1, coarse_bias={"gain": 1.0})

@@ -42,8 +42,8 @@ def scene(size: int, *, n_times: int = 3, seed: int = 0) -> Any:
     from stf_pipeline.cube import make_cube
 
     rng = np.random.default_rng(seed)
-    small = rng.uniform(0.02, 0.5, (2, n_times, len(BANDS), size // 8 + 1, size // 8 + 1)).astype(np.float32)
-    fine, coarse = np.repeat(np.repeat(small, 8, axis=3), 8, axis=4)[..., :size, :size]
+    small = rng.uniform(0.02, 0.5, (2, n_times, len(BANDS), size // 20 + 1, size // 20 + 1)).astype(np.float32)
+    fine, coarse = np.repeat(np.repeat(small, 20, axis=3), 20, axis=4)[..., :size, :size]
     fine = fine + rng.normal(0, 0.01, fine.shape).astype(np.float32)
     centres = (np.arange(size) + 0.5) * 25.0
     times = np.datetime64("2020-01-01") + np.arange(n_times) * np.timedelta64(16, "D")
@@ -88,9 +88,10 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
             g_state = create_train_state(jax.random.key(0), tc, g_model, sample, loss=cfg.g_loss)
             sample_b = jnp.zeros((1, tc.patch_size, tc.patch_size, len(BANDS), len(cfg.b_inputs)))
             b_state = create_train_state(jax.random.key(1), tc, b_model, sample_b, loss=cfg.b_loss)
+            stats = biastf.fit_statistics(cube, cube.time.values, 20)
             stages = (
-                ("G", g_state, functools.partial(biastf.g_batch, config=cfg), None),
-                ("B", b_state, functools.partial(biastf.b_batch, config=cfg, g_model=g_model), g_state.params),
+                ("G", g_state, functools.partial(biastf.g_batch, config=cfg, stats=stats), None),
+                ("B", b_state, functools.partial(biastf.b_batch, config=cfg, stats=stats, g_model=g_model), g_state.params),
             )
             for stage, state, make_batch, aux in stages:
                 for step in range(2):  # compile
@@ -141,8 +142,7 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     cube = scene(args.size, seed=2)
     fine, coarse, target = cube.fine.values[[0, 2]], cube.coarse.values[[0, 2]], cube.coarse.values[1]
-    limit = np.full(len(BANDS), np.inf, np.float32)
-    on_device = [jax.device_put(a) for a in (fine, coarse, target, limit)]
+    on_device = [jax.device_put(a) for a in (fine, coarse, target)]
     rows = []
     for multiband in args.layouts:
         model = _random_model(args, multiband)
@@ -151,10 +151,11 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
             params = biastf.BiaSTFParams(window=21, dtype=dtype)
             predict = biastf._predictor(json.dumps(model.config, sort_keys=True), len(BANDS), dtype, 21, params.eps, params.weights)
             device_params = jax.device_put(model.params)
+            stats = jax.device_put(biastf.Statistics.identity(len(BANDS)).arrays())
             row: dict[str, Any] = {"layout": "multiband" if multiband else "per-band", "dtype": dtype, "size": args.size}
             try:
-                jax.block_until_ready(predict(device_params, *on_device))
-                row["compute_s"] = best_wall_time(lambda: jax.block_until_ready(predict(device_params, *on_device)[0]), args.repeats)
+                jax.block_until_ready(predict(device_params, stats, *on_device))
+                row["compute_s"] = best_wall_time(lambda: jax.block_until_ready(predict(device_params, stats, *on_device)[0]), args.repeats)
                 out: list[Any] = []
                 row["kernel_s"] = best_wall_time(
                     lambda: out.append(biastf.biastf_kernel(fine, coarse, target, params=params, model=model)), args.repeats
@@ -200,6 +201,15 @@ def _zarr(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``stf bench biastf [ARGS]``; ``stf bench biastf study [ARGS]`` runs the accuracy study
+    (:mod:`stf_pipeline.benchmarks._biastf_study`)."""
+    import sys
+
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if args_in[:1] == ["study"]:
+        from stf_pipeline.benchmarks import _biastf_study
+
+        return _biastf_study.main(args_in[1:])
     """Run the benchmark; see the module docstring. Returns 0."""
     parser = argparse.ArgumentParser(prog="stf bench biastf", description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="require a GPU and use the paper's sizes (default: small CPU sizes)")

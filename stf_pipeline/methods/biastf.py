@@ -21,7 +21,8 @@ transitional predictions.
   Eq. 16-17's squared error). Unless ``val_times`` are given, one training date is held out
   (:func:`stf_pipeline.nn.holdout_split`). Training stops when the held-out date stops
   improving, and the best step is kept. Both networks are then refitted on all dates for
-  that many steps (``refit``).
+  that many steps (``refit``). With nothing to validate on, the networks stay zero
+  (``unvalidated_steps``).
 - **Beyond the training changes**: where ``|dC|`` exceeds ``L`` (the 99.5th percentile of the
   training pairs' ``|dC|``, per band), the learned part ``G + B - base`` fades linearly to 0 at
   ``1.25 L``. There the prediction falls back to ``F(j) + base``.
@@ -88,7 +89,8 @@ def _train_config(values: Mapping[str, Any] | Any) -> Any:
 
 def cpu_training(available_bytes: int | None = None, *, filters: int = 32) -> dict[str, Any]:
     """Training settings that fit a CPU: patch and batch sized to ``available_bytes`` (default: the
-    memory available now).
+    machine's memory; not the free memory, which changes between runs: a rerun must pick the same
+    settings to resume from its checkpoints).
 
     The activations of one ``p x p`` patch through ``G`` or ``B`` (three hidden layers of
     ``filters`` maps, forward and backward, float32, 6 bands) take about
@@ -97,11 +99,11 @@ def cpu_training(available_bytes: int | None = None, *, filters: int = 32) -> di
     """
     import psutil
 
-    available = psutil.virtual_memory().available if available_bytes is None else int(available_bytes)
+    available = psutil.virtual_memory().total if available_bytes is None else int(available_bytes)
     patch = 64 if available >= 4 * 2**30 else 48
     per_patch = patch * patch * 3 * filters * 4 * 4
     batch = int(np.clip(0.1 * available // per_patch, 4, 32))
-    return {**TRAINING, "batch_size": batch, "patch_size": patch, "learning_rate": 1e-3, "max_minutes": 5.0, "progress": True}
+    return {**TRAINING, "batch_size": batch, "patch_size": patch, "max_minutes": 5.0, "progress": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +134,10 @@ class BiaSTFConfig:
     refit : bool, default True
         With automatically held-out validation dates: after the validated run, refit both
         networks on all training dates for the best run's number of steps.
+    unvalidated_steps : int, default 0
+        Steps per stage when nothing validates (two training dates, no ``val_times``). 0 keeps
+        the zero-initialised networks: the prediction is ``F(j) + dC`` fused by ``f``, because
+        an unvalidated correction made both two-date real sets worse (``docs/methods/biastf.md``).
     train_dtype : {"float32", "bfloat16"}, default "float32"
         Computation dtype of the networks while training (parameters stay float32); float32
         convolutions run at the device's default precision (TF32 on recent NVIDIA GPUs).
@@ -151,6 +157,7 @@ class BiaSTFConfig:
     g_base: str = "change"
     normalise: bool = True
     refit: bool = True
+    unvalidated_steps: int = 0
     train_dtype: str = "float32"
     stage1: Any = None
     stage2: Any = None
@@ -175,6 +182,9 @@ class BiaSTFConfig:
         for name in ("g_loss", "b_loss"):
             if getattr(self, name) not in ("l1", "l2"):
                 raise ConfigError(f"biastf: {name} must be 'l1' or 'l2', got {getattr(self, name)!r}.")
+        steps = self.unvalidated_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"biastf: unvalidated_steps must be an int >= 0, got {self.unvalidated_steps!r}.")
         if self.g_base not in G_BASES:
             raise ConfigError(f"biastf: g_base must be one of {G_BASES}, got {self.g_base!r}.")
         if self.train_dtype not in TRAIN_DTYPES:
@@ -186,7 +196,7 @@ class BiaSTFConfig:
 
         ``"auto"`` (what ``config=None`` gives): ``"gpu"`` when JAX has an accelerator, else
         ``"cpu"``. ``"gpu"``: multiband 128-filter networks, 128 x 128 patches, batch 64.
-        ``"cpu"``: multiband 32-filter networks, patch and batch sized to the free memory
+        ``"cpu"``: multiband 32-filter networks, patch and batch sized to the memory
         (:func:`cpu_training`), 5 minutes per training at most. ``"paper"``: the paper's per-band
         128-filter networks. All of these train until the held-out date stops improving
         (:data:`TRAINING`). ``"tiny"``: 16 filters, 32 x 32 patches, 150 steps per stage, no
@@ -336,10 +346,12 @@ class Statistics:
     @classmethod
     def identity(cls, n_bands: int) -> Statistics:
         """No normalisation, ``A = I``, no limit (models saved before these were recorded)."""
-        return cls((0.0,) * n_bands, (1.0,) * n_bands, (1.0,) * n_bands, tuple(map(tuple, np.eye(n_bands).tolist())), (np.inf,) * n_bands)
+        eye = tuple(map(tuple, np.eye(n_bands).tolist()))
+        return cls((0.0,) * n_bands, (1.0,) * n_bands, (1.0,) * n_bands, eye, (np.inf,) * n_bands)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v if k != "limit" else list(v) for k, v in dataclasses.asdict(self).items()}
+        """JSON form (lists), as stored in ``model.extra["statistics"]``."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_model(cls, model: Any) -> Statistics:
@@ -389,7 +401,8 @@ def fit_statistics(cube: xr.Dataset, times: Sequence[Any], factor: int | None, *
         ridge = CONVERSION_RIDGE * np.trace(gram) / n_bands
         conversion = np.eye(n_bands) + np.linalg.solve(gram + ridge * np.eye(n_bands), x.T @ (y - x)).T
     if not normalise:
-        return dataclasses.replace(Statistics.identity(n_bands), conversion=tuple(map(tuple, conversion.tolist())), limit=tuple(limit))
+        identity = Statistics.identity(n_bands)
+        return dataclasses.replace(identity, conversion=tuple(map(tuple, conversion.tolist())), limit=tuple(limit))
     mean = np.nanmean(fine_px, axis=(0, 2, 3))
     scale = np.nanstd(fine_px, axis=(0, 2, 3))
     change = np.nanstd(dc, axis=1) if dc.size else np.ones(n_bands)
@@ -510,7 +523,8 @@ def _apply_b(b_model: Any, params: Any, images: Mapping[str, Any], config: BiaST
     """``B = change_scale x net(normalised inputs)``, ``(n, y, x, band)``."""
     import jax.numpy as jnp
 
-    return b_model.apply({"params": params}, _features(config.b_inputs, images, stats)) * jnp.asarray(stats["change"], jnp.float32)
+    net = b_model.apply({"params": params}, _features(config.b_inputs, images, stats))
+    return net * jnp.asarray(stats["change"], jnp.float32)
 
 
 def _mixes_bands(config: BiaSTFConfig) -> bool:
@@ -626,8 +640,8 @@ def _forward(
     g = _apply_g(g_model, params["G"], images, config, stats)
     images["change_pred"] = jnp.transpose(g, (0, 3, 1, 2))
     b = _apply_b(b_model, params["B"], images, config, stats)
-    base = _converted(images, stats) if config.g_base == "linear" else jnp.nan_to_num(_channels_last(images["coarse_change"]))
     change = jnp.nan_to_num(_channels_last(images["coarse_change"]))
+    base = _converted(images, stats) if config.g_base == "linear" else change
     trust = trust_in_change(change, stats["limit"])
     transitional = fine + jnp.transpose(base + trust * (g + b - base), (0, 3, 1, 2))
     ok = _valid_within(valid, 2 * NET_RADIUS) & valid
@@ -650,7 +664,8 @@ def _predictor(config_json: str, n_bands: int, dtype: str, window: int, eps: flo
     def predict(params: Any, stats: Any, fine: Any, coarse: Any, coarse_target: Any) -> tuple[Any, Any, Any]:
         with jax.default_matmul_precision(precision):
             return _forward(
-                config, g_model, b_model, params, stats, fine, coarse, coarse_target, window=window, eps=eps, weights=weights
+                config, g_model, b_model, params, stats, fine, coarse, coarse_target,
+                window=window, eps=eps, weights=weights,
             )
 
     return predict
@@ -699,7 +714,8 @@ def predict_block(
             "biastf: the coarse change exceeds the training pairs' range (L = %s) on %.0f %% of the predicted pixels; "
             "there the learned correction fades out and the prediction falls back to F(j) + %s. "
             "Train with dates that span such changes, or pass extrapolate=True to apply the networks anyway.",
-            [round(v, 4) for v in stats.limit], 100 * share, "A dC" if BiaSTFConfig.resolve(model.config).g_base == "linear" else "dC",
+            [round(v, 4) for v in stats.limit], 100 * share,
+            "A dC" if BiaSTFConfig.resolve(model.config).g_base == "linear" else "dC",
         )
     return np.asarray(fused, dtype=np.float32), transitional
 
@@ -745,7 +761,6 @@ def _fit_stages(
 
     from stf_pipeline.nn import PatchSampler, checkpoint_store, create_train_state, ordered_pairs
     from stf_pipeline.nn import fit as fit_stage
-    from stf_pipeline.nn.train import NO_VALIDATION_STEPS
 
     n_bands = int(cube.sizes["band"])
     g_model, b_model = _networks(cfg, n_bands, cfg.train_dtype)
@@ -757,27 +772,28 @@ def _fit_stages(
     results = []
     stages = (
         ("G", cfg.stage1, g_model, cfg.g_inputs, cfg.g_loss, functools.partial(g_batch, config=cfg, stats=stats)),
-        ("B", cfg.stage2, b_model, cfg.b_inputs, cfg.b_loss, functools.partial(b_batch, config=cfg, stats=stats, g_model=g_model)),
+        ("B", cfg.stage2, b_model, cfg.b_inputs, cfg.b_loss,
+         functools.partial(b_batch, config=cfg, stats=stats, g_model=g_model)),
     )
     for stage, (name, tc, model, inputs, loss, make_batch) in enumerate(stages, start=1):
         if tc.patch_size > side:
             log.info("biastf: patch_size %d is larger than the scene; using %d", tc.patch_size, side)
             tc = dataclasses.replace(tc, patch_size=side)
-        if steps is not None:
-            tc = dataclasses.replace(tc, steps=max(int(steps[stage - 1]), 1), patience=0)
-        elif not held:
-            tc = dataclasses.replace(tc, steps=min(tc.steps, NO_VALIDATION_STEPS))
+        fixed = steps[stage - 1] if steps is not None else (None if held else cfg.unvalidated_steps)
+        if fixed is not None:
+            tc = dataclasses.replace(tc, steps=max(int(fixed), 1), patience=0)
         common = {"patch_size": tc.patch_size, "batch_size": tc.batch_size, "preload": tc.preload}
         sampler = PatchSampler(cube, times, items=ordered_pairs(n), seed=tc.seed, augment=tc.augment, **common)
         val = PatchSampler(cube, [*times, *held], items=val_items, seed=tc.seed + 7919, **common) if held else None
         sample = jnp.zeros((1, tc.patch_size, tc.patch_size, n_bands, len(inputs)), jnp.float32)
         state = create_train_state(jax.random.key(tc.seed), tc, model, sample, loss=loss)
         key = f"stage{stage}_{name}{suffix}"
-        if steps is not None and steps[stage - 1] == 0:  # the validated run kept the initial (zero) network
+        if fixed == 0:  # the validated run kept the initial (zero) network, or nothing validates
             params[name], history[key] = jax.device_get(state.params), {}
             continue
         directory = workdir / f"stage{stage}{suffix}" if workdir is not None else None
-        stage_print = {**fingerprint, "stage": name, "train": dataclasses.asdict(dataclasses.replace(tc, progress=False))}
+        settings = dataclasses.asdict(dataclasses.replace(tc, progress=False))  # a progress bar changes no model
+        stage_print = {**fingerprint, "stage": name, "train": settings}
         with checkpoint_store(directory, fingerprint=stage_print) as store:
             result = fit_stage(
                 state, sampler, make_batch, config=tc, aux=params.get("G"), val_sampler=val, checkpoints=store,
@@ -838,6 +854,12 @@ def fit(
     else:
         fit_times, held = holdout_split(times, name="biastf")
         mode = "held-out training date" if held else "none (too few training dates)"
+        if not held:
+            log.warning(
+                "biastf: no validation, so %s; pass val_times, or config={'unvalidated_steps': N} to train anyway.",
+                f"{cfg.unvalidated_steps} unvalidated steps per stage" if cfg.unvalidated_steps else
+                "the networks stay zero and the prediction is F(j) + dC fused by f (the documented fallback)",
+            )
     bands = [str(b) for b in cube["band"].values.tolist()]
     factor = cube.attrs.get("coarse_factor")
     fingerprint = {

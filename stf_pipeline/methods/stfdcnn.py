@@ -1,53 +1,37 @@
 """``stfdcnn``: spatiotemporal fusion with two deep CNNs (Song et al., IEEE JSTARS 2018, 11:821-829).
 
-STFDCNN bridges the coarse (MODIS-like) and fine (Landsat-like) resolutions in two learned steps
-through an intermediate **low-spatial-resolution (LSR)** fine image, the fine image averaged over
-``r x r`` fine pixels:
+STFDCNN bridges the coarse and fine resolutions in two learned steps through an intermediate
+**low-spatial-resolution (LSR)** fine image, the fine image averaged over ``r x r`` fine pixels:
 
-1. the **non-linear mapping (NLM) CNN** maps the coarse image on the LSR grid (the cube's coarse
-   image, already resampled onto the fine grid, averaged over the same ``r x r`` blocks) to the
-   LSR fine image: it learns the sensor difference (spectral response, atmosphere, point-spread);
-2. the **super-resolution (SR) CNN** maps the LSR fine image, interpolated (Keys cubic, as SRCNN
-   interpolates its input) onto the fine grid, to the fine image: it learns the lost spatial
-   detail.
+1. the **non-linear mapping (NLM) CNN** maps the coarse image, averaged over the same ``r x r``
+   blocks, to the LSR fine image (the sensor difference: spectral response, atmosphere, PSF);
+2. the **super-resolution (SR) CNN** maps the LSR fine image, interpolated (Keys cubic) onto the
+   fine grid, to the fine image (the lost spatial detail).
 
-Both are five-layer CNNs with residual learning (:mod:`stf_pipeline.nn.stfdcnn_modules`), trained
-stage by stage on all fine+coarse pair dates (:func:`fit`).
+Both are five-layer residual CNNs (:mod:`stf_pipeline.nn.stfdcnn_modules`), trained stage by
+stage on the training dates (:func:`fit`) with BiaSTF's machinery: one training date held out
+for validation, early stopping, refit on all dates, augmentation, a time limit.
 
-Prediction (the paper's "fusion model"), for the target date ``t`` and pairs ``k`` before and
-after, at both levels in turn:
+Prediction, for the target ``t`` and the pairs ``k`` before and after, at both levels in turn:
+transitional images ``T_j`` (``NLM(C_j)``, then ``SR(up(L_j))``); each pair predicts by
+high-pass modulation of its known image ``L_k``::
 
-* LSR level: transitional images ``T_j = NLM(C_j)`` for the pair dates and the target; each pair
-  predicts by **high-pass modulation** of its known LSR fine image ``L_k``::
+    P_k = T_t + (T_t / T_k) * (L_k - T_k)
 
-      P_k = T_t + (T_t / T_k) * (L_k - T_k)
+and the two predictions are weighted by ``1 / (local mean |T_t - T_k| + eps)``. The exact
+equations are our reading of the paper's abstract; the choices that could not be confirmed (layer
+sizes, ``r``, the weight window, the ratio guards ``min_reflectance`` and ``max_gain``) are
+parameters, listed with their reasons in ``docs/methods/stfdcnn.md``.
 
-  and the two predictions are combined with weights from the transitional change,
-  ``w_k ∝ 1 / (mean |T_t - T_k| + eps)`` (a local ``weight_window`` mean, per band), giving the
-  LSR prediction ``L_t``.
-* fine level: transitional images from the SR CNN, ``T_t = SR(up(L_t))`` and ``T_k = SR(up(L_k))``,
-  the same modulation of the known fine images and the same weighting give the fine prediction.
-
-What the paper's abstract confirms: the two five-layer CNNs and their roles, the LSR images, the
-transitional images, high-pass modulation and a weighting of the predictions from before and
-after. The exact equations of the fusion model above are our reading of it (the modulation is the
-classic high-pass modulation of pan-sharpening, the weights those of ESTARFM-like temporal
-weighting): the full text was not available to us to confirm them. Other choices made where a
-detail could not be confirmed (each is a parameter): the kernel sizes and widths of the layers (:class:`~stf_pipeline.nn.stfdcnn_modules.CNNConfig`,
-3x3 and 64 maps by default); the LSR factor ``r`` (default: the divisor of ``coarse_factor`` closest
-to its square root, 4 for MODIS 480 m on Landsat 30 m, so that each CNN bridges a similar ~4x
-resolution gap; a divisor keeps LSR pixels nested in native coarse pixels); the local window of
-the weights; and two guards of the ratio ``T_t / T_k`` for reflectance near zero (both terms are
-floored at ``min_reflectance`` and the gain clipped to ``[1/max_gain, max_gain]``).
-
-Missing data: a pixel whose CNN receptive field holds NaN (clouds, nodata) gets no prediction from
-that pair there (the other pair takes over); NaN where no pair predicts.
+Missing data: a pixel whose receptive field holds NaN gets no prediction from that pair (the
+other takes over); NaN where no pair predicts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -663,6 +647,7 @@ def fit(
         ``workdir`` of another model.
     """
     from stf_pipeline.nn import FittedModel, holdout_split, save_history
+    from stf_pipeline.nn.train import NO_VALIDATION_STEPS
 
     validate_cube(cube, require_coarse_factor=True)
     cfg = STFDCNNConfig.resolve(config)
@@ -683,6 +668,9 @@ def fit(
     fit_dates = dates
     if auto:
         fit_dates, val_dates = holdout_split(dates, name="stfdcnn")
+        if not val_dates:
+            log = logging.getLogger(__name__)
+            log.warning("stfdcnn: no validation: %d steps per stage at most.", NO_VALIDATION_STEPS)
     coarse_factor = int(cube.attrs["coarse_factor"])
     r = int(cfg.lsr_factor) if cfg.lsr_factor is not None else default_lsr_factor(coarse_factor)
     bands = tuple(str(b) for b in cube["band"].values.tolist())
@@ -714,7 +702,7 @@ def fit(
         params, more, _ = _fit_stages(cube, arch, cfg, train, dates, [], best, workdir, refit_print, suffix="_refit")
         history.update(more)
     validation = {
-        "mode": "val_times" if not auto else ("held-out training date" if val_dates else "none (too few training dates)"),
+        "mode": "val_times" if not auto else "held-out training date" if val_dates else "none (too few training dates)",
         "val_times": [_iso(t) for t in val_dates], "fit_times": [_iso(t) for t in fit_dates], "best_steps": best,
         "stop_reasons": [res.stop_reason for res in results], "refit": refit,
     }
@@ -775,7 +763,9 @@ def _fit_stages(
                 augment=augment,
             )
             if times else None
-            for times, seed, augment in ((dates, stage_train.seed, train.augment), (val_dates, stage_train.seed + 1000, False))
+            for times, seed, augment in (
+                (dates, stage_train.seed, train.augment), (val_dates, stage_train.seed + 1000, False)
+            )
         ]
         network = ResidualCNN(n_bands=len(arch.bands), config=net_cfg)
         sample = jnp.zeros((1, size, size, len(arch.bands), 1))

@@ -393,7 +393,7 @@ def fit(
 
     def flush() -> None:
         fetched = jax.device_get([m for _, m in pending])
-        for (s, _), m in zip(pending, fetched):
+        for (s, _), m in zip(pending, fetched, strict=True):
             history["step"].append(s)
             for key in ("loss", "rmse", "mae"):
                 history[key].append(float(m[key]))
@@ -426,15 +426,15 @@ def fit(
                         reason = "early stopping"
             if out_of_time and reason == "steps":
                 reason = "time limit"
-                log.warning("%s: stopped at step %d, the time limit of %g min (max_minutes)", name, step, config.max_minutes)
+                log.warning("%s: stopped at step %d: the time limit (max_minutes=%g)", name, step, config.max_minutes)
             if step % config.checkpoint_every == 0 or step == config.steps or reason != "steps":
                 save(step)
     except KeyboardInterrupt:
         pending[:] = [(s, m) for s, m in pending if s <= int(state.step)]
         flush()
         save(int(state.step))
-        log.warning("%s: interrupted at step %d; %s", name, step,
-                    "checkpoint written: rerun with the same workdir to resume" if checkpoints is not None else "no workdir, nothing kept")
+        kept = "checkpoint written: rerun with the same workdir to resume" if checkpoints is not None else "no workdir"
+        log.warning("%s: interrupted at step %d; %s", name, step, kept)
         raise
     finally:
         bar.close()
@@ -454,14 +454,16 @@ def holdout_split(times: Sequence[Any], *, name: str) -> tuple[list[Any], list[A
     With three or more dates, one date is held out: the interior date (never the first or the
     last, so the fitted dates still span the series) nearest the middle of the time span. With
     fewer there is nothing to spare: all dates are fitted, none validates, and a warning says
-    so; the methods then train ``NO_VALIDATION_STEPS`` steps per stage at most.
+    so; what the methods then do is theirs (BiaSTF keeps its zero networks, STFDCNN trains
+    ``NO_VALIDATION_STEPS`` steps per stage).
     """
     times = list(times)
     if len(times) < 3:
         log.warning(
-            "%s: %d training date(s): too few to hold one out for validation; training without validation "
-            "for at most %d steps per stage (no early stopping). Pass val_times, or three or more train_times.",
-            name, len(times), NO_VALIDATION_STEPS,
+            "%s: %d training date(s): too few to hold one out for validation, so nothing can tell a useful "
+            "correction from overfitting (see the method's documentation for its fallback). Pass val_times, or three "
+            "or more train_times.",
+            name, len(times),
         )
         return times, []
     values = np.asarray(times, dtype="datetime64[ns]").astype(np.int64).astype(np.float64)

@@ -1,4 +1,4 @@
-"""``stf bench biastf_study``: every method on the study scenes, scored as issue 15 asks.
+"""``stf bench biastf study``: every method on the study scenes, scored as issue 15 asks.
 
 The scenes (:data:`SCENES`):
 
@@ -20,7 +20,7 @@ Each scene writes ``OUT/study_<scene>.json``. ``--doc`` renders every JSON file 
 ``OUT`` into one Markdown page: a table per scene, the dates each method wins by RMSE, and
 BiaSTF against ESTARFM. ``--render-only`` skips the runs.
 
-    stf bench biastf_study --out out/study --doc docs/study.md
+    stf bench biastf study --out out/study --doc docs/study.md
 """
 
 from __future__ import annotations
@@ -37,19 +37,37 @@ CLASSICAL: tuple[str, ...] = ("delta", "starfm", "estarfm", "fsdaf")
 LEARNED: tuple[str, ...] = ("stfdcnn", "biastf")
 SCENES: dict[str, dict[str, Any]] = {
     "synthetic-cia": {
-        "synthetic": {"height": 480, "width": 480, "n_times": 15, "seed": 0, "fine_times": [0, 1, 2, 3, 4, 5, 6, 14], "flood": False},
-        "about": "CIA-like: crop phenology, no flood; 8 training dates, 7 targets between them (seed 0, default sensor bias)",
+        "synthetic": {
+            "height": 480,
+            "width": 480,
+            "n_times": 15,
+            "seed": 0,
+            "fine_times": [0, 1, 2, 3, 4, 5, 6, 14],
+            "flood": False,
+        },
+        "about": "CIA-like: crop phenology, no flood; 8 training dates, 7 targets between them "
+        "(seed 0, default sensor bias)",
     },
     "synthetic-lgc": {
         "synthetic": {
-            "height": 480, "width": 480, "n_times": 14, "seed": 1, "fine_times": [0, 1, 2, 3, 4, 5, 12, 13], "flood": True,
+            "height": 480,
+            "width": 480,
+            "n_times": 14,
+            "seed": 1,
+            "fine_times": [0, 1, 2, 3, 4, 5, 12, 13],
+            "flood": True,
             "flood_time": 7,
         },
         "about": "LGC-like: a flood peaking at the second of 6 targets; 8 training dates (seed 1, default sensor bias)",
     },
     "synthetic-strong-bias": {
         "synthetic": {
-            "height": 480, "width": 480, "n_times": 14, "seed": 2, "fine_times": [0, 1, 2, 3, 4, 5, 6, 13], "flood": True,
+            "height": 480,
+            "width": 480,
+            "n_times": 14,
+            "seed": 2,
+            "fine_times": [0, 1, 2, 3, 4, 5, 6, 13],
+            "flood": True,
             "flood_time": 10.5,
             "coarse_bias": {"leak": 0.1, "gain_spread": 0.3, "offset_spread": 0.05, "atmosphere": 0.025, "psf": 0.8},
         },
@@ -58,9 +76,34 @@ SCENES: dict[str, dict[str, Any]] = {
             "0.8 coarse pixels) and a flood late in the 6 targets; 8 training dates (seed 2)"
         ),
     },
-    "zhu_estarfm": {"catalog": "zhu_estarfm", "about": "real Landsat-7/MODIS (ESTARFM sample), 3 bands, 2 training dates, 1 target"},
-    "imagefusion_kranj": {"catalog": "imagefusion_kranj", "about": "real Landsat/MODIS 44 x 45 pixels, 2 training dates, 1 target"},
+    "zhu_estarfm": {
+        "catalog": "zhu_estarfm",
+        "about": "real Landsat-7/MODIS (ESTARFM sample), 3 bands, 2 training dates, 1 target",
+    },
+    "imagefusion_kranj": {
+        "catalog": "imagefusion_kranj",
+        "about": "real Landsat/MODIS 44 x 45 pixels, 2 training dates, 1 target",
+    },
 }
+
+
+def _machine() -> dict[str, Any]:
+    """:func:`describe_machine`, or its JAX part where ``distributed`` (memory size) cannot load."""
+    try:
+        return describe_machine()
+    except ImportError:
+        import os
+        import platform
+
+        import jax
+
+        return {
+            "cpu": platform.processor(),
+            "cores": os.cpu_count(),
+            "jax": jax.__version__,
+            "jax_backend": jax.default_backend(),
+            "devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()],
+        }
 
 
 def _cube(spec: dict[str, Any], size: int | None = None) -> Any:
@@ -76,7 +119,7 @@ def _cube(spec: dict[str, Any], size: int | None = None) -> Any:
 def _data_range(cube: Any, targets: list[Any]) -> dict[str, float]:
     truth = cube["fine_truth"].sel(time=targets)
     span = truth.max(("time", "y", "x")) - truth.min(("time", "y", "x"))
-    return {str(b): float(v) for b, v in zip(span["band"].values, span.values)}
+    return {str(b): float(v) for b, v in zip(span["band"].values, span.values, strict=True)}
 
 
 def _scores(result: Any) -> dict[str, dict[str, list[float]]]:
@@ -97,18 +140,21 @@ def run_scene(
     *,
     size: int | None = None,
     preset: str | None = None,
+    biastf_config: dict[str, Any] | None = None,
     save: Any = None,
     echo: Any = print,
 ) -> dict[str, Any]:
     """Train and compare every method on scene ``name``; returns the JSON-able record.
 
     ``save(record)`` is called after every method (a run cut short keeps what finished).
+    ``biastf_config`` is merged into BiaSTF's configuration (ablations; recorded in the run).
     ``size`` shrinks the synthetic scenes and ``preset`` names a config preset of the learned
     methods (both for quick checks; the study uses neither)."""
     import numpy as np
 
     import stf_pipeline as stf
     from stf_pipeline.comparison import _targets
+    from stf_pipeline.exceptions import STFError
     from stf_pipeline.training import default_train_times
 
     spec = SCENES[name]
@@ -117,36 +163,56 @@ def run_scene(
     data_range = _data_range(cube, targets)
     train_times = default_train_times(cube)
     record: dict[str, Any] = {
-        "scene": name, "about": spec["about"], "machine": describe_machine(),
-        "targets": [str(np.datetime_as_string(t, unit="D")) for t in targets], "train_times": train_times, "runs": {},
-        "size": size, "preset": preset,
+        "scene": name,
+        "about": spec["about"],
+        "machine": _machine(),
+        "targets": [str(np.datetime_as_string(t, unit="D")) for t in targets],
+        "train_times": train_times,
+        "runs": {},
+        "size": size,
+        "preset": preset,
     }
-    classical = [m for m in methods if m in CLASSICAL]
-    if classical:
+    for method in (m for m in methods if m in CLASSICAL):
         start = time.perf_counter()
-        result = stf.compare(cube, methods=classical, targets=targets, data_range=data_range, figures=False)
-        for label, values in _scores(result).items():
-            record["runs"][label] = {"method": label, **values}
-        echo(f"[{name}] {classical}: {time.perf_counter() - start:.1f} s")
+        try:
+            result = stf.compare(cube, methods=[method], targets=targets, data_range=data_range, figures=False)
+        except STFError as err:  # e.g. a default search window larger than a small scene
+            record.setdefault("failed", {})[method] = str(err)
+            echo(f"[{name}] {method} cannot run with its defaults: {err}")
+            continue
+        record["runs"][method] = {"method": method, **_scores(result)[method]}
+        echo(f"[{name}] {method}: {time.perf_counter() - start:.1f} s")
         if save is not None:
             save(record)
     for seed in seeds:
         for method in (m for m in methods if m in LEARNED):
-            config: dict[str, Any] = {"stage1": {"seed": seed}, "stage2": {"seed": seed + 1}} if method == "biastf" else {"train": {"seed": seed}}
+            config: dict[str, Any] = (
+                {"stage1": {"seed": seed}, "stage2": {"seed": seed + 1}}
+                if method == "biastf"
+                else {"train": {"seed": seed}}
+            )
             if preset:
                 config["preset"] = preset
+            if method == "biastf" and biastf_config:
+                config.update(biastf_config)
             start = time.perf_counter()
             model = stf.train(cube, method=method, train_times=train_times, config=config)
             train_s = time.perf_counter() - start
             result = stf.compare(
                 cube, methods=[method], targets=targets, models={method: model}, data_range=data_range, figures=False
             )
-            label = f"{method} (seed {seed})"
+            variant = f", {json.dumps(biastf_config, sort_keys=True)}" if method == "biastf" and biastf_config else ""
+            label = f"{method} (seed {seed}{variant})"
             record["runs"][label] = {
-                "method": method, "seed": seed, "train_s": train_s, "validation": model.extra.get("validation"),
+                "method": method,
+                "seed": seed,
+                "train_s": train_s,
+                "validation": model.extra.get("validation"),
                 **_scores(result)[method],
             }
-            echo(f"[{name}] {label}: trained in {train_s:.1f} s, mean RMSE {np.mean(record['runs'][label]['rmse']):.5f}")
+            echo(
+                f"[{name}] {label}: trained in {train_s:.1f} s, mean RMSE {np.mean(record['runs'][label]['rmse']):.5f}"
+            )
             if save is not None:
                 save(record)
     return record
@@ -157,7 +223,8 @@ def _wins(runs: dict[str, dict[str, Any]], label: str) -> int:
     same seed's runs of other learned methods, all classical runs)."""
     mine = runs[label]
     others = [
-        r for k, r in runs.items()
+        r
+        for k, r in runs.items()
         if r["method"] != mine["method"] and ("seed" not in r or "seed" not in mine or r["seed"] == mine["seed"])
     ]
     return sum(all(v < o["rmse"][i] for o in others) for i, v in enumerate(mine["rmse"]))
@@ -173,7 +240,8 @@ def render(records: list[dict[str, Any]], command: str) -> str:
         "Every method through `stf.compare` with its defaults; STFDCNN and BiaSTF trained by `stf.train` with no",
         "configuration (sized to the device, validation on a held-out training date, early stopping, refit on all",
         "dates), once per training seed. Mean over bands and target dates; SSIM at the truth's band range. A date is",
-        "won when the run's RMSE is the lowest of all methods (learned peers of the same seed). Regenerate with:",
+        "won when the run's RMSE is the lowest of all methods (learned peers of the same seed). A scene lists the",
+        "runs that finished; `docs/methods/biastf.md` says which were cut short and why. Regenerate with:",
         "",
         f"    {command}",
         "",
@@ -181,7 +249,8 @@ def render(records: list[dict[str, Any]], command: str) -> str:
     for record in records:
         runs = record["runs"]
         m = record.get("machine", {})
-        device = f"{', '.join(m.get('devices', []))} ({m.get('jax_backend')}, JAX {m.get('jax')}); {m.get('cpu')}, {m.get('cores')} cores"
+        device = f"{', '.join(m.get('devices', []))} ({m.get('jax_backend')}, JAX {m.get('jax')})"
+        device += f"; {m.get('cpu')}, {m.get('cores')} cores"
         lines += [
             f"## {record['scene']}",
             "",
@@ -204,18 +273,25 @@ def render(records: list[dict[str, Any]], command: str) -> str:
                 if r["method"] == "biastf":
                     gain = 1 - np.mean(r["rmse"]) / np.mean(estarfm["rmse"])
                     lines.append("")
-                    lines.append(f"- {label}: mean RMSE {100 * gain:.1f} % lower than ESTARFM's" if gain >= 0 else
-                                 f"- {label}: mean RMSE {-100 * gain:.1f} % higher than ESTARFM's")
+                    lines.append(
+                        f"- {label}: mean RMSE {100 * gain:.1f} % lower than ESTARFM's"
+                        if gain >= 0
+                        else f"- {label}: mean RMSE {-100 * gain:.1f} % higher than ESTARFM's"
+                    )
         lines.append("")
-        lines.append("Per date (RMSE): " + "; ".join(
-            f"{label}: " + ", ".join(f"{v:.4f}" for v in r["rmse"]) for label, r in runs.items()
-        ))
+        for method, message in record.get("failed", {}).items():
+            lines.append(f"- {method} did not run with its defaults: {message}")
+        lines.append("")
+        lines.append(
+            "Per date (RMSE): "
+            + "; ".join(f"{label}: " + ", ".join(f"{v:.4f}" for v in r["rmse"]) for label, r in runs.items())
+        )
         lines.append("")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stf bench biastf_study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="stf bench biastf study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", default=",".join(SCENES), help=f"comma-separated, of {list(SCENES)}")
     parser.add_argument("--seeds", default="0,1", help="training seeds of the learned methods (default 0,1)")
     parser.add_argument("--methods", default=",".join(CLASSICAL + LEARNED))
@@ -224,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-only", action="store_true", help="only render the JSON files in --out")
     parser.add_argument("--size", type=int, default=None, help="shrink the synthetic scenes (quick checks only)")
     parser.add_argument("--preset", default=None, help="config preset of the learned methods (quick checks only)")
+    parser.add_argument(
+        "--biastf-config", default=None, help='JSON merged into BiaSTF\'s config, e.g. \'{"g_base": "linear"}\''
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,20 +311,28 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [int(s) for s in args.seeds.split(",")]
             path = out / f"study_{name}.json"
             run_scene(
-                name, seeds, args.methods.split(","), size=args.size, preset=args.preset,
+                name,
+                seeds,
+                args.methods.split(","),
+                size=args.size,
+                preset=args.preset,
+                biastf_config=json.loads(args.biastf_config) if args.biastf_config else None,
                 save=lambda record, path=path: path.write_text(json.dumps(record, indent=1)),
             )
     if args.doc:
         records: dict[str, dict[str, Any]] = {}
         for path in sorted(out.rglob("study_*.json")):  # runs of one scene may come from several folders
             record = json.loads(path.read_text())
-            runs = records.setdefault(record["scene"], {**record, "runs": {}})["runs"]
-            runs.update(record["runs"])
+            merged = records.setdefault(record["scene"], {**record, "runs": {}, "failed": {}})
+            merged["runs"].update(record["runs"])
+            merged["failed"].update(record.get("failed", {}))
         order = list(SCENES)
         ordered = sorted(records.values(), key=lambda r: order.index(r["scene"]) if r["scene"] in order else len(order))
         for record in ordered:  # classical methods first, then the learned ones by seed
-            record["runs"] = dict(sorted(record["runs"].items(), key=lambda kv: ("seed" in kv[1], kv[1].get("seed", 0), kv[0])))
-        command = "stf bench biastf_study --out out/study --doc docs/study.md"
+            record["runs"] = dict(
+                sorted(record["runs"].items(), key=lambda kv: ("seed" in kv[1], kv[1].get("seed", 0), kv[0]))
+            )
+        command = "stf bench biastf study --out out/study --doc docs/study.md"
         Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
         Path(args.doc).write_text(render(ordered, command))
         print(f"wrote {args.doc} from {len(ordered)} scene(s)")
