@@ -1,4 +1,5 @@
-"""Reading YAML (catalogs, sensor presets, pipelines) and checking the loaded mappings: unknown keys are errors that name the key."""
+"""Reading YAML (catalogs, sensor presets, pipelines) and checking the loaded mappings (unknown keys
+are errors that name the key)."""
 
 from __future__ import annotations
 

@@ -156,7 +156,9 @@ def surface_reflectance(
 #: share of each neighbouring band leaking into a band, the spread of the per-band gains (around
 #: 1) and offsets (around 0.005), the amplitude of the date-dependent atmospheric offset in the
 #: first band, and the point-spread function's sigma in native coarse pixels
-COARSE_BIAS: dict[str, float] = {"leak": 0.04, "gain_spread": 0.16, "offset_spread": 0.03, "atmosphere": 0.012, "psf": 0.5}
+COARSE_BIAS: dict[str, float] = {
+    "leak": 0.04, "gain_spread": 0.16, "offset_spread": 0.03, "atmosphere": 0.012, "psf": 0.5,
+}
 
 
 def _coarse_sensor(seed: int, n_bands: int, bias: dict[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -342,7 +344,8 @@ def synthetic_scene(
     if flood:
         flood_day = (flood_time if flood_time is not None else 0.55 * (n_times - 1)) * interval_days
     scene = _Scene(
-        seed=seed, days=days, n_bands=len(bands), coarse_factor=coarse_factor, flood_day=flood_day, noise=noise, bias=bias
+        seed=seed, days=days, n_bands=len(bands), coarse_factor=coarse_factor, flood_day=flood_day, noise=noise,
+        bias=bias,
     )
     shape = (n_times, len(bands), height, width)
     dask_chunks = (1, len(bands), chunks, chunks)

@@ -96,7 +96,9 @@ def default_train_times(cube: xr.Dataset) -> list[str]:
     if listed:
         return [str(t) for t in listed]
     return [
-        str(np.datetime_as_string(t, unit="D")) for t, f in zip(cube["time"].values, valid_fraction(cube, "fine")) if f > 0
+        str(np.datetime_as_string(t, unit="D"))
+        for t, f in zip(cube["time"].values, valid_fraction(cube, "fine"), strict=True)
+        if f > 0
     ]
 
 

@@ -259,7 +259,12 @@ def test_bad_inputs_raise_clear_errors(trained, cube):
         stf.train(cube, method="biastf", train_times=times[[1, 1]], config=FAST)
     small = stf.train(cube, method="biastf", train_times=times[[0, 1]], config={**FAST, "train": {**FAST["train"], "patch_size": 64}})
     assert small.extra["validation"]["mode"].startswith("none")  # two dates: no validation (documented fallback):
-    assert all(not np.any(leaf) for leaf in jax.tree_util.tree_leaves(small.params))  # zero networks, F(j) + dC
+    zero = dataclasses.replace(small, params=jax.tree_util.tree_map(np.zeros_like, small.params))
+    blocks = (cube.fine.values[[0, 1]], cube.coarse.values[[0, 1]], cube.coarse.values[2])
+    np.testing.assert_array_equal(  # untrained (zero-output) networks: F(j) + dC fused by f
+        predict_block(*blocks, params=BiaSTFParams(window=9), model=small)[1],
+        predict_block(*blocks, params=BiaSTFParams(window=9), model=zero)[1],
+    )
     nan_cube = cube.copy(deep=True)
     nan_cube["fine"][1] = np.nan
     with pytest.raises(ConfigError, match="all NaN"):

@@ -12,8 +12,8 @@ import pytest
 
 from stf_pipeline.exceptions import ConfigError, ModelError
 from stf_pipeline.nn import (
-    Batch,
     BandNet,
+    Batch,
     CheckpointStore,
     FittedModel,
     PatchSampler,

@@ -37,19 +37,37 @@ CLASSICAL: tuple[str, ...] = ("delta", "starfm", "estarfm", "fsdaf")
 LEARNED: tuple[str, ...] = ("stfdcnn", "biastf")
 SCENES: dict[str, dict[str, Any]] = {
     "synthetic-cia": {
-        "synthetic": {"height": 480, "width": 480, "n_times": 15, "seed": 0, "fine_times": [0, 1, 2, 3, 4, 5, 6, 14], "flood": False},
-        "about": "CIA-like: crop phenology, no flood; 8 training dates, 7 targets between them (seed 0, default sensor bias)",
+        "synthetic": {
+            "height": 480,
+            "width": 480,
+            "n_times": 15,
+            "seed": 0,
+            "fine_times": [0, 1, 2, 3, 4, 5, 6, 14],
+            "flood": False,
+        },
+        "about": "CIA-like: crop phenology, no flood; 8 training dates, 7 targets between them "
+        "(seed 0, default sensor bias)",
     },
     "synthetic-lgc": {
         "synthetic": {
-            "height": 480, "width": 480, "n_times": 14, "seed": 1, "fine_times": [0, 1, 2, 3, 4, 5, 12, 13], "flood": True,
+            "height": 480,
+            "width": 480,
+            "n_times": 14,
+            "seed": 1,
+            "fine_times": [0, 1, 2, 3, 4, 5, 12, 13],
+            "flood": True,
             "flood_time": 7,
         },
         "about": "LGC-like: a flood peaking at the second of 6 targets; 8 training dates (seed 1, default sensor bias)",
     },
     "synthetic-strong-bias": {
         "synthetic": {
-            "height": 480, "width": 480, "n_times": 14, "seed": 2, "fine_times": [0, 1, 2, 3, 4, 5, 6, 13], "flood": True,
+            "height": 480,
+            "width": 480,
+            "n_times": 14,
+            "seed": 2,
+            "fine_times": [0, 1, 2, 3, 4, 5, 6, 13],
+            "flood": True,
             "flood_time": 10.5,
             "coarse_bias": {"leak": 0.1, "gain_spread": 0.3, "offset_spread": 0.05, "atmosphere": 0.025, "psf": 0.8},
         },
@@ -58,8 +76,14 @@ SCENES: dict[str, dict[str, Any]] = {
             "0.8 coarse pixels) and a flood late in the 6 targets; 8 training dates (seed 2)"
         ),
     },
-    "zhu_estarfm": {"catalog": "zhu_estarfm", "about": "real Landsat-7/MODIS (ESTARFM sample), 3 bands, 2 training dates, 1 target"},
-    "imagefusion_kranj": {"catalog": "imagefusion_kranj", "about": "real Landsat/MODIS 44 x 45 pixels, 2 training dates, 1 target"},
+    "zhu_estarfm": {
+        "catalog": "zhu_estarfm",
+        "about": "real Landsat-7/MODIS (ESTARFM sample), 3 bands, 2 training dates, 1 target",
+    },
+    "imagefusion_kranj": {
+        "catalog": "imagefusion_kranj",
+        "about": "real Landsat/MODIS 44 x 45 pixels, 2 training dates, 1 target",
+    },
 }
 
 
@@ -74,8 +98,11 @@ def _machine() -> dict[str, Any]:
         import jax
 
         return {
-            "cpu": platform.processor(), "cores": os.cpu_count(), "jax": jax.__version__,
-            "jax_backend": jax.default_backend(), "devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()],
+            "cpu": platform.processor(),
+            "cores": os.cpu_count(),
+            "jax": jax.__version__,
+            "jax_backend": jax.default_backend(),
+            "devices": [getattr(d, "device_kind", str(d)) for d in jax.devices()],
         }
 
 
@@ -92,7 +119,7 @@ def _cube(spec: dict[str, Any], size: int | None = None) -> Any:
 def _data_range(cube: Any, targets: list[Any]) -> dict[str, float]:
     truth = cube["fine_truth"].sel(time=targets)
     span = truth.max(("time", "y", "x")) - truth.min(("time", "y", "x"))
-    return {str(b): float(v) for b, v in zip(span["band"].values, span.values)}
+    return {str(b): float(v) for b, v in zip(span["band"].values, span.values, strict=True)}
 
 
 def _scores(result: Any) -> dict[str, dict[str, list[float]]]:
@@ -136,9 +163,14 @@ def run_scene(
     data_range = _data_range(cube, targets)
     train_times = default_train_times(cube)
     record: dict[str, Any] = {
-        "scene": name, "about": spec["about"], "machine": _machine(),
-        "targets": [str(np.datetime_as_string(t, unit="D")) for t in targets], "train_times": train_times, "runs": {},
-        "size": size, "preset": preset,
+        "scene": name,
+        "about": spec["about"],
+        "machine": _machine(),
+        "targets": [str(np.datetime_as_string(t, unit="D")) for t in targets],
+        "train_times": train_times,
+        "runs": {},
+        "size": size,
+        "preset": preset,
     }
     for method in (m for m in methods if m in CLASSICAL):
         start = time.perf_counter()
@@ -154,7 +186,11 @@ def run_scene(
             save(record)
     for seed in seeds:
         for method in (m for m in methods if m in LEARNED):
-            config: dict[str, Any] = {"stage1": {"seed": seed}, "stage2": {"seed": seed + 1}} if method == "biastf" else {"train": {"seed": seed}}
+            config: dict[str, Any] = (
+                {"stage1": {"seed": seed}, "stage2": {"seed": seed + 1}}
+                if method == "biastf"
+                else {"train": {"seed": seed}}
+            )
             if preset:
                 config["preset"] = preset
             if method == "biastf" and biastf_config:
@@ -168,10 +204,15 @@ def run_scene(
             variant = f", {json.dumps(biastf_config, sort_keys=True)}" if method == "biastf" and biastf_config else ""
             label = f"{method} (seed {seed}{variant})"
             record["runs"][label] = {
-                "method": method, "seed": seed, "train_s": train_s, "validation": model.extra.get("validation"),
+                "method": method,
+                "seed": seed,
+                "train_s": train_s,
+                "validation": model.extra.get("validation"),
                 **_scores(result)[method],
             }
-            echo(f"[{name}] {label}: trained in {train_s:.1f} s, mean RMSE {np.mean(record['runs'][label]['rmse']):.5f}")
+            echo(
+                f"[{name}] {label}: trained in {train_s:.1f} s, mean RMSE {np.mean(record['runs'][label]['rmse']):.5f}"
+            )
             if save is not None:
                 save(record)
     return record
@@ -182,7 +223,8 @@ def _wins(runs: dict[str, dict[str, Any]], label: str) -> int:
     same seed's runs of other learned methods, all classical runs)."""
     mine = runs[label]
     others = [
-        r for k, r in runs.items()
+        r
+        for k, r in runs.items()
         if r["method"] != mine["method"] and ("seed" not in r or "seed" not in mine or r["seed"] == mine["seed"])
     ]
     return sum(all(v < o["rmse"][i] for o in others) for i, v in enumerate(mine["rmse"]))
@@ -207,7 +249,8 @@ def render(records: list[dict[str, Any]], command: str) -> str:
     for record in records:
         runs = record["runs"]
         m = record.get("machine", {})
-        device = f"{', '.join(m.get('devices', []))} ({m.get('jax_backend')}, JAX {m.get('jax')}); {m.get('cpu')}, {m.get('cores')} cores"
+        device = f"{', '.join(m.get('devices', []))} ({m.get('jax_backend')}, JAX {m.get('jax')})"
+        device += f"; {m.get('cpu')}, {m.get('cores')} cores"
         lines += [
             f"## {record['scene']}",
             "",
@@ -230,15 +273,19 @@ def render(records: list[dict[str, Any]], command: str) -> str:
                 if r["method"] == "biastf":
                     gain = 1 - np.mean(r["rmse"]) / np.mean(estarfm["rmse"])
                     lines.append("")
-                    lines.append(f"- {label}: mean RMSE {100 * gain:.1f} % lower than ESTARFM's" if gain >= 0 else
-                                 f"- {label}: mean RMSE {-100 * gain:.1f} % higher than ESTARFM's")
+                    lines.append(
+                        f"- {label}: mean RMSE {100 * gain:.1f} % lower than ESTARFM's"
+                        if gain >= 0
+                        else f"- {label}: mean RMSE {-100 * gain:.1f} % higher than ESTARFM's"
+                    )
         lines.append("")
         for method, message in record.get("failed", {}).items():
             lines.append(f"- {method} did not run with its defaults: {message}")
         lines.append("")
-        lines.append("Per date (RMSE): " + "; ".join(
-            f"{label}: " + ", ".join(f"{v:.4f}" for v in r["rmse"]) for label, r in runs.items()
-        ))
+        lines.append(
+            "Per date (RMSE): "
+            + "; ".join(f"{label}: " + ", ".join(f"{v:.4f}" for v in r["rmse"]) for label, r in runs.items())
+        )
         lines.append("")
     return "\n".join(lines)
 
@@ -253,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-only", action="store_true", help="only render the JSON files in --out")
     parser.add_argument("--size", type=int, default=None, help="shrink the synthetic scenes (quick checks only)")
     parser.add_argument("--preset", default=None, help="config preset of the learned methods (quick checks only)")
-    parser.add_argument("--biastf-config", default=None, help='JSON merged into BiaSTF\'s config, e.g. \'{"g_base": "linear"}\'')
+    parser.add_argument(
+        "--biastf-config", default=None, help='JSON merged into BiaSTF\'s config, e.g. \'{"g_base": "linear"}\''
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,7 +311,11 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [int(s) for s in args.seeds.split(",")]
             path = out / f"study_{name}.json"
             run_scene(
-                name, seeds, args.methods.split(","), size=args.size, preset=args.preset,
+                name,
+                seeds,
+                args.methods.split(","),
+                size=args.size,
+                preset=args.preset,
                 biastf_config=json.loads(args.biastf_config) if args.biastf_config else None,
                 save=lambda record, path=path: path.write_text(json.dumps(record, indent=1)),
             )
@@ -276,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         order = list(SCENES)
         ordered = sorted(records.values(), key=lambda r: order.index(r["scene"]) if r["scene"] in order else len(order))
         for record in ordered:  # classical methods first, then the learned ones by seed
-            record["runs"] = dict(sorted(record["runs"].items(), key=lambda kv: ("seed" in kv[1], kv[1].get("seed", 0), kv[0])))
+            record["runs"] = dict(
+                sorted(record["runs"].items(), key=lambda kv: ("seed" in kv[1], kv[1].get("seed", 0), kv[0]))
+            )
         command = "stf bench biastf study --out out/study --doc docs/study.md"
         Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
         Path(args.doc).write_text(render(ordered, command))

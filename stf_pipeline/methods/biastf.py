@@ -103,7 +103,7 @@ def cpu_training(available_bytes: int | None = None, *, filters: int = 32) -> di
     patch = 64 if available >= 4 * 2**30 else 48
     per_patch = patch * patch * 3 * filters * 4 * 4
     batch = int(np.clip(0.1 * available // per_patch, 4, 32))
-    return {**TRAINING, "batch_size": batch, "patch_size": patch, "learning_rate": 1e-3, "max_minutes": 5.0, "progress": True}
+    return {**TRAINING, "batch_size": batch, "patch_size": patch, "max_minutes": 5.0, "progress": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +182,8 @@ class BiaSTFConfig:
         for name in ("g_loss", "b_loss"):
             if getattr(self, name) not in ("l1", "l2"):
                 raise ConfigError(f"biastf: {name} must be 'l1' or 'l2', got {getattr(self, name)!r}.")
-        if isinstance(self.unvalidated_steps, bool) or not isinstance(self.unvalidated_steps, int) or self.unvalidated_steps < 0:
+        steps = self.unvalidated_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ConfigError(f"biastf: unvalidated_steps must be an int >= 0, got {self.unvalidated_steps!r}.")
         if self.g_base not in G_BASES:
             raise ConfigError(f"biastf: g_base must be one of {G_BASES}, got {self.g_base!r}.")
@@ -345,7 +346,8 @@ class Statistics:
     @classmethod
     def identity(cls, n_bands: int) -> Statistics:
         """No normalisation, ``A = I``, no limit (models saved before these were recorded)."""
-        return cls((0.0,) * n_bands, (1.0,) * n_bands, (1.0,) * n_bands, tuple(map(tuple, np.eye(n_bands).tolist())), (np.inf,) * n_bands)
+        eye = tuple(map(tuple, np.eye(n_bands).tolist()))
+        return cls((0.0,) * n_bands, (1.0,) * n_bands, (1.0,) * n_bands, eye, (np.inf,) * n_bands)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (lists), as stored in ``model.extra["statistics"]``."""
@@ -399,7 +401,8 @@ def fit_statistics(cube: xr.Dataset, times: Sequence[Any], factor: int | None, *
         ridge = CONVERSION_RIDGE * np.trace(gram) / n_bands
         conversion = np.eye(n_bands) + np.linalg.solve(gram + ridge * np.eye(n_bands), x.T @ (y - x)).T
     if not normalise:
-        return dataclasses.replace(Statistics.identity(n_bands), conversion=tuple(map(tuple, conversion.tolist())), limit=tuple(limit))
+        identity = Statistics.identity(n_bands)
+        return dataclasses.replace(identity, conversion=tuple(map(tuple, conversion.tolist())), limit=tuple(limit))
     mean = np.nanmean(fine_px, axis=(0, 2, 3))
     scale = np.nanstd(fine_px, axis=(0, 2, 3))
     change = np.nanstd(dc, axis=1) if dc.size else np.ones(n_bands)
@@ -520,7 +523,8 @@ def _apply_b(b_model: Any, params: Any, images: Mapping[str, Any], config: BiaST
     """``B = change_scale x net(normalised inputs)``, ``(n, y, x, band)``."""
     import jax.numpy as jnp
 
-    return b_model.apply({"params": params}, _features(config.b_inputs, images, stats)) * jnp.asarray(stats["change"], jnp.float32)
+    net = b_model.apply({"params": params}, _features(config.b_inputs, images, stats))
+    return net * jnp.asarray(stats["change"], jnp.float32)
 
 
 def _mixes_bands(config: BiaSTFConfig) -> bool:
@@ -636,8 +640,8 @@ def _forward(
     g = _apply_g(g_model, params["G"], images, config, stats)
     images["change_pred"] = jnp.transpose(g, (0, 3, 1, 2))
     b = _apply_b(b_model, params["B"], images, config, stats)
-    base = _converted(images, stats) if config.g_base == "linear" else jnp.nan_to_num(_channels_last(images["coarse_change"]))
     change = jnp.nan_to_num(_channels_last(images["coarse_change"]))
+    base = _converted(images, stats) if config.g_base == "linear" else change
     trust = trust_in_change(change, stats["limit"])
     transitional = fine + jnp.transpose(base + trust * (g + b - base), (0, 3, 1, 2))
     ok = _valid_within(valid, 2 * NET_RADIUS) & valid
@@ -660,7 +664,8 @@ def _predictor(config_json: str, n_bands: int, dtype: str, window: int, eps: flo
     def predict(params: Any, stats: Any, fine: Any, coarse: Any, coarse_target: Any) -> tuple[Any, Any, Any]:
         with jax.default_matmul_precision(precision):
             return _forward(
-                config, g_model, b_model, params, stats, fine, coarse, coarse_target, window=window, eps=eps, weights=weights
+                config, g_model, b_model, params, stats, fine, coarse, coarse_target,
+                window=window, eps=eps, weights=weights,
             )
 
     return predict
@@ -709,7 +714,8 @@ def predict_block(
             "biastf: the coarse change exceeds the training pairs' range (L = %s) on %.0f %% of the predicted pixels; "
             "there the learned correction fades out and the prediction falls back to F(j) + %s. "
             "Train with dates that span such changes, or pass extrapolate=True to apply the networks anyway.",
-            [round(v, 4) for v in stats.limit], 100 * share, "A dC" if BiaSTFConfig.resolve(model.config).g_base == "linear" else "dC",
+            [round(v, 4) for v in stats.limit], 100 * share,
+            "A dC" if BiaSTFConfig.resolve(model.config).g_base == "linear" else "dC",
         )
     return np.asarray(fused, dtype=np.float32), transitional
 
@@ -766,7 +772,8 @@ def _fit_stages(
     results = []
     stages = (
         ("G", cfg.stage1, g_model, cfg.g_inputs, cfg.g_loss, functools.partial(g_batch, config=cfg, stats=stats)),
-        ("B", cfg.stage2, b_model, cfg.b_inputs, cfg.b_loss, functools.partial(b_batch, config=cfg, stats=stats, g_model=g_model)),
+        ("B", cfg.stage2, b_model, cfg.b_inputs, cfg.b_loss,
+         functools.partial(b_batch, config=cfg, stats=stats, g_model=g_model)),
     )
     for stage, (name, tc, model, inputs, loss, make_batch) in enumerate(stages, start=1):
         if tc.patch_size > side:
@@ -785,7 +792,8 @@ def _fit_stages(
             params[name], history[key] = jax.device_get(state.params), {}
             continue
         directory = workdir / f"stage{stage}{suffix}" if workdir is not None else None
-        stage_print = {**fingerprint, "stage": name, "train": dataclasses.asdict(dataclasses.replace(tc, progress=False))}
+        settings = dataclasses.asdict(dataclasses.replace(tc, progress=False))  # a progress bar changes no model
+        stage_print = {**fingerprint, "stage": name, "train": settings}
         with checkpoint_store(directory, fingerprint=stage_print) as store:
             result = fit_stage(
                 state, sampler, make_batch, config=tc, aux=params.get("G"), val_sampler=val, checkpoints=store,

@@ -30,8 +30,8 @@ other takes over); NaN where no pair predicts.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import functools
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -669,7 +669,8 @@ def fit(
     if auto:
         fit_dates, val_dates = holdout_split(dates, name="stfdcnn")
         if not val_dates:
-            logging.getLogger(__name__).warning("stfdcnn: no validation: training %d steps per stage at most.", NO_VALIDATION_STEPS)
+            log = logging.getLogger(__name__)
+            log.warning("stfdcnn: no validation: %d steps per stage at most.", NO_VALIDATION_STEPS)
     coarse_factor = int(cube.attrs["coarse_factor"])
     r = int(cfg.lsr_factor) if cfg.lsr_factor is not None else default_lsr_factor(coarse_factor)
     bands = tuple(str(b) for b in cube["band"].values.tolist())
@@ -701,7 +702,7 @@ def fit(
         params, more, _ = _fit_stages(cube, arch, cfg, train, dates, [], best, workdir, refit_print, suffix="_refit")
         history.update(more)
     validation = {
-        "mode": "val_times" if not auto else ("held-out training date" if val_dates else "none (too few training dates)"),
+        "mode": "val_times" if not auto else "held-out training date" if val_dates else "none (too few training dates)",
         "val_times": [_iso(t) for t in val_dates], "fit_times": [_iso(t) for t in fit_dates], "best_steps": best,
         "stop_reasons": [res.stop_reason for res in results], "refit": refit,
     }
@@ -762,7 +763,9 @@ def _fit_stages(
                 augment=augment,
             )
             if times else None
-            for times, seed, augment in ((dates, stage_train.seed, train.augment), (val_dates, stage_train.seed + 1000, False))
+            for times, seed, augment in (
+                (dates, stage_train.seed, train.augment), (val_dates, stage_train.seed + 1000, False)
+            )
         ]
         network = ResidualCNN(n_bands=len(arch.bands), config=net_cfg)
         sample = jnp.zeros((1, size, size, len(arch.bands), 1))

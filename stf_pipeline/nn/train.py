@@ -393,7 +393,7 @@ def fit(
 
     def flush() -> None:
         fetched = jax.device_get([m for _, m in pending])
-        for (s, _), m in zip(pending, fetched):
+        for (s, _), m in zip(pending, fetched, strict=True):
             history["step"].append(s)
             for key in ("loss", "rmse", "mae"):
                 history[key].append(float(m[key]))
@@ -426,15 +426,15 @@ def fit(
                         reason = "early stopping"
             if out_of_time and reason == "steps":
                 reason = "time limit"
-                log.warning("%s: stopped at step %d, the time limit of %g min (max_minutes)", name, step, config.max_minutes)
+                log.warning("%s: stopped at step %d: the time limit (max_minutes=%g)", name, step, config.max_minutes)
             if step % config.checkpoint_every == 0 or step == config.steps or reason != "steps":
                 save(step)
     except KeyboardInterrupt:
         pending[:] = [(s, m) for s, m in pending if s <= int(state.step)]
         flush()
         save(int(state.step))
-        log.warning("%s: interrupted at step %d; %s", name, step,
-                    "checkpoint written: rerun with the same workdir to resume" if checkpoints is not None else "no workdir, nothing kept")
+        kept = "checkpoint written: rerun with the same workdir to resume" if checkpoints is not None else "no workdir"
+        log.warning("%s: interrupted at step %d; %s", name, step, kept)
         raise
     finally:
         bar.close()

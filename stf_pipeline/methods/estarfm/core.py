@@ -192,17 +192,19 @@ def finish(
     )
 
 
-def estarfm_numpy(
+def on_host(
     fine: np.ndarray,
     coarse: np.ndarray,
     coarse_target: np.ndarray,
     *,
     params: EstarfmParams,
     model: object | None = None,
+    compiled: bool,
 ) -> np.ndarray:
-    """ESTARFM prediction of one block (backend ``numpy``, the reference; see module docstring):
-    window sums offset by offset with whole-array operations (float64 accumulation), the
-    compiled host prediction.
+    """ESTARFM prediction of one block on the CPU (see module docstring): the window sums offset by
+    offset with whole-array operations (the reference), or (``compiled``) compiled per pixel
+    (:func:`stf_pipeline.methods.estarfm.numba.estarfm_sums`; fastest on CPUs), both with float64
+    accumulation; then the compiled float64 prediction.
 
     Parameters
     ----------
@@ -216,35 +218,26 @@ def estarfm_numpy(
     """
     constants = scene_constants(fine, params)
     centre, neighbour, valid = prepare_arrays(np, fine, coarse, coarse_target)
-    accs = accumulate_numpy(
-        body,
-        centre,
-        neighbour,
-        constants,
-        radius=params.half_window,
-        accumulators=accumulators(np.shape(fine)[1], np.float64),
-        shape=np.shape(coarse_target)[-2:],
-    )
+    if compiled:
+        accs = estarfm_sums(centre, neighbour, constants, radius=params.half_window, eps=WEIGHT_EPS)
+    else:
+        accs = accumulate_numpy(
+            body,
+            centre,
+            neighbour,
+            constants,
+            radius=params.half_window,
+            accumulators=accumulators(np.shape(fine)[1], np.float64),
+            shape=np.shape(coarse_target)[-2:],
+        )
     with quiet_nan():
         return finish(accs, fine, coarse, coarse_target, valid, params)
 
 
-def estarfm_numba(
-    fine: np.ndarray,
-    coarse: np.ndarray,
-    coarse_target: np.ndarray,
-    *,
-    params: EstarfmParams,
-    model: object | None = None,
-) -> np.ndarray:
-    """ESTARFM of one block (backend ``numba``): the window sums compiled per pixel
-    (:func:`stf_pipeline.methods.estarfm.numba.estarfm_sums`, float64 accumulation; fastest on
-    CPUs), the compiled host prediction."""
-    constants = scene_constants(fine, params)
-    centre, neighbour, valid = prepare_arrays(np, fine, coarse, coarse_target)
-    accs = estarfm_sums(centre, neighbour, constants, radius=params.half_window, eps=WEIGHT_EPS)
-    with quiet_nan():
-        return finish(accs, fine, coarse, coarse_target, valid, params)
+#: ESTARFM of one block, backend ``numpy`` (the reference).
+estarfm_numpy = functools.partial(on_host, compiled=False)
+#: ESTARFM of one block, backend ``numba``.
+estarfm_numba = functools.partial(on_host, compiled=True)
 
 
 def halo(params: EstarfmParams, context: MethodContext) -> int:

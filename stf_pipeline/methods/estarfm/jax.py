@@ -118,10 +118,18 @@ def _predict_program(params: EstarfmParams) -> Any:
     return jax.jit(run)
 
 
-def _on_device(
-    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, params: EstarfmParams, *, pallas: bool
+def on_device(
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
+    *,
+    params: EstarfmParams,
+    model: object | None = None,
+    pallas: bool,
 ) -> np.ndarray:
-    """ESTARFM of one block on JAX's default device: float32 sums, float64 prediction."""
+    """ESTARFM of one block on JAX's default device: float32 window sums as ``lax.fori_loop`` over
+    offsets in tiles, or (``pallas``) by the Pallas kernel (fastest on GPUs, interpreted on CPUs);
+    the float64 prediction on the device."""
     import jax
 
     constants = scene_constants(fine, params)
@@ -133,27 +141,7 @@ def _on_device(
         return np.asarray(out[:, :ny, :nx])
 
 
-def estarfm_jax(
-    fine: np.ndarray,
-    coarse: np.ndarray,
-    coarse_target: np.ndarray,
-    *,
-    params: EstarfmParams,
-    model: object | None = None,
-) -> np.ndarray:
-    """ESTARFM of one block (backend ``jax``): window sums as ``lax.fori_loop`` over offsets in
-    tiles, float32, on any JAX device; float64 prediction on the device."""
-    return _on_device(fine, coarse, coarse_target, params, pallas=False)
-
-
-def estarfm_pallas(
-    fine: np.ndarray,
-    coarse: np.ndarray,
-    coarse_target: np.ndarray,
-    *,
-    params: EstarfmParams,
-    model: object | None = None,
-) -> np.ndarray:
-    """ESTARFM of one block (backend ``pallas``): window sums by the Pallas kernel (float32; fastest
-    on GPUs, interpreted on CPUs); float64 prediction on the device."""
-    return _on_device(fine, coarse, coarse_target, params, pallas=True)
+#: ESTARFM of one block, backend ``jax`` (any JAX device).
+estarfm_jax = functools.partial(on_device, pallas=False)
+#: ESTARFM of one block, backend ``pallas`` (GPUs).
+estarfm_pallas = functools.partial(on_device, pallas=True)

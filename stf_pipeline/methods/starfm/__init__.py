@@ -9,9 +9,8 @@ The method (equations, departures from the paper and the USDA program) is descri
 from __future__ import annotations
 
 from stf_pipeline.methods._base import MethodSpec, SceneStatistics
-from stf_pipeline.methods.starfm.core import STATISTICS, halo, prepare, starfm_numpy
+from stf_pipeline.methods.starfm.core import STATISTICS, halo, prepare, starfm_numba, starfm_numpy
 from stf_pipeline.methods.starfm.jax import starfm_jax, starfm_pallas
-from stf_pipeline.methods.starfm.numba import starfm_numba
 from stf_pipeline.methods.starfm.params import StarfmParams
 
 METHOD: MethodSpec[StarfmParams] = MethodSpec(

@@ -37,6 +37,7 @@ inputs. The departures from the paper and the program, and their measured effect
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ from stf_pipeline.exceptions import MethodError
 from stf_pipeline.kernels.similar import accumulate_numpy, radius_from_distance
 from stf_pipeline.kernels.stats import ClassStd, quiet_nan, scene_std
 from stf_pipeline.methods._base import MethodContext
+from stf_pipeline.methods.starfm.numba import starfm_sums
 from stf_pipeline.methods.starfm.params import StarfmParams
 
 
@@ -145,16 +147,18 @@ def _copy_on_zero_difference(xp: Any, out: Any, fine: Any, coarse_target: Any, n
     return xp.where(count > 0, unchanged, out).astype(np.float32)
 
 
-def starfm_numpy(
+def on_host(
     fine: np.ndarray,
     coarse: np.ndarray,
     coarse_target: np.ndarray,
     *,
     params: StarfmParams,
     model: object | None = None,
+    compiled: bool,
 ) -> np.ndarray:
-    """STARFM prediction of one block (backend ``numpy``, the reference; see module docstring):
-    offset by offset with whole-array operations, float64 accumulation.
+    """STARFM prediction of one block on the CPU (see module docstring), float64 accumulation: the
+    window sums offset by offset with whole-array operations (the reference), or (``compiled``)
+    compiled per row (:func:`stf_pipeline.methods.starfm.numba.starfm_sums`; fastest on CPUs).
 
     Parameters
     ----------
@@ -168,17 +172,26 @@ def starfm_numpy(
     """
     constants = scene_constants(fine, params)
     centre, neighbour = prepare_arrays(np, fine, coarse, coarse_target, params)
-    body = strict_body if params.filtering == "strict" else either_body
-    total, weighted = accumulate_numpy(
-        body,
-        centre,
-        neighbour,
-        constants,
-        radius=params.window_radius,
-        accumulators=[((np.shape(fine)[1],), np.float64)] * 2,
-        shape=np.shape(coarse_target)[-2:],
-    )
+    strict = params.filtering == "strict"
+    if compiled:
+        total, weighted = starfm_sums(centre, neighbour, constants, radius=params.window_radius, strict=strict)
+    else:
+        total, weighted = accumulate_numpy(
+            strict_body if strict else either_body,
+            centre,
+            neighbour,
+            constants,
+            radius=params.window_radius,
+            accumulators=[((np.shape(fine)[1],), np.float64)] * 2,
+            shape=np.shape(coarse_target)[-2:],
+        )
     return finish(np, total, weighted, fine, coarse_target, neighbour, params)
+
+
+#: STARFM of one block, backend ``numpy`` (the reference).
+starfm_numpy = functools.partial(on_host, compiled=False)
+#: STARFM of one block, backend ``numba``.
+starfm_numba = functools.partial(on_host, compiled=True)
 
 
 def prepare(params: StarfmParams, context: MethodContext, model: object | None = None) -> StarfmParams:

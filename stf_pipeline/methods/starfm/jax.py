@@ -43,10 +43,18 @@ def _jax_program(params: StarfmParams, tile: int, pallas: bool) -> Any:
     return jax.jit(run)
 
 
-def _on_device(
-    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, params: StarfmParams, *, pallas: bool
+def on_device(
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
+    *,
+    params: StarfmParams,
+    model: object | None = None,
+    pallas: bool,
 ) -> np.ndarray:
-    """STARFM of one block on JAX's default device (float32)."""
+    """STARFM of one block on JAX's default device (float32): the window sums as ``lax.fori_loop``
+    over offsets in tiles (:func:`stf_pipeline.kernels.similar.window_sums`), or (``pallas``) by the
+    Pallas kernel of :mod:`stf_pipeline.methods.starfm.pallas` (fastest on GPUs, interpreted on CPUs)."""
     constants = scene_constants(fine, params)
     inputs, tile = device_block((fine, coarse, coarse_target), params.tile)
     program = _jax_program(dataclasses.replace(params, class_std=None), tile, pallas)
@@ -54,27 +62,7 @@ def _on_device(
     return np.asarray(program(*inputs, constants["threshold"])[:, :ny, :nx])
 
 
-def starfm_jax(
-    fine: np.ndarray,
-    coarse: np.ndarray,
-    coarse_target: np.ndarray,
-    *,
-    params: StarfmParams,
-    model: object | None = None,
-) -> np.ndarray:
-    """STARFM of one block (backend ``jax``): the window sums as ``lax.fori_loop`` over offsets in
-    tiles (:func:`stf_pipeline.kernels.similar.window_sums`), float32, on any JAX device."""
-    return _on_device(fine, coarse, coarse_target, params, pallas=False)
-
-
-def starfm_pallas(
-    fine: np.ndarray,
-    coarse: np.ndarray,
-    coarse_target: np.ndarray,
-    *,
-    params: StarfmParams,
-    model: object | None = None,
-) -> np.ndarray:
-    """STARFM of one block (backend ``pallas``): the window sums by the Pallas kernel of
-    :mod:`stf_pipeline.methods.starfm.pallas` (float32; fastest on GPUs, interpreted on CPUs)."""
-    return _on_device(fine, coarse, coarse_target, params, pallas=True)
+#: STARFM of one block, backend ``jax`` (any JAX device).
+starfm_jax = functools.partial(on_device, pallas=False)
+#: STARFM of one block, backend ``pallas`` (GPUs).
+starfm_pallas = functools.partial(on_device, pallas=True)

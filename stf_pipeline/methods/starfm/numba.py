@@ -1,4 +1,4 @@
-"""STARFM's window sums on the CPU, compiled with Numba (backend ``numba``, ``auto`` on CPUs).
+"""STARFM's window sums on the CPU, compiled with Numba (the sums of backend ``numba``, ``auto`` on CPUs).
 
 The sums of the NumPy bodies (:mod:`stf_pipeline.methods.starfm.core`), with each window
 offset's work fused into one compiled loop, so nothing goes through memory per offset. *Row
@@ -20,8 +20,6 @@ import numpy as np
 
 from stf_pipeline.kernels.pool import run_rows
 from stf_pipeline.kernels.similar import as_f32, offset_distances
-from stf_pipeline.methods.starfm.core import finish, prepare_arrays, scene_constants
-from stf_pipeline.methods.starfm.params import StarfmParams
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -123,21 +121,3 @@ def starfm_sums(
     inputs = (fine, *arrays, threshold, factor, int(radius), bool(strict))
     run_rows(_starfm_rows, h, inputs, (total, weighted), threaded=threaded)
     return total, weighted
-
-
-def starfm_numba(
-    fine: np.ndarray,
-    coarse: np.ndarray,
-    coarse_target: np.ndarray,
-    *,
-    params: StarfmParams,
-    model: object | None = None,
-) -> np.ndarray:
-    """STARFM of one block (backend ``numba``): the window sums compiled per row, float64
-    accumulation; fastest on CPUs."""
-    constants = scene_constants(fine, params)
-    centre, neighbour = prepare_arrays(np, fine, coarse, coarse_target, params)
-    total, weighted = starfm_sums(
-        centre, neighbour, constants, radius=params.window_radius, strict=params.filtering == "strict"
-    )
-    return finish(np, total, weighted, fine, coarse_target, neighbour, params)
