@@ -29,11 +29,6 @@ def iso_date(date: Any) -> str:
     return str(np.datetime_as_string(np.datetime64(date, "ns"), unit="D"))
 
 
-#: Transitional name of :func:`iso_date` (``methods/biastf.py``, ``methods/stfdcnn.py``,
-#: ``nn/sampler.py`` import it).
-_iso = iso_date
-
-
 @dataclasses.dataclass(frozen=True)
 class Task:
     """A fusion task: predict the fine image at ``target`` from the fine+coarse ``pairs``.

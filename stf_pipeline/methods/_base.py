@@ -162,9 +162,7 @@ class MethodSpec(Generic[P]):
         The backend the others are checked against (default: ``"numpy"`` if declared, else the
         first of ``kernels``).
     kernel : Kernel[P] | None
-        Single-kernel form: a method that gives only ``kernel=`` declares one JAX kernel
-        (``kernels={"jax": kernel}``, the learned methods). Otherwise filled with a kernel that
-        runs the ``auto`` backend of the device at call time.
+        Filled in: a kernel that runs the ``auto`` backend of the device at call time.
     n_pairs : tuple[int, int]
         Minimum and maximum number of pair dates the method accepts.
     coarse_aligned : bool
@@ -202,9 +200,7 @@ class MethodSpec(Generic[P]):
     def __post_init__(self) -> None:
         kernels = dict(self.kernels)
         if not kernels:
-            if self.kernel is None:
-                raise MethodError(f"method {self.name!r} declares no kernel; pass kernels={{'numpy': ...}}.")
-            kernels = {"jax": self.kernel}
+            raise MethodError(f"method {self.name!r} declares no kernel; pass kernels={{'numpy': ...}}.")
         unknown = sorted(set(kernels) - set(BACKENDS))
         if unknown:
             raise MethodError(

@@ -52,8 +52,8 @@ import numpy as np
 import xarray as xr
 
 from stf_pipeline.exceptions import ConfigError, MethodError, TaskError
+from stf_pipeline.kernels.window import box_sum_jax
 from stf_pipeline.methods._base import MethodContext, MethodSpec
-from stf_pipeline.methods._window import box_sum_jax
 
 log = logging.getLogger(__name__)
 
@@ -839,13 +839,13 @@ def fit(
         ``extra`` records the validation (``"validation"``), the statistics, ``change_limit``.
     """
     from stf_pipeline.nn import FittedModel, holdout_split, save_history
-    from stf_pipeline.task import _iso, to_datetime64
+    from stf_pipeline.task import iso_date, to_datetime64
 
     cfg = BiaSTFConfig.resolve(config)
     times = sorted({to_datetime64(t) for t in train_times})
     if len(times) < 2:
         raise TaskError(
-            f"biastf learns from ordered pairs of training dates and needs at least two, got {[_iso(t) for t in times]}; "
+            f"biastf learns from ordered pairs of training dates and needs at least two, got {[iso_date(t) for t in times]}; "
             "pass train_times with two or more dates that have fine and coarse images."
         )
     if val_times:
@@ -867,8 +867,8 @@ def fit(
         "config": {**cfg.to_dict(), "stage1": None, "stage2": None},
         "bands": bands,
         "coarse_factor": factor,
-        "train_times": [_iso(t) for t in fit_times],
-        "val_times": [_iso(t) for t in held],
+        "train_times": [iso_date(t) for t in fit_times],
+        "val_times": [iso_date(t) for t in held],
     }
     directory = None if workdir is None else Path(workdir)
     stats = fit_statistics(cube, fit_times, factor, normalise=cfg.normalise)
@@ -880,15 +880,15 @@ def fit(
     if refit:
         log.info("biastf: refitting on all %d training dates for %s steps (the validated best)", len(times), best)
         stats = fit_statistics(cube, times, factor, normalise=cfg.normalise)
-        refit_print = {**fingerprint, "train_times": [_iso(t) for t in times], "val_times": [], "steps": best}
+        refit_print = {**fingerprint, "train_times": [iso_date(t) for t in times], "val_times": [], "steps": best}
         params, more, _ = _fit_stages(
             cube, cfg, times, [], stats, steps=best, workdir=directory, fingerprint=refit_print, suffix="_refit"
         )
         history.update(more)
     validation = {
         "mode": mode,
-        "val_times": [_iso(t) for t in held],
-        "fit_times": [_iso(t) for t in fit_times],
+        "val_times": [iso_date(t) for t in held],
+        "fit_times": [iso_date(t) for t in fit_times],
         "best_steps": best,
         "stop_reasons": [r.stop_reason for r in results],
         "refit": refit,
@@ -899,10 +899,10 @@ def fit(
         params=params,
         bands=tuple(bands),
         coarse_factor=None if factor is None else int(factor),
-        train_times=tuple(_iso(t) for t in times),
+        train_times=tuple(iso_date(t) for t in times),
         history=history,
         extra={
-            "val_times": [_iso(t) for t in held],
+            "val_times": [iso_date(t) for t in held],
             "validation": validation,
             "statistics": stats.to_dict(),
             "change_limit": list(stats.limit),
@@ -917,7 +917,7 @@ def fit(
 METHOD = MethodSpec(
     name="biastf",
     params_type=BiaSTFParams,
-    kernel=biastf_kernel,
+    kernels={"jax": biastf_kernel},
     halo=_halo,
     n_pairs=(2, 2),
     learned=True,

@@ -47,7 +47,7 @@ from stf_pipeline.cube import validate_cube
 from stf_pipeline.exceptions import ConfigError, MethodError, ModelError, TaskError
 from stf_pipeline.methods._base import MethodContext, MethodSpec
 from stf_pipeline.nn.stfdcnn_modules import CNNConfig, ResidualCNN
-from stf_pipeline.task import _iso, to_datetime64, valid_fraction
+from stf_pipeline.task import iso_date, to_datetime64, valid_fraction
 
 #: inference compute dtype -> JAX matmul/convolution precision
 COMPUTE_DTYPES: dict[str, str] = {"float32": "highest", "tensorfloat32": "tensorfloat32", "bfloat16": "default"}
@@ -585,15 +585,15 @@ def _check_dates(cube: xr.Dataset, times: Sequence[Any], what: str) -> list[np.d
     """Dates of ``cube`` with a fine and a coarse image (raise naming the bad ones)."""
     all_times = cube["time"].values.astype("datetime64[ns]")
     dates = [to_datetime64(t) for t in times]
-    missing = [_iso(t) for t in dates if t not in all_times]
+    missing = [iso_date(t) for t in dates if t not in all_times]
     if missing:
-        raise TaskError(f"stfdcnn: {what} {missing} are not dates of the cube; its dates are {[_iso(t) for t in all_times]}.")
+        raise TaskError(f"stfdcnn: {what} {missing} are not dates of the cube; its dates are {[iso_date(t) for t in all_times]}.")
     if len(set(dates)) != len(dates):
-        raise TaskError(f"stfdcnn: {what} hold duplicates: {[_iso(t) for t in dates]}; list each date once.")
+        raise TaskError(f"stfdcnn: {what} hold duplicates: {[iso_date(t) for t in dates]}; list each date once.")
     index = [int(np.flatnonzero(all_times == t)[0]) for t in dates]
     for name in ("fine", "coarse"):
         valid = valid_fraction(cube, name)[index]
-        empty = [_iso(t) for t, v in zip(dates, valid, strict=True) if not v > 0]
+        empty = [iso_date(t) for t, v in zip(dates, valid, strict=True) if not v > 0]
         if empty:
             raise TaskError(
                 f"stfdcnn: {what} {empty} have no {name} image (all NaN); STFDCNN learns from dates with both a "
@@ -658,7 +658,7 @@ def fit(
             "(the networks learn a mapping that must hold across dates); pass more train_times."
         )
     val_dates = _check_dates(cube, val_times, "validation dates") if val_times else []
-    shared = sorted(_iso(t) for t in set(val_dates) & set(dates))
+    shared = sorted(iso_date(t) for t in set(val_dates) & set(dates))
     if shared:
         raise TaskError(
             f"stfdcnn: validation dates {shared} are also training dates; validation needs held-out dates: "
@@ -692,18 +692,18 @@ def fit(
     settings["train"].pop("progress")  # showing a progress bar or not does not change the model
     fingerprint = {
         "method": "stfdcnn", "architecture": arch.to_dict(), "config": settings,
-        "train_times": [_iso(t) for t in fit_dates], "val_times": [_iso(t) for t in val_dates],
+        "train_times": [iso_date(t) for t in fit_dates], "val_times": [iso_date(t) for t in val_dates],
     }
     params, history, results = _fit_stages(cube, arch, cfg, train, fit_dates, val_dates, None, workdir, fingerprint)
     best = [res.best_step for res in results]
     refit = bool(cfg.refit and auto and val_dates)
     if refit:
-        refit_print = {**fingerprint, "train_times": [_iso(t) for t in dates], "val_times": [], "steps": best}
+        refit_print = {**fingerprint, "train_times": [iso_date(t) for t in dates], "val_times": [], "steps": best}
         params, more, _ = _fit_stages(cube, arch, cfg, train, dates, [], best, workdir, refit_print, suffix="_refit")
         history.update(more)
     validation = {
         "mode": "val_times" if not auto else "held-out training date" if val_dates else "none (too few training dates)",
-        "val_times": [_iso(t) for t in val_dates], "fit_times": [_iso(t) for t in fit_dates], "best_steps": best,
+        "val_times": [iso_date(t) for t in val_dates], "fit_times": [iso_date(t) for t in fit_dates], "best_steps": best,
         "stop_reasons": [res.stop_reason for res in results], "refit": refit,
     }
     model = FittedModel(
@@ -712,9 +712,9 @@ def fit(
         params=params,
         bands=bands,
         coarse_factor=coarse_factor,
-        train_times=tuple(_iso(t) for t in dates),
+        train_times=tuple(iso_date(t) for t in dates),
         history=history,
-        extra={"val_times": [_iso(t) for t in val_dates], "validation": validation},
+        extra={"val_times": [iso_date(t) for t in val_dates], "validation": validation},
     )
     if workdir is not None:
         save_history({k: v for k, v in history.items() if v}, workdir)
@@ -790,7 +790,7 @@ def _fit_stages(
 METHOD = MethodSpec(
     name="stfdcnn",
     params_type=STFDCNNParams,
-    kernel=stfdcnn_kernel,
+    kernels={"jax": stfdcnn_kernel},
     halo=_halo,
     n_pairs=(2, 2),
     coarse_aligned=True,

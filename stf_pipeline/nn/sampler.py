@@ -39,7 +39,7 @@ import numpy as np
 import xarray as xr
 
 from stf_pipeline.exceptions import ConfigError
-from stf_pipeline.task import _iso, to_datetime64, valid_fraction
+from stf_pipeline.task import iso_date, to_datetime64, valid_fraction
 
 
 @flax.struct.dataclass
@@ -163,14 +163,15 @@ class PatchSampler:
             raise ConfigError(f"items index dates 0..{len(times) - 1}, got positions {sorted(set(flat))}.")
         all_times = cube["time"].values.astype("datetime64[ns]")
         dates = [to_datetime64(t) for t in times]
-        missing = [_iso(t) for t in dates if t not in all_times]
+        missing = [iso_date(t) for t in dates if t not in all_times]
         if missing:
-            raise ConfigError(f"date(s) {missing} are not in the cube; its dates are {[_iso(t) for t in all_times]}.")
+            known = [iso_date(t) for t in all_times]
+            raise ConfigError(f"date(s) {missing} are not in the cube; its dates are {known}.")
         self._time_index = np.array([int(np.flatnonzero(all_times == t)[0]) for t in dates])
         used = sorted(set(flat))
         for name in variables:
             valid = valid_fraction(cube, name)[self._time_index]
-            empty = [_iso(dates[i]) for i in used if not valid[i] > 0]
+            empty = [iso_date(dates[i]) for i in used if not valid[i] > 0]
             if empty:
                 raise ConfigError(
                     f"the {name} image is all NaN (no valid pixel) at date(s) {empty}; such patches hold "
