@@ -358,13 +358,20 @@ class PipelineResult:
     reused: tuple[str, ...] = ()
 
     def summary(self) -> str:
-        """Plain text of the outputs: what ``stf run`` prints at the end (stores, score tables, figures)."""
+        """Plain text of the outputs: what ``stf run`` prints at the end (stores, trained models, score
+        tables, figures)."""
+        from stf_pipeline.methods import get_method
+        from stf_pipeline.series import default_model_dir
+
         name = self.config.name
         lines = [f"[{name}] outputs in {self.config.output}"]
         if self.cube_path is not None:
             lines.append(f"  cube: {self.cube_path}{' (reused)' if 'cube' in self.reused else ''}")
         for method, path in self.fused.items():
             lines.append(f"  {method}: {path}{' (reused)' if method in self.reused else ''}")
+            model = default_model_dir(Path(path))
+            if get_method(method).learned and model.is_dir():
+                lines.append(f"  {method} model: {model} (loss curves: {model / 'loss_curves.png'})")
         for method, scores in self.scores.items():
             lines.append(_score_table(method, scores))
         lines += [f"  figure: {path}" for path in self.figures]

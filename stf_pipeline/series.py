@@ -216,7 +216,7 @@ def fuse_series(
         p = spec.prepare(p, context)
     keep = _check_keep(cube, keep)
     path = resolve_store_path(out)
-    model_path = Path(model_dir) if model_dir is not None else _default_model_dir(path)
+    model_path = Path(model_dir) if model_dir is not None else default_model_dir(path)
     sources = input_stores(cube)
     check_not_an_input(path, sources, what="fuse_series")
     if spec.learned and model is None:
@@ -296,7 +296,8 @@ def _check_keep(cube: xr.Dataset, keep: Sequence[str]) -> tuple[str, ...]:
     return keep
 
 
-def _default_model_dir(path: Path) -> Path:
+def default_model_dir(path: Path) -> Path:
+    """Where ``fuse_series`` trains a learned method's model for the store ``path``: ``<out>.model`` beside it."""
     return path.with_suffix(".model") if path.suffix else path.with_name(path.name + ".model")
 
 

@@ -16,6 +16,7 @@ import stf_pipeline as stf
 from stf_pipeline.catalog import data_root
 from stf_pipeline.exceptions import ConfigError
 from stf_pipeline.pipeline import MethodRun, PipelineConfig, _train_options, load_pipeline, run, run_compare
+from stf_pipeline.series import default_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"height": 60, "width": 80, "n_times": 5, "seed": 3}
@@ -197,6 +198,9 @@ def test_run_trains_a_learned_method(tmp_path):
     spec = tiny_spec(tmp_path, methods=[{"name": "biastf", "train": {"config": "tiny"}}], figures=False)
     result = run(PipelineConfig.from_mapping(spec))
     assert np.isfinite(result.scores["biastf"]["rmse"].values).all()
+    model = default_model_dir(Path(result.fused["biastf"]))  # beside the fused store, named in the summary
+    assert (model / "loss_curves.png").is_file()
+    assert f"  biastf model: {model} (loss curves: {model / 'loss_curves.png'})" in result.summary()
 
 
 def test_variants_extend_a_base_file(tmp_path):
