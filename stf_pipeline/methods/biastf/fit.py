@@ -1,0 +1,196 @@
+"""BiaSTF's training: ``G`` (stage 1) then ``B`` (stage 2) on the ordered pairs of the training dates,
+validated on held-out dates, then refitted on all of them."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+
+from stf_pipeline.exceptions import TaskError
+from stf_pipeline.methods.biastf.config import BiaSTFConfig
+from stf_pipeline.methods.biastf.networks import Statistics, _networks, b_batch, fit_statistics, g_batch
+
+log = logging.getLogger("stf_pipeline.methods.biastf")
+
+
+def _fit_stages(
+    cube: xr.Dataset,
+    cfg: BiaSTFConfig,
+    times: Sequence[Any],
+    held: Sequence[Any],
+    stats: Statistics,
+    *,
+    steps: Sequence[int] | None,
+    workdir: Path | None,
+    fingerprint: Mapping[str, Any],
+    suffix: str = "",
+) -> tuple[dict[str, Any], dict[str, Any], list[Any]]:
+    """Train ``G`` then ``B`` on the ordered pairs of ``times``, validated on ``held``.
+
+    ``steps``: run exactly this many steps per stage, without validation (the refit). Returns the
+    parameters, the histories and the :class:`~stf_pipeline.nn.FitResult` of each stage.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from stf_pipeline.nn import PatchSampler, checkpoint_store, create_train_state, ordered_pairs
+    from stf_pipeline.nn import fit as fit_stage
+
+    n_bands = int(cube.sizes["band"])
+    g_model, b_model = _networks(cfg, n_bands, cfg.train_dtype)
+    n = len(times)
+    val_items = [item for v in range(len(held)) for j in range(n) for item in ((n + v, j), (j, n + v))]
+    side = min(int(cube.sizes["y"]), int(cube.sizes["x"]))
+    params: dict[str, Any] = {}
+    history: dict[str, Any] = {}
+    results = []
+    stages = (
+        ("G", cfg.stage1, g_model, cfg.g_inputs, cfg.g_loss, functools.partial(g_batch, config=cfg, stats=stats)),
+        ("B", cfg.stage2, b_model, cfg.b_inputs, cfg.b_loss,
+         functools.partial(b_batch, config=cfg, stats=stats, g_model=g_model)),
+    )
+    for stage, (name, tc, model, inputs, loss, make_batch) in enumerate(stages, start=1):
+        if tc.patch_size > side:
+            log.info("biastf: patch_size %d is larger than the scene; using %d", tc.patch_size, side)
+            tc = dataclasses.replace(tc, patch_size=side)
+        fixed = steps[stage - 1] if steps is not None else (None if held else cfg.unvalidated_steps)
+        if fixed is not None:
+            tc = dataclasses.replace(tc, steps=max(int(fixed), 1), patience=0)
+        common = {"patch_size": tc.patch_size, "batch_size": tc.batch_size, "preload": tc.preload}
+        sampler = PatchSampler(cube, times, items=ordered_pairs(n), seed=tc.seed, augment=tc.augment, **common)
+        val = PatchSampler(cube, [*times, *held], items=val_items, seed=tc.seed + 7919, **common) if held else None
+        sample = jnp.zeros((1, tc.patch_size, tc.patch_size, n_bands, len(inputs)), jnp.float32)
+        state = create_train_state(jax.random.key(tc.seed), tc, model, sample, loss=loss)
+        key = f"stage{stage}_{name}{suffix}"
+        if fixed == 0:  # the validated run kept the initial (zero) network, or nothing validates
+            params[name], history[key] = jax.device_get(state.params), {}
+            continue
+        directory = workdir / f"stage{stage}{suffix}" if workdir is not None else None
+        settings = dataclasses.asdict(dataclasses.replace(tc, progress=False))  # a progress bar changes no model
+        stage_print = {**fingerprint, "stage": name, "train": settings}
+        with checkpoint_store(directory, fingerprint=stage_print) as store:
+            result = fit_stage(
+                state, sampler, make_batch, config=tc, aux=params.get("G"), val_sampler=val, checkpoints=store,
+                name=f"biastf stage {stage} ({name}{suffix})",
+            )
+        params[name] = jax.device_get(result.params)
+        history[key] = {**result.history, "best_step": result.best_step, "stop_reason": result.stop_reason}
+        results.append(result)
+    return params, history, results
+
+
+def fit(
+    cube: xr.Dataset,
+    *,
+    train_times: Sequence[Any],
+    config: BiaSTFConfig | Mapping[str, Any] | str | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+    val_times: Sequence[Any] | None = None,
+) -> Any:
+    """Train ``G`` (stage 1) then ``B`` (stage 2) on all ordered pairs of ``train_times``.
+
+    Parameters
+    ----------
+    cube : xarray.Dataset
+        Only ``train_times`` and ``val_times`` are read (once, unless ``preload=False``).
+    train_times : sequence of date-like
+        At least two dates with fine and coarse images.
+    config : BiaSTFConfig, mapping, preset name or None
+        See :meth:`BiaSTFConfig.resolve`; default ``"auto"`` (sized to the device).
+    workdir : path-like, optional
+        Checkpoints (``stage1/``, ``stage2/``, and ``stage1_refit/``, ``stage2_refit/``; a rerun
+        resumes, also after Ctrl-C), ``history.json``, ``loss_curves.png`` and the final ``model/``.
+    val_times : sequence of date-like, optional
+        Held-out dates with fine images: validation pairs predict each of them from each training
+        date and back; they choose the best step and stop the training. Default: one training
+        date is held out (:func:`stf_pipeline.nn.holdout_split`; with two training dates there
+        is no validation, and a warning says so), and with ``refit`` the networks are then
+        trained again on all dates for the best step counts.
+
+    Returns
+    -------
+    FittedModel
+        ``extra`` records the validation (``"validation"``), the statistics, ``change_limit``.
+    """
+    from stf_pipeline.nn import FittedModel, holdout_split, save_history
+    from stf_pipeline.task import iso_date, to_datetime64
+
+    cfg = BiaSTFConfig.resolve(config)
+    times = sorted({to_datetime64(t) for t in train_times})
+    if len(times) < 2:
+        raise TaskError(
+            "biastf learns from ordered pairs of training dates and needs at least two, "
+            f"got {[iso_date(t) for t in times]}; "
+            "pass train_times with two or more dates that have fine and coarse images."
+        )
+    if val_times:
+        held = sorted({to_datetime64(t) for t in val_times} - set(times))
+        fit_times, mode = times, "val_times"
+    else:
+        fit_times, held = holdout_split(times, name="biastf")
+        mode = "held-out training date" if held else "none (too few training dates)"
+        if not held:
+            log.warning(
+                "biastf: no validation, so %s; pass val_times, or config={'unvalidated_steps': N} to train anyway.",
+                f"{cfg.unvalidated_steps} unvalidated steps per stage" if cfg.unvalidated_steps else
+                "the networks stay zero and the prediction is F(j) + dC fused by f (the documented fallback)",
+            )
+    bands = [str(b) for b in cube["band"].values.tolist()]
+    factor = cube.attrs.get("coarse_factor")
+    fingerprint = {
+        "method": "biastf",
+        "config": {**cfg.to_dict(), "stage1": None, "stage2": None},
+        "bands": bands,
+        "coarse_factor": factor,
+        "train_times": [iso_date(t) for t in fit_times],
+        "val_times": [iso_date(t) for t in held],
+    }
+    directory = None if workdir is None else Path(workdir)
+    stats = fit_statistics(cube, fit_times, factor, normalise=cfg.normalise)
+    params, history, results = _fit_stages(
+        cube, cfg, fit_times, held, stats, steps=None, workdir=directory, fingerprint=fingerprint
+    )
+    best = [r.best_step for r in results]
+    refit = bool(cfg.refit and held and not val_times)
+    if refit:
+        log.info("biastf: refitting on all %d training dates for %s steps (the validated best)", len(times), best)
+        stats = fit_statistics(cube, times, factor, normalise=cfg.normalise)
+        refit_print = {**fingerprint, "train_times": [iso_date(t) for t in times], "val_times": [], "steps": best}
+        params, more, _ = _fit_stages(
+            cube, cfg, times, [], stats, steps=best, workdir=directory, fingerprint=refit_print, suffix="_refit"
+        )
+        history.update(more)
+    validation = {
+        "mode": mode,
+        "val_times": [iso_date(t) for t in held],
+        "fit_times": [iso_date(t) for t in fit_times],
+        "best_steps": best,
+        "stop_reasons": [r.stop_reason for r in results],
+        "refit": refit,
+    }
+    model_out = FittedModel(
+        method="biastf",
+        config=cfg.to_dict(),
+        params=params,
+        bands=tuple(bands),
+        coarse_factor=None if factor is None else int(factor),
+        train_times=tuple(iso_date(t) for t in times),
+        history=history,
+        extra={
+            "val_times": [iso_date(t) for t in held],
+            "validation": validation,
+            "statistics": stats.to_dict(),
+            "change_limit": list(stats.limit),
+        },
+    )
+    if workdir is not None:
+        save_history({k: v for k, v in history.items() if v}, workdir)
+        model_out.save(Path(workdir) / "model", overwrite=True)
+    return model_out

@@ -1,0 +1,198 @@
+"""BiaSTF's inference: the forward pass of ``G`` then ``B``, the fade of the learned part beyond the
+training changes, the fusion ``f`` of the two directions, and the engine kernel."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import weakref
+from typing import Any
+
+import numpy as np
+
+from stf_pipeline.exceptions import MethodError
+from stf_pipeline.kernels.window import box_sum_jax
+from stf_pipeline.methods._base import MethodContext
+from stf_pipeline.methods.biastf.config import NET_RADIUS, BiaSTFConfig
+from stf_pipeline.methods.biastf.networks import (
+    Statistics,
+    _apply_b,
+    _apply_g,
+    _channels_last,
+    _converted,
+    _mixes_bands,
+    _networks,
+    _pair_images,
+    _valid_within,
+)
+from stf_pipeline.methods.biastf.params import FUSION_WEIGHTS, BiaSTFParams, _prepare
+
+log = logging.getLogger("stf_pipeline.methods.biastf")
+
+
+def fuse_directions(
+    pred: Any, coarse_target: Any, *, window: int, eps: float, weights: str = "similarity", coarse: Any = None
+) -> Any:
+    """Fusion ``f``: weight the transitional predictions ``(n, band, y, x)`` per pixel and band.
+
+    ``weights="similarity"``: ``S = |mean over window of (pred - C(k))|`` (valid pixels only);
+    ``"change"``: ``S = mean over window of |C(k) - C(j)|`` (valid pixels only; needs ``coarse``
+    ``(n, band, y, x)``, the pair dates' coarse images). Weight ``1 / (S + eps)`` where the
+    prediction is valid, normalised per pixel; NaN where no direction predicts.
+    """
+    import jax.numpy as jnp
+
+    valid = jnp.isfinite(pred)
+    if weights == "change":
+        if coarse is None:
+            raise MethodError("biastf: fusion weights 'change' need the pair dates' coarse images; pass coarse=.")
+        diff = jnp.abs(coarse_target[None] - coarse)
+        ok = jnp.isfinite(diff)
+        count = box_sum_jax(ok.astype(jnp.float32), window // 2)
+        score = box_sum_jax(jnp.where(ok, diff, 0.0), window // 2) / jnp.maximum(count, 1.0)
+        valid = valid & (count > 0)
+    elif weights == "similarity":
+        diff = jnp.where(valid, pred - coarse_target[None], 0.0)
+        count = box_sum_jax(valid.astype(jnp.float32), window // 2)
+        score = jnp.abs(box_sum_jax(diff, window // 2) / jnp.maximum(count, 1.0))
+    else:
+        raise MethodError(f"biastf: weights must be one of {FUSION_WEIGHTS}, got {weights!r}.")
+    weight = jnp.where(valid, 1.0 / (score + eps), 0.0)
+    total = weight.sum(axis=0)
+    fused = (weight * jnp.where(valid, pred, 0.0)).sum(axis=0) / jnp.where(total > 0, total, 1.0)
+    return jnp.where(total > 0, fused, jnp.nan)
+
+
+#: the learned corrections fade out between ``L`` and ``(1 + CHANGE_FADE) L`` of ``|dC|``
+CHANGE_FADE = 0.25
+
+def trust_in_change(change: Any, limit: Any) -> Any:
+    """Weight of the learned corrections given the coarse change ``(n, y, x, band)`` and the
+    per-band limit ``L`` ``(band,)``: 1 up to ``L``, linearly down to 0 at ``(1 + CHANGE_FADE) L``."""
+    import jax.numpy as jnp
+
+    excess = jnp.abs(change) - limit
+    fade = jnp.clip(1.0 - excess / (CHANGE_FADE * limit), 0.0, 1.0)
+    return jnp.where(excess <= 0, 1.0, fade)  # an infinite limit (no guard) never fades
+
+
+def _forward(
+    config: BiaSTFConfig,
+    g_model: Any,
+    b_model: Any,
+    params: Any,
+    stats: Any,
+    fine: Any,
+    coarse: Any,
+    coarse_target: Any,
+    *,
+    window: int,
+    eps: float,
+    weights: str,
+) -> tuple[Any, Any, Any]:
+    """Traced body of the predictor: fused ``(band, y, x)``, transitional ``(pair, band, y, x)`` and
+    the number of valid pixels beyond the limit ``L`` (where the learned part fades)."""
+    import jax.numpy as jnp
+
+    target = jnp.broadcast_to(coarse_target[None], coarse.shape)
+    images, valid = _pair_images(fine, target, coarse, _mixes_bands(config))
+    g = _apply_g(g_model, params["G"], images, config, stats)
+    images["change_pred"] = jnp.transpose(g, (0, 3, 1, 2))
+    b = _apply_b(b_model, params["B"], images, config, stats)
+    change = jnp.nan_to_num(_channels_last(images["coarse_change"]))
+    base = _converted(images, stats) if config.g_base == "linear" else change
+    trust = trust_in_change(change, stats["limit"])
+    transitional = fine + jnp.transpose(base + trust * (g + b - base), (0, 3, 1, 2))
+    ok = _valid_within(valid, 2 * NET_RADIUS) & valid
+    transitional = jnp.where(ok, transitional, jnp.nan)
+    fused = fuse_directions(transitional, coarse_target, window=window, eps=eps, weights=weights, coarse=coarse)
+    beyond = jnp.sum(ok & (jnp.transpose(trust, (0, 3, 1, 2)) < 1))
+    return fused, transitional, beyond
+
+
+@functools.lru_cache(maxsize=8)
+def _predictor(config_json: str, n_bands: int, dtype: str, window: int, eps: float, weights: str) -> Any:
+    """Jitted ``(params, stats, fine, coarse, coarse_target) -> (fused, transitional, beyond)``."""
+    import jax
+
+    config = BiaSTFConfig.resolve(json.loads(config_json))
+    g_model, b_model = _networks(config, n_bands, dtype)
+    precision = "highest" if dtype == "float32" else "default"
+
+    @jax.jit
+    def predict(params: Any, stats: Any, fine: Any, coarse: Any, coarse_target: Any) -> tuple[Any, Any, Any]:
+        with jax.default_matmul_precision(precision):
+            return _forward(
+                config, g_model, b_model, params, stats, fine, coarse, coarse_target,
+                window=window, eps=eps, weights=weights,
+            )
+
+    return predict
+
+
+#: models already warned about changes beyond their training range (one warning per model)
+_WARNED: weakref.WeakSet = weakref.WeakSet()
+#: share of a block's valid pixels beyond ``L`` above which that is logged as a warning
+BEYOND_WARNING = 0.01
+
+
+def predict_block(
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
+    *,
+    params: BiaSTFParams,
+    model: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fused ``(band, y, x)`` and transitional ``(pair, band, y, x)`` predictions of one block.
+
+    Where the coarse change goes beyond the training pairs' (more than ``BEYOND_WARNING`` of the
+    block's valid pixels), a warning names the documented fallback, once per model.
+    """
+    if model is None or getattr(model, "method", None) != "biastf":
+        raise MethodError(
+            "biastf needs a model trained with stf.train(cube, method='biastf', ...), "
+            f"got {getattr(model, 'method', type(model).__name__)!r}."
+        )
+    if params.window is None:
+        params = _prepare(params, MethodContext(model.coarse_factor, 1.0, len(model.bands)))
+    if fine.shape[1] != len(model.bands):
+        raise MethodError(f"biastf: the model has {len(model.bands)} bands, the block has {fine.shape[1]}.")
+    predict = _predictor(
+        json.dumps(model.config, sort_keys=True),
+        len(model.bands),
+        params.dtype,
+        int(params.window),
+        float(params.eps),
+        params.weights,
+    )
+    stats = Statistics.from_model(model)
+    if params.extrapolate:
+        stats = dataclasses.replace(stats, limit=(np.inf,) * len(model.bands))
+    fused, transitional, beyond = predict(model.params, stats.arrays(), fine, coarse, coarse_target)
+    transitional = np.asarray(transitional, dtype=np.float32)
+    share = int(beyond) / max(int(np.isfinite(transitional).sum()), 1)
+    if share > BEYOND_WARNING and model not in _WARNED:
+        _WARNED.add(model)
+        log.warning(
+            "biastf: the coarse change exceeds the training pairs' range (L = %s) on %.0f %% of the predicted pixels; "
+            "there the learned correction fades out and the prediction falls back to F(j) + %s. "
+            "Train with dates that span such changes, or pass extrapolate=True to apply the networks anyway.",
+            [round(v, 4) for v in stats.limit], 100 * share,
+            "A dC" if BiaSTFConfig.resolve(model.config).g_base == "linear" else "dC",
+        )
+    return np.asarray(fused, dtype=np.float32), transitional
+
+
+def biastf_kernel(
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
+    *,
+    params: BiaSTFParams,
+    model: Any = None,
+) -> np.ndarray:
+    """Engine kernel: forward pass of ``G`` then ``B`` for both pairs, then the fusion ``f``."""
+    return predict_block(fine, coarse, coarse_target, params=params, model=model)[0]

@@ -1,0 +1,67 @@
+"""BiaSTF's inference parameters, their context-dependent defaults and the halo."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from stf_pipeline.exceptions import MethodError
+from stf_pipeline.methods._base import MethodContext
+from stf_pipeline.methods.biastf.config import NET_RADIUS
+
+DTYPES: tuple[str, ...] = ("float32", "tensorfloat32", "bfloat16")
+FUSION_WEIGHTS: tuple[str, ...] = ("change", "similarity")
+
+
+@dataclasses.dataclass(frozen=True)
+class BiaSTFParams:
+    """Inference parameters of ``biastf`` (the networks come from the fitted model).
+
+    Attributes
+    ----------
+    window : int, optional
+        Odd side (fine pixels) of the neighbourhood over which each transitional prediction is
+        compared with the target coarse image; default ``coarse_factor`` rounded up to odd (15 when
+        the cube has no ``coarse_factor``).
+    eps : float, default 1e-3
+        Added to the mean absolute difference before inverting (reflectance units).
+    weights : {"change", "similarity"}, default "change"
+        What the fusion ``f`` weights each direction by (module docstring): the local mean
+        absolute coarse change ``|C(k) - C(j)|`` or the prediction's local mean difference with
+        ``C(k)`` (the paper's wording, degenerate under a sensor bias).
+    dtype : {"tensorfloat32", "float32", "bfloat16"}, default "tensorfloat32"
+        Computation of the networks: float32 at the device's default precision (TF32 tensor cores
+        on NVIDIA GPUs, 4e-5 to 4e-4 off full float32; plain float32 on CPUs), float32 at full precision
+        (9x slower on an H100), or bfloat16 (fastest, up to 3e-3 off).
+    extrapolate : bool, default False
+        Apply the networks' corrections also where the coarse change is beyond the range seen in
+        training; by default they fade out there (module docstring).
+    """
+
+    window: int | None = None
+    eps: float = 1e-3
+    weights: str = "change"
+    dtype: str = "tensorfloat32"
+    extrapolate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (self.window < 1 or self.window % 2 == 0):
+            raise MethodError(f"biastf: window must be a positive odd number of pixels, got {self.window}.")
+        if not self.eps > 0:
+            raise MethodError(f"biastf: eps must be > 0, got {self.eps}.")
+        if self.weights not in FUSION_WEIGHTS:
+            raise MethodError(f"biastf: weights must be one of {FUSION_WEIGHTS}, got {self.weights!r}.")
+        if self.dtype not in DTYPES:
+            raise MethodError(f"biastf: dtype must be one of {DTYPES}, got {self.dtype!r}.")
+
+
+def _prepare(params: BiaSTFParams, context: MethodContext, model: Any = None) -> BiaSTFParams:
+    if params.window is not None:
+        return params
+    factor = context.coarse_factor or 15
+    return dataclasses.replace(params, window=factor if factor % 2 else factor + 1)
+
+
+def _halo(params: BiaSTFParams, context: MethodContext) -> int:
+    window = _prepare(params, context).window
+    return 2 * NET_RADIUS + int(window) // 2
