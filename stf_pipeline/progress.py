@@ -63,6 +63,8 @@ class Progress:
         False shows nothing (``update`` is then free).
     kind : {"widget", "text", "log"}, optional
         Force a display; default :func:`display_kind`.
+    initial : int, default 0
+        Steps already done (a resumed job).
     """
 
     def __init__(
@@ -74,12 +76,14 @@ class Progress:
         interval: float = 10.0,
         enabled: bool = True,
         kind: str | None = None,
+        initial: int = 0,
     ) -> None:
         self.total = int(total)
         self.desc = desc
         self.unit = unit
         self.interval = float(interval)
-        self.n = 0
+        self.n = int(initial)
+        self._postfix = ""
         self.kind = (kind or display_kind()) if enabled else "off"
         self._start = time.monotonic()
         self._last_log = self._start
@@ -87,11 +91,13 @@ class Progress:
         if self.kind == "widget":
             from tqdm.notebook import tqdm as notebook_tqdm
 
-            self._bar = notebook_tqdm(total=self.total, desc=desc, unit=unit)
+            self._bar = notebook_tqdm(total=self.total, initial=self.n, desc=desc, unit=unit)
         elif self.kind == "text":
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=self.total, initial=self.n, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True
+            )
 
     def update(self, n: int = 1) -> None:
         """Advance by ``n`` steps."""
@@ -104,13 +110,19 @@ class Progress:
                 self._last_log = now
                 self._log(now)
 
+    def set_postfix(self, **values: str) -> None:
+        """Show ``name=value`` pairs after the count (e.g. the current loss)."""
+        self._postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+        if self._bar is not None:
+            self._bar.set_postfix(values)
+
     def _log(self, now: float) -> None:
         elapsed = now - self._start
         fraction = self.n / self.total if self.total else 1.0
         left = f", about {_duration(elapsed / fraction - elapsed)} left" if 0 < fraction < 1 else ""
         message = (
             f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * fraction:.0f}%), "
-            f"{_duration(elapsed)} elapsed{left}"
+            f"{_duration(elapsed)} elapsed{left}{'; ' + self._postfix if self._postfix else ''}"
         )
         if logger.hasHandlers():
             logger.info(message)

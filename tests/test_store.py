@@ -352,6 +352,15 @@ def test_progress_log_mode_writes_lines_without_waiting(caplog):
     assert any(line.startswith("job: 1/4 region (25%)") for line in lines)
 
 
+def test_progress_resumes_from_initial_and_logs_the_postfix(caplog):
+    with caplog.at_level(logging.INFO, logger="stf_pipeline"):
+        with Progress(10, desc="fit", unit="step", initial=4, kind="log") as bar:
+            bar.set_postfix(loss="0.012")
+            bar.update(2)
+    assert caplog.records[-1].getMessage().startswith("fit: 6/10 step (60%)")
+    assert caplog.records[-1].getMessage().endswith("; loss=0.012")
+
+
 def test_fuse_series_progress_in_a_non_terminal_costs_no_wait(tmp_path):
     cube = gappy_cube()
     start = time.perf_counter()

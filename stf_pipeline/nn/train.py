@@ -12,7 +12,8 @@ The pieces, generic over the network and the loss:
   built by a method's ``make_batch(crops, aux) -> Batch`` (fused into the jitted step), validation
   on held-out batches (optionally also before the first step), early stopping (the best parameters
   are kept), a wall-time limit, Orbax checkpoints that resume after a kill (Ctrl-C writes one
-  before it stops), a tqdm bar showing the loss, and a loss history (for loss-curve figures).
+  before it stops), live progress showing the loss (:mod:`stf_pipeline.progress`), and a loss
+  history (for loss-curve figures).
 - :func:`holdout_split`: which training dates to hold out for validation when none are given.
 """
 
@@ -88,7 +89,7 @@ class TrainConfig:
     seed : int, default 0
         Seeds the parameter initialisation and the patch draws.
     progress : bool, default True
-        Show a tqdm progress bar with the loss.
+        Show live progress with the loss (:class:`stf_pipeline.progress.Progress`).
     preload : bool, default True
         Read training dates into device memory once (see :class:`PatchSampler`).
     max_minutes : float, optional
@@ -356,7 +357,7 @@ def fit(
     -------
     FitResult
     """
-    from tqdm.auto import tqdm
+    from stf_pipeline.progress import Progress
 
     history = _empty_history()
     best_params, best_val, bad, best_step = state.params, math.inf, 0, 0
@@ -402,7 +403,7 @@ def fit(
     start = int(state.step)
     deadline = None if config.max_minutes is None else time.monotonic() + 60.0 * config.max_minutes
     pending: list[tuple[int, dict[str, jax.Array]]] = []
-    bar = tqdm(total=config.steps, initial=start, desc=name, disable=not config.progress, leave=False)
+    bar = Progress(config.steps, desc=name, unit="step", initial=start, enabled=config.progress)
     step = start
     try:
         while step < config.steps and reason == "steps":
