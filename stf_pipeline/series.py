@@ -175,7 +175,9 @@ def fuse_series(
         Keyword arguments for ``stf.train`` when the model is trained here; ``train_times``
         default to the cube's ``stf_train_times`` attr, else every date with fine data.
     **params
-        Method parameters, and ``backend=`` as for :func:`stf_pipeline.fuse`.
+        Method parameters, and ``backend=`` as for :func:`stf_pipeline.fuse`. The backend is part
+        of the request: resuming with another backend is refused ("method or parameters
+        changed"); ``"auto"`` is the same request as the backend it resolves to.
 
     Returns
     -------
@@ -210,7 +212,8 @@ def fuse_series(
     validate_cube(cube, check_values=True)
     spec = get_method(method)
     context = method_context(cube)
-    spec.resolve_backend(str(params.get("backend", "auto")))  # stf.fuse's backend= passes through params
+    # the backend ``auto`` resolves to is what fuses, so it is what the request records
+    params = {**params, "backend": spec.resolve_backend(str(params.get("backend", "auto")))}
     p = spec.make_params(**{name: value for name, value in params.items() if name != "backend"})
     if spec.prepare is not None:
         p = spec.prepare(p, context)
@@ -231,7 +234,8 @@ def fuse_series(
         data = _data_digest(cube, plan)
         logger.debug("fingerprint of the input data: %.2f s", time.perf_counter() - start)
         parts = _request_parts(
-            cube, plan, method=spec.name, params=p, train_options=train_options, model=model, data=data
+            cube, plan, method=spec.name, params=p, backend=params["backend"], train_options=train_options,
+            model=model, data=data,
         )
         digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         state = _store_state(path, digest, parts, overwrite=overwrite)
@@ -444,10 +448,13 @@ def _data_digest(cube: xr.Dataset, plan: _Plan) -> str:
 
 
 def _request_parts(
-    cube: xr.Dataset, plan: _Plan, *, method: str, params: Any, train_options: Any, model: Any, data: str
+    cube: xr.Dataset, plan: _Plan, *, method: str, params: Any, backend: str, train_options: Any, model: Any,
+    data: str,
 ) -> dict[str, str]:
     """What defines the store's content, by part: the same request resumes, another one is refused
-    with the parts that differ named."""
+    with the parts that differ named. ``backend`` is the resolved one (never ``"auto"``): backends
+    agree only to a tolerance, so a store is resumed only by the backend that began it, and
+    ``"auto"`` is the same request as the backend it resolves to on this machine."""
     grid = hashlib.sha256()
     for dim in ("y", "x"):
         grid.update(np.ascontiguousarray(cube[dim].values, dtype=np.float64).tobytes())
@@ -458,7 +465,7 @@ def _request_parts(
     return {
         "data": data,
         "params": digest(
-            {"method": method, "params": params_to_attrs(params),
+            {"method": method, "params": params_to_attrs(params), "backend": backend,
              "train_options": json.loads(json.dumps(dict(train_options or {}), default=str))}
         ),
         "model": "" if model is None else model_digest(model),

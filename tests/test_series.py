@@ -341,3 +341,35 @@ def test_tiles_computed_one_after_the_other_give_the_same_store(tmp_path, monkey
     stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False, window=5)
     assert batches == [5 * 9]
     assert store_files(tmp_path / "f.zarr") == store_files(reference)
+
+
+def test_backend_is_part_of_the_request(tmp_path, monkeypatch):
+    """A store begun with one backend is not resumed with another (they agree only to a
+    tolerance); ``auto`` is the same request as the backend it resolves to."""
+    cube = gappy_cube()
+    auto = stf.get_method("starfm").resolve_backend("auto")
+    other = "numba" if auto == "numpy" else "numpy"
+    path = tmp_path / "f.zarr"
+    original = series._write_region
+    calls = []
+
+    def crashing(*args, **kwargs):
+        if len(calls) == 5:
+            raise _Crash
+        calls.append(args[2:6])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(series, "_write_region", crashing)
+    with dask.config.set(scheduler="synchronous"), pytest.raises(_Crash):
+        stf.fuse_series(cube, method="starfm", out=path, chunks=CHUNKS, progress=False, radius=4, backend=auto)
+    monkeypatch.setattr(series, "_write_region", original)
+    partial = store_files(path)
+    with pytest.raises(stf.StoreError, match="the method or parameters changed"):
+        stf.fuse_series(cube, method="starfm", out=path, chunks=CHUNKS, progress=False, radius=4, backend=other)
+    assert store_files(path) == partial
+    resumed = stf.fuse_series(cube, method="starfm", out=path, chunks=CHUNKS, progress=False, radius=4)  # auto
+    assert resumed.encoding["stf_action"] == "resumed"
+    with monkeypatch.context() as m:
+        _forbid_fusing(m)
+        again = stf.fuse_series(cube, method="starfm", out=path, chunks=CHUNKS, progress=False, radius=4, backend=auto)
+    assert again.encoding["stf_action"] == "reused"
