@@ -69,7 +69,7 @@ from stf_pipeline.cube import (
     with_valid_fractions,
 )
 from stf_pipeline.exceptions import CubeError, StoreError, TaskError
-from stf_pipeline.fusion import fuse, method_context
+from stf_pipeline.fusion import fuse, method_context, require_coarse
 from stf_pipeline.methods import get_method, params_to_attrs
 from stf_pipeline.progress import DaskProgress, Progress
 from stf_pipeline.store import (
@@ -192,8 +192,8 @@ def fuse_series(
         No target date, a target with all-NaN coarse data, or a target without pairs
         (raised before anything is written).
     CubeError
-        The cube breaks the contract (values included, on a sample), or ``keep`` names a
-        variable it does not have.
+        The cube breaks the contract (values included, on a sample), has no ``coarse`` (a fused
+        store), or ``keep`` names a variable it does not have.
     StoreError
         ``out`` exists and is not a stf_pipeline store, holds a different request (the message
         says what changed) and ``overwrite`` is False, is being written by another process, or
@@ -210,6 +210,7 @@ def fuse_series(
     from stf_pipeline import __version__
 
     validate_cube(cube, check_values=True)
+    require_coarse(cube, what="stf.fuse_series")
     spec = get_method(method)
     context = method_context(cube)
     # the backend ``auto`` resolves to is what fuses, so it is what the request records

@@ -373,3 +373,23 @@ def test_backend_is_part_of_the_request(tmp_path, monkeypatch):
         _forbid_fusing(m)
         again = stf.fuse_series(cube, method="starfm", out=path, chunks=CHUNKS, progress=False, radius=4, backend=auto)
     assert again.encoding["stf_action"] == "reused"
+
+
+def test_fusing_a_fused_store_names_the_missing_coarse(tmp_path):
+    cube = gappy_cube()
+    target = cube.time.values[1]
+    fused = stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False)
+    hint = r"needs the data variable 'coarse'.*a fused store: fuse from the input cube, or .*keep=\('coarse',\)"
+    for store_cube in (fused, stf.open_cube(tmp_path / "f.zarr")):
+        with pytest.raises(stf.CubeError, match="stf.fuse " + hint):
+            stf.fuse(store_cube, target, method="delta")
+    with pytest.raises(stf.CubeError, match="stf.fuse_series " + hint):
+        stf.fuse_series(fused, method="delta", out=tmp_path / "g.zarr", progress=False)
+    assert not (tmp_path / "g.zarr").exists()
+    # the remedy works: a store that keeps 'coarse' fuses like the input cube
+    kept = stf.fuse_series(
+        cube, method="delta", out=tmp_path / "k.zarr", chunks=CHUNKS, progress=False, keep=("coarse",)
+    )
+    pairs = [cube.time.values[0], cube.time.values[2]]
+    expected = stf.fuse(cube, target, method="delta", pairs=pairs).values
+    np.testing.assert_array_equal(stf.fuse(kept, target, method="delta", pairs=pairs).values, expected)
