@@ -59,7 +59,9 @@ from stf_pipeline.cube import (
     STORE_MARKER,
     STORE_VERSION,
     ZARR_FORMAT,
+    cf_georeferenced,
     chunk_encoding,
+    coord_encoding,
     open_store,
     quiet_zarr,
     remove_litter,
@@ -540,11 +542,9 @@ def _create_store(
     cube: xr.Dataset, plan: _Plan, path: Path, attrs: Mapping[str, Any], *, method: str, model_digest: str
 ) -> None:
     """Write the template's metadata into a temporary store, then swap it into place."""
-    template = _template(cube, plan, attrs, method=method, model_digest=model_digest)
-    for var in template.variables.values():
-        var.encoding = {}
+    template = cf_georeferenced(_template(cube, plan, attrs, method=method, model_digest=model_digest))
     chunk = (1, template.sizes["band"], *plan.chunks)
-    encoding = {name: {**chunk_encoding(chunk), "dtype": "float32"} for name in plan.variables}
+    encoding = coord_encoding() | {name: {**chunk_encoding(chunk), "dtype": "float32"} for name in plan.variables}
     with atomic_directory(path) as tmp, quiet_zarr():
         template.to_zarr(tmp, mode="w", compute=False, consolidated=True, zarr_format=ZARR_FORMAT, encoding=encoding)
         (tmp / PROGRESS_DIR).mkdir()

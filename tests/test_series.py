@@ -393,3 +393,28 @@ def test_fusing_a_fused_store_names_the_missing_coarse(tmp_path):
     pairs = [cube.time.values[0], cube.time.values[2]]
     expected = stf.fuse(cube, target, method="delta", pairs=pairs).values
     np.testing.assert_array_equal(stf.fuse(kept, target, method="delta", pairs=pairs).values, expected)
+
+
+def test_fused_store_is_cf_georeferenced_and_resumes(tmp_path, monkeypatch):
+    import json
+
+    import xarray as xr
+
+    cube = gappy_cube()
+    path = tmp_path / "f.zarr"
+    fused = stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, keep=("coarse",))
+    for name in ("fine", "coarse"):
+        assert json.loads((path / name / "zarr.json").read_text())["attributes"]["grid_mapping"] == "spatial_ref"
+    x_attrs = json.loads((path / "x" / "zarr.json").read_text())["attributes"]
+    assert x_attrs["standard_name"] == "projection_x_coordinate" and "_FillValue" not in x_attrs
+    opened = xr.open_zarr(path)
+    assert opened.fine.attrs["grid_mapping"] == "spatial_ref"
+    assert opened.y.attrs["standard_name"] == "projection_y_coordinate"
+    assert opened.fine.rio.crs.to_epsg() == 32633
+    assert opened.fine.rio.transform() == cube.fine.rio.transform()
+    # the metadata is not part of the request: the same call reuses the store
+    with monkeypatch.context() as m:
+        _forbid_fusing(m)
+        again = stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, keep=("coarse",))
+    assert again.encoding["stf_action"] == "reused"
+    assert fused.fine.encoding["grid_mapping"] == "spatial_ref"  # open_cube decodes it as rioxarray does
