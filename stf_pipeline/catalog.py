@@ -271,7 +271,9 @@ class Catalog:
         if isinstance(pixel_size, bool) or not isinstance(pixel_size, (int, float)) or not pixel_size > 0:
             raise CatalogError(f"{where}: pixel_size must be a positive number, got {pixel_size!r}.")
         layers = spec.get("layers", {}) or {}
-        if not isinstance(layers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in layers.items()):
+        if not isinstance(layers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in layers.items()
+        ):
             raise CatalogError(
                 f"{where}: 'layers' must map variable names to single-band files, e.g. {{classes: map.tif}}; "
                 f"got {layers!r}."
@@ -431,7 +433,9 @@ def open_catalog(
         },
     )
     times = {iso_date(t) for t in cube["time"].values}
-    for label, dates in (("targets", catalog.task.targets), ("pairs", catalog.task.pairs or ()), ("train", catalog.task.train)):
+    for label, dates in (
+        ("targets", catalog.task.targets), ("pairs", catalog.task.pairs or ()), ("train", catalog.task.train)
+    ):
         missing = [d for d in dates if d not in times]
         if missing:
             raise CatalogError(f"{where}: task {label} {missing} are not dates of its files {sorted(times)}.")

@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace outputs that hold something else (by default that is an error)")
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("info", parents=[flags], help="describe a cube store: dates, bands, grid, CRS, pairs, missing data")
+    p = sub.add_parser(
+        "info", parents=[flags], help="describe a cube store: dates, bands, grid, CRS, pairs, missing data"
+    )
     p.add_argument("cube", type=Path, help="cube store (*.zarr)")
     p.set_defaults(func=_info)
 
@@ -159,8 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from stf_pipeline import comparison
 
-    p = sub.add_parser("compare", parents=[flags], help="compare the methods of a pipeline on its targets: table + figures",
-                       description=comparison.DESCRIPTION)
+    p = sub.add_parser(
+        "compare",
+        parents=[flags],
+        help="compare the methods of a pipeline on its targets: table + figures",
+        description=comparison.DESCRIPTION,
+    )
     comparison.add_arguments(p)
     p.set_defaults(func=_compare)
 

@@ -5,9 +5,9 @@ function would replace ``stf.compare`` by the module.)
 
 For each target date and each method, :func:`compare` calls :func:`stf_pipeline.fuse` with the same
 pair dates (unless the method takes fewer), times the fusion (graph build + compute; the input
-dates are read into memory once beforehand, so the time is the method's own), and scores the prediction against the held-out truth with
-:func:`stf_pipeline.evaluate`. The result, a :class:`Comparison`, holds the scores as a Dataset,
-renders them laid out like Table 2 of the BiaSTF paper (rows metric × date × band, one column
+dates are read into memory once beforehand, so the time is the method's own), and scores the prediction
+against the held-out truth with :func:`stf_pipeline.evaluate`. The result, a :class:`Comparison`, holds
+the scores as a Dataset, renders them laid out like Table 2 of the BiaSTF paper (rows metric × date × band, one column
 per method, the best value per row marked) and writes CSV, Markdown, JSON and PNG figures.
 
 The truth of a target date is ``fine_truth`` (cubes from :func:`stf_pipeline.synthetic_scene` and
@@ -162,8 +162,8 @@ class Comparison:
 
         Rows are indexed by ``(metric, date, band)`` (band ``all`` for scene-wide metrics and
         wall time), one column per method, and a ``best`` column naming the best method of the
-        row (several, joined by ``", "``, when they tie; none with fewer than two values): lowest RMSE, MAE, ERGAS, SAM and time;
-        highest CC and SSIM; bias closest to 0.
+        row (several, joined by ``", "``, when they tie; none with fewer than two values): lowest RMSE,
+        MAE, ERGAS, SAM and time; highest CC and SSIM; bias closest to 0.
         """
         labels = [r.label for r in self.runs]
         bands = [str(b) for b in self.scores["band"].values]
@@ -386,7 +386,9 @@ def compare(
     models = dict(models or {})
     unknown_models = sorted(set(models) - {r.label for r in runs})
     if unknown_models:
-        raise ConfigError(f"models given for {unknown_models}, which are not among the methods {[r.label for r in runs]}.")
+        raise ConfigError(
+            f"models given for {unknown_models}, which are not among the methods {[r.label for r in runs]}."
+        )
     truth_var = "fine_truth" if "fine_truth" in cube.data_vars else "fine"
     target_dates = _targets(cube, targets, truth_var)
     factor = cube.attrs.get("coarse_factor")
@@ -502,7 +504,9 @@ def _targets(cube: xr.Dataset, targets: Sequence[DateLike] | None, truth_var: st
         chosen = [to_datetime64(t) for t in ([targets] if isinstance(targets, str) else targets)]
         missing = [iso_date(t) for t in chosen if t not in times]
         if missing:
-            raise TaskError(f"targets {missing} are not dates of the cube; its dates are {[iso_date(t) for t in times]}.")
+            raise TaskError(
+                f"targets {missing} are not dates of the cube; its dates are {[iso_date(t) for t in times]}."
+            )
         if not chosen:
             raise TaskError("targets is empty; give at least one date to predict.")
         return sorted(set(chosen))
@@ -570,7 +574,9 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``stf compare`` (used by :func:`main` and by ``stf``'s parser)."""
-    parser.add_argument("pipeline", help="pipeline YAML file or the name of a shipped pipeline (see pipelines/compare-*.yaml)")
+    parser.add_argument(
+        "pipeline", help="pipeline YAML file or the name of a shipped pipeline (see pipelines/compare-*.yaml)"
+    )
     parser.add_argument("-o", "--out", type=Path, default=None, metavar="DIR",
                         help="output folder (default: the pipeline's output)")
     parser.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()], default=None,

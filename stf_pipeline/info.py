@@ -93,7 +93,8 @@ def describe_cube(cube: xr.Dataset | str | os.PathLike[str]) -> str:
         f"{np.datetime_as_string(times[-1], unit='D')})",
         f"  bands: {', '.join(map(str, cube['band'].values))}",
         f"  grid: {n_y} x {n_x} pixels (y, x), pixel size {size:g}, "
-        f"x {x.min() - size / 2:.6g} .. {x.max() + size / 2:.6g}, y {y.min() - size / 2:.6g} .. {y.max() + size / 2:.6g}",
+        f"x {x.min() - size / 2:.6g} .. {x.max() + size / 2:.6g}, "
+        f"y {y.min() - size / 2:.6g} .. {y.max() + size / 2:.6g}",
         f"  CRS: {_crs_text(cube)}",
         f"  coarse_factor: {cube.attrs.get('coarse_factor', 'not set')}",
     ]
@@ -128,7 +129,10 @@ def describe_cube(cube: xr.Dataset | str | os.PathLike[str]) -> str:
             role = "fine-only"
         else:
             role = "empty"
-        row = f"  {np.datetime_as_string(t, unit='D'):<10}  {role:<11}  {_percent(1 - fine[i]):>12}  {_percent(1 - coarse[i]):>14}"
+        row = (
+            f"  {np.datetime_as_string(t, unit='D'):<10}  {role:<11}  "
+            f"{_percent(1 - fine[i]):>12}  {_percent(1 - coarse[i]):>14}"
+        )
         if truth is not None:
             row += f"  {_percent(1 - truth[i]):>13}"
         lines.append(row)

@@ -93,7 +93,9 @@ class CubeSource:
         if kind == "synthetic":
             options = _keys(value or {}, _synthetic_keys(), "cube.synthetic")
         elif kind == "catalog":
-            options = {"name": value} if isinstance(value, str) else _keys(value, ("name", "root"), "cube.catalog", ("name",))
+            options = (
+                {"name": value} if isinstance(value, str) else _keys(value, ("name", "root"), "cube.catalog", ("name",))
+            )
         else:
             options = {"path": value} if isinstance(value, str) else _keys(value, ("path",), "cube.zarr", ("path",))
         return cls(kind=kind, options=_freeze(options))
@@ -105,7 +107,9 @@ class CubeSource:
         if self.kind == "synthetic":
             return stf.synthetic_scene(**self.options)
         if self.kind == "catalog":
-            cube, _ = stf.open_catalog(self.options["name"], root=root if root is not None else self.options.get("root"))
+            cube, _ = stf.open_catalog(
+                self.options["name"], root=root if root is not None else self.options.get("root")
+            )
             return cube
         return stf.open_cube(self.options["path"])
 
@@ -187,15 +191,23 @@ class PipelineConfig:
         targets = spec.get("targets")
         if targets is not None:
             if not isinstance(targets, list) or not targets:
-                raise ConfigError(f"pipeline {source}: targets must be a non-empty list of dates or null, got {targets!r}.")
+                raise ConfigError(
+                    f"pipeline {source}: targets must be a non-empty list of dates or null, got {targets!r}."
+                )
             try:
                 targets = tuple(str(np.datetime64(str(t), "D")) for t in targets)
             except ValueError:
-                raise ConfigError(f"pipeline {source}: targets {targets!r} must be ISO dates such as 2004-05-02.") from None
+                raise ConfigError(
+                    f"pipeline {source}: targets {targets!r} must be ISO dates such as 2004-05-02."
+                ) from None
         chunks = spec.get("chunks")
         if chunks is not None:
-            if not (isinstance(chunks, list) and len(chunks) == 2 and all(isinstance(c, int) and c > 0 for c in chunks)):
-                raise ConfigError(f"pipeline {source}: chunks must be [y, x] positive integers or null, got {chunks!r}.")
+            if not (
+                isinstance(chunks, list) and len(chunks) == 2 and all(isinstance(c, int) and c > 0 for c in chunks)
+            ):
+                raise ConfigError(
+                    f"pipeline {source}: chunks must be [y, x] positive integers or null, got {chunks!r}."
+                )
             chunks = (chunks[0], chunks[1])
         cluster = spec.get("cluster")
         if cluster is not None:
@@ -389,7 +401,9 @@ def _check_methods(config: PipelineConfig) -> None:
             spec.resolve_backend(str(params.pop("backend", "auto")))  # an argument of stf.fuse, not a parameter
             spec.make_params(**params)
         except (TypeError, MethodError) as err:
-            raise ConfigError(f"pipeline {config.name}: method {run_.name!r} params {dict(run_.params)}: {err}") from None
+            raise ConfigError(
+                f"pipeline {config.name}: method {run_.name!r} params {dict(run_.params)}: {err}"
+            ) from None
         if run_.train is not None and not spec.learned:
             raise ConfigError(f"pipeline {config.name}: method {run_.name!r} is not learned; remove its 'train' entry.")
 
@@ -411,7 +425,10 @@ def _train_options(run_: MethodRun, cube: xr.Dataset) -> dict[str, Any]:
 
 
 def _score_table(name: str, scores: xr.Dataset) -> str:
-    lines = [f"scores of {name} (mean over bands for rmse/cc/ssim):", f"  {'date':<10}  {'rmse':>8}  {'cc':>6}  {'ssim':>6}  {'ergas':>7}  {'sam':>7}"]
+    lines = [
+        f"scores of {name} (mean over bands for rmse/cc/ssim):",
+        f"  {'date':<10}  {'rmse':>8}  {'cc':>6}  {'ssim':>6}  {'ergas':>7}  {'sam':>7}",
+    ]
     for t in scores["time"].values:
         s = scores.sel(time=t)
         lines.append(

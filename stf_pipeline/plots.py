@@ -567,7 +567,9 @@ def plot_losses(
     return _save(fig, path, dpi)
 
 
-def _loss_curves(history: Sequence[float] | Mapping[str, Any], keys: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _loss_curves(
+    history: Sequence[float] | Mapping[str, Any], keys: Sequence[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     def steps_of(h: Mapping[str, Any], key: str) -> np.ndarray:
         step_key = "val_step" if key.startswith("val_") else "step"
         n = len(h[key])

@@ -377,7 +377,9 @@ def synthetic_scene(
         {
             "fine": (DIMS, fine, {"units": "reflectance", "sensor": "synthetic fine (Landsat-like)"}),
             "coarse": (DIMS, coarse, {"units": "reflectance", "sensor": "synthetic coarse (MODIS-like)"}),
-            "fine_truth": (DIMS, truth, {"units": "reflectance", "description": "held-out fine images, for evaluation"}),
+            "fine_truth": (
+                DIMS, truth, {"units": "reflectance", "description": "held-out fine images, for evaluation"}
+            ),
         },
         coords=coords,
         attrs={

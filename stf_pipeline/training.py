@@ -66,7 +66,9 @@ def train(
 
     Examples
     --------
-    >>> model = stf.train(cube, method="biastf", train_times=cube.time[[0, 1, 3]].values, config="tiny")  # doctest: +SKIP
+    >>> model = stf.train(  # doctest: +SKIP
+    ...     cube, method="biastf", train_times=cube.time[[0, 1, 3]].values, config="tiny"
+    ... )
     >>> model.save("biastf.model")  # doctest: +SKIP
     """
     validate_cube(cube)
@@ -116,7 +118,9 @@ def load_model(path: str | os.PathLike[str]) -> FittedModel:
     try:
         spec = get_method(model.method)
     except MethodError as err:
-        raise ModelError(f"the model at {path} was made by method {model.method!r}, which is not available: {err}") from None
+        raise ModelError(
+            f"the model at {path} was made by method {model.method!r}, which is not available: {err}"
+        ) from None
     if not spec.learned:
         raise ModelError(f"the model at {path} names method {model.method!r}, which is not a learned method.")
     return model

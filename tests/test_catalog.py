@@ -24,7 +24,9 @@ from stf_pipeline.catalog import (
 )
 from stf_pipeline.exceptions import CatalogError
 
-pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning", "ignore::rasterio.errors.NotGeoreferencedWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::PendingDeprecationWarning", "ignore::rasterio.errors.NotGeoreferencedWarning"
+)
 
 SHARED = ("hcm", "imagefusion_kranj", "ubestarfm_lst", "zhu_estarfm", "zhu_fsdaf_lgc")
 needs_data = pytest.mark.skipif(not (data_root() / "zhu_estarfm").exists(), reason="shared real data not present")
@@ -92,7 +94,9 @@ def test_kranj_nodata_becomes_nan_and_dates_come_from_names():
         nodata = np.float32(src.nodata)
     fine = cube["fine"].sel(time="2020-03-08").values
     np.testing.assert_array_equal(np.isnan(fine), raw == nodata)
-    np.testing.assert_array_equal(fine[raw != nodata], (raw[raw != nodata].astype(np.float64) * 1e-4).astype(np.float32))
+    np.testing.assert_array_equal(
+        fine[raw != nodata], (raw[raw != nodata].astype(np.float64) * 1e-4).astype(np.float32)
+    )
     assert cube.sizes["time"] == 26  # daily MODIS 2020-068 .. 093 from file names
     assert _iso(cube["time"].values[[0, -1]]) == ["2020-03-08", "2020-04-02"]
     assert _iso(task.pairs) == ["2020-03-08", "2020-04-02"]
@@ -185,7 +189,10 @@ def test_catalogs_are_package_data():
     [
         (lambda s: s.update(root="../../etc"), r"root: '../../etc' must be a path inside the catalog's folder"),
         (lambda s: s.update(root="/data/LGC"), r"root: '/data/LGC' must be a path inside"),
-        (lambda s: s["fine"]["files"].update({"2004-04-17": "../../../../etc/hostname"}), r"fine.files: '../../../../etc/hostname'"),
+        (
+            lambda s: s["fine"]["files"].update({"2004-04-17": "../../../../etc/hostname"}),
+            r"fine.files: '../../../../etc/hostname'",
+        ),
         (lambda s: s["fine"]["files"].update({"2004-04-17": "/etc/hostname"}), r"fine.files: '/etc/hostname' must be"),
         (lambda s: s["coarse"].update(glob="../*/MODIS/*.int"), r"coarse.glob: '../\*/MODIS/\*.int' must be"),
         (lambda s: s.update(layers={"classes": "../x.tif"}), r"layers.classes: '../x.tif' must be"),
@@ -250,7 +257,9 @@ def test_task_and_file_errors(tmp_path, fake_root, base_spec):
     with pytest.raises(CatalogError, match=r"task train \['2003-01-01'\] are not dates of its files"):
         stf.open_catalog(_write(tmp_path, spec), root=fake_root)
     spec = dict(base_spec, task={"target": "2004-12-12", "pairs": ["2004-11-26"]})
-    with pytest.raises(CatalogError, match=r"its task does not fit its files: the fine image at pair date 2004-11-26 is all NaN"):
+    with pytest.raises(
+        CatalogError, match=r"its task does not fit its files: the fine image at pair date 2004-11-26 is all NaN"
+    ):
         stf.open_catalog(_write(tmp_path, spec), root=fake_root)
     both = yaml.safe_load(yaml.safe_dump(base_spec))
     first = datetime.date(2004, 4, 16)  # YAML reads unquoted ISO dates as dates

@@ -43,7 +43,9 @@ def independent_cube() -> xr.Dataset:
     coarse[2, :, :3, :] = np.nan  # half of date 3 missing
     truth = rng.uniform(0, 0.5, shape).astype(np.float32)
     crs = CRS.from_epsg(32633)
-    spatial_ref = xr.Variable((), np.int64(0), attrs={**crs.to_cf(), "crs_wkt": crs.to_wkt(), "spatial_ref": crs.to_wkt()})
+    spatial_ref = xr.Variable(
+        (), np.int64(0), attrs={**crs.to_cf(), "crs_wkt": crs.to_wkt(), "spatial_ref": crs.to_wkt()}
+    )
     dims = ("time", "band", "y", "x")
     var_attrs = {"grid_mapping": "spatial_ref", "units": "reflectance"}
     return xr.Dataset(
@@ -124,7 +126,9 @@ def test_open_cube_on_missing_truncated_and_corrupt_stores(foreign_store, tmp_pa
         stf.open_cube(truncated)
     corrupt = shutil.copytree(foreign_store, tmp_path / "corrupt.zarr")
     (corrupt / ".zmetadata").write_text("{ this is not json")
-    with pytest.raises(CubeError, match=r"cannot open cube store .*corrupt.zarr: it is truncated or corrupt \(JSONDecodeError"):
+    with pytest.raises(
+        CubeError, match=r"cannot open cube store .*corrupt.zarr: it is truncated or corrupt \(JSONDecodeError"
+    ):
         stf.open_cube(corrupt)
     no_fine = shutil.copytree(foreign_store, tmp_path / "no_fine.zarr")
     (no_fine / ".zmetadata").unlink()
@@ -149,7 +153,8 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
 
     names = _benchmarks()
     assert {"biastf", "methods", "scale", "startup", "stfdcnn"} <= set(names)
-    assert f"stf: error: name a benchmark: stf bench NAME [ARGS]; available: {', '.join(names)}." in capsys.readouterr().err
+    expected = f"stf: error: name a benchmark: stf bench NAME [ARGS]; available: {', '.join(names)}."
+    assert expected in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["frobnicate"])
     assert exit_.value.code == 2

@@ -105,7 +105,9 @@ def test_cube_without_truth_var_hides_the_target(cube):
         compare(plain, methods=["delta"])
     res = compare(plain, methods=["delta"], targets=["2004-05-18"], pairs=["2004-04-16", "2004-06-03"])
     hidden = plain.assign(fine=plain.fine.where(plain.time != np.datetime64("2004-05-18")))
-    hidden = hidden.assign_coords(fine_valid=xr.where(hidden.time == np.datetime64("2004-05-18"), 0.0, hidden.fine_valid))
+    hidden = hidden.assign_coords(
+        fine_valid=xr.where(hidden.time == np.datetime64("2004-05-18"), 0.0, hidden.fine_valid)
+    )
     pred = stf.fuse(hidden, "2004-05-18", method="delta", pairs=["2004-04-16", "2004-06-03"])
     np.testing.assert_array_equal(res.predictions.isel(target=0, run=0).values, pred.values)
     np.testing.assert_array_equal(res.truth.isel(target=0).values, cube.fine.sel(time="2004-05-18").values)

@@ -164,7 +164,10 @@ def test_errors_come_before_any_work():
     no_target = cube.copy(data={"fine": cube["fine"].data, "coarse": da.where(
         (da.arange(3) == 1)[:, None, None, None], np.float32(np.nan), coarse)})
     no_target = no_target.assign_coords(coarse_valid=("time", [1.0, 0.0, 1.0]))
-    with raise_if_dask_computes(), pytest.raises(stf.TaskError, match="coarse image at target date 2020-03-17 is all NaN"):
+    with (
+        raise_if_dask_computes(),
+        pytest.raises(stf.TaskError, match="coarse image at target date 2020-03-17 is all NaN"),
+    ):
         stf.fuse(no_target, "2020-03-17", method="delta")
     no_fine = cube.assign_coords(fine_valid=("time", [0.0, 1.0, 0.0]))
     with raise_if_dask_computes(), pytest.raises(stf.TaskError, match="pass pairs=") as err:

@@ -67,11 +67,20 @@ def test_config_defaults_and_forms(tmp_path):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda s: s.update(methdos=[]), r"unknown key 'methdos'; valid keys are \['name', 'cube', 'methods', 'output'"),
+        (
+            lambda s: s.update(methdos=[]),
+            r"unknown key 'methdos'; valid keys are \['name', 'cube', 'methods', 'output'",
+        ),
         (lambda s: s.pop("cube"), r"missing required key 'cube'"),
         (lambda s: s.update(cube={"synthetic": {}, "zarr": "a.zarr"}), r"cube must have exactly one of"),
-        (lambda s: s.update(cube={"hdf5": "a.h5"}), r"cube: unknown key 'hdf5'; valid keys are \['synthetic', 'catalog', 'zarr'\]"),
-        (lambda s: s["cube"]["synthetic"].update(size=5), r"cube.synthetic: unknown key 'size'; valid keys are \['height'"),
+        (
+            lambda s: s.update(cube={"hdf5": "a.h5"}),
+            r"cube: unknown key 'hdf5'; valid keys are \['synthetic', 'catalog', 'zarr'\]",
+        ),
+        (
+            lambda s: s["cube"]["synthetic"].update(size=5),
+            r"cube.synthetic: unknown key 'size'; valid keys are \['height'",
+        ),
         (lambda s: s.update(cube={"catalog": {"name": "cia", "path": "x"}}), r"cube.catalog: unknown key 'path'"),
         (lambda s: s.update(methods=[{"name": "magic"}]), r"methods\[0\]: unknown method 'magic'; choose one of \["),
         (lambda s: s.update(methods=[{"name": "delta", "param": {}}]), r"methods\[0\]: unknown key 'param'"),
@@ -96,7 +105,11 @@ def test_config_errors_name_the_key(tmp_path, edit, message):
 
 
 def test_config_file_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"pipeline file .*absent.yaml does not exist; pass a YAML file or the name of a shipped pipeline \(biastf-synthetic, .*demo\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"pipeline file .*absent.yaml does not exist; pass a YAML file or the name of a shipped pipeline "
+        r"\(biastf-synthetic, .*demo\)",
+    ):
         load_pipeline(tmp_path / "absent.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("cube: {synthetic: [")
@@ -106,7 +119,9 @@ def test_config_file_errors(tmp_path):
 
 def test_bad_method_params_fail_before_any_work(tmp_path):
     config = PipelineConfig.from_mapping(tiny_spec(tmp_path, methods=[{"name": "delta", "params": {"window": 4}}]))
-    with pytest.raises(ConfigError, match=r"method 'delta' params \{'window': 4\}: delta: window must be a positive odd"):
+    with pytest.raises(
+        ConfigError, match=r"method 'delta' params \{'window': 4\}: delta: window must be a positive odd"
+    ):
         run(config)
     config = PipelineConfig.from_mapping(tiny_spec(tmp_path, methods=[{"name": "delta", "params": {"radius": 4}}]))
     with pytest.raises(ConfigError, match=r"method 'delta' params \{'radius': 4\}"):
@@ -256,13 +271,17 @@ def test_rerun_reuses_the_cube_and_the_fused_store(tmp_path, caplog):
     assert "  cube: out/cube.zarr (reused)" in summary and "  delta: out/fused_delta.zarr (reused)" in summary
     assert "scores of delta" in summary
     # another request in the same place: an error until the user says to replace it
-    other = PipelineConfig.from_mapping(tiny_spec(tmp_path, figures=False, methods=[{"name": "delta", "params": {"window": 5}}]))
+    other = PipelineConfig.from_mapping(
+        tiny_spec(tmp_path, figures=False, methods=[{"name": "delta", "params": {"window": 5}}])
+    )
     with pytest.raises(stf.StoreError, match=r"fused_delta.zarr holds another .*[Pp]ass overwrite=True"):
         run(other)
     assert run(other, overwrite=True).reused == ("cube",)
     # another cube in the same place
     moved = PipelineConfig.from_mapping(tiny_spec(tmp_path, cube={"synthetic": {**TINY, "seed": 4}}))
-    with pytest.raises(stf.StoreError, match=r"out/cube.zarr holds a cube written from another source; pass overwrite=True"):
+    with pytest.raises(
+        stf.StoreError, match=r"out/cube.zarr holds a cube written from another source; pass overwrite=True"
+    ):
         run(moved)
 
 
@@ -275,7 +294,8 @@ def test_user_choices_override_the_pipeline(tmp_path):
     assert result.fused["delta"] == tmp_path / "elsewhere" / "fused_delta.zarr"
     for name in ("estarfm", "delta"):
         fused = xr.open_zarr(result.fused[name])
-        assert [str(np.datetime_as_string(t, unit="D")) for t in fused["time"].values[fused["source"].values == "fused"]] == [target]
+        fused_times = fused["time"].values[fused["source"].values == "fused"]
+        assert [str(np.datetime_as_string(t, unit="D")) for t in fused_times] == [target]
     assert json.loads(xr.open_zarr(result.fused["delta"]).attrs["stf_params"])["window"] == 3  # the pipeline's params
     with pytest.raises(ConfigError, match=r"unknown method\(s\) \['magic'\]; choose among the pipeline's \['delta'\]"):
         config.with_overrides(methods=["magic"])

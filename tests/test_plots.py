@@ -166,7 +166,9 @@ def test_loss_curves(history, n_lines, tmp_path):
 def test_bad_input_errors(scene):
     truth, preds = scene
     with pytest.raises(PlotError, match="not in the image"):
-        plots.plot_composites(truth.sel(band=["green", "red", "nir"]), {"a": preds["delta"].sel(band=["green", "red", "nir"])})
+        plots.plot_composites(
+            truth.sel(band=["green", "red", "nir"]), {"a": preds["delta"].sel(band=["green", "red", "nir"])}
+        )
     with pytest.raises(PlotError, match="outside"):
         plots.plot_composites(truth, preds, zoom=(0, 100, 0, 10))
     with pytest.raises(PlotError, match="same grid"):

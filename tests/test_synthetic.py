@@ -101,7 +101,9 @@ def test_coarse_bias_changes_only_the_coarse_sensor():
     base = synthetic_scene(80, 80, n_times=2, seed=4).load()
     same = synthetic_scene(80, 80, n_times=2, seed=4, coarse_bias=dict(COARSE_BIAS)).load()
     np.testing.assert_array_equal(same.coarse.values, base.coarse.values)
-    strong = synthetic_scene(80, 80, n_times=2, seed=4, coarse_bias={"leak": 0.1, "gain_spread": 0.3, "atmosphere": 0.03}).load()
+    strong = synthetic_scene(
+        80, 80, n_times=2, seed=4, coarse_bias={"leak": 0.1, "gain_spread": 0.3, "atmosphere": 0.03}
+    ).load()
     np.testing.assert_array_equal(strong.fine_truth.values, base.fine_truth.values)
     blocks = base.fine_truth.coarsen(y=20, x=20).mean().values
     error = lambda cube: np.abs(cube.coarse.values[..., ::20, ::20] - blocks).mean()  # noqa: E731

@@ -7,8 +7,8 @@ import platform
 import shutil
 import subprocess
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 

@@ -4,8 +4,8 @@ Training: the shared :func:`stf_pipeline.nn.fit` loop (seeded patch draws, on-de
 jitted step), timed after a compiling warm-up run, for each stage (the NLM
 CNN on LSR patches, the SR CNN on fine patches). Speed does not depend on the pixel values, so
 the scenes are uniform random reflectance (three dates, six bands, ``coarse_factor`` 16: LSR
-factor 4, no CRS so that GPU workers need no GDAL), quick to build at any size. Inference: the jitted two-level prediction
-(:func:`stf_pipeline.methods.stfdcnn.predict_block`) of a ``size x size`` scene with the paper's
+factor 4, no CRS so that GPU workers need no GDAL), quick to build at any size. Inference: the jitted
+two-level prediction (:func:`stf_pipeline.methods.stfdcnn.predict_block`) of a ``size x size`` scene with the paper's
 architecture (weights random: speed does not depend on them), timed after a warm-up on
 device-resident inputs ("compute"), and end to end through ``stf.fuse`` on a NumPy-backed cube
 (host transfers included). Prints a table and writes JSON with the machine description.
@@ -53,7 +53,13 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
     n_bands = cube.sizes["band"]
     rows = []
     stages = (
-        ("stage1_nlm", cfg.nlm, stfdcnn.NLMBatch(r, cfg.nlm.receptive_radius), ("fine", "coarse"), args.patch_size // r),
+        (
+            "stage1_nlm",
+            cfg.nlm,
+            stfdcnn.NLMBatch(r, cfg.nlm.receptive_radius),
+            ("fine", "coarse"),
+            args.patch_size // r,
+        ),
         ("stage2_sr", cfg.sr, stfdcnn.SRBatch(r, cfg.sr.receptive_radius), ("fine",), args.patch_size),
     )
     for name, net_cfg, make_batch, variables, size in stages:
@@ -143,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument("--json", type=Path, default=Path("bench_stfdcnn.json"), help="output JSON path")
     args = parser.parse_args(argv)
-    result: dict[str, Any] = {"benchmark": "stfdcnn", "machine": describe_machine(), "args": {k: str(v) for k, v in vars(args).items()}}
+    result: dict[str, Any] = {
+        "benchmark": "stfdcnn", "machine": describe_machine(), "args": {k: str(v) for k, v in vars(args).items()}
+    }
     if not args.skip_training:
         result["training"] = _training(args)
         print(f"{'stage':<12}{'patch':>7}{'batch':>7}{'steps':>7}{'seconds':>10}{'patches/s':>12}")

@@ -11,7 +11,6 @@ Checkpoints are written synchronously: when ``save`` returns, the step is on dis
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 from collections.abc import Mapping
@@ -41,7 +40,9 @@ class CheckpointStore:
     max_to_keep : int, default 2
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, fingerprint: Mapping[str, Any], max_to_keep: int = 2) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], *, fingerprint: Mapping[str, Any], max_to_keep: int = 2
+    ) -> None:
         self.directory = Path(directory).absolute()
         self.fingerprint = _canonical(dict(fingerprint))
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True)
@@ -80,7 +81,9 @@ class CheckpointStore:
         payload = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         saved = payload.get("fingerprint")
         if saved != self.fingerprint:
-            diff = sorted(k for k in set(saved or {}) | set(self.fingerprint) if (saved or {}).get(k) != self.fingerprint.get(k))
+            diff = sorted(
+                k for k in set(saved or {}) | set(self.fingerprint) if (saved or {}).get(k) != self.fingerprint.get(k)
+            )
             raise ModelError(
                 f"checkpoint in {self.directory} (step {step}) belongs to another model (differs in {diff}); "
                 "use a fresh workdir for this model, or delete the old checkpoints."

@@ -9,8 +9,9 @@ known fine image), and the network predicts one value per band.
 - :class:`BandNet` applies a stack either **per band** (one independent network per band, the
   paper's choice: a scan over bands with stacked weights, so each band runs as plain
   convolutions over the whole batch, one band after the other: grouped convolutions, what a
-  vectorised map would give, are orders of magnitude slower on CPUs) or **multiband** (one network whose input is all bands' channels and whose last layer has one
-  output per band: fewer, wider convolutions, faster on a GPU).
+  vectorised map would give, are orders of magnitude slower on CPUs) or **multiband** (one network
+  whose input is all bands' channels and whose last layer has one output per band: fewer, wider
+  convolutions, faster on a GPU).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class ConvStack(nn.Module):
             )
         x = x.astype(self.dtype)
         last = len(self.features) - 1
-        for i, (width, k) in enumerate(zip(self.features, self.kernel_sizes)):
+        for i, (width, k) in enumerate(zip(self.features, self.kernel_sizes, strict=True)):
             init = nn.initializers.zeros if (i == last and self.zero_last) else nn.linear.default_kernel_init
             x = nn.Conv(
                 int(width),
@@ -123,10 +124,13 @@ class BandNet(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """``(batch, y, x, band, channel) -> (batch, y, x, band)`` float32."""
         if x.ndim != 5 or x.shape[3] != self.n_bands:
-            raise ValueError(f"BandNet expects (batch, y, x, {self.n_bands} bands, channel) input, got shape {x.shape}.")
+            raise ValueError(
+                f"BandNet expects (batch, y, x, {self.n_bands} bands, channel) input, got shape {x.shape}."
+            )
         if self.multiband:
             flat = x.reshape(*x.shape[:3], -1)
-            return ConvStack((*self.hidden, self.n_bands), self.kernel_sizes, self.dtype, self.zero_last, name="net")(flat)
+            net = ConvStack((*self.hidden, self.n_bands), self.kernel_sizes, self.dtype, self.zero_last, name="net")
+            return net(flat)
         per_band = nn.scan(
             _BandSlice,
             variable_axes={"params": 0},

@@ -68,7 +68,9 @@ def ordered_pairs(n: int) -> tuple[tuple[int, int], ...]:
 
 
 @functools.partial(jax.jit, static_argnames=("size",))
-def _gather(data: dict[str, jax.Array], dates: jax.Array, y0: jax.Array, x0: jax.Array, *, size: int) -> dict[str, jax.Array]:
+def _gather(
+    data: dict[str, jax.Array], dates: jax.Array, y0: jax.Array, x0: jax.Array, *, size: int
+) -> dict[str, jax.Array]:
     """Crop ``(batch, k, band, size, size)`` windows from ``(time, band, y, x)`` arrays."""
 
     def crop(arr: jax.Array) -> jax.Array:
@@ -222,7 +224,7 @@ class PatchSampler:
             arr = self.cube[name].data
             windows = [
                 [arr[int(self._time_index[t]), :, y : y + p, x : x + p] for t in item]
-                for item, y, x in zip(items, y0, x0)
+                for item, y, x in zip(items, y0, x0, strict=True)
             ]
             out[name] = windows
         (computed,) = dask.compute(out)

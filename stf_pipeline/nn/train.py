@@ -125,7 +125,9 @@ class TrainConfig:
     augment: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "patch_size", "eval_every", "eval_batches", "checkpoint_every", "log_every"):
+        for name in (
+            "steps", "batch_size", "patch_size", "eval_every", "eval_batches", "checkpoint_every", "log_every"
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"train config: {name} must be a positive int, got {value!r}.")
@@ -274,7 +276,9 @@ def _sample_step(
 
 
 @functools.partial(jax.jit, static_argnames=("make_batch",))
-def _sample_eval(state: TrainState, crops: dict[str, jax.Array], aux: Any, *, make_batch: MakeBatch) -> dict[str, jax.Array]:
+def _sample_eval(
+    state: TrainState, crops: dict[str, jax.Array], aux: Any, *, make_batch: MakeBatch
+) -> dict[str, jax.Array]:
     return eval_step(state, make_batch(crops, aux))
 
 

@@ -60,7 +60,9 @@ def _write(path: Path, image: np.ndarray, interleave: str) -> None:
 def _images(n: int, rows: int, cols: int, factor: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     base = rng.uniform(0.03, 0.45, size=(6, rows, cols))
-    fine = np.clip(base[None] + rng.uniform(-0.05, 0.05, size=(n, 6, 1, 1)) + rng.normal(0, 0.01, (n, 6, rows, cols)), 0, 1)
+    fine = np.clip(
+        base[None] + rng.uniform(-0.05, 0.05, size=(n, 6, 1, 1)) + rng.normal(0, 0.01, (n, 6, rows, cols)), 0, 1
+    )
     blocks = fine.reshape(n, 6, rows // factor, factor, cols // factor, factor).mean(axis=(3, 5))
     coarse = np.repeat(np.repeat(blocks, factor, axis=2), factor, axis=3) * 0.97 + 0.005
     return np.round(fine * 1e4).astype(np.int16), np.round(coarse * 1e4).astype(np.int16)

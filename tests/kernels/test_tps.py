@@ -14,7 +14,9 @@ def test_tps_interpolates_its_knots_and_reproduces_planes():
     np.testing.assert_allclose(tps_matrix(knots, knots), np.eye(15), atol=1e-9)
     targets = rng.uniform(-3, 3, (40, 2))
     plane = 0.3 + 0.2 * knots[:, 0] - 0.7 * knots[:, 1]
-    np.testing.assert_allclose(tps_matrix(knots, targets) @ plane, 0.3 + 0.2 * targets[:, 0] - 0.7 * targets[:, 1], atol=1e-9)
+    np.testing.assert_allclose(
+        tps_matrix(knots, targets) @ plane, 0.3 + 0.2 * targets[:, 0] - 0.7 * targets[:, 1], atol=1e-9
+    )
     values = rng.normal(size=15)
     want = RBFInterpolator(knots, values, kernel="thin_plate_spline", degree=1)(targets)
     np.testing.assert_allclose(tps_matrix(knots, targets) @ values, want, atol=1e-9)

@@ -16,7 +16,7 @@ from scipy import stats
 def _correlation(x: list[float], y: list[float]) -> float:
     n = len(x)
     mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
     sxx = sum((a - mx) ** 2 for a in x)
     syy = sum((b - my) ** 2 for b in y)
     if sxx == 0 or syy == 0:
@@ -89,11 +89,15 @@ def reference_estarfm(
                     t1 = (1 / abs(d1)) / (1 / abs(d1) + 1 / abs(d2))
                     out[b, i, j] = t1 * (F[0, b, i, j] + d1) + (1 - t1) * (F[1, b, i, j] + d2)
                     continue
-                raw = [1.0 / ((1.0 - correlation(y, x)) * (1.0 + math.hypot(y - i, x - j) / w) + 1e-7) for y, x in similar]
+                raw = [
+                    1.0 / ((1.0 - correlation(y, x)) * (1.0 + math.hypot(y - i, x - j) / w) + 1e-7) for y, x in similar
+                ]
                 weight = [r / sum(raw) for r in raw]
                 xs = [C[0, b, y, x] for y, x in similar] + [C[1, b, y, x] for y, x in similar]
                 ys = [F[0, b, y, x] for y, x in similar] + [F[1, b, y, x] for y, x in similar]
-                change = abs(sum(C[0, b, y, x] for y, x in similar) - sum(C[1, b, y, x] for y, x in similar)) / len(similar)
+                change = abs(
+                    sum(C[0, b, y, x] for y, x in similar) - sum(C[1, b, y, x] for y, x in similar)
+                ) / len(similar)
                 v = 1.0
                 if change >= min_coarse_change:
                     res = stats.linregress(xs, ys)
@@ -102,12 +106,16 @@ def reference_estarfm(
                 a1 = 1 / (abs(mean0 - mean1) + 0.01**5)
                 a2 = 1 / (abs(mean0 - mean2) + 0.01**5)
                 t1, t2 = a1 / (a1 + a2), a2 / (a1 + a2)
-                f01 = F[0, b, i, j] + sum(wt * v * (C0[b, y, x] - C[0, b, y, x]) for wt, (y, x) in zip(weight, similar))
-                f02 = F[1, b, i, j] + sum(wt * v * (C0[b, y, x] - C[1, b, y, x]) for wt, (y, x) in zip(weight, similar))
+                f01 = F[0, b, i, j] + sum(
+                    wt * v * (C0[b, y, x] - C[0, b, y, x]) for wt, (y, x) in zip(weight, similar, strict=True)
+                )
+                f02 = F[1, b, i, j] + sum(
+                    wt * v * (C0[b, y, x] - C[1, b, y, x]) for wt, (y, x) in zip(weight, similar, strict=True)
+                )
                 pred = t1 * f01 + t2 * f02
                 if pred <= value_range[0] or pred >= value_range[1]:
-                    f01 = sum(wt * F[0, b, y, x] for wt, (y, x) in zip(weight, similar))
-                    f02 = sum(wt * F[1, b, y, x] for wt, (y, x) in zip(weight, similar))
+                    f01 = sum(wt * F[0, b, y, x] for wt, (y, x) in zip(weight, similar, strict=True))
+                    f02 = sum(wt * F[1, b, y, x] for wt, (y, x) in zip(weight, similar, strict=True))
                     pred = t1 * f01 + t2 * f02
                 out[b, i, j] = pred
     return out

@@ -129,7 +129,9 @@ def _skimage_ssim(pred, truth) -> float:
 
     t = np.asarray(truth, dtype=np.float64)
     p = np.asarray(pred, dtype=np.float64)
-    return float(np.mean([structural_similarity(t[b], p[b], data_range=float(np.ptp(t[b]))) for b in range(t.shape[0])]))
+    return float(
+        np.mean([structural_similarity(t[b], p[b], data_range=float(np.ptp(t[b]))) for b in range(t.shape[0])])
+    )
 
 
 @pytest.mark.slow
@@ -147,7 +149,9 @@ def test_zhu_sample_data_beats_the_authors_code_and_the_baselines():
     # thousandths of the best ones (skimage: copying 08-12 0.8868 vs 0.8838; stf.evaluate: delta
     # from both 0.9764 vs 0.9760), as Zhu's code is (0.886 against 0.890 in issue 4's table).
     baselines = [cube["fine"].sel(time=pair).drop_vars("time") for pair in task.pairs]
-    baselines += [stf.fuse(cube, task.target, method="delta", pairs=p) for p in ([task.pairs[0]], [task.pairs[1]], task.pairs)]
+    baselines += [
+        stf.fuse(cube, task.target, method="delta", pairs=p) for p in ([task.pairs[0]], [task.pairs[1]], task.pairs)
+    ]
     for baseline in baselines:
         base = stf.evaluate(baseline, truth, ratio=ratio)
         assert rmse < float(base["rmse"].mean())

@@ -94,8 +94,13 @@ def _reference(f1, c1, c2, *, centres=None, labels=None, factor, half_window, n_
                 rows, ys = [], []
                 for k in range(n_classes):
                     cand = [(a, c) for a, c in win if usable[a, c] and frac[k, a, c] > MIN_FRACTION]
-                    cand.sort(key=lambda t: (-frac[k, t[0], t[1]], (t[0] - i) ** 2 + (t[1] - j) ** 2,
-                                             (t[0] - i + unmix_radius) * (2 * unmix_radius + 1) + t[1] - j + unmix_radius))
+                    cand.sort(
+                        key=lambda t: (
+                            -frac[k, t[0], t[1]],
+                            (t[0] - i) ** 2 + (t[1] - j) ** 2,
+                            (t[0] - i + unmix_radius) * (2 * unmix_radius + 1) + t[1] - j + unmix_radius,
+                        )
+                    )
                     cand = cand[:n_pure]
                     if not cand:
                         continue
@@ -104,7 +109,7 @@ def _reference(f1, c1, c2, *, centres=None, labels=None, factor, half_window, n_
                     n = len(yv)
                     lo_t = ys_sorted[min(int(np.floor(0.1 * n + 1e-9)), n - 1)]
                     hi_t = ys_sorted[min(int(np.floor(0.9 * n + 1e-9)), n - 1)]
-                    for (a, c), v in zip(cand, yv):
+                    for (a, c), v in zip(cand, yv, strict=True):
                         if lo_t <= v <= hi_t:
                             rows.append(frac[:, a, c])
                             ys.append(v)

@@ -178,7 +178,9 @@ def test_kernel_matches_float64_reference(clouds, gaps, factor, backend):
         c2[:, 12:18, 18:24] = np.nan
         c1[:, 0:6, 0:6] = np.nan
     centres = kmeans(f1.reshape(3, -1).T[np.isfinite(f1.reshape(3, -1).T).all(1)], 3)
-    p = _params(factor, centres, half_window=3 if factor == 2 else 5, fine_clip=((0.06, 0.5), (0.05, 0.52), (0.07, 0.49)))
+    p = _params(
+        factor, centres, half_window=3 if factor == 2 else 5, fine_clip=((0.06, 0.5), (0.05, 0.52), (0.07, 0.49))
+    )
     got = fsdaf.METHOD.kernel_for(backend)(f1[None], c1[None], c2, params=p)
     want = reference_fsdaf(f1, c1, c2, centres=centres, factor=factor, half_window=p.half_window, n_similar=8,
                            n_pure=10, unmix_radius=2, tps_radius=2, fine_clip=p.fine_clip)
@@ -245,7 +247,7 @@ def test_fuse_with_a_class_map_from_the_cube():
     lazy = stf.fuse(cube.chunk({"y": 16, "x": 24}), cube.time.values[1], **kw)
     np.testing.assert_allclose(lazy.values, eager.values, atol=1e-6)
     with pytest.raises(MethodError, match="class_values"):
-        stf.fuse(cube, cube.time.values[1], method="fsdaf", class_map="classes", n_classes=3).values
+        _ = stf.fuse(cube, cube.time.values[1], method="fsdaf", class_map="classes", n_classes=3).values
 
 
 def test_bad_inputs_give_clear_errors():

@@ -51,7 +51,8 @@ def reference_starfm(
             tol.append(2.0 * scale * math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)) / n_classes)
 
         def valid(k: int, i: int, j: int) -> bool:
-            return not (math.isnan(L[k, b, i, j]) or math.isnan(M[k, b, i, j]) or math.isnan(M0[b, i, j]))
+            # called only within this band's iteration, so the current ``b`` is the intended one
+            return not (math.isnan(L[k, b, i, j]) or math.isnan(M[k, b, i, j]) or math.isnan(M0[b, i, j]))  # noqa: B023
 
         for i in range(ny):
             for j in range(nx):
