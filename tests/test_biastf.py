@@ -21,7 +21,14 @@ FAST = {
     "preset": "tiny",
     # validate_initial off: on random data the zero-initialised networks would win validation, and
     # the tests need networks that change the prediction
-    "train": {"steps": 20, "patch_size": 24, "batch_size": 4, "eval_every": 10, "checkpoint_every": 10, "validate_initial": False},
+    "train": {
+        "steps": 20,
+        "patch_size": 24,
+        "batch_size": 4,
+        "eval_every": 10,
+        "checkpoint_every": 10,
+        "validate_initial": False,
+    },
 }
 
 
@@ -34,7 +41,9 @@ def cube():
 def trained(cube, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("biastf")
     times = cube.time.values
-    model = stf.train(cube, method="biastf", train_times=times[[0, 1, 3, 4]], val_times=times[[2]], config=FAST, workdir=workdir)
+    model = stf.train(
+        cube, method="biastf", train_times=times[[0, 1, 3, 4]], val_times=times[[2]], config=FAST, workdir=workdir
+    )
     return model, workdir
 
 
@@ -83,16 +92,21 @@ def test_training_writes_history_figure_and_model(trained, cube):
     assert biastf.Statistics.from_model(loaded) == biastf.Statistics.from_model(model)
     target = cube.time.values[2]
     np.testing.assert_array_equal(
-        stf.fuse(cube, target, method="biastf", model=loaded).values, stf.fuse(cube, target, method="biastf", model=model).values
+        stf.fuse(cube, target, method="biastf", model=loaded).values,
+        stf.fuse(cube, target, method="biastf", model=model).values,
     )
 
 
 def test_rerun_with_workdir_resumes_instead_of_retraining(trained, cube):
     model, workdir = trained
     times = cube.time.values
-    again = stf.train(cube, method="biastf", train_times=times[[0, 1, 3, 4]], val_times=times[[2]], config=FAST, workdir=workdir)
+    again = stf.train(
+        cube, method="biastf", train_times=times[[0, 1, 3, 4]], val_times=times[[2]], config=FAST, workdir=workdir
+    )
     for name in ("G", "B"):
-        for a, b in zip(jax.tree_util.tree_leaves(model.params[name]), jax.tree_util.tree_leaves(again.params[name])):
+        for a, b in zip(
+            jax.tree_util.tree_leaves(model.params[name]), jax.tree_util.tree_leaves(again.params[name]), strict=True
+        ):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ModelError, match="belongs to another model"):
         stf.train(cube, method="biastf", train_times=times[[0, 1, 4]], config=FAST, workdir=workdir)
@@ -191,7 +205,9 @@ def _g_and_b(model, fine, coarse, ct):
     target = np.broadcast_to(ct[None], coarse.shape)
     conversion = np.asarray(stats["conversion"]) if cfg.g_base == "linear" else np.eye(fine.shape[1])
     base = np.einsum("ab,nbyx->nyxa", conversion, target - coarse)
-    x_g = np.stack([(target - coarse) / change_scale, (fine - mean) / scale, (coarse - mean) / scale, (target - mean) / scale], -1)
+    x_g = np.stack(
+        [(target - coarse) / change_scale, (fine - mean) / scale, (coarse - mean) / scale, (target - mean) / scale], -1
+    )
     x_g = x_g.transpose(0, 2, 3, 1, 4)
     g = base + np.asarray(net.apply({"params": model.params["G"]}, x_g)) * np.asarray(stats["change"])
     x_b = np.concatenate([x_g, (g / np.asarray(stats["change"]))[..., None]], -1)
@@ -225,8 +241,11 @@ def test_learned_part_fades_out_beyond_the_training_changes(trained, cube, caplo
     with caplog.at_level("WARNING", logger="stf_pipeline.methods.biastf"):
         _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9), model=model)
     assert "exceeds the training pairs' range" in caplog.text and "falls back to F(j) + dC" in caplog.text
-    np.testing.assert_allclose(transitional, fine + (base + trust * (g + b - base)).transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(transitional[..., -4:], (fine + base.transpose(0, 3, 1, 2))[..., -4:], rtol=1e-6)  # F(j) + dC
+    np.testing.assert_allclose(
+        transitional, fine + (base + trust * (g + b - base)).transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-6
+    )
+    # F(j) + dC
+    np.testing.assert_allclose(transitional[..., -4:], (fine + base.transpose(0, 3, 1, 2))[..., -4:], rtol=1e-6)
 
 
 def test_nan_input_hands_the_pixel_to_the_other_pair(trained, cube):
@@ -257,7 +276,9 @@ def test_bad_inputs_raise_clear_errors(trained, cube):
     times = cube.time.values
     with pytest.raises(TaskError, match="needs at least two"):
         stf.train(cube, method="biastf", train_times=times[[1, 1]], config=FAST)
-    small = stf.train(cube, method="biastf", train_times=times[[0, 1]], config={**FAST, "train": {**FAST["train"], "patch_size": 64}})
+    small = stf.train(
+        cube, method="biastf", train_times=times[[0, 1]], config={**FAST, "train": {**FAST["train"], "patch_size": 64}}
+    )
     assert small.extra["validation"]["mode"].startswith("none")  # two dates: no validation (documented fallback):
     zero = dataclasses.replace(small, params=jax.tree_util.tree_map(np.zeros_like, small.params))
     blocks = (cube.fine.values[[0, 1]], cube.coarse.values[[0, 1]], cube.coarse.values[2])
@@ -277,7 +298,13 @@ def test_bad_inputs_raise_clear_errors(trained, cube):
         stf.fuse(cube.sel(band=["nir"]), times[2], method="biastf", model=model)
     other = dataclasses.replace(model, method="stfdcnn")
     with pytest.raises(MethodError, match="needs a model trained with"):
-        predict_block(cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2], params=BiaSTFParams(window=9), model=other)
+        predict_block(
+            cube.fine.values[[1, 3]],
+            cube.coarse.values[[1, 3]],
+            cube.coarse.values[2],
+            params=BiaSTFParams(window=9),
+            model=other,
+        )
     assert isinstance(model, FittedModel)
 
 
@@ -320,7 +347,9 @@ def test_device_aware_defaults_are_small_on_a_cpu():
 def test_default_training_holds_out_a_date_stops_early_and_refits(cube, caplog):
     """No val_times: one training date validates, early stopping ends the run at the best step
     (patience 1), and the networks are refitted on all dates for that many steps."""
-    config = {**FAST, "refit": True, "train": {**FAST["train"], "steps": 60, "eval_every": 5, "patience": 1, "min_delta": 0.5}}
+    config = {
+        **FAST, "refit": True, "train": {**FAST["train"], "steps": 60, "eval_every": 5, "patience": 1, "min_delta": 0.5}
+    }
     model = stf.train(cube, method="biastf", config=config)  # train_times: every date with a fine image
     validation = model.extra["validation"]
     assert validation["mode"] == "held-out training date" and validation["val_times"] == [str(cube.time.values[2])[:10]]

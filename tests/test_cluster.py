@@ -214,7 +214,9 @@ def test_a_model_goes_to_the_cluster_once_not_inside_graphs(tmp_path, recwarn):
     stf.fuse_series(cube, method="biastf", model=model, out=tmp_path / "ref.zarr", chunks=(24, 24), progress=False)
     with dask.config.set({"distributed.admin.large-graph-warning-threshold": len(pickle.dumps(model)) // 2}):
         with start_cluster({"n_workers": 1, "threads_per_worker": 2, "memory_limit": "2GiB"}, quiet=True):
-            stf.fuse_series(cube, method="biastf", model=model, out=tmp_path / "f.zarr", chunks=(24, 24), progress=False)
+            stf.fuse_series(
+                cube, method="biastf", model=model, out=tmp_path / "f.zarr", chunks=(24, 24), progress=False
+            )
     assert [str(w.message) for w in recwarn if "large graph" in str(w.message)] == []
     np.testing.assert_allclose(
         stf.open_cube(tmp_path / "f.zarr")["fine"].values, stf.open_cube(tmp_path / "ref.zarr")["fine"].values,

@@ -140,7 +140,12 @@ def test_masked_pixels_affect_neither_loss_nor_gradient():
     (l_nan, g_nan), (l_junk, g_junk), (l_without, g_without) = grads(with_nan), grads(with_junk), grads(without)
     assert np.isfinite(l_nan) and l_nan == l_junk
     np.testing.assert_allclose(l_nan, l_without, rtol=1e-6)
-    for a, b, c in zip(jax.tree_util.tree_leaves(g_nan), jax.tree_util.tree_leaves(g_junk), jax.tree_util.tree_leaves(g_without)):
+    for a, b, c in zip(
+        jax.tree_util.tree_leaves(g_nan),
+        jax.tree_util.tree_leaves(g_junk),
+        jax.tree_util.tree_leaves(g_without),
+        strict=True,
+    ):
         assert np.all(np.isfinite(a))
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-8)
@@ -198,7 +203,9 @@ def _run(cube, workdir=None, *, seed=0, on_step=None, fingerprint=None):
 
 
 def _same(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    return all(
+        np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=False)
+    )
 
 
 def test_fit_is_deterministic_validates_and_resumes_after_a_kill(cube, tmp_path):
@@ -240,7 +247,8 @@ def test_early_stopping_keeps_best_params(cube):
     state = create_train_state(jax.random.key(0), stalled, _net(), jnp.zeros((1, 16, 16, 2, 2)))
     result = fit(state, sampler, change_batch, config=stalled, val_sampler=sampler)
     assert result.stopped_early and result.history["val_step"] == [0, 4]
-    assert _same(result.params, state.params) and not _same(result.state.params, state.params)  # the initial ones are kept
+    # the initial ones are kept
+    assert _same(result.params, state.params) and not _same(result.state.params, state.params)
 
 
 def _params_at(steps, config, sampler, state):
@@ -250,7 +258,9 @@ def _params_at(steps, config, sampler, state):
 def test_fitted_model_round_trip_and_checks(cube, tmp_path):
     net = _net()
     params = net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 2, 2)))["params"]
-    model = FittedModel("biastf", {"filters": [4, 4, 4]}, {"G": params}, ("red", "nir"), 4, ("2020-03-01",), {"s": {"loss": [1.0]}})
+    model = FittedModel(
+        "biastf", {"filters": [4, 4, 4]}, {"G": params}, ("red", "nir"), 4, ("2020-03-01",), {"s": {"loss": [1.0]}}
+    )
     path = model.save(tmp_path / "m")
     loaded = FittedModel.load(path)
     assert loaded.method == "biastf" and loaded.bands == ("red", "nir") and loaded.coarse_factor == 4
@@ -289,7 +299,8 @@ def test_bandnet_bfloat16_close_to_float32():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 12, 12, 2, 2)), jnp.float32)
     params = _net().init(jax.random.key(0), x)["params"]
     f32 = _net().apply({"params": params}, x)
-    bf16 = functools.partial(BandNet, 2, (4, 4, 4), (7, 5, 3, 3), multiband=True, dtype=jnp.bfloat16)().apply({"params": params}, x)
+    bf16_net = functools.partial(BandNet, 2, (4, 4, 4), (7, 5, 3, 3), multiband=True, dtype=jnp.bfloat16)()
+    bf16 = bf16_net.apply({"params": params}, x)
     assert bf16.dtype == jnp.float32
     np.testing.assert_allclose(bf16, f32, atol=0.05 * float(jnp.abs(f32).max()))
 
@@ -319,9 +330,13 @@ def test_augmentation_keeps_every_image_of_an_item_aligned(cube):
     batch, reference = change_batch(crops, None), change_batch(plain, None)  # derived inputs, target, mask
     for field in ("targets", "mask"):
         ref = jnp.moveaxis(getattr(reference, field), -1, 1)  # (batch, band, y, x)
-        np.testing.assert_array_equal(jnp.moveaxis(getattr(batch, field), -1, 1), dihedral({"x": ref}, jnp.asarray(ops))["x"])
+        np.testing.assert_array_equal(
+            jnp.moveaxis(getattr(batch, field), -1, 1), dihedral({"x": ref}, jnp.asarray(ops))["x"]
+        )
     ref = jnp.moveaxis(reference.inputs, (3, 4), (1, 2))
-    np.testing.assert_array_equal(jnp.moveaxis(batch.inputs, (3, 4), (1, 2)), dihedral({"x": ref}, jnp.asarray(ops))["x"])
+    np.testing.assert_array_equal(
+        jnp.moveaxis(batch.inputs, (3, 4), (1, 2)), dihedral({"x": ref}, jnp.asarray(ops))["x"]
+    )
 
 
 def test_ctrl_c_writes_a_checkpoint_and_a_rerun_resumes(cube, tmp_path):
@@ -333,7 +348,8 @@ def test_ctrl_c_writes_a_checkpoint_and_a_rerun_resumes(cube, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         _run(cube, tmp_path / "ckpt", on_step=interrupt)
-    assert CheckpointStore(tmp_path / "ckpt", fingerprint={"method": "test"}).latest_step() == 6  # not the last periodic one (4)
+    # not the last periodic one (4)
+    assert CheckpointStore(tmp_path / "ckpt", fingerprint={"method": "test"}).latest_step() == 6
     resumed = _run(cube, tmp_path / "ckpt")
     assert int(resumed.state.step) == 12 and resumed.history == full.history
     assert _same(resumed.state.params, full.state.params) and _same(resumed.params, full.params)

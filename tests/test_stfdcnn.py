@@ -63,22 +63,31 @@ def model(cube, workdir):
 
 def _identity_model(bands: tuple[str, ...], *, lsr_factor: int, coarse_factor: int) -> FittedModel:
     """A model whose residual networks output their input (last layer zero)."""
-    arch = stfdcnn.Architecture(bands=bands, lsr_factor=lsr_factor, coarse_factor=coarse_factor, nlm=TINY_NET, sr=TINY_NET)
+    arch = stfdcnn.Architecture(
+        bands=bands, lsr_factor=lsr_factor, coarse_factor=coarse_factor, nlm=TINY_NET, sr=TINY_NET
+    )
     params = {}
     for i, name in enumerate(("nlm", "sr")):
-        p = jax.jit(ResidualCNN(len(bands), TINY_NET).init)(jax.random.key(i), jnp.zeros((1, 8, 8, len(bands), 1)))["params"]
+        init = jax.jit(ResidualCNN(len(bands), TINY_NET).init)
+        p = init(jax.random.key(i), jnp.zeros((1, 8, 8, len(bands), 1)))["params"]
         p = jax.tree_util.tree_map(np.asarray, p)
         p["net"]["conv5"] = jax.tree_util.tree_map(np.zeros_like, p["net"]["conv5"])
         params[name] = p
     return FittedModel(
-        method="stfdcnn", config={"architecture": arch.to_dict()}, params=params, bands=bands, coarse_factor=coarse_factor
+        method="stfdcnn",
+        config={"architecture": arch.to_dict()},
+        params=params,
+        bands=bands,
+        coarse_factor=coarse_factor,
     )
 
 
 # --------------------------------------------------------------------------- float64 references
 def _keys(x: np.ndarray, a: float = -0.5) -> np.ndarray:
     x = np.abs(x)
-    return np.where(x <= 1, (a + 2) * x**3 - (a + 3) * x**2 + 1, np.where(x < 2, a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a, 0.0))
+    return np.where(
+        x <= 1, (a + 2) * x**3 - (a + 3) * x**2 + 1, np.where(x < 2, a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a, 0.0)
+    )
 
 
 def _cubic_matrix(n: int, r: int) -> np.ndarray:
@@ -135,7 +144,13 @@ def test_default_lsr_factor_splits_the_gap_evenly():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"kernel_sizes": (3, 4, 3)}, {"kernel_sizes": (3, 3), "widths": (8, 8)}, {"widths": (8, 0, 8, 8)}, {"kernel_sizes": ()}]
+    "kwargs",
+    [
+        {"kernel_sizes": (3, 4, 3)},
+        {"kernel_sizes": (3, 3), "widths": (8, 8)},
+        {"widths": (8, 0, 8, 8)},
+        {"kernel_sizes": ()},
+    ],
 )
 def test_cnn_config_rejects_bad_shapes(kwargs):
     with pytest.raises(ConfigError):
@@ -172,14 +187,18 @@ def test_block_mean_and_upsample_match_references():
     x[0, 1, :4, :3] = np.nan  # a fully missing block and a partial one
     np.testing.assert_allclose(stfdcnn.block_mean(jnp.asarray(x), 4), _ref_block_mean(x, 4), rtol=1e-6, equal_nan=True)
     lsr = rng.random((2, 4, 3)).astype(np.float32)
-    np.testing.assert_allclose(stfdcnn.upsample(jnp.asarray(lsr), 4, (13, 11)), _ref_upsample(lsr, 4, (13, 11)), atol=1e-6)
+    np.testing.assert_allclose(
+        stfdcnn.upsample(jnp.asarray(lsr), 4, (13, 11)), _ref_upsample(lsr, 4, (13, 11)), atol=1e-6
+    )
 
 
 def test_high_pass_modulation_by_hand():
     """T_t = 0.2, T_1 = 0.1, L_1 = 0.15: gain 2, prediction 0.2 + 2 * 0.05 = 0.3 (one pair)."""
     p = stfdcnn.STFDCNNParams(weight_window=1)
     target = jnp.full((1, 2, 2), 0.2)
-    pred, ok = stfdcnn.modulate_and_weight(target, jnp.full((1, 1, 2, 2), 0.1), jnp.full((1, 1, 2, 2), 0.15), jnp.ones((1, 2, 2), bool), p)
+    pred, ok = stfdcnn.modulate_and_weight(
+        target, jnp.full((1, 1, 2, 2), 0.1), jnp.full((1, 1, 2, 2), 0.15), jnp.ones((1, 2, 2), bool), p
+    )
     np.testing.assert_allclose(pred, 0.3, rtol=1e-6)
     assert bool(ok.all())
 
@@ -195,7 +214,9 @@ def test_modulation_and_weights_match_reference():
     got, ok = stfdcnn.modulate_and_weight(
         *(jnp.asarray(a, jnp.float32) for a in (target, trans, known)), jnp.asarray(valid), p
     )
-    np.testing.assert_allclose(np.asarray(got), _ref_fusion(target, trans, known, valid, p), rtol=1e-5, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(
+        np.asarray(got), _ref_fusion(target, trans, known, valid, p), rtol=1e-5, atol=1e-6, equal_nan=True
+    )
     np.testing.assert_array_equal(np.asarray(ok), valid.any(axis=0))
 
 
@@ -214,7 +235,8 @@ def test_fusion_is_a_convex_combination_and_exact_without_detail(seed, window):
     fused, _ = stfdcnn.modulate_and_weight(jnp.asarray(target), jnp.asarray(trans), jnp.asarray(known), valid, p)
     gain = np.clip(np.maximum(target, 0.01) / np.maximum(trans, 0.01), 1 / p.max_gain, p.max_gain)
     preds = target + gain * (known - trans)
-    assert np.all(np.asarray(fused) >= preds.min(axis=0) - 1e-5) and np.all(np.asarray(fused) <= preds.max(axis=0) + 1e-5)
+    assert np.all(np.asarray(fused) >= preds.min(axis=0) - 1e-5)
+    assert np.all(np.asarray(fused) <= preds.max(axis=0) + 1e-5)
     # Known images equal to their transitional images carry no detail: the target's transitional image comes out.
     same, _ = stfdcnn.modulate_and_weight(jnp.asarray(target), jnp.asarray(trans), jnp.asarray(trans), valid, p)
     np.testing.assert_allclose(np.asarray(same), target, rtol=1e-6)
@@ -271,7 +293,9 @@ def test_fuse_series_equals_fuse(cube, model, tmp_path):
     """Series planning knows no model yet (default-network halo); each region still uses the model's."""
     holed = cube.assign(fine=cube.fine.where(cube.time != cube.time[2]))
     holed = holed.assign_coords(fine_valid=("time", [1.0, 1.0, 0.0, 1.0]))
-    fused = stf.fuse_series(holed, method="stfdcnn", model=model, out=tmp_path / "fused.zarr", progress=False, chunks=(32, 32))
+    fused = stf.fuse_series(
+        holed, method="stfdcnn", model=model, out=tmp_path / "fused.zarr", progress=False, chunks=(32, 32)
+    )
     single = stf.fuse(holed, cube.time.values[2], method="stfdcnn", model=model)
     np.testing.assert_allclose(fused.fine.isel(time=2).values, single.values, atol=CHUNK_ATOL)
 
@@ -285,7 +309,11 @@ def test_chunked_equals_unchunked_with_clouds_and_odd_sizes():
     p = stfdcnn.STFDCNNParams()
     args = (fine[[0, 2]], cube.coarse.values[[0, 2]], cube.coarse.values[1])
     whole = stfdcnn.stfdcnn_kernel(*args, params=p, model=model)
-    chunks = (da.from_array(args[0], chunks=(2, 2, 12, 8)), da.from_array(args[1], chunks=(2, 2, 12, 8)), da.from_array(args[2], chunks=(2, 12, 8)))
+    chunks = (
+        da.from_array(args[0], chunks=(2, 2, 12, 8)),
+        da.from_array(args[1], chunks=(2, 2, 12, 8)),
+        da.from_array(args[2], chunks=(2, 12, 8)),
+    )
     halo = stfdcnn.required_halo(stfdcnn.Architecture(("red", "nir"), 2, 4, TINY_NET, TINY_NET), p)
     mapped = map_overlapping(stfdcnn.stfdcnn_kernel, *chunks, halo=halo, align=4, params=p, model=model)
     np.testing.assert_allclose(mapped.compute(), whole, atol=CHUNK_ATOL, equal_nan=True)
@@ -297,7 +325,8 @@ def test_training_learns_and_records_both_stages(cube, model):
     assert sorted(model.history) == ["stage1_nlm", "stage2_sr"]
     for h in model.history.values():
         assert h["step"][-1] == 20
-        assert h["val_step"] == [0, 10, 20] and np.isfinite(h["val_rmse"]).all()  # the initial networks compete (default)
+        # the initial networks compete (default)
+        assert h["val_step"] == [0, 10, 20] and np.isfinite(h["val_rmse"]).all()
     nlm = model.history["stage1_nlm"]["loss"]
     assert np.mean(nlm[-5:]) < np.mean(nlm[:5])
     assert model.config["architecture"]["lsr_factor"] == 2
@@ -311,7 +340,7 @@ def test_default_training_holds_out_a_date_and_refits(cube):
     validation = model.extra["validation"]
     assert validation["mode"] == "held-out training date" and validation["val_times"] == [str(cube.time.values[1])[:10]]
     assert len(model.train_times) == 4 and validation["refit"] and len(validation["best_steps"]) == 2
-    for name, best in zip(("nlm", "sr"), validation["best_steps"]):
+    for name, best in zip(("nlm", "sr"), validation["best_steps"], strict=True):
         refit = model.history[f"stage{1 if name == 'nlm' else 2}_{name}_refit"]
         assert refit == {} if best == 0 else refit["step"][-1] == best
 
@@ -342,7 +371,9 @@ def test_too_few_or_unusable_training_dates(cube):
     with pytest.raises(TaskError, match="not dates of the cube"):
         stf.train(cube, method="stfdcnn", train_times=["2020-03-01", "1999-01-01"], config="tiny")
     with pytest.raises(TaskError, match="held-out"):
-        stf.train(cube, method="stfdcnn", train_times=cube.time.values[:2], val_times=cube.time.values[1:3], config="tiny")
+        stf.train(
+            cube, method="stfdcnn", train_times=cube.time.values[:2], val_times=cube.time.values[1:3], config="tiny"
+        )
     holes = cube.assign(fine=cube.fine.where(cube.time != cube.time[1]))
     holes = holes.assign_coords(fine_valid=("time", [1.0, 0.0, 1.0, 1.0]))
     with pytest.raises(TaskError, match="no fine image"):
@@ -376,7 +407,11 @@ def test_model_of_other_bands_or_method_is_refused(cube, model):
     other = dataclasses.replace(model, method="biastf")
     with pytest.raises(ModelError, match="method='stfdcnn'"):
         stfdcnn.stfdcnn_kernel(
-            cube.fine.values[[0, 3]], cube.coarse.values[[0, 3]], cube.coarse.values[2], params=stfdcnn.STFDCNNParams(), model=other
+            cube.fine.values[[0, 3]],
+            cube.coarse.values[[0, 3]],
+            cube.coarse.values[2],
+            params=stfdcnn.STFDCNNParams(),
+            model=other,
         )
     with pytest.raises(MethodError, match="learned"):
         stf.fuse(cube, target, method="stfdcnn")
