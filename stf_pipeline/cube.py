@@ -358,11 +358,34 @@ def pixel_size(cube: xr.Dataset | xr.DataArray) -> float:
     return float(abs(x[1] - x[0])) if x.size > 1 else 1.0
 
 
-def _clear_encoding(cube: xr.Dataset) -> xr.Dataset:
-    cube = cube.copy()
-    for var in cube.variables.values():
+def cf_georeferenced(ds: xr.Dataset) -> xr.Dataset:
+    """A copy of ``ds`` with its encodings cleared and its georeferencing in CF attributes.
+
+    Encodings are cleared so that a cube read from one store is written with this package's
+    chunks and codecs; that also drops rioxarray's ``grid_mapping`` encoding, so it is put back
+    as the ``grid_mapping`` attribute of every data variable on the ``(y, x)`` grid, and ``x``/``y``
+    get CF ``standard_name``, ``long_name`` and ``units`` (``rio.write_coordinate_system``):
+    ``xr.open_zarr(path)``, rioxarray and GIS tools then read the store georeferenced. Without a
+    CRS only the encodings are cleared. Write ``y``/``x`` with :func:`coord_encoding`.
+    """
+    import rioxarray  # noqa: F401  (registers .rio)
+
+    ds = ds.copy()
+    for var in ds.variables.values():
         var.encoding = {}
-    return cube
+    if ds.rio.crs is None:
+        return ds
+    grid_mapping = ds.rio.grid_mapping
+    for name in ds.data_vars:
+        if {"y", "x"} <= set(ds.variables[name].dims):
+            ds.variables[name].attrs["grid_mapping"] = grid_mapping
+    return ds.rio.write_coordinate_system()
+
+
+def coord_encoding() -> dict[str, dict[str, Any]]:
+    """Zarr encoding of the ``y``/``x`` coordinates: no ``_FillValue`` (CF: a coordinate has no
+    missing values; xarray would otherwise write ``NaN``)."""
+    return {dim: {"_FillValue": None} for dim in ("y", "x")}
 
 
 def write_cube(
@@ -421,9 +444,9 @@ def write_cube(
                 raise StoreError(f"{path} exists and is not a stf_pipeline cube store; refusing to overwrite it.")
         sizes = {**DEFAULT_CHUNKS, **(chunks or {})}
         target = {dim: (cube.sizes[dim] if size == -1 else min(size, cube.sizes[dim])) for dim, size in sizes.items()}
-        out = strings_as_objects(_clear_encoding(with_valid_fractions(cube)).chunk(target))
+        out = strings_as_objects(cf_georeferenced(with_valid_fractions(cube)).chunk(target))
         out.attrs[STORE_MARKER] = STORE_VERSION
-        encoding = {
+        encoding = coord_encoding() | {
             str(name): chunk_encoding(tuple(c[0] for c in out[name].data.chunks))
             for name in out.data_vars
             if isinstance(out[name].data, da.Array) and out[name].ndim

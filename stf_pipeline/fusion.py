@@ -10,7 +10,7 @@ import dask.array as da
 import xarray as xr
 
 from stf_pipeline.cube import pixel_size, validate_cube
-from stf_pipeline.exceptions import MethodError
+from stf_pipeline.exceptions import CubeError, MethodError
 from stf_pipeline.methods import MethodContext, MethodSpec, get_method, params_to_attrs
 from stf_pipeline.parallel import fill_statistics, map_overlapping
 from stf_pipeline.task import DateLike, Task, resolve_task
@@ -23,6 +23,26 @@ def method_context(cube: xr.Dataset) -> MethodContext:
         coarse_factor=int(factor) if factor is not None else None,
         pixel_size=pixel_size(cube),
         n_bands=int(cube.sizes["band"]),
+    )
+
+
+def require_coarse(cube: xr.Dataset, *, what: str) -> None:
+    """Refuse a cube without ``coarse``: fusion reads it at the target and pair dates.
+
+    :func:`stf_pipeline.validate_cube` accepts a fused store without it (``fuse_series`` keeps
+    ``coarse`` only when asked to), so ``what`` (the caller, e.g. ``"stf.fuse"``) checks here.
+
+    Raises
+    ------
+    CubeError
+        Naming the missing variable and how to get a cube that has it.
+    """
+    if "coarse" in cube.data_vars:
+        return
+    raise CubeError(
+        f"{what} needs the data variable 'coarse', which this cube lacks (found "
+        f"{sorted(map(str, cube.data_vars))}); this looks like a fused store: fuse from the input cube, "
+        "or write the fused store with keep=('coarse',)."
     )
 
 
@@ -88,6 +108,7 @@ def fuse(
     from stf_pipeline import __version__
 
     validate_cube(cube)
+    require_coarse(cube, what="stf.fuse")
     spec = method if isinstance(method, MethodSpec) else get_method(method)
     context = method_context(cube)
     p = spec.make_params(**params)

@@ -59,7 +59,9 @@ from stf_pipeline.cube import (
     STORE_MARKER,
     STORE_VERSION,
     ZARR_FORMAT,
+    cf_georeferenced,
     chunk_encoding,
+    coord_encoding,
     open_store,
     quiet_zarr,
     remove_litter,
@@ -69,7 +71,7 @@ from stf_pipeline.cube import (
     with_valid_fractions,
 )
 from stf_pipeline.exceptions import CubeError, StoreError, TaskError
-from stf_pipeline.fusion import fuse, method_context
+from stf_pipeline.fusion import fuse, method_context, require_coarse
 from stf_pipeline.methods import get_method, params_to_attrs
 from stf_pipeline.progress import DaskProgress, Progress
 from stf_pipeline.store import (
@@ -175,7 +177,9 @@ def fuse_series(
         Keyword arguments for ``stf.train`` when the model is trained here; ``train_times``
         default to the cube's ``stf_train_times`` attr, else every date with fine data.
     **params
-        Method parameters, and ``backend=`` as for :func:`stf_pipeline.fuse`.
+        Method parameters, and ``backend=`` as for :func:`stf_pipeline.fuse`. The backend is part
+        of the request: resuming with another backend is refused ("method or parameters
+        changed"); ``"auto"`` is the same request as the backend it resolves to.
 
     Returns
     -------
@@ -190,8 +194,8 @@ def fuse_series(
         No target date, a target with all-NaN coarse data, or a target without pairs
         (raised before anything is written).
     CubeError
-        The cube breaks the contract (values included, on a sample), or ``keep`` names a
-        variable it does not have.
+        The cube breaks the contract (values included, on a sample), has no ``coarse`` (a fused
+        store), or ``keep`` names a variable it does not have.
     StoreError
         ``out`` exists and is not a stf_pipeline store, holds a different request (the message
         says what changed) and ``overwrite`` is False, is being written by another process, or
@@ -208,9 +212,11 @@ def fuse_series(
     from stf_pipeline import __version__
 
     validate_cube(cube, check_values=True)
+    require_coarse(cube, what="stf.fuse_series")
     spec = get_method(method)
     context = method_context(cube)
-    spec.resolve_backend(str(params.get("backend", "auto")))  # stf.fuse's backend= passes through params
+    # the backend ``auto`` resolves to is what fuses, so it is what the request records
+    params = {**params, "backend": spec.resolve_backend(str(params.get("backend", "auto")))}
     p = spec.make_params(**{name: value for name, value in params.items() if name != "backend"})
     if spec.prepare is not None:
         p = spec.prepare(p, context)
@@ -231,7 +237,8 @@ def fuse_series(
         data = _data_digest(cube, plan)
         logger.debug("fingerprint of the input data: %.2f s", time.perf_counter() - start)
         parts = _request_parts(
-            cube, plan, method=spec.name, params=p, train_options=train_options, model=model, data=data
+            cube, plan, method=spec.name, params=p, backend=params["backend"], train_options=train_options,
+            model=model, data=data,
         )
         digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         state = _store_state(path, digest, parts, overwrite=overwrite)
@@ -444,10 +451,13 @@ def _data_digest(cube: xr.Dataset, plan: _Plan) -> str:
 
 
 def _request_parts(
-    cube: xr.Dataset, plan: _Plan, *, method: str, params: Any, train_options: Any, model: Any, data: str
+    cube: xr.Dataset, plan: _Plan, *, method: str, params: Any, backend: str, train_options: Any, model: Any,
+    data: str,
 ) -> dict[str, str]:
     """What defines the store's content, by part: the same request resumes, another one is refused
-    with the parts that differ named."""
+    with the parts that differ named. ``backend`` is the resolved one (never ``"auto"``): backends
+    agree only to a tolerance, so a store is resumed only by the backend that began it, and
+    ``"auto"`` is the same request as the backend it resolves to on this machine."""
     grid = hashlib.sha256()
     for dim in ("y", "x"):
         grid.update(np.ascontiguousarray(cube[dim].values, dtype=np.float64).tobytes())
@@ -458,7 +468,7 @@ def _request_parts(
     return {
         "data": data,
         "params": digest(
-            {"method": method, "params": params_to_attrs(params),
+            {"method": method, "params": params_to_attrs(params), "backend": backend,
              "train_options": json.loads(json.dumps(dict(train_options or {}), default=str))}
         ),
         "model": "" if model is None else model_digest(model),
@@ -532,11 +542,9 @@ def _create_store(
     cube: xr.Dataset, plan: _Plan, path: Path, attrs: Mapping[str, Any], *, method: str, model_digest: str
 ) -> None:
     """Write the template's metadata into a temporary store, then swap it into place."""
-    template = _template(cube, plan, attrs, method=method, model_digest=model_digest)
-    for var in template.variables.values():
-        var.encoding = {}
+    template = cf_georeferenced(_template(cube, plan, attrs, method=method, model_digest=model_digest))
     chunk = (1, template.sizes["band"], *plan.chunks)
-    encoding = {name: {**chunk_encoding(chunk), "dtype": "float32"} for name in plan.variables}
+    encoding = coord_encoding() | {name: {**chunk_encoding(chunk), "dtype": "float32"} for name in plan.variables}
     with atomic_directory(path) as tmp, quiet_zarr():
         template.to_zarr(tmp, mode="w", compute=False, consolidated=True, zarr_format=ZARR_FORMAT, encoding=encoding)
         (tmp / PROGRESS_DIR).mkdir()

@@ -149,3 +149,33 @@ def test_open_unfinished_series_says_how_to_resume(tmp_path):
     path = stf.write_cube(cube.assign_attrs(stf_series_complete=False), tmp_path / "s.zarr")
     with pytest.raises(CubeError, match="rerun stf.fuse_series with the same arguments"):
         stf.open_cube(path)
+
+
+def _zarr_attrs(path, name):
+    """The attributes of array ``name`` as written in the store's ``zarr.json``."""
+    import json
+
+    return json.loads((path / name / "zarr.json").read_text())["attributes"]
+
+
+def test_stores_are_cf_georeferenced(tmp_path):
+    cube = _independent_cube()
+    path = stf.write_cube(cube, tmp_path / "c.zarr", chunks={"y": 16, "x": 16})
+    for name in ("fine", "coarse", "qa"):
+        assert _zarr_attrs(path, name)["grid_mapping"] == "spatial_ref"
+    for dim, axis in (("x", "X"), ("y", "Y")):
+        attrs = _zarr_attrs(path, dim)
+        assert attrs["standard_name"] == f"projection_{dim}_coordinate"
+        assert attrs["units"] == "metre" and attrs["axis"] == axis
+        assert "_FillValue" not in attrs
+    opened = xr.open_zarr(path)
+    assert opened.fine.attrs["grid_mapping"] == "spatial_ref"
+    assert opened.fine.rio.crs.to_epsg() == 32612 and opened.rio.crs.to_epsg() == 32612
+    assert opened.fine.rio.transform() == cube.fine.rio.transform()
+    # a geographic CRS: longitude/latitude; no CRS: nothing claimed
+    geo = cube.assign_coords(y=40.0 - 0.001 * np.arange(30), x=10.0 + 0.001 * np.arange(20)).rio.write_crs(4326)
+    path = stf.write_cube(geo, tmp_path / "g.zarr")
+    assert _zarr_attrs(path, "x")["standard_name"] == "longitude"
+    assert _zarr_attrs(path, "y")["units"] == "degrees_north"
+    path = stf.write_cube(cube.drop_vars("spatial_ref"), tmp_path / "n.zarr")
+    assert "grid_mapping" not in _zarr_attrs(path, "fine") and "standard_name" not in _zarr_attrs(path, "x")

@@ -341,3 +341,80 @@ def test_tiles_computed_one_after_the_other_give_the_same_store(tmp_path, monkey
     stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False, window=5)
     assert batches == [5 * 9]
     assert store_files(tmp_path / "f.zarr") == store_files(reference)
+
+
+def test_backend_is_part_of_the_request(tmp_path, monkeypatch):
+    """A store begun with one backend is not resumed with another (they agree only to a
+    tolerance); ``auto`` is the same request as the backend it resolves to."""
+    cube = gappy_cube()
+    auto = stf.get_method("starfm").resolve_backend("auto")
+    other = "numba" if auto == "numpy" else "numpy"
+    path = tmp_path / "f.zarr"
+    original = series._write_region
+    calls = []
+
+    def crashing(*args, **kwargs):
+        if len(calls) == 5:
+            raise _Crash
+        calls.append(args[2:6])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(series, "_write_region", crashing)
+    with dask.config.set(scheduler="synchronous"), pytest.raises(_Crash):
+        stf.fuse_series(cube, method="starfm", out=path, chunks=CHUNKS, progress=False, radius=4, backend=auto)
+    monkeypatch.setattr(series, "_write_region", original)
+    partial = store_files(path)
+    with pytest.raises(stf.StoreError, match="the method or parameters changed"):
+        stf.fuse_series(cube, method="starfm", out=path, chunks=CHUNKS, progress=False, radius=4, backend=other)
+    assert store_files(path) == partial
+    resumed = stf.fuse_series(cube, method="starfm", out=path, chunks=CHUNKS, progress=False, radius=4)  # auto
+    assert resumed.encoding["stf_action"] == "resumed"
+    with monkeypatch.context() as m:
+        _forbid_fusing(m)
+        again = stf.fuse_series(cube, method="starfm", out=path, chunks=CHUNKS, progress=False, radius=4, backend=auto)
+    assert again.encoding["stf_action"] == "reused"
+
+
+def test_fusing_a_fused_store_names_the_missing_coarse(tmp_path):
+    cube = gappy_cube()
+    target = cube.time.values[1]
+    fused = stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False)
+    hint = r"needs the data variable 'coarse'.*a fused store: fuse from the input cube, or .*keep=\('coarse',\)"
+    for store_cube in (fused, stf.open_cube(tmp_path / "f.zarr")):
+        with pytest.raises(stf.CubeError, match="stf.fuse " + hint):
+            stf.fuse(store_cube, target, method="delta")
+    with pytest.raises(stf.CubeError, match="stf.fuse_series " + hint):
+        stf.fuse_series(fused, method="delta", out=tmp_path / "g.zarr", progress=False)
+    assert not (tmp_path / "g.zarr").exists()
+    # the remedy works: a store that keeps 'coarse' fuses like the input cube
+    kept = stf.fuse_series(
+        cube, method="delta", out=tmp_path / "k.zarr", chunks=CHUNKS, progress=False, keep=("coarse",)
+    )
+    pairs = [cube.time.values[0], cube.time.values[2]]
+    expected = stf.fuse(cube, target, method="delta", pairs=pairs).values
+    np.testing.assert_array_equal(stf.fuse(kept, target, method="delta", pairs=pairs).values, expected)
+
+
+def test_fused_store_is_cf_georeferenced_and_resumes(tmp_path, monkeypatch):
+    import json
+
+    import xarray as xr
+
+    cube = gappy_cube()
+    path = tmp_path / "f.zarr"
+    fused = stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, keep=("coarse",))
+    for name in ("fine", "coarse"):
+        assert json.loads((path / name / "zarr.json").read_text())["attributes"]["grid_mapping"] == "spatial_ref"
+    x_attrs = json.loads((path / "x" / "zarr.json").read_text())["attributes"]
+    assert x_attrs["standard_name"] == "projection_x_coordinate" and "_FillValue" not in x_attrs
+    opened = xr.open_zarr(path)
+    assert opened.fine.attrs["grid_mapping"] == "spatial_ref"
+    assert opened.y.attrs["standard_name"] == "projection_y_coordinate"
+    assert opened.fine.rio.crs.to_epsg() == 32633
+    assert opened.fine.rio.transform() == cube.fine.rio.transform()
+    # the metadata is not part of the request: the same call reuses the store
+    with monkeypatch.context() as m:
+        _forbid_fusing(m)
+        again = stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, keep=("coarse",))
+    assert again.encoding["stf_action"] == "reused"
+    assert fused.fine.encoding["grid_mapping"] == "spatial_ref"  # open_cube decodes it as rioxarray does
