@@ -4,9 +4,8 @@ The model (Eqs. 11-13), for the target date ``k`` and the pair dates ``j`` in ``
 
     F^(j,k) = F(j) + G(dC(k, j)) + B(k, j),        F(k) = f(F^(k-1,k), F^(k+1,k))
 
-``dC(k, j) = C(k) - C(j)`` is the coarse change on the fine grid. ``G`` turns it into the fine
-change, ``B`` is the bias between the sensors' changes that ``G`` leaves, ``f`` fuses the two
-transitional predictions.
+``dC(k, j) = C(k) - C(j)``: the coarse change on the fine grid; ``G`` turns it into the fine change,
+``B`` is the sensors' bias that ``G`` leaves, ``f`` fuses the two transitional predictions.
 
 - **Networks** (Table 1): ``G`` and ``B`` are Conv 7x7 -> 5x5 -> 3x3 (ReLU, 'same') -> 3x3,
   with ``filters`` ``(n1, n2, n3)``. They are one network per band (``multiband=False``, the
