@@ -637,12 +637,9 @@ def test_error_coarse_image_not_covering_the_fine_grid(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the `stf ingest` command
-def test_stf_ingest_own_files(products, capsys):
-    from stf_pipeline.cli import main
-
-    folder, _ = products
-    out = folder / "cube.zarr"
-    args = [
+def _own_files_args(folder, out):
+    """``stf ingest`` arguments for the products fixture's Landsat C2 L2 and MOD09GA files."""
+    return [
         "ingest",
         "--fine",
         str(folder / "L*_SR_B*.TIF"),
@@ -655,6 +652,14 @@ def test_stf_ingest_own_files(products, capsys):
         "-o",
         str(out),
     ]
+
+
+def test_stf_ingest_own_files(products, capsys):
+    from stf_pipeline.cli import main
+
+    folder, _ = products
+    out = folder / "cube.zarr"
+    args = _own_files_args(folder, out)
     assert main([*args, "--mask-fine", "fill,cloud", "--dilate-fine", "1", "--chunk", "32"]) == 0
     text = capsys.readouterr().out
     assert "coarse_factor: 15" in text and "2 pair date(s)" in text and "1 coarse-only date(s)" in text
@@ -691,19 +696,7 @@ def test_stf_ingest_errors_write_nothing(products, capsys):
     assert "is an image (or a pattern of images), not a catalog YAML" in capsys.readouterr().err
     renamed.rename(tif)
     (folder / f"{MAKER.LANDSAT['2020-06-17'][0]}_QA_PIXEL.TIF").unlink()
-    args = [
-        "ingest",
-        "--fine",
-        str(folder / "L*_SR_B*.TIF"),
-        "--coarse",
-        str(folder / "MOD09GA*.tif"),
-        "--sensor-fine",
-        "landsat_c2_l2",
-        "--sensor-coarse",
-        "mod09ga",
-        "-o",
-        str(out),
-    ]
+    args = _own_files_args(folder, out)
     assert main(args) == EXIT_ERROR
     assert "its quality band 'QA_PIXEL' is missing" in capsys.readouterr().err
     assert main(args[:-4] + ["-o", str(out)]) == EXIT_ERROR
