@@ -453,14 +453,19 @@ def fit(
     )
 
 
-def holdout_split(times: Sequence[Any], *, name: str) -> tuple[list[Any], list[Any]]:
+def holdout_split(
+    times: Sequence[Any], *, name: str, fold: int = 0, folds: int = 1
+) -> tuple[list[Any], list[Any]]:
     """Split sorted training ``times`` into (dates to fit on, held-out validation dates).
 
-    With three or more dates, one date is held out: the interior date (never the first or the
-    last, so the fitted dates still span the series) nearest the middle of the time span. With
-    fewer there is nothing to spare: all dates are fitted, none validates, and a warning says
-    so; what the methods then do is theirs (BiaSTF keeps its zero networks, STFDCNN trains
-    ``NO_VALIDATION_STEPS`` steps per stage).
+    With three or more dates, one date is held out: an interior date (never the first or the
+    last, so the fitted dates still span the series). ``fold`` of ``folds`` holds out the
+    interior date nearest ``(fold + 1) / (folds + 1)`` of the time span (one fold: the middle),
+    so that the folds of an ensemble validate on dates spread over the series; with fewer
+    interior dates than folds, folds share dates. With fewer than three dates there is nothing
+    to spare: all dates are fitted, none validates, and a warning says so; what the methods
+    then do is theirs (BiaSTF keeps its zero networks, STFDCNN trains ``NO_VALIDATION_STEPS``
+    steps per stage).
     """
     times = list(times)
     if len(times) < 3:
@@ -472,9 +477,14 @@ def holdout_split(times: Sequence[Any], *, name: str) -> tuple[list[Any], list[A
         )
         return times, []
     values = np.asarray(times, dtype="datetime64[ns]").astype(np.int64).astype(np.float64)
-    middle = 0.5 * (values[0] + values[-1])
-    inner = range(1, len(times) - 1)
-    held = min(inner, key=lambda i: (abs(values[i] - middle), i))
+    inner = list(range(1, len(times) - 1))
+    quantiles = [(f + 1) / (folds + 1) for f in range(folds)]
+    chosen: list[int] = []
+    for q in quantiles:  # distinct dates while there are enough, nearest the quantile first
+        point = values[0] + q * (values[-1] - values[0])
+        spare = [i for i in inner if i not in chosen] or inner
+        chosen.append(min(spare, key=lambda i: (abs(values[i] - point), i)))
+    held = chosen[fold % folds]
     return [t for i, t in enumerate(times) if i != held], [times[held]]
 
 

@@ -76,11 +76,17 @@ class BiaSTFConfig:
         the model (``model.extra["statistics"]``).
     refit : bool, default True
         With automatically held-out validation dates: after the validated run, refit both
-        networks on all training dates for the best run's number of steps.
+        networks on all training dates for the best run's number of steps (per member).
     unvalidated_steps : int, default 0
         Steps per stage when nothing validates (two training dates, no ``val_times``). 0 keeps
         the zero-initialised networks: the prediction is ``F(j) + dC`` fused by ``f``, because
         an unvalidated correction made both two-date real sets worse (``docs/methods/biastf.md``).
+    members : int, default 1
+        Networks trained per role and averaged (a cross-validated ensemble): member ``m`` holds
+        out its own training date for validation (:func:`stf_pipeline.nn.holdout_split` with
+        ``fold=m``) and its own seeds (``seed + 1000 m``), and the model predicts with the mean of
+        the members' corrections ``G + B - base``. Opt-in: three members cost three trainings and
+        did not beat one refitted member on the study's scenes (``docs/methods/biastf.md``).
     train_dtype : {"float32", "bfloat16"}, default "float32"
         Computation dtype of the networks while training (parameters stay float32); float32
         convolutions run at the device's default precision (TF32 on recent NVIDIA GPUs).
@@ -101,6 +107,7 @@ class BiaSTFConfig:
     normalise: bool = True
     refit: bool = True
     unvalidated_steps: int = 0
+    members: int = 1
     train_dtype: str = "float32"
     stage1: Any = None
     stage2: Any = None
@@ -128,6 +135,8 @@ class BiaSTFConfig:
         steps = self.unvalidated_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ConfigError(f"biastf: unvalidated_steps must be an int >= 0, got {self.unvalidated_steps!r}.")
+        if isinstance(self.members, bool) or not isinstance(self.members, int) or self.members < 1:
+            raise ConfigError(f"biastf: members must be an int >= 1, got {self.members!r}.")
         if self.g_base not in G_BASES:
             raise ConfigError(f"biastf: g_base must be one of {G_BASES}, got {self.g_base!r}.")
         if self.train_dtype not in TRAIN_DTYPES:

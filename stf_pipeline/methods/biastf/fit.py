@@ -86,6 +86,23 @@ def _fit_stages(
     return params, history, results
 
 
+def _member_config(cfg: BiaSTFConfig, member: int) -> BiaSTFConfig:
+    """Member ``member``'s configuration: both stages' seeds offset by ``1000 x member``."""
+    return dataclasses.replace(
+        cfg,
+        stage1=dataclasses.replace(cfg.stage1, seed=cfg.stage1.seed + 1000 * member),
+        stage2=dataclasses.replace(cfg.stage2, seed=cfg.stage2.seed + 1000 * member),
+    )
+
+
+def stack_members(members: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The members' ``{"G": ..., "B": ...}`` parameters stacked along a leading member axis."""
+    import jax
+    import numpy as np
+
+    return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *[dict(p) for p in members])
+
+
 def fit(
     cube: xr.Dataset,
     *,
@@ -105,19 +122,22 @@ def fit(
     config : BiaSTFConfig, mapping, preset name or None
         See :meth:`BiaSTFConfig.resolve`; default ``"auto"`` (sized to the device).
     workdir : path-like, optional
-        Checkpoints (``stage1/``, ``stage2/``, and ``stage1_refit/``, ``stage2_refit/``; a rerun
-        resumes, also after Ctrl-C), ``history.json``, ``loss_curves.png`` and the final ``model/``.
+        Checkpoints (``stage1/``, ``stage2/``, and ``stage1_refit/``, ``stage2_refit/``; with
+        several ``members``, suffixed ``_m0``, ``_m1``, ...; a rerun resumes, also after Ctrl-C),
+        ``history.json``, ``loss_curves.png`` and the final ``model/``.
     val_times : sequence of date-like, optional
         Held-out dates with fine images: validation pairs predict each of them from each training
         date and back; they choose the best step and stop the training. Default: one training
-        date is held out (:func:`stf_pipeline.nn.holdout_split`; with two training dates there
-        is no validation, and a warning says so), and with ``refit`` the networks are then
-        trained again on all dates for the best step counts.
+        date is held out per member (:func:`stf_pipeline.nn.holdout_split`; with two training
+        dates there is no validation, one member, and a warning says so), and with ``refit`` the
+        networks are then trained again on all dates for the best step counts.
 
     Returns
     -------
     FittedModel
-        ``extra`` records the validation (``"validation"``), the statistics, ``change_limit``.
+        ``extra`` records the validation (``"validation"``, per member under ``"members"``), the
+        number of ``members`` (their parameters stacked on a leading axis when more than one),
+        the statistics, ``change_limit``.
     """
     from stf_pipeline.nn import FittedModel, holdout_split, save_history
     from stf_pipeline.task import iso_date, to_datetime64
@@ -130,62 +150,72 @@ def fit(
             f"got {[iso_date(t) for t in times]}; "
             "pass train_times with two or more dates that have fine and coarse images."
         )
+    given = sorted({to_datetime64(t) for t in val_times} - set(times)) if val_times else []
     if val_times:
-        held = sorted({to_datetime64(t) for t in val_times} - set(times))
-        fit_times, mode = times, "val_times"
+        splits, mode = [(times, given)] * cfg.members, "val_times"
     else:
-        fit_times, held = holdout_split(times, name="biastf")
-        mode = "held-out training date" if held else "none (too few training dates)"
-        if not held:
+        splits = [holdout_split(times, name="biastf", fold=m, folds=cfg.members) for m in range(cfg.members)]
+        mode = "held-out training date" if splits[0][1] else "none (too few training dates)"
+        if not splits[0][1]:
             log.warning(
                 "biastf: no validation, so %s; pass val_times, or config={'unvalidated_steps': N} to train anyway.",
                 f"{cfg.unvalidated_steps} unvalidated steps per stage" if cfg.unvalidated_steps else
                 "the networks stay zero and the prediction is F(j) + dC fused by f (the documented fallback)",
             )
+            splits = splits[:1]  # nothing validates: one member, the zero networks (or unvalidated steps)
     bands = [str(b) for b in cube["band"].values.tolist()]
     factor = cube.attrs.get("coarse_factor")
-    fingerprint = {
-        "method": "biastf",
-        "config": {**cfg.to_dict(), "stage1": None, "stage2": None},
-        "bands": bands,
-        "coarse_factor": factor,
-        "train_times": [iso_date(t) for t in fit_times],
-        "val_times": [iso_date(t) for t in held],
-    }
     directory = None if workdir is None else Path(workdir)
-    stats = fit_statistics(cube, fit_times, factor, normalise=cfg.normalise)
-    params, history, results = _fit_stages(
-        cube, cfg, fit_times, held, stats, steps=None, workdir=directory, fingerprint=fingerprint
-    )
-    best = [r.best_step for r in results]
-    refit = bool(cfg.refit and held and not val_times)
-    if refit:
-        log.info("biastf: refitting on all %d training dates for %s steps (the validated best)", len(times), best)
-        stats = fit_statistics(cube, times, factor, normalise=cfg.normalise)
-        refit_print = {**fingerprint, "train_times": [iso_date(t) for t in times], "val_times": [], "steps": best}
-        params, more, _ = _fit_stages(
-            cube, cfg, times, [], stats, steps=best, workdir=directory, fingerprint=refit_print, suffix="_refit"
+    stats = fit_statistics(cube, times, factor, normalise=cfg.normalise)
+    refit = bool(cfg.refit and splits[0][1] and not val_times)
+    members, history, records = [], {}, []
+    for m, (fit_times, held) in enumerate(splits):
+        member = _member_config(cfg, m)
+        suffix = f"_m{m}" if len(splits) > 1 else ""
+        fingerprint = {
+            "method": "biastf",
+            "config": {**cfg.to_dict(), "stage1": None, "stage2": None},
+            "bands": bands,
+            "coarse_factor": factor,
+            "train_times": [iso_date(t) for t in fit_times],
+            "val_times": [iso_date(t) for t in held],
+        }
+        params, more, results = _fit_stages(
+            cube, member, fit_times, held, stats, steps=None, workdir=directory, fingerprint=fingerprint,
+            suffix=suffix,
         )
         history.update(more)
-    validation = {
-        "mode": mode,
-        "val_times": [iso_date(t) for t in held],
-        "fit_times": [iso_date(t) for t in fit_times],
-        "best_steps": best,
-        "stop_reasons": [r.stop_reason for r in results],
-        "refit": refit,
-    }
+        best = [r.best_step for r in results]
+        if refit:
+            log.info("biastf: refitting on all %d training dates for %s steps (the validated best)", len(times), best)
+            refit_print = {**fingerprint, "train_times": [iso_date(t) for t in times], "val_times": [], "steps": best}
+            params, more, _ = _fit_stages(
+                cube, member, times, [], stats, steps=best, workdir=directory, fingerprint=refit_print,
+                suffix=f"{suffix}_refit",
+            )
+            history.update(more)
+        members.append(params)
+        records.append({
+            "val_times": [iso_date(t) for t in held],
+            "fit_times": [iso_date(t) for t in fit_times],
+            "best_steps": best,
+            "stop_reasons": [r.stop_reason for r in results],
+            "seeds": [member.stage1.seed, member.stage2.seed],
+        })
+    held_all = sorted({t for r in records for t in r["val_times"]})
+    validation = {"mode": mode, **records[0], "val_times": held_all, "refit": refit, "members": records}
     model_out = FittedModel(
         method="biastf",
         config=cfg.to_dict(),
-        params=params,
+        params=members[0] if len(members) == 1 else stack_members(members),
         bands=tuple(bands),
         coarse_factor=None if factor is None else int(factor),
         train_times=tuple(iso_date(t) for t in times),
         history=history,
         extra={
-            "val_times": [iso_date(t) for t in held],
+            "val_times": held_all,
             "validation": validation,
+            "members": len(members),
             "statistics": stats.to_dict(),
             "change_limit": list(stats.limit),
         },

@@ -91,20 +91,30 @@ def _forward(
     window: int,
     eps: float,
     weights: str,
+    members: int = 1,
 ) -> tuple[Any, Any, Any]:
     """Traced body of the predictor: fused ``(band, y, x)``, transitional ``(pair, band, y, x)`` and
-    the number of valid pixels beyond the limit ``L`` (where the learned part fades)."""
+    the number of valid pixels beyond the limit ``L`` (where the learned part fades).
+
+    With ``members > 1`` the parameters are stacked on a leading member axis and the learned
+    part is the mean of the members' ``G + B - base``."""
+    import jax
     import jax.numpy as jnp
 
     target = jnp.broadcast_to(coarse_target[None], coarse.shape)
     images, valid = _pair_images(fine, target, coarse, _mixes_bands(config))
-    g = _apply_g(g_model, params["G"], images, config, stats)
-    images["change_pred"] = jnp.transpose(g, (0, 3, 1, 2))
-    b = _apply_b(b_model, params["B"], images, config, stats)
     change = jnp.nan_to_num(_channels_last(images["coarse_change"]))
     base = _converted(images, stats) if config.g_base == "linear" else change
+
+    def correction(member: Any) -> Any:  # G + B - base of one member, (n, y, x, band)
+        g = _apply_g(g_model, member["G"], images, config, stats)
+        b = _apply_b(b_model, member["B"], {**images, "change_pred": jnp.transpose(g, (0, 3, 1, 2))}, config, stats)
+        return g + b - base
+
+    # members one after the other: memory of one member's activations, one compiled body
+    learned = jax.lax.map(correction, params).mean(axis=0) if members > 1 else correction(params)
     trust = trust_in_change(change, stats["limit"])
-    transitional = fine + jnp.transpose(base + trust * (g + b - base), (0, 3, 1, 2))
+    transitional = fine + jnp.transpose(base + trust * learned, (0, 3, 1, 2))
     ok = _valid_within(valid, 2 * NET_RADIUS) & valid
     transitional = jnp.where(ok, transitional, jnp.nan)
     fused = fuse_directions(transitional, coarse_target, window=window, eps=eps, weights=weights, coarse=coarse)
@@ -113,7 +123,9 @@ def _forward(
 
 
 @functools.lru_cache(maxsize=8)
-def _predictor(config_json: str, n_bands: int, dtype: str, window: int, eps: float, weights: str) -> Any:
+def _predictor(
+    config_json: str, n_bands: int, dtype: str, window: int, eps: float, weights: str, members: int = 1
+) -> Any:
     """Jitted ``(params, stats, fine, coarse, coarse_target) -> (fused, transitional, beyond)``."""
     import jax
 
@@ -126,7 +138,7 @@ def _predictor(config_json: str, n_bands: int, dtype: str, window: int, eps: flo
         with jax.default_matmul_precision(precision):
             return _forward(
                 config, g_model, b_model, params, stats, fine, coarse, coarse_target,
-                window=window, eps=eps, weights=weights,
+                window=window, eps=eps, weights=weights, members=members,
             )
 
     return predict
@@ -167,6 +179,7 @@ def predict_block(
         int(params.window),
         float(params.eps),
         params.weights,
+        int(model.extra.get("members", 1)),
     )
     stats = Statistics.from_model(model)
     if params.extrapolate:
