@@ -14,8 +14,9 @@ the store's writer lock; it refuses to write over a store its input is read from
 (``stf_series_request``) is a digest of the full content of every input image it reads (hashed
 chunk by chunk), the method and all parameters, the dates, the layout and the model's weights,
 and a resumed or rerun call must match it part by part (``stf_series_parts``), else it is told
-what changed. Regions are computed in batches of one date and one tile of ``TILE``
-pixels square, so memory depends on the chunk size and the worker count, not the scene.
+what changed. Regions are computed in batches of one date and one tile of a few compute
+blocks per worker (:func:`tile_blocks`), each fused from its own window of the input, so memory
+depends on the chunk size and the worker count, not the scene.
 
 Layout of the fused cube (the cube contract, DESIGN.md §1, without ``coarse`` unless kept):
 
@@ -42,6 +43,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -96,8 +98,8 @@ PARTS_ATTR = "stf_series_parts"
 #: file in ``model_dir`` naming the training request its model belongs to
 MODEL_REQUEST_FILE = ".stf_train_request"
 DEFAULT_CHUNK = 512
-#: side in pixels of the tiles computed one after the other (the memory bound of one batch)
-TILE = 2048
+#: compute blocks per worker in one tile (a batch computed before the next one is built)
+BLOCKS_PER_WORKER = 2
 #: variables of the input cube a fused store may keep besides ``fine``
 KEEPABLE = ("coarse", "fine_truth")
 #: what each part of the request means, for the message when one changed
@@ -624,14 +626,32 @@ def _window(span: _Span, length: int, halo: int) -> tuple[slice, tuple[int, ...]
     return slice(span.start - before, span.stop + after), blocks, before
 
 
+def tile_blocks() -> int:
+    """Side, in compute blocks, of the tiles ``fuse_series`` computes one after the other.
+
+    About ``BLOCKS_PER_WORKER`` blocks per worker thread of the active scheduler (the threads of
+    a distributed client's workers, else Dask's ``num_workers``, else the CPU count, as Dask's
+    threaded scheduler uses), at least 2 x 2: enough to keep every worker busy while only one
+    tile's blocks and halo strips are in memory.
+    """
+    client = _current_client()
+    if client is not None:
+        workers = sum(client.nthreads().values())
+    elif dask.config.get("scheduler", None) in ("sync", "synchronous", "single-threaded"):
+        workers = 1
+    else:
+        workers = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    return max(2, math.ceil(math.sqrt(BLOCKS_PER_WORKER * max(workers, 1))))
+
+
 def _region_writes(
     cube: xr.Dataset, plan: _Plan, path: Path, digest: str, *, method: str, model: Any, params: Mapping[str, Any]
 ) -> tuple[list[Callable[[], list[Any]]], int]:
     """Builders of the batches of delayed region writes not yet recorded (recorded ones are not
     even computed), and the number of those writes.
 
-    One batch is one date of one variable in one tile of about ``TILE`` x ``TILE`` pixels (whole
-    compute blocks of the scene). Its graph is built only when it is computed, from the tile's
+    One batch is one date of one variable in one tile of ``tile_blocks()`` squared compute blocks
+    of the scene. Its graph is built only when it is computed, from the tile's
     window of the input (the tile and, for a fused date, a strip of one halo each side), and it
     is computed before the next one is built: memory is bounded by one tile's blocks and the thin
     halo strips around it, not by the scene. A fused date's scene-wide statistics are computed
@@ -649,7 +669,7 @@ def _region_writes(
     first = next((call_of(t) for t in range(plan.times.size) if plan.source[t] == "fused"), None)
     halo, align = (first.halo, first.align) if first is not None else (0, 1)
     compute_blocks = plan_chunks(shape, plan.chunks, halo=halo, align=align)
-    per_tile = (max(1, TILE // plan.chunks[0]), max(1, TILE // plan.chunks[1]))
+    per_tile = (tile_blocks(),) * 2
     yspans, xspans = (_spans(compute_blocks[i], plan.chunks[i], per_tile[i]) for i in range(2))
     # an axis held in one block needs no halo (as in map_overlapping)
     halos = tuple(halo if len(blocks) > 1 else 0 for blocks in compute_blocks)

@@ -334,7 +334,7 @@ def test_tiles_computed_one_after_the_other_give_the_same_store(tmp_path, monkey
     cube = gappy_cube()
     reference = tmp_path / "ref.zarr"
     stf.fuse_series(cube, method="delta", out=reference, chunks=CHUNKS, progress=False, window=5)
-    monkeypatch.setattr(series, "TILE", 16)  # 3 x 3 tiles of one chunk each, every one reading its halo ring
+    monkeypatch.setattr(series, "tile_blocks", lambda: 1)  # 3 x 3 tiles of one chunk each, each with halo strips
     batches = []
     original = series._compute
     monkeypatch.setattr(series, "_compute", lambda b, **kw: (batches.append(len(b)), original(b, **kw)))
@@ -362,7 +362,7 @@ def test_tiles_with_halo_strips_equal_one_unchunked_fuse(tmp_path, monkeypatch, 
         time=base.time.values, band=base.band.values, y=base.y.values, x=base.x.values, crs="EPSG:32633",
         coarse_factor=factor,
     ).chunk({"time": 1, "y": 32, "x": 32})
-    monkeypatch.setattr(series, "TILE", 16)
+    monkeypatch.setattr(series, "tile_blocks", lambda: 1)
     statistics = []
     original = fusion.FusionCall.with_scene_statistics
     monkeypatch.setattr(
@@ -373,6 +373,18 @@ def test_tiles_with_halo_strips_equal_one_unchunked_fuse(tmp_path, monkeypatch, 
     target = cube.time.values[1]
     expected = stf.fuse(cube.compute(), target, method=method, **params)
     np.testing.assert_array_equal(out["fine"].sel(time=target).values, expected.values)
+
+
+def test_tile_side_follows_the_worker_count():
+    """About two compute blocks per worker thread in a tile, at least 2 x 2."""
+    with dask.config.set(scheduler="threads", num_workers=2):
+        assert series.tile_blocks() == 2
+    with dask.config.set(scheduler="threads", num_workers=8):
+        assert series.tile_blocks() == 4
+    with dask.config.set(scheduler="threads", num_workers=32):
+        assert series.tile_blocks() == 8
+    with dask.config.set(scheduler="sync"):
+        assert series.tile_blocks() == 2
 
 
 def test_backend_is_part_of_the_request(tmp_path, monkeypatch):
