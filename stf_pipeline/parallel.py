@@ -10,6 +10,8 @@ them, so about two and a half rows of stacked input blocks are alive at any time
 ``2.5 * width * chunk_height * (2 * pairs + 1) * bands * 4`` bytes, plus the kernel's
 temporaries for one block per thread. Peak memory therefore grows with the scene's width and the
 chunk height, not with its area: halving the chunk halves it (``stf bench scale --tile``).
+:func:`stf_pipeline.fuse_series` bounds it by the worker count instead: it maps the kernel over one
+tile's window at a time (``block_chunks``: the tile's blocks plus a halo strip each side).
 """
 
 from __future__ import annotations
