@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Any
 
 import dask.array as da
 import xarray as xr
+from dask.delayed import Delayed
 
 from stf_pipeline.cube import pixel_size, validate_cube
 from stf_pipeline.exceptions import CubeError, MethodError
@@ -107,6 +109,145 @@ def fuse(
     """
     from stf_pipeline import __version__
 
+    call = prepare_fusion(cube, target, method=method, pairs=pairs, model=model, backend=backend, **params)
+    result = call.run(cube, chunks=chunks)
+    out = _wrap(result, cube, call.task)
+    out.attrs.update(
+        {
+            "method": call.spec.name,
+            "backend": call.backend,
+            "stf_params": json.dumps(params_to_attrs(call.params)),
+            "target": call.task.to_attrs()["target"],
+            "pairs": call.task.to_attrs()["pairs"],
+            "stf_pipeline_version": __version__,
+            "units": "reflectance",
+        }
+    )
+    if call.context.coarse_factor is not None:
+        out.attrs["coarse_factor"] = call.context.coarse_factor
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionCall:
+    """One checked :func:`fuse` request, ready to run on the cube or on windows of it.
+
+    Attributes
+    ----------
+    spec : MethodSpec
+        The method.
+    backend : str
+        The resolved kernel backend.
+    params : object
+        The method's parameters after ``prepare`` (scene statistics not yet filled in, unless
+        :meth:`with_scene_statistics` returned this call).
+    task : Task
+        Target and pair dates.
+    context : MethodContext
+        Facts of the whole cube.
+    model : FittedModel or None
+        The trained model of a learned method.
+    statistics_filled : bool
+        Whether ``params`` already hold the scene-wide statistics (then :meth:`run` does not
+        reduce its input again, so a window of the scene is fused with the statistics of the
+        whole scene).
+    """
+
+    spec: MethodSpec[Any]
+    backend: str
+    params: Any
+    task: Task
+    context: MethodContext
+    model: Any | None = None
+    statistics_filled: bool = False
+
+    @property
+    def halo(self) -> int:
+        """Context pixels each side of a block, rounded up to :attr:`align` (as :func:`map_overlapping` does)."""
+        halo = int(self.spec.halo(self.params, self.context))
+        return -(-halo // self.align) * self.align
+
+    @property
+    def align(self) -> int:
+        """Blocks start on multiples of this (the coarse factor for coarse-aligned methods)."""
+        factor = self.context.coarse_factor
+        return factor if self.spec.coarse_aligned and factor else 1
+
+    def inputs(self, cube: xr.Dataset) -> tuple[Any, Any, Any]:
+        """The pair fine and coarse images ``(pair, band, y, x)`` and the target's coarse image ``(band, y, x)``."""
+        pair_times = list(self.task.pairs)
+        return (
+            cube["fine"].sel(time=pair_times).data,
+            cube["coarse"].sel(time=pair_times).data,
+            cube["coarse"].sel(time=self.task.target).data,
+        )
+
+    def with_scene_statistics(self, cube: xr.Dataset) -> FusionCall:
+        """This call with the method's scene-wide statistics of ``cube`` computed now (once).
+
+        Lets a caller fuse the scene window by window (:meth:`run` on parts of ``cube``, chunked)
+        with the statistics of the whole scene, so the windows give exactly the numbers of one
+        chunked call: NumPy inputs are reduced as the Dask arrays a chunked :meth:`run` makes of them.
+        """
+        if self.statistics_filled or self.spec.statistics is None:
+            return dataclasses.replace(self, statistics_filled=True)
+        inputs = tuple(da.asarray(a) for a in self.inputs(cube))
+        filled = fill_statistics(self.spec.statistics, *inputs, self.params)
+        if isinstance(filled, Delayed):
+            filled = filled.compute()
+        return dataclasses.replace(self, params=filled, statistics_filled=True)
+
+    def run(
+        self,
+        cube: xr.Dataset,
+        *,
+        chunks: tuple[int, int] | None = None,
+        block_chunks: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    ) -> Any:
+        """The prediction ``(band, y, x)`` on ``cube``'s grid: lazy for Dask input, NumPy otherwise.
+
+        ``chunks`` and ``block_chunks`` are passed to :func:`stf_pipeline.parallel.map_overlapping`.
+        """
+        fine, coarse, coarse_target = self.inputs(cube)
+        if (chunks is not None or block_chunks is not None) and not isinstance(fine, da.Array):
+            fine, coarse, coarse_target = (da.asarray(a) for a in (fine, coarse, coarse_target))
+        extra = _extra_inputs(cube, self.spec, self.params)  # before statistics: those may be delayed
+        params = self.params
+        if not self.statistics_filled:
+            params = fill_statistics(self.spec.statistics, fine, coarse, coarse_target, params)
+        kernel_kwargs: dict[str, Any] = {"params": params}
+        if extra and isinstance(fine, da.Array):
+            extra = {name: da.asarray(values) for name, values in extra.items()}
+        if self.spec.learned:
+            kernel_kwargs["model"] = self.model
+            if isinstance(fine, da.Array):
+                # one task holds the model, so it is shipped once per worker, not inside every block task
+                # (on a cluster: scattered once, not inside the graph of each call)
+                from stf_pipeline.cluster import shared
+
+                kernel_kwargs["model"] = shared(self.model)
+        return map_overlapping(
+            self.spec.kernel_for(self.backend), fine, coarse, coarse_target, halo=self.halo, align=self.align,
+            chunks=chunks, block_chunks=block_chunks, extra=extra, **kernel_kwargs,
+        )
+
+
+def prepare_fusion(
+    cube: xr.Dataset,
+    target: DateLike,
+    *,
+    method: str | MethodSpec[Any],
+    pairs: Sequence[DateLike] | None = None,
+    model: Any | None = None,
+    backend: str = "auto",
+    **params: Any,
+) -> FusionCall:
+    """Check a :func:`fuse` request against ``cube`` and resolve it (arguments as for :func:`fuse`).
+
+    Raises
+    ------
+    MethodError, TaskError, CubeError
+    """
     validate_cube(cube)
     require_coarse(cube, what="stf.fuse")
     spec = method if isinstance(method, MethodSpec) else get_method(method)
@@ -123,62 +264,11 @@ def fuse(
     if spec.coarse_aligned and context.coarse_factor is None:
         validate_cube(cube, require_coarse_factor=True)
     task = resolve_task(cube, target, pairs=pairs, n_pairs=spec.n_pairs)
-    kernel_kwargs: dict[str, Any] = {"params": p}
     if spec.learned:
-        kernel_kwargs["model"] = model
         check_cube = getattr(model, "check_cube", None)
         if check_cube is not None:
             check_cube(cube)
-    result = _run_task(cube, task, spec=spec, backend=chosen, context=context, chunks=chunks, **kernel_kwargs)
-    out = _wrap(result, cube, task)
-    out.attrs.update(
-        {
-            "method": spec.name,
-            "backend": chosen,
-            "stf_params": json.dumps(params_to_attrs(p)),
-            "target": task.to_attrs()["target"],
-            "pairs": task.to_attrs()["pairs"],
-            "stf_pipeline_version": __version__,
-            "units": "reflectance",
-        }
-    )
-    if context.coarse_factor is not None:
-        out.attrs["coarse_factor"] = context.coarse_factor
-    return out
-
-
-def _run_task(
-    cube: xr.Dataset,
-    task: Task,
-    *,
-    spec: MethodSpec[Any],
-    backend: str,
-    context: MethodContext,
-    chunks: tuple[int, int] | None,
-    **kernel_kwargs: Any,
-) -> Any:
-    pair_times = list(task.pairs)
-    fine = cube["fine"].sel(time=pair_times).data
-    coarse = cube["coarse"].sel(time=pair_times).data
-    coarse_target = cube["coarse"].sel(time=task.target).data
-    halo = int(spec.halo(kernel_kwargs["params"], context))
-    align = context.coarse_factor if spec.coarse_aligned and context.coarse_factor else 1
-    if chunks is not None and not isinstance(fine, da.Array):
-        fine, coarse, coarse_target = (da.asarray(a) for a in (fine, coarse, coarse_target))
-    extra = _extra_inputs(cube, spec, kernel_kwargs["params"])  # before statistics: those may be delayed
-    kernel_kwargs["params"] = fill_statistics(spec.statistics, fine, coarse, coarse_target, kernel_kwargs["params"])
-    if extra and isinstance(fine, da.Array):
-        extra = {name: da.asarray(values) for name, values in extra.items()}
-    if isinstance(fine, da.Array) and kernel_kwargs.get("model") is not None:
-        # one task holds the model, so it is shipped once per worker, not inside every block task
-        # (on a cluster: scattered once, not inside the graph of each call)
-        from stf_pipeline.cluster import shared
-
-        kernel_kwargs["model"] = shared(kernel_kwargs["model"])
-    return map_overlapping(
-        spec.kernel_for(backend), fine, coarse, coarse_target, halo=halo, align=align, chunks=chunks, extra=extra,
-        **kernel_kwargs,
-    )
+    return FusionCall(spec=spec, backend=chosen, params=p, task=task, context=context, model=model)
 
 
 def _extra_inputs(cube: xr.Dataset, spec: MethodSpec[Any], params: Any) -> dict[str, Any]:

@@ -10,6 +10,8 @@ them, so about two and a half rows of stacked input blocks are alive at any time
 ``2.5 * width * chunk_height * (2 * pairs + 1) * bands * 4`` bytes, plus the kernel's
 temporaries for one block per thread. Peak memory therefore grows with the scene's width and the
 chunk height, not with its area: halving the chunk halves it (``stf bench scale --tile``).
+:func:`stf_pipeline.fuse_series` bounds it by the worker count instead: it maps the kernel over one
+tile's window at a time (``block_chunks``: the tile's blocks plus a halo strip each side).
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def map_overlapping(
     halo: int,
     align: int = 1,
     chunks: tuple[int, int] | None = None,
+    block_chunks: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     extra: Mapping[str, Any] | None = None,
     **kernel_kwargs: Any,
 ) -> Any:
@@ -122,6 +125,11 @@ def map_overlapping(
         multiple of ``align`` (native coarse pixels).
     chunks : (int, int), optional
         Nominal spatial chunk size; default: the first chunk of ``fine`` (Dask input).
+    block_chunks : (tuple of int, tuple of int), optional
+        The blocks themselves, ``(y sizes, x sizes)``, instead of ``chunks``: each at least the
+        (aligned) halo and, but for the last, a multiple of ``align``. A caller fusing a window of
+        a scene passes the scene's blocks that lie in the window plus a strip of one halo each
+        side, so every block sees exactly the input it sees in the whole scene.
     extra : mapping of str to array ``(y, x)``, optional
         Further per-pixel inputs (e.g. a class map), overlapped like the images and passed to
         the kernel as ``extra={name: block}``.
@@ -147,9 +155,12 @@ def map_overlapping(
         )
     halo = int(math.ceil(halo / align) * align) if halo else 0
     fine, coarse, coarse_target = (da.asarray(a) for a in (fine, coarse, coarse_target))
-    if chunks is None:
-        chunks = (fine.chunks[2][0], fine.chunks[3][0])
-    ychunks, xchunks = plan_chunks(fine.shape[2:], chunks, halo=halo, align=align)
+    if block_chunks is not None:
+        ychunks, xchunks = block_chunks
+    else:
+        if chunks is None:
+            chunks = (fine.chunks[2][0], fine.chunks[3][0])
+        ychunks, xchunks = plan_chunks(fine.shape[2:], chunks, halo=halo, align=align)
     stacked = da.concatenate([fine, coarse, coarse_target[None]], axis=0).astype(np.float32)
     stacked = stacked.rechunk((stacked.shape[0], stacked.shape[1], ychunks, xchunks))
     # an axis held in one chunk needs no overlap (and a halo may exceed a small scene)

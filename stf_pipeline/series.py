@@ -14,8 +14,9 @@ the store's writer lock; it refuses to write over a store its input is read from
 (``stf_series_request``) is a digest of the full content of every input image it reads (hashed
 chunk by chunk), the method and all parameters, the dates, the layout and the model's weights,
 and a resumed or rerun call must match it part by part (``stf_series_parts``), else it is told
-what changed. Regions are computed in batches of one date and one tile of ``TILE``
-pixels square, so memory depends on the chunk size and the worker count, not the scene.
+what changed. Regions are computed in batches of one date and one tile of a few compute
+blocks per worker (:func:`tile_blocks`), each fused from its own window of the input, so memory
+depends on the chunk size and the worker count, not the scene.
 
 Layout of the fused cube (the cube contract, DESIGN.md §1, without ``coarse`` unless kept):
 
@@ -38,13 +39,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,8 +74,9 @@ from stf_pipeline.cube import (
     with_valid_fractions,
 )
 from stf_pipeline.exceptions import CubeError, StoreError, TaskError
-from stf_pipeline.fusion import fuse, method_context, require_coarse
+from stf_pipeline.fusion import FusionCall, method_context, prepare_fusion, require_coarse
 from stf_pipeline.methods import get_method, params_to_attrs
+from stf_pipeline.parallel import plan_chunks
 from stf_pipeline.progress import DaskProgress, Progress
 from stf_pipeline.store import (
     WriterLock,
@@ -94,8 +98,8 @@ PARTS_ATTR = "stf_series_parts"
 #: file in ``model_dir`` naming the training request its model belongs to
 MODEL_REQUEST_FILE = ".stf_train_request"
 DEFAULT_CHUNK = 512
-#: side in pixels of the tiles computed one after the other (the memory bound of one batch)
-TILE = 2048
+#: compute blocks per worker in one tile (a batch computed before the next one is built)
+BLOCKS_PER_WORKER = 2
 #: variables of the input cube a fused store may keep besides ``fine``
 KEEPABLE = ("coarse", "fine_truth")
 #: what each part of the request means, for the message when one changed
@@ -590,65 +594,130 @@ def _write_region(block: np.ndarray, store: str, var: str, t: int, iy: int, ix: 
     Path(store, PROGRESS_DIR, _region_name(var, t, iy, ix)).touch()
 
 
-def _source_array(
-    cube: xr.Dataset, plan: _Plan, var: str, t_index: int, *, method: str, model: Any, params: Mapping[str, Any]
-) -> da.Array:
-    """The lazy ``(band, y, x)`` image stored at output date ``t_index`` of ``var``."""
-    date = plan.times[t_index]
-    if var == "fine" and plan.source[t_index] == "fused":
-        task = next(t for t in plan.tasks if t.target == date)
-        data = fuse(
-            cube, date, method=method, pairs=list(task.pairs), model=model, chunks=plan.chunks, **params
-        ).data
+@dataclasses.dataclass(frozen=True)
+class _Span:
+    """One axis of a tile: pixels ``start:stop``, the scene's compute blocks in it, its store regions."""
+
+    start: int
+    stop: int
+    blocks: tuple[int, ...]
+    regions: range
+
+
+def _spans(blocks: tuple[int, ...], store_chunk: int, per_tile: int) -> list[_Span]:
+    """Cut one axis into tiles of ``per_tile`` compute blocks (the scene's, so a tile edge is a block edge)."""
+    edges = np.cumsum((0, *blocks))
+    spans = []
+    for k in range(0, len(blocks), per_tile):
+        start, stop = int(edges[k]), int(edges[min(k + per_tile, len(blocks))])
+        spans.append(_Span(start, stop, blocks[k : k + per_tile], range(start // store_chunk, -(-stop // store_chunk))))
+    return spans
+
+
+def _window(span: _Span, length: int, halo: int) -> tuple[slice, tuple[int, ...], int]:
+    """The input pixels a tile reads along one axis, their blocks and the tile's offset in them.
+
+    The tile's own compute blocks plus one strip of ``halo`` pixels each side (none at the scene
+    edge): each block of the tile then sees the same extended input as in the whole scene.
+    """
+    before = min(halo, span.start)
+    after = min(halo, length - span.stop)
+    blocks = ((before,) if before else ()) + span.blocks + ((after,) if after else ())
+    return slice(span.start - before, span.stop + after), blocks, before
+
+
+def tile_blocks() -> int:
+    """Side, in compute blocks, of the tiles ``fuse_series`` computes one after the other.
+
+    About ``BLOCKS_PER_WORKER`` blocks per worker thread of the active scheduler (the threads of
+    a distributed client's workers, else Dask's ``num_workers``, else the CPU count, as Dask's
+    threaded scheduler uses), at least 2 x 2: enough to keep every worker busy while only one
+    tile's blocks and halo strips are in memory.
+    """
+    client = _current_client()
+    if client is not None:
+        workers = sum(client.nthreads().values())
+    elif dask.config.get("scheduler", None) in ("sync", "synchronous", "single-threaded"):
+        workers = 1
     else:
-        data = cube[var].sel(time=date).data
-    chunk = (data.shape[0], *plan.chunks)
-    data = data.rechunk(chunk) if isinstance(data, da.Array) else da.from_array(data, chunks=chunk)
-    return data.astype(np.float32)
+        workers = int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    return max(2, math.ceil(math.sqrt(BLOCKS_PER_WORKER * max(workers, 1))))
 
 
 def _region_writes(
     cube: xr.Dataset, plan: _Plan, path: Path, digest: str, *, method: str, model: Any, params: Mapping[str, Any]
-) -> tuple[list[list[Any]], int]:
-    """Batches of delayed region writes not yet recorded (recorded ones are not even computed),
-    and their number. One batch is one date of one variable in one tile of ``TILE`` x ``TILE``
-    pixels, computed before the next starts, so memory is bounded by the tile, not the scene
-    (at the price of reading the ring of input chunks around each tile again for the halo)."""
+) -> tuple[list[Callable[[], list[Any]]], int]:
+    """Builders of the batches of delayed region writes not yet recorded (recorded ones are not
+    even computed), and the number of those writes.
+
+    One batch is one date of one variable in one tile of ``tile_blocks()`` squared compute blocks
+    of the scene. Its graph is built only when it is computed, from the tile's
+    window of the input (the tile and, for a fused date, a strip of one halo each side), and it
+    is computed before the next one is built: memory is bounded by one tile's blocks and the thin
+    halo strips around it, not by the scene. A fused date's scene-wide statistics are computed
+    once, before its first batch, so every tile uses the statistics of the whole scene.
+    """
     done = _done_regions(path)
     token = tokenize(str(path.resolve()), digest)
-    height, width = cube.sizes["y"], cube.sizes["x"]
-    yblocks, xblocks = _blocks(height, plan.chunks[0]), _blocks(width, plan.chunks[1])
-    per_tile = (max(1, TILE // plan.chunks[0]), max(1, TILE // plan.chunks[1]))
-    batches, total = [], 0
+    shape = (cube.sizes["y"], cube.sizes["x"])
+    calls: dict[int, FusionCall] = {}
+
+    def call_of(t: int) -> FusionCall:
+        task = next(task for task in plan.tasks if task.target == plan.times[t])
+        return prepare_fusion(cube, task.target, method=method, pairs=list(task.pairs), model=model, **params)
+
+    first = next((call_of(t) for t in range(plan.times.size) if plan.source[t] == "fused"), None)
+    halo, align = (first.halo, first.align) if first is not None else (0, 1)
+    compute_blocks = plan_chunks(shape, plan.chunks, halo=halo, align=align)
+    per_tile = (tile_blocks(),) * 2
+    yspans, xspans = (_spans(compute_blocks[i], plan.chunks[i], per_tile[i]) for i in range(2))
+    # an axis held in one block needs no halo (as in map_overlapping)
+    halos = tuple(halo if len(blocks) > 1 else 0 for blocks in compute_blocks)
+
+    def batch(var: str, t: int, yspan: _Span, xspan: _Span, regions: list[tuple[int, int]]) -> list[Any]:
+        if var == "fine" and plan.source[t] == "fused":
+            if t not in calls:
+                calls[t] = call_of(t).with_scene_statistics(cube)
+            ys, yblocks, top = _window(yspan, shape[0], halos[0])
+            xs, xblocks, left = _window(xspan, shape[1], halos[1])
+            window = calls[t].run(cube.isel(y=ys, x=xs), block_chunks=(yblocks, xblocks))
+            data = window[:, top : top + yspan.stop - yspan.start, left : left + xspan.stop - xspan.start]
+        else:
+            image = cube[var].sel(time=plan.times[t]).data
+            data = image[:, yspan.start : yspan.stop, xspan.start : xspan.stop]
+        chunk = (data.shape[0], *plan.chunks)
+        data = data.rechunk(chunk) if isinstance(data, da.Array) else da.from_array(data, chunks=chunk)
+        blocks = data.astype(np.float32).to_delayed()
+        return [
+            dask.delayed(_write_region)(
+                blocks[0, iy - yspan.regions.start, ix - xspan.regions.start], str(path), var, t, iy, ix,
+                slice(iy * plan.chunks[0], min((iy + 1) * plan.chunks[0], shape[0])),
+                slice(ix * plan.chunks[1], min((ix + 1) * plan.chunks[1], shape[1])),
+                dask_key_name=f"stf-write-{token}-{_region_name(var, t, iy, ix)}",
+            )
+            for iy, ix in regions
+        ]
+
+    batches: list[Callable[[], list[Any]]] = []
+    total = 0
     for var in plan.variables:
         for t in range(plan.times.size):
-            todo = [
-                (iy, ix)
-                for iy in range(len(yblocks))
-                for ix in range(len(xblocks))
-                if _region_name(var, t, iy, ix) not in done
-            ]
-            if not todo:
-                continue
-            blocks = _source_array(cube, plan, var, t, method=method, model=model, params=params).to_delayed()
-            for top in range(0, len(yblocks), per_tile[0]):
-                for left in range(0, len(xblocks), per_tile[1]):
-                    batch = [
-                        dask.delayed(_write_region)(
-                            blocks[0, iy, ix], str(path), var, t, iy, ix, yblocks[iy], xblocks[ix],
-                            dask_key_name=f"stf-write-{token}-{_region_name(var, t, iy, ix)}",
-                        )
-                        for iy, ix in todo
-                        if top <= iy < top + per_tile[0] and left <= ix < left + per_tile[1]
+            for yspan in yspans:
+                for xspan in xspans:
+                    regions = [
+                        (iy, ix)
+                        for iy in yspan.regions
+                        for ix in xspan.regions
+                        if _region_name(var, t, iy, ix) not in done
                     ]
-                    if batch:
-                        batches.append(batch)
-                        total += len(batch)
+                    if regions:
+                        batches.append(functools.partial(batch, var, t, yspan, xspan, regions))
+                        total += len(regions)
     return batches, total
 
 
-def _compute(batches: list[list[Any]], *, total: int, progress: bool, desc: str) -> None:
-    """Compute the batches one after the other, on the active client or the local scheduler."""
+def _compute(batches: list[Callable[[], list[Any]]], *, total: int, progress: bool, desc: str) -> None:
+    """Build and compute the batches one after the other, on the active client or the local scheduler."""
     if not batches:
         return
     client = _current_client()
@@ -656,15 +725,15 @@ def _compute(batches: list[list[Any]], *, total: int, progress: bool, desc: str)
         if client is not None:
             from distributed import as_completed
 
-            for batch in batches:
-                futures = client.compute(batch)
+            for build in batches:
+                futures = client.compute(build())
                 for _ in as_completed(futures):
                     bar.update(1)
                 client.gather(futures)
             return
         with DaskProgress(bar, "stf-write-") if progress else contextlib.nullcontext():
-            for batch in batches:
-                dask.compute(*batch)
+            for build in batches:
+                dask.compute(*build())
                 _return_freed_memory()
 
 

@@ -183,7 +183,7 @@ def _forbid_fusing(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a complete store was fused again")
 
-    monkeypatch.setattr(series, "fuse", fail)
+    monkeypatch.setattr(series, "prepare_fusion", fail)
     monkeypatch.setattr(series, "_write_region", fail)
 
 
@@ -334,13 +334,57 @@ def test_tiles_computed_one_after_the_other_give_the_same_store(tmp_path, monkey
     cube = gappy_cube()
     reference = tmp_path / "ref.zarr"
     stf.fuse_series(cube, method="delta", out=reference, chunks=CHUNKS, progress=False, window=5)
-    monkeypatch.setattr(series, "TILE", 16)  # 3 x 3 tiles of one chunk each, every one reading its halo ring
+    monkeypatch.setattr(series, "tile_blocks", lambda: 1)  # 3 x 3 tiles of one chunk each, each with halo strips
     batches = []
     original = series._compute
     monkeypatch.setattr(series, "_compute", lambda b, **kw: (batches.append(len(b)), original(b, **kw)))
     stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False, window=5)
     assert batches == [5 * 9]
     assert store_files(tmp_path / "f.zarr") == store_files(reference)
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "factor"),
+    [
+        ("starfm", {"radius": 3}, 8),
+        ("fsdaf", {"half_window": 4, "unmix_radius": 1, "tps_radius": 1, "n_classes": 3}, 4),
+    ],
+)
+def test_tiles_with_halo_strips_equal_one_unchunked_fuse(tmp_path, monkeypatch, method, params, factor):
+    """Tiles of one chunk, each fused from its window (the chunk and a halo strip each side), with
+    the scene statistics computed once per date, give the unchunked prediction bit for bit (for
+    FSDAF the blocks and strips also start on the coarse grid)."""
+    from stf_pipeline import fusion
+
+    base = random_cube(n_times=3, height=64, width=80, coarse_factor=factor, seed=3)
+    cube = stf.make_cube(
+        np.where(np.arange(3)[:, None, None, None] == 1, np.nan, base["fine"].values), base["coarse"].values,
+        time=base.time.values, band=base.band.values, y=base.y.values, x=base.x.values, crs="EPSG:32633",
+        coarse_factor=factor,
+    ).chunk({"time": 1, "y": 32, "x": 32})
+    monkeypatch.setattr(series, "tile_blocks", lambda: 1)
+    statistics = []
+    original = fusion.FusionCall.with_scene_statistics
+    monkeypatch.setattr(
+        fusion.FusionCall, "with_scene_statistics", lambda self, c: (statistics.append(1), original(self, c))[1]
+    )
+    out = stf.fuse_series(cube, method=method, out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False, **params)
+    assert statistics == [1]  # one fused date, 4 x 5 tiles
+    target = cube.time.values[1]
+    expected = stf.fuse(cube.compute(), target, method=method, **params)
+    np.testing.assert_array_equal(out["fine"].sel(time=target).values, expected.values)
+
+
+def test_tile_side_follows_the_worker_count():
+    """About two compute blocks per worker thread in a tile, at least 2 x 2."""
+    with dask.config.set(scheduler="threads", num_workers=2):
+        assert series.tile_blocks() == 2
+    with dask.config.set(scheduler="threads", num_workers=8):
+        assert series.tile_blocks() == 4
+    with dask.config.set(scheduler="threads", num_workers=32):
+        assert series.tile_blocks() == 8
+    with dask.config.set(scheduler="sync"):
+        assert series.tile_blocks() == 2
 
 
 def test_backend_is_part_of_the_request(tmp_path, monkeypatch):

@@ -18,8 +18,9 @@ halo trim, task bookkeeping, no parallel speed-up).
 ``--series`` instead measures :func:`stf_pipeline.fuse_series` the way a user runs it at scale:
 the tiled scene (``--bands`` bands, ``--dates`` dates, fine on the first and last) is first
 written to a Zarr cube store (not timed, in its own process), then a fresh process opens it with
-:func:`stf_pipeline.open_cube` and fuses every coarse-only date into a store, with ``--chunk``
-chunks on the threaded scheduler with ``--workers`` workers. Sizes are ``HEIGHTxWIDTH`` or one
+:func:`stf_pipeline.open_cube` and fuses every coarse-only date into a store with each of
+``--methods`` (one fresh process per method), with ``--chunk`` chunks on the threaded scheduler
+with ``--workers`` workers. Sizes are ``HEIGHTxWIDTH`` or one
 side (square). Reported: wall time and the peak RSS of the fusing process, whose ratio between
 sizes shows whether memory follows the scene or the chunk.
 
@@ -126,7 +127,7 @@ def _child_prepare(size: str, tile: int, bands: int, dates: int, chunk: int, sto
     return {"store": str(store)}
 
 
-def _child_series(store: Path, chunk: int, workers: int, out: Path) -> dict[str, Any]:
+def _child_series(store: Path, method: str, chunk: int, workers: int, out: Path) -> dict[str, Any]:
     import dask
 
     import stf_pipeline as stf
@@ -134,11 +135,11 @@ def _child_series(store: Path, chunk: int, workers: int, out: Path) -> dict[str,
     cube = stf.open_cube(store)
     start = time.perf_counter()
     with dask.config.set(scheduler="threads", num_workers=workers):
-        fused = stf.fuse_series(cube, method="delta", out=out, chunks=(chunk, chunk), progress=False)
+        fused = stf.fuse_series(cube, method=method, out=out, chunks=(chunk, chunk), progress=False)
     wall = time.perf_counter() - start
     height, width = cube.sizes["y"], cube.sizes["x"]
     return {
-        "height": height, "width": width, "bands": cube.sizes["band"], "dates": cube.sizes["time"],
+        "method": method, "height": height, "width": width, "bands": cube.sizes["band"], "dates": cube.sizes["time"],
         "fused_dates": int((fused["source"].values == "fused").sum()), "chunk": chunk, "workers": workers,
         "wall_s": wall, "pixels": height * width,
     }
@@ -151,19 +152,23 @@ def _series_report(args: argparse.Namespace) -> list[dict[str, Any]]:
             store = Path(tmp) / "input.zarr"
             _run_child(["--child", "prepare", size, str(args.tile), str(args.bands), str(args.dates),
                         str(args.chunk), str(store)])
-            result, peak = _run_child(
-                ["--child", "series", str(store), str(args.chunk), str(args.workers), str(Path(tmp) / "fused.zarr")]
-            )
-        result["peak_rss_bytes"] = peak
-        rows.append(result)
-        print(
-            f"delta series {result['height']}x{result['width']} ({result['bands']} bands, {result['fused_dates']} "
-            f"fused dates): {result['wall_s']:.2f} s, peak RSS {peak / 2**30:.2f} GiB",
-            flush=True,
-        )
-    ref = next((r for r in rows if (r["height"], r["width"]) == (2000, 2000)), rows[0])
-    for r in rows:
-        r["peak_vs_2000"] = r["peak_rss_bytes"] / ref["peak_rss_bytes"]
+            for method in args.methods:
+                result, peak = _run_child(
+                    ["--child", "series", str(store), method, str(args.chunk), str(args.workers),
+                     str(Path(tmp) / f"fused_{method}.zarr")]
+                )
+                result["peak_rss_bytes"] = peak
+                rows.append(result)
+                print(
+                    f"{method} series {result['height']}x{result['width']} ({result['bands']} bands, "
+                    f"{result['fused_dates']} fused dates): {result['wall_s']:.2f} s, peak RSS {peak / 2**30:.2f} GiB",
+                    flush=True,
+                )
+    for method in args.methods:
+        own = [r for r in rows if r["method"] == method]
+        ref = next((r for r in own if (r["height"], r["width"]) == (2000, 2000)), own[0])
+        for r in own:
+            r["peak_vs_2000"] = r["peak_rss_bytes"] / ref["peak_rss_bytes"]
     return rows
 
 
@@ -330,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "prepare":
                 result = _child_prepare(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]), Path(rest[5]))
             elif kind == "series":
-                result = _child_series(Path(rest[0]), int(rest[1]), int(rest[2]), Path(rest[3]))
+                result = _child_series(Path(rest[0]), rest[1], int(rest[2]), int(rest[3]), Path(rest[4]))
             elif kind == "case":
                 result = _child_case(int(rest[0]), rest[1], int(rest[2]), Path(tmp))
             elif kind == "overhead":
@@ -354,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for r in report["series"]:
             print(
-                f"{r['height']:>6}x{r['width']:<6} {r['wall_s']:8.2f} s {r['peak_rss_bytes'] / 2**30:8.2f} GiB "
+                f"{r['method']:<8} {r['height']:>6}x{r['width']:<6} {r['wall_s']:8.2f} s "
+                f"{r['peak_rss_bytes'] / 2**30:8.2f} GiB "
                 f"({r['peak_vs_2000']:.2f}x the 2000² peak)"
             )
     elif args.gpu_series:
