@@ -2,19 +2,18 @@
 the spectral correlation and the prediction from the sums (both host backends).
 
 Window sums, *pixel form*: for each pixel, the window rows in order; per row a branch-free test
-of every neighbour's similarity (all bands of both dates) and every neighbour's weight (SIMD
-over the row), then the similar neighbours kept in window order. Most neighbours are not
-similar, so only those are summed: their inputs are packed per pixel (:func:`_pack`: both
-pairs' coarse and fine values and coarse changes, eight bands side by side), so one neighbour
-is one contiguous read and its increments of the ten sums of eight bands are SIMD operations on
-sums held in registers (a stack buffer, :func:`_stack_f64`). The increments are float32, as the
-NumPy body computes them, added in offset order to float64 sums per band: the sums of the NumPy
-driver, bit for bit. The spectral correlation ``R`` and the prediction from the sums are the
-operations of their NumPy expressions in the same order (so the same values). Neighbours outside
-the block are skipped and every pixel adds its terms in the same offset order whatever block or
-row strip it sits in, so chunked results equal unchunked ones bitwise. Rows are shared over the
-cores (:func:`stf_pipeline.kernels.pool.run_rows`); ``cache=True`` keeps the compiled code on
-disk.
+of every neighbour's similarity (all bands of both dates), then the similar neighbours and their
+weights kept in window order. Most neighbours are not similar, so only those are summed: their
+inputs are packed per pixel (:func:`_pack`: both pairs' coarse and fine values and coarse
+changes, eight bands side by side), so one neighbour is one contiguous read and its increments
+of the ten sums of eight bands are SIMD operations on sums held in registers (a stack buffer,
+:func:`_stack_f64`). The increments are float32, as the NumPy body computes them, added in
+offset order to float64 sums per band: the sums of the NumPy driver, bit for bit. The spectral
+correlation ``R`` and the prediction from the sums are the operations of their NumPy expressions
+in the same order (so the same values). Neighbours outside the block are skipped and every pixel
+adds its terms in the same offset order whatever block or row strip it sits in, so chunked
+results equal unchunked ones bitwise. Rows are shared over the cores
+(:func:`stf_pipeline.kernels.pool.run_rows`); ``cache=True`` keeps the compiled code on disk.
 """
 
 from __future__ import annotations
@@ -90,10 +89,11 @@ def _estarfm_rows(
     sums_group = numba.carray(_stack_f64(_GROUP_SUMS), (10, _GROUP))  # on the stack: kept in registers
     side = 2 * radius + 1
     similar = np.empty(side, dtype=np.bool_)
-    row_weight = np.empty(side, dtype=np.float32)
     centre = np.empty((n_pairs, n_bands), dtype=np.float32)
     index = np.empty(side * side, dtype=np.int64)  # flat (y * w + x) index of the similar pixels
+    offset = np.empty(side * side, dtype=np.int64)  # their window offset (row-major)
     weight = np.empty(side * side, dtype=np.float32)
+    spread_flat = spread.ravel()
     for y in range(y_start, y_stop):
         y0 = max(0, y - radius)
         y1 = min(h, y + radius + 1)
@@ -119,20 +119,15 @@ def _estarfm_rows(
                         q = fine[p, b, yy, x0:x1]
                         for i in range(m):
                             row[i] = row[i] & (abs(q[i] - c) < t)
-                # every column's weight at once (SIMD), then the similar ones kept
-                sp = spread[yy, x0:x1]
                 base = (yy - y + radius) * side + x0 - x + radius
-                dt = distance_term[base : base + m]
-                rw = row_weight[:m]
-                for i in range(m):
-                    rw[i] = _F1 / (sp[i] * dt[i] + eps)
                 for i in range(m):  # branch-free compaction
                     index[n] = yy * w + x0 + i
-                    weight[n] = rw[i]
+                    offset[n] = base + i
                     n += row[i]
             count[y, x] = n
             weight_sum = 0.0
             for j in range(n):
+                weight[j] = _F1 / (spread_flat[index[j]] * distance_term[offset[j]] + eps)
                 weight_sum += weight[j]
             total[y, x] = weight_sum
             # pass 2: per group of bands (one SIMD vector), the sums, terms added in window order
