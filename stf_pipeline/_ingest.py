@@ -25,16 +25,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-import dask
-import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
+from stf_pipeline._dask import is_dask_array
 from stf_pipeline.cube import DIMS, validate_cube
 from stf_pipeline.exceptions import CatalogError
-from stf_pipeline.parallel import local_scheduler
 from stf_pipeline.sensors import AnySensor, DatePattern, QAMask, Sensor, get_sensor
 from stf_pipeline.task import iso_date
 
@@ -341,7 +339,7 @@ def _band_data(scene: _Scene, bands: Sequence[str], chunks: Mapping[str, int] | 
             layers.append(layer.drop_vars([c for c in layer.coords if c not in ("y", "x")]).rio.write_crs(grid.crs))
             nodata.append(layer.rio.nodata)
         picked = xr.concat(layers, dim="band", join="override", coords="minimal", compat="override")
-        if isinstance(picked.data, da.Array):
+        if is_dask_array(picked.data):
             picked = picked.chunk({"band": -1})
     return (
         picked.drop_vars([c for c in picked.coords if c not in ("y", "x", "spatial_ref")])
@@ -417,11 +415,11 @@ def _bad_pixels(scene: _Scene, asset: str, qa: QAMask, grid: _Grid, chunks: Mapp
             raise CatalogError(f"{first}: its quality band {asset!r} is missing: expected {expected}; {hint}.")
         raw = _open(path, chunks)
     data = raw.data[0]
-    if isinstance(data, da.Array):
+    if is_dask_array(data):
         if qa.dilation:
             bad = data.map_overlap(qa.bad, depth=qa.dilation, boundary="none", dtype=bool)
         else:
-            bad = da.map_blocks(qa.bad, data, dtype=bool)
+            bad = data.map_blocks(qa.bad, dtype=bool)
     else:
         bad = qa.bad(np.asarray(data))
     qa_grid = _grid_of(raw)
@@ -486,6 +484,8 @@ def _stack(
     times = np.array(sorted(images), dtype="datetime64[ns]")
     layers = [images[t].data for t in times]
     if chunks is not None:
+        import dask.array as da
+
         spatial = (-1, chunks.get("y", -1), chunks.get("x", -1))
         stacked = da.stack([da.asarray(layer).rechunk(spatial) for layer in layers])
     else:
@@ -513,7 +513,14 @@ def _check_values(
         stats[role] = (valid.sum(dims), outside.sum(dims), stack.min(dims), stack.max(dims))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN dates have no min/max
-        (computed,) = dask.compute(stats, scheduler=local_scheduler())
+        if any(is_dask_array(a.data) for values in stats.values() for a in values):
+            import dask
+
+            from stf_pipeline.parallel import local_scheduler
+
+            (computed,) = dask.compute(stats, scheduler=local_scheduler())
+        else:
+            computed = stats
     fractions = {}
     for role, (n_valid, n_outside, vmin, vmax) in computed.items():
         sensor = sensors[role]
@@ -705,7 +712,7 @@ def ingest(
                     image = _onto_fine_grid(
                         image, coarse_grid, fine_grid, cast(xr.DataArray, template), resampling=resampling, path=path
                     )
-                images[role][date] = image.load() if not isinstance(image.data, da.Array) else image
+                images[role][date] = image if is_dask_array(image.data) else image.load()
     paths = {role: {date: first[0] for date, first in f.items()} for role, f in firsts.items()}
     times = np.array(sorted(set().union(*groups.values())), dtype="datetime64[ns]")
     stacks = {role: _stack(images[role], cast(xr.DataArray, template), chunks) for role in groups if images[role]}

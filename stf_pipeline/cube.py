@@ -16,12 +16,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import dask
-import dask.array as da
 import numpy as np
 import xarray as xr
 
 from stf_pipeline._atomic import atomic_directory
+from stf_pipeline._dask import is_dask_array
 from stf_pipeline.exceptions import CubeError, StoreError
 
 DIMS: tuple[str, str, str, str] = ("time", "band", "y", "x")
@@ -190,12 +189,12 @@ def validate_cube(
 def _sample_windows(cube: xr.Dataset, name: str, *, lazy: bool) -> list[Any]:
     """Up to three ``(band, y, x)`` windows of ``name`` (first, middle, last date), lazy or not."""
     data = cube[name].data
-    if isinstance(data, da.Array) and not lazy:
+    if is_dask_array(data) and not lazy:
         return []
     n_time, _, height, width = data.shape
     side_y, side_x = min(SAMPLE_SIDE, height), min(SAMPLE_SIDE, width)
     y0, x0 = (height - side_y) // 2, (width - side_x) // 2
-    if isinstance(data, da.Array):  # the window inside the first chunk at the centre, so one chunk is read
+    if is_dask_array(data):  # the window inside the first chunk at the centre, so one chunk is read
         y0 = _chunk_start(data.chunks[2], y0, side_y)
         x0 = _chunk_start(data.chunks[3], x0, side_x)
     dates = sorted({0, n_time // 2, n_time - 1})
@@ -212,8 +211,10 @@ def _chunk_start(chunks: tuple[int, ...], start: int, side: int) -> int:
 def _check_values(cube: xr.Dataset, *, lazy: bool) -> None:
     names = [str(n) for n in cube.data_vars if cube[n].dims == DIMS and np.issubdtype(cube[n].dtype, np.floating)]
     samples = {name: _sample_windows(cube, name, lazy=lazy) for name in names}
-    if lazy and any(isinstance(w, da.Array) for ws in samples.values() for w in ws):
+    if lazy and any(is_dask_array(w) for ws in samples.values() for w in ws):
         flat = [w for ws in samples.values() for w in ws]
+        import dask
+
         computed = iter(dask.compute(*flat))
         samples = {name: [next(computed) for _ in ws] for name, ws in samples.items()}
     low, high = REFLECTANCE_RANGE
@@ -327,7 +328,7 @@ def make_cube(
         cube = cube.rio.write_crs(crs)
     for name in VARIABLES:
         cube[name].attrs.setdefault("units", "reflectance")
-    if not any(isinstance(cube[name].data, da.Array) for name in VARIABLES):
+    if not any(is_dask_array(cube[name].data) for name in VARIABLES):
         cube = with_valid_fractions(cube)
     return validate_cube(cube)
 
@@ -342,7 +343,9 @@ def with_valid_fractions(cube: xr.Dataset) -> xr.Dataset:
     if not missing:
         return cube
     fractions = [cube[name].notnull().mean(("band", "y", "x")) for name in missing]
-    if any(isinstance(f.data, da.Array) for f in fractions):
+    if any(is_dask_array(f.data) for f in fractions):
+        import dask
+
         fractions = list(dask.compute(*fractions))
     return cube.assign_coords(
         {
@@ -449,7 +452,7 @@ def write_cube(
         encoding = coord_encoding() | {
             str(name): chunk_encoding(tuple(c[0] for c in out[name].data.chunks))
             for name in out.data_vars
-            if isinstance(out[name].data, da.Array) and out[name].ndim
+            if is_dask_array(out[name].data) and out[name].ndim
         }
         with atomic_directory(path) as tmp, quiet_zarr():
             out.to_zarr(
@@ -559,6 +562,7 @@ def open_store(
         )
     if STORE_MARKER in cube.attrs or "stf_series_request" in cube.attrs:
         _check_chunks_present(path, cube)
+    import dask.array as da
     from dask.base import tokenize
 
     for name, var in list(cube.variables.items()):
@@ -567,7 +571,7 @@ def open_store(
             cube[name] = var.copy(data=np.asarray(np.asarray(var.values).tolist(), dtype=str))
     for name in list(cube.data_vars):
         data = cube[name].data
-        if not isinstance(data, da.Array) or not cube[name].ndim or cube[name].dtype.kind in "UT":
+        if not is_dask_array(data) or not cube[name].ndim or cube[name].dtype.kind in "UT":
             continue
         store_chunks = tuple(cube[name].encoding.get("chunks") or tuple(c[0] for c in data.chunks))
         reader = CheckedChunks(raw[name].variable, path, str(name), store_chunks, generation)

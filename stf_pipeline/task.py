@@ -6,11 +6,11 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
-import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
 
+from stf_pipeline._dask import is_dask_array
 from stf_pipeline.exceptions import TaskError
 
 DateLike: TypeAlias = str | np.datetime64 | pd.Timestamp | Any
@@ -57,10 +57,10 @@ def valid_fraction(cube: xr.Dataset, variable: str) -> np.ndarray:
     nothing; otherwise computes it (in memory: cheap; lazy without the coord: one pass).
     """
     coord = f"{variable}_valid"
-    if coord in cube.coords and isinstance(cube[variable].data, da.Array):
+    if coord in cube.coords and is_dask_array(cube[variable].data):
         # the coord is metadata-sized; .chunk() may have made it a Dask array
         values = cube[coord].data
-        if isinstance(values, da.Array):
+        if is_dask_array(values):
             values = values.compute(scheduler="sync")
         return np.asarray(values, dtype=float)
     return np.asarray(cube[variable].notnull().mean(("band", "y", "x")).values, dtype=float)

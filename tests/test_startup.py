@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numba
+import numpy as np
 import pytest
 from numba.core.caching import NullCache
 from numba.core.dispatcher import Dispatcher
@@ -38,6 +39,26 @@ def test_import_stf_pipeline_imports_no_heavy_dependency() -> None:
     )
     assert loaded == []
 
+
+
+def test_cube_task_ingest_and_statistics_modules_import_no_dask_array() -> None:
+    # they only recognise Dask arrays (stf_pipeline._dask.is_dask_array): a read into memory,
+    # validation, task resolution and the scene statistics of NumPy data never pay for dask.array
+    loaded = _child(
+        "import json, sys; import numpy as np; "
+        "import stf_pipeline.cube, stf_pipeline.task, stf_pipeline._ingest, stf_pipeline.kernels.stats as st; "
+        "from stf_pipeline._dask import is_dask_array; "
+        "std = st.class_std_summary(np.ones((2, 3, 4, 4))); "
+        "print(json.dumps([is_dask_array(np.ones(2)), 'dask.array' in sys.modules, std.shape == (2, 3)]))"
+    )
+    assert loaded == [False, False, True]
+
+
+def test_is_dask_array_recognises_dask_arrays() -> None:
+    da = pytest.importorskip("dask.array")
+    from stf_pipeline._dask import is_dask_array
+
+    assert is_dask_array(da.zeros(3)) and not is_dask_array(np.zeros(3)) and not is_dask_array([1.0])
 
 def test_numba_fusion_on_cpu_never_imports_jax() -> None:
     # a CPU-only JAX (no accelerator plugin) is not imported to learn that the device is a CPU

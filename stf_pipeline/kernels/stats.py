@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import numba
 import numpy as np
 
+from stf_pipeline._dask import is_dask_array
 from stf_pipeline.exceptions import MethodError
 from stf_pipeline.kernels.pool import run_rows
 from stf_pipeline.kernels.similar import check_window
@@ -73,10 +74,11 @@ def scene_std(fine: np.ndarray) -> tuple[tuple[float, ...], ...]:
 
 def class_std_summary(fine: Any) -> Any:
     """Standard deviation of each ``(pair, band)`` plane of ``fine``: :func:`plane_std` for NumPy,
-    a lazy ``dask.array.nanstd`` (float64) for Dask."""
-    import dask.array as da
+    a lazy ``dask.array.nanstd`` (float64) for Dask (imported only then: a Dask array exists only once
+    ``dask.array`` is)."""
+    if is_dask_array(fine):
+        import dask.array as da
 
-    if isinstance(fine, da.Array):
         with quiet_nan():
             return da.nanstd(fine.astype(np.float64), axis=(-2, -1))
     return plane_std(fine)

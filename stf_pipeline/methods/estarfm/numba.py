@@ -2,15 +2,18 @@
 the spectral correlation and the prediction from the sums (both host backends).
 
 Window sums, *pixel form*: for each pixel, the window rows in order; per row a branch-free test
-of every neighbour's similarity (all bands of both dates), then the similar neighbours'
-increments (float32, as the NumPy body computes them) added in offset order to float64 sums:
-the sums of the NumPy driver, bit for bit. Most neighbours are not similar, so skipping them
-saves most of the work. The spectral correlation ``R`` and the prediction from the sums are
-the operations of their NumPy expressions in the same order (so the same values). Neighbours
-outside the block are skipped and every pixel adds its terms in the same offset order whatever
-block or row strip it sits in, so chunked results equal unchunked ones bitwise. Rows are shared
-over the cores (:func:`stf_pipeline.kernels.pool.run_rows`); ``cache=True`` keeps the compiled
-code on disk.
+of every neighbour's similarity (all bands of both dates), then the similar neighbours and their
+weights kept in window order. Most neighbours are not similar, so only those are summed: their
+inputs are packed per pixel (:func:`_pack`: both pairs' coarse and fine values and coarse
+changes, eight bands side by side), so one neighbour is one contiguous read and its increments
+of the ten sums of eight bands are SIMD operations on sums held in registers (a stack buffer,
+:func:`_stack_f64`). The increments are float32, as the NumPy body computes them, added in
+offset order to float64 sums per band: the sums of the NumPy driver, bit for bit. The spectral
+correlation ``R`` and the prediction from the sums are the operations of their NumPy expressions
+in the same order (so the same values). Neighbours outside the block are skipped and every pixel
+adds its terms in the same offset order whatever block or row strip it sits in, so chunked
+results equal unchunked ones bitwise. Rows are shared over the cores
+(:func:`stf_pipeline.kernels.pool.run_rows`); ``cache=True`` keeps the compiled code on disk.
 """
 
 from __future__ import annotations
@@ -19,20 +22,55 @@ from typing import Any
 
 import numba
 import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from stf_pipeline.kernels.pool import run_rows
 from stf_pipeline.kernels.similar import as_f32, offset_distances
 
 _F1 = np.float32(1.0)
+#: bands summed together in one SIMD vector (eight float32 lanes; 6-band scenes use one group)
+_GROUP = 8
+#: the ten sums of one group
+_GROUP_SUMS = 10 * _GROUP
+
+
+@intrinsic
+def _stack_f64(typingctx: Any, size: Any) -> Any:  # pragma: no cover - compiled
+    """A float64 buffer of ``size`` (a literal) elements on the stack of the calling kernel: LLVM
+    knows it aliases no argument, so sums kept there stay in SIMD registers."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    n = size.literal_value
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return cgutils.alloca_once(builder, context.get_value_type(types.float64), size=n)
+
+    return types.CPointer(types.float64)(size), codegen
+
+
+def _pack(fine0: np.ndarray, coarse0: np.ndarray, change: np.ndarray) -> np.ndarray:
+    """The per-neighbour inputs of the sums, ``(band group, y * x, 6, _GROUP)`` float32: for each
+    pixel the coarse and fine values of both pairs and the two coarse changes, the bands of a
+    group side by side (zero-padded), so one similar neighbour is one contiguous read."""
+    n_bands, h, w = fine0.shape[1:]
+    groups = -(-n_bands // _GROUP)
+    packed = np.zeros((groups, h * w, 6, _GROUP), dtype=np.float32)
+    for k, (array, pair) in enumerate(
+        [(coarse0, 0), (coarse0, 1), (fine0, 0), (fine0, 1), (change, 0), (change, 1)]
+    ):
+        for g in range(groups):
+            bands = array[pair, g * _GROUP : (g + 1) * _GROUP]
+            packed[g, :, k, : bands.shape[0]] = bands.reshape(bands.shape[0], h * w).T
+    return packed
 
 
 @numba.njit(nogil=True, cache=True)
 def _estarfm_rows(
     fine: np.ndarray,
     spread: np.ndarray,
-    fine0: np.ndarray,
-    coarse0: np.ndarray,
-    change: np.ndarray,
+    packed: np.ndarray,
     threshold: np.ndarray,
     distance_term: np.ndarray,
     eps: np.float32,
@@ -43,10 +81,12 @@ def _estarfm_rows(
     total: np.ndarray,
     sums: np.ndarray,
 ) -> None:  # pragma: no cover - compiled; covered through estarfm_sums()
-    # fine: (2, band, y, x) float32, NaN where missing; spread: (y, x); fine0, coarse0, change:
-    # (2, band, y, x) (0 where missing); threshold: (2, band); distance_term: (side * side,) =
+    # fine: (2, band, y, x) float32, NaN where missing; spread: (y, x); packed: (band group,
+    # y * x, 6, _GROUP) float32, the coarse and fine images of both pairs and the coarse changes
+    # (0 where missing; see _pack); threshold: (2, band); distance_term: (side * side,) =
     # 1 + d / w per offset; count, total: (y, x) float64; sums: (10, band, y, x) float64
     n_pairs, n_bands, h, w = fine.shape
+    sums_group = numba.carray(_stack_f64(_GROUP_SUMS), (10, _GROUP))  # on the stack: kept in registers
     side = 2 * radius + 1
     similar = np.empty(side, dtype=np.bool_)
     centre = np.empty((n_pairs, n_bands), dtype=np.float32)
@@ -66,8 +106,8 @@ def _estarfm_rows(
                 for b in range(n_bands):
                     centre[p, b] = fine[p, b, y, x]
                     finite = finite and np.isfinite(centre[p, b])
-            # pass 1: the similar pixels, in window order (a missing centre has none: every
-            # comparison with NaN is false)
+            # pass 1: the similar pixels and their weights, in window order (a missing centre has
+            # none: every comparison with NaN is false)
             n = 0
             for yy in range(y0, y1 if finite else y0):
                 row = similar[:m]
@@ -84,52 +124,38 @@ def _estarfm_rows(
                     index[n] = yy * w + x0 + i
                     offset[n] = base + i
                     n += row[i]
-            n_similar = 0.0
+            count[y, x] = n
             weight_sum = 0.0
             for j in range(n):
                 weight[j] = _F1 / (spread_flat[index[j]] * distance_term[offset[j]] + eps)
-                n_similar += 1.0
                 weight_sum += weight[j]
-            count[y, x] = n_similar
             total[y, x] = weight_sum
-            # pass 2: per band, the sums in registers, terms added in window order
-            for b in range(n_bands):
-                c1 = coarse0[0, b].ravel()
-                c2 = coarse0[1, b].ravel()
-                f1 = fine0[0, b].ravel()
-                f2 = fine0[1, b].ravel()
-                d1 = change[0, b].ravel()
-                d2 = change[1, b].ravel()
-                centre_coarse = coarse0[0, b, y, x]
-                centre_fine = fine0[0, b, y, x]
-                s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = 0.0
+            # pass 2: per group of bands (one SIMD vector), the sums, terms added in window order
+            for g in range(packed.shape[0]):
+                data = packed[g]
+                here = data[y * w + x]
+                sums_group[:] = 0.0
                 for j in range(n):
-                    k = index[j]
+                    q = data[index[j]]
                     wj = weight[j]
-                    x1b = c1[k] - centre_coarse
-                    x2b = c2[k] - centre_coarse
-                    y1b = f1[k] - centre_fine
-                    y2b = f2[k] - centre_fine
-                    s0 += wj * d1[k]
-                    s1 += wj * d2[k]
-                    s2 += wj * f1[k]
-                    s3 += wj * f2[k]
-                    s4 += x1b + x2b
-                    s5 += x1b - x2b
-                    s6 += y1b + y2b
-                    s7 += x1b * x1b + x2b * x2b
-                    s8 += y1b * y1b + y2b * y2b
-                    s9 += x1b * y1b + x2b * y2b
-                sums[0, b, y, x] = s0
-                sums[1, b, y, x] = s1
-                sums[2, b, y, x] = s2
-                sums[3, b, y, x] = s3
-                sums[4, b, y, x] = s4
-                sums[5, b, y, x] = s5
-                sums[6, b, y, x] = s6
-                sums[7, b, y, x] = s7
-                sums[8, b, y, x] = s8
-                sums[9, b, y, x] = s9
+                    for b in range(_GROUP):
+                        x1b = q[0, b] - here[0, b]
+                        x2b = q[1, b] - here[0, b]
+                        y1b = q[2, b] - here[2, b]
+                        y2b = q[3, b] - here[2, b]
+                        sums_group[0, b] += wj * q[4, b]
+                        sums_group[1, b] += wj * q[5, b]
+                        sums_group[2, b] += wj * q[2, b]
+                        sums_group[3, b] += wj * q[3, b]
+                        sums_group[4, b] += x1b + x2b
+                        sums_group[5, b] += x1b - x2b
+                        sums_group[6, b] += y1b + y2b
+                        sums_group[7, b] += x1b * x1b + x2b * x2b
+                        sums_group[8, b] += y1b * y1b + y2b * y2b
+                        sums_group[9, b] += x1b * y1b + x2b * y2b
+                for b in range(min(_GROUP, n_bands - g * _GROUP)):
+                    for k in range(10):
+                        sums[k, g * _GROUP + b, y, x] = sums_group[k, b]
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -324,7 +350,7 @@ def estarfm_sums(
     count = np.empty((h, w), dtype=np.float64)
     total = np.empty((h, w), dtype=np.float64)
     sums = np.empty((10, n_bands, h, w), dtype=np.float64)
-    arrays = [as_f32(neighbour[k]) for k in ("spread", "fine0", "coarse0", "change")]
-    inputs = (fine, *arrays, threshold, distance_term, np.float32(eps), int(radius))
+    packed = _pack(*(as_f32(neighbour[k]) for k in ("fine0", "coarse0", "change")))
+    inputs = (fine, as_f32(neighbour["spread"]), packed, threshold, distance_term, np.float32(eps), int(radius))
     run_rows(_estarfm_rows, h, inputs, (count, total, sums), threaded=threaded)
     return [count, total, *sums]

@@ -5,10 +5,12 @@
 made several full-size temporaries; each pixel or cell is computed on its own, in a fixed order.
 
 In :func:`blend`, for every pixel the ``(2r+1)²`` window (truncated at the block edge) is
-scanned one window row at a time: the row's float32 ranking keys are computed branch-free (the
-same operations, in the same band order, as the JAX path :mod:`stf_pipeline.methods.fsdaf.jax`),
-packed with their scan index into one int64 (key bits above, index below: positive floats order
-like their bits), and those below the current k-th best are inserted into a small sorted buffer.
+scanned one window row at a time: the row's float32 ranking keys are computed branch-free, in
+whole SIMD vectors where the block allows (the same operations, in the same band order, as the
+JAX path :mod:`stf_pipeline.methods.fsdaf.jax`), packed with their scan index into one int64 (key
+bits above, index below: positive floats order like their bits), and those below the current
+k-th best are inserted into a small sorted buffer, branch-free (each slot takes the min/max of
+its old neighbours and the new key).
 Equal keys thus go to the earlier offset in row-major window order: the tie-break of the
 paper-literal reference (``tests/methods/fsdaf/reference_fsdaf.py``) and of ``jax.lax.top_k``. The weights of
 the chosen pixels are then computed in float64.
@@ -28,6 +30,9 @@ import numpy as np
 
 from stf_pipeline.kernels.pool import run_rows
 
+#: float32 lanes of the widest SIMD vector (AVX-512): the ranking keys are computed in whole vectors
+_VECTOR = 16
+
 
 @numba.njit(nogil=True, cache=True)
 def _blend_rows(
@@ -43,18 +48,21 @@ def _blend_rows(
     out: np.ndarray,
 ) -> None:  # pragma: no cover - compiled; covered through blend()
     # fine, threshold: (band, y, x) float32; change: (band, y, x) float64; use: (y, x) bool;
-    # rank: (side, side) float32 = 10 + d / r; out: (band, y, x) float64, rows y_start:y_stop written
+    # rank: (side, lanes) float32 = 10 + d / r, padded with ones to whole SIMD vectors;
+    # out: (band, y, x) float64, rows y_start:y_stop written
     nb, h, w = fine.shape
     side = 2 * radius + 1
     best = np.empty(k, dtype=np.int64)  # packed (key bits << 32 | scan index), ascending
+    previous = np.empty(k, dtype=np.int64)
     hit = np.empty(side, dtype=np.int64)
     centre = np.empty(nb, dtype=np.float32)
     inv = np.empty(nb, dtype=np.float32)
     thr = np.empty(nb, dtype=np.float32)
     acc = np.empty(nb, dtype=np.float64)
-    spectral = np.empty(side, dtype=np.float32)
-    passed = np.empty(side, dtype=np.bool_)
-    key = np.empty(side, dtype=np.float32)
+    lanes = rank.shape[1]  # the window's columns rounded up to whole SIMD vectors
+    spectral = np.empty(lanes, dtype=np.float32)
+    passed = np.empty(lanes, dtype=np.bool_)
+    key = np.empty(lanes, dtype=np.float32)
     key_bits = key.view(np.int32)
     eps = np.float32(1e-8)
     floor = np.float32(1e-5)
@@ -78,25 +86,28 @@ def _blend_rows(
             x1 = min(w, x + radius + 1)
             m = x1 - x0
             rx = x0 - x + radius
-            n = 0
+            # keys over whole SIMD vectors where the block allows (the lanes past the window are
+            # no candidates), so no lane is computed by a scalar remainder loop
+            mm = lanes if rx == 0 and x0 + lanes <= w else m
+            best[:] = no_candidate
             worst = no_candidate
             for yy in range(y0, y1):
                 # keys of one window row, branch-free (vectorised by LLVM)
                 ry = yy - y + radius
-                for i in range(m):
-                    passed[i] = use[yy, x0 + i]
+                for i in range(mm):
+                    passed[i] = use[yy, x0 + i] & (i < m)
                     spectral[i] = 0.0
                 for b in range(nb):
                     cb = centre[b]
                     tb = thr[b]
                     ib = inv[b]
-                    for i in range(m):
+                    for i in range(mm):
                         d = abs(fine[b, yy, x0 + i] - cb)
                         passed[i] = passed[i] & (d < tb)
                         spectral[i] += d * ib
                 if yy == y:  # the pixel itself is a candidate whatever the threshold
                     passed[x - x0] = use[y, x]
-                for i in range(m):
+                for i in range(mm):
                     key[i] = (spectral[i] + floor) * rank[ry, rx + i] if passed[i] else inf
                 # those that beat the current k-th, then insertion into the sorted buffer
                 base = ry * side + rx
@@ -107,19 +118,18 @@ def _blend_rows(
                     c += packed < worst  # type: ignore[assignment]  # bool as 0/1, compiled
                 for q in range(c):
                     packed = hit[q]
-                    if packed >= worst:
-                        continue
-                    if n < k:
-                        j = n
-                        n += 1
-                    else:
-                        j = k - 1
-                    while j > 0 and best[j - 1] > packed:
-                        best[j] = best[j - 1]
-                        j -= 1
-                    best[j] = packed
-                    if n == k:
-                        worst = best[k - 1]
+                    # branch-free insertion into the ascending buffer (empty slots hold `no_candidate`,
+                    # the last drops out): slot j takes min(max(old j-1, packed), old j), which leaves
+                    # the buffer as it is for a key above its last (one that an earlier hit of the row
+                    # has since beaten)
+                    previous[:] = best
+                    best[0] = min(previous[0], packed)
+                    for j in range(1, k):
+                        best[j] = min(max(previous[j - 1], packed), previous[j])
+                    worst = best[k - 1]
+            n = 0
+            for i in range(k):
+                n += best[i] < no_candidate
             total = 0.0
             for b in range(nb):
                 acc[b] = 0.0
@@ -176,7 +186,9 @@ def blend(
     c = np.ascontiguousarray(change, dtype=np.float64)
     t = np.ascontiguousarray(threshold, dtype=np.float32)
     u = np.ascontiguousarray(use, dtype=np.bool_)
-    r = np.ascontiguousarray(rank, dtype=np.float32)
+    side = rank.shape[1]
+    r = np.ones((side, -(-side // _VECTOR) * _VECTOR), dtype=np.float32)
+    r[:, :side] = rank
     out = np.empty(f.shape, dtype=np.float64)
     run_rows(_blend_rows, h, (f, c, t, u, r, radius, k), (out,), threaded=threaded)
     return out

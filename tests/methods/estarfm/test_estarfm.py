@@ -77,6 +77,19 @@ def test_compiled_kernels_match_reference(n_bands, backend):
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=rtol, equal_nan=True)
 
 
+
+@pytest.mark.parametrize("n_bands", [8, 9, 17])
+def test_numba_sums_whole_band_groups_bitwise(n_bands):
+    # the numba backend sums eight bands per SIMD group: a full group, a group and one band, and
+    # three groups give the NumPy driver's values bit for bit, and the float64 reference's to 1e-5
+    # (n_classes 0.25: most neighbours are similar, so most pixels use the sums)
+    fine, coarse, target = _scene(5, n_bands, 12, 13, 0.01)
+    kwargs = dict(half_window=2, n_classes=0.25, min_coarse_change=0.0)
+    got = estarfm_kernel(fine, coarse, target, params=EstarfmParams(**kwargs), backend="numba")
+    np.testing.assert_array_equal(got, estarfm_kernel(fine, coarse, target, params=EstarfmParams(**kwargs)))
+    want = reference_estarfm(fine, coarse, target, **kwargs)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, equal_nan=True)
+
 def test_spectral_correlation_by_hand():
     fine = np.array([[[[0.1]], [[0.2]]], [[[0.3]], [[0.4]]]])  # (pair, band, 1, 1)
     coarse = np.array([[[[0.2]], [[0.1]]], [[[0.4]], [[0.5]]]])
