@@ -220,7 +220,7 @@ def fit(
             "change_limit": list(stats.limit),
         },
     )
-    if workdir is not None:
-        save_history({k: v for k, v in history.items() if v}, workdir)
-        model_out.save(Path(workdir) / "model", overwrite=True)
+    if directory is not None:
+        save_history({k: v for k, v in history.items() if v}, directory)
+        model_out.save(directory / "model", overwrite=True)
     return model_out
