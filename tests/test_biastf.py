@@ -81,7 +81,7 @@ def test_halo_is_receptive_field_of_g_then_b_plus_fusion_window():
 def test_training_writes_history_figure_and_model(trained, cube):
     model, workdir = trained
     assert model.method == "biastf" and model.bands == ("red", "nir") and model.coarse_factor == 8
-    assert sorted(model.params) == ["B", "G"] and len(model.train_times) == 4
+    assert sorted(model.params) == ["B", "G", "shrink"] and len(model.train_times) == 4
     assert list(model.history) == ["stage1_G", "stage2_B"]
     for history in model.history.values():
         assert len(history["rmse"]) == 20 and history["val_step"] == [10, 20]
@@ -219,8 +219,9 @@ def test_kernel_is_f_of_fine_plus_g_plus_b(trained, cube):
     model, _ = trained
     fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]
     fused, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, extrapolate=True), model=model)
-    g, b, _ = _g_and_b(model, fine, coarse, ct)
-    expected = fine + (g + b).transpose(0, 3, 1, 2)
+    g, b, base = _g_and_b(model, fine, coarse, ct)
+    shrink = model.params["shrink"]  # fitted on the validation date
+    expected = fine + (base + shrink * (g + b - base)).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(transitional, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fused, _reference_fusion(expected, ct, 9, 1e-3, coarse), rtol=1e-4, atol=1e-5)
 
@@ -242,7 +243,10 @@ def test_learned_part_fades_out_beyond_the_training_changes(trained, cube, caplo
         _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9), model=model)
     assert "exceeds the training pairs' range" in caplog.text and "falls back to F(j) + dC" in caplog.text
     np.testing.assert_allclose(
-        transitional, fine + (base + trust * (g + b - base)).transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-6
+        transitional,
+        fine + (base + trust * model.params["shrink"] * (g + b - base)).transpose(0, 3, 1, 2),
+        rtol=1e-5,
+        atol=1e-6,
     )
     # F(j) + dC
     np.testing.assert_allclose(transitional[..., -4:], (fine + base.transpose(0, 3, 1, 2))[..., -4:], rtol=1e-6)
@@ -373,3 +377,63 @@ def test_all_nan_patches_train_without_nan(cube):
     assert all(np.all(np.isfinite(h["loss"])) for h in model.history.values() if h)
     pred = stf.fuse(cloudy, times[2], method="biastf", model=model).values
     assert np.isnan(pred[..., :20]).all() and np.isfinite(pred[..., 44:]).all()
+
+
+def _held_out_sse(model, cube, times, held, shrink):
+    """Squared error of the transitional predictions from every training date to ``held`` with
+    the learned part scaled by ``shrink`` (per band), over the pixels every prediction covers."""
+    bare = dataclasses.replace(model, params={**model.params, "shrink": np.asarray(shrink, np.float32)})
+    fine, coarse = cube.fine.sel(time=times).values, cube.coarse.sel(time=times).values
+    _, transitional = predict_block(fine, coarse, cube.coarse.sel(time=held).values, params=BiaSTFParams(), model=bare)
+    error = transitional - cube.fine.sel(time=held).values[None]
+    return np.nansum(error**2, axis=(0, 2, 3))
+
+
+def test_validated_shrink_minimises_the_held_out_error(trained, cube):
+    """The recorded shrink is the per-band least-squares factor in [0, 1] on the held-out date:
+    moving it either way (within [0, 1]) does not lower that date's error."""
+    model, _ = trained
+    times, held = cube.time.values[[0, 1, 3, 4]], cube.time.values[2]
+    shrink = np.asarray(model.params["shrink"], np.float64)
+    assert shrink.shape == (2,) and np.all((shrink >= 0) & (shrink <= 1))
+    assert model.extra["validation"]["members"][0]["shrink"] == pytest.approx(shrink, abs=1e-4)
+    best = _held_out_sse(model, cube, times, held, shrink)
+    for step in (-0.1, 0.1):
+        moved = _held_out_sse(model, cube, times, held, np.clip(shrink + step, 0, 1))
+        assert np.all(best <= moved * (1 + 1e-5))
+    zero = _held_out_sse(model, cube, times, held, np.zeros(2))
+    assert np.all(best <= zero * (1 + 1e-5))
+
+
+def test_shrink_zero_is_fine_plus_the_coarse_change(trained, cube):
+    """With the learned part scaled to zero, the transitional prediction is ``F(j) + dC``."""
+    model, _ = trained
+    off = dataclasses.replace(model, params={**model.params, "shrink": np.zeros(2, np.float32)})
+    fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]
+    _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(extrapolate=True), model=off)
+    expected = fine + ct[None] - coarse
+    ok = np.isfinite(transitional)
+    assert ok.mean() > 0.5
+    np.testing.assert_allclose(transitional[ok], expected[ok], rtol=1e-5, atol=1e-6)
+
+
+def test_members_are_stacked_and_predict_with_their_mean(cube):
+    """members=2: each member holds out its own date, the parameters are stacked on a leading
+    axis, and the prediction's learned part is the mean of the members' (transitional mean)."""
+    config = {**FAST, "members": 2, "refit": False}
+    model = stf.train(cube, method="biastf", config=config)
+    records = model.extra["validation"]["members"]
+    assert model.extra["members"] == 2 and len(records) == 2
+    assert records[0]["val_times"] != records[1]["val_times"]
+    assert records[0]["seeds"][0] + 1000 == records[1]["seeds"][0]
+    leaves = jax.tree_util.tree_leaves(model.params)
+    assert all(leaf.shape[0] == 2 for leaf in leaves)
+    fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]
+    params = BiaSTFParams(extrapolate=True)
+    _, together = predict_block(fine, coarse, ct, params=params, model=model)
+    singles = []
+    for m in range(2):
+        member = jax.tree_util.tree_map(lambda leaf, m=m: leaf[m], model.params)
+        single = dataclasses.replace(model, params=member, extra={**model.extra, "members": 1})
+        singles.append(predict_block(fine, coarse, ct, params=params, model=single)[1])
+    np.testing.assert_allclose(together, np.mean(singles, axis=0), rtol=1e-5, atol=1e-6)

@@ -388,3 +388,16 @@ def test_holdout_split_keeps_the_ends_and_warns_with_two_dates(caplog):
         fit_on, held = holdout_split(list(times[:2]), name="m")
     assert held == [] and fit_on == list(times[:2])
     assert "too few to hold one out for validation" in caplog.text and "Pass val_times" in caplog.text
+
+
+def test_holdout_split_folds_hold_out_distinct_dates_spread_over_the_span():
+    """Fold m of 3 holds out the interior date nearest (m + 1) / 4 of the span; folds=1 is the
+    middle date; more folds than interior dates share dates."""
+    times = list(np.datetime64("2020-01-01") + np.array([0, 10, 20, 30, 40, 50, 60, 80]) * np.timedelta64(1, "D"))
+    held = [holdout_split(times, name="m", fold=f, folds=3)[1][0] for f in range(3)]
+    assert held == [times[2], times[4], times[6]]  # day 20 (1/4 of 80), 40, 60
+    assert holdout_split(times, name="m")[1] == [times[4]]
+    fit_on, out = holdout_split(times, name="m", fold=1, folds=3)
+    assert out == [times[4]] and fit_on == times[:4] + times[5:]
+    few = [holdout_split(times[:4], name="m", fold=f, folds=3)[1][0] for f in range(3)]
+    assert set(few) == {times[1], times[2]}

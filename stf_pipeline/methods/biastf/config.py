@@ -81,6 +81,11 @@ class BiaSTFConfig:
         Steps per stage when nothing validates (two training dates, no ``val_times``). 0 keeps
         the zero-initialised networks: the prediction is ``F(j) + dC`` fused by ``f``, because
         an unvalidated correction made both two-date real sets worse (``docs/methods/biastf.md``).
+    shrink : bool, default True
+        Scale each band's learned correction ``G + B - base`` by a factor in [0, 1] fitted by
+        least squares on the held-out dates (:func:`~stf_pipeline.methods.biastf.fit.validated_shrink`),
+        so that a correction that does not carry to unseen dates is damped towards ``F(j) + base``
+        (``docs/methods/biastf.md``). Needs validation dates; without them the factor is 1.
     members : int, default 1
         Networks trained per role and averaged (a cross-validated ensemble): member ``m`` holds
         out its own training date for validation (:func:`stf_pipeline.nn.holdout_split` with
@@ -107,6 +112,7 @@ class BiaSTFConfig:
     normalise: bool = True
     refit: bool = True
     unvalidated_steps: int = 0
+    shrink: bool = True
     members: int = 1
     train_dtype: str = "float32"
     stage1: Any = None

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
 from stf_pipeline.exceptions import TaskError
@@ -86,6 +87,63 @@ def _fit_stages(
     return params, history, results
 
 
+#: side of the centre crop of the scene on which :func:`validated_shrink` fits its factors (bounds
+#: its memory on large scenes; a factor per band needs far fewer pixels)
+SHRINK_CROP = 1024
+
+
+def validated_shrink(
+    cube: xr.Dataset,
+    params: Mapping[str, Any],
+    cfg: BiaSTFConfig,
+    stats: Statistics,
+    times: Sequence[Any],
+    held: Sequence[Any],
+) -> np.ndarray:
+    """Per-band factor ``s`` in [0, 1] on the learned correction, fitted on the held-out dates.
+
+    The transitional prediction from training date ``j`` to held-out date ``v`` is
+    ``F(j) + base + s trust (G + B - base)`` (:func:`~stf_pipeline.methods.biastf.kernel.trust_in_change`).
+    With ``r = F(v) - F(j) - base`` and ``l = trust (G + B - base)`` over the valid pixels of
+    every pair ``(j, v)``, ``s = sum(r l) / sum(l l)`` (least squares), clipped to [0, 1]: a
+    correction that overshoots on unseen dates is damped towards ``F(j) + base``, one that helps
+    is kept. The pixels are the scene's centre ``SHRINK_CROP`` square. ``s = 1`` where no
+    valid pixel has a correction.
+    """
+    import json
+
+    from stf_pipeline.methods._base import MethodContext
+    from stf_pipeline.methods.biastf.kernel import _predictor
+    from stf_pipeline.methods.biastf.params import BiaSTFParams, _prepare
+
+    n_bands = int(cube.sizes["band"])
+    factor = cube.attrs.get("coarse_factor")
+    prepared = _prepare(BiaSTFParams(dtype="float32"), MethodContext(factor, 1.0, n_bands))
+    predict = _predictor(
+        json.dumps(cfg.to_dict(), sort_keys=True), n_bands, "float32", int(prepared.window or 1),
+        float(prepared.eps), prepared.weights,
+    )
+    start = {dim: max((int(cube.sizes[dim]) - SHRINK_CROP) // 2, 0) for dim in ("y", "x")}
+    crop = {dim: slice(first, first + SHRINK_CROP) for dim, first in start.items()}
+    fine = cube["fine"].isel(crop).astype("float32")
+    coarse = cube["coarse"].isel(crop).astype("float32")
+    full = {**params, "shrink": np.ones(n_bands, np.float32)}
+    none = {**params, "shrink": np.zeros(n_bands, np.float32)}
+    arrays = stats.arrays()
+    num, den = np.zeros(n_bands), np.zeros(n_bands)
+    for v in held:
+        truth, target = fine.sel(time=v).values, coarse.sel(time=v).values
+        for j in times:
+            pair = (fine.sel(time=j).values[None], coarse.sel(time=j).values[None], target)
+            with_net = np.asarray(predict(full, arrays, *pair)[1][0], np.float64)
+            without = np.asarray(predict(none, arrays, *pair)[1][0], np.float64)
+            learned, residual = with_net - without, truth - without
+            ok = np.isfinite(learned) & np.isfinite(residual)
+            num += np.where(ok, residual * learned, 0.0).sum(axis=(1, 2))
+            den += np.where(ok, learned * learned, 0.0).sum(axis=(1, 2))
+    return np.where(den > 0, np.clip(num / np.where(den > 0, den, 1.0), 0.0, 1.0), 1.0).astype(np.float32)
+
+
 def _member_config(cfg: BiaSTFConfig, member: int) -> BiaSTFConfig:
     """Member ``member``'s configuration: both stages' seeds offset by ``1000 x member``."""
     return dataclasses.replace(
@@ -98,7 +156,6 @@ def _member_config(cfg: BiaSTFConfig, member: int) -> BiaSTFConfig:
 def stack_members(members: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The members' ``{"G": ..., "B": ...}`` parameters stacked along a leading member axis."""
     import jax
-    import numpy as np
 
     return jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *[dict(p) for p in members])
 
@@ -186,6 +243,7 @@ def fit(
         )
         history.update(more)
         best = [r.best_step for r in results]
+        shrink = validated_shrink(cube, params, member, stats, fit_times, held) if cfg.shrink and held else None
         if refit:
             log.info("biastf: refitting on all %d training dates for %s steps (the validated best)", len(times), best)
             refit_print = {**fingerprint, "train_times": [iso_date(t) for t in times], "val_times": [], "steps": best}
@@ -194,6 +252,8 @@ def fit(
                 suffix=f"{suffix}_refit",
             )
             history.update(more)
+        if shrink is not None:
+            params = {**params, "shrink": shrink}
         members.append(params)
         records.append({
             "val_times": [iso_date(t) for t in held],
@@ -201,6 +261,7 @@ def fit(
             "best_steps": best,
             "stop_reasons": [r.stop_reason for r in results],
             "seeds": [member.stage1.seed, member.stage2.seed],
+            "shrink": None if shrink is None else [round(float(v), 4) for v in shrink],
         })
     held_all = sorted({t for r in records for t in r["val_times"]})
     validation = {"mode": mode, **records[0], "val_times": held_all, "refit": refit, "members": records}

@@ -96,7 +96,9 @@ def _forward(
     the number of valid pixels beyond the limit ``L`` (where the learned part fades).
 
     With ``members > 1`` the parameters are stacked on a leading member axis and the learned
-    part is the mean of the members' ``G + B - base``."""
+    part is the mean of the members' ``G + B - base``. A member's ``"shrink"`` (per band, fitted
+    on held-out dates: :func:`~stf_pipeline.methods.biastf.fit.validated_shrink`) scales its
+    learned part; models without it apply the networks in full."""
     import jax
     import jax.numpy as jnp
 
@@ -105,10 +107,10 @@ def _forward(
     change = jnp.nan_to_num(_channels_last(images["coarse_change"]))
     base = _converted(images, stats) if config.g_base == "linear" else change
 
-    def correction(member: Any) -> Any:  # G + B - base of one member, (n, y, x, band)
+    def correction(member: Any) -> Any:  # shrink (G + B - base) of one member, (n, y, x, band)
         g = _apply_g(g_model, member["G"], images, config, stats)
         b = _apply_b(b_model, member["B"], {**images, "change_pred": jnp.transpose(g, (0, 3, 1, 2))}, config, stats)
-        return g + b - base
+        return (g + b - base) * member["shrink"] if "shrink" in member else g + b - base
 
     # members one after the other: memory of one member's activations, one compiled body
     learned = jax.lax.map(correction, params).mean(axis=0) if members > 1 else correction(params)
