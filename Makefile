@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine that has only Python and pip:
 #   make demo   -> .venv, install the locked dependencies and the project, run the embedded demo pipeline
-#   make test   -> .venv, install the locked dependencies and the project, ruff, the default test suite
+#   make test   -> .venv, install the locked dependencies and the project, make lint (ruff, mypy), the default
+#                  test suite
 # Dependencies are installed from requirements-lock.txt (exact versions and hashes, Python 3.11 on
 # Linux x86-64); pyproject.toml keeps the ranges a user's own environment may resolve. `make lock`
 # re-resolves the ranges to today's newest versions and rewrites the lock; `make lock LOCK_UPGRADE=`
@@ -25,8 +26,7 @@ $(STAMP): $(LOCK) pyproject.toml
 demo: $(STAMP)
 	$(BIN)/stf run pipelines/demo.yaml
 
-test: $(STAMP)
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest -n 2 -q
 
 test-slow: $(STAMP)
