@@ -53,7 +53,7 @@ import xarray as xr
 from stf_pipeline._ingest import DEFAULT_CHUNKS, RESAMPLING, ingest
 from stf_pipeline._schema import checked_keys, safe_load
 from stf_pipeline.exceptions import CatalogError, TaskError
-from stf_pipeline.sensors import DatePattern, Sensor, get_sensor
+from stf_pipeline.sensors import AnySensor, DatePattern, Sensor, get_sensor
 from stf_pipeline.task import Task, iso_date, resolve_task
 
 #: environment variable that overrides the data root
@@ -117,7 +117,7 @@ def _date(value: Any, where: str) -> np.datetime64:
 _SENSOR_KEYS = ("preset", *(f.name for f in dataclasses.fields(Sensor)))
 
 
-def _sensor(spec: Any, where: str) -> Sensor:
+def _sensor(spec: Any, where: str) -> AnySensor:
     if isinstance(spec, str):
         return get_sensor(spec)
     spec = _check_keys(spec, _SENSOR_KEYS, where)
@@ -136,7 +136,7 @@ class FileGroup:
 
     Attributes
     ----------
-    sensor : Sensor or None
+    sensor : Sensor, SensorFamily or None
         None for truth files (read with the fine sensor).
     files : tuple of (ISO date, path relative to the catalog root) (explicit form)
     glob : str, optional
@@ -146,7 +146,7 @@ class FileGroup:
         Coarse -> fine resampling (coarse group only).
     """
 
-    sensor: Sensor | None
+    sensor: AnySensor | None
     files: tuple[tuple[str, str], ...] = ()
     glob: str | None = None
     date: DatePattern | None = None
@@ -330,6 +330,8 @@ def _read_layer(path: Path, cube: xr.Dataset, where: str) -> xr.DataArray:
     with warnings.catch_warnings():  # class maps often carry no georeferencing: the fine grid gives it
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         raster = rioxarray.open_rasterio(path, masked=False)
+    if not isinstance(raster, xr.DataArray):  # a file of subdatasets (HDF, netCDF) opens as Dataset(s)
+        raise CatalogError(f"{where}: {path.name} holds subdatasets; a layer must be a single-band raster (GeoTIFF).")
     if raster.sizes["band"] != 1 or raster.shape[1:] != (cube.sizes["y"], cube.sizes["x"]):
         raise CatalogError(
             f"{where}: {path.name} has shape {raster.shape} (band, y, x), but a layer must be one band on the fine "

@@ -273,7 +273,7 @@ def make_cube(
     fine: Any,
     coarse: Any,
     *,
-    time: Sequence[Any],
+    time: Sequence[Any] | np.ndarray,
     band: Sequence[str],
     y: Sequence[float] | np.ndarray,
     x: Sequence[float] | np.ndarray,
@@ -287,7 +287,7 @@ def make_cube(
     ----------
     fine, coarse : array-like
         Reflectance in [0, 1], shape ``(time, band, y, x)``; cast to float32.
-    time : sequence of date-likes
+    time : sequence or array of date-likes
     band : sequence of str
     y, x : sequence of float
         Pixel centres in CRS units.

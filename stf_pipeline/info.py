@@ -70,9 +70,9 @@ def describe_cube(cube: xr.Dataset | str | os.PathLike[str]) -> str:
     --------
     >>> print(describe_cube(stf.synthetic_scene(64, 64, n_times=4)))  # doctest: +SKIP
     """
-    source = None
+    store = None
     if not isinstance(cube, xr.Dataset):
-        source = str(cube)
+        store = str(cube)
         cube = open_cube(cube)
     validate_cube(cube)
     import rioxarray  # noqa: F401  (registers .rio)
@@ -83,7 +83,7 @@ def describe_cube(cube: xr.Dataset | str | os.PathLike[str]) -> str:
     n_y, n_x = int(cube.sizes["y"]), int(cube.sizes["x"])
     size = pixel_size(cube)
     x, y = cube["x"].values, cube["y"].values
-    lines = [f"stf cube{': ' + source if source else ''}"]
+    lines = [f"stf cube{': ' + store if store else ''}"]
     if "catalog" in cube.attrs:
         lines.append(f"  catalog: {cube.attrs['catalog']}")
     if "title" in cube.attrs and cube.attrs["title"] != cube.attrs.get("catalog"):

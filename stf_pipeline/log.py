@@ -57,11 +57,10 @@ def setup(level: int | str = DEFAULT_LEVEL, *, stream: TextIO | None = None) -> 
         The installed handler.
     """
     logger = logging.getLogger(LOGGER_NAME)
-    for handler in list(logger.handlers):
-        if getattr(handler, "_stf_setup", False):
-            logger.removeHandler(handler)
-    handler = _StderrHandler() if stream is None else logging.StreamHandler(stream)
-    handler._stf_setup = True  # type: ignore[attr-defined]
+    for old in list(logger.handlers):
+        if isinstance(old, _SetupHandler):
+            logger.removeHandler(old)
+    handler = _StderrHandler() if stream is None else _SetupHandler(stream)
     handler.setFormatter(_Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.propagate = False  # a root handler some dependency installs would print every record again
@@ -69,13 +68,17 @@ def setup(level: int | str = DEFAULT_LEVEL, *, stream: TextIO | None = None) -> 
     return handler
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _SetupHandler(logging.StreamHandler[TextIO]):
+    """A stream handler installed by :func:`setup` (the type a later call finds and replaces)."""
+
+
+class _StderrHandler(_SetupHandler):
     """A stream handler that writes to the *current* ``sys.stderr``."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stderr
 

@@ -142,10 +142,8 @@ def image_date(image: xr.DataArray) -> str | None:
     """The ISO date of a one-date image (its scalar ``time`` or ``target`` coordinate), else None."""
     for name in ("time", "target"):
         if name in image.coords and image[name].ndim == 0:
-            try:
-                return str(np.datetime_as_string(np.datetime64(image[name].values, "ns"), unit="D"))
-            except (TypeError, ValueError):
-                return str(image[name].values)
+            value = image[name].values
+            return str(np.datetime_as_string(value, unit="D") if value.dtype.kind == "M" else value)
     return None
 
 
@@ -327,7 +325,7 @@ def plot_composites(
 
 def _diverging_row(
     fig: Figure,
-    axes: Sequence[Any],
+    axes: np.ndarray,
     maps: Mapping[str, np.ndarray],
     *,
     limit: float,
@@ -335,11 +333,10 @@ def _diverging_row(
     cmap: str = "RdBu_r",
 ) -> None:
     norm = colors.Normalize(-limit, limit)
-    image = None
     for ax, (title, data) in zip(axes, maps.items(), strict=True):
-        image = ax.imshow(data, cmap=cmap, norm=norm, interpolation="nearest")
+        ax.imshow(data, cmap=cmap, norm=norm, interpolation="nearest")
         _label_axes(ax, title)
-    fig.colorbar(image, ax=list(axes), label=label, shrink=0.9, extend="both")
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), label=label, shrink=0.9, extend="both")
 
 
 def plot_change(
@@ -497,13 +494,12 @@ def plot_scatter(
     norm = colors.LogNorm(1, max(vmax, 2))
     fig = Figure(figsize=(panel_size * len(bands) + 1.2, panel_size * len(preds) + 0.5), layout="constrained")
     axes = fig.subplots(len(preds), len(bands), squeeze=False)
-    image = None
     for i, label in enumerate(preds):
         for j, band in enumerate(bands):
             ax = axes[i, j]
             e = edges[j]
             h = np.where(hists[i, j] > 0, hists[i, j], np.nan)
-            image = ax.imshow(h, origin="lower", extent=(e[0], e[-1], e[0], e[-1]), norm=norm, cmap="viridis",
+            ax.imshow(h, origin="lower", extent=(e[0], e[-1], e[0], e[-1]), norm=norm, cmap="viridis",
                               interpolation="nearest")
             ax.plot([e[0], e[-1]], [e[0], e[-1]], color="red", linewidth=0.8, label="1:1")
             ax.set_xlim(e[0], e[-1])
@@ -519,7 +515,7 @@ def plot_scatter(
             if j == 0:
                 ax.set_ylabel(f"{label}\nprediction", fontsize=8)
     axes[0, -1].legend(loc="lower right", fontsize=7)
-    fig.colorbar(image, ax=axes, label="pixels per bin", shrink=0.8)
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=axes, label="pixels per bin", shrink=0.8)
     _suptitle(fig, f"Prediction vs truth ({int(valid.sum())} pixels valid in all images)")
     return _save(fig, path, dpi)
 

@@ -24,6 +24,7 @@ The coarse sensor
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -221,7 +222,7 @@ class _Scene:
         )
         return refl[: self.n_bands]
 
-    def fine_block(self, block_info: dict | None = None) -> np.ndarray:
+    def fine_block(self, block_info: Mapping[int | None, Mapping[str, Any]]) -> np.ndarray:
         (t0, t1), _, (y0, y1), (x0, x1) = block_info[None]["array-location"]
         out = np.empty((t1 - t0, self.n_bands, y1 - y0, x1 - x0), np.float32)
         rows, cols = np.arange(y0, y1), np.arange(x0, x1)
@@ -230,7 +231,7 @@ class _Scene:
             out[k] = np.clip(self.surface(t, rows, cols) + noise[None], 0, 1)
         return out
 
-    def coarse_block(self, block_info: dict | None = None) -> np.ndarray:
+    def coarse_block(self, block_info: Mapping[int | None, Mapping[str, Any]]) -> np.ndarray:
         (t0, t1), _, (y0, y1), (x0, x1) = block_info[None]["array-location"]
         f = self.coarse_factor
         sigma = _psf_sigma(f, self.bias["psf"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import xarray as xr
 import yaml
 
 import stf_pipeline as stf
@@ -17,6 +18,7 @@ from stf_pipeline.catalog import (
     CATALOG_DIR,
     DATA_ROOT_ENV,
     Catalog,
+    _read_layer,
     catalog_names,
     data_root,
     data_roots,
@@ -307,3 +309,13 @@ def test_layer_errors():
     bad = Catalog.from_mapping({**spec, "layers": {"classes": "Landsat20041126"}})
     with pytest.raises(CatalogError, match="must be one band on the fine grid"):
         stf.open_catalog(bad)
+
+
+def test_a_layer_file_of_subdatasets_is_refused(tmp_path):
+    """A netCDF file of two variables opens as subdatasets (a Dataset), not as one single-band raster."""
+    grid = {"y": np.arange(8.0), "x": np.arange(8.0)}
+    layers = xr.Dataset({name: (("y", "x"), np.zeros((8, 8), np.float32)) for name in ("a", "b")}, coords=grid)
+    layers.to_netcdf(tmp_path / "two.nc", engine="scipy")
+    cube = stf.synthetic_scene(8, 8, n_times=2)
+    with pytest.raises(CatalogError, match="two.nc holds subdatasets; a layer must be a single-band raster"):
+        _read_layer(tmp_path / "two.nc", cube, "layer 'classes'")

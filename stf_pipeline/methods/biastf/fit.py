@@ -225,7 +225,8 @@ def fit(
     directory = None if workdir is None else Path(workdir)
     stats = fit_statistics(cube, times, factor, normalise=cfg.normalise)
     refit = bool(cfg.refit and splits[0][1] and not val_times)
-    members, history, records = [], {}, []
+    members, history = [], {}
+    records: list[dict[str, Any]] = []  # one per member: its dates, steps, seeds and shrink
     for m, (fit_times, held) in enumerate(splits):
         member = _member_config(cfg, m)
         suffix = f"_m{m}" if len(splits) > 1 else ""
@@ -281,7 +282,7 @@ def fit(
             "change_limit": list(stats.limit),
         },
     )
-    if workdir is not None:
-        save_history({k: v for k, v in history.items() if v}, workdir)
-        model_out.save(Path(workdir) / "model", overwrite=True)
+    if directory is not None:
+        save_history({k: v for k, v in history.items() if v}, directory)
+        model_out.save(directory / "model", overwrite=True)
     return model_out

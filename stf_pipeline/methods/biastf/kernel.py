@@ -14,7 +14,6 @@ import numpy as np
 
 from stf_pipeline.exceptions import MethodError
 from stf_pipeline.kernels.window import box_sum_jax
-from stf_pipeline.methods._base import MethodContext
 from stf_pipeline.methods.biastf.config import NET_RADIUS, BiaSTFConfig
 from stf_pipeline.methods.biastf.networks import (
     Statistics,
@@ -27,7 +26,7 @@ from stf_pipeline.methods.biastf.networks import (
     _pair_images,
     _valid_within,
 )
-from stf_pipeline.methods.biastf.params import FUSION_WEIGHTS, BiaSTFParams, _prepare
+from stf_pipeline.methods.biastf.params import FUSION_WEIGHTS, BiaSTFParams, default_window
 
 log = logging.getLogger("stf_pipeline.methods.biastf")
 
@@ -170,15 +169,14 @@ def predict_block(
             "biastf needs a model trained with stf.train(cube, method='biastf', ...), "
             f"got {getattr(model, 'method', type(model).__name__)!r}."
         )
-    if params.window is None:
-        params = _prepare(params, MethodContext(model.coarse_factor, 1.0, len(model.bands)))
+    window = default_window(model.coarse_factor) if params.window is None else params.window
     if fine.shape[1] != len(model.bands):
         raise MethodError(f"biastf: the model has {len(model.bands)} bands, the block has {fine.shape[1]}.")
     predict = _predictor(
         json.dumps(model.config, sort_keys=True),
         len(model.bands),
         params.dtype,
-        int(params.window),
+        window,
         float(params.eps),
         params.weights,
         int(model.extra.get("members", 1)),

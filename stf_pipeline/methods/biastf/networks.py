@@ -4,6 +4,7 @@ training dates, the stacking of the input images into features, and the training
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -55,7 +56,13 @@ class Statistics:
         saved = model.extra.get("statistics")
         out = cls.identity(n)
         if saved is not None:
-            out = cls(**{k: tuple(tuple(r) for r in v) if k == "conversion" else tuple(v) for k, v in saved.items()})
+            out = cls(
+                mean=tuple(saved["mean"]),
+                scale=tuple(saved["scale"]),
+                change=tuple(saved["change"]),
+                conversion=tuple(tuple(row) for row in saved["conversion"]),
+                limit=tuple(saved["limit"]),
+            )
         elif model.extra.get("change_limit") is not None:
             out = dataclasses.replace(out, limit=tuple(model.extra["change_limit"]))
         return out
@@ -189,15 +196,17 @@ def _networks(config: BiaSTFConfig, n_bands: int, dtype: str) -> tuple[Any, Any]
 
     from stf_pipeline.nn.modules import BandNet
 
-    kw = {
-        "n_bands": n_bands,
-        "hidden": config.filters,
-        "kernel_sizes": TABLE1_KERNELS,
-        "multiband": config.multiband,
-        "zero_last": True,  # untrained G adds nothing to its base, untrained B no bias
-    }
     jdtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32  # tensorfloat32: float32 at default precision
-    return BandNet(**kw, dtype=jdtype), BandNet(**kw, dtype=jdtype)
+    band_net = functools.partial(
+        BandNet,
+        n_bands=n_bands,
+        hidden=config.filters,
+        kernel_sizes=TABLE1_KERNELS,
+        multiband=config.multiband,
+        zero_last=True,  # untrained G adds nothing to its base, untrained B no bias
+        dtype=jdtype,
+    )
+    return band_net(), band_net()
 
 
 def _channels_last(a: Any) -> Any:

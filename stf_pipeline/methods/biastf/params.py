@@ -55,13 +55,18 @@ class BiaSTFParams:
             raise MethodError(f"biastf: dtype must be one of {DTYPES}, got {self.dtype!r}.")
 
 
+def default_window(coarse_factor: int | None) -> int:
+    """The default ``window``: ``coarse_factor`` rounded up to odd, 15 without one."""
+    factor = coarse_factor or 15
+    return factor if factor % 2 else factor + 1
+
+
 def _prepare(params: BiaSTFParams, context: MethodContext, model: Any = None) -> BiaSTFParams:
     if params.window is not None:
         return params
-    factor = context.coarse_factor or 15
-    return dataclasses.replace(params, window=factor if factor % 2 else factor + 1)
+    return dataclasses.replace(params, window=default_window(context.coarse_factor))
 
 
 def _halo(params: BiaSTFParams, context: MethodContext) -> int:
-    window = _prepare(params, context).window
-    return 2 * NET_RADIUS + int(window) // 2
+    window = default_window(context.coarse_factor) if params.window is None else params.window
+    return 2 * NET_RADIUS + window // 2

@@ -4,6 +4,7 @@ refitted on all of them."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,7 @@ from stf_pipeline.cube import validate_cube
 from stf_pipeline.exceptions import ConfigError, MethodError, TaskError
 from stf_pipeline.methods.stfdcnn.config import Architecture, STFDCNNConfig, default_lsr_factor
 from stf_pipeline.methods.stfdcnn.networks import NLMBatch, SRBatch
-from stf_pipeline.nn.stfdcnn_modules import ResidualCNN
+from stf_pipeline.nn.stfdcnn_modules import CNNConfig, ResidualCNN
 from stf_pipeline.task import iso_date, to_datetime64, valid_fraction
 
 
@@ -187,7 +188,7 @@ def _fit_stages(
     from stf_pipeline.nn.train import NO_VALIDATION_STEPS
 
     r = arch.lsr_factor
-    stages = (
+    stages: tuple[tuple[str, CNNConfig, NLMBatch | SRBatch, tuple[str, ...], int], ...] = (
         ("nlm", arch.nlm, NLMBatch(r, arch.nlm.receptive_radius), ("fine", "coarse"), train.patch_size // r),
         ("sr", arch.sr, SRBatch(r, arch.sr.receptive_radius), ("fine",), train.patch_size),
     )
@@ -201,17 +202,17 @@ def _fit_stages(
             stage_train = dataclasses.replace(stage_train, steps=max(int(steps[number]), 1), patience=0)
         elif not val_dates:
             stage_train = dataclasses.replace(stage_train, steps=min(stage_train.steps, NO_VALIDATION_STEPS))
-        samplers = [
-            PatchSampler(
-                cube, times, items=[(i,) for i in range(len(times))], patch_size=train.patch_size,
-                batch_size=train.batch_size, seed=seed, align=r, variables=variables, preload=train.preload,
-                augment=augment,
-            )
-            if times else None
-            for times, seed, augment in (
-                (dates, stage_train.seed, train.augment), (val_dates, stage_train.seed + 1000, False)
-            )
-        ]
+        sampler = functools.partial(
+            PatchSampler, cube, patch_size=train.patch_size, batch_size=train.batch_size, align=r,
+            variables=variables, preload=train.preload,
+        )
+        train_sampler = sampler(dates, items=[(i,) for i in range(len(dates))], seed=stage_train.seed,
+                                augment=train.augment)
+        val_sampler = (
+            sampler(val_dates, items=[(i,) for i in range(len(val_dates))], seed=stage_train.seed + 1000,
+                    augment=False)
+            if val_dates else None
+        )
         network = ResidualCNN(n_bands=len(arch.bands), config=net_cfg)
         sample = jnp.zeros((1, size, size, len(arch.bands), 1))
         state = create_train_state(key, stage_train, network, sample, loss=cfg.loss)
@@ -223,7 +224,7 @@ def _fit_stages(
         stage_print = {**fingerprint, "stage": name, "steps": stage_train.steps}
         with checkpoint_store(directory, fingerprint=stage_print) as store:
             result = fit_stage(
-                state, samplers[0], make_batch, config=stage_train, val_sampler=samplers[1], checkpoints=store,
+                state, train_sampler, make_batch, config=stage_train, val_sampler=val_sampler, checkpoints=store,
                 name=f"stfdcnn {name}{suffix}",
             )
         params[name] = jax.device_get(result.params)

@@ -87,7 +87,7 @@ def _predict(
 ) -> jax.Array:
     """Body of :func:`predict_block`, traced under the precision of ``params.compute_dtype``."""
     r = arch.lsr_factor
-    shape = fine.shape[-2:]
+    shape = (fine.shape[-2], fine.shape[-1])
     dtype = jnp.bfloat16 if params.compute_dtype == "bfloat16" else jnp.float32
     n_pairs = fine.shape[0]
 

@@ -4,7 +4,7 @@ application of a network to images, and the training batches of the two stages."
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +59,8 @@ def run_cnn(
     """Apply a :class:`ResidualCNN` to ``(n, band, y, x)`` images; NaN must already be filled."""
     n_bands = images.shape[1]
     x = jnp.transpose(images, (0, 2, 3, 1))[..., None]
-    out = ResidualCNN(n_bands=n_bands, config=config, dtype=dtype).apply({"params": params}, x)
+    # no mutable collections: Flax's apply returns the output alone, not the (output, variables) of mutable=...
+    out = cast(jax.Array, ResidualCNN(n_bands=n_bands, config=config, dtype=dtype).apply({"params": params}, x))
     return jnp.transpose(out, (0, 3, 1, 2))
 
 
@@ -119,7 +120,7 @@ class SRBatch:
 
         r = self.lsr_factor
         fine = crops["fine"][:, 0]
-        shape = fine.shape[-2:]
+        shape = (fine.shape[-2], fine.shape[-1])
         lsr = block_mean(fine, r)
         up_ok = jnp.repeat(jnp.repeat(erode(_all_bands_finite(lsr), 2), r, axis=-2), r, axis=-1)
         ok = erode(up_ok[..., : shape[0], : shape[1]], self.radius)
