@@ -191,8 +191,8 @@ class FusionCall:
         """
         if self.statistics_filled or self.spec.statistics is None:
             return dataclasses.replace(self, statistics_filled=True)
-        inputs = tuple(da.asarray(a) for a in self.inputs(cube))
-        filled = fill_statistics(self.spec.statistics, *inputs, self.params)
+        fine, coarse, coarse_target = (da.asarray(a) for a in self.inputs(cube))
+        filled = fill_statistics(self.spec.statistics, fine, coarse, coarse_target, self.params)
         if isinstance(filled, Delayed):
             filled = filled.compute()
         return dataclasses.replace(self, params=filled, statistics_filled=True)

@@ -86,7 +86,8 @@ def _estarfm_rows(
     # (0 where missing; see _pack); threshold: (2, band); distance_term: (side * side,) =
     # 1 + d / w per offset; count, total: (y, x) float64; sums: (10, band, y, x) float64
     n_pairs, n_bands, h, w = fine.shape
-    sums_group = numba.carray(_stack_f64(_GROUP_SUMS), (10, _GROUP))  # on the stack: kept in registers
+    # on the stack: kept in registers (Numba passes the typing context an intrinsic declares)
+    sums_group = numba.carray(_stack_f64(_GROUP_SUMS), (10, _GROUP))  # type: ignore[call-arg]
     side = 2 * radius + 1
     similar = np.empty(side, dtype=np.bool_)
     centre = np.empty((n_pairs, n_bands), dtype=np.float32)
