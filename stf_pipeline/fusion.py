@@ -177,7 +177,7 @@ def _run_task(
         kernel_kwargs["model"] = shared(kernel_kwargs["model"])
     return map_overlapping(
         spec.kernel_for(backend), fine, coarse, coarse_target, halo=halo, align=align, chunks=chunks, extra=extra,
-        **kernel_kwargs,
+        padding=spec.padding_for(backend), **kernel_kwargs,
     )
 
 
