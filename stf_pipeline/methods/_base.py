@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, get_
 
 import numpy as np
 
+from stf_pipeline._compile_cache import enable_compilation_cache
 from stf_pipeline._params import check_param_types
 from stf_pipeline.exceptions import MethodError
 
@@ -151,6 +152,7 @@ def device_kind() -> Device:
     """
     if not _accelerator_possible():
         return "cpu"
+    enable_compilation_cache()
     import jax
 
     return "cpu" if jax.default_backend() == "cpu" else "gpu"
@@ -272,8 +274,12 @@ class MethodSpec(Generic[P]):
         return self.block_padding if self.resolve_backend(backend) in PADDED_BACKENDS else "none"
 
     def kernel_for(self, backend: str = "auto") -> Kernel[P]:
-        """The block kernel of ``backend`` (see :meth:`resolve_backend`)."""
-        return self.kernels[self.resolve_backend(backend)]
+        """The block kernel of ``backend`` (see :meth:`resolve_backend`); for a JAX backend, with
+        JAX's persistent compilation cache on (:func:`~stf_pipeline._compile_cache.enable_compilation_cache`)."""
+        chosen = self.resolve_backend(backend)
+        if chosen in ("jax", "pallas"):
+            enable_compilation_cache()
+        return self.kernels[chosen]
 
     def make_params(self, params: P | None = None, **overrides: Any) -> P:
         """Build the parameter dataclass, rejecting unknown names with the valid ones listed and
