@@ -63,3 +63,14 @@ def test_python_api_fills_the_cache_and_the_opt_out_leaves_it_off(tmp_path: Path
 def test_a_folder_the_user_configured_is_kept(tmp_path: Path) -> None:
     code = f"import jax; jax.config.update('jax_compilation_cache_dir', {str(tmp_path / 'user')!r}); " + _FUSE
     assert _child(code, XDG_CACHE_HOME=str(tmp_path))["folder"] == str(tmp_path / "user")
+
+
+@pytest.mark.slow
+def test_bench_compile_counts_one_program_set_per_scene_when_padded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stf_pipeline.benchmarks.compile import measure
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    (record,) = measure(["starfm:jax"], 64, 24, half_window=2, unpadded=True)  # chunks 24, 24, 16: ragged
+    assert record["padding"] == "nan" and record["compiled_warm"] == 0
+    # without padding every block shape (first, interior, last along each axis) compiles its own programs
+    assert record["compiled_unpadded"] > record["compiled_first"] > 0

@@ -123,8 +123,13 @@ def measure(
                 "pad": True,
             }
             cache = root / f"jax-cache-{name}-{backend}"
-            cold = _fresh_process(job, cache)
-            disk = _fresh_process(job, cache)
+            try:
+                cold = _fresh_process(job, cache)
+                disk = _fresh_process(job, cache)
+            except RuntimeError as err:  # e.g. a backend this machine lacks: report it, go on
+                records.append({"method": name, "backend": backend, "error": str(err)[:300]})
+                print(f"  {records[-1]}", flush=True)
+                continue
             warm = cold["warm"]["wall_s"]
             record: dict[str, Any] = {
                 "method": name,
@@ -156,6 +161,9 @@ def _table(records: list[dict[str, Any]]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in records:
+        if "error" in r:
+            lines.append(f"{r['method'] + ':' + r['backend']:16s} {r['error']}")
+            continue
         compiles = f"{r['compiled_first']}/{r['compiled_warm']}/{r['compiled_disk']}"
         bare = f"{r['unpadded_first_s']:.2f} ({r['compiled_unpadded']})" if "unpadded_first_s" in r else "-"
         lines.append(
