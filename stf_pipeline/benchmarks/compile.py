@@ -75,9 +75,9 @@ print(json.dumps(out))
 """
 
 
-def _fresh_process(job: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
-    """Run :data:`_PROCESS` for ``job`` with ``cache_dir`` as JAX's compilation cache."""
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache_dir)}
+def _fresh_process(job: dict[str, Any], cache_dir: Path, environ: dict[str, str]) -> dict[str, Any]:
+    """Run :data:`_PROCESS` for ``job`` in ``environ`` with ``cache_dir`` as JAX's compilation cache."""
+    env = {**environ, "JAX_COMPILATION_CACHE_DIR": str(cache_dir)}
     env.pop("STF_JAX_CACHE", None)
     done = subprocess.run(
         [sys.executable, "-c", _PROCESS, json.dumps(job)], capture_output=True, text=True, env=env, check=False
@@ -100,11 +100,19 @@ def _train_biastf(cube: Any, path: Path) -> str:
 
 
 def measure(
-    methods: list[str], size: int, chunk: int, *, half_window: int, unpadded: bool
+    methods: list[str],
+    size: int,
+    chunk: int,
+    *,
+    half_window: int,
+    unpadded: bool,
+    environ: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per ``name:backend`` of ``methods`` (see the module docstring)."""
+    """One record per ``name:backend`` of ``methods`` (see the module docstring); the fresh processes
+    run in ``environ`` (default this process's environment)."""
     import stf_pipeline as stf
 
+    environ = dict(os.environ if environ is None else environ)
     records = []
     with tempfile.TemporaryDirectory(prefix="stf-bench-compile-") as tmp:
         root = Path(tmp)
@@ -124,8 +132,8 @@ def measure(
             }
             cache = root / f"jax-cache-{name}-{backend}"
             try:
-                cold = _fresh_process(job, cache)
-                disk = _fresh_process(job, cache)
+                cold = _fresh_process(job, cache, environ)
+                disk = _fresh_process(job, cache, environ)
             except RuntimeError as err:  # e.g. a backend this machine lacks: report it, go on
                 records.append({"method": name, "backend": backend, "error": str(err)[:300]})
                 print(f"  {records[-1]}", flush=True)
@@ -146,7 +154,7 @@ def measure(
                 "from_disk": disk["first"]["from_cache"],
             }
             if unpadded and record["padding"] != "none":
-                bare = _fresh_process({**job, "pad": False}, root / f"jax-cache-{name}-{backend}-unpadded")
+                bare = _fresh_process({**job, "pad": False}, root / f"jax-cache-{name}-{backend}-unpadded", environ)
                 record["unpadded_first_s"] = round(bare["first"]["wall_s"], 3)
                 record["compiled_unpadded"] = bare["first"]["compiled"] - bare["first"]["from_cache"]
             records.append(record)
@@ -187,13 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="bench_compile.json", help="output JSON path")
     args = parser.parse_args(argv)
 
+    # this process trains BiaSTF on the device: it takes what it uses, not the preallocated share a
+    # GPU process takes by default, so that the fresh processes (in the caller's environment) get the memory
+    environ = dict(os.environ)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     from stf_pipeline.benchmarks._common import describe_machine
     from stf_pipeline.benchmarks.startup import versions
 
     info = {**describe_machine(), "versions": versions()}
     print(f"machine: {info}", flush=True)
     records = measure(
-        args.methods, args.size, args.chunk, half_window=args.half_window, unpadded=not args.skip_unpadded
+        args.methods, args.size, args.chunk, half_window=args.half_window, unpadded=not args.skip_unpadded,
+        environ=environ,
     )
     print(_table(records))
     result = {"machine": {**info, "loadavg_end": list(os.getloadavg())}, "args": vars(args), "results": records}
