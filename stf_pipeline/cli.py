@@ -12,10 +12,10 @@ exit with status 2, as argparse does for bad arguments; ``-v`` adds the tracebac
 one line, ``interrupted: rerun the same command to resume``, and exits with 130 (128 + SIGINT):
 every output is written so that the same command continues where it stopped.
 
-The command turns on JAX's persistent compilation cache (:func:`compilation_cache_dir`), for itself
-and the Dask workers it starts: a second ``stf`` run reuses the compiled networks and kernels instead
-of compiling them again (H100, BiaSTF 2000 x 2000 x 6 Zarr to Zarr, 1024-pixel chunks: 10.6 s in a
-fresh process, 2.1 s with the cache filled by an earlier run).
+The command turns on JAX's persistent compilation cache (:mod:`stf_pipeline._compile_cache`, as the
+Python API does; ``STF_JAX_CACHE=0`` turns it off), for itself and the Dask workers it starts: a
+second ``stf`` run reuses the compiled networks and kernels instead of compiling them again
+(measured in docs/benchmarks.md, "Compilation").
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import argparse
 import importlib
 import importlib.util
 import logging
-import os
 import pkgutil
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from stf_pipeline._compile_cache import enable_compilation_cache
 from stf_pipeline.exceptions import STFError
 
 #: exit status of an error (argparse uses 2 for bad arguments) and of Ctrl-C (128 + SIGINT)
@@ -181,22 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def compilation_cache_dir() -> str:
-    """Where ``stf`` keeps JAX's compiled programs: ``$JAX_COMPILATION_CACHE_DIR`` when set, else
-    ``$XDG_CACHE_HOME/stf_pipeline/jax`` (``~/.cache/stf_pipeline/jax``). Set the variable to another
-    folder to move it; delete the folder to clear it."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return os.environ["JAX_COMPILATION_CACHE_DIR"]
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "stf_pipeline", "jax")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stf`` console script; returns the exit status."""
     from stf_pipeline.log import level_from_flags, setup
 
     # read by JAX when it is imported, here and in the worker processes that inherit the environment
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = compilation_cache_dir()
+    enable_compilation_cache()
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", 0)
     setup(level_from_flags(verbose, getattr(args, "quiet", 0)))

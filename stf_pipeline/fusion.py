@@ -207,6 +207,9 @@ class FusionCall:
         """The prediction ``(band, y, x)`` on ``cube``'s grid: lazy for Dask input, NumPy otherwise.
 
         ``chunks`` and ``block_chunks`` are passed to :func:`stf_pipeline.parallel.map_overlapping`.
+        A window's ``block_chunks`` hold halo-wide strips beside full blocks: padding those to one
+        shape would compute each strip as a full block, so windows run unpadded (a few shapes per
+        scene, each compiled once).
         """
         fine, coarse, coarse_target = self.inputs(cube)
         if (chunks is not None or block_chunks is not None) and not isinstance(fine, da.Array):
@@ -226,9 +229,10 @@ class FusionCall:
                 from stf_pipeline.cluster import shared
 
                 kernel_kwargs["model"] = shared(self.model)
+        padding = "none" if block_chunks is not None else self.spec.padding_for(self.backend)
         return map_overlapping(
             self.spec.kernel_for(self.backend), fine, coarse, coarse_target, halo=self.halo, align=self.align,
-            chunks=chunks, block_chunks=block_chunks, extra=extra, **kernel_kwargs,
+            chunks=chunks, block_chunks=block_chunks, extra=extra, padding=padding, **kernel_kwargs,
         )
 
 

@@ -12,6 +12,11 @@ temporaries for one block per thread. Peak memory therefore grows with the scene
 chunk height, not with its area: halving the chunk halves it (``stf bench scale --tile``).
 :func:`stf_pipeline.fuse_series` bounds it by the worker count instead: it maps the kernel over one
 tile's window at a time (``block_chunks``: the tile's blocks plus a halo strip each side).
+
+One shape per scene: a jitted kernel compiles once per block shape, and the edge blocks are
+smaller. For a method that asks for it (``MethodSpec.block_padding``) every block is padded at its
+far ends to the scene's largest block shape, with NaN by the engine (``"nan"``) or by the kernel,
+told the shape as ``pad_to`` (``"kernel"``), and the result is cropped back.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import dask
 import dask.array as da
 import dask.threaded
 import numpy as np
+
+from stf_pipeline.kernels.padding import crop_block, pad_block
 
 if TYPE_CHECKING:
     from stf_pipeline.methods._base import SceneStatistics
@@ -85,15 +92,23 @@ def _apply_block(
     kernel: Callable[..., np.ndarray],
     n_pairs: int,
     extra_names: tuple[str, ...] = (),
+    padding: Literal["none", "nan", "kernel"] = "none",
+    pad_to: tuple[int, int] | None = None,
     **kwargs: Any,
 ) -> np.ndarray:
+    extent = stacked.shape[-2:]
+    if padding == "nan" and pad_to is not None:
+        stacked = pad_block(stacked, pad_to)
+        extra_blocks = tuple(pad_block(b, pad_to) for b in extra_blocks)
+    elif padding == "kernel":
+        kwargs["pad_to"] = pad_to
     fine = stacked[:n_pairs]
     coarse = stacked[n_pairs : 2 * n_pairs]
     coarse_target = stacked[2 * n_pairs]
     if extra_names:
         kwargs["extra"] = dict(zip(extra_names, extra_blocks, strict=True))
     out = kernel(fine, coarse, coarse_target, **kwargs)
-    return np.asarray(out, dtype=np.float32)
+    return np.asarray(crop_block(out, extent), dtype=np.float32)
 
 
 def map_overlapping(
@@ -107,6 +122,7 @@ def map_overlapping(
     chunks: tuple[int, int] | None = None,
     block_chunks: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     extra: Mapping[str, Any] | None = None,
+    padding: Literal["none", "nan", "kernel"] = "none",
     **kernel_kwargs: Any,
 ) -> Any:
     """Apply ``kernel`` to overlapping spatial blocks of the inputs.
@@ -133,6 +149,11 @@ def map_overlapping(
     extra : mapping of str to array ``(y, x)``, optional
         Further per-pixel inputs (e.g. a class map), overlapped like the images and passed to
         the kernel as ``extra={name: block}``.
+    padding : {"none", "nan", "kernel"}, default "none"
+        How blocks get one shape (the largest block's), so a jitted kernel compiles once: padded
+        at their far ends with NaN here (``"nan"``; float ``extra`` inputs too), or by the kernel,
+        passed ``pad_to=(y, x)`` (``"kernel"``; ``None`` for NumPy input, one whole-scene call).
+        The result is cropped to the block either way.
 
     Returns
     -------
@@ -151,6 +172,7 @@ def map_overlapping(
             kernel=kernel,
             n_pairs=n_pairs,
             extra_names=extra_names,
+            padding=padding,
             **kernel_kwargs,
         )
     halo = int(math.ceil(halo / align) * align) if halo else 0
@@ -176,6 +198,7 @@ def map_overlapping(
             values = da.overlap.overlap(values, depth={0: ydepth, 1: xdepth}, boundary="none")
         extra_extended.append(values)
     out_chunks = extended.chunks[1:]
+    pad_to = (max(out_chunks[1]), max(out_chunks[2]))
     mapped = da.map_blocks(
         _apply_block,
         extended,
@@ -183,6 +206,8 @@ def map_overlapping(
         kernel=kernel,
         n_pairs=n_pairs,
         extra_names=extra_names,
+        padding=padding,
+        pad_to=pad_to,
         drop_axis=0,
         chunks=out_chunks,
         dtype=np.float32,

@@ -140,6 +140,48 @@ def _assert_close(got: np.ndarray, want: np.ndarray, rtol: float, atol: float, w
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, equal_nan=True, err_msg=what)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ShapeRecorder:
+    """A kernel that records the ``(y, x)`` shape of every block it is handed (``pad_to`` when given)."""
+
+    kernel: Any
+    seen: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+
+    def __call__(self, fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, **kwargs: Any) -> np.ndarray:
+        self.seen.append(tuple(kwargs.get("pad_to") or fine.shape[-2:]))
+        return self.kernel(fine, coarse, coarse_target, **kwargs)
+
+
+def _check_one_shape(
+    spec: MethodSpec[Any],
+    backend: str,
+    holes: xr.Dataset,
+    target: Any,
+    kwargs: Mapping[str, Any],
+    eager: np.ndarray,
+    rtol: float,
+    atol: float,
+) -> None:
+    """Check 4 of :func:`check_method`: ragged edge blocks reach the kernel padded to one shape."""
+    from stf_pipeline.fusion import fuse
+    from stf_pipeline.parallel import plan_chunks
+
+    chosen = spec.resolve_backend(backend)
+    recorder = _ShapeRecorder(spec.kernels[chosen])
+    recording = dataclasses.replace(spec, kernels={**spec.kernels, chosen: recorder}, kernel=None)
+    ny, nx = holes.sizes["y"], holes.sizes["x"]
+    ragged = (-(-3 * ny // 5), -(-3 * nx // 5))
+    ychunks, xchunks = plan_chunks((ny, nx), ragged, halo=0)
+    assert ychunks[-1] < ychunks[0] and xchunks[-1] < xchunks[0], "the ragged chunks end in a short chunk"
+    out = fuse(holes.chunk({"time": 1, "y": ragged[0], "x": ragged[1]}), target, **{**kwargs, "method": recording})
+    _assert_close(out.values, eager, rtol, atol, f"{spec.name}/{backend}: padded ragged blocks != unchunked")
+    assert len(recorder.seen) > 1, f"{spec.name}/{backend}: the ragged run needs several blocks; pass a larger cube"
+    assert len(set(recorder.seen)) == 1, (
+        f"{spec.name}/{backend}: block_padding={spec.block_padding!r} handed the kernel blocks of several shapes "
+        f"{sorted(set(recorder.seen))}; one jitted program per scene needs one"
+    )
+
+
 def check_method(
     method: str | MethodSpec[Any],
     backend: str = "auto",
@@ -166,7 +208,10 @@ def check_method(
        which must lie within the halo of a missing input;
     3. *halo large enough*: a chunked run with the halo widened by two coarse pixels (or 2 pixels)
        gives the same numbers;
-    4. *backend == reference*: on the cube without holes, the backend matches the method's
+    4. *one shape per scene*: for a backend the engine pads (``MethodSpec.padding_for``), a chunked
+       run whose last chunks are short (3/5 of the scene per chunk) hands the kernel blocks of one
+       shape (``pad_to`` of one value, for ``block_padding="kernel"``) and gives the unchunked numbers;
+    5. *backend == reference*: on the cube without holes, the backend matches the method's
        reference backend (``MethodSpec.reference``) to ``reference_rtol``/``reference_atol``.
 
     Parameters
@@ -228,6 +273,9 @@ def check_method(
     wider = dataclasses.replace(spec, halo=_WiderHalo(spec.halo, 2 * align if align > 1 else 2))
     widened = fuse(lazy_cube, target, **{**kwargs, "method": wider}).values
     _assert_close(widened, eager, rtol, atol, f"{spec.name}/{backend}: a wider halo changes the result")
+
+    if spec.padding_for(backend) != "none":
+        _check_one_shape(spec, backend, holes, target, kwargs, eager, rtol, atol)
 
     if spec.resolve_backend(backend) != spec.reference:
         got = fuse(cube, target, **kwargs).values

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import xarray as xr
 
+from stf_pipeline._compile_cache import enable_compilation_cache
 from stf_pipeline.cube import validate_cube
 from stf_pipeline.exceptions import MethodError, ModelError
 from stf_pipeline.methods import available_methods, get_method
@@ -78,6 +79,7 @@ def train(
         raise MethodError(f"method {spec.name!r} is not learned and needs no training; learned methods are {learned}.")
     if train_times is None:
         train_times = default_train_times(cube)
+    enable_compilation_cache()
     return spec.fit(
         cube,
         train_times=list(train_times),

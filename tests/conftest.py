@@ -2,6 +2,9 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# tests leave the user's compilation cache (~/.cache/stf_pipeline/jax) alone; the cache's own
+# tests turn it on in a temporary folder
+os.environ.setdefault("STF_JAX_CACHE", "0")
 
 import pytest  # noqa: E402
 

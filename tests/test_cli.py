@@ -295,8 +295,10 @@ def test_bench_and_compare_dispatch(monkeypatch):
 
 
 def test_stf_turns_on_the_jax_compilation_cache(monkeypatch, tmp_path):
-    from stf_pipeline.cli import compilation_cache_dir
+    from stf_pipeline._compile_cache import compilation_cache_dir
 
+    monkeypatch.setenv("STF_JAX_CACHE", "1")
+    monkeypatch.delitem(sys.modules, "jax", raising=False)  # as in a fresh `stf` process: set before JAX loads
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert compilation_cache_dir() == str(tmp_path / "stf_pipeline" / "jax")
@@ -313,6 +315,11 @@ def test_stf_turns_on_the_jax_compilation_cache(monkeypatch, tmp_path):
     code = "import jax; print(jax.config.jax_compilation_cache_dir)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == seen[0]
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("STF_JAX_CACHE", "0")  # the opt-out holds for the command too
+    seen.clear()
+    bench.main = lambda argv: seen.append(os.environ.get("JAX_COMPILATION_CACHE_DIR")) or 0
+    assert main(["bench", "fake_env"]) == 0 and seen == [None]
 
 
 def test_module_entry_point(foreign_store):

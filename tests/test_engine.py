@@ -70,6 +70,43 @@ def test_map_overlapping_equals_whole_array(cy, cx, halo, align):
     np.testing.assert_array_equal(chunked.compute(scheduler="sync"), whole)
 
 
+@SETTINGS
+@given(cy=st.integers(4, 40), cx=st.integers(4, 40), halo=st.integers(0, 6))
+def test_nan_padded_blocks_have_one_shape_and_the_whole_array_result(cy, cx, halo):
+    # neighbourhood_kernel skips NaN as it skips "outside the block": NaN padding is invisible to it
+    fine, coarse, target = _arrays()
+    whole = map_overlapping(neighbourhood_kernel, fine, coarse, target, halo=halo, params=halo)
+    shapes = []
+
+    def recording(fine, coarse, coarse_target, **kwargs):
+        shapes.append(fine.shape[-2:])
+        return neighbourhood_kernel(fine, coarse, coarse_target, **kwargs)
+
+    lazy = [da.from_array(a, chunks=(*a.shape[:-2], cy, cx)) for a in (fine, coarse, target)]
+    padded = map_overlapping(recording, *lazy, halo=halo, padding="nan", params=halo)
+    np.testing.assert_array_equal(padded.compute(scheduler="sync"), whole)
+    assert len(set(shapes)) == 1
+    assert shapes[0][0] >= max(padded.chunks[1]) and shapes[0][1] >= max(padded.chunks[2])
+
+
+def test_kernel_padding_passes_the_largest_block_shape():
+    fine, coarse, target = _arrays()
+    seen = []
+
+    def kernel(fine, coarse, coarse_target, *, params, pad_to, model=None):
+        seen.append((fine.shape[-2:], pad_to))
+        return neighbourhood_kernel(fine, coarse, coarse_target, params=params)
+
+    lazy = [da.from_array(a, chunks=(*a.shape[:-2], 15, 12)) for a in (fine, coarse, target)]  # 37 x 29: 15,15,7
+    out = map_overlapping(kernel, *lazy, halo=2, padding="kernel", params=2)
+    np.testing.assert_array_equal(
+        out.compute(scheduler="sync"), map_overlapping(neighbourhood_kernel, fine, coarse, target, halo=2, params=2)
+    )
+    assert {pad for _, pad in seen} == {(19, 16)}  # 15 + 2 halos by 12 + 2 halos: the interior block
+    assert {shape for shape, _ in seen} == {(y, x) for y in (17, 19, 9) for x in (14, 16, 7)}
+    assert map_overlapping(kernel, fine, coarse, target, halo=2, padding="kernel", params=2).shape == target.shape
+
+
 def test_too_small_halo_is_detectably_wrong():
     """The reference above is sensitive: a halo one pixel short changes the result."""
     fine, coarse, target = _arrays()

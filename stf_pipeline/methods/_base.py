@@ -24,6 +24,16 @@ inputs within ``halo`` pixels. Methods that work on native coarse pixels set
 ``coarse_aligned=True``: the engine then makes every block start on a multiple of
 ``coarse_factor``. A method declares one kernel per backend (``numpy``, ``numba``, ``jax``,
 ``pallas``) and which one ``backend="auto"`` takes on a CPU and on a GPU.
+
+Block padding
+-------------
+A jitted kernel (backends in :data:`PADDED_BACKENDS`) compiles once per block shape, and the
+blocks at the scene edge are smaller. ``block_padding`` says how a method gets one shape per scene:
+``"nan"``, the engine pads a short block at its far ends (the end of ``y`` and ``x``) with NaN to
+the scene's largest block shape and crops the result, which is exact for kernels that skip NaN
+exactly as they skip "outside the block"; ``"kernel"``, the engine passes that shape as
+``pad_to=(y, x)`` and the kernel pads itself (e.g. a network whose convolutions must see zeros at
+the real extent: :mod:`stf_pipeline.kernels.padding`); ``"none"``, blocks keep their shapes.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, get_
 
 import numpy as np
 
+from stf_pipeline._compile_cache import enable_compilation_cache
 from stf_pipeline._params import check_param_types
 from stf_pipeline.exceptions import MethodError
 
@@ -49,6 +60,11 @@ Backend = Literal["numpy", "numba", "jax", "pallas"]
 #: Kinds of JAX default device that ``backend="auto"`` distinguishes.
 Device = Literal["cpu", "gpu"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
+#: How a method's blocks get one shape per scene (see "Block padding" above).
+BlockPadding = Literal["none", "nan", "kernel"]
+BLOCK_PADDINGS: tuple[str, ...] = get_args(BlockPadding)
+#: Backends whose kernels compile per block shape: the engine pads their blocks to one shape.
+PADDED_BACKENDS: tuple[str, ...] = ("jax", "pallas")
 
 P = TypeVar("P")
 P_contra = TypeVar("P_contra", contravariant=True)
@@ -136,6 +152,7 @@ def device_kind() -> Device:
     """
     if not _accelerator_possible():
         return "cpu"
+    enable_compilation_cache()
     import jax
 
     return "cpu" if jax.default_backend() == "cpu" else "gpu"
@@ -180,6 +197,10 @@ class MethodSpec(Generic[P]):
     extra_vars : Callable[[P], tuple[str, ...]] | None
         Names of ``(y, x)`` cube variables (e.g. a land-cover class map) the kernel needs; they
         are overlapped like the images and passed to the kernel as ``extra={name: block}``.
+    block_padding : {"none", "nan", "kernel"}
+        How the blocks of a :data:`PADDED_BACKENDS` backend get one shape per scene, so its jitted
+        kernel compiles once (see the module docstring): the engine pads with NaN, the kernel
+        pads itself to ``pad_to``, or no padding.
     """
 
     name: str
@@ -196,8 +217,13 @@ class MethodSpec(Generic[P]):
     prepare: Callable[..., P] | None = None
     statistics: SceneStatistics[P] | None = None
     extra_vars: Callable[[P], tuple[str, ...]] | None = None
+    block_padding: BlockPadding = "none"
 
     def __post_init__(self) -> None:
+        if self.block_padding not in BLOCK_PADDINGS:
+            raise MethodError(
+                f"method {self.name!r}: block_padding {self.block_padding!r} is not one of {list(BLOCK_PADDINGS)}."
+            )
         kernels = dict(self.kernels)
         if not kernels:
             raise MethodError(f"method {self.name!r} declares no kernel; pass kernels={{'numpy': ...}}.")
@@ -242,9 +268,18 @@ class MethodSpec(Generic[P]):
             )
         return backend  # type: ignore[return-value]
 
+    def padding_for(self, backend: str = "auto") -> BlockPadding:
+        """The block padding the engine applies for ``backend``: ``block_padding`` for a backend that
+        compiles per shape (:data:`PADDED_BACKENDS`), else ``"none"`` (padding would only add work)."""
+        return self.block_padding if self.resolve_backend(backend) in PADDED_BACKENDS else "none"
+
     def kernel_for(self, backend: str = "auto") -> Kernel[P]:
-        """The block kernel of ``backend`` (see :meth:`resolve_backend`)."""
-        return self.kernels[self.resolve_backend(backend)]
+        """The block kernel of ``backend`` (see :meth:`resolve_backend`); for a JAX backend, with
+        JAX's persistent compilation cache on (:func:`~stf_pipeline._compile_cache.enable_compilation_cache`)."""
+        chosen = self.resolve_backend(backend)
+        if chosen in ("jax", "pallas"):
+            enable_compilation_cache()
+        return self.kernels[chosen]
 
     def make_params(self, params: P | None = None, **overrides: Any) -> P:
         """Build the parameter dataclass, rejecting unknown names with the valid ones listed and

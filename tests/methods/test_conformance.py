@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import stf_pipeline as stf
+from stf_pipeline.exceptions import MethodError
 from stf_pipeline.methods import available_methods, get_method
 from stf_pipeline.methods._base import SceneStatistics, device_kind
 from stf_pipeline.testing import DaskComputeError, check_method, random_cube
@@ -107,3 +108,22 @@ def test_check_method_catches_a_too_small_halo_and_eager_statistics() -> None:
     eager = dataclasses.replace(delta, statistics=SceneStatistics(_computes_statistics, lambda p, _std: p))
     with pytest.raises(DaskComputeError):
         check_method(eager, chunks=(13, 15))
+
+
+def test_block_padding_is_validated_and_applies_to_jitted_backends_only() -> None:
+    starfm = get_method("starfm")
+    assert [starfm.padding_for(b) for b in ("numpy", "numba", "jax", "pallas")] == ["none", "none", "nan", "nan"]
+    assert get_method("estarfm").block_padding == "nan" and get_method("biastf").block_padding == "kernel"
+    assert {get_method(name).block_padding for name in ("delta", "fsdaf", "stfdcnn")} == {"none"}
+    with pytest.raises(MethodError, match=r"block_padding 'zero' is not one of \['none', 'nan', 'kernel'\]"):
+        dataclasses.replace(starfm, block_padding="zero")
+
+
+def test_the_one_shape_check_catches_unpadded_ragged_blocks() -> None:
+    from stf_pipeline.testing import _check_one_shape
+
+    cube = random_cube()
+    target = cube.time.values[1]
+    eager = stf.fuse(cube, target, method="delta", window=5).values
+    with pytest.raises(AssertionError, match="handed the kernel blocks of several shapes"):
+        _check_one_shape(get_method("delta"), "numpy", cube, target, {"window": 5}, eager, 0.0, 0.0)

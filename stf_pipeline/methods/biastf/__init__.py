@@ -87,6 +87,7 @@ METHOD = MethodSpec(
     learned=True,
     fit=fit,
     prepare=_prepare,
+    block_padding="kernel",  # zero padding at the real extent, layer by layer: kernels.padding
 )
 
 __all__ = [

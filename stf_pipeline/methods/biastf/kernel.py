@@ -3,6 +3,7 @@ training changes, the fusion ``f`` of the two directions, and the engine kernel.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from stf_pipeline.exceptions import MethodError
+from stf_pipeline.kernels.padding import crop_block, extent_mask, masked_convolutions, pad_block
 from stf_pipeline.kernels.window import box_sum_jax
 from stf_pipeline.methods.biastf.config import NET_RADIUS, BiaSTFConfig
 from stf_pipeline.methods.biastf.networks import (
@@ -91,6 +93,7 @@ def _forward(
     eps: float,
     weights: str,
     members: int = 1,
+    inside: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Traced body of the predictor: fused ``(band, y, x)``, transitional ``(pair, band, y, x)`` and
     the number of valid pixels beyond the limit ``L`` (where the learned part fades).
@@ -98,7 +101,10 @@ def _forward(
     With ``members > 1`` the parameters are stacked on a leading member axis and the learned
     part is the mean of the members' ``G + B - base``. A member's ``"shrink"`` (per band, fitted
     on held-out dates: :func:`~stf_pipeline.methods.biastf.fit.validated_shrink`) scales its
-    learned part; models without it apply the networks in full."""
+    learned part; models without it apply the networks in full. ``inside`` ``(y, x)``, for a block
+    padded with NaN beyond its real extent: the networks' convolutions are zeroed outside it and
+    the padding counts as "outside the image" (valid) for the receptive-field test, so the real
+    pixels get the numbers of the unpadded block."""
     import jax
     import jax.numpy as jnp
 
@@ -108,15 +114,18 @@ def _forward(
     base = _converted(images, stats) if config.g_base == "linear" else change
 
     def correction(member: Any) -> Any:  # shrink (G + B - base) of one member, (n, y, x, band)
-        g = _apply_g(g_model, member["G"], images, config, stats)
-        b = _apply_b(b_model, member["B"], {**images, "change_pred": jnp.transpose(g, (0, 3, 1, 2))}, config, stats)
+        with masked_convolutions(inside) if inside is not None else contextlib.nullcontext():
+            g = _apply_g(g_model, member["G"], images, config, stats)
+            b = _apply_b(
+                b_model, member["B"], {**images, "change_pred": jnp.transpose(g, (0, 3, 1, 2))}, config, stats
+            )
         return (g + b - base) * member["shrink"] if "shrink" in member else g + b - base
 
     # members one after the other: memory of one member's activations, one compiled body
     learned = jax.lax.map(correction, params).mean(axis=0) if members > 1 else correction(params)
     trust = trust_in_change(change, stats["limit"])
     transitional = fine + jnp.transpose(base + trust * learned, (0, 3, 1, 2))
-    ok = _valid_within(valid, 2 * NET_RADIUS) & valid
+    ok = _valid_within(valid if inside is None else valid | ~inside, 2 * NET_RADIUS) & valid
     transitional = jnp.where(ok, transitional, jnp.nan)
     fused = fuse_directions(transitional, coarse_target, window=window, eps=eps, weights=weights, coarse=coarse)
     beyond = jnp.sum(ok & (jnp.transpose(trust, (0, 3, 1, 2)) < 1))
@@ -127,7 +136,7 @@ def _forward(
 def _predictor(
     config_json: str, n_bands: int, dtype: str, window: int, eps: float, weights: str, members: int = 1
 ) -> Any:
-    """Jitted ``(params, stats, fine, coarse, coarse_target) -> (fused, transitional, beyond)``."""
+    """Jitted ``(params, stats, fine, coarse, coarse_target, inside=None) -> (fused, transitional, beyond)``."""
     import jax
 
     config = BiaSTFConfig.resolve(json.loads(config_json))
@@ -135,11 +144,13 @@ def _predictor(
     precision = "highest" if dtype == "float32" else "default"
 
     @jax.jit
-    def predict(params: Any, stats: Any, fine: Any, coarse: Any, coarse_target: Any) -> tuple[Any, Any, Any]:
+    def predict(
+        params: Any, stats: Any, fine: Any, coarse: Any, coarse_target: Any, inside: Any = None
+    ) -> tuple[Any, Any, Any]:
         with jax.default_matmul_precision(precision):
             return _forward(
                 config, g_model, b_model, params, stats, fine, coarse, coarse_target,
-                window=window, eps=eps, weights=weights, members=members,
+                window=window, eps=eps, weights=weights, members=members, inside=inside,
             )
 
     return predict
@@ -158,8 +169,13 @@ def predict_block(
     *,
     params: BiaSTFParams,
     model: Any,
+    pad_to: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fused ``(band, y, x)`` and transitional ``(pair, band, y, x)`` predictions of one block.
+
+    With ``pad_to`` ``(y, x)`` the block is padded to that shape with NaN, predicted with the
+    padding masked (see :func:`_forward`) and cropped back: blocks of every size up to ``pad_to``
+    share one compiled program, with the numbers of the unpadded block.
 
     Where the coarse change goes beyond the training pairs' (more than ``BEYOND_WARNING`` of the
     block's valid pixels), a warning names the documented fallback, once per model.
@@ -184,8 +200,14 @@ def predict_block(
     stats = Statistics.from_model(model)
     if params.extrapolate:
         stats = dataclasses.replace(stats, limit=(np.inf,) * len(model.bands))
-    fused, transitional, beyond = predict(model.params, stats.arrays(), fine, coarse, coarse_target)
-    transitional = np.asarray(transitional, dtype=np.float32)
+    extent = fine.shape[-2:]
+    if pad_to is None:  # one whole-scene call
+        fused, transitional, beyond = predict(model.params, stats.arrays(), fine, coarse, coarse_target)
+    else:  # full blocks too run the masked program: one program per scene
+        fine, coarse, coarse_target = (pad_block(a, pad_to) for a in (fine, coarse, coarse_target))
+        inside = extent_mask(pad_to, extent)
+        fused, transitional, beyond = predict(model.params, stats.arrays(), fine, coarse, coarse_target, inside)
+    transitional = crop_block(np.asarray(transitional, dtype=np.float32), extent)
     share = int(beyond) / max(int(np.isfinite(transitional).sum()), 1)
     if share > BEYOND_WARNING and model not in _WARNED:
         _WARNED.add(model)
@@ -196,7 +218,7 @@ def predict_block(
             [round(v, 4) for v in stats.limit], 100 * share,
             "A dC" if BiaSTFConfig.resolve(model.config).g_base == "linear" else "dC",
         )
-    return np.asarray(fused, dtype=np.float32), transitional
+    return crop_block(np.asarray(fused, dtype=np.float32), extent), transitional
 
 
 def biastf_kernel(
@@ -206,6 +228,8 @@ def biastf_kernel(
     *,
     params: BiaSTFParams,
     model: Any = None,
+    pad_to: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Engine kernel: forward pass of ``G`` then ``B`` for both pairs, then the fusion ``f``."""
-    return predict_block(fine, coarse, coarse_target, params=params, model=model)[0]
+    """Engine kernel: forward pass of ``G`` then ``B`` for both pairs, then the fusion ``f``; a
+    block smaller than ``pad_to`` is padded to it (``block_padding="kernel"``)."""
+    return predict_block(fine, coarse, coarse_target, params=params, model=model, pad_to=pad_to)[0]

@@ -27,6 +27,7 @@ METHOD: MethodSpec[EstarfmParams] = MethodSpec(
     halo=halo,
     n_pairs=(2, 2),
     statistics=SceneStatistics(STATISTICS.summarize, STATISTICS.fit),
+    block_padding="nan",  # windows skip NaN as they skip "outside the block"
 )
 
 __all__ = [

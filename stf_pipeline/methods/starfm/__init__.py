@@ -22,6 +22,7 @@ METHOD: MethodSpec[StarfmParams] = MethodSpec(
     n_pairs=(1, 8),
     prepare=prepare,
     statistics=SceneStatistics(STATISTICS.summarize, STATISTICS.fit),
+    block_padding="nan",  # windows skip NaN as they skip "outside the block"
 )
 
 __all__ = ["METHOD", "StarfmParams", "starfm_jax", "starfm_numba", "starfm_numpy", "starfm_pallas"]

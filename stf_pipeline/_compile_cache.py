@@ -1,0 +1,61 @@
+"""JAX's persistent compilation cache, on for every use of the package (``stf`` and the Python API).
+
+A jitted kernel or network compiles the first time it meets a shape in a process. With the cache on,
+JAX stores each compiled program on disk and a later process loads it instead of compiling again.
+:func:`enable_compilation_cache` turns it on and is called where the package first uses JAX (a
+jitted backend chosen for :func:`stf_pipeline.fuse`, training a learned method, asking JAX for the
+device), before JAX is imported where possible, so ``import stf_pipeline`` never imports JAX.
+
+Where: ``$JAX_COMPILATION_CACHE_DIR`` when set, else ``$XDG_CACHE_HOME/stf_pipeline/jax``
+(``~/.cache/stf_pipeline/jax``); delete the folder to clear it. ``STF_JAX_CACHE=0`` turns it off
+(a compilation cache set up by the user is never replaced). JAX keeps programs that took at least
+``jax_persistent_cache_min_compile_time_secs`` (1 s by default) to compile.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+#: Environment variable that turns the cache off when set to ``0`` (or ``false``, ``no``, ``off``).
+OPT_OUT_VARIABLE = "STF_JAX_CACHE"
+
+
+def compilation_cache_dir() -> str:
+    """Where the package keeps JAX's compiled programs: ``$JAX_COMPILATION_CACHE_DIR`` when set, else
+    ``$XDG_CACHE_HOME/stf_pipeline/jax`` (``~/.cache/stf_pipeline/jax``)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "stf_pipeline", "jax")
+
+
+def cache_wanted() -> bool:
+    """False when ``STF_JAX_CACHE`` is ``0``, ``false``, ``no`` or ``off`` (any case), else True."""
+    return os.environ.get(OPT_OUT_VARIABLE, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def enable_compilation_cache() -> str | None:
+    """Turn JAX's persistent compilation cache on (idempotent); the folder in use, or ``None`` when off.
+
+    Before JAX is imported this only sets ``JAX_COMPILATION_CACHE_DIR`` (unless already set), which
+    JAX reads on import, here and in the worker processes started later. Once JAX is imported it sets
+    ``jax_compilation_cache_dir`` if nothing else did, and makes JAX check for the cache again at the
+    next compilation (JAX decides once per process, at its first compilation). A folder the user
+    configured is kept. With ``STF_JAX_CACHE=0`` nothing is changed.
+    """
+    if not cache_wanted():
+        return None
+    path = compilation_cache_dir()
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", path)
+    if "jax" not in sys.modules:
+        return path
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return str(current)
+    jax.config.update("jax_compilation_cache_dir", path)
+    compilation_cache.reset_cache()
+    return path

@@ -1,0 +1,76 @@
+"""JAX's persistent compilation cache: on for the Python API where the package first uses JAX (its
+programs land in the folder), off with ``STF_JAX_CACHE=0``, and a folder the user set is kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stf_pipeline._compile_cache import cache_wanted, compilation_cache_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: fuse with the jax backend in a fresh process; report the cache folder JAX uses and its files
+_FUSE = (
+    "import json, os; import stf_pipeline as stf; "
+    "cube = stf.synthetic_scene(48, 48, n_times=3, seed=0, fine_times=[0, 2]).load(); "
+    "lazy = cube.chunk({'y': 32, 'x': 32}); "
+    "stf.fuse(lazy, cube.time.values[1], method='starfm', backend='jax', radius=3).compute(); "
+    "import jax; folder = jax.config.jax_compilation_cache_dir; "
+    "print(json.dumps({'folder': folder, "
+    "'files': sorted(os.listdir(folder)) if folder and os.path.isdir(folder) else []}))"
+)
+
+
+def _child(code: str, **env: str) -> dict:
+    environ = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "STF_JAX_CACHE")}
+    environ.update(PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", JAX_PLATFORMS="cpu", **env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("value", "wanted"), [("0", False), ("off", False), (" FALSE ", False), ("1", True), ("", True)]
+)
+def test_stf_jax_cache_variable(monkeypatch: pytest.MonkeyPatch, value: str, wanted: bool) -> None:
+    monkeypatch.setenv("STF_JAX_CACHE", value)
+    assert cache_wanted() is wanted
+
+
+def test_cache_folder_follows_jax_and_xdg_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compilation_cache_dir() == str(tmp_path / "stf_pipeline" / "jax")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    assert compilation_cache_dir() == str(tmp_path / "mine")
+
+
+def test_python_api_fills_the_cache_and_the_opt_out_leaves_it_off(tmp_path: Path) -> None:
+    # every program is written (no minimum compile time), so the tiny scene's kernels land on disk
+    every = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    on = _child(_FUSE, XDG_CACHE_HOME=str(tmp_path), **every)
+    assert on["folder"] == str(tmp_path / "stf_pipeline" / "jax") and on["files"]
+    off = _child(_FUSE, XDG_CACHE_HOME=str(tmp_path / "other"), STF_JAX_CACHE="0", **every)
+    assert off["folder"] is None and not (tmp_path / "other").exists()
+
+
+def test_a_folder_the_user_configured_is_kept(tmp_path: Path) -> None:
+    code = f"import jax; jax.config.update('jax_compilation_cache_dir', {str(tmp_path / 'user')!r}); " + _FUSE
+    assert _child(code, XDG_CACHE_HOME=str(tmp_path))["folder"] == str(tmp_path / "user")
+
+
+@pytest.mark.slow
+def test_bench_compile_counts_one_program_set_per_scene_when_padded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stf_pipeline.benchmarks.compile import measure
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    (record,) = measure(["starfm:jax"], 64, 24, half_window=2, unpadded=True)  # chunks 24, 24, 16: ragged
+    assert record["padding"] == "nan" and record["compiled_warm"] == 0
+    # without padding every block shape (first, interior, last along each axis) compiles its own programs
+    assert record["compiled_unpadded"] > record["compiled_first"] > 0
