@@ -53,7 +53,7 @@ def enable_compilation_cache() -> str | None:
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    current = jax.config.jax_compilation_cache_dir
+    current = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]  # a flag, set at run time
     if current:
         return str(current)
     jax.config.update("jax_compilation_cache_dir", path)
