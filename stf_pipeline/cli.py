@@ -3,7 +3,7 @@
 ``stf run PIPELINE``, ``stf info CUBE.zarr``, ``stf ingest CATALOG -o CUBE.zarr`` (or ``--fine GLOB
 --coarse GLOB``), ``stf export FUSED.zarr -o DIR``,
 ``stf compare PIPELINE`` (:func:`stf_pipeline.pipeline.run_compare`) and ``stf bench NAME [ARGS...]``
-(``stf_pipeline.benchmarks.NAME.main``); ``stf --version``. ``-v``/``-q`` (before or after the
+(``benchmarks/NAME.py`` of a clone, :func:`load_benchmark`); ``stf --version``. ``-v``/``-q`` (before or after the
 command) show more or less of the ``stf_pipeline`` log on stderr (:mod:`stf_pipeline.log`).
 
 Errors of the library (:class:`~stf_pipeline.STFError`) and of the file system are printed as one
@@ -25,11 +25,11 @@ import importlib
 import importlib.util
 import logging
 import os
-import pkgutil
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 from stf_pipeline.exceptions import STFError
 
@@ -83,19 +83,70 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _benchmarks() -> list[str]:
-    import stf_pipeline.benchmarks as package
+#: the benchmarks of a clone: the folder ``benchmarks/`` beside the package's folder (wheels do not ship it)
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+#: the name the benchmarks folder is imported under (its modules import ``benchmarks._common``)
+BENCHMARK_PACKAGE = "benchmarks"
 
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+def benchmark_names(folder: Path | None = None) -> list[str]:
+    """Names of the benchmarks in ``folder`` (default :data:`BENCHMARKS`): its modules without a leading underscore.
+
+    Raises
+    ------
+    STFError
+        When the folder is missing, as in an installed wheel: benchmarks run from a clone.
+    """
+    folder = BENCHMARKS if folder is None else folder
+    if not (folder / "__init__.py").is_file():
+        raise STFError(
+            f"benchmarks run from a clone of the repository: no benchmarks folder at {folder}. Clone the "
+            "repository, install it with pip install -e . and run stf bench there."
+        )
+    return sorted(path.stem for path in folder.glob("*.py") if not path.stem.startswith("_"))
+
+
+def load_benchmark(name: str, folder: Path | None = None) -> ModuleType:
+    """Import benchmark ``name`` from ``folder`` (default :data:`BENCHMARKS`) by its path.
+
+    The folder is imported as the package ``benchmarks`` (replacing one imported from another
+    folder), so the benchmark's own imports of ``benchmarks._common`` resolve to the same folder.
+
+    Raises
+    ------
+    STFError
+        When the folder is missing (see :func:`benchmark_names`) or holds no benchmark ``name``.
+    """
+    folder = BENCHMARKS if folder is None else folder
+    names = benchmark_names(folder)
+    if name not in names:
+        raise STFError(f"unknown benchmark {name!r}; available: {names}.")
+    package = sys.modules.get(BENCHMARK_PACKAGE)
+    if package is None or list(getattr(package, "__path__", [])) != [str(folder)]:
+        for loaded in [m for m in sys.modules if m == BENCHMARK_PACKAGE or m.startswith(f"{BENCHMARK_PACKAGE}.")]:
+            del sys.modules[loaded]
+        spec = importlib.util.spec_from_file_location(
+            BENCHMARK_PACKAGE, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        if spec is None or spec.loader is None:
+            raise STFError(f"cannot import the benchmarks folder {folder}.")
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[BENCHMARK_PACKAGE] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"{BENCHMARK_PACKAGE}.{name}")
 
 
 def _bench(args: argparse.Namespace) -> int:
     if args.name is None:
-        raise STFError(f"name a benchmark: stf bench NAME [ARGS]; available: {', '.join(_benchmarks())}.")
-    module = f"stf_pipeline.benchmarks.{args.name}"
-    if not args.name.isidentifier() or importlib.util.find_spec(module) is None:
-        raise STFError(f"unknown benchmark {args.name!r}; available: {_benchmarks()}.")
-    return int(importlib.import_module(module).main(list(args.args)) or 0)
+        raise STFError(f"name a benchmark: stf bench NAME [ARGS]; available: {', '.join(benchmark_names())}.")
+    return int(load_benchmark(args.name).main(list(args.args)) or 0)
+
+
+def _bench_epilog() -> str:
+    try:
+        return f"benchmarks: {', '.join(benchmark_names())}"
+    except STFError as err:
+        return str(err)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -171,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compare)
 
     p = sub.add_parser(
-        "bench", parents=[flags], help="run a benchmark: stf_pipeline.benchmarks.NAME",
-        description="Run a benchmark module of stf_pipeline.benchmarks; 'stf bench NAME --help' lists its options.",
-        epilog=f"benchmarks: {', '.join(_benchmarks())}",
+        "bench", parents=[flags], help="run a benchmark of the clone: benchmarks/NAME.py",
+        description="Run a benchmark of the clone's benchmarks/ folder; 'stf bench NAME --help' lists its options.",
+        epilog=_bench_epilog(),
     )
     p.add_argument("name", nargs="?", default=None, help="benchmark name")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark (see stf bench NAME --help)")

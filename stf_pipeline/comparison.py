@@ -390,7 +390,7 @@ def compare(
             f"models given for {unknown_models}, which are not among the methods {[r.label for r in runs]}."
         )
     truth_var = "fine_truth" if "fine_truth" in cube.data_vars else "fine"
-    target_dates = _targets(cube, targets, truth_var)
+    target_dates = resolve_targets(cube, targets, truth_var)
     factor = cube.attrs.get("coarse_factor")
     ratio = 1.0 / float(factor) if factor else None
 
@@ -496,7 +496,28 @@ def _finite(value: Any) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def _targets(cube: xr.Dataset, targets: Sequence[DateLike] | None, truth_var: str) -> list[np.datetime64]:
+def resolve_targets(cube: xr.Dataset, targets: Sequence[DateLike] | None, truth_var: str) -> list[np.datetime64]:
+    """The target dates to compare on, sorted and unique.
+
+    Parameters
+    ----------
+    cube : xarray.Dataset
+        The cube.
+    targets : sequence of date-like, optional
+        Dates to predict; by default the cube's ``stf_targets`` attribute, else every date with a
+        held-out truth.
+    truth_var : str
+        The truth's data variable: ``"fine_truth"``, or ``"fine"`` when the cube has no held-out truth.
+
+    Returns
+    -------
+    list of numpy.datetime64
+
+    Raises
+    ------
+    TaskError
+        When a target is not a date of the cube, or there is no truth to choose default targets from.
+    """
     times = cube["time"].values.astype("datetime64[ns]")
     if targets is None and "stf_targets" in cube.attrs:
         targets = list(np.atleast_1d(cube.attrs["stf_targets"]))
