@@ -223,12 +223,12 @@ def test_overwrite_errors_name_the_option(tmp_path, capsys):
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
-    from stf_pipeline import pipeline
+    from stf_pipeline import runner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "run", interrupted)
+    monkeypatch.setattr(runner, "run", interrupted)
     assert main(["run", "demo"]) == 130
     captured = capsys.readouterr()
     assert captured.err == "interrupted: rerun the same command to resume\n" and captured.out == ""
@@ -279,13 +279,13 @@ def test_bench_and_compare_dispatch(monkeypatch):
     bench.main = lambda argv: calls.append(("bench", argv)) or 3
     monkeypatch.setattr(cli, "load_benchmark", {"fake_bench": bench}.__getitem__)
     assert main(["bench", "fake_bench", "--size", "64", "-n", "2", "--help"]) == 3
-    from stf_pipeline import pipeline
+    from stf_pipeline import runner
 
     class Table:
         def to_markdown(self):
             return "| table |"
 
-    monkeypatch.setattr(pipeline, "run_compare", lambda path, **kw: calls.append(("compare", path, kw)) or Table())
+    monkeypatch.setattr(runner, "run_compare", lambda path, **kw: calls.append(("compare", path, kw)) or Table())
     assert main(["compare", "pipelines/demo.yaml", "--no-figures", "--methods", "delta,starfm", "-o", "x"]) == 0
     assert calls == [
         ("bench", ["--size", "64", "-n", "2", "--help"]),

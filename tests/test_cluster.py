@@ -176,7 +176,7 @@ def test_pipeline_on_a_cluster_sends_no_data_in_graphs(tmp_path, monkeypatch, ca
     import dask
     import yaml
 
-    from stf_pipeline.pipeline import WORKER_CUBE, run
+    from stf_pipeline.runner import WORKER_CUBE, run
 
     catalog = _memory_catalog(tmp_path)
     cube, _ = stf.open_catalog(catalog, root=tmp_path)
