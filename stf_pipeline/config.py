@@ -1,8 +1,9 @@
 """Pipeline configuration: a YAML file in ``pipelines/`` -> a frozen, validated :class:`PipelineConfig`.
 
 Nothing here runs anything: :mod:`stf_pipeline.runner` runs a config, :mod:`stf_pipeline.cli` parses
-the command line. Every check happens while loading, so a malformed pipeline (an unknown key, a bad
-date, a method parameter of the wrong type) fails before any work starts, naming the key.
+the command line. Keys and values are checked while loading (an unknown key, a bad date, an unknown
+method), method parameters by :meth:`PipelineConfig.check`, which the runner calls before any work
+starts; every error names the key.
 
 The file's ``name`` is a plain name and its ``output`` a relative path without ``..``, so a
 pipeline file cannot write outside the folder it is run from; an output folder elsewhere is
