@@ -113,13 +113,13 @@ def validated_shrink(
     import json
 
     from stf_pipeline.methods._base import MethodContext
-    from stf_pipeline.methods.biastf.kernel import _predictor
+    from stf_pipeline.methods.biastf.kernel import predictor
     from stf_pipeline.methods.biastf.params import BiaSTFParams, _prepare
 
     n_bands = int(cube.sizes["band"])
     factor = cube.attrs.get("coarse_factor")
     prepared = _prepare(BiaSTFParams(dtype="float32"), MethodContext(factor, 1.0, n_bands))
-    predict = _predictor(
+    predict = predictor(
         json.dumps(cfg.to_dict(), sort_keys=True), n_bands, "float32", int(prepared.window or 1),
         float(prepared.eps), prepared.weights,
     )
