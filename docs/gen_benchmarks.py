@@ -67,7 +67,8 @@ and the command. Times are wall-clock seconds unless a column says otherwise; "2
 jobs (its load is given where it was recorded), so they move by 10–30 % from run to run; GPU figures
 are from one NVIDIA H100 unless a table says otherwise.
 
-The numbers are kept in `docs/benchmarks/*.json` and this page is generated from them. To add a
+The numbers are kept in `docs/benchmarks/*.json` and this page is generated from them. The benchmarks
+are the modules of the clone's `benchmarks/` folder (public API only; not part of the package). To add a
 measurement, run the benchmark with `--json FILE` (`stf bench NAME --json FILE`), then
 `python docs/gen_benchmarks.py add FILE --to NAME --title ... --command "..."`, which files its
 records with the machine description the benchmark wrote, and `make docs`.

@@ -52,7 +52,7 @@ _LAZY: dict[str, str] = {
     "load_model": "stf_pipeline.training",
     "evaluate": "stf_pipeline.metrics",
     "compare": "stf_pipeline.comparison",
-    "run": "stf_pipeline.pipeline",
+    "run": "stf_pipeline.runner",
 }
 
 

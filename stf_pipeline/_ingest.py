@@ -45,7 +45,8 @@ RESAMPLING: tuple[str, ...] = ("nearest", "bilinear", "cubic", "average")
 DEFAULT_CHUNKS: dict[str, int] = {"y": 512, "x": 512}
 #: share of valid pixels allowed outside a sensor's ``valid_range`` before a file is rejected
 MAX_OUT_OF_RANGE = 0.001
-_GLOB_CHARS = re.compile(r"[*?\[]")
+#: characters that make a file argument a glob pattern
+GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 def _to_date(value: Any, where: str) -> np.datetime64:
@@ -210,7 +211,7 @@ def _expand(files: Files | None, role: str) -> Mapping[Any, PathLike] | list[Pat
     out: list[Path] = []
     for item in items:
         text = os.fspath(item)
-        if _GLOB_CHARS.search(text):
+        if GLOB_CHARS.search(text):
             found = sorted(glob.glob(os.path.expanduser(text)))
             if not found:
                 raise CatalogError(f"{role}: {text!r} matches no file; check the pattern and the folder it names.")
@@ -774,174 +775,3 @@ def _provenance(sensor: AnySensor, scenes: Mapping[np.datetime64, _Scene], mask:
     if rules:
         out["quality_mask"] = "; ".join(sorted(rules))
     return out
-
-
-# ----------------------------------------------------------------------------- the `stf ingest` command
-#: first bytes of raster formats a user may pass where a catalog YAML is expected
-_RASTER_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"\x0e\x03\x13\x01", b"\x89HDF")
-_RASTER_SUFFIXES = (".tif", ".tiff", ".hdf", ".h5", ".nc", ".img", ".bil", ".bsq", ".jp2", ".vrt")
-
-
-def _check_catalog_argument(text: str) -> None:
-    """A raster (or any non-text file) passed as the catalog gets an error that shows the files form."""
-    path = Path(text)
-    head = path.read_bytes()[:4096] if path.is_file() else b""
-    looks_raster = path.suffix.lower() in _RASTER_SUFFIXES or head.startswith(_RASTER_MAGIC)
-    if not looks_raster and head:
-        try:
-            head.decode("utf-8")
-        except UnicodeDecodeError as err:
-            looks_raster = err.start < len(head) - 4  # not just a character cut at the 4096-byte boundary
-    if looks_raster or _GLOB_CHARS.search(text):
-        raise CatalogError(
-            f"{text!r} is an image (or a pattern of images), not a catalog YAML; to ingest your own files run "
-            f"stf ingest --fine {text!r} --coarse 'MOD09GA*.tif' --sensor-fine landsat_c2_l2 --sensor-coarse mod09ga "
-            "-o cube.zarr (sensors: stf ingest --list-sensors)."
-        )
-
-
-def add_parser(sub: Any, parents: Sequence[Any] = ()) -> None:
-    """Register ``stf ingest`` on the ``stf`` command's subparsers ``sub``."""
-    import argparse
-
-    p = sub.add_parser(
-        "ingest",
-        parents=list(parents),
-        help="read a catalog's files, or your own fine/coarse images, into a cube store",
-        description=(
-            "stf ingest CATALOG -o CUBE.zarr reads a catalog (catalogs/NAME.yaml or a YAML path). "
-            "stf ingest --fine GLOB --coarse GLOB --sensor-fine S --sensor-coarse S -o CUBE.zarr reads your own "
-            "files: dates from the file names, bands and scale from the sensor presets, quality bands to NaN, "
-            "coarse images reprojected onto the fine grid."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("catalog", nargs="?", help="catalog name (catalogs/NAME.yaml) or path to a catalog YAML")
-    p.add_argument("-o", "--output", type=Path, help="cube store to write (*.zarr)")
-    p.add_argument(
-        "--root", type=Path, default=None, help="data root of a catalog (default $STF_DATA_ROOT or ../shared/data/real)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing cube store")
-    files = p.add_argument_group("your own files (instead of a catalog)")
-    files.add_argument(
-        "--fine", nargs="+", metavar="GLOB", help="fine images: paths or quoted globs, e.g. 'LC08*_SR_B*.TIF'"
-    )
-    files.add_argument("--coarse", nargs="+", metavar="GLOB", help="coarse images, e.g. 'MOD09GA*.tif'")
-    files.add_argument("--truth", nargs="+", metavar="GLOB", help="held-out fine images (read with the fine sensor)")
-    files.add_argument("--sensor-fine", help="fine sensor preset (see --list-sensors)")
-    files.add_argument("--sensor-coarse", help="coarse sensor preset")
-    files.add_argument("--bands", help="comma-separated cube bands (default: every band both sensors provide)")
-    files.add_argument(
-        "--date-regex", help="regex whose first group is the date in a file name (default: the preset's)"
-    )
-    files.add_argument("--date-format", default="%Y%m%d", help="strptime format of --date-regex's group")
-    files.add_argument("--resampling", default="nearest", choices=RESAMPLING, help="coarse -> fine grid resampling")
-    files.add_argument("--coarse-factor", type=int, help="native coarse pixel in fine pixels (default: from the grids)")
-    files.add_argument("--no-mask", action="store_true", help="ignore the quality bands (no cloud masking)")
-    for role in ("fine", "coarse"):
-        files.add_argument(
-            f"--mask-{role}",
-            metavar="RULES",
-            help=f"comma-separated quality rules of the {role} sensor to mask (default: the preset's)",
-        )
-        files.add_argument(
-            f"--dilate-{role}", type=int, metavar="PX", help=f"grow the {role} quality mask by PX pixels"
-        )
-    files.add_argument("--chunk", type=int, default=DEFAULT_CHUNKS["y"], help="chunk size (pixels) of the store")
-    p.add_argument(
-        "--list-sensors", action="store_true", help="list the sensor presets (bands, quality rules) and exit"
-    )
-    p.set_defaults(func=run_command)
-
-
-def _masked_sensor(name: str, rules: str | None, dilation: int | None) -> AnySensor:
-    sensor = get_sensor(name)
-    if rules is None and dilation is None:
-        return sensor
-    use = [r.strip() for r in rules.split(",") if r.strip()] if rules is not None else None
-    return sensor.with_mask(use, dilation=dilation)
-
-
-def describe_sensors() -> str:
-    """One line per sensor preset: name, cube bands, quality band and rules (what ``stf ingest --list-sensors``
-    prints)."""
-    from stf_pipeline.sensors import SENSORS, SensorFamily
-
-    lines = []
-    for name, sensor in SENSORS.items():
-        if isinstance(sensor, SensorFamily):
-            lines.append(
-                f"{name}: any of {[m.name for m in sensor.members]} (by file name); bands {list(sensor.cube_bands)}"
-            )
-            continue
-        qa = sensor.qa
-        rules = (
-            ""
-            if qa is None
-            else (
-                f"; quality {qa.asset if isinstance(qa.asset, str) else 'per band'}: rules "
-                f"{[r.name for r in qa.rules]}, masked by default {list(qa.use or ())}"
-            )
-        )
-        lines.append(f"{name}: bands {list(sensor.cube_bands)}{rules}")
-    return "\n".join(lines)
-
-
-def run_command(args: Any) -> int:
-    """Handler of ``stf ingest``: a catalog, or ``--fine``/``--coarse`` files, to a cube store."""
-    from stf_pipeline.cube import write_cube
-    from stf_pipeline.info import describe_cube
-
-    if args.list_sensors:
-        print(describe_sensors())
-        return 0
-    if args.output is None:
-        raise CatalogError("stf ingest needs -o CUBE.zarr, the cube store to write.")
-    own = args.fine is not None or args.coarse is not None
-    if args.catalog is not None and own:
-        raise CatalogError("give either a catalog or --fine/--coarse files, not both.")
-    if not own:
-        if args.catalog is None:
-            raise CatalogError(
-                "nothing to ingest: give a catalog (stf ingest lgc -o cube.zarr) or --fine/--coarse files."
-            )
-        from stf_pipeline.catalog import open_catalog
-
-        _check_catalog_argument(args.catalog)
-        cube, task = open_catalog(args.catalog, root=args.root)
-        path = write_cube(cube, args.output, overwrite=args.overwrite)
-        print(describe_cube(path))
-        print(f"task: target {task.to_attrs()['target']}, pairs {task.to_attrs()['pairs']}")
-        return 0
-    missing = [
-        flag
-        for flag, value in (
-            ("--fine", args.fine),
-            ("--coarse", args.coarse),
-            ("--sensor-fine", args.sensor_fine),
-            ("--sensor-coarse", args.sensor_coarse),
-        )
-        if value is None
-    ]
-    if missing:
-        raise CatalogError(
-            f"stf ingest with your own files needs {', '.join(missing)} (sensors: stf ingest --list-sensors)."
-        )
-    fine_sensor = _masked_sensor(args.sensor_fine, args.mask_fine, args.dilate_fine)
-    coarse_sensor = _masked_sensor(args.sensor_coarse, args.mask_coarse, args.dilate_coarse)
-    cube = ingest(
-        args.fine,
-        args.coarse,
-        truth=args.truth,
-        fine_sensor=fine_sensor,
-        coarse_sensor=coarse_sensor,
-        bands=[b.strip() for b in args.bands.split(",")] if args.bands else None,
-        date_pattern=DatePattern(args.date_regex, args.date_format) if args.date_regex else None,
-        coarse_factor=args.coarse_factor,
-        resampling=args.resampling,
-        mask=not args.no_mask,
-        chunks={"y": args.chunk, "x": args.chunk},
-    )
-    path = write_cube(cube, args.output, overwrite=args.overwrite, chunks={"y": args.chunk, "x": args.chunk})
-    print(describe_cube(path))
-    return 0

@@ -17,11 +17,9 @@ target, which is then hidden from the methods.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,8 +30,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from stf_pipeline.config import MethodRun
 from stf_pipeline.cube import validate_cube
 from stf_pipeline.exceptions import ConfigError, TaskError
+from stf_pipeline.fusion import fuse
+from stf_pipeline.methods import get_method
 from stf_pipeline.metrics import HIGHER_IS_BETTER, PER_BAND, PER_SCENE, best_indices, evaluate
 from stf_pipeline.task import DateLike, iso_date, resolve_task, to_datetime64, valid_fraction
 
@@ -52,44 +53,27 @@ LABELS: dict[str, str] = {
 BEST_SEPARATOR = ", "
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodRun:
-    """One column of the comparison: a registered method with its parameters.
+def method_runs(methods: Sequence[str | MethodRun] | Mapping[str, Mapping[str, Any] | None]) -> list[MethodRun]:
+    """Normalise ``methods``: names or :class:`~stf_pipeline.config.MethodRun` objects, or
+    ``{label: {"method": name, **params}}`` (``method`` defaults to the label).
 
-    Attributes
-    ----------
-    label : str
-        Column name (the method name unless several runs share a method).
-    method : str
-        Registered method name.
-    params : tuple of (str, value)
-        Method parameters passed to :func:`stf_pipeline.fuse`.
+    Raises
+    ------
+    MethodError
+        For an unknown method.
+    ConfigError
+        For no methods, or two runs under one label.
     """
-
-    label: str
-    method: str
-    params: tuple[tuple[str, Any], ...] = ()
-
-    def __post_init__(self) -> None:
-        from stf_pipeline.methods import get_method
-
-        get_method(self.method)
-        if not self.label:
-            raise ConfigError(f"method run of {self.method!r} has an empty label; give it a name.")
-
-
-def method_runs(methods: Sequence[str] | Mapping[str, Mapping[str, Any] | None]) -> list[MethodRun]:
-    """Normalise ``methods``: names, or ``{label: {"method": name, **params}}`` (``method`` defaults to the label)."""
     if isinstance(methods, str):
         methods = [methods]
+    runs: list[MethodRun] = []
     if isinstance(methods, Mapping):
-        runs = []
         for label, spec in methods.items():
-            spec = dict(spec or {})
-            method = str(spec.pop("method", label))
-            runs.append(MethodRun(str(label), method, tuple(sorted(spec.items()))))
+            params = dict(spec or {})
+            method = str(params.pop("method", label))
+            runs.append(MethodRun(method, params=params, label=str(label)))
     else:
-        runs = [MethodRun(str(m), str(m)) for m in methods]
+        runs = [m if isinstance(m, MethodRun) else MethodRun(str(m)) for m in methods]
     if not runs:
         raise ConfigError("no methods to compare; pass e.g. methods=['delta', 'starfm'].")
     labels = [r.label for r in runs]
@@ -218,8 +202,8 @@ class Comparison:
         for date, by_method in self.pairs.items():
             used = "; ".join(f"{m}: {', '.join(p)}" for m, p in by_method.items())
             notes.append(f"Pairs for {date}: {used}.")
-        for date, by_method in self.skipped.items():
-            for label, reason in by_method.items():
+        for date, reasons in self.skipped.items():
+            for label, reason in reasons.items():
                 notes.append(f"Not run: {label} on {date}: {reason}")
         return "\n".join(lines + notes) + "\n"
 
@@ -229,7 +213,7 @@ class Comparison:
         tidy["value"] = [None if not np.isfinite(v) else float(v) for v in tidy["value"]]
         return {
             "targets": self.targets,
-            "methods": {r.label: {"method": r.method, "params": dict(r.params)} for r in self.runs},
+            "methods": {r.label: {"method": r.method, "params": dict(sorted(r.params.items()))} for r in self.runs},
             "bands": [str(b) for b in self.scores["band"].values],
             "pairs": self.pairs,
             "skipped": self.skipped,
@@ -261,11 +245,13 @@ class Comparison:
         dict of str to matplotlib.figure.Figure
             Keyed by file stem, e.g. ``composite_true_2004-05-02``.
         """
-        from stf_pipeline import plots
+        from stf_pipeline import plots  # the one lazy import: plots imports matplotlib, needed only here
 
         figs: dict[str, Any] = {}
         bands = [str(b) for b in self.scores["band"].values]
-        composites = [k for k, names in plots.COMPOSITES.items() if set(names) <= set(bands)]
+        composites: list[str | tuple[str, ...]] = [
+            k for k, names in plots.COMPOSITES.items() if set(names) <= set(bands)
+        ]
         if not composites:
             composites = [tuple(bands[:3]) if len(bands) >= 3 else (bands[0],)]
 
@@ -324,7 +310,7 @@ class Comparison:
 def compare(
     cube: xr.Dataset,
     *,
-    methods: Sequence[str] | Mapping[str, Mapping[str, Any] | None],
+    methods: Sequence[str | MethodRun] | Mapping[str, Mapping[str, Any] | None],
     targets: Sequence[DateLike] | None = None,
     pairs: Sequence[DateLike] | Mapping[str, Sequence[DateLike]] | None = None,
     models: Mapping[str, Any] | None = None,
@@ -340,8 +326,9 @@ def compare(
     cube : xarray.Dataset
         A cube; scored against ``fine_truth`` when present, else against ``fine`` at the target
         (hidden from the methods).
-    methods : sequence of str or mapping
-        Method names, or ``{label: {"method": name, **params}}`` to set parameters or run one
+    methods : sequence of str or MethodRun, or mapping
+        Method names, :class:`~stf_pipeline.config.MethodRun` objects (what a pipeline's
+        ``methods`` are), or ``{label: {"method": name, **params}}`` to set parameters or run one
         method twice under different labels (``method`` defaults to the label).
     targets : sequence of date-like, optional
         Dates to predict. Default: the cube's ``stf_targets`` attr (catalog cubes), else every
@@ -378,9 +365,6 @@ def compare(
     >>> result = stf.compare(cube, methods=["delta", "starfm"], out="out/compare")  # doctest: +SKIP
     >>> result.table()  # doctest: +SKIP
     """
-    from stf_pipeline.fusion import fuse
-    from stf_pipeline.methods import get_method
-
     validate_cube(cube)
     runs = method_runs(methods)
     models = dict(models or {})
@@ -390,7 +374,7 @@ def compare(
             f"models given for {unknown_models}, which are not among the methods {[r.label for r in runs]}."
         )
     truth_var = "fine_truth" if "fine_truth" in cube.data_vars else "fine"
-    target_dates = _targets(cube, targets, truth_var)
+    target_dates = resolve_targets(cube, targets, truth_var)
     factor = cube.attrs.get("coarse_factor")
     ratio = 1.0 / float(factor) if factor else None
 
@@ -456,7 +440,9 @@ def compare(
         )
 
     coords = {"target": np.array(target_dates, dtype="datetime64[ns]"), "run": [r.label for r in runs], "band": bands}
-    data_vars = {m: (("target", "run", "band"), v) for m, v in per_band.items()}
+    data_vars: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+        m: (("target", "run", "band"), v) for m, v in per_band.items()
+    }
     data_vars.update({m: (("target", "run"), v) for m, v in per_scene.items()})
     data_vars["n_valid"] = (("target", "run"), n_valid)
     scores_ds = xr.Dataset(data_vars, coords=coords)
@@ -475,7 +461,7 @@ def compare(
         truth=xr.concat(truths, dim="target").assign_coords(stack),
         coarse=xr.concat(coarses, dim="target").assign_coords(stack),
         reference=xr.concat(references, dim="target").assign_coords(
-            **stack, reference_date=("target", reference_dates)
+            {**stack, "reference_date": ("target", reference_dates)}
         ),
         runs=runs,
         pairs=used_pairs,
@@ -496,7 +482,28 @@ def _finite(value: Any) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def _targets(cube: xr.Dataset, targets: Sequence[DateLike] | None, truth_var: str) -> list[np.datetime64]:
+def resolve_targets(cube: xr.Dataset, targets: Sequence[DateLike] | None, truth_var: str) -> list[np.datetime64]:
+    """The target dates to compare on, sorted and unique.
+
+    Parameters
+    ----------
+    cube : xarray.Dataset
+        The cube.
+    targets : sequence of date-like, optional
+        Dates to predict; by default the cube's ``stf_targets`` attribute, else every date with a
+        held-out truth.
+    truth_var : str
+        The truth's data variable: ``"fine_truth"``, or ``"fine"`` when the cube has no held-out truth.
+
+    Returns
+    -------
+    list of numpy.datetime64
+
+    Raises
+    ------
+    TaskError
+        When a target is not a date of the cube, or there is no truth to choose default targets from.
+    """
     times = cube["time"].values.astype("datetime64[ns]")
     if targets is None and "stf_targets" in cube.attrs:
         targets = list(np.atleast_1d(cube.attrs["stf_targets"]))
@@ -565,46 +572,4 @@ def _fit_pairs(
     return [pairs[k] for k in keep]
 
 
-#: what ``stf compare --help`` says
-DESCRIPTION = (
-    "Run several fusion methods on the same tasks, score them against the held-out truth, and write a table "
-    "(CSV, Markdown, JSON) and figures (PNG)."
-)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``stf compare`` (used by :func:`main` and by ``stf``'s parser)."""
-    parser.add_argument(
-        "pipeline", help="pipeline YAML file or the name of a shipped pipeline (see pipelines/compare-*.yaml)"
-    )
-    parser.add_argument("-o", "--out", type=Path, default=None, metavar="DIR",
-                        help="output folder (default: the pipeline's output)")
-    parser.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()], default=None,
-                        metavar="A,B", help="compare only these methods")
-    parser.add_argument("--targets", type=lambda t: [d.strip() for d in t.split(",") if d.strip()], default=None,
-                        metavar="DATE,...", help="targets (ISO dates) instead of the pipeline's")
-    parser.add_argument("--root", type=Path, default=None, metavar="DIR", help="data root of a catalog cube")
-    parser.add_argument("--overwrite", action="store_true", help="replace a cube.zarr written from another cube")
-    parser.add_argument("--no-figures", action="store_true", help="write the table only")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run the comparison parsed by :func:`add_arguments` and print the Markdown table; returns 0."""
-    from stf_pipeline.pipeline import run_compare
-
-    result = run_compare(
-        args.pipeline, out=args.out, figures=not args.no_figures, methods=args.methods, targets=args.targets,
-        root=args.root, overwrite=args.overwrite,
-    )
-    print(result.to_markdown())
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m stf_pipeline.comparison PIPELINE [options]``: ``stf compare`` without ``stf``."""
-    from stf_pipeline.cli import main as stf_main
-
-    return stf_main(["compare", *(sys.argv[1:] if argv is None else argv)])
-
-
-__all__ = ["DESCRIPTION", "Comparison", "MethodRun", "add_arguments", "compare", "main", "method_runs", "run_from_args"]
+__all__ = ["Comparison", "MethodRun", "compare", "method_runs", "resolve_targets"]

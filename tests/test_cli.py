@@ -7,7 +7,6 @@ that only follows the contract.
 
 from __future__ import annotations
 
-import importlib.machinery
 import importlib.util
 import os
 import shutil
@@ -149,9 +148,9 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["bench", "no_such_bench"]) == 2
     assert "stf: error: unknown benchmark 'no_such_bench'; available: [" in capsys.readouterr().err
     assert main(["bench"]) == 2
-    from stf_pipeline.cli import _benchmarks
+    from stf_pipeline.cli import benchmark_names
 
-    names = _benchmarks()
+    names = benchmark_names()
     assert {"biastf", "methods", "scale", "startup", "stfdcnn"} <= set(names)
     expected = f"stf: error: name a benchmark: stf bench NAME [ARGS]; available: {', '.join(names)}."
     assert expected in capsys.readouterr().err
@@ -170,9 +169,9 @@ def test_every_help_exits_0(command, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: stf {' '.join(command)}".rstrip())
     if command == ["bench"]:
-        from stf_pipeline.cli import _benchmarks
+        from stf_pipeline.cli import benchmark_names
 
-        assert f"benchmarks: {', '.join(_benchmarks())}" in out
+        assert f"benchmarks: {', '.join(benchmark_names())}" in out
 
 
 def test_version(capsys):
@@ -224,12 +223,12 @@ def test_overwrite_errors_name_the_option(tmp_path, capsys):
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
-    from stf_pipeline import pipeline
+    from stf_pipeline import runner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "run", interrupted)
+    monkeypatch.setattr(runner, "run", interrupted)
     assert main(["run", "demo"]) == 130
     captured = capsys.readouterr()
     assert captured.err == "interrupted: rerun the same command to resume\n" and captured.out == ""
@@ -273,25 +272,52 @@ def test_stf_ingest_writes_a_catalog_cube(tmp_path, capsys):
 
 
 def test_bench_and_compare_dispatch(monkeypatch):
+    from stf_pipeline import cli
+
     calls = []
-    bench = types.ModuleType("stf_pipeline.benchmarks.fake_bench")
-    bench.__spec__ = importlib.machinery.ModuleSpec(bench.__name__, None)
+    bench = types.ModuleType("benchmarks.fake_bench")
     bench.main = lambda argv: calls.append(("bench", argv)) or 3
-    monkeypatch.setitem(sys.modules, bench.__name__, bench)
+    monkeypatch.setattr(cli, "load_benchmark", {"fake_bench": bench}.__getitem__)
     assert main(["bench", "fake_bench", "--size", "64", "-n", "2", "--help"]) == 3
-    from stf_pipeline import pipeline
+    from stf_pipeline import runner
 
     class Table:
         def to_markdown(self):
             return "| table |"
 
-    monkeypatch.setattr(pipeline, "run_compare", lambda path, **kw: calls.append(("compare", path, kw)) or Table())
+    monkeypatch.setattr(runner, "run_compare", lambda path, **kw: calls.append(("compare", path, kw)) or Table())
     assert main(["compare", "pipelines/demo.yaml", "--no-figures", "--methods", "delta,starfm", "-o", "x"]) == 0
     assert calls == [
         ("bench", ["--size", "64", "-n", "2", "--help"]),
         ("compare", "pipelines/demo.yaml", {"out": Path("x"), "figures": False, "methods": ["delta", "starfm"],
                                             "targets": None, "root": None, "overwrite": False}),
     ]
+
+
+def test_bench_loads_the_clones_folder_by_path(tmp_path, monkeypatch, capsys):
+    from stf_pipeline import cli
+
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    (folder / "_common.py").write_text("OFFSET = 7\n")
+    (folder / "mine.py").write_text(
+        "from benchmarks._common import OFFSET\n\ndef main(argv):\n    return OFFSET + len(argv)\n"
+    )
+    for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(cli, "BENCHMARKS", folder)
+    assert cli.benchmark_names() == ["mine"]
+    assert main(["bench", "mine", "a", "b"]) == 9
+    assert sys.modules["benchmarks.mine"].__file__ == str(folder / "mine.py")
+    monkeypatch.setattr(cli, "BENCHMARKS", tmp_path / "absent")  # an installed wheel: no clone beside it
+    assert main(["bench", "mine"]) == 2
+    err = capsys.readouterr().err
+    prefix = "stf: error: benchmarks run from a clone of the repository: no benchmarks folder at"
+    assert err.startswith(f"{prefix} {tmp_path / 'absent'}")
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "benchmarks run from a clone of the repository" in " ".join(capsys.readouterr().out.split())
 
 
 def test_stf_turns_on_the_jax_compilation_cache(monkeypatch, tmp_path):
@@ -305,11 +331,12 @@ def test_stf_turns_on_the_jax_compilation_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
     assert compilation_cache_dir() == str(tmp_path / "mine")
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    from stf_pipeline import cli
+
     seen = []
-    bench = types.ModuleType("stf_pipeline.benchmarks.fake_env")
-    bench.__spec__ = importlib.machinery.ModuleSpec(bench.__name__, None)
+    bench = types.ModuleType("benchmarks.fake_env")
     bench.main = lambda argv: seen.append(os.environ["JAX_COMPILATION_CACHE_DIR"]) or 0
-    monkeypatch.setitem(sys.modules, bench.__name__, bench)
+    monkeypatch.setattr(cli, "load_benchmark", {"fake_env": bench}.__getitem__)
     assert main(["bench", "fake_env"]) == 0 and seen == [str(tmp_path / "stf_pipeline" / "jax")]
     # a fresh process started by stf (a Dask worker) inherits it, and JAX reads it on import
     code = "import jax; print(jax.config.jax_compilation_cache_dir)"

@@ -176,7 +176,7 @@ def test_pipeline_on_a_cluster_sends_no_data_in_graphs(tmp_path, monkeypatch, ca
     import dask
     import yaml
 
-    from stf_pipeline.pipeline import WORKER_CUBE, run
+    from stf_pipeline.runner import WORKER_CUBE, run
 
     catalog = _memory_catalog(tmp_path)
     cube, _ = stf.open_catalog(catalog, root=tmp_path)
@@ -207,9 +207,10 @@ def test_a_model_goes_to_the_cluster_once_not_inside_graphs(tmp_path, recwarn):
 
     import dask
 
-    from stf_pipeline.benchmarks import biastf as bench
+    from stf_pipeline.cli import load_benchmark
 
-    model = bench._random_model(argparse.Namespace(filters=16, steps=1, batch_size=1, patch_size=16), multiband=True)
+    bench = load_benchmark("biastf")  # the clone's benchmarks/biastf.py
+    model = bench.random_model(argparse.Namespace(filters=16, steps=1, batch_size=1, patch_size=16), multiband=True)
     cube = stf.synthetic_scene(height=48, width=48, n_times=5, seed=2)  # six bands, as the random model
     stf.fuse_series(cube, method="biastf", model=model, out=tmp_path / "ref.zarr", chunks=(24, 24), progress=False)
     with dask.config.set({"distributed.admin.large-graph-warning-threshold": len(pickle.dumps(model)) // 2}):

@@ -138,7 +138,7 @@ def test_errors(cube):
 
 
 def test_stf_compare_command(tmp_path, capsys):
-    from stf_pipeline.comparison import main
+    from stf_pipeline.cli import main
 
     pipeline = tmp_path / "compare.yaml"
     pipeline.write_text(
@@ -149,11 +149,11 @@ def test_stf_compare_command(tmp_path, capsys):
         "methods:\n"
         "  - name: delta\n"
     )
-    assert main([str(pipeline), "--no-figures", "-o", str(tmp_path / "out")]) == 0
+    assert main(["compare", str(pipeline), "--no-figures", "-o", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "| RMSE | 2004-05-02 | blue |" in printed
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compare.csv", "compare.json", "compare.md"]
-    assert main([str(tmp_path / "missing.yaml")]) == 2
+    assert main(["compare", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

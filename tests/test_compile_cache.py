@@ -67,7 +67,9 @@ def test_a_folder_the_user_configured_is_kept(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_compile_counts_one_program_set_per_scene_when_padded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stf_pipeline.benchmarks.compile import measure
+    from stf_pipeline.cli import load_benchmark
+
+    measure = load_benchmark("compile").measure
 
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     (record,) = measure(["starfm:jax"], 64, 24, half_window=2, unpadded=True)  # chunks 24, 24, 16: ragged

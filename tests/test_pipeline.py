@@ -14,8 +14,9 @@ import yaml
 
 import stf_pipeline as stf
 from stf_pipeline.catalog import data_root
+from stf_pipeline.config import MethodRun, PipelineConfig, load_pipeline
 from stf_pipeline.exceptions import ConfigError
-from stf_pipeline.pipeline import MethodRun, PipelineConfig, _train_options, load_pipeline, run, run_compare
+from stf_pipeline.runner import run, run_compare, train_options
 from stf_pipeline.series import default_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def test_shipped_pipelines_load():
     demo = load_pipeline(REPO / "pipelines" / "demo.yaml")
     assert demo.cube.kind == "synthetic" and demo.cube.options["height"] == 480
     assert demo.write_cube and demo.evaluate and demo.figures and demo.cluster is None
-    assert [m.name for m in demo.methods][0] == "delta"
+    assert [m.method for m in demo.methods][0] == "delta"
     for path in (REPO / "pipelines").glob("*.yaml"):
         assert isinstance(load_pipeline(path), PipelineConfig)
 
@@ -56,7 +57,7 @@ def test_config_defaults_and_forms(tmp_path):
     )
     assert config.name == "my_run" and config.output == Path("out") / "my_run"
     assert config.cube.options == {"name": "zhu_estarfm"}
-    assert config.methods == (MethodRun(name="delta"),)
+    assert config.methods == (MethodRun("delta"),)
     assert config.targets == ("2001-07-11",) and config.chunks == (128, 64)
     with pytest.raises(AttributeError):
         config.name = "other"  # frozen
@@ -182,13 +183,13 @@ def test_run_catalog_scores_only_dates_with_truth(tmp_path, caplog):
 
 def test_train_options_default_to_catalog_split_or_fine_dates():
     cube = stf.synthetic_scene(**TINY)
-    run_ = MethodRun(name="biastf", train={"config": "tiny"})
+    run_ = MethodRun("biastf", train={"config": "tiny"})
     fine_dates = [str(np.datetime_as_string(t, unit="D")) for t in cube["time"].values[cube["fine_valid"].values > 0]]
-    assert _train_options(run_, cube) == {"config": "tiny", "train_times": fine_dates}
+    assert train_options(run_, cube) == {"config": "tiny", "train_times": fine_dates}
     cube.attrs["stf_train_times"] = ["2004-04-16"]
-    assert _train_options(run_, cube)["train_times"] == ["2004-04-16"]
-    explicit = MethodRun(name="biastf", train={"train_times": ["2004-05-18"]})
-    assert _train_options(explicit, cube)["train_times"] == ["2004-05-18"]
+    assert train_options(run_, cube)["train_times"] == ["2004-04-16"]
+    explicit = MethodRun("biastf", train={"train_times": ["2004-05-18"]})
+    assert train_options(explicit, cube)["train_times"] == ["2004-05-18"]
 
 
 def test_run_compare_writes_the_table(tmp_path):
@@ -232,7 +233,7 @@ def test_variants_extend_a_base_file(tmp_path):
     config = load_pipeline(variant)
     assert config.name == "variant" and not config.evaluate
     assert dict(config.cube.options) == {**TINY, "seed": 9}
-    assert [m.name for m in config.methods] == ["starfm"]
+    assert [m.method for m in config.methods] == ["starfm"]
     switch = tmp_path / "switch.yaml"
     switch.write_text(yaml.safe_dump({"extends": "base.yaml", "cube": {"synthetic": None, "catalog": "cia"}}))
     assert load_pipeline(switch).cube.kind == "catalog"
@@ -324,7 +325,7 @@ def test_pipeline_files_cannot_write_outside_their_folder(tmp_path, edit, messag
 
 
 def test_shipped_pipelines_by_name_from_any_folder(tmp_path):
-    from stf_pipeline.pipeline import PIPELINE_DIR, pipeline_names, pipeline_path
+    from stf_pipeline.config import PIPELINE_DIR, pipeline_names, pipeline_path
 
     assert "demo" in pipeline_names()
     assert pipeline_path("demo") == pipeline_path("demo.yaml") == PIPELINE_DIR / "demo.yaml"

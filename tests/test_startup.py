@@ -60,6 +60,17 @@ def test_is_dask_array_recognises_dask_arrays() -> None:
 
     assert is_dask_array(da.zeros(3)) and not is_dask_array(np.zeros(3)) and not is_dask_array([1.0])
 
+
+def test_the_stf_command_leaves_jax_and_matplotlib_for_later() -> None:
+    # stf's main() sets JAX_COMPILATION_CACHE_DIR, which JAX reads when it is imported, so the command's
+    # own (top-level) imports must not import JAX; Matplotlib is imported only when figures are drawn
+    loaded = _child(
+        "import json, sys; import stf_pipeline.cli as cli; cli.build_parser(); "
+        "print(json.dumps([m for m in ('jax', 'matplotlib') if m in sys.modules]))"
+    )
+    assert loaded == []
+
+
 def test_numba_fusion_on_cpu_never_imports_jax() -> None:
     # a CPU-only JAX (no accelerator plugin) is not imported to learn that the device is a CPU
     result = _child(

@@ -64,7 +64,7 @@ def test_fuse_series_refuses_to_write_over_its_own_input(tmp_path):
 
 
 def test_pipeline_whose_cube_is_its_own_output_is_refused(tmp_path):
-    from stf_pipeline.pipeline import run
+    from stf_pipeline.runner import run
 
     out = tmp_path / "run"
     stf.write_cube(gappy_cube(), out / "fused_delta.zarr")

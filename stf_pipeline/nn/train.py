@@ -269,9 +269,30 @@ MakeBatch = Callable[[dict[str, jax.Array], Any], Batch]
 
 
 @functools.partial(jax.jit, static_argnames=("make_batch",))
-def _sample_step(
+def sample_step(
     state: TrainState, crops: dict[str, jax.Array], aux: Any, *, make_batch: MakeBatch
 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One jitted training step on sampled crops: :func:`train_step` on ``make_batch(crops, aux)``.
+
+    Building the batch inside the jitted step lets XLA fuse the crop-to-batch transform with the
+    forward pass; :func:`fit` calls it once per step.
+
+    Parameters
+    ----------
+    state : TrainState
+        The model and optimiser state.
+    crops : dict of str to jax.Array
+        Crops of the training images, as :meth:`PatchSampler.crops` returns them.
+    aux : Any
+        Whatever ``make_batch`` needs besides the crops (statistics, a frozen network's parameters).
+    make_batch : callable
+        ``(crops, aux) -> Batch``; static under ``jax.jit``, so pass the same object every step.
+
+    Returns
+    -------
+    tuple
+        The new state and the step's metrics.
+    """
     return train_step(state, make_batch(crops, aux))
 
 
@@ -411,7 +432,7 @@ def fit(
     step = start
     try:
         while step < config.steps and reason == "steps":
-            state, metrics = _sample_step(state, sampler.crops(step), aux, make_batch=make_batch)
+            state, metrics = sample_step(state, sampler.crops(step), aux, make_batch=make_batch)
             step += 1
             pending.append((step, metrics))
             if on_step is not None:

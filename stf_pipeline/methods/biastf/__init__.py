@@ -60,21 +60,21 @@ from stf_pipeline.methods.biastf.kernel import (
     _WARNED,
     BEYOND_WARNING,
     CHANGE_FADE,
-    _predictor,
     biastf_kernel,
     fuse_directions,
     predict_block,
+    predictor,
     trust_in_change,
 )
 from stf_pipeline.methods.biastf.networks import (
     CHANGE_PERCENTILE,
     CONVERSION_RIDGE,
     Statistics,
-    _networks,
     b_batch,
     change_limit,
     fit_statistics,
     g_batch,
+    make_networks,
 )
 from stf_pipeline.methods.biastf.params import DTYPES, FUSION_WEIGHTS, BiaSTFParams, _halo, _prepare
 
@@ -93,7 +93,7 @@ METHOD = MethodSpec(
 __all__ = [
     "B_INPUTS", "BEYOND_WARNING", "CHANGE_FADE", "CHANGE_PERCENTILE", "CONVERSION_RIDGE", "DTYPES", "FUSION_WEIGHTS",
     "G_BASES", "G_INPUTS", "METHOD", "NET_RADIUS", "PRESETS", "TABLE1_KERNELS", "TRAINING", "TRAIN_DTYPES",
-    "_WARNED", "BiaSTFConfig", "BiaSTFParams", "Statistics", "_networks", "_predictor", "b_batch", "biastf_kernel",
-    "change_limit", "cpu_training", "fit", "fit_statistics", "fuse_directions", "g_batch", "predict_block",
+    "_WARNED", "BiaSTFConfig", "BiaSTFParams", "Statistics", "b_batch", "biastf_kernel", "change_limit", "cpu_training",
+    "fit", "fit_statistics", "fuse_directions", "g_batch", "make_networks", "predict_block", "predictor",
     "trust_in_change",
 ]

@@ -16,7 +16,7 @@ import xarray as xr
 
 from stf_pipeline.exceptions import TaskError
 from stf_pipeline.methods.biastf.config import BiaSTFConfig
-from stf_pipeline.methods.biastf.networks import Statistics, _networks, b_batch, fit_statistics, g_batch
+from stf_pipeline.methods.biastf.networks import Statistics, b_batch, fit_statistics, g_batch, make_networks
 
 log = logging.getLogger("stf_pipeline.methods.biastf")
 
@@ -45,7 +45,7 @@ def _fit_stages(
     from stf_pipeline.nn import fit as fit_stage
 
     n_bands = int(cube.sizes["band"])
-    g_model, b_model = _networks(cfg, n_bands, cfg.train_dtype)
+    g_model, b_model = make_networks(cfg, n_bands, cfg.train_dtype)
     n = len(times)
     val_items = [item for v in range(len(held)) for j in range(n) for item in ((n + v, j), (j, n + v))]
     side = min(int(cube.sizes["y"]), int(cube.sizes["x"]))
@@ -113,13 +113,13 @@ def validated_shrink(
     import json
 
     from stf_pipeline.methods._base import MethodContext
-    from stf_pipeline.methods.biastf.kernel import _predictor
+    from stf_pipeline.methods.biastf.kernel import predictor
     from stf_pipeline.methods.biastf.params import BiaSTFParams, _prepare
 
     n_bands = int(cube.sizes["band"])
     factor = cube.attrs.get("coarse_factor")
     prepared = _prepare(BiaSTFParams(dtype="float32"), MethodContext(factor, 1.0, n_bands))
-    predict = _predictor(
+    predict = predictor(
         json.dumps(cfg.to_dict(), sort_keys=True), n_bands, "float32", int(prepared.window or 1),
         float(prepared.eps), prepared.weights,
     )

@@ -24,9 +24,9 @@ from stf_pipeline.methods.biastf.networks import (
     _channels_last,
     _converted,
     _mixes_bands,
-    _networks,
     _pair_images,
     _valid_within,
+    make_networks,
 )
 from stf_pipeline.methods.biastf.params import FUSION_WEIGHTS, BiaSTFParams, default_window
 
@@ -133,14 +133,14 @@ def _forward(
 
 
 @functools.lru_cache(maxsize=8)
-def _predictor(
+def predictor(
     config_json: str, n_bands: int, dtype: str, window: int, eps: float, weights: str, members: int = 1
 ) -> Any:
     """Jitted ``(params, stats, fine, coarse, coarse_target, inside=None) -> (fused, transitional, beyond)``."""
     import jax
 
     config = BiaSTFConfig.resolve(json.loads(config_json))
-    g_model, b_model = _networks(config, n_bands, dtype)
+    g_model, b_model = make_networks(config, n_bands, dtype)
     precision = "highest" if dtype == "float32" else "default"
 
     @jax.jit
@@ -188,7 +188,7 @@ def predict_block(
     window = default_window(model.coarse_factor) if params.window is None else params.window
     if fine.shape[1] != len(model.bands):
         raise MethodError(f"biastf: the model has {len(model.bands)} bands, the block has {fine.shape[1]}.")
-    predict = _predictor(
+    predict = predictor(
         json.dumps(model.config, sort_keys=True),
         len(model.bands),
         params.dtype,

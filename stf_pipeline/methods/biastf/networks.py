@@ -191,7 +191,24 @@ def _pair_images(fine_j: Any, coarse_i: Any, coarse_j: Any, mix_bands: bool) -> 
     return images, valid
 
 
-def _networks(config: BiaSTFConfig, n_bands: int, dtype: str) -> tuple[Any, Any]:
+def make_networks(config: BiaSTFConfig, n_bands: int, dtype: str) -> tuple[Any, Any]:
+    """The untrained networks ``(G, B)`` of ``config`` (Table 1's layers) for ``n_bands`` bands.
+
+    Parameters
+    ----------
+    config : BiaSTFConfig
+        Sets the filters and whether one network serves all bands (``multiband``).
+    n_bands : int
+        Bands of the cube.
+    dtype : str
+        ``"float32"`` or ``"bfloat16"``: the networks' computation type.
+
+    Returns
+    -------
+    tuple
+        Two :class:`stf_pipeline.nn.modules.BandNet` whose last layer starts at zero, so an
+        untrained ``G`` adds nothing to its base and an untrained ``B`` no bias.
+    """
     import jax.numpy as jnp
 
     from stf_pipeline.nn.modules import BandNet

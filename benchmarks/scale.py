@@ -37,14 +37,13 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from stf_pipeline.benchmarks._common import describe_machine
+from benchmarks._common import child_command, describe_machine
 
 SIZES = (1000, 2000, 4000, 8000)
 LARGE = 16000
@@ -81,8 +80,8 @@ def tiled_cube(
     src = src.isel(band=slice(0, n_bands))
     images = (src["fine"].data, src["coarse"].data)
     if computed:
-        computed = dask.compute(*images, scheduler="sync")
-        images = tuple(da.from_array(a, chunks=(1, n_bands, tile, tile)) for a in computed)
+        values = dask.compute(*images, scheduler="sync")
+        images = tuple(da.from_array(a, chunks=(1, n_bands, tile, tile)) for a in values)
     reps = (1, 1, height // tile, width // tile)
     fine, coarse = (da.tile(a, reps) for a in images)
     step = float(src.x.values[1] - src.x.values[0])
@@ -251,10 +250,8 @@ def _run_child(argv: list[str]) -> tuple[dict[str, Any], float]:
     """Run this module with ``argv`` in a fresh process; return its JSON result and peak RSS (bytes)."""
     import psutil
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stf_pipeline.benchmarks.scale", *argv],
-        stdout=subprocess.PIPE, text=True,
-    )
+    command, env = child_command("scale", *argv)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     peak = 0
     stop = threading.Event()
 

@@ -6,10 +6,14 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+#: the clone's root: the folder that holds ``benchmarks/`` and ``stf_pipeline/``
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_model() -> str:
@@ -67,3 +71,15 @@ def best_wall_time(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def child_command(name: str, *args: str, env: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """Command and environment that run benchmark ``name`` with ``args`` in a fresh Python process.
+
+    The child runs ``python -m benchmarks.NAME`` with the clone's root first on ``PYTHONPATH``, so it
+    finds this folder (which is not installed with the package) and the clone's ``stf_pipeline``.
+    ``env`` (default: this process's environment) is the rest of its environment.
+    """
+    child = dict(os.environ if env is None else env)
+    child["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child.get("PYTHONPATH", "")) if p)
+    return [sys.executable, "-m", f"benchmarks.{name}", *args], child

@@ -92,15 +92,15 @@ def measure(catalog: str, method: str, repeat: int) -> list[dict[str, Any]]:
             for cache in ("warm", "cold"):
                 run_env = env if cache == "warm" else {**env, "NUMBA_CACHE_DIR": str(Path(tmp) / f"numba-{k}")}
                 wall, cpu, phases = _run([catalog, method, out], run_env)
-                previous = (0.0, 0.0)
+                previous: tuple[float, ...] = (0.0, 0.0)
                 for phase in ("import", "open", "fuse"):
                     if phase != "fuse" and cache == "cold":
-                        previous = tuple(phases[phase])  # type: ignore[assignment]
+                        previous = tuple(phases[phase])
                         continue
                     label = f"fuse, {cache} cache" if phase == "fuse" else phase
                     now = tuple(phases[phase])
                     rows.setdefault(label, []).append((now[0] - previous[0], now[1] - previous[1]))
-                    previous = now  # type: ignore[assignment]
+                    previous = now
                 rows.setdefault(f"whole process, {cache} cache", []).append((wall, cpu))
     return [
         {
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="bench_startup.json", help="output JSON path")
     args = parser.parse_args(argv)
 
-    from stf_pipeline.benchmarks._common import describe_machine
+    from benchmarks._common import describe_machine
 
     info = {**describe_machine(with_jax=False), "versions": versions()}
     print(f"machine: {info}", flush=True)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stf_pipeline.benchmarks._common import describe_machine
+from benchmarks._common import describe_machine
 
 CLASSICAL: tuple[str, ...] = ("delta", "starfm", "estarfm", "fsdaf")
 LEARNED: tuple[str, ...] = ("stfdcnn", "biastf")
@@ -153,13 +153,13 @@ def run_scene(
     import numpy as np
 
     import stf_pipeline as stf
-    from stf_pipeline.comparison import _targets
+    from stf_pipeline.comparison import resolve_targets
     from stf_pipeline.exceptions import STFError
     from stf_pipeline.training import default_train_times
 
     spec = SCENES[name]
     cube = _cube(spec, size)
-    targets = _targets(cube, cube.attrs.get("stf_targets") or None, "fine_truth")
+    targets = resolve_targets(cube, cube.attrs.get("stf_targets") or None, "fine_truth")
     data_range = _data_range(cube, targets)
     train_times = default_train_times(cube)
     record: dict[str, Any] = {

@@ -27,9 +27,10 @@ import json
 import os
 import resource
 import subprocess
-import sys
 import time
 from typing import Any
+
+from benchmarks._common import child_command, describe_machine
 
 DEFAULT_SETS = ("zhu_estarfm", "zhu_fsdaf_lgc", "imagefusion_kranj")
 
@@ -116,10 +117,9 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
-    env = dict(os.environ)
+    command, env = child_command("methods", "--child", json.dumps(job))
     if not job["gpu"]:
         env["JAX_PLATFORMS"] = "cpu"
-    command = [sys.executable, "-m", "stf_pipeline.benchmarks.methods", "--child", json.dumps(job)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
@@ -187,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(json.loads(args.child))), flush=True)
         return 0
 
-    from stf_pipeline.benchmarks._common import describe_machine
     from stf_pipeline.methods import available_methods
 
     methods = args.methods or available_methods()

@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     # GPU process takes by default, so that the fresh processes (in the caller's environment) get the memory
     environ = dict(os.environ)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    from stf_pipeline.benchmarks._common import describe_machine
-    from stf_pipeline.benchmarks.startup import versions
+    from benchmarks._common import describe_machine
+    from benchmarks.startup import versions
 
     info = {**describe_machine(), "versions": versions()}
     print(f"machine: {info}", flush=True)

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stf_pipeline.benchmarks._common import best_wall_time, describe_machine
+from benchmarks._common import best_wall_time, describe_machine
 
 BANDS = ("blue", "green", "red", "nir", "swir1", "swir2")
 
@@ -47,7 +47,7 @@ def scene(size: int, *, n_times: int = 3, seed: int = 0) -> Any:
     fine = fine + rng.normal(0, 0.01, fine.shape).astype(np.float32)
     centres = (np.arange(size) + 0.5) * 25.0
     times = np.datetime64("2020-01-01") + np.arange(n_times) * np.timedelta64(16, "D")
-    return make_cube(fine, coarse, time=times, band=BANDS, y=centres[::-1].copy(), x=centres, coarse_factor=20)
+    return make_cube(fine, coarse, time=list(times), band=BANDS, y=centres[::-1].copy(), x=centres, coarse_factor=20)
 
 
 def _config(args: argparse.Namespace, *, multiband: bool, dtype: str) -> Any:
@@ -74,7 +74,7 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from stf_pipeline.methods import biastf
     from stf_pipeline.nn import PatchSampler, create_train_state, ordered_pairs
-    from stf_pipeline.nn.train import _sample_step
+    from stf_pipeline.nn.train import sample_step
 
     cube = scene(args.train_size, n_times=4, seed=1)
     rows = []
@@ -82,7 +82,7 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
         for dtype in ("float32", "bfloat16"):
             cfg = _config(args, multiband=multiband, dtype=dtype)
             tc = cfg.stage1
-            g_model, b_model = biastf._networks(cfg, len(BANDS), dtype)
+            g_model, b_model = biastf.make_networks(cfg, len(BANDS), dtype)
             sampler = PatchSampler(
                 cube, cube.time.values, items=ordered_pairs(4), patch_size=tc.patch_size, batch_size=tc.batch_size
             )
@@ -102,11 +102,11 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
             for stage, state, make_batch, aux in stages:
                 for step in range(2):  # compile
-                    state, metrics = _sample_step(state, sampler.crops(step), aux, make_batch=make_batch)
+                    state, metrics = sample_step(state, sampler.crops(step), aux, make_batch=make_batch)
                 jax.block_until_ready(state.params)
                 start = time.perf_counter()
                 for step in range(args.steps):
-                    state, metrics = _sample_step(state, sampler.crops(step), aux, make_batch=make_batch)
+                    state, metrics = sample_step(state, sampler.crops(step), aux, make_batch=make_batch)
                 jax.block_until_ready((state.params, metrics))
                 seconds = time.perf_counter() - start
                 rows.append(
@@ -124,7 +124,8 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _random_model(args: argparse.Namespace, multiband: bool) -> Any:
+def random_model(args: argparse.Namespace, multiband: bool) -> Any:
+    """A BiaSTF model of six bands with random (not zero) weights, sized by ``args.filters``; tests use it too."""
     import jax
     import jax.numpy as jnp
 
@@ -133,7 +134,7 @@ def _random_model(args: argparse.Namespace, multiband: bool) -> Any:
 
     cfg = _config(args, multiband=multiband, dtype="float32")
     # non-zero last layers (trained networks are not zero), so the dtypes' outputs differ as they would
-    g_model, b_model = (net.clone(zero_last=False) for net in biastf._networks(cfg, len(BANDS), "float32"))
+    g_model, b_model = (net.clone(zero_last=False) for net in biastf.make_networks(cfg, len(BANDS), "float32"))
     params = {}
     for i, (name, model, inputs) in enumerate((("G", g_model, cfg.g_inputs), ("B", b_model, cfg.b_inputs))):
         sample = jnp.zeros((1, 16, 16, len(BANDS), len(inputs)))
@@ -152,11 +153,11 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
     on_device = [jax.device_put(a) for a in (fine, coarse, target)]
     rows = []
     for multiband in args.layouts:
-        model = _random_model(args, multiband)
+        model = random_model(args, multiband)
         reference = None
         for dtype in biastf.DTYPES:
             params = biastf.BiaSTFParams(window=21, dtype=dtype)
-            predict = biastf._predictor(
+            predict = biastf.predictor(
                 json.dumps(model.config, sort_keys=True), len(BANDS), dtype, 21, params.eps, params.weights
             )
             device_params = jax.device_put(model.params)
@@ -197,7 +198,7 @@ def _zarr(args: argparse.Namespace) -> dict[str, Any]:
     import stf_pipeline as stf
     from stf_pipeline.methods import biastf
 
-    model = _random_model(args, args.zarr_multiband)
+    model = random_model(args, args.zarr_multiband)
     cube = scene(args.size, seed=3)
     with tempfile.TemporaryDirectory() as tmp:
         src = stf.write_cube(cube, Path(tmp) / "in.zarr", chunks={"y": args.chunk, "x": args.chunk})
@@ -222,12 +223,12 @@ def _zarr(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """``stf bench biastf [ARGS]``; ``stf bench biastf study [ARGS]`` runs the accuracy study
-    (:mod:`stf_pipeline.benchmarks._biastf_study`)."""
+    (:mod:`benchmarks._biastf_study`)."""
     import sys
 
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in[:1] == ["study"]:
-        from stf_pipeline.benchmarks import _biastf_study
+        from benchmarks import _biastf_study
 
         return _biastf_study.main(args_in[1:])
     """Run the benchmark; see the module docstring. Returns 0."""

@@ -14,11 +14,12 @@ device-resident inputs ("compute"), and end to end through ``stf.fuse`` on a Num
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
-from stf_pipeline.benchmarks._common import best_wall_time, describe_machine
+from benchmarks._common import best_wall_time, describe_machine
 
 
 def scene(size: int, *, seed: int = 0) -> Any:
@@ -32,7 +33,7 @@ def scene(size: int, *, seed: int = 0) -> Any:
     fine, coarse = (rng.uniform(0.02, 0.5, (3, len(BANDS6), size, size)).astype(np.float32) for _ in range(2))
     centres = (np.arange(size) + 0.5) * 30.0
     times = np.datetime64("2020-01-01") + np.arange(3) * np.timedelta64(16, "D")
-    return make_cube(fine, coarse, time=times, band=BANDS6, y=centres[::-1].copy(), x=centres, coarse_factor=16)
+    return make_cube(fine, coarse, time=list(times), band=BANDS6, y=centres[::-1].copy(), x=centres, coarse_factor=16)
 
 
 def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -80,7 +81,7 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
             jax.block_until_ready(result.params)
 
         run(2)  # compile
-        seconds = best_wall_time(lambda run=run: run(args.steps), 1)
+        seconds = best_wall_time(functools.partial(run, args.steps), 1)
         rows.append({
             "stage": name, "patch": args.patch_size, "batch": args.batch_size, "steps": args.steps,
             "seconds": seconds, "patches_per_s": args.steps * args.batch_size / seconds,

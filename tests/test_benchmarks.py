@@ -1,0 +1,96 @@
+"""The clone's benchmarks (``benchmarks/``): each uses only public names of ``stf_pipeline``, and
+``stf bench`` finds, lists and imports every one."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+from stf_pipeline.cli import BENCHMARKS, benchmark_names, load_benchmark, main
+
+MODULES = sorted(BENCHMARKS.glob("*.py"))
+
+
+def stf_names(source: str) -> list[str]:
+    """Every dotted name of ``stf_pipeline`` that ``source`` imports or reaches by attribute from an
+    imported name (``biastf.make_networks`` after ``from stf_pipeline.methods import biastf``)."""
+    tree = ast.parse(source)
+    bound: dict[str, str] = {}
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "stf_pipeline":
+                    names.append(alias.name)
+                    local = alias.asname or alias.name.split(".")[0]
+                    bound[local] = alias.name if alias.asname else "stf_pipeline"
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("stf_pipeline"):
+            for alias in node.names:
+                names.append(f"{node.module}.{alias.name}")
+                bound[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            chain: list[str] = []
+            base: ast.expr = node
+            while isinstance(base, ast.Attribute):
+                chain.append(base.attr)
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in bound:
+                names.append(".".join([bound[base.id], *reversed(chain)]))
+    return names
+
+
+def is_public(dotted: str) -> bool:
+    """No part starts with an underscore, dunders (``__version__``) aside."""
+    return not any(p.startswith("_") and not (p.startswith("__") and p.endswith("__")) for p in dotted.split("."))
+
+
+def resolve(dotted: str) -> object:
+    """The object named ``dotted``: the longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj: object = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for part in parts[cut:]:
+            obj = getattr(obj, part)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def test_the_checker_finds_private_names():
+    source = (
+        "import stf_pipeline as stf\nimport stf_pipeline.cluster\nfrom stf_pipeline import _export\n"
+        "from stf_pipeline.methods import biastf\nfrom stf_pipeline.nn.train import _sample_step as step\n"
+        "stf._private(1).shape\nbiastf._networks(cfg)\nstf_pipeline.cluster.machine_cores()\nstep.x\n"
+        "stf.__version__\n"
+    )
+    assert sorted(n for n in stf_names(source) if not is_public(n)) == [
+        "stf_pipeline._export", "stf_pipeline._private", "stf_pipeline.methods.biastf._networks",
+        "stf_pipeline.nn.train._sample_step", "stf_pipeline.nn.train._sample_step.x",
+    ]
+    assert {"stf_pipeline.cluster.machine_cores", "stf_pipeline.__version__"} <= set(stf_names(source))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=[p.stem for p in MODULES])
+def test_benchmarks_use_public_names_only(path: Path):
+    names = stf_names(path.read_text())
+    assert [n for n in names if not is_public(n)] == []
+    for name in names:
+        resolve(name)  # and every one exists
+
+
+def test_stf_bench_lists_and_imports_every_benchmark(capsys):
+    names = benchmark_names()
+    assert names == sorted(p.stem for p in MODULES if not p.stem.startswith("_"))
+    assert {"biastf", "methods", "scale", "startup", "stfdcnn"} <= set(names)
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert f"benchmarks: {', '.join(names)}" in capsys.readouterr().out
+    for name in names:
+        module = load_benchmark(name)
+        assert Path(module.__file__) == BENCHMARKS / f"{name}.py" and callable(module.main)
