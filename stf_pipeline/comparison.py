@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -127,7 +127,8 @@ class Comparison:
         """Long table: one row per (target, method, metric, band) with its value and ``best`` flag."""
         table = self.table()
         rows = []
-        for (metric, date, band), row in table.iterrows():
+        for key, row in table.iterrows():
+            metric, date, band = cast(tuple[str, str, str], key)  # the table's (metric, date, band) index
             for run in self.runs:
                 rows.append(
                     {
@@ -176,7 +177,8 @@ class Comparison:
             f"| Metric | Date | Band | {' | '.join(labels)} |",
             "|---|---|---|" + "---:|" * len(labels),
         ]
-        for (metric, date, band), row in table.iterrows():
+        for key, row in table.iterrows():
+            metric, date, band = cast(tuple[str, str, str], key)  # the table's (metric, date, band) index
             cells = []
             for label in labels:
                 value = row[label]
