@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -83,3 +84,12 @@ def child_command(name: str, *args: str, env: Mapping[str, str] | None = None) -
     child = dict(os.environ if env is None else env)
     child["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child.get("PYTHONPATH", "")) if p)
     return [sys.executable, "-m", f"benchmarks.{name}", *args], child
+
+
+def write_result(path: str | os.PathLike[str], info: Mapping[str, Any], args: Any, records: list[Any]) -> None:
+    """Write a benchmark's JSON: the machine (with the load average at the end of the run, since
+    the timings of a shared machine depend on it), the arguments and the records; says where."""
+    result = {"machine": {**info, "loadavg_end": list(os.getloadavg())}, "args": vars(args), "results": records}
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    print(f"wrote {path}")

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     # GPU process takes by default, so that the fresh processes (in the caller's environment) get the memory
     environ = dict(os.environ)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    from benchmarks._common import describe_machine
+    from benchmarks._common import describe_machine, write_result
     from benchmarks.startup import versions
 
     info = {**describe_machine(), "versions": versions()}
@@ -209,10 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         environ=environ,
     )
     print(_table(records))
-    result = {"machine": {**info, "loadavg_end": list(os.getloadavg())}, "args": vars(args), "results": records}
-    with open(args.json, "w") as fh:
-        json.dump(result, fh, indent=1, default=str)
-    print(f"wrote {args.json}")
+    write_result(args.json, info, args, records)
     return 0
 
 

@@ -30,7 +30,7 @@ import subprocess
 import time
 from typing import Any
 
-from benchmarks._common import child_command, describe_machine
+from benchmarks._common import child_command, describe_machine, write_result
 
 DEFAULT_SETS = ("zhu_estarfm", "zhu_fsdaf_lgc", "imagefusion_kranj")
 
@@ -207,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(record)
                 print(_table([record]).splitlines()[-1], flush=True)
     print(_table(records))
-    result = {"machine": {**info, "loadavg_end": list(os.getloadavg())}, "args": vars(args), "results": records}
-    with open(args.json, "w") as fh:
-        json.dump(result, fh, indent=1, default=str)
-    print(f"wrote {args.json}")
+    write_result(args.json, info, args, records)
     return 0
 
 

@@ -129,16 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="bench_startup.json", help="output JSON path")
     args = parser.parse_args(argv)
 
-    from benchmarks._common import describe_machine
+    from benchmarks._common import describe_machine, write_result
 
     info = {**describe_machine(with_jax=False), "versions": versions()}
     print(f"machine: {info}", flush=True)
     records = measure(args.set, args.method, max(1, args.repeat))
     print(_table(records))
-    result = {"machine": {**info, "loadavg_end": list(os.getloadavg())}, "args": vars(args), "results": records}
-    with open(args.json, "w") as fh:
-        json.dump(result, fh, indent=1, default=str)
-    print(f"wrote {args.json}")
+    write_result(args.json, info, args, records)
     return 0
 
 

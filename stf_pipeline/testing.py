@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -83,6 +85,28 @@ def random_cube(
         crs="EPSG:32633",
         coarse_factor=coarse_factor,
     )
+
+
+def series_cube(
+    *, n_times: int = 4, height: int = 32, width: int = 40, missing: Sequence[int] = (1, 2), seed: int = 0,
+    offset: float = 0.0,
+) -> xr.Dataset:
+    """:func:`random_cube` with the fine images of dates ``missing`` all NaN: a series whose
+    coarse-only dates are the targets (``fuse_series``, stores). ``offset`` is added to the fine
+    images (the same grid with other values, e.g. a changed input on resume)."""
+    cube = random_cube(n_times=n_times, height=height, width=width, seed=seed)
+    fine = cube["fine"].values.copy() + np.float32(offset)
+    fine[list(missing)] = np.nan
+    return make_cube(
+        fine, cube["coarse"].values, time=cube.time.values, band=cube.band.values, y=cube.y.values,
+        x=cube.x.values, crs="EPSG:32633", coarse_factor=cube.attrs["coarse_factor"],
+    )
+
+
+def tree_bytes(path: str | os.PathLike[str]) -> dict[str, bytes]:
+    """``{relative path: content}`` of every file under ``path``: asserts that a store is unchanged."""
+    root = Path(path)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def assert_chunked_equals_unchunked(

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 
 import stf_pipeline as stf
-from stf_pipeline.testing import random_cube
+from stf_pipeline.testing import series_cube, tree_bytes
 
 CHUNKS = (16, 16)
 TESTS = str(Path(__file__).parent)
@@ -41,17 +41,7 @@ TESTS = str(Path(__file__).parent)
 
 def fault_cube(shift: float = 0.0):
     """4 dates on a 32 x 40 grid, fine missing on dates 1 and 2 (the targets)."""
-    cube = random_cube(n_times=4, height=32, width=40, seed=3)
-    fine = cube["fine"].values.copy() + np.float32(shift)
-    fine[[1, 2]] = np.nan
-    return stf.make_cube(
-        fine, cube["coarse"].values, time=cube.time.values, band=cube.band.values, y=cube.y.values,
-        x=cube.x.values, crs="EPSG:32633", coarse_factor=cube.attrs["coarse_factor"],
-    )
-
-
-def files(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return series_cube(seed=3, offset=shift)
 
 
 _CHILD = textwrap.dedent(
@@ -132,7 +122,7 @@ def references(tmp_path_factory):
     window3 = stf.fuse_series(fault_cube(), method="delta", out=root / "w3.zarr", chunks=CHUNKS, progress=False,
                               window=3)
     return {
-        "series": files(series_ref),
+        "series": tree_bytes(series_ref),
         "series_fine": stf.open_cube(series_ref)["fine"].values,
         "window3_fine": window3["fine"].values,
         "old": fault_cube(),
@@ -159,7 +149,7 @@ def _check_series_kill(tmp_path: Path, references, point: str, nth: int, *, over
         wholes = [references["series_fine"], *([references["window3_fine"]] if over_old else [])]
         assert any(np.array_equal(values, w, equal_nan=True) for w in wholes), "the store mixes two requests"
     stf.fuse_series(fault_cube(), method="delta", out=out, chunks=CHUNKS, progress=False, overwrite=True)
-    assert files(out) == references["series"]
+    assert tree_bytes(out) == references["series"]
     _no_litter(out)
     return killed
 

@@ -218,12 +218,8 @@ def test_fit_is_deterministic_validates_and_resumes_after_a_kill(cube, tmp_path)
     class Killed(Exception):
         pass
 
-    def kill(step, state):
-        if step == 6:
-            raise Killed
-
     with pytest.raises(Killed):
-        _run(cube, tmp_path / "ckpt", on_step=kill)
+        _run(cube, tmp_path / "ckpt", on_step=_raise_at(6, Killed))
     assert CheckpointStore(tmp_path / "ckpt", fingerprint={"method": "test"}).latest_step() == 4
     resumed = _run(cube, tmp_path / "ckpt")
     assert int(resumed.state.step) == 12
@@ -339,15 +335,20 @@ def test_augmentation_keeps_every_image_of_an_item_aligned(cube):
     )
 
 
+def _raise_at(step, error):
+    """An ``on_step`` callback of :func:`_run` that raises ``error`` at training step ``step``."""
+
+    def on_step(current, state):
+        if current == step:
+            raise error
+
+    return on_step
+
+
 def test_ctrl_c_writes_a_checkpoint_and_a_rerun_resumes(cube, tmp_path):
     full = _run(cube)
-
-    def interrupt(step, state):
-        if step == 6:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        _run(cube, tmp_path / "ckpt", on_step=interrupt)
+        _run(cube, tmp_path / "ckpt", on_step=_raise_at(6, KeyboardInterrupt))
     # not the last periodic one (4)
     assert CheckpointStore(tmp_path / "ckpt", fingerprint={"method": "test"}).latest_step() == 6
     resumed = _run(cube, tmp_path / "ckpt")

@@ -17,7 +17,7 @@ import pytest
 
 import stf_pipeline as stf
 from stf_pipeline import series, store
-from stf_pipeline.testing import random_cube
+from stf_pipeline.testing import random_cube, tree_bytes
 
 CHUNKS = (16, 16)
 
@@ -35,11 +35,6 @@ def gappy_cube(**kwargs):
     )
 
 
-def store_files(path: Path) -> dict[str, bytes]:
-    """Every file of a store, by relative path: two equal stores have equal dicts."""
-    return {
-        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
-    }
 
 
 @pytest.mark.parametrize("backend", ["numpy", "dask"])
@@ -144,13 +139,13 @@ def test_existing_stores_rerun_refuse_or_overwrite(tmp_path, monkeypatch):
     cube = gappy_cube()
     path = tmp_path / "f.zarr"
     stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
-    before = store_files(path)
+    before = tree_bytes(path)
     # same request on a complete store (overwrite or not): nothing fused again, store unchanged
     with monkeypatch.context() as m:
         _forbid_fusing(m)
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, overwrite=True)
-    assert store_files(path) == before
+    assert tree_bytes(path) == before
     # other input data on the same grid and dates is another request, wherever the change is
     fine = cube["fine"].values.copy()
     fine[4, 1, 39, 47] += 0.01  # one pixel of the last observed date, far from the top-left corner
@@ -167,7 +162,7 @@ def test_existing_stores_rerun_refuse_or_overwrite(tmp_path, monkeypatch):
     assert again.encoding["stf_action"] == "reused"
     with pytest.raises(stf.StoreError, match="the method or parameters changed"):
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, window=3)
-    assert store_files(path) == before
+    assert tree_bytes(path) == before
     out = stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, window=3, overwrite=True)
     assert '"window": 3' in out.attrs["stf_params"]
     # a cube store written by write_cube is ours: refused without overwrite, replaced with it
@@ -191,6 +186,22 @@ class _Crash(Exception):
     pass
 
 
+def crash_after(monkeypatch, n: int) -> list:
+    """Make the region write after ``n`` successful ones raise ``_Crash``; returns the list that
+    records the written regions' ``(variable, date, y block, x block)``."""
+    original = series._write_region
+    calls: list = []
+
+    def crashing(*args, **kwargs):
+        if len(calls) == n:
+            raise _Crash
+        calls.append(args[2:6])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(series, "_write_region", crashing)
+    return calls
+
+
 def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     cube = gappy_cube()
     reference = tmp_path / "ref.zarr"
@@ -198,16 +209,8 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     n_regions = 5 * 3 * 3  # dates x y blocks x x blocks of 'fine'
 
     original = series._write_region
-    calls = []
-
-    def crashing(*args, **kwargs):
-        if len(calls) == 17:
-            raise _Crash
-        calls.append(args[2:6])
-        return original(*args, **kwargs)
-
+    calls = crash_after(monkeypatch, 17)
     path = tmp_path / "f.zarr"
-    monkeypatch.setattr(series, "_write_region", crashing)
     with dask.config.set(scheduler="synchronous"), pytest.raises(_Crash):
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
     assert not series._zarr_group(path).attrs["stf_series_complete"]
@@ -220,12 +223,12 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     monkeypatch.setattr(series, "_write_region", lambda *a: (calls.append(a[2:6]), original(*a)))
     stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
     assert len(calls) == n_regions - 17  # written regions are not recomputed
-    assert store_files(path) == store_files(reference)
+    assert tree_bytes(path) == tree_bytes(reference)
 
     # killed while finalizing (marked complete, record not yet removed): the next call finishes it
     (path / series.PROGRESS_DIR).mkdir()
     stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
-    assert store_files(path) == store_files(reference)
+    assert tree_bytes(path) == tree_bytes(reference)
 
 
 _KILLED_RUN = textwrap.dedent(
@@ -272,7 +275,7 @@ def test_killed_subprocess_resumes_to_the_same_store(tmp_path):
     assert 6 <= done < 90
     assert not series._zarr_group(path).attrs["stf_series_complete"]
     stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
-    assert store_files(path) == store_files(reference)
+    assert tree_bytes(path) == tree_bytes(reference)
 
 
 @pytest.mark.slow
@@ -340,7 +343,7 @@ def test_tiles_computed_one_after_the_other_give_the_same_store(tmp_path, monkey
     monkeypatch.setattr(series, "_compute", lambda b, **kw: (batches.append(len(b)), original(b, **kw)))
     stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False, window=5)
     assert batches == [5 * 9]
-    assert store_files(tmp_path / "f.zarr") == store_files(reference)
+    assert tree_bytes(tmp_path / "f.zarr") == tree_bytes(reference)
 
 
 @pytest.mark.parametrize(
@@ -395,22 +398,14 @@ def test_backend_is_part_of_the_request(tmp_path, monkeypatch):
     other = "numba" if auto == "numpy" else "numpy"
     path = tmp_path / "f.zarr"
     original = series._write_region
-    calls = []
-
-    def crashing(*args, **kwargs):
-        if len(calls) == 5:
-            raise _Crash
-        calls.append(args[2:6])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(series, "_write_region", crashing)
+    crash_after(monkeypatch, 5)
     with dask.config.set(scheduler="synchronous"), pytest.raises(_Crash):
         stf.fuse_series(cube, method="starfm", out=path, chunks=CHUNKS, progress=False, radius=4, backend=auto)
     monkeypatch.setattr(series, "_write_region", original)
-    partial = store_files(path)
+    partial = tree_bytes(path)
     with pytest.raises(stf.StoreError, match="the method or parameters changed"):
         stf.fuse_series(cube, method="starfm", out=path, chunks=CHUNKS, progress=False, radius=4, backend=other)
-    assert store_files(path) == partial
+    assert tree_bytes(path) == partial
     resumed = stf.fuse_series(cube, method="starfm", out=path, chunks=CHUNKS, progress=False, radius=4)  # auto
     assert resumed.encoding["stf_action"] == "resumed"
     with monkeypatch.context() as m:

@@ -20,23 +20,27 @@ import xarray as xr
 import stf_pipeline as stf
 from stf_pipeline import _atomic, series, store
 from stf_pipeline.progress import DaskProgress, Progress, display_kind
-from stf_pipeline.testing import random_cube
+from stf_pipeline.testing import series_cube, tree_bytes
 
 CHUNKS = (16, 16)
 
 
+def interrupt_at_date(monkeypatch, date: int):
+    """Ctrl-C (``KeyboardInterrupt``) when ``fuse_series`` writes a region of date index ``date``;
+    returns the original region writer (to put back)."""
+    original = series._write_region
+
+    def crash(*args):
+        if args[3] == date:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(series, "_write_region", crash)
+    return original
+
+
 def gappy_cube():
-    cube = random_cube(n_times=4, height=32, width=40)
-    fine = cube["fine"].values.copy()
-    fine[[1, 2]] = np.nan
-    return stf.make_cube(
-        fine, cube["coarse"].values, time=cube.time.values, band=cube.band.values, y=cube.y.values,
-        x=cube.x.values, crs="EPSG:32633", coarse_factor=cube.attrs["coarse_factor"],
-    )
-
-
-def files(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return series_cube()
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,7 +49,7 @@ def files(path: Path) -> dict[str, bytes]:
 
 def test_fuse_series_refuses_to_write_over_its_own_input(tmp_path):
     path = stf.write_cube(gappy_cube(), tmp_path / "a.zarr", chunks={"y": 16, "x": 16})
-    before = files(path)
+    before = tree_bytes(path)
     opened = stf.open_cube(path)
     derived = opened.sel(band=opened.band.values).chunk({"y": 8})  # the graph still leads to the store
     plain = xr.open_zarr(path)  # opened without stf_pipeline: found through xarray's backend array
@@ -57,7 +61,7 @@ def test_fuse_series_refuses_to_write_over_its_own_input(tmp_path):
         stf.fuse_series(opened, method="delta", out=tmp_path / "link", overwrite=True, progress=False)
     with pytest.raises(stf.StoreError, match="cube.load()"):
         stf.write_cube(opened, path, overwrite=True)
-    assert files(path) == before
+    assert tree_bytes(path) == before
     # loaded into memory, the input no longer depends on the store
     stf.write_cube(opened.load(), path, overwrite=True)
     np.testing.assert_array_equal(stf.open_cube(path)["fine"].values, opened["fine"].values)
@@ -76,10 +80,10 @@ def test_pipeline_whose_cube_is_its_own_output_is_refused(tmp_path):
         evaluate: false
         figures: false
     """))
-    before = files(out / "fused_delta.zarr")
+    before = tree_bytes(out / "fused_delta.zarr")
     with pytest.raises(stf.StoreError, match="would write over"):
         run(tmp_path / "p.yaml", output=out)
-    assert files(out / "fused_delta.zarr") == before
+    assert tree_bytes(out / "fused_delta.zarr") == before
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,14 +152,7 @@ def test_resume_with_other_data_params_or_model_says_what_changed(tmp_path, monk
         FittedModel(method="biastf", config={}, params={"G": {"w": np.zeros(3, np.float32)}}, bands=("a",),
                     coarse_factor=None))
 
-    original = series._write_region
-
-    def crash(*args):
-        if args[3] == 2:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(series, "_write_region", crash)
+    original = interrupt_at_date(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, model=model_a)
     monkeypatch.setattr(series, "_write_region", original)
@@ -213,14 +210,7 @@ def test_damaged_chunk_raises_a_cube_error_naming_it(tmp_path, damage):
 def test_partial_files_are_not_chunks_and_a_resume_cleans_them(tmp_path, monkeypatch):
     cube = gappy_cube()
     path = tmp_path / "f.zarr"
-    original = series._write_region
-
-    def crash(*args):
-        if args[3] == 3:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(series, "_write_region", crash)
+    original = interrupt_at_date(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
     monkeypatch.setattr(series, "_write_region", original)
