@@ -112,16 +112,14 @@ def validated_shrink(
     """
     import json
 
-    from stf_pipeline.methods._base import MethodContext
     from stf_pipeline.methods.biastf.kernel import predictor
-    from stf_pipeline.methods.biastf.params import BiaSTFParams, _prepare
+    from stf_pipeline.methods.biastf.params import BiaSTFParams, default_window
 
     n_bands = int(cube.sizes["band"])
-    factor = cube.attrs.get("coarse_factor")
-    prepared = _prepare(BiaSTFParams(dtype="float32"), MethodContext(factor, 1.0, n_bands))
+    fusion = BiaSTFParams()  # the transitional predictions do not depend on the fusion's settings
     predict = predictor(
-        json.dumps(cfg.to_dict(), sort_keys=True), n_bands, "float32", int(prepared.window or 1),
-        float(prepared.eps), prepared.weights,
+        json.dumps(cfg.to_dict(), sort_keys=True), n_bands, "float32", default_window(cube.attrs.get("coarse_factor")),
+        fusion.eps, fusion.weights,
     )
     start = {dim: max((int(cube.sizes[dim]) - SHRINK_CROP) // 2, 0) for dim in ("y", "x")}
     crop = {dim: slice(first, first + SHRINK_CROP) for dim, first in start.items()}
@@ -207,8 +205,8 @@ def fit(
             f"got {[iso_date(t) for t in times]}; "
             "pass train_times with two or more dates that have fine and coarse images."
         )
-    given = sorted({to_datetime64(t) for t in val_times} - set(times)) if val_times else []
     if val_times:
+        given = sorted({to_datetime64(t) for t in val_times} - set(times))
         splits, mode = [(times, given)] * cfg.members, "val_times"
     else:
         splits = [holdout_split(times, name="biastf", fold=m, folds=cfg.members) for m in range(cfg.members)]
