@@ -15,6 +15,7 @@ TRAINING: dict[str, Any] = {
     "augment": True,
     "checkpoint_every": 500,
     "max_minutes": 3.0,
+    "ema_decay": 0.99,
 }
 
 

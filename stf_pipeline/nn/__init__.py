@@ -4,7 +4,7 @@
 - :mod:`~stf_pipeline.nn.sampler`: :class:`PatchSampler` (seeded random patches over items of
   dates), :class:`Batch`, :func:`ordered_pairs`.
 - :mod:`~stf_pipeline.nn.train`: :class:`TrainConfig`, :class:`TrainState`, :func:`create_train_state`,
-  pure jitted :func:`train_step` / :func:`eval_step`, the loop :func:`fit`, :func:`holdout_split`.
+  :func:`averaged_params`, pure jitted :func:`train_step` / :func:`eval_step`, the loop :func:`fit`, :func:`holdout_split`.
 - :mod:`~stf_pipeline.nn.checkpoint`: :class:`CheckpointStore` (Orbax, resumable, fingerprinted).
 - :mod:`~stf_pipeline.nn.model`: :class:`FittedModel` (save/load, cube checks).
 
@@ -19,6 +19,7 @@ from stf_pipeline.nn.train import (
     FitResult,
     TrainConfig,
     TrainState,
+    averaged_params,
     create_train_state,
     eval_step,
     fit,
@@ -42,6 +43,7 @@ __all__ = [
     "PatchSampler",
     "TrainConfig",
     "TrainState",
+    "averaged_params",
     "create_train_state",
     "eval_step",
     "fit",

@@ -100,6 +100,12 @@ class TrainConfig:
     augment : bool, default False
         Random flips and 90-degree rotations of the training patches (the same for every image of
         one item, so inputs, target and mask stay aligned; see :class:`PatchSampler`).
+    ema_decay : float, default 0.0
+        Polyak averaging: validation, the kept best parameters and the returned ones use an
+        exponential moving average of the iterates, ``ema <- d ema + (1 - d) params`` after every
+        step, starting from the initial parameters (:func:`averaged_params`). An average over the
+        last ``1 / (1 - d)`` steps smooths the noise of single iterates at a high learning rate,
+        so that early stopping compares smoother candidates. ``0`` disables it.
     """
 
     steps: int = 20000
@@ -123,6 +129,7 @@ class TrainConfig:
     max_minutes: float | None = None
     weight_decay: float = 0.0
     augment: bool = False
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -142,6 +149,8 @@ class TrainConfig:
             raise ConfigError(f"train config: final_lr_fraction must be in [0, 1], got {self.final_lr_fraction!r}.")
         if self.grad_clip < 0 or self.min_delta < 0 or self.weight_decay < 0:
             raise ConfigError("train config: grad_clip, min_delta and weight_decay must be >= 0.")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train config: ema_decay must be in [0, 1), got {self.ema_decay!r}.")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"train config: max_minutes must be > 0 or None (no limit), got {self.max_minutes!r}.")
 
@@ -189,9 +198,18 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 class TrainState(train_state.TrainState):
-    """Flax ``TrainState`` that also names its loss (``"l1"`` or ``"l2"``), so steps stay pure."""
+    """Flax ``TrainState`` that also names its loss (``"l1"`` or ``"l2"``), so steps stay pure, and
+    carries the moving average of the parameters (``ema_params``, with ``ema_decay`` > 0)."""
 
     loss: str = struct.field(pytree_node=False, default="l2")
+    ema_decay: float = struct.field(pytree_node=False, default=0.0)
+    ema_params: Any = None
+
+
+def averaged_params(state: TrainState) -> Any:
+    """The parameters that validate and predict: the moving average when ``state.ema_decay`` > 0,
+    else the current iterate."""
+    return state.ema_params if state.ema_decay > 0 else state.params
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -223,7 +241,10 @@ def create_train_state(
     if loss not in LOSSES:
         raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}.")
     params = _init(model, rng, jnp.asarray(sample_input))["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config), loss=loss)
+    return TrainState.create(
+        apply_fn=model.apply, params=params, tx=make_optimizer(config), loss=loss, ema_decay=config.ema_decay,
+        ema_params=params if config.ema_decay > 0 else None,
+    )
 
 
 def masked_metrics(pred: jax.Array, target: jax.Array, mask: jax.Array, loss: str) -> dict[str, jax.Array]:
@@ -255,13 +276,18 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
         return metrics["loss"], metrics
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads), metrics
+    new = state.apply_gradients(grads=grads)
+    if state.ema_decay > 0:
+        d = state.ema_decay
+        average = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema_params, new.params)
+        new = new.replace(ema_params=average)
+    return new, metrics
 
 
 @jax.jit
 def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-    """Metrics of the current parameters on ``batch`` (no update)."""
-    pred = state.apply_fn({"params": state.params}, batch.inputs)
+    """Metrics of :func:`averaged_params` on ``batch`` (no update)."""
+    pred = state.apply_fn({"params": averaged_params(state)}, batch.inputs)
     return masked_metrics(pred, batch.targets, batch.mask, state.loss)
 
 
@@ -312,7 +338,8 @@ class FitResult:
     state : TrainState
         Final state (last step run).
     params : pytree
-        Best parameters by validation loss (the final ones without validation).
+        Best parameters by validation loss (the final ones without validation); the moving
+        average with ``ema_decay`` > 0 (:func:`averaged_params`).
     history : dict
         ``{"step", "loss", "rmse", "mae"}`` training readings and ``{"val_step", "val_loss",
         "val_rmse"}`` validation readings, lists of numbers.
@@ -445,7 +472,7 @@ def fit(
             if val_batches and (step % config.eval_every == 0 or step == config.steps or out_of_time):
                 val_loss = validate(step)
                 if val_loss < best_val * (1 - config.min_delta):
-                    best_val, bad, best_params, best_step = val_loss, 0, state.params, step
+                    best_val, bad, best_params, best_step = val_loss, 0, averaged_params(state), step
                 else:
                     bad += 1
                     if config.patience > 0 and bad >= config.patience:
@@ -465,7 +492,7 @@ def fit(
     finally:
         bar.close()
     if not val_batches:
-        best_params, best_step = state.params, int(state.step)
+        best_params, best_step = averaged_params(state), int(state.step)
     if reason == "early stopping":
         log.info("%s: early stopping at step %d, best validation at step %d", name, step, best_step)
     return FitResult(
