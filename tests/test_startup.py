@@ -18,6 +18,7 @@ from numba.core.caching import NullCache
 from numba.core.dispatcher import Dispatcher
 
 import stf_pipeline
+from stf_pipeline.cli import EXIT_ERROR
 from stf_pipeline.methods import _base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +124,19 @@ def test_the_stf_command_leaves_jax_and_matplotlib_for_later() -> None:
         "print(json.dumps([m for m in ('jax', 'matplotlib') if m in sys.modules]))"
     )
     assert loaded == []
+
+
+def test_the_stf_command_freezes_its_objects_only_as_the_process(tmp_path: Path) -> None:
+    # the console script (no argv) spares the interpreter's final collections; main(argv) called from
+    # Python (tests, notebooks) leaves the collector as it was
+    missing = str(tmp_path / "missing.zarr")
+    result = _child(
+        "import gc, json, sys; import stf_pipeline.cli as cli; "
+        f"code = cli.main(['info', {missing!r}]); frozen = gc.get_freeze_count(); "
+        f"sys.argv = ['stf', 'info', {missing!r}]; process_code = cli.main(); "
+        "print(json.dumps([code, frozen, process_code, gc.get_freeze_count() > 0]))"
+    )
+    assert result == [EXIT_ERROR, 0, EXIT_ERROR, True]
 
 
 def test_numba_fusion_on_cpu_never_imports_jax() -> None:
