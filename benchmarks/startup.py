@@ -47,8 +47,8 @@ cube, task = stf.open_catalog(sys.argv[1], chunks=None)
 mark("open")
 pred = stf.fuse(cube, task.target, method=sys.argv[2], pairs=list(task.pairs))
 mark("fuse")
-# sets without georeferencing (zhu_estarfm) get a placeholder CRS: the write is what is timed
-pred.stf.to_geotiff(sys.argv[3], crs=cube.rio.crs or "EPSG:32650", overwrite=True)
+# sets without georeferencing (zhu_estarfm: no spatial_ref) get a placeholder CRS: the write is what is timed
+pred.stf.to_geotiff(sys.argv[3], crs=None if "spatial_ref" in pred.coords else "EPSG:32650", overwrite=True)
 mark("save")
 print(json.dumps(times))
 """

@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from affine import Affine
 
+from stf_pipeline._dask import is_dask_array
 from stf_pipeline.exceptions import StoreError
 
 PathLike = str | os.PathLike[str]
@@ -31,11 +33,36 @@ INT16_NODATA = -32768
 FORMATS: tuple[str, ...] = ("cog",)
 
 
-def _georeferencing(image: xr.DataArray, crs: Any | None) -> tuple[Any, Any]:
-    """CRS and affine transform of an image from its coords (and ``spatial_ref``)."""
-    import rioxarray  # noqa: F401  (registers .rio)
+#: where rioxarray looks for an image's CRS and cached transform: a grid-mapping coordinate (named by
+#: the ``grid_mapping`` attr or encoding, ``spatial_ref`` by default) or ``crs``/``transform`` attrs
+_GEOREFERENCING_ATTRS = ("grid_mapping", "crs", "transform")
 
-    crs = crs if crs is not None else image.rio.crs
+
+def _carries_georeferencing(image: xr.DataArray) -> bool:
+    """Whether rioxarray could find a CRS or a transform on ``image`` (else its coords are all there is)."""
+    return (
+        "spatial_ref" in image.coords
+        or "grid_mapping" in image.encoding
+        or any(key in image.attrs for key in _GEOREFERENCING_ATTRS)
+    )
+
+
+def _transform_from_coords(image: xr.DataArray) -> Affine:
+    """The affine transform of evenly spaced ``x``/``y`` pixel-centre coords (at least 2 x 2): rioxarray's
+    ``rio.transform(recalc=True)`` for an image that carries no georeferencing of its own."""
+    left, right = float(image["x"][0]), float(image["x"][-1])
+    top, bottom = float(image["y"][0]), float(image["y"][-1])
+    res_x = (right - left) / (image.sizes["x"] - 1)
+    res_y = (bottom - top) / (image.sizes["y"] - 1)
+    return Affine(res_x, 0.0, left - res_x / 2.0, 0.0, res_y, top - res_y / 2.0)
+
+
+def _georeferencing(image: xr.DataArray, crs: Any | None) -> tuple[Any, Any]:
+    """CRS and affine transform of an image: from rioxarray when the image carries georeferencing
+    (``spatial_ref``), else ``crs`` and the transform of its coords (without importing rioxarray)."""
+    georeferenced = _carries_georeferencing(image)
+    if crs is None and georeferenced:
+        crs = image.rio.crs
     if crs is None:
         raise StoreError(
             "the image has no CRS, so a GeoTIFF of it would not be georeferenced; pass crs= (e.g. 'EPSG:32633') "
@@ -45,7 +72,7 @@ def _georeferencing(image: xr.DataArray, crs: Any | None) -> tuple[Any, Any]:
         raise StoreError(
             f"the image is {image.sizes['y']} x {image.sizes['x']} pixels; a GeoTIFF needs at least 2 x 2."
         )
-    return crs, image.rio.transform(recalc=True)
+    return crs, image.rio.transform(recalc=True) if georeferenced else _transform_from_coords(image)
 
 
 def _encoded(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -129,10 +156,13 @@ def to_geotiff(
     if path.exists() and not overwrite:
         raise StoreError(f"{path} already exists; pass overwrite=True or choose another path.")
     crs, transform = _georeferencing(image, crs)
-    from stf_pipeline.parallel import local_scheduler
+    # a Dask image is computed once, on the local scheduler; encoded band by band (a float64 copy of one band
+    # at a time)
+    if is_dask_array(image.data):
+        from stf_pipeline.parallel import local_scheduler
 
-    # computed once, on the local scheduler; encoded band by band (a float64 copy of one band at a time)
-    values = np.asarray(image.compute(scheduler=local_scheduler()).values)
+        image = image.compute(scheduler=local_scheduler())
+    values = np.asarray(image.values)
     nodata = float("nan") if dtype == "float32" else float(INT16_NODATA)
     bands = [str(b) for b in image["band"].values]
     metadata = {k: str(v) for k, v in _provenance(image).items()}

@@ -1,4 +1,4 @@
-"""Real files -> cube: GeoTIFF and ENVI rasters read through rioxarray/GDAL.
+"""Real files -> cube: GeoTIFF and ENVI rasters read through rasterio/GDAL.
 
 :func:`ingest` reads one group of fine files and one group of coarse files (plus optional
 held-out fine ``truth`` files) as their sensors declare them (:mod:`stf_pipeline.sensors`): a
@@ -12,23 +12,29 @@ the fine grid (``rio.reproject_match``) and returns a cube (DESIGN.md §1) with 
 Files without georeferencing (no CRS, identity transform: the classic ENVI sample data sets) get
 a nominal grid of ``pixel_size`` pixels with y decreasing from 0; coarse files of such data
 must then be on the fine grid already or an integer factor coarser (nearest upsampling).
+
+Files are read with rasterio: into memory directly (``chunks=None`` or files without
+georeferencing), so a one-shot process reading a small scene imports neither rioxarray nor
+``dask.array``; lazily, block by block, through ``rioxarray.open_rasterio`` when Dask chunks are
+asked for. rioxarray also writes the cube's CRS (``spatial_ref``) and reprojects coarse images.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 import xarray as xr
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from affine import Affine
 
 from stf_pipeline._dask import is_dask_array
 from stf_pipeline.cube import DIMS, validate_cube
@@ -68,18 +74,32 @@ class _Grid:
         return f"shape {self.shape}, CRS {crs}, transform {tuple(round(v, 6) for v in self.transform[:6])}"
 
 
-def _open(path: Path, chunks: Mapping[str, int] | None) -> xr.DataArray:
-    """Open a raster lazily: Dask-backed with ``chunks`` when it is georeferenced; files without
-    georeferencing (small classic samples) are read by the caller into memory, in its thread, so
-    GDAL's "not georeferenced" warning (expected: they get a nominal grid) is silenced."""
-    import rioxarray
+@dataclasses.dataclass(frozen=True)
+class _Header:
+    """What a raster file's header says (read without its pixels)."""
+
+    grid: _Grid
+    count: int
+    dtype: np.dtype
+    #: the file's nodata value (of its first band, as GDAL reports it), None without one
+    nodata: float | None
+    #: band descriptions ("" where a band has none)
+    descriptions: tuple[str, ...]
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """``path`` open in rasterio, GDAL's "not georeferenced" warning silenced (files without
+    georeferencing are expected: they get a nominal grid); errors name the file and the fix."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
     if not path.exists():
         raise CatalogError(f"file {path} does not exist; check the catalog's paths and the data root (STF_DATA_ROOT).")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         try:
-            array = cast(xr.DataArray, rioxarray.open_rasterio(path, masked=False))  # one file: one DataArray
+            src = rasterio.open(path)
         except RasterioIOError as err:
             hint = (
                 "this GDAL has no HDF4 driver: save the bands as GeoTIFF (gdal_translate of each subdataset, or "
@@ -88,22 +108,57 @@ def _open(path: Path, chunks: Mapping[str, int] | None) -> xr.DataArray:
                 else "is it a GeoTIFF or an ENVI file with its .hdr?"
             )
             raise CatalogError(f"GDAL cannot read {path} ({err}); {hint}") from None
-    if chunks is not None and _grid_of(array).georeferenced:
-        array = cast(
-            xr.DataArray, rioxarray.open_rasterio(path, chunks={"band": -1, **chunks}, masked=False, lock=False)
+        with src:
+            yield src
+
+
+def _header(path: Path) -> _Header:
+    """The grid, band count, data type, nodata and band descriptions of a raster file."""
+    with _opened(path) as src:
+        transform = src.transform
+        if src.subdatasets or src.count == 0:
+            raise CatalogError(
+                f"{path} holds subdatasets ({len(src.subdatasets)}), not bands; save each band as a GeoTIFF "
+                "(gdal_translate of each subdataset) and give those files."
+            )
+        if not transform.is_rectilinear or transform.b == transform.d != 0:
+            raise CatalogError(
+                f"{path} is on a rotated grid ({transform}); warp it onto a north-up grid first "
+                "(gdalwarp without -tr keeps its resolution)."
+            )
+        return _Header(
+            grid=_Grid(
+                shape=(int(src.height), int(src.width)),
+                crs=src.crs,
+                transform=transform,
+                georeferenced=src.crs is not None or not transform.is_identity,
+            ),
+            count=int(src.count),
+            dtype=np.dtype(src.dtypes[0]),
+            nodata=src.nodata,
+            descriptions=tuple(str(d or "") for d in src.descriptions),
         )
-    return array
 
 
-def _grid_of(array: xr.DataArray) -> _Grid:
-    crs = array.rio.crs
-    transform = array.rio.transform()
-    return _Grid(
-        shape=(int(array.sizes["y"]), int(array.sizes["x"])),
-        crs=crs,
-        transform=transform,
-        georeferenced=crs is not None or not transform.is_identity,
-    )
+def _read(path: Path, header: _Header, indexes: Sequence[int], chunks: Mapping[str, int] | None) -> Any:
+    """Bands ``indexes`` (0-based) of a file as stored, ``(band, y, x)``: a Dask array of ``chunks`` for a
+    georeferenced file when ``chunks`` are given (read lazily, block by block, through rioxarray), else
+    NumPy read now by rasterio (files without georeferencing are small classic samples)."""
+    if chunks is not None and header.grid.georeferenced:
+        import rioxarray
+
+        lazy = rioxarray.open_rasterio(path, chunks={"band": -1, **chunks}, masked=False, lock=False)
+        return cast(xr.DataArray, lazy).data[list(indexes)]
+    with _opened(path) as src:
+        return src.read([i + 1 for i in indexes])
+
+
+def _pixel_centres(grid: _Grid) -> dict[str, np.ndarray]:
+    """``y``/``x`` coordinates of the pixel centres of a north-up grid, as rioxarray computes them."""
+    (rows, cols), centre = grid.shape, grid.transform @ Affine.translation(0.5, 0.5)
+    x, _ = centre @ (np.arange(cols), np.zeros(cols))
+    _, y = centre @ (np.zeros(rows), np.arange(rows))
+    return {"y": np.asarray(y, dtype=np.float64), "x": np.asarray(x, dtype=np.float64)}
 
 
 def _same_grid(a: _Grid, b: _Grid) -> bool:
@@ -171,6 +226,7 @@ def _onto_fine_grid(
     if _on_fine_grid(grid, fine_grid):
         return array.assign_coords(y=template["y"], x=template["x"])
     if grid.crs is not None and fine_grid.crs is not None:
+        import rioxarray  # noqa: F401  (registers .rio)
         from rasterio.enums import Resampling
 
         source_res = abs(grid.transform.a) if grid.crs == fine_grid.crs else np.inf
@@ -307,60 +363,59 @@ def _scenes(
     }
 
 
-def _band_data(scene: _Scene, bands: Sequence[str], chunks: Mapping[str, int] | None) -> xr.DataArray:
-    """The stored values of ``bands`` of a scene, ``(band, y, x)`` on the scene's grid, band coords = cube names."""
+def _band_data(
+    scene: _Scene, bands: Sequence[str], chunks: Mapping[str, int] | None
+) -> tuple[xr.DataArray, list[float | None], _Grid]:
+    """The stored values of ``bands`` of a scene, ``(band, y, x)`` on the scene's grid, band coords = cube
+    names; with each band's file nodata and the scene's grid."""
     sensor = scene.sensor
     if scene.path is not None:
-        raw = _open(scene.path, chunks)
-        if sensor.bands and raw.sizes["band"] == len(sensor.bands):
-            picked = raw.isel(band=[sensor.band_index(b) for b in bands])
+        header = _header(scene.path)
+        if sensor.bands and header.count == len(sensor.bands):
+            indexes = [sensor.band_index(b) for b in bands]
         elif sensor.assets:
-            picked = raw.isel(band=[_described_band(raw, sensor.asset(b), scene.path, sensor) for b in bands])
+            indexes = [_described_band(header, sensor.asset(b), scene.path, sensor) for b in bands]
         else:
             raise CatalogError(
-                f"{scene.path} has {raw.sizes['band']} band(s) but sensor {sensor.name!r} declares {len(sensor.bands)} "
+                f"{scene.path} has {header.count} band(s) but sensor {sensor.name!r} declares {len(sensor.bands)} "
                 f"({list(sensor.bands)}); fix the sensor's band list."
             )
-        nodata = [raw.rio.nodata] * len(bands)
+        data = _read(scene.path, header, indexes, chunks)
+        nodata = [header.nodata] * len(bands)
+        grid = header.grid
     else:
-        layers, nodata, grid = [], [], None
+        layers, nodata, first = [], [], None
         for band in bands:
             path = _required_file(scene, sensor.asset(band), f"band {band!r}")
-            layer = _open(path, chunks)
-            if layer.sizes["band"] != 1:
+            header = _header(path)
+            if header.count != 1:
+                raise CatalogError(f"{path} has {header.count} bands; a file named for one band must hold one band.")
+            if first is not None and not _same_grid(first, header.grid):
                 raise CatalogError(
-                    f"{path} has {layer.sizes['band']} bands; a file named for one band must hold one band."
+                    f"{path} disagrees with {scene.first} of the same scene: {header.grid.describe()} vs "
+                    f"{first.describe()}; the bands of a scene must share one grid (resample them first)."
                 )
-            if grid is not None and not _same_grid(grid, _grid_of(layer)):
-                raise CatalogError(
-                    f"{path} disagrees with {scene.first} of the same scene: {_grid_of(layer).describe()} vs "
-                    f"{grid.describe()}; the bands of a scene must share one grid (resample them first)."
-                )
-            grid = grid or _grid_of(layer)
-            layers.append(layer.drop_vars([c for c in layer.coords if c not in ("y", "x")]).rio.write_crs(grid.crs))
-            nodata.append(layer.rio.nodata)
-        picked = xr.concat(layers, dim="band", join="override", coords="minimal", compat="override")
-        if is_dask_array(picked.data):
-            picked = picked.chunk({"band": -1})
-    return (
-        picked.drop_vars([c for c in picked.coords if c not in ("y", "x", "spatial_ref")])
-        .assign_coords(band=list(bands))
-        .assign_attrs(file_nodata=nodata)
-    )
+            first = first or header.grid
+            layers.append(_read(path, header, [0], chunks))
+            nodata.append(header.nodata)
+        grid = cast(_Grid, first)
+        if any(is_dask_array(layer) for layer in layers):
+            import dask.array as da
+
+            data = da.concatenate(layers, axis=0).rechunk({0: -1})
+        else:
+            data = np.concatenate(layers, axis=0)
+    coords = {"band": list(bands), **_pixel_centres(grid)}
+    return xr.DataArray(data, dims=("band", "y", "x"), coords=coords), nodata, grid
 
 
-def _described_band(raw: xr.DataArray, asset: str, path: Path, sensor: Sensor) -> int:
+def _described_band(header: _Header, asset: str, path: Path, sensor: Sensor) -> int:
     """Position of the band of a multi-band file whose description names ``asset``."""
-    descriptions = (
-        [str(d or "") for d in raw.attrs.get("long_name", ()) or ()]
-        if isinstance(raw.attrs.get("long_name"), (tuple, list))
-        else [str(raw.attrs.get("long_name", ""))]
-    )
-    for i, text in enumerate(descriptions):
+    for i, text in enumerate(header.descriptions):
         if _token(asset).search(text):
             return i
     raise CatalogError(
-        f"{path} has {raw.sizes['band']} band(s) but sensor {sensor.name!r} declares {len(sensor.bands)} "
+        f"{path} has {header.count} band(s) but sensor {sensor.name!r} declares {len(sensor.bands)} "
         f"({list(sensor.bands)}) and no band is described {asset!r}; fix the sensor's band list or give one file "
         "per band."
     )
@@ -378,10 +433,9 @@ def _required_file(scene: _Scene, asset: str, what: str) -> Path:
     return path
 
 
-def _quality(scene: _Scene, bands: Sequence[str], data: xr.DataArray, chunks: Mapping[str, int] | None) -> xr.DataArray:
-    """Boolean ``(band, y, x)`` on the scene's grid: where the quality band marks a pixel bad."""
+def _quality(scene: _Scene, bands: Sequence[str], grid: _Grid, chunks: Mapping[str, int] | None) -> xr.DataArray:
+    """Boolean ``(band, y, x)`` on the scene's ``grid``: where the quality band marks a pixel bad."""
     qa: QAMask = scene.sensor.qa  # type: ignore[assignment]
-    grid = _grid_of(data)
     per_asset: dict[str, xr.DataArray] = {}
     layers = []
     for band in bands:
@@ -400,22 +454,22 @@ def _bad_pixels(scene: _Scene, asset: str, qa: QAMask, grid: _Grid, chunks: Mapp
         "to ingest without the quality mask"
     )
     if scene.path is not None:
-        raw = _open(scene.path, chunks)
+        header = _header(scene.path)
         try:
-            index = _described_band(raw, asset, scene.path, scene.sensor)
+            index = _described_band(header, asset, scene.path, scene.sensor)
         except CatalogError:
             raise CatalogError(
                 f"{scene.path}: no quality band {asset!r} (no band of the file is described so); {hint}."
             ) from None
-        raw = raw.isel(band=[index])
+        data = _read(scene.path, header, [index], chunks)[0]
     else:
         path = scene.file(asset)
         if path is None:
             known, first = scene.files[0]
             expected = first.with_name(_token(known).sub(asset, first.name, count=1))
             raise CatalogError(f"{first}: its quality band {asset!r} is missing: expected {expected}; {hint}.")
-        raw = _open(path, chunks)
-    data = raw.data[0]
+        header = _header(path)
+        data = _read(path, header, [0], chunks)[0]
     if is_dask_array(data):
         if qa.dilation:
             bad = data.map_overlap(qa.bad, depth=qa.dilation, boundary="none", dtype=bool)
@@ -423,9 +477,8 @@ def _bad_pixels(scene: _Scene, asset: str, qa: QAMask, grid: _Grid, chunks: Mapp
             bad = data.map_blocks(qa.bad, dtype=bool)
     else:
         bad = qa.bad(np.asarray(data))
-    qa_grid = _grid_of(raw)
-    if not _same_grid(qa_grid, grid):
-        bad = _nearest_onto(np.asarray(bad), qa_grid, grid, scene.file(asset) or scene.first)
+    if not _same_grid(header.grid, grid):
+        bad = _nearest_onto(np.asarray(bad), header.grid, grid, scene.file(asset) or scene.first)
     return xr.DataArray(bad, dims=("y", "x"))
 
 
@@ -457,8 +510,8 @@ def _read_scene(scene: _Scene, bands: Sequence[str], chunks: Mapping[str, int] |
     """A scene's ``bands`` as float32 reflectance ``(band, y, x)`` on its own grid, NaN for nodata and flagged
     pixels."""
     sensor = scene.sensor
-    data = _band_data(scene, bands, chunks)
-    nodata = [sensor.nodata if sensor.nodata is not None else n for n in data.attrs["file_nodata"]]
+    data, file_nodata, grid = _band_data(scene, bands, chunks)
+    nodata = [sensor.nodata if sensor.nodata is not None else n for n in file_nodata]
     nodata = [n if n is not None and _representable(n, data.dtype) else None for n in nodata]
     scaled = xr.apply_ufunc(
         _scale_block,
@@ -468,12 +521,10 @@ def _read_scene(scene: _Scene, bands: Sequence[str], chunks: Mapping[str, int] |
         output_dtypes=[np.float32],
     )
     if mask and sensor.qa is not None:
-        bad = _quality(scene, bands, data, chunks)
+        bad = _quality(scene, bands, grid, chunks)
         scaled = scaled.where(~bad.assign_coords(y=scaled["y"], x=scaled["x"]).data)
-    crs = data.rio.crs
-    scaled = scaled.drop_vars([c for c in scaled.coords if c not in ("band", "y", "x")])
     scaled.attrs = {}
-    return scaled.rio.write_crs(crs) if crs is not None else scaled
+    return scaled
 
 
 def _stack(
@@ -552,9 +603,7 @@ def common_bands(fine_sensor: str | AnySensor, coarse_sensor: str | AnySensor) -
 def _scene_grid(scene: _Scene, bands: Sequence[str]) -> tuple[Path, _Grid]:
     """The file of a scene's first band and its grid."""
     path = scene.path or _required_file(scene, scene.sensor.asset(bands[0]), f"band {bands[0]!r}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        return path, _grid_of(_open(path, None))
+    return path, _header(path).grid
 
 
 def _bounds(grid: _Grid) -> tuple[float, float, float, float]:
@@ -695,25 +744,23 @@ def ingest(
 
     images: dict[str, dict[np.datetime64, xr.DataArray]] = {role: {} for role in groups}
     template: xr.DataArray | None = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # see _open
-        for role in ("fine", "truth", "coarse"):
-            for date, scene in groups[role].items():
-                path = firsts[role][date][0]
-                if role != "coarse":
-                    image = _read_scene(scene, bands, chunks, mask=mask)
-                    if template is None:
-                        template = image
-                        if not fine_grid.georeferenced:
-                            template = template.assign_coords(_nominal_coords(fine_grid.shape, pixel_size))
-                    image = image.assign_coords(y=template["y"], x=template["x"])
-                else:
-                    # a native-resolution image is small: read it without Dask to resample it
-                    image = _read_scene(scene, bands, chunks if on_fine else None, mask=mask)
-                    image = _onto_fine_grid(
-                        image, coarse_grid, fine_grid, cast(xr.DataArray, template), resampling=resampling, path=path
-                    )
-                images[role][date] = image if is_dask_array(image.data) else image.load()
+    for role in ("fine", "truth", "coarse"):
+        for date, scene in groups[role].items():
+            path = firsts[role][date][0]
+            if role != "coarse":
+                image = _read_scene(scene, bands, chunks, mask=mask)
+                if template is None:
+                    template = image
+                    if not fine_grid.georeferenced:
+                        template = template.assign_coords(_nominal_coords(fine_grid.shape, pixel_size))
+                image = image.assign_coords(y=template["y"], x=template["x"])
+            else:
+                # a native-resolution image is small: read it without Dask to resample it
+                image = _read_scene(scene, bands, chunks if on_fine else None, mask=mask)
+                image = _onto_fine_grid(
+                    image, coarse_grid, fine_grid, cast(xr.DataArray, template), resampling=resampling, path=path
+                )
+            images[role][date] = image if is_dask_array(image.data) else image.load()
     paths = {role: {date: first[0] for date, first in f.items()} for role, f in firsts.items()}
     times = np.array(sorted(set().union(*groups.values())), dtype="datetime64[ns]")
     stacks = {role: _stack(images[role], cast(xr.DataArray, template), chunks) for role in groups if images[role]}
@@ -747,6 +794,8 @@ def ingest(
     if coarse_factor is not None:
         cube.attrs["coarse_factor"] = int(coarse_factor)
     if fine_grid.crs is not None:
+        import rioxarray  # noqa: F401  (registers .rio)
+
         cube = cube.rio.write_crs(fine_grid.crs).rio.write_transform(fine_grid.transform)
     return validate_cube(cube)
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from stf_pipeline._ingest import DEFAULT_CHUNKS, RESAMPLING, ingest
+from stf_pipeline._ingest import DEFAULT_CHUNKS, RESAMPLING, _opened, ingest
 from stf_pipeline._schema import checked_keys, safe_load
 from stf_pipeline.exceptions import CatalogError, TaskError
 from stf_pipeline.sensors import AnySensor, DatePattern, Sensor, get_sensor
@@ -322,22 +321,21 @@ class Catalog:
 
 def _read_layer(path: Path, cube: xr.Dataset, where: str) -> xr.DataArray:
     """A static single-band ``(y, x)`` layer on the fine grid (e.g. a land-cover class map), values as stored."""
-    import rioxarray
-    from rasterio.errors import NotGeoreferencedWarning
-
     if not path.is_file():
         raise CatalogError(f"{where}: file {path} does not exist; fix the path in the catalog.")
-    with warnings.catch_warnings():  # class maps often carry no georeferencing: the fine grid gives it
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        raster = rioxarray.open_rasterio(path, masked=False)
-    if not isinstance(raster, xr.DataArray):  # a file of subdatasets (HDF, netCDF) opens as Dataset(s)
-        raise CatalogError(f"{where}: {path.name} holds subdatasets; a layer must be a single-band raster (GeoTIFF).")
-    if raster.sizes["band"] != 1 or raster.shape[1:] != (cube.sizes["y"], cube.sizes["x"]):
-        raise CatalogError(
-            f"{where}: {path.name} has shape {raster.shape} (band, y, x), but a layer must be one band on the fine "
-            f"grid ({cube.sizes['y']}, {cube.sizes['x']}); resample it onto the fine grid first."
-        )
-    return xr.DataArray(raster.values[0], dims=("y", "x"), attrs={"source": path.name})
+    with _opened(path) as src:  # class maps often carry no georeferencing: the fine grid gives it
+        if src.subdatasets:  # a file of subdatasets (HDF, netCDF)
+            raise CatalogError(
+                f"{where}: {path.name} holds subdatasets; a layer must be a single-band raster (GeoTIFF)."
+            )
+        shape = (src.count, src.height, src.width)
+        if src.count != 1 or shape[1:] != (cube.sizes["y"], cube.sizes["x"]):
+            raise CatalogError(
+                f"{where}: {path.name} has shape {shape} (band, y, x), but a layer must be one band on the fine "
+                f"grid ({cube.sizes['y']}, {cube.sizes['x']}); resample it onto the fine grid first."
+            )
+        values = src.read(1)
+    return xr.DataArray(values, dims=("y", "x"), attrs={"source": path.name})
 
 
 def load_catalog(name_or_path: str | os.PathLike[str]) -> Catalog:

@@ -24,6 +24,7 @@ second ``stf`` run reuses the compiled networks and kernels instead of compiling
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import importlib.util
 import logging
@@ -453,21 +454,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``stf`` console script; returns the exit status."""
-    # read by JAX when it is imported, here and in the worker processes that inherit the environment
-    enable_compilation_cache()
-    args = build_parser().parse_args(argv)
-    verbose = getattr(args, "verbose", 0)
-    setup(level_from_flags(verbose, getattr(args, "quiet", 0)))
+    """Entry point of the ``stf`` console script; returns the exit status.
+
+    Without ``argv`` (the console script, ``python -m stf_pipeline.cli``) the command is the whole
+    process: once it has run, every object is moved out of the garbage collector's reach
+    (``gc.freeze``), so the interpreter's final collections, which would traverse every object of
+    NumPy, xarray, Dask and Numba to free nothing the command still needs, are skipped. The
+    command's files and stores are closed by then; ``atexit`` handlers still run.
+    """
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (STFError, OSError) as err:
-        logger.debug("traceback of the error below", exc_info=True)
-        print(f"stf: error: {cli_message(err)}", file=sys.stderr)
-        return EXIT_ERROR
+        # read by JAX when it is imported, here and in the worker processes that inherit the environment
+        enable_compilation_cache()
+        args = build_parser().parse_args(argv)
+        verbose = getattr(args, "verbose", 0)
+        setup(level_from_flags(verbose, getattr(args, "quiet", 0)))
+        try:
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            print(INTERRUPTED, file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except (STFError, OSError) as err:
+            logger.debug("traceback of the error below", exc_info=True)
+            print(f"stf: error: {cli_message(err)}", file=sys.stderr)
+            return EXIT_ERROR
+    finally:
+        if argv is None:
+            gc.freeze()
 
 
 if __name__ == "__main__":

@@ -7,10 +7,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import dask.array as da
 import xarray as xr
-from dask.delayed import Delayed
 
+from stf_pipeline._dask import is_dask_array
 from stf_pipeline.cube import pixel_size, validate_cube
 from stf_pipeline.exceptions import CubeError, MethodError
 from stf_pipeline.methods import MethodContext, MethodSpec, get_method, params_to_attrs
@@ -191,6 +190,9 @@ class FusionCall:
         """
         if self.statistics_filled or self.spec.statistics is None:
             return dataclasses.replace(self, statistics_filled=True)
+        import dask.array as da
+        from dask.delayed import Delayed
+
         fine, coarse, coarse_target = (da.asarray(a) for a in self.inputs(cube))
         filled = fill_statistics(self.spec.statistics, fine, coarse, coarse_target, self.params)
         if isinstance(filled, Delayed):
@@ -212,18 +214,20 @@ class FusionCall:
         scene, each compiled once).
         """
         fine, coarse, coarse_target = self.inputs(cube)
-        if (chunks is not None or block_chunks is not None) and not isinstance(fine, da.Array):
-            fine, coarse, coarse_target = (da.asarray(a) for a in (fine, coarse, coarse_target))
         extra = _extra_inputs(cube, self.spec, self.params)  # before statistics: those may be delayed
+        lazy = is_dask_array(fine) or chunks is not None or block_chunks is not None
+        if lazy:
+            import dask.array as da
+
+            fine, coarse, coarse_target = (da.asarray(a) for a in (fine, coarse, coarse_target))
+            extra = {name: da.asarray(values) for name, values in extra.items()}
         params = self.params
         if not self.statistics_filled:
             params = fill_statistics(self.spec.statistics, fine, coarse, coarse_target, params)
         kernel_kwargs: dict[str, Any] = {"params": params}
-        if extra and isinstance(fine, da.Array):
-            extra = {name: da.asarray(values) for name, values in extra.items()}
         if self.spec.learned:
             kernel_kwargs["model"] = self.model
-            if isinstance(fine, da.Array):
+            if lazy:
                 # one task holds the model, so it is shipped once per worker, not inside every block task
                 # (on a cluster: scattered once, not inside the graph of each call)
                 from stf_pipeline.cluster import shared

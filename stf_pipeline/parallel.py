@@ -26,11 +26,9 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import dask
-import dask.array as da
-import dask.threaded
 import numpy as np
 
+from stf_pipeline._dask import is_dask_array
 from stf_pipeline.kernels.padding import crop_block, pad_block
 
 if TYPE_CHECKING:
@@ -47,6 +45,9 @@ def local_scheduler() -> Callable[..., Any] | None:
     The scheduler Dask would pick for arrays anyway, passed as a function because Dask, given
     none or a name, imports ``distributed`` (a quarter of a second) to look for a Client.
     """
+    import dask
+    import dask.threaded
+
     if "distributed" in sys.modules or dask.config.get("scheduler", None) is not None:
         return None
     return dask.threaded.get
@@ -163,7 +164,7 @@ def map_overlapping(
     n_pairs = fine.shape[0]
     extra = dict(extra or {})
     extra_names = tuple(extra)
-    lazy = any(isinstance(a, da.Array) for a in (fine, coarse, coarse_target, *extra.values()))
+    lazy = any(is_dask_array(a) for a in (fine, coarse, coarse_target, *extra.values()))
     if not lazy:
         stacked = np.concatenate([np.asarray(fine), np.asarray(coarse), np.asarray(coarse_target)[None]], axis=0)
         return _apply_block(
@@ -175,6 +176,8 @@ def map_overlapping(
             padding=padding,
             **kernel_kwargs,
         )
+    import dask.array as da
+
     halo = int(math.ceil(halo / align) * align) if halo else 0
     fine, coarse, coarse_target = (da.asarray(a) for a in (fine, coarse, coarse_target))
     if block_chunks is not None:
@@ -234,6 +237,8 @@ def fill_statistics(
     summaries = statistics.summarize(fine, coarse, coarse_target, params)
     if summaries is None:
         return params
-    if any(isinstance(a, da.Array) for a in summaries):
+    if any(is_dask_array(a) for a in summaries):
+        import dask
+
         return dask.delayed(statistics.fit, pure=True)(params, *summaries)
     return statistics.fit(params, *summaries)

@@ -105,3 +105,22 @@ def test_export_errors(cube, tmp_path):
     with pytest.raises(StoreError, match=r"the image has no CRS.*rio.write_crs"):
         pred.drop_vars("spatial_ref").stf.to_geotiff(tmp_path / "x.tif")
     assert not list(tmp_path.iterdir())
+
+
+def test_an_image_without_georeferencing_is_written_on_the_transform_of_its_coords(tmp_path):
+    # such an image (a fusion of a cube without CRS) is written without rioxarray: the transform computed
+    # from its coords is the one rioxarray's rio.transform(recalc=True) gives
+    from stf_pipeline._export import _transform_from_coords
+
+    y = 4_100_000.0 - (np.arange(5) + 0.5) * 0.3
+    x = 512_345.6 + (np.arange(7) + 0.5) * 0.3
+    image = xr.DataArray(
+        np.arange(70, dtype=np.float32).reshape(2, 5, 7) / 100,
+        dims=("band", "y", "x"),
+        coords={"band": ["red", "nir"], "y": y, "x": x},
+    )
+    assert _transform_from_coords(image) == image.rio.transform(recalc=True)
+    path = image.stf.to_geotiff(tmp_path / "plain.tif", crs="EPSG:32633")
+    with rasterio.open(path) as src:
+        assert src.transform == image.rio.transform(recalc=True) and src.crs.to_epsg() == 32633
+        np.testing.assert_array_equal(src.read(), image.values)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -744,3 +745,59 @@ def test_mcd43a4_masks_each_band_by_its_own_quality_band(products):
         expected = np.where(quality[n][rows, cols] == 0, np.float32(1000 * n * 1e-4), np.nan)
         np.testing.assert_array_equal(coarse.sel(band=band).values, expected)
     assert np.isnan(coarse.sel(band="nir").values).any() and np.isnan(coarse.sel(band="red").values).any()
+
+
+# ------------------------------------------------------------------ rasterio reads as rioxarray did
+#: real files of the shared data: a 6-band float32 GeoTIFF in a custom sinusoidal CRS with nodata -3.4e38,
+#: a single-band EPSG:4326 GeoTIFF, and an ENVI file without georeferencing
+REAL_FILES = (
+    "imagefusion_kranj/landsat_unfilled/2020068_191-28_kranj.tif",
+    "ubestarfm_lst/Landsat_LST_cloudrm_20160205.tif",
+    "zhu_estarfm/tm0524",
+)
+
+
+@pytest.mark.parametrize("name", REAL_FILES)
+def test_rasterio_reads_a_real_file_as_rioxarray_does(name):
+    # the in-memory reader (rasterio) gives the grid, pixel-centre coordinates, nodata and values that
+    # rioxarray.open_rasterio (the reader of every file before) gives for the same file
+    from rasterio.errors import NotGeoreferencedWarning
+
+    from stf_pipeline._ingest import _header, _pixel_centres, _read
+    from stf_pipeline.catalog import data_root
+
+    rioxarray = pytest.importorskip("rioxarray")
+    path = data_root() / name
+    if not path.exists():
+        pytest.skip("shared real data not present")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        expected = rioxarray.open_rasterio(path, masked=False).load()
+    header = _header(path)
+    assert header.grid.crs == expected.rio.crs and (header.grid.crs is None) == name.startswith("zhu_estarfm")
+    assert header.grid.transform == expected.rio.transform()
+    assert header.grid.shape == expected.shape[1:] and header.count == expected.sizes["band"]
+    if expected.rio.nodata is None:
+        assert header.nodata is None
+    else:
+        assert np.asarray(header.nodata).astype(expected.dtype) == expected.rio.nodata
+    coords = _pixel_centres(header.grid)
+    np.testing.assert_array_equal(coords["x"], expected["x"].values)
+    np.testing.assert_array_equal(coords["y"], expected["y"].values)
+    values = _read(path, header, range(header.count), None)
+    assert values.dtype == expected.dtype
+    np.testing.assert_array_equal(values, expected.values)
+
+
+def test_a_real_catalog_read_into_memory_equals_its_lazy_read():
+    # kranj is georeferenced: with chunks its files are read lazily through rioxarray, without them by
+    # rasterio into memory; the two cubes (coords, CRS, values, valid fractions) are identical
+    from stf_pipeline.catalog import data_root
+
+    if not (data_root() / "imagefusion_kranj").exists():
+        pytest.skip("shared real data not present")
+    eager, _ = stf.open_catalog("imagefusion_kranj", chunks=None)
+    lazy, _ = stf.open_catalog("imagefusion_kranj")
+    assert all(isinstance(v.data, np.ndarray) for v in eager.data_vars.values())
+    xr.testing.assert_identical(eager, lazy.compute())
+    assert eager.rio.crs == lazy.rio.crs and eager.rio.transform() == lazy.rio.transform()

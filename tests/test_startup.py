@@ -18,6 +18,7 @@ from numba.core.caching import NullCache
 from numba.core.dispatcher import Dispatcher
 
 import stf_pipeline
+from stf_pipeline.cli import EXIT_ERROR
 from stf_pipeline.methods import _base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,15 +44,69 @@ def test_import_stf_pipeline_imports_no_heavy_dependency() -> None:
 
 def test_cube_task_ingest_and_statistics_modules_import_no_dask_array() -> None:
     # they only recognise Dask arrays (stf_pipeline._dask.is_dask_array): a read into memory,
-    # validation, task resolution and the scene statistics of NumPy data never pay for dask.array
+    # validation, task resolution, the scene statistics of NumPy data, a fusion of NumPy data and
+    # its GeoTIFF never import dask.array themselves
     loaded = _child(
         "import json, sys; import numpy as np; "
         "import stf_pipeline.cube, stf_pipeline.task, stf_pipeline._ingest, stf_pipeline.kernels.stats as st; "
+        "import stf_pipeline.catalog, stf_pipeline.fusion, stf_pipeline.parallel, stf_pipeline._export; "
         "from stf_pipeline._dask import is_dask_array; "
         "std = st.class_std_summary(np.ones((2, 3, 4, 4))); "
         "print(json.dumps([is_dask_array(np.ones(2)), 'dask.array' in sys.modules, std.shape == (2, 3)]))"
     )
     assert loaded == [False, False, True]
+
+
+def _write_envi(path: Path, data: np.ndarray) -> Path:
+    """An ENVI BSQ int16 file without georeferencing (the classic sample data sets' format)."""
+    data.astype("<i2").tofile(path)
+    path.with_name(path.name + ".hdr").write_text(
+        f"ENVI\nsamples = {data.shape[2]}\nlines = {data.shape[1]}\nbands = {data.shape[0]}\nheader offset = 0\n"
+        "file type = ENVI Standard\ndata type = 2\ninterleave = bsq\nbyte order = 0\n"
+    )
+    return path
+
+
+def test_a_one_shot_fusion_of_files_read_into_memory_imports_no_rioxarray(tmp_path: Path) -> None:
+    # ENVI files (as zhu_estarfm) read into memory, fused with ESTARFM and saved as a GeoTIFF: rasterio
+    # reads and writes them, rioxarray (and pyproj) are never imported. dask.array still is, by xarray
+    # itself: it imports it to recognise Dask data when it first wraps a NumPy array in a Variable
+    rng = np.random.default_rng(0)
+    fine = {d: _write_envi(tmp_path / f"tm{d}", rng.integers(500, 3000, (3, 16, 16))) for d in ("0524", "0812")}
+    coarse = {
+        d: _write_envi(tmp_path / f"modis{d}", rng.integers(500, 3000, (3, 4, 4))) for d in ("0524", "0711", "0812")
+    }
+    loaded = _child(
+        "import json, sys; import stf_pipeline as stf; from stf_pipeline.sensors import Sensor; "
+        "bands = ('green', 'red', 'nir'); "
+        f"fine = {{'2001-05-24': {str(fine['0524'])!r}, '2001-08-12': {str(fine['0812'])!r}}}; "
+        f"coarse = {{'2001-05-24': {str(coarse['0524'])!r}, '2001-07-11': {str(coarse['0711'])!r}, "
+        f"'2001-08-12': {str(coarse['0812'])!r}}}; "
+        "cube = stf.ingest(fine, coarse, bands=list(bands), fine_sensor=Sensor('tm', bands, scale=1e-4), "
+        "coarse_sensor=Sensor('modis', bands, scale=1e-4), chunks=None); "
+        "pred = stf.fuse(cube, '2001-07-11', method='estarfm', half_window=3); "
+        f"pred.stf.to_geotiff({str(tmp_path / 'fused.tif')!r}, crs='EPSG:32650'); "
+        "print(json.dumps([m for m in ('rioxarray', 'pyproj', 'jax') if m in sys.modules]))",
+        JAX_PLATFORMS="cpu",
+    )
+    assert loaded == []
+    assert (tmp_path / "fused.tif").is_file()
+
+
+def test_rio_imports_rioxarray_on_first_use() -> None:
+    # cubes keep their .rio after the package stopped importing rioxarray to read files; importing
+    # rioxarray afterwards replaces the placeholder without xarray's accessor warning (-W error)
+    code = (
+        "import json, sys, warnings; warnings.simplefilter('error'); import xarray as xr; import stf_pipeline; "
+        "before = 'rioxarray' in sys.modules; crs = xr.Dataset().rio.crs; "
+        "print(json.dumps([before, crs, 'rioxarray' in sys.modules, type(xr.DataArray([1.0]).rio).__module__]))"
+    )
+    assert _child(code) == [False, None, True, "rioxarray.raster_array"]
+    later = _child(
+        "import json, sys, warnings; warnings.simplefilter('error'); import xarray as xr; import stf_pipeline; "
+        "import rioxarray; print(json.dumps(type(xr.Dataset().rio).__module__))"
+    )
+    assert later == "rioxarray.raster_dataset"
 
 
 def test_is_dask_array_recognises_dask_arrays() -> None:
@@ -69,6 +124,19 @@ def test_the_stf_command_leaves_jax_and_matplotlib_for_later() -> None:
         "print(json.dumps([m for m in ('jax', 'matplotlib') if m in sys.modules]))"
     )
     assert loaded == []
+
+
+def test_the_stf_command_freezes_its_objects_only_as_the_process(tmp_path: Path) -> None:
+    # the console script (no argv) spares the interpreter's final collections; main(argv) called from
+    # Python (tests, notebooks) leaves the collector as it was
+    missing = str(tmp_path / "missing.zarr")
+    result = _child(
+        "import gc, json, sys; import stf_pipeline.cli as cli; "
+        f"code = cli.main(['info', {missing!r}]); frozen = gc.get_freeze_count(); "
+        f"sys.argv = ['stf', 'info', {missing!r}]; process_code = cli.main(); "
+        "print(json.dumps([code, frozen, process_code, gc.get_freeze_count() > 0]))"
+    )
+    assert result == [EXIT_ERROR, 0, EXIT_ERROR, True]
 
 
 def test_numba_fusion_on_cpu_never_imports_jax() -> None:
