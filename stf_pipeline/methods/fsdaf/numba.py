@@ -4,34 +4,177 @@
 :func:`cell_extremes`, :func:`cell_mean` and :func:`homogeneity` replace NumPy expressions that
 made several full-size temporaries; each pixel or cell is computed on its own, in a fixed order.
 
-In :func:`blend`, for every pixel the ``(2r+1)²`` window (truncated at the block edge) is
-scanned one window row at a time: the row's float32 ranking keys are computed branch-free, in
-whole SIMD vectors where the block allows (the same operations, in the same band order, as the
-JAX path :mod:`stf_pipeline.methods.fsdaf.jax`), packed with their scan index into one int64 (key
-bits above, index below: positive floats order like their bits), and those below the current
-k-th best are inserted into a small sorted buffer, branch-free (each slot takes the min/max of
-its old neighbours and the new key).
-Equal keys thus go to the earlier offset in row-major window order: the tie-break of the
-paper-literal reference (``tests/methods/fsdaf/reference_fsdaf.py``) and of ``jax.lax.top_k``. The weights of
-the chosen pixels are then computed in float64.
+In :func:`blend`, every pixel's ``(2r+1)²`` window (truncated at the block edge) is scanned one
+window row at a time, sixteen offsets at once: :func:`_window_keys` computes their float32 ranking
+keys as explicit SIMD vectors (the same operations, in the same band order, as the JAX path
+:mod:`stf_pipeline.methods.fsdaf.jax`; the block is padded on the right with missing pixels, so
+every group of sixteen is read whole), keeps the row in a small buffer and returns the bit mask of
+the keys below a *bound*. The bound is a guess, the ``n_similar``-th key of the previous pixel of
+the row times :data:`_GUESS_MARGIN` (neighbours' keys are alike); while fewer than ``n_similar``
+keys lie below it, it grows (:data:`_GUESS_GROWTH`, then no bound) and the buffered keys are
+counted again (:func:`_below_mask`). The keys below the bound, packed with their scan index into
+one int64 (key bits above, index below: positive floats order like their bits), are then the only
+ones sorted, and the ``n_similar`` smallest kept. That is the same selection as a scan of every key
+into a sorted buffer: equal keys go to the earlier offset in row-major window order, the tie-break
+of the paper-literal reference (``tests/methods/fsdaf/reference_fsdaf.py``) and of
+``jax.lax.top_k``; the guess changes how many keys are sorted, never which are kept. The weights
+of the chosen pixels are then computed in float64.
 
 The compiled functions release the GIL (``nogil=True``); :func:`blend` splits a block's rows over
 the process-wide pool of one thread per core that STARFM and ESTARFM use too
 (:func:`stf_pipeline.kernels.pool.run_rows`: shared by all Dask threads, so blocks
-mapped at once never run more row strips than there are cores). Each pixel is computed on its own, so the
-result does not depend on the split. ``cache=True`` keeps the compiled code on disk next to this
-module (``__pycache__``), so only the first run on a machine pays the compilation.
+mapped at once never run more row strips than there are cores). Each pixel is computed on its own
+(the guess only carries a starting bound along a row), so the result does not depend on the split.
+``cache=True`` keeps the compiled code on disk next to this module (``__pycache__``), so only the
+first run on a machine pays the compilation.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import llvmlite.ir as llvm_ir
 import numba
 import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from stf_pipeline.kernels.pool import run_rows
 
-#: float32 lanes of the widest SIMD vector (AVX-512): the ranking keys are computed in whole vectors
+#: window offsets whose ranking keys are computed together (one SIMD vector of float32)
 _VECTOR = 16
+#: the first bound of a pixel's keys: the previous pixel's ``n_similar``-th key times this
+_GUESS_MARGIN = 1.2
+#: factor by which a bound too low to hold ``n_similar`` keys grows (then: no bound)
+_GUESS_GROWTH = 1.5
+
+
+def _splat(builder: Any, value: Any, vector: Any) -> Any:
+    """``value`` in every lane of an LLVM ``vector`` type."""
+    undef = llvm_ir.Constant(vector, llvm_ir.Undefined)
+    lane0 = builder.insert_element(undef, value, llvm_ir.Constant(llvm_ir.IntType(32), 0))
+    return builder.shuffle_vector(lane0, undef, llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(32), _VECTOR),
+                                                                 [0] * _VECTOR))
+
+
+def _load_vector(builder: Any, pointer: Any, vector: Any, align: int) -> Any:
+    return builder.load(builder.bitcast(pointer, vector.as_pointer()), align=align)
+
+
+def _mask_bits(builder: Any, lanes: Any) -> Any:
+    """An ``<16 x i1>`` lane mask as the low 16 bits of an int64."""
+    return builder.zext(builder.bitcast(lanes, llvm_ir.IntType(_VECTOR)), llvm_ir.IntType(64))
+
+
+@intrinsic
+def _window_keys(
+    typingctx: Any, fine: Any, use: Any, rank: Any, keys: Any, centre: Any, inv: Any, thr: Any, yy: Any, x0: Any,
+    ry: Any, rx: Any, lane0: Any, m: Any, bound: Any,
+) -> Any:  # pragma: no cover - compiled
+    """Ranking keys of the 16 window offsets ``lane0 .. lane0 + 15`` of window row ``ry`` (image row
+    ``yy``, columns from ``x0``), stored in ``keys[ry, lane0:lane0 + 16]``; returns the mask of
+    those whose key bits (int32) are below ``bound``.
+
+    Per lane, as the scalar expression ``(Σ_b |F_b - c_b| · inv_b + 1e-5) · rank`` (bands added in
+    order from 0.0, float32, no fused multiply-add) if ``use`` and the lane is one of the ``m``
+    window columns and ``|F_b - c_b| < thr_b`` in every band, else ``inf``. ``fine`` and ``use``
+    must hold 16 columns from ``x0 + lane0`` (the caller pads them).
+    """
+    sig = types.int64(fine, use, rank, keys, centre, inv, thr, yy, x0, ry, rx, lane0, m, bound)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        fine_v, use_v, rank_v, keys_v, centre_v, inv_v, thr_v, yy_v, x0_v, ry_v, rx_v, lane0_v, m_v, bound_v = args
+        f32, i32 = llvm_ir.FloatType(), llvm_ir.IntType(32)
+        vf = llvm_ir.VectorType(f32, _VECTOR)
+        vi = llvm_ir.VectorType(i32, _VECTOR)
+        vbyte = llvm_ir.VectorType(llvm_ir.IntType(8), _VECTOR)
+        fa, ua, ra, ka, ca, ia, ta = (
+            context.make_array(ty)(context, builder, value)
+            for ty, value in zip(signature.args[:7], args[:7], strict=True)
+        )
+        _, h, w = cgutils.unpack_tuple(builder, fa.shape, 3)
+        use_w = cgutils.unpack_tuple(builder, ua.shape, 2)[1]
+        rank_w = cgutils.unpack_tuple(builder, ra.shape, 2)[1]
+        keys_w = cgutils.unpack_tuple(builder, ka.shape, 2)[1]
+        n_bands = cgutils.unpack_tuple(builder, ca.shape, 1)[0]
+        col = builder.add(x0_v, lane0_v)
+        # candidates: use & (lane < m)
+        used = _load_vector(builder, builder.gep(ua.data, [builder.add(builder.mul(yy_v, use_w), col)]), vbyte, 1)
+        passed = builder.icmp_unsigned("!=", used, llvm_ir.Constant(vbyte, [0] * _VECTOR))
+        lane = builder.add(_splat(builder, builder.trunc(lane0_v, i32), vi), llvm_ir.Constant(vi, list(range(_VECTOR))))
+        passed = builder.and_(passed, builder.icmp_signed("<", lane, _splat(builder, builder.trunc(m_v, i32), vi)))
+        spectral_slot = cgutils.alloca_once(builder, vf)
+        passed_slot = cgutils.alloca_once(builder, passed.type)
+        builder.store(llvm_ir.Constant(vf, [0.0] * _VECTOR), spectral_slot)
+        builder.store(passed, passed_slot)
+        fabs = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(vf, [vf]), "llvm.fabs.v16f32")
+        with cgutils.for_range(builder, n_bands) as loop:
+            b = loop.index
+            row = builder.add(builder.mul(b, h), yy_v)
+            q = _load_vector(builder, builder.gep(fa.data, [builder.add(builder.mul(row, w), col)]), vf, 4)
+            cb, ib, tb = (builder.load(builder.gep(a.data, [b])) for a in (ca, ia, ta))
+            d = builder.call(fabs, [builder.fsub(q, _splat(builder, cb, vf))])
+            inside = builder.fcmp_ordered("<", d, _splat(builder, tb, vf))
+            builder.store(builder.and_(builder.load(passed_slot), inside), passed_slot)
+            spectral = builder.fadd(builder.load(spectral_slot), builder.fmul(d, _splat(builder, ib, vf)))
+            builder.store(spectral, spectral_slot)
+        rank_row = builder.gep(ra.data, [builder.add(builder.mul(ry_v, rank_w), builder.add(rx_v, lane0_v))])
+        key = builder.fmul(
+            builder.fadd(builder.load(spectral_slot), llvm_ir.Constant(vf, [float(np.float32(1e-5))] * _VECTOR)),
+            _load_vector(builder, rank_row, vf, 4),
+        )
+        key = builder.select(builder.load(passed_slot), key, llvm_ir.Constant(vf, [float("inf")] * _VECTOR))
+        key_row = builder.gep(ka.data, [builder.add(builder.mul(ry_v, keys_w), lane0_v)])
+        builder.store(key, builder.bitcast(key_row, vf.as_pointer()), align=4)
+        below = builder.icmp_signed("<", builder.bitcast(key, vi), _splat(builder, builder.trunc(bound_v, i32), vi))
+        return _mask_bits(builder, below)
+
+    return sig, codegen
+
+
+@intrinsic
+def _below_mask(typingctx: Any, keys: Any, ry: Any, lane0: Any, bound: Any) -> Any:  # pragma: no cover - compiled
+    """Mask of the 16 keys ``keys[ry, lane0:lane0 + 16]`` whose bits (int32) are below ``bound``."""
+    sig = types.int64(keys, ry, lane0, bound)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        keys_v, ry_v, lane0_v, bound_v = args
+        i32 = llvm_ir.IntType(32)
+        vi = llvm_ir.VectorType(i32, _VECTOR)
+        ka = context.make_array(signature.args[0])(context, builder, keys_v)
+        keys_w = cgutils.unpack_tuple(builder, ka.shape, 2)[1]
+        bits = _load_vector(builder, builder.gep(ka.data, [builder.add(builder.mul(ry_v, keys_w), lane0_v)]), vi, 4)
+        return _mask_bits(builder, builder.icmp_signed("<", bits, _splat(builder, builder.trunc(bound_v, i32), vi)))
+
+    return sig, codegen
+
+
+@intrinsic
+def _popcount(typingctx: Any, value: Any) -> Any:  # pragma: no cover - compiled
+    """Number of set bits of an integer."""
+    if not isinstance(value, types.Integer):
+        return None
+    return value(value), lambda context, builder, signature, args: builder.ctpop(args[0])
+
+
+@intrinsic
+def _trailing_zeros(typingctx: Any, value: Any) -> Any:  # pragma: no cover - compiled
+    """Index of the lowest set bit of a non-zero integer."""
+    if not isinstance(value, types.Integer):
+        return None
+    return value(value), lambda context, builder, signature, args: builder.cttz(
+        args[0], llvm_ir.Constant(llvm_ir.IntType(1), 1)
+    )
+
+
+@numba.njit(nogil=True, cache=True)
+def _grow(bound: np.int32, factor: np.float32, scratch: np.ndarray) -> np.int32:  # pragma: no cover - compiled
+    """The bits of the float32 with bits ``bound`` times ``factor``; ``inf``'s bits unless positive and finite."""
+    bits = scratch.view(np.int32)
+    bits[0] = bound
+    scratch[0] = scratch[0] * factor
+    return bits[0] if 0 < bits[0] < 0x7F800000 else np.int32(0x7F800000)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -43,34 +186,38 @@ def _blend_rows(
     rank: np.ndarray,
     radius: int,
     k: int,
+    lanes: int,
     y_start: int,
     y_stop: int,
     out: np.ndarray,
 ) -> None:  # pragma: no cover - compiled; covered through blend()
-    # fine, threshold: (band, y, x) float32; change: (band, y, x) float64; use: (y, x) bool;
-    # rank: (side, lanes) float32 = 10 + d / r, padded with ones to whole SIMD vectors;
-    # out: (band, y, x) float64, rows y_start:y_stop written
-    nb, h, w = fine.shape
+    # fine: (band, y, x + lanes) float32, padded with NaN; change: (band, y, x) float64; threshold:
+    # (band, y, x) float32; use: (y, x + lanes) bool, padded with False; rank: (side, radius + lanes)
+    # float32 = 10 + d / r, padded with ones; lanes: the window's columns rounded up to whole SIMD
+    # vectors; out: (band, y, x) float64, rows y_start:y_stop written
+    nb, h, padded = fine.shape
+    w = padded - lanes
     side = 2 * radius + 1
+    vectors = lanes // _VECTOR
+    keys = np.empty((side, lanes), dtype=np.float32)
+    key_bits = keys.view(np.int32)
+    masks = np.empty((side, vectors), dtype=np.int64)
+    hit = np.empty(side * lanes, dtype=np.int64)
     best = np.empty(k, dtype=np.int64)  # packed (key bits << 32 | scan index), ascending
-    previous = np.empty(k, dtype=np.int64)
-    hit = np.empty(side, dtype=np.int64)
     centre = np.empty(nb, dtype=np.float32)
     inv = np.empty(nb, dtype=np.float32)
     thr = np.empty(nb, dtype=np.float32)
     acc = np.empty(nb, dtype=np.float64)
-    lanes = rank.shape[1]  # the window's columns rounded up to whole SIMD vectors
-    spectral = np.empty(lanes, dtype=np.float32)
-    passed = np.empty(lanes, dtype=np.bool_)
-    key = np.empty(lanes, dtype=np.float32)
-    key_bits = key.view(np.int32)
+    scratch = np.empty(1, dtype=np.float32)
     eps = np.float32(1e-8)
     floor = np.float32(1e-5)
-    inf = np.float32(np.inf)
-    no_candidate = np.int64(0x7F800000) << 32  # the packed key of +inf: larger than any candidate's
+    margin = np.float32(_GUESS_MARGIN)
+    growth = np.float32(_GUESS_GROWTH)
+    unbounded = np.int32(0x7F800000)  # the bits of +inf: above every candidate's key
     for y in range(y_start, y_stop):
         y0 = max(0, y - radius)
         y1 = min(h, y + radius + 1)
+        guess = unbounded
         for x in range(w):
             finite = True
             for b in range(nb):
@@ -83,53 +230,64 @@ def _blend_rows(
                     out[b, y, x] = np.nan
                 continue
             x0 = max(0, x - radius)
-            x1 = min(w, x + radius + 1)
-            m = x1 - x0
+            m = min(w, x + radius + 1) - x0
             rx = x0 - x + radius
-            # keys over whole SIMD vectors where the block allows (the lanes past the window are
-            # no candidates), so no lane is computed by a scalar remainder loop
-            mm = lanes if rx == 0 and x0 + lanes <= w else m
-            best[:] = no_candidate
-            worst = no_candidate
+            # the keys of every window row, the masks of those below the guess
+            count = 0
             for yy in range(y0, y1):
-                # keys of one window row, branch-free (vectorised by LLVM)
                 ry = yy - y + radius
-                for i in range(mm):
-                    passed[i] = use[yy, x0 + i] & (i < m)
-                    spectral[i] = 0.0
-                for b in range(nb):
-                    cb = centre[b]
-                    tb = thr[b]
-                    ib = inv[b]
-                    for i in range(mm):
-                        d = abs(fine[b, yy, x0 + i] - cb)
-                        passed[i] = passed[i] & (d < tb)
-                        spectral[i] += d * ib
-                if yy == y:  # the pixel itself is a candidate whatever the threshold
-                    passed[x - x0] = use[y, x]
-                for i in range(mm):
-                    key[i] = (spectral[i] + floor) * rank[ry, rx + i] if passed[i] else inf
-                # those that beat the current k-th, then insertion into the sorted buffer
-                base = ry * side + rx
-                c = 0
-                for i in range(m):
-                    packed = (np.int64(key_bits[i]) << 32) | (base + i)
-                    hit[c] = packed
-                    c += packed < worst  # type: ignore[assignment]  # bool as 0/1, compiled
-                for q in range(c):
-                    packed = hit[q]
-                    # branch-free insertion into the ascending buffer (empty slots hold `no_candidate`,
-                    # the last drops out): slot j takes min(max(old j-1, packed), old j), which leaves
-                    # the buffer as it is for a key above its last (one that an earlier hit of the row
-                    # has since beaten)
-                    previous[:] = best
-                    best[0] = min(previous[0], packed)
-                    for j in range(1, k):
-                        best[j] = min(max(previous[j - 1], packed), previous[j])
-                    worst = best[k - 1]
+                for v in range(vectors):
+                    mask: int = _window_keys(  # type: ignore[call-arg]  # typing context passed by Numba
+                        fine, use, rank, keys, centre, inv, thr, yy, x0, ry, rx, v * _VECTOR, m, guess
+                    )
+                    masks[ry, v] = mask
+                    count += _popcount(mask)
+            # the pixel itself is a candidate whatever the threshold
+            i = x - x0
+            was_below = key_bits[radius, i] < guess
+            spectral = np.float32(0.0)
+            for b in range(nb):
+                spectral += abs(centre[b] - centre[b]) * inv[b]
+            keys[radius, i] = (spectral + floor) * rank[radius, rx + i] if use[y, x] else np.float32(np.inf)
+            is_below = key_bits[radius, i] < guess
+            if was_below != is_below:
+                masks[radius, i // _VECTOR] ^= np.int64(1) << (i % _VECTOR)
+                count += int(is_below) - int(was_below)
+            # a bound with at least k keys below it (or none)
+            bound = guess
+            while count < k and bound < unbounded:
+                bound = _grow(bound, growth, scratch)
+                count = 0
+                for ry in range(y0 - y + radius, y1 - y + radius):
+                    for v in range(vectors):
+                        mask = _below_mask(keys, ry, v * _VECTOR, bound)  # type: ignore[call-arg]
+                        masks[ry, v] = mask
+                        count += _popcount(mask)
+            # those keys packed with their scan index, then the k smallest in ascending order
+            n_hit = 0
+            for ry in range(y0 - y + radius, y1 - y + radius):
+                for v in range(vectors):
+                    mask = masks[ry, v]
+                    while mask != 0:
+                        i = v * _VECTOR + _trailing_zeros(mask)  # type: ignore[call-arg]
+                        mask &= mask - 1
+                        hit[n_hit] = (np.int64(key_bits[ry, i]) << 32) | (ry * side + rx + i)
+                        n_hit += 1
             n = 0
-            for i in range(k):
-                n += best[i] < no_candidate
+            for q in range(n_hit):
+                packed = hit[q]
+                if n == k:
+                    if packed >= best[k - 1]:
+                        continue
+                    j = k - 1
+                else:
+                    j = n
+                    n += 1
+                while j > 0 and best[j - 1] > packed:
+                    best[j] = best[j - 1]
+                    j -= 1
+                best[j] = packed
+            guess = _grow(np.int32(best[k - 1] >> 32), margin, scratch) if n == k else unbounded
             total = 0.0
             for b in range(nb):
                 acc[b] = 0.0
@@ -181,16 +339,20 @@ def blend(
     ndarray ``(band, y, x)`` float64
         NaN where the pixel is NaN or has no candidate.
     """
-    h = fine.shape[1]
-    f = np.ascontiguousarray(fine, dtype=np.float32)
+    nb, h, w = fine.shape
+    side = rank.shape[1]
+    lanes = -(-side // _VECTOR) * _VECTOR
+    # padded on the right so that every group of offsets is read whole (the padding is no candidate)
+    f = np.full((nb, h, w + lanes), np.nan, dtype=np.float32)
+    f[:, :, :w] = fine
+    u = np.zeros((h, w + lanes), dtype=np.bool_)
+    u[:, :w] = use
     c = np.ascontiguousarray(change, dtype=np.float64)
     t = np.ascontiguousarray(threshold, dtype=np.float32)
-    u = np.ascontiguousarray(use, dtype=np.bool_)
-    side = rank.shape[1]
-    r = np.ones((side, -(-side // _VECTOR) * _VECTOR), dtype=np.float32)
+    r = np.ones((side, radius + lanes), dtype=np.float32)
     r[:, :side] = rank
-    out = np.empty(f.shape, dtype=np.float64)
-    run_rows(_blend_rows, h, (f, c, t, u, r, radius, k), (out,), threaded=threaded)
+    out = np.empty(change.shape, dtype=np.float64)
+    run_rows(_blend_rows, h, (f, c, t, u, r, radius, k, lanes), (out,), threaded=threaded)
     return out
 
 
