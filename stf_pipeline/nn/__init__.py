@@ -4,7 +4,8 @@
 - :mod:`~stf_pipeline.nn.sampler`: :class:`PatchSampler` (seeded random patches over items of
   dates), :class:`Batch`, :func:`ordered_pairs`.
 - :mod:`~stf_pipeline.nn.train`: :class:`TrainConfig`, :class:`TrainState`, :func:`create_train_state`,
-  :func:`averaged_params`, pure jitted :func:`train_step` / :func:`eval_step`, the loop :func:`fit`, :func:`holdout_split`.
+  :func:`averaged_params`, pure jitted :func:`train_step` / :func:`eval_step`, the loop :func:`fit`,
+  :func:`holdout_split`.
 - :mod:`~stf_pipeline.nn.checkpoint`: :class:`CheckpointStore` (Orbax, resumable, fingerprinted).
 - :mod:`~stf_pipeline.nn.model`: :class:`FittedModel` (save/load, cube checks).
 
