@@ -16,11 +16,13 @@ scene's fine dates (the catalog's split for real sets), and the targets are the 
 truth only. Scores are the mean over bands and target dates of RMSE, and of SSIM at the
 truth's band range (per band, max - min over the targets).
 
-Each scene writes ``OUT/study_<scene>.json``. ``--doc`` renders every JSON file found in
-``OUT`` into one Markdown page: a table per scene, the dates each method wins by RMSE, and
-BiaSTF against ESTARFM. ``--render-only`` skips the runs.
+Each scene writes ``OUT/study_<scene>.json``. ``--doc`` renders every JSON file found under
+``OUT`` (subfolders too: runs of one scene made by several processes are merged) into one
+Markdown page: a table per scene, the dates each method wins by RMSE, and BiaSTF against
+ESTARFM. ``--render-only`` skips the runs. The records behind ``docs/study.md`` are kept in
+``docs/study/``, so the page is rendered again without a GPU:
 
-    stf bench biastf study --out out/study --doc docs/study.md
+    stf bench biastf study --render-only --out docs/study --doc docs/study.md
 """
 
 from __future__ import annotations
@@ -241,7 +243,8 @@ def render(records: list[dict[str, Any]], command: str) -> str:
         "configuration (sized to the device, validation on a held-out training date, early stopping, refit on all",
         "dates), once per training seed. Mean over bands and target dates; SSIM at the truth's band range. A date is",
         "won when the run's RMSE is the lowest of all methods (learned peers of the same seed). A scene lists the",
-        "runs that finished; `docs/methods/biastf.md` says which were cut short and why. Regenerate with:",
+        "runs that finished; `docs/methods/biastf.md` says which were cut short and why. The records are the",
+        "JSON files beside this page (`docs/study/`); the page is rendered from them with:",
         "",
         f"    {command}",
         "",
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             record["runs"] = dict(
                 sorted(record["runs"].items(), key=lambda kv: ("seed" in kv[1], kv[1].get("seed", 0), kv[0]))
             )
-        command = "stf bench biastf study --out out/study --doc docs/study.md"
+        command = f"stf bench biastf study --render-only --out {args.out} --doc {args.doc}"
         Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
         Path(args.doc).write_text(render(ordered, command))
         print(f"wrote {args.doc} from {len(ordered)} scene(s)")
