@@ -121,7 +121,7 @@ def _header(path: Path) -> _Header:
                 f"{path} holds subdatasets ({len(src.subdatasets)}), not bands; save each band as a GeoTIFF "
                 "(gdal_translate of each subdataset) and give those files."
             )
-        if not transform.is_rectilinear or transform.b == transform.d != 0:
+        if transform.b != 0 or transform.d != 0:  # rotated or sheared, a right angle included
             raise CatalogError(
                 f"{path} is on a rotated grid ({transform}); warp it onto a north-up grid first "
                 "(gdalwarp without -tr keeps its resolution)."

@@ -801,3 +801,21 @@ def test_a_real_catalog_read_into_memory_equals_its_lazy_read():
     assert all(isinstance(v.data, np.ndarray) for v in eager.data_vars.values())
     xr.testing.assert_identical(eager, lazy.compute())
     assert eager.rio.crs == lazy.rio.crs and eager.rio.transform() == lazy.rio.transform()
+
+
+@pytest.mark.parametrize(("rotation", "y_step"), [(30.0, -30.0), (90.0, -30.0), (90.0, 30.0)])
+def test_a_file_on_a_rotated_grid_is_refused(tmp_path, rotation, y_step):
+    # pixel-centre coords are computed for north-up grids only: a rotated one (a right angle included,
+    # which keeps the grid rectilinear) must be warped first, not read onto wrong coordinates
+    import rasterio
+    from affine import Affine
+
+    from stf_pipeline._ingest import _header
+
+    path = tmp_path / "rotated.tif"
+    transform = Affine.translation(500_000.0, 4_100_000.0) * Affine.rotation(rotation) * Affine.scale(30.0, y_step)
+    profile = {"driver": "GTiff", "width": 4, "height": 3, "count": 1, "dtype": "int16", "crs": "EPSG:32633"}
+    with rasterio.open(path, "w", transform=transform, **profile) as dst:
+        dst.write(np.zeros((1, 3, 4), np.int16))
+    with pytest.raises(CatalogError, match=r"(?s)rotated grid.*gdalwarp"):
+        _header(path)
