@@ -124,6 +124,14 @@ def _data_range(cube: Any, targets: list[Any]) -> dict[str, float]:
     return {str(b): float(v) for b, v in zip(span["band"].values, span.values, strict=True)}
 
 
+def machine_label(machine: dict[str, Any]) -> str:
+    """Short name of the machine a record was measured on: its JAX devices (or CPU) and cores."""
+    devices = machine.get("devices") or []
+    if machine.get("jax_backend") == "cpu" or not devices:
+        return f"{machine.get('cpu')}, {machine.get('cores')} cores (JAX {machine.get('jax')})"
+    return f"{', '.join(devices)} (JAX {machine.get('jax')})"
+
+
 def _scores(result: Any) -> dict[str, dict[str, list[float]]]:
     scores = result.scores
     return {
@@ -251,16 +259,13 @@ def render(records: list[dict[str, Any]], command: str) -> str:
     ]
     for record in records:
         runs = record["runs"]
-        m = record.get("machine", {})
-        device = f"{', '.join(m.get('devices', []))} ({m.get('jax_backend')}, JAX {m.get('jax')})"
-        device += f"; {m.get('cpu')}, {m.get('cores')} cores"
         lines += [
             f"## {record['scene']}",
             "",
-            f"{record['about']}. Targets: {', '.join(record['targets'])}. Machine: {device}.",
+            f"{record['about']}. Targets: {', '.join(record['targets'])}.",
             "",
-            "| method | mean RMSE | mean SSIM | dates won (RMSE) | training (s) |",
-            "|---|---|---|---|---|",
+            "| method | mean RMSE | mean SSIM | dates won (RMSE) | training (s) | machine |",
+            "|---|---|---|---|---|---|",
         ]
         best_rmse = min(np.mean(r["rmse"]) for r in runs.values())
         best_ssim = max(np.mean(r["ssim"]) for r in runs.values())
@@ -269,7 +274,9 @@ def render(records: list[dict[str, Any]], command: str) -> str:
             rmse_s = f"**{rmse:.5f}**" if rmse == best_rmse else f"{rmse:.5f}"
             ssim_s = f"**{ssim:.4f}**" if ssim == best_ssim else f"{ssim:.4f}"
             train = f"{r['train_s']:.0f}" if "train_s" in r else ""
-            lines.append(f"| {label} | {rmse_s} | {ssim_s} | {_wins(runs, label)}/{len(r['rmse'])} | {train} |")
+            lines.append(
+                f"| {label} | {rmse_s} | {ssim_s} | {_wins(runs, label)}/{len(r['rmse'])} | {train} | {r['machine']} |"
+            )
         estarfm = runs.get("estarfm")
         if estarfm:
             for label, r in runs.items():
@@ -327,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in sorted(out.rglob("study_*.json")):  # runs of one scene may come from several folders
             record = json.loads(path.read_text())
             merged = records.setdefault(record["scene"], {**record, "runs": {}, "failed": {}})
-            merged["runs"].update(record["runs"])
+            machine = machine_label(record.get("machine", {}))
+            merged["runs"].update({label: {**run, "machine": machine} for label, run in record["runs"].items()})
             merged["failed"].update(record.get("failed", {}))
         order = list(SCENES)
         ordered = sorted(records.values(), key=lambda r: order.index(r["scene"]) if r["scene"] in order else len(order))

@@ -94,3 +94,20 @@ def test_stf_bench_lists_and_imports_every_benchmark(capsys):
     for name in names:
         module = load_benchmark(name)
         assert Path(module.__file__) == BENCHMARKS / f"{name}.py" and callable(module.main)
+
+
+def test_study_page_is_the_rendering_of_its_records(tmp_path):
+    """``docs/study.md`` is what ``stf bench biastf study --render-only`` makes of ``docs/study/``,
+    and each run names the machine of its own record (records of several machines are merged)."""
+    from benchmarks import _biastf_study as study
+
+    root = BENCHMARKS.parent
+    page = tmp_path / "study.md"
+    study.main(["--render-only", "--out", str(root / "docs" / "study"), "--doc", str(page)])
+    command = f"--out {root / 'docs' / 'study'} --doc {page}"
+    rendered = page.read_text().replace(command, "--out docs/study --doc docs/study.md")
+    assert rendered == (root / "docs" / "study.md").read_text()
+    gpu = {"jax_backend": "gpu", "devices": ["NVIDIA H200"], "jax": "0.11.2", "cpu": "x86_64", "cores": 16}
+    cpu = {"jax_backend": "cpu", "devices": ["TFRT_CPU_0"], "jax": "0.10.2", "cpu": "AMD EPYC", "cores": 2}
+    assert study.machine_label(gpu) == "NVIDIA H200 (JAX 0.11.2)"
+    assert study.machine_label(cpu) == "AMD EPYC, 2 cores (JAX 0.10.2)"
