@@ -211,6 +211,14 @@ def run_scene(
             result = stf.compare(
                 cube, methods=[method], targets=targets, models={method: model}, data_range=data_range, figures=False
             )
+            ablations = {}
+            if method == "biastf":  # what each part of the learned correction brings, on the same trained model
+                for part, variant_model in biastf_ablations(model).items():
+                    scored = stf.compare(
+                        cube, methods=["biastf"], targets=targets, models={"biastf": variant_model},
+                        data_range=data_range, figures=False,
+                    )
+                    ablations[part] = _scores(scored)["biastf"]
             variant = f", {json.dumps(biastf_config, sort_keys=True)}" if method == "biastf" and biastf_config else ""
             label = f"{method} (seed {seed}{variant})"
             record["runs"][label] = {
@@ -218,6 +226,7 @@ def run_scene(
                 "seed": seed,
                 "train_s": train_s,
                 "validation": model.extra.get("validation"),
+                "ablations": ablations,
                 **_scores(result)[method],
             }
             echo(
@@ -226,6 +235,22 @@ def run_scene(
             if save is not None:
                 save(record)
     return record
+
+
+def biastf_ablations(model: Any) -> dict[str, Any]:
+    """The trained BiaSTF ``model`` with one part removed: ``"B = 0"`` (the bias network's
+    parameters zeroed, so it outputs 0 and the prediction is ``F(j) + G`` fused) and, where the
+    model has a validated shrink, ``"shrink = 1"`` (the correction applied in full)."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    params = model.params
+    variants = {"B = 0": {**params, "B": jax.tree_util.tree_map(np.zeros_like, params["B"])}}
+    if "shrink" in params:
+        variants["shrink = 1"] = {**params, "shrink": np.ones_like(params["shrink"])}
+    return {name: dataclasses.replace(model, params=p) for name, p in variants.items()}
 
 
 def _wins(runs: dict[str, dict[str, Any]], label: str) -> int:
@@ -288,6 +313,12 @@ def render(records: list[dict[str, Any]], command: str) -> str:
                         if gain >= 0
                         else f"- {label}: mean RMSE {-100 * gain:.1f} % higher than ESTARFM's"
                     )
+        for label, r in runs.items():
+            if r.get("ablations"):
+                parts = "; ".join(
+                    f"{part}: {np.mean(a['rmse']):.5f} / {np.mean(a['ssim']):.4f}" for part, a in r["ablations"].items()
+                )
+                lines.append(f"- {label}, the same model with a part removed (mean RMSE / SSIM): {parts}")
         lines.append("")
         for method, message in record.get("failed", {}).items():
             lines.append(f"- {method} did not run with its defaults: {message}")

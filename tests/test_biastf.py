@@ -437,3 +437,27 @@ def test_members_are_stacked_and_predict_with_their_mean(cube):
         single = dataclasses.replace(model, params=member, extra={**model.extra, "members": 1})
         singles.append(predict_block(fine, coarse, ct, params=params, model=single)[1])
     np.testing.assert_allclose(together, np.mean(singles, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_same_date_pairs_teach_that_no_change_needs_no_correction(cube):
+    """``same_date_pairs`` adds the items ``(i, i)`` to the ordered pairs; on such an item the
+    coarse change fed to ``G`` and its target (fine change minus the base) are zero."""
+    from stf_pipeline.methods.biastf.fit import training_items
+    from stf_pipeline.methods.biastf.networks import fit_statistics, g_batch
+    from stf_pipeline.nn import PatchSampler, ordered_pairs
+
+    assert training_items(4) == ordered_pairs(4)
+    items = training_items(4, same_date_pairs=True)
+    assert items[:12] == ordered_pairs(4) and items[12:] == ((0, 0), (1, 1), (2, 2), (3, 3))
+    times = cube.time.values[:4]
+    cfg = BiaSTFConfig.resolve({**FAST, "same_date_pairs": True})
+    assert BiaSTFConfig.resolve(cfg.to_dict()).same_date_pairs
+    sampler = PatchSampler(cube, times, items=items[12:], patch_size=24, batch_size=4, seed=0)
+    stats = fit_statistics(cube, times, cube.attrs.get("coarse_factor"))
+    batch = g_batch(sampler.crops(0), None, config=cfg, stats=stats)
+    assert np.asarray(batch.mask).any()
+    np.testing.assert_array_equal(np.asarray(batch.targets)[np.asarray(batch.mask)], 0.0)
+    change = cfg.g_inputs.index("coarse_change")
+    inputs = np.asarray(batch.inputs)
+    assert inputs.shape[-1] == len(cfg.g_inputs)
+    np.testing.assert_allclose(inputs[..., change][np.asarray(batch.mask)], 0.0, atol=1e-6)

@@ -6,8 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 #: training settings of every preset but "tiny": validation on held-out dates (the initial,
-#: zero-correction networks compete), early stopping, augmentation
+#: zero-correction networks compete), early stopping, augmentation, and a cap of 600 steps per
+#: stage over which the cosine schedule decays (longer training fitted the training dates and
+#: did worse on the targets: ``docs/methods/biastf.md``)
 TRAINING: dict[str, Any] = {
+    "steps": 600,
     "validate_initial": True,
     "eval_every": 100,
     "eval_batches": 8,

@@ -86,6 +86,10 @@ class BiaSTFConfig:
         least squares on the held-out dates (:func:`~stf_pipeline.methods.biastf.fit.validated_shrink`),
         so that a correction that does not carry to unseen dates is damped towards ``F(j) + base``
         (``docs/methods/biastf.md``). Needs validation dates; without them the factor is 1.
+    same_date_pairs : bool, default False
+        Also train on each training date against itself (``dC = 0``, ``dF = 0``), so the
+        networks learn that no change needs no correction; aimed at targets a short time from a
+        training date that only pairs with distant dates (``docs/methods/biastf.md``).
     members : int, default 1
         Networks trained per role and averaged (a cross-validated ensemble): member ``m`` holds
         out its own training date for validation (:func:`stf_pipeline.nn.holdout_split` with
@@ -113,6 +117,7 @@ class BiaSTFConfig:
     refit: bool = True
     unvalidated_steps: int = 0
     shrink: bool = True
+    same_date_pairs: bool = False
     members: int = 1
     train_dtype: str = "float32"
     stage1: Any = None

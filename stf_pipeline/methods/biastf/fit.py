@@ -41,7 +41,7 @@ def _fit_stages(
     import jax
     import jax.numpy as jnp
 
-    from stf_pipeline.nn import PatchSampler, checkpoint_store, create_train_state, ordered_pairs
+    from stf_pipeline.nn import PatchSampler, checkpoint_store, create_train_state
     from stf_pipeline.nn import fit as fit_stage
 
     n_bands = int(cube.sizes["band"])
@@ -65,7 +65,9 @@ def _fit_stages(
         if fixed is not None:
             tc = dataclasses.replace(tc, steps=max(int(fixed), 1), patience=0)
         common = {"patch_size": tc.patch_size, "batch_size": tc.batch_size, "preload": tc.preload}
-        sampler = PatchSampler(cube, times, items=ordered_pairs(n), seed=tc.seed, augment=tc.augment, **common)
+        sampler = PatchSampler(
+            cube, times, items=training_items(n, cfg.same_date_pairs), seed=tc.seed, augment=tc.augment, **common
+        )
         val = PatchSampler(cube, [*times, *held], items=val_items, seed=tc.seed + 7919, **common) if held else None
         sample = jnp.zeros((1, tc.patch_size, tc.patch_size, n_bands, len(inputs)), jnp.float32)
         state = create_train_state(jax.random.key(tc.seed), tc, model, sample, loss=loss)
@@ -85,6 +87,18 @@ def _fit_stages(
         history[key] = {**result.history, "best_step": result.best_step, "stop_reason": result.stop_reason}
         results.append(result)
     return params, history, results
+
+
+def training_items(n: int, same_date_pairs: bool = False) -> tuple[tuple[int, int], ...]:
+    """The ``(i, j)`` items BiaSTF trains on: the ordered pairs of ``n`` dates, and with
+    ``same_date_pairs`` also ``(i, i)``, whose coarse change and fine change are both zero.
+
+    >>> training_items(2, same_date_pairs=True)
+    ((0, 1), (1, 0), (0, 0), (1, 1))
+    """
+    from stf_pipeline.nn import ordered_pairs
+
+    return ordered_pairs(n) + (tuple((i, i) for i in range(n)) if same_date_pairs else ())
 
 
 #: side of the centre crop of the scene on which :func:`validated_shrink` fits its factors (bounds
