@@ -161,8 +161,8 @@ class BiaSTFConfig:
         ``"cpu"``. ``"gpu"``: multiband 128-filter networks, 128 x 128 patches, batch 64.
         ``"cpu"``: multiband 32-filter networks, patch and batch sized to the memory
         (:func:`cpu_training`), 5 minutes per training at most. ``"paper"``: the paper's per-band
-        128-filter networks. All of these train until the held-out date stops improving
-        (:data:`TRAINING`). ``"tiny"``: 16 filters, 32 x 32 patches, 150 steps per stage, no
+        128-filter networks. All of these train until the held-out date stops improving, at
+        most 600 steps per stage (:data:`TRAINING`). ``"tiny"``: 16 filters, 32 x 32 patches, 150 steps per stage, no
         early stopping: trains for real on a CPU in seconds (tests, demo).
         """
         if name == "auto":

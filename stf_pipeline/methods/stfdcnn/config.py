@@ -92,7 +92,7 @@ class STFDCNNConfig:
         Optimisation settings of each stage (the same for both; ``patch_size`` in fine pixels,
         a multiple of ``lsr_factor``). Default: BiaSTF's training settings
         (:data:`stf_pipeline.methods._training.TRAINING`: held-out date, early stopping,
-        augmentation, time limit), so that STFDCNN gets the budget rule BiaSTF gets.
+        augmentation, 600 steps and a time limit), so that STFDCNN gets the budget rule BiaSTF gets.
     refit : bool, default True
         With an automatically held-out validation date: after the validated run, refit both
         networks on all training dates for the best run's number of steps (as BiaSTF).
