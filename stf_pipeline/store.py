@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -42,6 +43,9 @@ logger = logging.getLogger("stf_pipeline")
 GENERATION_FILE = ".stf_generation"
 #: suffix of the temporary files Zarr's local store writes a chunk into before renaming it
 PARTIAL_SUFFIX = ".partial"
+#: polls (50 ms apart) a refused writer makes for the holder's record, which the holder writes
+#: just after it takes the lock, so that the refusal can name the holder
+HOLDER_WAIT_POLLS = 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,6 +110,11 @@ class WriterLock:
             self._lock.acquire()
         except filelock.Timeout:
             holder = _read_holder(holder_file)
+            for _ in range(HOLDER_WAIT_POLLS):  # the holder writes its record just after taking the lock
+                if holder:
+                    break
+                time.sleep(0.05)
+                holder = _read_holder(holder_file)
             raise StoreError(
                 f"{self.path} is being written by another {holder.get('action', 'writer') if holder else 'writer'} "
                 f"({_describe(holder)}); wait for it to finish, or choose another output path."
