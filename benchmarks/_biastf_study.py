@@ -212,11 +212,13 @@ def run_scene(
                 cube, methods=[method], targets=targets, models={method: model}, data_range=data_range, figures=False
             )
             ablations = {}
-            if method == "biastf":  # what each part of the learned correction brings, on the same trained model
-                for part, variant_model in biastf_ablations(model).items():
+            if method == "biastf":  # what each part of the model brings, on the same trained networks
+                variants = {part: (m, {}) for part, m in biastf_ablations(model).items()}
+                variants.update({part: (model, params) for part, params in FUSION_VARIANTS.items()})
+                for part, (variant_model, params) in variants.items():
                     scored = stf.compare(
-                        cube, methods=["biastf"], targets=targets, models={"biastf": variant_model},
-                        data_range=data_range, figures=False,
+                        cube, methods={"biastf": {"method": "biastf", **params}}, targets=targets,
+                        models={"biastf": variant_model}, data_range=data_range, figures=False,
                     )
                     ablations[part] = _scores(scored)["biastf"]
             variant = f", {json.dumps(biastf_config, sort_keys=True)}" if method == "biastf" and biastf_config else ""
@@ -235,6 +237,10 @@ def run_scene(
             if save is not None:
                 save(record)
     return record
+
+
+#: the fusion ``f`` with other parameters, scored on the same trained model (inference only)
+FUSION_VARIANTS: dict[str, dict[str, Any]] = {"f by similarity to C(k)": {"weights": "similarity"}}
 
 
 def biastf_ablations(model: Any) -> dict[str, Any]:
@@ -318,7 +324,7 @@ def render(records: list[dict[str, Any]], command: str) -> str:
                 parts = "; ".join(
                     f"{part}: {np.mean(a['rmse']):.5f} / {np.mean(a['ssim']):.4f}" for part, a in r["ablations"].items()
                 )
-                lines.append(f"- {label}, the same model with a part removed (mean RMSE / SSIM): {parts}")
+                lines.append(f"- {label}, the same model with a part removed or changed (mean RMSE / SSIM): {parts}")
         lines.append("")
         for method, message in record.get("failed", {}).items():
             lines.append(f"- {method} did not run with its defaults: {message}")
