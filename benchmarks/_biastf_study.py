@@ -239,8 +239,11 @@ def run_scene(
     return record
 
 
-#: the fusion ``f`` with other parameters, scored on the same trained model (inference only)
-FUSION_VARIANTS: dict[str, dict[str, Any]] = {"f by similarity to C(k)": {"weights": "similarity"}}
+#: other inference parameters (the fusion ``f``'s weights, the fade), scored on the same trained model
+FUSION_VARIANTS: dict[str, dict[str, Any]] = {
+    "f by similarity to C(k)": {"weights": "similarity"},
+    "no fade beyond L": {"extrapolate": True},
+}
 
 
 def biastf_ablations(model: Any) -> dict[str, Any]:
