@@ -213,7 +213,9 @@ def run_scene(
             )
             ablations = {}
             if method == "biastf":  # what each part of the model brings, on the same trained networks
-                variants = {part: (m, {}) for part, m in biastf_ablations(model).items()}
+                variants: dict[str, tuple[Any, dict[str, Any]]] = {
+                    part: (m, {}) for part, m in biastf_ablations(model).items()
+                }
                 variants.update({part: (model, params) for part, params in FUSION_VARIANTS.items()})
                 for part, (variant_model, params) in variants.items():
                     scored = stf.compare(

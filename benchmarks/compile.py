@@ -16,8 +16,9 @@ the middle date, write the prediction to a new store) in fresh processes:
 BiaSTF fuses with a tiny-preset model trained here, in the benchmark's process, for a few steps
 (the compile cost does not depend on the weights). Each row gives the wall seconds, the ratios
 ``first / warm`` and ``disk / warm``, and the XLA programs each run compiled and loaded from the
-disk cache (JAX's compilation events). Prints a table and writes JSON (``--json``) with the machine
-description and the records.
+disk cache (JAX's compilation events); the JSON also has the seconds JAX's backend spent on
+them in the first and the disk run (``compile_s_first``, ``compile_s_disk``). Prints a table
+and writes JSON (``--json``) with the machine description and the records.
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ _PROCESS = """
 import dataclasses, json, sys, time
 from jax import monitoring
 job = json.loads(sys.argv[1])
-counts = {"compiled": 0, "from_cache": 0}
+counts = {"compiled": 0, "from_cache": 0, "compile_s": 0.0}
 def on_duration(event, duration, **kwargs):
     if event == "/jax/core/compile/backend_compile_duration":
         counts["compiled"] += 1
+        counts["compile_s"] += duration
 def on_event(event, **kwargs):
     if event == "/jax/compilation_cache/cache_hits":
         counts["from_cache"] += 1
@@ -62,7 +64,7 @@ if not job["pad"]:
 model = stf.load_model(job["model"]) if job["model"] else None
 out = {}
 for run in ("first", "warm"):
-    counts.update(compiled=0, from_cache=0)
+    counts.update(compiled=0, from_cache=0, compile_s=0.0)
     start = time.perf_counter()
     cube = stf.open_cube(job["store"])
     pred = stf.fuse(cube, cube.time.values[1], method=method, backend=job["backend"], model=model, **job["params"])
@@ -152,6 +154,8 @@ def measure(
                 "compiled_warm": cold["warm"]["compiled"] - cold["warm"]["from_cache"],
                 "compiled_disk": disk["first"]["compiled"] - disk["first"]["from_cache"],
                 "from_disk": disk["first"]["from_cache"],
+                "compile_s_first": round(cold["first"]["compile_s"], 3),
+                "compile_s_disk": round(disk["first"]["compile_s"], 3),
             }
             if unpadded and record["padding"] != "none":
                 bare = _fresh_process({**job, "pad": False}, root / f"jax-cache-{name}-{backend}-unpadded", environ)

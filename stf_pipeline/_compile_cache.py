@@ -8,8 +8,13 @@ device), before JAX is imported where possible, so ``import stf_pipeline`` never
 
 Where: ``$JAX_COMPILATION_CACHE_DIR`` when set, else ``$XDG_CACHE_HOME/stf_pipeline/jax``
 (``~/.cache/stf_pipeline/jax``); delete the folder to clear it. ``STF_JAX_CACHE=0`` turns it off
-(a compilation cache set up by the user is never replaced). JAX keeps programs that took at least
-``jax_persistent_cache_min_compile_time_secs`` (1 s by default) to compile.
+(a compilation cache set up by the user is never replaced).
+
+JAX writes only programs that took at least ``jax_persistent_cache_min_compile_time_secs`` to
+compile, 1 s by JAX's default. A scene's kernels compile in less (STARFM's and ESTARFM's Pallas
+programs, BiaSTF's networks on a CPU), so with JAX's default a new process compiled them all
+again; where the package sets the cache up it lowers that minimum to :data:`MIN_COMPILE_SECONDS`
+(``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` set by the user wins).
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ import sys
 
 #: Environment variable that turns the cache off when set to ``0`` (or ``false``, ``no``, ``off``).
 OPT_OUT_VARIABLE = "STF_JAX_CACHE"
+#: JAX's variable for the shortest compile time of a program it writes to the cache
+MIN_COMPILE_VARIABLE = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+#: the package's value of :data:`MIN_COMPILE_VARIABLE`: programs that compile in 0.1 s or more are
+#: kept (a scene's kernels), the many trivial ones of eager array operations are not
+MIN_COMPILE_SECONDS = 0.1
 
 
 def compilation_cache_dir() -> str:
@@ -48,6 +58,8 @@ def enable_compilation_cache() -> str | None:
         return None
     path = compilation_cache_dir()
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", path)
+    user_minimum = MIN_COMPILE_VARIABLE in os.environ
+    os.environ.setdefault(MIN_COMPILE_VARIABLE, str(MIN_COMPILE_SECONDS))
     if "jax" not in sys.modules:
         return path
     import jax
@@ -57,5 +69,7 @@ def enable_compilation_cache() -> str | None:
     if current:
         return str(current)
     jax.config.update("jax_compilation_cache_dir", path)
+    if not user_minimum:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     compilation_cache.reset_cache()
     return path

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stf_pipeline._compile_cache import cache_wanted, compilation_cache_dir
+from stf_pipeline._compile_cache import MIN_COMPILE_SECONDS, cache_wanted, compilation_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,22 @@ def test_python_api_fills_the_cache_and_the_opt_out_leaves_it_off(tmp_path: Path
     assert on["folder"] == str(tmp_path / "stf_pipeline" / "jax") and on["files"]
     off = _child(_FUSE, XDG_CACHE_HOME=str(tmp_path / "other"), STF_JAX_CACHE="0", **every)
     assert off["folder"] is None and not (tmp_path / "other").exists()
+
+
+#: the minimum compile time of a cached program that JAX uses after a fuse
+_MINIMUM = _FUSE.replace(
+    "print(json.dumps({'folder': folder, ",
+    "print(json.dumps({'minimum': jax.config.jax_persistent_cache_min_compile_time_secs, 'folder': folder, ",
+)
+
+
+@pytest.mark.parametrize("jax_first", [False, True], ids=["before-jax-import", "after-jax-import"])
+def test_package_caches_programs_that_compile_in_a_tenth_of_a_second(tmp_path: Path, jax_first: bool) -> None:
+    # JAX's own minimum (1 s) left a scene's Pallas kernels out of the cache; a value the user sets wins
+    code = ("import jax; jax.numpy.zeros(1).block_until_ready(); " if jax_first else "") + _MINIMUM
+    assert _child(code, XDG_CACHE_HOME=str(tmp_path))["minimum"] == MIN_COMPILE_SECONDS == 0.1
+    mine = _child(code, XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="5")
+    assert mine["minimum"] == 5.0
 
 
 def test_a_folder_the_user_configured_is_kept(tmp_path: Path) -> None:
