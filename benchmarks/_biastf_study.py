@@ -313,12 +313,12 @@ def render(records: list[dict[str, Any]], command: str) -> str:
             lines.append(
                 f"| {label} | {rmse_s} | {ssim_s} | {_wins(runs, label)}/{len(r['rmse'])} | {train} | {r['machine']} |"
             )
+        lines.append("")
         estarfm = runs.get("estarfm")
         if estarfm:
             for label, r in runs.items():
                 if r["method"] == "biastf":
                     gain = 1 - np.mean(r["rmse"]) / np.mean(estarfm["rmse"])
-                    lines.append("")
                     lines.append(
                         f"- {label}: mean RMSE {100 * gain:.1f} % lower than ESTARFM's"
                         if gain >= 0
@@ -330,7 +330,6 @@ def render(records: list[dict[str, Any]], command: str) -> str:
                     f"{part}: {np.mean(a['rmse']):.5f} / {np.mean(a['ssim']):.4f}" for part, a in r["ablations"].items()
                 )
                 lines.append(f"- {label}, the same model with a part removed or changed (mean RMSE / SSIM): {parts}")
-        lines.append("")
         for method, message in record.get("failed", {}).items():
             lines.append(f"- {method} did not run with its defaults: {message}")
         lines.append("")
