@@ -216,7 +216,7 @@ def run_scene(
                 variants: dict[str, tuple[Any, dict[str, Any]]] = {
                     part: (m, {}) for part, m in biastf_ablations(model).items()
                 }
-                variants.update({part: (model, params) for part, params in FUSION_VARIANTS.items()})
+                variants.update({part: (model, params) for part, params in INFERENCE_VARIANTS.items()})
                 for part, (variant_model, params) in variants.items():
                     scored = stf.compare(
                         cube, methods={"biastf": {"method": "biastf", **params}}, targets=targets,
@@ -242,7 +242,7 @@ def run_scene(
 
 
 #: other inference parameters (the fusion ``f``'s weights, the fade), scored on the same trained model
-FUSION_VARIANTS: dict[str, dict[str, Any]] = {
+INFERENCE_VARIANTS: dict[str, dict[str, Any]] = {
     "f by similarity to C(k)": {"weights": "similarity"},
     "no fade beyond L": {"extrapolate": True},
 }
