@@ -182,6 +182,42 @@ def test_untrained_model_with_change_weights_is_delta(trained, cube):
     np.testing.assert_allclose(transitional, fine + converted, rtol=1e-5, atol=1e-6)
 
 
+def _modulated_reference(fine, coarse, ct, floor=0.01):
+    """``C(k) + g (F(j) - C(j)) - F(j)``, ``g = min(1, max(C(k), floor) / C(j))`` where
+    ``C(j) > floor``, else 1, in float64, pixel by pixel."""
+    fine, coarse = np.asarray(fine, np.float64), np.asarray(coarse, np.float64)
+    target = np.broadcast_to(np.asarray(ct, np.float64), coarse.shape)
+    out = np.empty_like(fine)
+    for index in np.ndindex(fine.shape):
+        f, c, t = fine[index], coarse[index], target[index]
+        gain = min(1.0, max(t, floor) / c) if c > floor else 1.0
+        out[index] = t + gain * (f - c) - f
+    return out
+
+
+def test_modulated_base_shrinks_the_detail_only_where_the_coarse_image_darkens(trained, cube):
+    """Zero networks with ``g_base="modulated"``: each direction is ``C(k) + g (F(j) - C(j))``;
+    where the coarse image brightens (``g = 1``) that is ``F(j) + dC``; a pixel whose coarse
+    reflectance halves is predicted at half its fine reflectance."""
+    model, _ = trained
+    zero = dataclasses.replace(model, params=jax.tree_util.tree_map(np.zeros_like, model.params))
+    zero = dataclasses.replace(zero, config={**zero.config, "g_base": "modulated"})
+    fine, coarse = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]]
+    ct = cube.coarse.values[2] * np.linspace(0.3, 1.5, fine.shape[-1], dtype=np.float32)  # darker, then brighter
+    ct[:, :4, :4] = 0.002  # below the floor: g = floor / C(j)
+    _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, extrapolate=True), model=zero)
+    expected = fine + _modulated_reference(fine, coarse, ct)
+    np.testing.assert_allclose(transitional, expected, rtol=1e-5, atol=1e-6)
+    brighter = ct[None] >= coarse
+    assert 0.2 < brighter.mean() < 0.8
+    np.testing.assert_allclose(transitional[brighter], (fine + ct[None] - coarse)[brighter], rtol=1e-5, atol=1e-6)
+    half = 0.5 * fine[0, 0, 0, -1]  # by hand: C(j) / 2 + (F(j) - C(j)) / 2
+    ct_half = ct.copy()
+    ct_half[0, 0, -1] = 0.5 * coarse[0, 0, 0, -1]
+    _, half_pred = predict_block(fine, coarse, ct_half, params=BiaSTFParams(window=9, extrapolate=True), model=zero)
+    np.testing.assert_allclose(half_pred[0, 0, 0, -1], half, rtol=1e-5)
+
+
 def test_conversion_is_the_least_squares_fit_of_the_block_changes(cube):
     """``A`` of a cube whose coarse sensor is ``0.95 x fine + 0.01`` (random_cube) is ``I / 0.95``;
     the normalisation constants are the training dates' moments."""
@@ -205,6 +241,8 @@ def _g_and_b(model, fine, coarse, ct):
     target = np.broadcast_to(ct[None], coarse.shape)
     conversion = np.asarray(stats["conversion"]) if cfg.g_base == "linear" else np.eye(fine.shape[1])
     base = np.einsum("ab,nbyx->nyxa", conversion, target - coarse)
+    if cfg.g_base == "modulated":
+        base = _modulated_reference(fine, coarse, ct).transpose(0, 2, 3, 1)
     x_g = np.stack(
         [(target - coarse) / change_scale, (fine - mean) / scale, (coarse - mean) / scale, (target - mean) / scale], -1
     )

@@ -20,7 +20,7 @@ NET_RADIUS = 7
 G_INPUTS: tuple[str, ...] = ("coarse_change", "fine_known", "coarse_known", "coarse_target")
 B_INPUTS: tuple[str, ...] = (*G_INPUTS, "change_pred")
 TRAIN_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
-G_BASES: tuple[str, ...] = ("linear", "change")
+G_BASES: tuple[str, ...] = ("modulated", "change", "linear")
 PRESETS: tuple[str, ...] = ("auto", "gpu", "cpu", "paper", "tiny")
 
 
@@ -68,9 +68,12 @@ class BiaSTFConfig:
         (Eqs. 16-17).
     g_residual : bool, default True
         ``G(dC) = base + net(...)`` (True) or ``net(...)`` (False).
-    g_base : {"change", "linear"}, default "change"
-        ``base = dC``, or ``A dC`` with the fitted conversion ``A`` (bands x bands; measured
-        worse, ``docs/methods/biastf.md``).
+    g_base : {"change", "modulated", "linear"}, default "change"
+        ``base = dC``; the modulated change ``C(k) + g (F(j) - C(j)) - F(j)``, ``g`` the coarse
+        ratio ``C(k) / C(j)`` where the coarse reflectance falls (at most 1: the known image's
+        detail shrinks with a darkening cover, is never amplified); or ``A dC`` with the fitted
+        conversion ``A`` (bands x bands; measured worse). The base is also what the prediction
+        falls back to beyond the training changes (``docs/methods/biastf.md``).
     normalise : bool, default True
         Per-band input and target scaling with constants from the training dates, recorded in
         the model (``model.extra["statistics"]``).

@@ -21,8 +21,8 @@ from stf_pipeline.methods.biastf.networks import (
     Statistics,
     _apply_b,
     _apply_g,
+    _base,
     _channels_last,
-    _converted,
     _mixes_bands,
     _pair_images,
     _valid_within,
@@ -111,7 +111,7 @@ def _forward(
     target = jnp.broadcast_to(coarse_target[None], coarse.shape)
     images, valid = _pair_images(fine, target, coarse, _mixes_bands(config))
     change = jnp.nan_to_num(_channels_last(images["coarse_change"]))
-    base = _converted(images, stats) if config.g_base == "linear" else change
+    base = _base(images, config.g_base, stats)
 
     def correction(member: Any) -> Any:  # shrink (G + B - base) of one member, (n, y, x, band)
         with masked_convolutions(inside) if inside is not None else contextlib.nullcontext():
@@ -158,6 +158,8 @@ def predictor(
 
 #: models already warned about changes beyond their training range (one warning per model)
 _WARNED: weakref.WeakSet = weakref.WeakSet()
+#: what the prediction falls back to beyond ``L``, per ``g_base`` (named in the warning)
+FALLBACKS = {"change": "dC", "linear": "A dC", "modulated": "the modulated change (C(k) + g (F(j) - C(j)) - F(j))"}
 #: share of a block's valid pixels beyond ``L`` above which that is logged as a warning
 BEYOND_WARNING = 0.01
 
@@ -216,7 +218,7 @@ def predict_block(
             "there the learned correction fades out and the prediction falls back to F(j) + %s. "
             "Train with dates that span such changes, or pass extrapolate=True to apply the networks anyway.",
             [round(v, 4) for v in stats.limit], 100 * share,
-            "A dC" if BiaSTFConfig.resolve(model.config).g_base == "linear" else "dC",
+            FALLBACKS[BiaSTFConfig.resolve(model.config).g_base],
         )
     return crop_block(np.asarray(fused, dtype=np.float32), extent), transitional
 

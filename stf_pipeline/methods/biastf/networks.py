@@ -241,15 +241,46 @@ def _converted(images: Mapping[str, Any], stats: Any) -> Any:
     return jnp.einsum("nyxb,ab->nyxa", change, jnp.asarray(stats["conversion"], jnp.float32))
 
 
+#: the coarse reflectance below which the modulated base stays additive (its ratio would blow up)
+MODULATION_FLOOR = 0.01
+
+
+def _modulated(images: Mapping[str, Any]) -> Any:
+    """The modulated change ``C(k) + g (F(j) - C(j)) - F(j)`` ``(n, y, x, band)`` (NaN -> 0), with
+    ``g = min(1, max(C(k), floor) / C(j))`` where ``C(j) > floor`` (``MODULATION_FLOOR``), else 1.
+
+    Where the coarse reflectance falls, the known image's detail ``F(j) - C(j)`` shrinks with it,
+    as when a field floods or burns: the fine pixels converge on the new, darker cover instead of
+    keeping their old contrast around it (``F(j) + dC``). Where it rises, ``g = 1`` is the
+    additive change: contrast is never amplified, nor with it the known image's noise and the
+    sensors' mismatch (``docs/methods/biastf.md``)."""
+    import jax.numpy as jnp
+
+    target, known, fine = images["coarse_target"], images["coarse_known"], images["fine_known"]
+    ratio = jnp.maximum(target, MODULATION_FLOOR) / jnp.where(known > MODULATION_FLOOR, known, 1.0)
+    gain = jnp.where(known > MODULATION_FLOOR, jnp.clip(ratio, 0.0, 1.0), 1.0)
+    return jnp.nan_to_num(_channels_last(target - fine + gain * (fine - known)))
+
+
+def _base(images: Mapping[str, Any], g_base: str, stats: Any) -> Any:
+    """The change that ``F(j)`` takes without the networks, ``(n, y, x, band)`` (NaN -> 0): ``A dC``
+    (``"linear"``), the modulated change (``"modulated"``, :func:`_modulated`) or ``dC``."""
+    import jax.numpy as jnp
+
+    if g_base == "linear":
+        return _converted(images, stats)
+    if g_base == "modulated":
+        return _modulated(images)
+    return jnp.nan_to_num(_channels_last(images["coarse_change"]))
+
+
 def _g_base(images: Mapping[str, Any], config: BiaSTFConfig, stats: Any) -> Any:
-    """What ``G``'s network output is added to, ``(n, y, x, band)``: ``A dC``, ``dC`` or 0."""
+    """What ``G``'s network output is added to, ``(n, y, x, band)``: :func:`_base`, or 0."""
     import jax.numpy as jnp
 
     if not config.g_residual:
         return jnp.zeros_like(_channels_last(images["coarse_change"]))
-    if config.g_base == "linear":
-        return _converted(images, stats)
-    return jnp.nan_to_num(_channels_last(images["coarse_change"]))
+    return _base(images, config.g_base, stats)
 
 
 def _apply_g(g_model: Any, params: Any, images: Mapping[str, Any], config: BiaSTFConfig, stats: Any) -> Any:
