@@ -52,7 +52,7 @@ def test_config_presets_mappings_and_errors():
     assert paper.filters == (128, 128, 128) and not paper.multiband and paper.stage1.patch_size == 128
     assert paper.g_loss == paper.b_loss == "l1"  # measured better than the squared error of Eqs. 16-17
     gpu = BiaSTFConfig.resolve("gpu")
-    assert gpu.multiband and gpu.g_base == "change" and gpu.stage1.augment and gpu.stage1.patience > 0
+    assert gpu.multiband and gpu.g_base == "modulated" and gpu.stage1.augment and gpu.stage1.patience > 0
     cfg = BiaSTFConfig.resolve({"preset": "tiny", "multiband": False, "train": {"steps": 7}, "stage2": {"steps": 9}})
     assert cfg.filters == (16, 16, 16) and not cfg.multiband and cfg.stage1.steps == 7 and cfg.stage2.steps == 9
     assert BiaSTFConfig.resolve(cfg.to_dict()) == cfg
@@ -167,10 +167,11 @@ def test_fusion_matches_float64_reference():
 
 
 def test_untrained_model_with_change_weights_is_delta(trained, cube):
-    """Zero networks: each direction is F(j) + dC, fused like delta's inverse-change weights
+    """Zero networks, ``g_base="change"``: each direction is F(j) + dC, fused like delta's inverse-change weights
     (``g_base="linear"``: F(j) + A dC)."""
     model, _ = trained
     zero = dataclasses.replace(model, params=jax.tree_util.tree_map(np.zeros_like, model.params))
+    zero = dataclasses.replace(zero, config={**zero.config, "g_base": "change"})
     fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]
     fused, _ = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, eps=1e-6), model=zero)
     expected = delta_kernel(fine, coarse, ct, params=DeltaParams(window=9, eps=1e-6))
@@ -279,14 +280,14 @@ def test_learned_part_fades_out_beyond_the_training_changes(trained, cube, caplo
     biastf._WARNED.discard(model)
     with caplog.at_level("WARNING", logger="stf_pipeline.methods.biastf"):
         _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9), model=model)
-    assert "exceeds the training pairs' range" in caplog.text and "falls back to F(j) + dC" in caplog.text
+    assert "exceeds the training pairs' range" in caplog.text and "falls back to F(j) + the modulated change" in caplog.text
     np.testing.assert_allclose(
         transitional,
         fine + (base + trust * model.params["shrink"] * (g + b - base)).transpose(0, 3, 1, 2),
         rtol=1e-5,
         atol=1e-6,
     )
-    # F(j) + dC
+    # F(j) + base
     np.testing.assert_allclose(transitional[..., -4:], (fine + base.transpose(0, 3, 1, 2))[..., -4:], rtol=1e-6)
 
 
@@ -324,7 +325,7 @@ def test_bad_inputs_raise_clear_errors(trained, cube):
     assert small.extra["validation"]["mode"].startswith("none")  # two dates: no validation (documented fallback):
     zero = dataclasses.replace(small, params=jax.tree_util.tree_map(np.zeros_like, small.params))
     blocks = (cube.fine.values[[0, 1]], cube.coarse.values[[0, 1]], cube.coarse.values[2])
-    np.testing.assert_array_equal(  # untrained (zero-output) networks: F(j) + dC fused by f
+    np.testing.assert_array_equal(  # untrained (zero-output) networks: F(j) + base fused by f
         predict_block(*blocks, params=BiaSTFParams(window=9), model=small)[1],
         predict_block(*blocks, params=BiaSTFParams(window=9), model=zero)[1],
     )
@@ -444,12 +445,13 @@ def test_validated_shrink_minimises_the_held_out_error(trained, cube):
 
 
 def test_shrink_zero_is_fine_plus_the_coarse_change(trained, cube):
-    """With the learned part scaled to zero, the transitional prediction is ``F(j) + dC``."""
+    """With the learned part scaled to zero, the transitional prediction is ``F(j) + base`` (the
+    default base: the modulated change)."""
     model, _ = trained
     off = dataclasses.replace(model, params={**model.params, "shrink": np.zeros(2, np.float32)})
     fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]
     _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(extrapolate=True), model=off)
-    expected = fine + ct[None] - coarse
+    expected = fine + _modulated_reference(fine, coarse, ct)
     ok = np.isfinite(transitional)
     assert ok.mean() > 0.5
     np.testing.assert_allclose(transitional[ok], expected[ok], rtol=1e-5, atol=1e-6)

@@ -68,7 +68,7 @@ class BiaSTFConfig:
         (Eqs. 16-17).
     g_residual : bool, default True
         ``G(dC) = base + net(...)`` (True) or ``net(...)`` (False).
-    g_base : {"change", "modulated", "linear"}, default "change"
+    g_base : {"modulated", "change", "linear"}, default "modulated"
         ``base = dC``; the modulated change ``C(k) + g (F(j) - C(j)) - F(j)``, ``g`` the coarse
         ratio ``C(k) / C(j)`` where the coarse reflectance falls (at most 1: the known image's
         detail shrinks with a darkening cover, is never amplified); or ``A dC`` with the fitted
@@ -115,7 +115,7 @@ class BiaSTFConfig:
     g_loss: str = "l1"
     b_loss: str = "l1"
     g_residual: bool = True
-    g_base: str = "change"
+    g_base: str = "modulated"
     normalise: bool = True
     refit: bool = True
     unvalidated_steps: int = 0
@@ -164,7 +164,7 @@ class BiaSTFConfig:
         ``"cpu"``. ``"gpu"``: multiband 128-filter networks, 128 x 128 patches, batch 64.
         ``"cpu"``: multiband 32-filter networks, patch and batch sized to the memory
         (:func:`cpu_training`), 5 minutes per training at most. ``"paper"``: the paper's per-band
-        128-filter networks. All of these train until the held-out date stops improving, at
+        128-filter networks with ``G``'s base ``dC``. All of these train until the held-out date stops improving, at
         most 600 steps per stage (:data:`TRAINING`). ``"tiny"``: 16 filters, 32 x 32 patches, 150 steps per stage, no
         early stopping: trains for real on a CPU in seconds (tests, demo).
         """
@@ -175,7 +175,7 @@ class BiaSTFConfig:
         if name == "gpu":
             return cls()
         if name == "paper":
-            return cls(multiband=False)
+            return cls(multiband=False, g_base="change")
         if name == "cpu":
             train = cpu_training()
             return cls(filters=(32, 32, 32), stage1=train, stage2={**train, "seed": 1})

@@ -229,7 +229,7 @@ def fit(
             log.warning(
                 "biastf: no validation, so %s; pass val_times, or config={'unvalidated_steps': N} to train anyway.",
                 f"{cfg.unvalidated_steps} unvalidated steps per stage" if cfg.unvalidated_steps else
-                "the networks stay zero and the prediction is F(j) + dC fused by f (the documented fallback)",
+                "the networks stay zero and the prediction is F(j) + G's base fused by f (the documented fallback)",
             )
             splits = splits[:1]  # nothing validates: one member, the zero networks (or unvalidated steps)
     bands = [str(b) for b in cube["band"].values.tolist()]
