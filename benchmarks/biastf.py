@@ -2,8 +2,9 @@
 
 Training
     Patches per second of the full training step (seeded draws, on-device crops, batch building,
-    forward, backward, Adam) of stage 1 (``G``) and stage 2 (``B``, which also runs the frozen
-    ``G`` forward), for per-band (the paper: one network per band) and multiband networks, float32
+    forward, backward, Adam) of stage 1 (``G``) and stage 2 (``B``), the latter running the frozen
+    ``G`` on every batch and, as training does by default, cropping ``G``'s output computed once
+    over the scene (``"B, frozen G"``; ``frozen_g_s``: the seconds of that pass), for per-band (the paper: one network per band) and multiband networks, float32
     (device default precision: TF32 on NVIDIA GPUs) and bfloat16. Timed after a compiling warm-up.
 Inference
     One ``size x size`` scene, all bands, both directions (``G`` then ``B`` for each pair, then
@@ -91,16 +92,23 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
             sample_b = jnp.zeros((1, tc.patch_size, tc.patch_size, len(BANDS), len(cfg.b_inputs)))
             b_state = create_train_state(jax.random.key(1), tc, b_model, sample_b, loss=cfg.b_loss)
             stats = biastf.fit_statistics(cube, cube.time.values, 20)
-            stages = (
-                ("G", g_state, functools.partial(biastf.g_batch, config=cfg, stats=stats), None),
-                (
-                    "B",
-                    b_state,
-                    functools.partial(biastf.b_batch, config=cfg, stats=stats, g_model=g_model),
-                    g_state.params,
-                ),
+            start = time.perf_counter()
+            outputs = biastf.frozen_g_outputs(
+                g_model, g_state.params, cube.fine.values, cube.coarse.values, ordered_pairs(4), cfg, stats
             )
-            for stage, state, make_batch, aux in stages:
+            jax.block_until_ready(outputs)
+            frozen_s = time.perf_counter() - start
+            frozen = PatchSampler(
+                cube, cube.time.values, items=ordered_pairs(4), patch_size=tc.patch_size, batch_size=tc.batch_size,
+                per_item={"change_pred": outputs},
+            )
+            b_make = functools.partial(biastf.b_batch, config=cfg, stats=stats, g_model=g_model)
+            stages = (
+                ("G", g_state, functools.partial(biastf.g_batch, config=cfg, stats=stats), None, sampler),
+                ("B", b_state, b_make, g_state.params, sampler),
+                ("B, frozen G", b_state, b_make, g_state.params, frozen),
+            )
+            for stage, state, make_batch, aux, sampler in stages:
                 for step in range(2):  # compile
                     state, metrics = sample_step(state, sampler.crops(step), aux, make_batch=make_batch)
                 jax.block_until_ready(state.params)
@@ -118,6 +126,7 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "patch": tc.patch_size,
                         "patches_per_s": args.steps * tc.batch_size / seconds,
                         "step_ms": 1e3 * seconds / args.steps,
+                        **({"frozen_g_s": frozen_s} if stage == "B, frozen G" else {}),
                     }
                 )
                 print(f"  train {rows[-1]}", flush=True)

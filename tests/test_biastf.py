@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -252,6 +253,32 @@ def _g_and_b(model, fine, coarse, ct):
     x_b = np.concatenate([x_g, (g / np.asarray(stats["change"]))[..., None]], -1)
     b = np.asarray(net.apply({"params": model.params["B"]}, x_b)) * np.asarray(stats["change"])
     return g, b, base
+
+
+def test_stage_two_batches_from_the_frozen_g_outputs_equal_g_run_on_the_patch(trained, cube):
+    """Away from the patch's edges (where ``G`` run on the patch alone sees zero padding), the
+    batch that crops ``G``'s output over the scene equals the batch that runs ``G`` per patch."""
+    from stf_pipeline.methods.biastf.networks import b_batch, frozen_g_outputs, make_networks
+    from stf_pipeline.nn import PatchSampler, ordered_pairs
+
+    model, _ = trained
+    cfg = BiaSTFConfig.resolve(model.config)
+    stats = biastf.Statistics.from_model(model)
+    g_model, _ = make_networks(cfg, 2, "float32")
+    times, items = cube.time.values[[0, 1, 3]], ordered_pairs(3)
+    fine = cube.fine.sel(time=times).values
+    coarse = cube.coarse.sel(time=times).values
+    outputs = frozen_g_outputs(g_model, model.params["G"], fine, coarse, items, cfg, stats)
+    kw = {"items": items, "patch_size": 32, "batch_size": 4, "seed": 3}
+    plain = PatchSampler(cube, times, **kw).crops(2)
+    frozen = PatchSampler(cube, times, per_item={"change_pred": outputs}, **kw).crops(2)
+    make = functools.partial(b_batch, config=cfg, stats=stats, g_model=g_model)
+    a, b = make(plain, model.params["G"]), make(frozen, model.params["G"])
+    inner = (slice(None), slice(biastf.NET_RADIUS, -biastf.NET_RADIUS), slice(biastf.NET_RADIUS, -biastf.NET_RADIUS))
+    np.testing.assert_allclose(np.asarray(b.inputs)[inner], np.asarray(a.inputs)[inner], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.targets)[inner], np.asarray(a.targets)[inner], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(b.mask), np.asarray(a.mask))
+    assert not np.allclose(np.asarray(b.inputs), np.asarray(a.inputs), rtol=1e-4, atol=1e-5)  # the edges differ
 
 
 def test_kernel_is_f_of_fine_plus_g_plus_b(trained, cube):

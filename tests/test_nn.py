@@ -216,6 +216,27 @@ def test_sampler_is_seeded_lazy_equals_preloaded(cube):
     assert not np.array_equal(other.crops(7)["fine"], a["fine"])
 
 
+def test_per_item_images_are_cropped_with_their_item_lazy_or_preloaded_and_augmented_alike(cube):
+    """An image per item (here the item's second date's fine image plus 10 x the item's index)
+    comes out cropped where that item's dates are, and under augmentation transformed alike."""
+    items = ordered_pairs(4)
+    fine = cube.fine.values
+    per_item = {"mine": np.stack([fine[j] + 10.0 * k for k, (_, j) in enumerate(items)])}
+    kw = {"items": items, "patch_size": 16, "batch_size": 7, "seed": 1, "per_item": per_item}
+    for sampler in (
+        PatchSampler(cube, cube.time.values, **kw),
+        PatchSampler(cube.chunk({"y": 10, "x": 10}), cube.time.values, preload=False, **kw),
+        PatchSampler(cube, cube.time.values, augment=True, **kw),
+    ):
+        crops = sampler.crops(5)
+        assert crops["mine"].shape == (7, 1, 2, 16, 16)
+        which = np.array([items.index(tuple(item)) for item in sampler.draw(5)[0]])
+        offset = 10.0 * which[:, None, None, None]
+        np.testing.assert_allclose(crops["mine"][:, 0], crops["fine"][:, 1] + offset, rtol=1e-6)
+    with pytest.raises(ConfigError, match="per_item 'mine' must be"):
+        PatchSampler(cube, cube.time.values, items=items, patch_size=8, batch_size=2, per_item={"mine": fine})
+
+
 def test_sampler_errors(cube):
     times = cube.time.values
     with pytest.raises(ConfigError, match="patch size of 40 is greater than the scene"):

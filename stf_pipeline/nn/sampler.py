@@ -19,6 +19,10 @@ Two ways to read:
 
 Both give identical crops.
 
+``per_item`` arrays hold one image per *item* instead of per date (e.g. the output of a frozen
+network for each pair, computed once over the scene): they are cropped at the item's patch like
+the cube's variables, and augmented with them.
+
 ``augment=True`` applies one of the eight symmetries of the square (flips and 90-degree
 rotations, drawn per item from ``(seed, step)`` as well) to every variable of an item alike, so
 whatever a method derives from the crops (inputs, target, mask) stays aligned.
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dask
@@ -125,6 +129,10 @@ class PatchSampler:
     augment : bool, default False
         Random flips and 90-degree rotations, the same for all variables of an item (module
         docstring); use it for training patches, not for validation.
+    per_item : mapping of str to array, optional
+        ``{name: (n_items, band, y, x)}``, one image per item, on the cube's grid; crops come
+        out as ``(batch, 1, band, patch, patch)`` under ``name`` (module docstring). Held in
+        device memory.
 
     Raises
     ------
@@ -146,6 +154,7 @@ class PatchSampler:
         variables: Sequence[str] = ("fine", "coarse"),
         preload: bool = True,
         augment: bool = False,
+        per_item: Mapping[str, Any] | None = None,
     ) -> None:
         height, width = int(cube.sizes["y"]), int(cube.sizes["x"])
         if patch_size < 1 or batch_size < 1:
@@ -170,6 +179,13 @@ class PatchSampler:
             known = [iso_date(t) for t in all_times]
             raise ConfigError(f"date(s) {missing} are not in the cube; its dates are {known}.")
         self._time_index = np.array([int(np.flatnonzero(all_times == t)[0]) for t in dates])
+        per_item = dict(per_item or {})
+        for name, arr in per_item.items():
+            if tuple(arr.shape[:1]) + tuple(arr.shape[2:]) != (len(items), height, width) or name in variables:
+                raise ConfigError(
+                    f"per_item {name!r} must be (n_items={len(items)}, band, {height}, {width}) and not a cube "
+                    f"variable {tuple(variables)}, got shape {tuple(arr.shape)}."
+                )
         used = sorted(set(flat))
         for name in variables:
             valid = valid_fraction(cube, name)[self._time_index]
@@ -191,6 +207,7 @@ class PatchSampler:
         self.augment = bool(augment)
         self._n_origins = ((height - self.patch_size) // self.align + 1, (width - self.patch_size) // self.align + 1)
         self._data: dict[str, jax.Array] | None = None
+        self._per_item = {name: jnp.asarray(arr, dtype=jnp.float32) for name, arr in per_item.items()}
         if self.preload:
             self._data = {
                 name: jnp.asarray(np.asarray(cube[name].isel(time=self._time_index).values, dtype=np.float32))
@@ -199,11 +216,16 @@ class PatchSampler:
 
     def draw(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The items and patch origins of batch ``step``: ``(items (B, k), y0 (B,), x0 (B,))``."""
+        which, y0, x0 = self._draw(step)
+        return self.items[which], y0, x0
+
+    def _draw(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Positions in ``items`` and patch origins of batch ``step``."""
         rng = np.random.default_rng([self.seed, int(step)])
         which = rng.integers(0, len(self.items), size=self.batch_size)
         y0 = rng.integers(0, self._n_origins[0], size=self.batch_size) * self.align
         x0 = rng.integers(0, self._n_origins[1], size=self.batch_size) * self.align
-        return self.items[which], y0.astype(np.int32), x0.astype(np.int32)
+        return which, y0.astype(np.int32), x0.astype(np.int32)
 
     def symmetries(self, step: int) -> np.ndarray:
         """The ``(batch, 3)`` bool symmetries of batch ``step`` (see :func:`dihedral`)."""
@@ -215,9 +237,16 @@ class PatchSampler:
         return dihedral(out, jnp.asarray(self.symmetries(step))) if self.augment else out
 
     def _crops(self, step: int) -> dict[str, jax.Array]:
-        items, y0, x0 = self.draw(step)
+        which, y0, x0 = self._draw(step)
+        items = self.items[which]
+        per_item = (
+            _gather(self._per_item, jnp.asarray(which[:, None]), jnp.asarray(y0), jnp.asarray(x0), size=self.patch_size)
+            if self._per_item
+            else {}
+        )
         if self._data is not None:
-            return _gather(self._data, jnp.asarray(items), jnp.asarray(y0), jnp.asarray(x0), size=self.patch_size)
+            dated = _gather(self._data, jnp.asarray(items), jnp.asarray(y0), jnp.asarray(x0), size=self.patch_size)
+            return {**dated, **per_item}
         p = self.patch_size
         out: dict[str, Any] = {}
         for name in self.variables:
@@ -228,4 +257,4 @@ class PatchSampler:
             ]
             out[name] = windows
         (computed,) = dask.compute(out)
-        return {name: jnp.asarray(np.asarray(value, dtype=np.float32)) for name, value in computed.items()}
+        return {name: jnp.asarray(np.asarray(value, dtype=np.float32)) for name, value in computed.items()} | per_item

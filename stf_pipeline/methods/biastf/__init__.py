@@ -71,10 +71,12 @@ from stf_pipeline.methods.biastf.kernel import (
 from stf_pipeline.methods.biastf.networks import (
     CHANGE_PERCENTILE,
     CONVERSION_RIDGE,
+    FROZEN_G_BYTES,
     Statistics,
     b_batch,
     change_limit,
     fit_statistics,
+    frozen_g_outputs,
     g_batch,
     make_networks,
 )
@@ -93,9 +95,10 @@ METHOD = MethodSpec(
 )
 
 __all__ = [
-    "B_INPUTS", "BEYOND_WARNING", "CHANGE_FADE", "CHANGE_PERCENTILE", "CONVERSION_RIDGE", "DTYPES", "FUSION_WEIGHTS",
+    "B_INPUTS", "BEYOND_WARNING", "CHANGE_FADE", "CHANGE_PERCENTILE", "CONVERSION_RIDGE", "DTYPES", "FROZEN_G_BYTES",
+    "FUSION_WEIGHTS",
     "G_BASES", "G_INPUTS", "METHOD", "NET_RADIUS", "PRESETS", "TABLE1_KERNELS", "TRAINING", "TRAIN_DTYPES",
     "_WARNED", "BiaSTFConfig", "BiaSTFParams", "Statistics", "b_batch", "biastf_kernel", "change_limit", "cpu_training",
-    "fit", "fit_statistics", "fuse_directions", "g_batch", "make_networks", "predict_block", "predictor",
+    "fit", "fit_statistics", "frozen_g_outputs", "fuse_directions", "g_batch", "make_networks", "predict_block", "predictor",
     "trust_in_change",
 ]

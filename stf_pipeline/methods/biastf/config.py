@@ -99,6 +99,11 @@ class BiaSTFConfig:
         ``fold=m``) and its own seeds (``seed + 1000 m``), and the model predicts with the mean of
         the members' corrections ``G + B - base``. Opt-in: three members cost three trainings and
         did not beat one refitted member on the study's scenes (``docs/methods/biastf.md``).
+    frozen_g : bool, default True
+        Stage 2 crops ``G``'s output from one pass of the frozen ``G`` over the scene per
+        training pair (:func:`~stf_pipeline.methods.biastf.networks.frozen_g_outputs`) instead of
+        running ``G`` on every batch, where that fits in ``FROZEN_G_BYTES``: faster, and ``B``
+        learns from ``G``'s output as inference computes it (each patch with its surroundings).
     train_dtype : {"float32", "bfloat16"}, default "float32"
         Computation dtype of the networks while training (parameters stay float32); float32
         convolutions run at the device's default precision (TF32 on recent NVIDIA GPUs).
@@ -122,6 +127,7 @@ class BiaSTFConfig:
     shrink: bool = True
     same_date_pairs: bool = False
     members: int = 1
+    frozen_g: bool = True
     train_dtype: str = "float32"
     stage1: Any = None
     stage2: Any = None

@@ -65,10 +65,17 @@ def _fit_stages(
         if fixed is not None:
             tc = dataclasses.replace(tc, steps=max(int(fixed), 1), patience=0)
         common = {"patch_size": tc.patch_size, "batch_size": tc.batch_size, "preload": tc.preload}
+        items = training_items(n, cfg.same_date_pairs)
+        frozen = name == "B" and fixed != 0 and _frozen_g_fits(cube, cfg, len(items) + len(val_items) * bool(held))
+        per_item = functools.partial(_frozen_g, cube, cfg, stats, g_model, params.get("G")) if frozen else None
         sampler = PatchSampler(
-            cube, times, items=training_items(n, cfg.same_date_pairs), seed=tc.seed, augment=tc.augment, **common
+            cube, times, items=items, seed=tc.seed, augment=tc.augment,
+            per_item=per_item(times, items) if per_item else None, **common,
         )
-        val = PatchSampler(cube, [*times, *held], items=val_items, seed=tc.seed + 7919, **common) if held else None
+        val = PatchSampler(
+            cube, [*times, *held], items=val_items, seed=tc.seed + 7919,
+            per_item=per_item([*times, *held], val_items) if per_item else None, **common,
+        ) if held else None
         sample = jnp.zeros((1, tc.patch_size, tc.patch_size, n_bands, len(inputs)), jnp.float32)
         state = create_train_state(jax.random.key(tc.seed), tc, model, sample, loss=loss)
         key = f"stage{stage}_{name}{suffix}"
@@ -87,6 +94,30 @@ def _fit_stages(
         history[key] = {**result.history, "best_step": result.best_step, "stop_reason": result.stop_reason}
         results.append(result)
     return params, history, results
+
+
+def _frozen_g_fits(cube: xr.Dataset, cfg: BiaSTFConfig, n_items: int) -> bool:
+    """Whether stage 2 takes ``G``'s output from :func:`frozen_g_outputs` (``cfg.frozen_g`` and
+    the outputs of ``n_items`` pairs fit in ``FROZEN_G_BYTES``)."""
+    from stf_pipeline.methods.biastf.networks import FROZEN_G_BYTES
+
+    size = 4 * n_items * int(cube.sizes["band"]) * int(cube.sizes["y"]) * int(cube.sizes["x"])
+    if cfg.frozen_g and size > FROZEN_G_BYTES:
+        log.info("biastf: G's outputs would take %.1f GiB; stage 2 runs G on every batch", size / 2**30)
+    return cfg.frozen_g and size <= FROZEN_G_BYTES
+
+
+def _frozen_g(
+    cube: xr.Dataset, cfg: BiaSTFConfig, stats: Statistics, g_model: Any, g_params: Any, times: Sequence[Any],
+    items: Sequence[tuple[int, int]],
+) -> dict[str, Any]:
+    """``PatchSampler``'s ``per_item``: the frozen ``G``'s output for each of ``items`` of ``times``."""
+    from stf_pipeline.methods.biastf.networks import frozen_g_outputs
+
+    dates = {"time": list(times)}
+    fine = cube["fine"].sel(dates).values.astype(np.float32)
+    coarse = cube["coarse"].sel(dates).values.astype(np.float32)
+    return {"change_pred": frozen_g_outputs(g_model, g_params, fine, coarse, items, cfg, stats)}
 
 
 def training_items(n: int, same_date_pairs: bool = False) -> tuple[tuple[int, int], ...]:

@@ -167,9 +167,13 @@ def _valid_within(valid: Any, radius: int) -> Any:
     import jax
 
     invalid = (~valid).astype("float32")
-    dims = (1,) * (valid.ndim - 2) + (2 * radius + 1, 2 * radius + 1)
-    pad = ((0, 0),) * (valid.ndim - 2) + ((radius, radius), (radius, radius))
-    return jax.lax.reduce_window(invalid, 0.0, jax.lax.max, dims, (1,) * valid.ndim, pad) == 0
+    for axis in (-2, -1):  # the square's maximum as two 1-D maxima: 2 (2r + 1) comparisons a pixel, not (2r + 1)^2
+        dims = [1] * valid.ndim
+        dims[axis] = 2 * radius + 1
+        pad = [(0, 0)] * valid.ndim
+        pad[axis] = (radius, radius)
+        invalid = jax.lax.reduce_window(invalid, 0.0, jax.lax.max, tuple(dims), (1,) * valid.ndim, tuple(pad))
+    return invalid == 0
 
 
 def _pair_images(fine_j: Any, coarse_i: Any, coarse_j: Any, mix_bands: bool) -> tuple[dict[str, Any], Any]:
@@ -318,7 +322,10 @@ def g_batch(crops: Mapping[str, Any], aux: Any, *, config: BiaSTFConfig, stats: 
 
 
 def b_batch(crops: Mapping[str, Any], aux: Any, *, config: BiaSTFConfig, stats: Statistics, g_model: Any) -> Any:
-    """Stage-2 batch: inputs ``b_inputs`` (with the frozen ``G``'s output), target ``(dF - G) / change``."""
+    """Stage-2 batch: inputs ``b_inputs`` (with the frozen ``G``'s output), target ``(dF - G) / change``.
+
+    ``G``'s output is the crops' ``"change_pred"`` where the sampler holds it per item
+    (:func:`frozen_g_outputs`), else ``G`` runs on the crops with the parameters ``aux``."""
     import jax.numpy as jnp
 
     from stf_pipeline.nn.sampler import Batch
@@ -326,8 +333,41 @@ def b_batch(crops: Mapping[str, Any], aux: Any, *, config: BiaSTFConfig, stats: 
     fine, coarse = crops["fine"], crops["coarse"]
     s = stats.arrays()
     images, valid = _pair_images(fine[:, 1], coarse[:, 0], coarse[:, 1], _mixes_bands(config))
-    g = _apply_g(g_model, aux, images, config, s)
+    if "change_pred" in crops:  # G's output over the scene, computed once (frozen_g_outputs)
+        g = _channels_last(crops["change_pred"][:, 0])
+    else:
+        g = _apply_g(g_model, aux, images, config, s)
     images["change_pred"] = jnp.transpose(g, (0, 3, 1, 2))
     target = (_channels_last(fine[:, 0] - fine[:, 1]) - g) / jnp.asarray(s["change"])
     mask = _channels_last(_valid_within(valid, 2 * NET_RADIUS)) & jnp.isfinite(target)
     return Batch(_features(config.b_inputs, images, s), jnp.nan_to_num(target), mask)
+
+
+#: most bytes that :func:`frozen_g_outputs` may hold (beyond it, stage 2 runs ``G`` on every batch)
+FROZEN_G_BYTES = 2 * 2**30
+
+
+def frozen_g_outputs(
+    g_model: Any, g_params: Any, fine: Any, coarse: Any, items: Sequence[tuple[int, int]], config: BiaSTFConfig,
+    stats: Statistics,
+) -> Any:
+    """The frozen ``G``'s output ``(n_items, band, y, x)`` over the whole scene for each item
+    ``(i, j)`` (predict date ``i`` from date ``j``) of the dates of ``fine`` and ``coarse``
+    ``(time, band, y, x)``.
+
+    Stage 2 crops its batches from these (``PatchSampler(per_item=...)``) instead of running
+    ``G`` on every batch: one forward pass per pair instead of one per step, and ``G`` sees each
+    patch with its surroundings, as at inference.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    s = stats.arrays()
+
+    @jax.jit
+    def one(params: Any, fine_j: Any, coarse_i: Any, coarse_j: Any) -> Any:
+        images, _ = _pair_images(fine_j[None], coarse_i[None], coarse_j[None], _mixes_bands(config))
+        return jnp.transpose(_apply_g(g_model, params, images, config, s), (0, 3, 1, 2))[0]
+
+    fine, coarse = jnp.asarray(fine, jnp.float32), jnp.asarray(coarse, jnp.float32)
+    return jnp.stack([one(g_params, fine[j], coarse[i], coarse[j]) for i, j in items])
