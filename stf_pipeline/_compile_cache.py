@@ -53,22 +53,28 @@ def enable_compilation_cache() -> str | None:
     JAX reads on import, here and in the worker processes started later. Once JAX is imported it sets
     ``jax_compilation_cache_dir`` if nothing else did, and makes JAX check for the cache again at the
     next compilation (JAX decides once per process, at its first compilation). A folder the user
-    configured is kept. With ``STF_JAX_CACHE=0`` nothing is changed.
+    configured through ``jax.config`` is kept, and then neither the minimum compile time nor the
+    environment (which later Dask workers inherit) is changed. With ``STF_JAX_CACHE=0`` nothing
+    is changed.
     """
     if not cache_wanted():
         return None
     path = compilation_cache_dir()
+    current = None
+    if "jax" in sys.modules:
+        import jax
+
+        current = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]  # a flag, set at run time
+        if current and current != path:  # the user's own cache, its minimum and the workers' environment alone
+            return str(current)
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", path)
     user_minimum = MIN_COMPILE_VARIABLE in os.environ
     os.environ.setdefault(MIN_COMPILE_VARIABLE, str(MIN_COMPILE_SECONDS))
-    if "jax" not in sys.modules:
+    if "jax" not in sys.modules or current:
         return path
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    current = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]  # a flag, set at run time
-    if current:
-        return str(current)
     jax.config.update("jax_compilation_cache_dir", path)
     if not user_minimum:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)

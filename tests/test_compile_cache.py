@@ -76,9 +76,13 @@ def test_package_caches_programs_that_compile_in_a_tenth_of_a_second(tmp_path: P
     assert mine["minimum"] == 5.0
 
 
-def test_a_folder_the_user_configured_is_kept(tmp_path: Path) -> None:
-    code = f"import jax; jax.config.update('jax_compilation_cache_dir', {str(tmp_path / 'user')!r}); " + _FUSE
-    assert _child(code, XDG_CACHE_HOME=str(tmp_path))["folder"] == str(tmp_path / "user")
+def test_a_folder_the_user_configured_is_kept_with_its_minimum_and_the_environment(tmp_path: Path) -> None:
+    code = f"import jax; jax.config.update('jax_compilation_cache_dir', {str(tmp_path / 'user')!r}); " + _MINIMUM
+    code = code.replace("'folder': folder, ", "'folder': folder, 'env': os.environ.get('JAX_COMPILATION_CACHE_DIR'), "
+                        f"'env_minimum': os.environ.get({'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'!r}), ")
+    got = _child(code, XDG_CACHE_HOME=str(tmp_path))
+    assert got["folder"] == str(tmp_path / "user") and got["minimum"] == 1.0  # JAX's own default
+    assert got["env"] is None and got["env_minimum"] is None  # nothing for Dask workers to inherit
 
 
 @pytest.mark.slow
