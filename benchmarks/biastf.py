@@ -4,7 +4,8 @@ Training
     Patches per second of the full training step (seeded draws, on-device crops, batch building,
     forward, backward, Adam) of stage 1 (``G``) and stage 2 (``B``), the latter running the frozen
     ``G`` on every batch and, as training does by default, cropping ``G``'s output computed once
-    over the scene (``"B, frozen G"``; ``frozen_g_s``: the seconds of that pass), for per-band (the paper: one network per band) and multiband networks, float32
+    over the scene (``"B, frozen G"``; ``frozen_g_s``: the seconds of that pass), for per-band
+    (the paper: one network per band) and multiband networks, float32
     (device default precision: TF32 on NVIDIA GPUs) and bfloat16. Timed after a compiling warm-up.
 Inference
     One ``size x size`` scene, all bands, both directions (``G`` then ``B`` for each pair, then

@@ -307,7 +307,8 @@ def test_learned_part_fades_out_beyond_the_training_changes(trained, cube, caplo
     biastf._WARNED.discard(model)
     with caplog.at_level("WARNING", logger="stf_pipeline.methods.biastf"):
         _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9), model=model)
-    assert "exceeds the training pairs' range" in caplog.text and "falls back to F(j) + the modulated change" in caplog.text
+    assert "exceeds the training pairs' range" in caplog.text
+    assert "falls back to F(j) + the modulated change" in caplog.text
     np.testing.assert_allclose(
         transitional,
         fine + (base + trust * model.params["shrink"] * (g + b - base)).transpose(0, 3, 1, 2),

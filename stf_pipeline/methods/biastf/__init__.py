@@ -99,6 +99,6 @@ __all__ = [
     "FUSION_WEIGHTS",
     "G_BASES", "G_INPUTS", "METHOD", "NET_RADIUS", "PRESETS", "TABLE1_KERNELS", "TRAINING", "TRAIN_DTYPES",
     "_WARNED", "BiaSTFConfig", "BiaSTFParams", "Statistics", "b_batch", "biastf_kernel", "change_limit", "cpu_training",
-    "fit", "fit_statistics", "frozen_g_outputs", "fuse_directions", "g_batch", "make_networks", "predict_block", "predictor",
-    "trust_in_change",
+    "fit", "fit_statistics", "frozen_g_outputs", "fuse_directions", "g_batch", "make_networks", "predict_block",
+    "predictor", "trust_in_change",
 ]
