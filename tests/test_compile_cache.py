@@ -28,7 +28,9 @@ _FUSE = (
 
 
 def _child(code: str, **env: str) -> dict:
-    environ = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "STF_JAX_CACHE")}
+    # the variables the package may have set in this test process (a worker that ran other tests) stay out
+    ours = ("JAX_COMPILATION_CACHE_DIR", "STF_JAX_CACHE", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    environ = {k: v for k, v in os.environ.items() if k not in ours}
     environ.update(PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", JAX_PLATFORMS="cpu", **env)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=300)
     assert done.returncode == 0, done.stderr
