@@ -220,6 +220,19 @@ def test_modulated_base_shrinks_the_detail_only_where_the_coarse_image_darkens(t
     np.testing.assert_allclose(half_pred[0, 0, 0, -1], half, rtol=1e-5)
 
 
+def test_images_that_are_not_reflectance_get_the_additive_base(cube, caplog):
+    """A linearly mapped temperature (``units`` other than reflectance) has no ratio scale: the
+    model trains and predicts with ``G``'s base ``dC``, says so, and records it."""
+    lst = cube.copy()
+    for name in ("fine", "coarse"):
+        lst[name] = lst[name].assign_attrs(units="(T - 250 K) / 100 K")
+    times = cube.time.values
+    with caplog.at_level("WARNING", logger="stf_pipeline.methods.biastf"):
+        model = stf.train(lst, method="biastf", train_times=times[[0, 1, 3, 4]], val_times=times[[2]], config=FAST)
+    assert model.config["g_base"] == "change" and "not reflectance" in caplog.text
+    assert BiaSTFConfig.resolve(FAST).g_base == "modulated"  # reflectance keeps the default
+
+
 def test_conversion_is_the_least_squares_fit_of_the_block_changes(cube):
     """``A`` of a cube whose coarse sensor is ``0.95 x fine + 0.01`` (random_cube) is ``I / 0.95``;
     the normalisation constants are the training dates' moments."""

@@ -73,7 +73,8 @@ class BiaSTFConfig:
         ratio ``C(k) / C(j)`` where the coarse reflectance falls (at most 1: the known image's
         detail shrinks with a darkening cover, is never amplified); or ``A dC`` with the fitted
         conversion ``A`` (bands x bands; measured worse). The base is also what the prediction
-        falls back to beyond the training changes (``docs/methods/biastf.md``).
+        falls back to beyond the training changes (``docs/methods/biastf.md``). Training on
+        images that are not reflectance (``units``) replaces ``"modulated"`` by ``"change"``.
     normalise : bool, default True
         Per-band input and target scaling with constants from the training dates, recorded in
         the model (``model.extra["statistics"]``).

@@ -96,6 +96,21 @@ def _fit_stages(
     return params, history, results
 
 
+def _base_for_units(cube: xr.Dataset, cfg: BiaSTFConfig) -> BiaSTFConfig:
+    """``cfg``, with ``G``'s base ``dC`` instead of the modulated change where the cube's images are
+    not reflectance (their ``units`` attribute): a ratio of coarse values means a change of cover
+    only on a scale whose zero is no signal, and a linearly mapped temperature is not one."""
+    units = {str(cube[name].attrs.get("units", "reflectance")) for name in ("fine", "coarse")}
+    if cfg.g_base != "modulated" or units == {"reflectance"}:
+        return cfg
+    log.warning(
+        "biastf: the images are in %s, not reflectance; G's base is dC instead of the modulated change, "
+        "which needs a ratio scale (recorded in the model's config).",
+        " and ".join(sorted(units)),
+    )
+    return dataclasses.replace(cfg, g_base="change")
+
+
 def _frozen_g_fits(cube: xr.Dataset, cfg: BiaSTFConfig, n_items: int) -> bool:
     """Whether stage 2 takes ``G``'s output from :func:`frozen_g_outputs` (``cfg.frozen_g`` and
     the outputs of ``n_items`` pairs fit in ``FROZEN_G_BYTES``)."""
@@ -242,7 +257,7 @@ def fit(
     from stf_pipeline.nn import FittedModel, holdout_split, save_history
     from stf_pipeline.task import iso_date, to_datetime64
 
-    cfg = BiaSTFConfig.resolve(config)
+    cfg = _base_for_units(cube, BiaSTFConfig.resolve(config))
     times = sorted({to_datetime64(t) for t in train_times})
     if len(times) < 2:
         raise TaskError(
