@@ -10,13 +10,10 @@ The model (Eqs. 11-13), for the target date ``k`` and the pair dates ``j`` in ``
 - **Networks** (Table 1): ``G`` and ``B`` are Conv 7x7 -> 5x5 -> 3x3 (ReLU, 'same') -> 3x3,
   with ``filters`` ``(n1, n2, n3)``. They are one network per band (``multiband=False``, the
   paper) or one network for all bands (``multiband=True``).
-- **G's base** (``g_base``): ``G = base + net``. The default (``"modulated"``) is the
-  change that takes ``F(j)`` to ``C(k) + g (F(j) - C(j))``, ``g = min(1, C(k) / C(j))``: where
-  the coarse reflectance falls, the known detail shrinks with it. ``"change"`` is ``dC``;
-  ``"linear"`` is ``A dC`` (``A``, bands x bands, a least-squares fine/coarse conversion of the
-  changes at the coarse scale over the training pairs). Inputs are ``dC, F(j), C(j), C(k)``, and for
-  ``B`` also ``G``'s output; each is normalised per band with constants recorded in the model
-  (``normalise``).
+- **G's base** (``g_base``): ``G = base + net``; by default the change that takes ``F(j)`` to
+  ``C(k) + g (F(j) - C(j))``, ``g = min(1, C(k) / C(j))`` (``"modulated"``), else ``dC`` or ``A dC``
+  (:class:`BiaSTFConfig`). Inputs are ``dC, F(j), C(j), C(k)``, and for ``B`` also ``G``'s output,
+  each normalised per band with constants recorded in the model (``normalise``).
 - **Training** (Eqs. 16-18) runs on all ordered pairs of the training dates. Stage 1 fits ``G``
   to ``dF``; stage 2 fits ``B`` to ``dF - G``. The loss is the mean absolute error (``"l2"``:
   Eq. 16-17's squared error). Unless ``val_times`` are given, one training date is held out
