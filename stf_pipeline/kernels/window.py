@@ -57,17 +57,25 @@ def box_sum(a: np.ndarray, radius: int) -> np.ndarray:
     return out.reshape(a.shape)
 
 
+def window_reduce_jax(a: Any, radius: int, computation: Any, init: float) -> Any:
+    """``computation`` (``jax.lax.add``, ``max``, ``min``) over a ``(2r+1)²`` window on the last two
+    axes of a JAX array, as two 1-D passes (``2 (2r + 1)`` operations a pixel, not ``(2r + 1)²``);
+    outside the array counts as ``init``. Traceable."""
+    import jax
+
+    for axis in (a.ndim - 2, a.ndim - 1):
+        dims = tuple(2 * radius + 1 if d == axis else 1 for d in range(a.ndim))
+        pad = tuple((radius, radius) if d == axis else (0, 0) for d in range(a.ndim))
+        a = jax.lax.reduce_window(a, init, computation, dims, (1,) * a.ndim, pad)
+    return a
+
+
 def box_sum_jax(a: Any, radius: int) -> Any:
     """:func:`box_sum` for JAX arrays (traceable): separable ``lax.reduce_window`` sums, outside
     the array zero."""
     import jax
 
-    dims = (1,) * (a.ndim - 2) + (2 * radius + 1, 1)
-    pad = ((0, 0),) * (a.ndim - 2) + ((radius, radius), (0, 0))
-    a = jax.lax.reduce_window(a, 0.0, jax.lax.add, dims, (1,) * a.ndim, pad)
-    dims = (1,) * (a.ndim - 2) + (1, 2 * radius + 1)
-    pad = ((0, 0),) * (a.ndim - 2) + ((0, 0), (radius, radius))
-    return jax.lax.reduce_window(a, 0.0, jax.lax.add, dims, (1,) * a.ndim, pad)
+    return window_reduce_jax(a, radius, jax.lax.add, 0.0)
 
 
 def nanmean_window(a: np.ndarray, radius: int) -> np.ndarray:

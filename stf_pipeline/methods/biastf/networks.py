@@ -166,14 +166,9 @@ def _valid_within(valid: Any, radius: int) -> Any:
     """True where ``valid`` holds at every pixel within ``radius`` (``(..., y, x)``); outside counts as valid."""
     import jax
 
-    invalid = (~valid).astype("float32")
-    for axis in (-2, -1):  # the square's maximum as two 1-D maxima: 2 (2r + 1) comparisons a pixel, not (2r + 1)^2
-        dims = [1] * valid.ndim
-        dims[axis] = 2 * radius + 1
-        pad = [(0, 0)] * valid.ndim
-        pad[axis] = (radius, radius)
-        invalid = jax.lax.reduce_window(invalid, 0.0, jax.lax.max, tuple(dims), (1,) * valid.ndim, tuple(pad))
-    return invalid == 0
+    from stf_pipeline.kernels.window import window_reduce_jax
+
+    return window_reduce_jax((~valid).astype("float32"), radius, jax.lax.max, 0.0) == 0
 
 
 def _pair_images(fine_j: Any, coarse_i: Any, coarse_j: Any, mix_bands: bool) -> tuple[dict[str, Any], Any]:
