@@ -294,6 +294,24 @@ def test_stage_two_batches_from_the_frozen_g_outputs_equal_g_run_on_the_patch(tr
     assert not np.allclose(np.asarray(b.inputs), np.asarray(a.inputs), rtol=1e-4, atol=1e-5)  # the edges differ
 
 
+def test_stage_two_freezes_g_only_for_a_preloaded_scene(cube, monkeypatch):
+    """``preload=False`` (a scene not held in memory) keeps ``G`` on every batch; the default
+    computes the frozen outputs once, for the training and the validation pairs."""
+    import importlib
+
+    fit_module = importlib.import_module("stf_pipeline.methods.biastf.fit")  # the package exports fit()
+    calls = []
+    real = fit_module._frozen_g
+    monkeypatch.setattr(fit_module, "_frozen_g", lambda *a: calls.append(len(a[-1])) or real(*a))
+    times = cube.time.values
+    dates = {"train_times": times[[0, 1, 3]], "val_times": times[[2]]}
+    lazy = {**FAST, "refit": False, "train": {**FAST["train"], "preload": False}}
+    stf.train(cube, method="biastf", config=lazy, **dates)
+    assert calls == []
+    stf.train(cube, method="biastf", config={**FAST, "refit": False}, **dates)
+    assert calls == [6, 6]  # the 6 ordered training pairs, then the held-out date with each training date both ways
+
+
 def test_kernel_is_f_of_fine_plus_g_plus_b(trained, cube):
     model, _ = trained
     fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]

@@ -103,7 +103,8 @@ class BiaSTFConfig:
     frozen_g : bool, default True
         Stage 2 crops ``G``'s output from one pass of the frozen ``G`` over the scene per
         training pair (:func:`~stf_pipeline.methods.biastf.networks.frozen_g_outputs`) instead of
-        running ``G`` on every batch, where that fits in ``FROZEN_G_BYTES``: faster, and ``B``
+        running ``G`` on every batch, where the dates are preloaded (``preload``, a scene held in
+        memory) and the outputs fit in ``FROZEN_G_BYTES``: faster, and ``B``
         learns from ``G``'s output as inference computes it (each patch with its surroundings).
     train_dtype : {"float32", "bfloat16"}, default "float32"
         Computation dtype of the networks while training (parameters stay float32); float32

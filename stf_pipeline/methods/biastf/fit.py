@@ -66,7 +66,8 @@ def _fit_stages(
             tc = dataclasses.replace(tc, steps=max(int(fixed), 1), patience=0)
         common = {"patch_size": tc.patch_size, "batch_size": tc.batch_size, "preload": tc.preload}
         items = training_items(n, cfg.same_date_pairs)
-        frozen = name == "B" and fixed != 0 and _frozen_g_fits(cube, cfg, len(items) + len(val_items) * bool(held))
+        n_frozen = len(items) + len(val_items) * bool(held)
+        frozen = name == "B" and fixed != 0 and tc.preload and _frozen_g_fits(cube, cfg, n_frozen)
         per_item = functools.partial(_frozen_g, cube, cfg, stats, g_model, params.get("G")) if frozen else None
         sampler = PatchSampler(
             cube, times, items=items, seed=tc.seed, augment=tc.augment,
