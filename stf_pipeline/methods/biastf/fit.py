@@ -68,14 +68,16 @@ def _fit_stages(
         items = training_items(n, cfg.same_date_pairs)
         n_frozen = len(items) + len(val_items) * bool(held)
         frozen = name == "B" and fixed != 0 and tc.preload and _frozen_g_fits(cube, cfg, n_frozen)
-        per_item = functools.partial(_frozen_g, cube, cfg, stats, g_model, params.get("G")) if frozen else None
+        # training items index the first len(times) of these dates, validation items all of them
+        per_item = (
+            _frozen_g(cube, cfg, stats, g_model, params["G"], [*times, *held], items, val_items if held else [])
+            if frozen else (None, None)
+        )
         sampler = PatchSampler(
-            cube, times, items=items, seed=tc.seed, augment=tc.augment,
-            per_item=per_item(times, items) if per_item else None, **common,
+            cube, times, items=items, seed=tc.seed, augment=tc.augment, per_item=per_item[0], **common
         )
         val = PatchSampler(
-            cube, [*times, *held], items=val_items, seed=tc.seed + 7919,
-            per_item=per_item([*times, *held], val_items) if per_item else None, **common,
+            cube, [*times, *held], items=val_items, seed=tc.seed + 7919, per_item=per_item[1], **common
         ) if held else None
         sample = jnp.zeros((1, tc.patch_size, tc.patch_size, n_bands, len(inputs)), jnp.float32)
         state = create_train_state(jax.random.key(tc.seed), tc, model, sample, loss=loss)
@@ -125,15 +127,19 @@ def _frozen_g_fits(cube: xr.Dataset, cfg: BiaSTFConfig, n_items: int) -> bool:
 
 def _frozen_g(
     cube: xr.Dataset, cfg: BiaSTFConfig, stats: Statistics, g_model: Any, g_params: Any, times: Sequence[Any],
-    items: Sequence[tuple[int, int]],
-) -> dict[str, Any]:
-    """``PatchSampler``'s ``per_item``: the frozen ``G``'s output for each of ``items`` of ``times``."""
+    *item_sets: Sequence[tuple[int, int]],
+) -> tuple[dict[str, Any] | None, ...]:
+    """``PatchSampler``'s ``per_item`` for each of ``item_sets`` (pairs of positions in ``times``):
+    the frozen ``G``'s output, from one read of the dates; ``None`` for an empty set."""
     from stf_pipeline.methods.biastf.networks import frozen_g_outputs
 
     dates = {"time": list(times)}
     fine = cube["fine"].sel(dates).values.astype(np.float32)
     coarse = cube["coarse"].sel(dates).values.astype(np.float32)
-    return {"change_pred": frozen_g_outputs(g_model, g_params, fine, coarse, items, cfg, stats)}
+    return tuple(
+        {"change_pred": frozen_g_outputs(g_model, g_params, fine, coarse, items, cfg, stats)} if items else None
+        for items in item_sets
+    )
 
 
 def training_items(n: int, same_date_pairs: bool = False) -> tuple[tuple[int, int], ...]:
