@@ -245,6 +245,9 @@ def run_scene(
 INFERENCE_VARIANTS: dict[str, dict[str, Any]] = {
     "f by similarity to C(k)": {"weights": "similarity"},
     "no fade beyond L": {"extrapolate": True},
+    "f weights 1/S^2": {"weight_power": 2.0},
+    "self-ensemble of 4 flips": {"self_ensemble": 4},
+    "self-ensemble of 8 orientations": {"self_ensemble": 8},
 }
 
 

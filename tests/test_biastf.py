@@ -323,6 +323,62 @@ def test_kernel_is_f_of_fine_plus_g_plus_b(trained, cube):
     np.testing.assert_allclose(fused, _reference_fusion(expected, ct, 9, 1e-3, coarse), rtol=1e-4, atol=1e-5)
 
 
+def _oriented_by_hand(a, turn, flip):
+    """``a`` ``(..., y, x)`` flipped along x, then turned ``turn`` quarter turns (NumPy)."""
+    return np.rot90(a[..., ::-1] if flip else a, turn, axes=(-2, -1))
+
+
+@pytest.mark.parametrize("count", [4, 8])
+def test_self_ensemble_averages_the_corrections_of_the_block_orientations(trained, cube, count):
+    model, _ = trained
+    fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]  # 48 x 56
+    views = [(0, False), (0, True), (2, False), (2, True)] if count == 4 else [(t, f) for f in (0, 1) for t in range(4)]
+    learned = []
+    for turn, flip in views:
+        g, b, _ = _g_and_b(model, *(_oriented_by_hand(a, turn, flip) for a in (fine, coarse, ct)))
+        back = np.rot90(g + b, -turn, axes=(1, 2))  # (pair, y, x, band)
+        learned.append(back[:, :, ::-1] if flip else back)
+    _, _, base = _g_and_b(model, fine, coarse, ct)
+    params = BiaSTFParams(window=9, extrapolate=True, self_ensemble=count)
+    _, transitional = predict_block(fine, coarse, ct, params=params, model=model)
+    expected = fine + (base + model.params["shrink"] * (np.mean(learned, axis=0) - base)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(transitional, expected, rtol=1e-5, atol=2e-6)
+    if count == 8:  # the average over the whole dihedral group commutes with turning the scene
+        turned, _ = predict_block(*(np.rot90(a, 1, axes=(-2, -1)) for a in (fine, coarse, ct)), params=params, model=model)
+        fused, _ = predict_block(fine, coarse, ct, params=params, model=model)
+        np.testing.assert_allclose(turned, np.rot90(fused, 1, axes=(-2, -1)), rtol=1e-5, atol=2e-6)
+
+
+def test_self_ensemble_chunked_equals_unchunked(trained, cube):
+    model, _ = trained
+    target = cube.time.values[2]
+    whole = stf.fuse(cube, target, method="biastf", model=model, self_ensemble=8)
+    assert np.abs(whole.values - stf.fuse(cube, target, method="biastf", model=model).values).max() > 1e-6
+    lazy = stf.fuse(cube.chunk({"y": 20, "x": 24}), target, method="biastf", model=model, self_ensemble=8)
+    assert_chunked_equals_unchunked(whole, lazy, atol=1e-5)
+
+
+def test_inverse_variance_fusion_weights(trained, cube):
+    model, _ = trained
+    fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]
+    params = BiaSTFParams(window=9, weight_power=2.0)
+    fused, transitional = predict_block(fine, coarse, ct, params=params, model=model)
+    r = 4
+    score = np.stack(
+        [
+            np.abs(ct - coarse[d]).astype(np.float64)[:, 20 - r : 20 + r + 1, 30 - r : 30 + r + 1].mean(axis=(1, 2))
+            for d in range(2)
+        ]
+    )
+    weight = (score + 1e-3) ** -2.0  # (pair, band) at the pixel (20, 30)
+    expected = (weight * transitional[:, :, 20, 30]).sum(0) / weight.sum(0)
+    np.testing.assert_allclose(fused[:, 20, 30], expected, rtol=1e-5)
+    with pytest.raises(MethodError, match="weight_power must be > 0"):
+        BiaSTFParams(weight_power=0.0)
+    with pytest.raises(MethodError, match="self_ensemble must be one of"):
+        BiaSTFParams(self_ensemble=3)
+
+
 def test_learned_part_fades_out_beyond_the_training_changes(trained, cube, caplog):
     model, _ = trained
     train = cube.coarse.values[[0, 1, 3, 4]][..., 4::8, 4::8].astype(np.float64)  # one pixel per coarse pixel

@@ -34,14 +34,21 @@ log = logging.getLogger("stf_pipeline.methods.biastf")
 
 
 def fuse_directions(
-    pred: Any, coarse_target: Any, *, window: int, eps: float, weights: str = "similarity", coarse: Any = None
+    pred: Any,
+    coarse_target: Any,
+    *,
+    window: int,
+    eps: float,
+    weights: str = "similarity",
+    coarse: Any = None,
+    power: float = 1.0,
 ) -> Any:
     """Fusion ``f``: weight the transitional predictions ``(n, band, y, x)`` per pixel and band.
 
     ``weights="similarity"``: ``S = |mean over window of (pred - C(k))|`` (valid pixels only);
     ``"change"``: ``S = mean over window of |C(k) - C(j)|`` (valid pixels only; needs ``coarse``
-    ``(n, band, y, x)``, the pair dates' coarse images). Weight ``1 / (S + eps)`` where the
-    prediction is valid, normalised per pixel; NaN where no direction predicts.
+    ``(n, band, y, x)``, the pair dates' coarse images). Weight ``1 / (S + eps) ** power`` where
+    the prediction is valid, normalised per pixel; NaN where no direction predicts.
     """
     import jax.numpy as jnp
 
@@ -60,7 +67,7 @@ def fuse_directions(
         score = jnp.abs(box_sum_jax(diff, window // 2) / jnp.maximum(count, 1.0))
     else:
         raise MethodError(f"biastf: weights must be one of {FUSION_WEIGHTS}, got {weights!r}.")
-    weight = jnp.where(valid, 1.0 / (score + eps), 0.0)
+    weight = jnp.where(valid, (score + eps) ** -power, 0.0)
     total = weight.sum(axis=0)
     fused = (weight * jnp.where(valid, pred, 0.0)).sum(axis=0) / jnp.where(total > 0, total, 1.0)
     return jnp.where(total > 0, fused, jnp.nan)
@@ -79,6 +86,25 @@ def trust_in_change(change: Any, limit: Any) -> Any:
     return jnp.where(excess <= 0, 1.0, fade)  # an infinite limit (no guard) never fades
 
 
+def _orient(a: Any, turn: int, flip: bool, axes: tuple[int, int], *, back: bool = False) -> Any:
+    """``a`` flipped along ``axes[1]`` (if ``flip``) then turned ``turn`` quarter turns in the
+    plane ``axes``; ``back=True`` undoes it."""
+    import jax.numpy as jnp
+
+    if back:
+        a = jnp.rot90(a, -turn, axes)
+        return jnp.flip(a, axes[1]) if flip else a
+    return jnp.rot90(jnp.flip(a, axes[1]) if flip else a, turn, axes)
+
+
+def orientations(count: int) -> tuple[tuple[int, bool], ...]:
+    """``(turn, flip)`` of the geometric self-ensemble: the identity (1), the flips (4: no
+    transposition, so a block keeps its shape), or the whole dihedral group (8)."""
+    if count == 4:
+        return ((0, False), (0, True), (2, False), (2, True))
+    return tuple((turn, flip) for flip in (False, True) for turn in range(4))[:count]
+
+
 def _forward(
     config: BiaSTFConfig,
     g_model: Any,
@@ -94,6 +120,8 @@ def _forward(
     weights: str,
     members: int = 1,
     inside: Any = None,
+    power: float = 1.0,
+    self_ensemble: int = 1,
 ) -> tuple[Any, Any, Any]:
     """Traced body of the predictor: fused ``(band, y, x)``, transitional ``(pair, band, y, x)`` and
     the number of valid pixels beyond the limit ``L`` (where the learned part fades).
@@ -104,7 +132,8 @@ def _forward(
     learned part; models without it apply the networks in full. ``inside`` ``(y, x)``, for a block
     padded with NaN beyond its real extent: the networks' convolutions are zeroed outside it and
     the padding counts as "outside the image" (valid) for the receptive-field test, so the real
-    pixels get the numbers of the unpadded block."""
+    pixels get the numbers of the unpadded block. ``self_ensemble`` orientations of the block
+    (:func:`orientations`) each get their correction, mapped back and averaged."""
     import jax
     import jax.numpy as jnp
 
@@ -113,13 +142,18 @@ def _forward(
     change = jnp.nan_to_num(_channels_last(images["coarse_change"]))
     base = _base(images, config.g_base, stats)
 
+    def oriented(member: Any, turn: int, flip: bool) -> Any:  # G + B of one orientation, mapped back
+        seen = {name: _orient(a, turn, flip, (2, 3)) for name, a in images.items()}
+        mask = None if inside is None else _orient(inside, turn, flip, (0, 1))
+        with masked_convolutions(mask) if mask is not None else contextlib.nullcontext():
+            g = _apply_g(g_model, member["G"], seen, config, stats)
+            b = _apply_b(b_model, member["B"], {**seen, "change_pred": jnp.transpose(g, (0, 3, 1, 2))}, config, stats)
+        return _orient(g + b, turn, flip, (1, 2), back=True)
+
     def correction(member: Any) -> Any:  # shrink (G + B - base) of one member, (n, y, x, band)
-        with masked_convolutions(inside) if inside is not None else contextlib.nullcontext():
-            g = _apply_g(g_model, member["G"], images, config, stats)
-            b = _apply_b(
-                b_model, member["B"], {**images, "change_pred": jnp.transpose(g, (0, 3, 1, 2))}, config, stats
-            )
-        return (g + b - base) * member["shrink"] if "shrink" in member else g + b - base
+        views = orientations(self_ensemble)
+        learned = sum(oriented(member, turn, flip) for turn, flip in views) / len(views) - base
+        return learned * member["shrink"] if "shrink" in member else learned
 
     # members one after the other: memory of one member's activations, one compiled body
     learned = jax.lax.map(correction, params).mean(axis=0) if members > 1 else correction(params)
@@ -127,14 +161,24 @@ def _forward(
     transitional = fine + jnp.transpose(base + trust * learned, (0, 3, 1, 2))
     ok = _valid_within(valid if inside is None else valid | ~inside, 2 * NET_RADIUS) & valid
     transitional = jnp.where(ok, transitional, jnp.nan)
-    fused = fuse_directions(transitional, coarse_target, window=window, eps=eps, weights=weights, coarse=coarse)
+    fused = fuse_directions(
+        transitional, coarse_target, window=window, eps=eps, weights=weights, coarse=coarse, power=power
+    )
     beyond = jnp.sum(ok & (jnp.transpose(trust, (0, 3, 1, 2)) < 1))
     return fused, transitional, beyond
 
 
 @functools.lru_cache(maxsize=8)
 def predictor(
-    config_json: str, n_bands: int, dtype: str, window: int, eps: float, weights: str, members: int = 1
+    config_json: str,
+    n_bands: int,
+    dtype: str,
+    window: int,
+    eps: float,
+    weights: str,
+    members: int = 1,
+    power: float = 1.0,
+    self_ensemble: int = 1,
 ) -> Any:
     """Jitted ``(params, stats, fine, coarse, coarse_target, inside=None) -> (fused, transitional, beyond)``."""
     import jax
@@ -150,7 +194,8 @@ def predictor(
         with jax.default_matmul_precision(precision):
             return _forward(
                 config, g_model, b_model, params, stats, fine, coarse, coarse_target,
-                window=window, eps=eps, weights=weights, members=members, inside=inside,
+                window=window, eps=eps, weights=weights, members=members, inside=inside, power=power,
+                self_ensemble=self_ensemble,
             )
 
     return predict
@@ -198,6 +243,8 @@ def predict_block(
         float(params.eps),
         params.weights,
         int(model.extra.get("members", 1)),
+        float(params.weight_power),
+        int(params.self_ensemble),
     )
     stats = Statistics.from_model(model)
     if params.extrapolate:

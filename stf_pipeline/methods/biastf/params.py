@@ -11,6 +11,8 @@ from stf_pipeline.methods.biastf.config import NET_RADIUS
 
 DTYPES: tuple[str, ...] = ("float32", "tensorfloat32", "bfloat16")
 FUSION_WEIGHTS: tuple[str, ...] = ("change", "similarity")
+#: numbers of orientations the geometric self-ensemble may average (the identity, the flips, all eight)
+SELF_ENSEMBLES: tuple[int, ...] = (1, 4, 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,13 @@ class BiaSTFParams:
         What the fusion ``f`` weights each direction by (module docstring): the local mean
         absolute coarse change ``|C(k) - C(j)|`` or the prediction's local mean difference with
         ``C(k)`` (the paper's wording, degenerate under a sensor bias).
+    weight_power : float, default 1
+        Each direction's weight is ``1 / (S + eps) ** weight_power``; 2 is inverse-variance
+        weighting when a direction's error grows in proportion to ``S``.
+    self_ensemble : {1, 4, 8}, default 1
+        Orientations of the block the networks see, their corrections mapped back and averaged
+        (geometric self-ensemble): 1 the block as it is, 4 its flips, 8 every flip and 90-degree
+        rotation (what training augments with). Costs that many forward passes.
     dtype : {"tensorfloat32", "float32", "bfloat16"}, default "tensorfloat32"
         Computation of the networks: float32 at the device's default precision (TF32 tensor cores
         on NVIDIA GPUs, 4e-5 to 4e-4 off full float32; plain float32 on CPUs), float32 at full precision
@@ -41,6 +50,8 @@ class BiaSTFParams:
     window: int | None = None
     eps: float = 1e-3
     weights: str = "change"
+    weight_power: float = 1.0
+    self_ensemble: int = 1
     dtype: str = "tensorfloat32"
     extrapolate: bool = False
 
@@ -51,6 +62,10 @@ class BiaSTFParams:
             raise MethodError(f"biastf: eps must be > 0, got {self.eps}.")
         if self.weights not in FUSION_WEIGHTS:
             raise MethodError(f"biastf: weights must be one of {FUSION_WEIGHTS}, got {self.weights!r}.")
+        if not self.weight_power > 0:
+            raise MethodError(f"biastf: weight_power must be > 0, got {self.weight_power}.")
+        if self.self_ensemble not in SELF_ENSEMBLES:
+            raise MethodError(f"biastf: self_ensemble must be one of {SELF_ENSEMBLES}, got {self.self_ensemble!r}.")
         if self.dtype not in DTYPES:
             raise MethodError(f"biastf: dtype must be one of {DTYPES}, got {self.dtype!r}.")
 
