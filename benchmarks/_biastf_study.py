@@ -217,6 +217,10 @@ def run_scene(
                     part: (m, {}) for part, m in biastf_ablations(model).items()
                 }
                 variants.update({part: (model, params) for part, params in INFERENCE_VARIANTS.items()})
+                if "shrink per part" in variants:
+                    variants["shrink per part, f weights 1/S^2, self-ensemble of 8"] = (
+                        variants["shrink per part"][0], {"weight_power": 2.0, "self_ensemble": 8}
+                    )
                 for part, (variant_model, params) in variants.items():
                     scored = stf.compare(
                         cube, methods={"biastf": {"method": "biastf", **params}}, targets=targets,
@@ -254,7 +258,8 @@ INFERENCE_VARIANTS: dict[str, dict[str, Any]] = {
 def biastf_ablations(model: Any) -> dict[str, Any]:
     """The trained BiaSTF ``model`` with one part removed: ``"B = 0"`` (the bias network's
     parameters zeroed, so it outputs 0 and the prediction is ``F(j) + G`` fused) and, where the
-    model has a validated shrink, ``"shrink = 1"`` (the correction applied in full)."""
+    model has a validated shrink, ``"shrink = 1"`` (the correction applied in full) and
+    ``"shrink per part"`` (``G - base`` and ``B`` scaled by their own validated factors)."""
     import dataclasses
 
     import jax
@@ -264,6 +269,10 @@ def biastf_ablations(model: Any) -> dict[str, Any]:
     variants = {"B = 0": {**params, "B": jax.tree_util.tree_map(np.zeros_like, params["B"])}}
     if "shrink" in params:
         variants["shrink = 1"] = {**params, "shrink": np.ones_like(params["shrink"])}
+    parts = (model.extra.get("validation") or {}).get("shrink_parts")
+    if parts is not None and "shrink" in params and model.extra.get("members", 1) == 1:
+        g_part, b_part = np.asarray(parts, np.float32)
+        variants["shrink per part"] = {**params, "shrink": g_part, "shrink_b": b_part}
     return {name: dataclasses.replace(model, params=p) for name, p in variants.items()}
 
 

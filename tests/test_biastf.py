@@ -8,11 +8,14 @@ import functools
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import stf_pipeline as stf
 from stf_pipeline.exceptions import ConfigError, MethodError, ModelError, TaskError
 from stf_pipeline.methods import biastf
 from stf_pipeline.methods.biastf import BiaSTFConfig, BiaSTFParams, fuse_directions, predict_block
+from stf_pipeline.methods.biastf.fit import box_least_squares
 from stf_pipeline.methods.delta import DeltaParams, delta_kernel
 from stf_pipeline.nn import BandNet, FittedModel
 from stf_pipeline.testing import assert_chunked_equals_unchunked, raise_if_dask_computes, random_cube
@@ -533,10 +536,14 @@ def test_all_nan_patches_train_without_nan(cube):
     assert np.isnan(pred[..., :20]).all() and np.isfinite(pred[..., 44:]).all()
 
 
-def _held_out_sse(model, cube, times, held, shrink):
+def _held_out_sse(model, cube, times, held, shrink, shrink_b=None):
     """Squared error of the transitional predictions from every training date to ``held`` with
-    the learned part scaled by ``shrink`` (per band), over the pixels every prediction covers."""
-    bare = dataclasses.replace(model, params={**model.params, "shrink": np.asarray(shrink, np.float32)})
+    the learned part scaled by ``shrink`` (per band; only ``G - base`` where ``shrink_b`` scales
+    ``B``), over the pixels every prediction covers."""
+    factors = {"shrink": np.asarray(shrink, np.float32)}
+    if shrink_b is not None:
+        factors["shrink_b"] = np.asarray(shrink_b, np.float32)
+    bare = dataclasses.replace(model, params={**model.params, **factors})
     fine, coarse = cube.fine.sel(time=times).values, cube.coarse.sel(time=times).values
     _, transitional = predict_block(fine, coarse, cube.coarse.sel(time=held).values, params=BiaSTFParams(), model=bare)
     error = transitional - cube.fine.sel(time=held).values[None]
@@ -557,6 +564,38 @@ def test_validated_shrink_minimises_the_held_out_error(trained, cube):
         assert np.all(best <= moved * (1 + 1e-5))
     zero = _held_out_sse(model, cube, times, held, np.zeros(2))
     assert np.all(best <= zero * (1 + 1e-5))
+
+
+def test_shrink_of_the_parts_minimises_the_held_out_error(trained, cube):
+    """The recorded factors of ``G - base`` and ``B`` apart are the least squares in [0, 1]² on
+    the held-out date: no move of either (within the box) lowers that date's error."""
+    model, _ = trained
+    times, held = cube.time.values[[0, 1, 3, 4]], cube.time.values[2]
+    parts = np.asarray(model.extra["validation"]["members"][0]["shrink_parts"], np.float64)
+    assert parts.shape == (2, 2) and np.all((parts >= 0) & (parts <= 1))
+    best = _held_out_sse(model, cube, times, held, *parts)
+    for dg, db in ((-0.1, 0), (0.1, 0), (0, -0.1), (0, 0.1), (0.1, -0.1), (-0.1, 0.1)):
+        moved = _held_out_sse(model, cube, times, held, np.clip(parts[0] + dg, 0, 1), np.clip(parts[1] + db, 0, 1))
+        assert np.all(best <= moved * (1 + 1e-4))
+    whole = np.asarray(model.params["shrink"])
+    assert np.all(best <= _held_out_sse(model, cube, times, held, whole, whole) * (1 + 1e-4))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(-3, 3), min_size=6, max_size=6),
+    st.lists(st.floats(-3, 3), min_size=3, max_size=3),
+)
+def test_box_least_squares_is_the_minimum_over_the_box(entries, residual):
+    """Parts ``(pixel, 2)`` and a residual as :func:`validated_shrink` sums them (a part that is
+    zero everywhere has a zero row and column, and no cross term)."""
+    parts = np.asarray(entries).reshape(3, 2)
+    gram, cross = parts.T @ parts, parts.T @ np.asarray(residual)
+    got = box_least_squares(gram, cross)
+    assert np.all((got >= 0) & (got <= 1))
+    grid = np.stack(np.meshgrid(np.linspace(0, 1, 201), np.linspace(0, 1, 201)), -1).reshape(-1, 2)
+    values = np.einsum("np,pq,nq->n", grid, gram, grid) - 2 * grid @ cross
+    assert got @ gram @ got - 2 * got @ cross <= values.min() + 1e-9 * (1 + np.abs(values).max())
 
 
 def test_shrink_zero_is_fine_plus_the_coarse_change(trained, cube):

@@ -166,8 +166,8 @@ def validated_shrink(
     stats: Statistics,
     times: Sequence[Any],
     held: Sequence[Any],
-) -> np.ndarray:
-    """Per-band factor ``s`` in [0, 1] on the learned correction, fitted on the held-out dates.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band factors in [0, 1] on the learned correction, fitted on the held-out dates.
 
     The transitional prediction from training date ``j`` to held-out date ``v`` is
     ``F(j) + base + s trust (G + B - base)`` (:func:`~stf_pipeline.methods.biastf.kernel.trust_in_change`).
@@ -176,6 +176,10 @@ def validated_shrink(
     correction that overshoots on unseen dates is damped towards ``F(j) + base``, one that helps
     is kept. The pixels are the scene's centre ``SHRINK_CROP`` square. ``s = 1`` where no
     valid pixel has a correction.
+
+    Returns ``s`` ``(band,)`` and, from the same pixels, the factors of the two parts apart
+    ``(2, band)``: ``s_g`` on ``trust (G - base)`` and ``s_b`` on ``trust B``, the least squares in
+    the box [0, 1]² (:func:`box_least_squares`).
     """
     import json
 
@@ -192,21 +196,56 @@ def validated_shrink(
     crop = {dim: slice(first, first + SHRINK_CROP) for dim, first in start.items()}
     fine = cube["fine"].isel(crop).astype("float32")
     coarse = cube["coarse"].isel(crop).astype("float32")
-    full = {**params, "shrink": np.ones(n_bands, np.float32)}
-    none = {**params, "shrink": np.zeros(n_bands, np.float32)}
+    ones, zeros = np.ones(n_bands, np.float32), np.zeros(n_bands, np.float32)
+    variants = {  # G - base and B on, B off, both off
+        "full": {**params, "shrink": ones, "shrink_b": ones},
+        "g": {**params, "shrink": ones, "shrink_b": zeros},
+        "none": {**params, "shrink": zeros, "shrink_b": zeros},
+    }
     arrays = stats.arrays()
-    num, den = np.zeros(n_bands), np.zeros(n_bands)
+    gram, cross = np.zeros((n_bands, 3, 3)), np.zeros((n_bands, 3))  # over (l, l_g, l_b)
     for v in held:
         truth, target = fine.sel(time=v).values, coarse.sel(time=v).values
         for j in times:
             pair = (fine.sel(time=j).values[None], coarse.sel(time=j).values[None], target)
-            with_net = np.asarray(predict(full, arrays, *pair)[1][0], np.float64)
-            without = np.asarray(predict(none, arrays, *pair)[1][0], np.float64)
-            learned, residual = with_net - without, truth - without
-            ok = np.isfinite(learned) & np.isfinite(residual)
-            num += np.where(ok, residual * learned, 0.0).sum(axis=(1, 2))
-            den += np.where(ok, learned * learned, 0.0).sum(axis=(1, 2))
-    return np.where(den > 0, np.clip(num / np.where(den > 0, den, 1.0), 0.0, 1.0), 1.0).astype(np.float32)
+            out = {k: np.asarray(predict(p, arrays, *pair)[1][0], np.float64) for k, p in variants.items()}
+            parts = np.stack([out["full"] - out["none"], out["g"] - out["none"], out["full"] - out["g"]])
+            residual = truth - out["none"]
+            ok = np.isfinite(parts).all(axis=0) & np.isfinite(residual)
+            parts, residual = np.where(ok, parts, 0.0), np.where(ok, residual, 0.0)
+            gram += np.einsum("pbyx,qbyx->bpq", parts, parts)
+            cross += np.einsum("pbyx,byx->bp", parts, residual)
+    den = gram[:, 0, 0]
+    whole = np.where(den > 0, np.clip(cross[:, 0] / np.where(den > 0, den, 1.0), 0.0, 1.0), 1.0)
+    split = np.stack([box_least_squares(gram[b, 1:, 1:], cross[b, 1:]) for b in range(n_bands)], axis=1)
+    return whole.astype(np.float32), split.astype(np.float32)
+
+
+def box_least_squares(gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """The ``s`` in [0, 1]² that minimises ``s' gram s - 2 s' cross`` (``gram`` 2 x 2, positive
+    semi-definite): the unconstrained solution if it lies in the box, else the best point on the
+    box's edges (each edge a clipped one-dimensional least squares). A part that no pixel has
+    (zero diagonal) gets 1, as :func:`validated_shrink` gives a correction that is nowhere."""
+
+    def objective(s: np.ndarray) -> float:
+        return float(s @ gram @ s - 2 * s @ cross)
+
+    diag = np.diag(gram)
+    if not np.all(diag > 0):  # a part that is nowhere: its factor 1, the other's a 1-D fit (PSD: no coupling)
+        return np.where(diag > 0, np.clip(cross / np.where(diag > 0, diag, 1.0), 0.0, 1.0), 1.0)
+    candidates = []
+    if np.linalg.det(gram) > 1e-12 * max(np.trace(gram) ** 2, 1e-300):
+        free = np.linalg.solve(gram, cross)
+        if np.all((free >= 0) & (free <= 1)):
+            return free
+    for fixed in (0, 1):
+        for edge in (0.0, 1.0):
+            other = 1 - fixed
+            value = (cross[other] - gram[other, fixed] * edge) / gram[other, other]
+            s = np.empty(2)
+            s[fixed], s[other] = edge, np.clip(value, 0.0, 1.0)
+            candidates.append(s)
+    return min(candidates, key=objective)
 
 
 def _member_config(cfg: BiaSTFConfig, member: int) -> BiaSTFConfig:
@@ -309,7 +348,9 @@ def fit(
         )
         history.update(more)
         best = [r.best_step for r in results]
-        shrink = validated_shrink(cube, params, member, stats, fit_times, held) if cfg.shrink and held else None
+        shrink, parts = validated_shrink(cube, params, member, stats, fit_times, held) if cfg.shrink and held else (
+            None, None
+        )
         if refit:
             log.info("biastf: refitting on all %d training dates for %s steps (the validated best)", len(times), best)
             refit_print = {**fingerprint, "train_times": [iso_date(t) for t in times], "val_times": [], "steps": best}
@@ -328,6 +369,7 @@ def fit(
             "stop_reasons": [r.stop_reason for r in results],
             "seeds": [member.stage1.seed, member.stage2.seed],
             "shrink": None if shrink is None else [round(float(v), 4) for v in shrink],
+            "shrink_parts": None if parts is None else np.round(parts.astype(float), 4).tolist(),
         })
     held_all = sorted({t for r in records for t in r["val_times"]})
     validation = {"mode": mode, **records[0], "val_times": held_all, "refit": refit, "members": records}

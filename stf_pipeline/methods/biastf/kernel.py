@@ -129,7 +129,8 @@ def _forward(
     With ``members > 1`` the parameters are stacked on a leading member axis and the learned
     part is the mean of the members' ``G + B - base``. A member's ``"shrink"`` (per band, fitted
     on held-out dates: :func:`~stf_pipeline.methods.biastf.fit.validated_shrink`) scales its
-    learned part; models without it apply the networks in full. ``inside`` ``(y, x)``, for a block
+    learned part, or only ``G - base`` where a ``"shrink_b"`` scales ``B``; models without them
+    apply the networks in full. ``inside`` ``(y, x)``, for a block
     padded with NaN beyond its real extent: the networks' convolutions are zeroed outside it and
     the padding counts as "outside the image" (valid) for the receptive-field test, so the real
     pixels get the numbers of the unpadded block. ``self_ensemble`` orientations of the block
@@ -142,18 +143,19 @@ def _forward(
     change = jnp.nan_to_num(_channels_last(images["coarse_change"]))
     base = _base(images, config.g_base, stats)
 
-    def oriented(member: Any, turn: int, flip: bool) -> Any:  # G + B of one orientation, mapped back
+    def oriented(member: Any, turn: int, flip: bool) -> Any:  # G and B of one orientation, mapped back
         seen = {name: _orient(a, turn, flip, (2, 3)) for name, a in images.items()}
         mask = None if inside is None else _orient(inside, turn, flip, (0, 1))
         with masked_convolutions(mask) if mask is not None else contextlib.nullcontext():
             g = _apply_g(g_model, member["G"], seen, config, stats)
             b = _apply_b(b_model, member["B"], {**seen, "change_pred": jnp.transpose(g, (0, 3, 1, 2))}, config, stats)
-        return _orient(g + b, turn, flip, (1, 2), back=True)
+        return jnp.stack([_orient(part, turn, flip, (1, 2), back=True) for part in (g, b)])
 
-    def correction(member: Any) -> Any:  # shrink (G + B - base) of one member, (n, y, x, band)
+    def correction(member: Any) -> Any:  # the member's shrunk G - base and B, (n, y, x, band)
         views = orientations(self_ensemble)
-        learned = sum(oriented(member, turn, flip) for turn, flip in views) / len(views) - base
-        return learned * member["shrink"] if "shrink" in member else learned
+        g, b = sum(oriented(member, turn, flip) for turn, flip in views) / len(views)
+        shrink = member.get("shrink", 1.0)
+        return (g - base) * shrink + b * member.get("shrink_b", shrink)
 
     # members one after the other: memory of one member's activations, one compiled body
     learned = jax.lax.map(correction, params).mean(axis=0) if members > 1 else correction(params)
