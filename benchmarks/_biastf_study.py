@@ -339,9 +339,13 @@ def render(records: list[dict[str, Any]], command: str) -> str:
         for label, r in runs.items():
             if r.get("ablations"):
                 parts = "; ".join(
-                    f"{part}: {np.mean(a['rmse']):.5f} / {np.mean(a['ssim']):.4f}" for part, a in r["ablations"].items()
+                    f"{part}: {np.mean(a['rmse']):.5f} / {np.mean(a['ssim']):.4f} "
+                    f"({_wins({**runs, label: {**r, 'rmse': a['rmse']}}, label)}/{len(a['rmse'])})"
+                    for part, a in r["ablations"].items()
                 )
-                lines.append(f"- {label}, the same model with a part removed or changed (mean RMSE / SSIM): {parts}")
+                lines.append(
+                    f"- {label}, the same model with a part removed or changed (mean RMSE / SSIM, dates won): {parts}"
+                )
         for method, message in record.get("failed", {}).items():
             lines.append(f"- {method} did not run with its defaults: {message}")
         lines.append("")

@@ -318,7 +318,8 @@ def test_stage_two_freezes_g_only_for_a_preloaded_scene(cube, monkeypatch):
 def test_kernel_is_f_of_fine_plus_g_plus_b(trained, cube):
     model, _ = trained
     fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]
-    fused, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, extrapolate=True), model=model)
+    params = BiaSTFParams(window=9, extrapolate=True, self_ensemble=1)  # one forward pass, composed by hand below
+    fused, transitional = predict_block(fine, coarse, ct, params=params, model=model)
     g, b, base = _g_and_b(model, fine, coarse, ct)
     shrink = model.params["shrink"]  # fitted on the validation date
     expected = fine + (base + shrink * (g + b - base)).transpose(0, 3, 1, 2)
@@ -347,7 +348,8 @@ def test_self_ensemble_averages_the_corrections_of_the_block_orientations(traine
     expected = fine + (base + model.params["shrink"] * (np.mean(learned, axis=0) - base)).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(transitional, expected, rtol=1e-5, atol=2e-6)
     if count == 8:  # the average over the whole dihedral group commutes with turning the scene
-        turned, _ = predict_block(*(np.rot90(a, 1, axes=(-2, -1)) for a in (fine, coarse, ct)), params=params, model=model)
+        turned_inputs = (np.rot90(a, 1, axes=(-2, -1)) for a in (fine, coarse, ct))
+        turned, _ = predict_block(*turned_inputs, params=params, model=model)
         fused, _ = predict_block(fine, coarse, ct, params=params, model=model)
         np.testing.assert_allclose(turned, np.rot90(fused, 1, axes=(-2, -1)), rtol=1e-5, atol=2e-6)
 
@@ -396,7 +398,7 @@ def test_learned_part_fades_out_beyond_the_training_changes(trained, cube, caplo
     assert 0.1 < (trust == 0).mean() < 0.9 and 0.1 < (trust == 1).mean() < 0.9 and ((trust > 0) & (trust < 1)).any()
     biastf._WARNED.discard(model)
     with caplog.at_level("WARNING", logger="stf_pipeline.methods.biastf"):
-        _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9), model=model)
+        _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, self_ensemble=1), model=model)
     assert "exceeds the training pairs' range" in caplog.text
     assert "falls back to F(j) + the modulated change" in caplog.text
     np.testing.assert_allclose(

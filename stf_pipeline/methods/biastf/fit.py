@@ -187,10 +187,10 @@ def validated_shrink(
     from stf_pipeline.methods.biastf.params import BiaSTFParams, default_window
 
     n_bands = int(cube.sizes["band"])
-    fusion = BiaSTFParams()  # the transitional predictions do not depend on the fusion's settings
+    fusion = BiaSTFParams()  # the default self-ensemble; the transitional predictions do not depend on f
     predict = predictor(
         json.dumps(cfg.to_dict(), sort_keys=True), n_bands, "float32", default_window(cube.attrs.get("coarse_factor")),
-        fusion.eps, fusion.weights,
+        fusion.eps, fusion.weights, self_ensemble=fusion.self_ensemble,
     )
     start = {dim: max((int(cube.sizes[dim]) - SHRINK_CROP) // 2, 0) for dim in ("y", "x")}
     crop = {dim: slice(first, first + SHRINK_CROP) for dim, first in start.items()}
