@@ -223,3 +223,21 @@ def test_cache_dir_override_is_used(tmp_path: Path) -> None:
     cached = {p.name.split("-")[0] for p in tmp_path.rglob("*.nbi")}
     assert {"numba._estarfm_rows", "numba._estarfm_finish_rows", "window._box_sum_3d"} <= cached, cached
     assert numba.config.CACHE_DIR != str(tmp_path)  # the child's setting did not leak here
+
+
+def test_estarfm_kernels_warmed_in_the_background_compile_once(tmp_path: Path) -> None:
+    """The background warm-up (``kernels.pool.compile_ahead``) compiles the same signatures as the
+    fusion's own calls: with an empty disk cache every ESTARFM kernel ends with one signature."""
+    code = (
+        "import json; import numpy as np; import stf_pipeline as stf; "
+        "from stf_pipeline.testing import random_cube; "
+        "from stf_pipeline.kernels import pool, stats, window; from stf_pipeline.methods.estarfm import numba as nb; "
+        "cube = random_cube(n_times=3, height=40, width=40, bands=('red', 'nir', 'swir1'), seed=3); "
+        "t = cube.time.values; "
+        "pred = stf.fuse(cube, t[1], method='estarfm', pairs=[t[0], t[2]], backend='numba', half_window=5); "
+        "kernels = [stats._plane_std, nb._correlation_rows, nb._estarfm_rows, window._box_sum_3d, "
+        "nb._estarfm_finish_rows]; "
+        "print(json.dumps(['estarfm' in pool._WARMED, bool(np.isfinite(pred.values).any()), "
+        "[len(k.signatures) for k in kernels]]))"
+    )
+    assert _child(code, NUMBA_CACHE_DIR=str(tmp_path / "numba")) == [True, True, [1, 1, 1, 1, 1]]

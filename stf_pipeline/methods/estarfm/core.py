@@ -29,12 +29,14 @@ NaN never enters a statistic; a pixel with a missing input is NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 import numpy as np
 
 from stf_pipeline.exceptions import MethodError
+from stf_pipeline.kernels.pool import compile_ahead
 from stf_pipeline.kernels.similar import accumulate_numpy, f_critical
 from stf_pipeline.kernels.stats import ClassStd, quiet_nan, scene_std
 from stf_pipeline.kernels.window import box_sum
@@ -216,6 +218,8 @@ def on_host(
     -------
     float32 ``(band, y, x)``
     """
+    if compiled:
+        compile_ahead("estarfm", functools.partial(_warm_compiled, params))
     constants = scene_constants(fine, params)
     centre, neighbour, valid = prepare_arrays(np, fine, coarse, coarse_target)
     if compiled:
@@ -232,6 +236,14 @@ def on_host(
         )
     with quiet_nan():
         return finish(accs, fine, coarse, coarse_target, valid, params)
+
+
+def _warm_compiled(params: EstarfmParams) -> None:
+    """The compiled path on a 2-pair, 2-band 4 x 4 block (several bands: the spectral correlation
+    is compiled too): compiles (or loads) every kernel it calls."""
+    rng = np.random.default_rng(0)
+    fine, coarse = (rng.uniform(0.1, 0.3, (2, 2, 4, 4)).astype(np.float32) for _ in range(2))
+    on_host(fine, coarse, coarse[0], params=dataclasses.replace(params, class_std=None), compiled=True)
 
 
 #: ESTARFM of one block, backend ``numpy`` (the reference).
