@@ -203,21 +203,21 @@ def validated_shrink(
         "none": {**params, "shrink": zeros, "shrink_b": zeros},
     }
     arrays = stats.arrays()
-    gram, cross = np.zeros((n_bands, 3, 3)), np.zeros((n_bands, 3))  # over (l, l_g, l_b)
+    gram, cross = np.zeros((n_bands, 2, 2)), np.zeros((n_bands, 2))  # over (l_g, l_b); l = l_g + l_b
     for v in held:
         truth, target = fine.sel(time=v).values, coarse.sel(time=v).values
         for j in times:
             pair = (fine.sel(time=j).values[None], coarse.sel(time=j).values[None], target)
             out = {k: np.asarray(predict(p, arrays, *pair)[1][0], np.float64) for k, p in variants.items()}
-            parts = np.stack([out["full"] - out["none"], out["g"] - out["none"], out["full"] - out["g"]])
+            parts = np.stack([out["g"] - out["none"], out["full"] - out["g"]])
             residual = truth - out["none"]
             ok = np.isfinite(parts).all(axis=0) & np.isfinite(residual)
             parts, residual = np.where(ok, parts, 0.0), np.where(ok, residual, 0.0)
             gram += np.einsum("pbyx,qbyx->bpq", parts, parts)
             cross += np.einsum("pbyx,byx->bp", parts, residual)
-    den = gram[:, 0, 0]
-    whole = np.where(den > 0, np.clip(cross[:, 0] / np.where(den > 0, den, 1.0), 0.0, 1.0), 1.0)
-    split = np.stack([box_least_squares(gram[b, 1:, 1:], cross[b, 1:]) for b in range(n_bands)], axis=1)
+    den, num = gram.sum(axis=(1, 2)), cross.sum(axis=1)  # sum(l l) and sum(r l) of the whole l = l_g + l_b
+    whole = np.where(den > 0, np.clip(num / np.where(den > 0, den, 1.0), 0.0, 1.0), 1.0)
+    split = np.stack([box_least_squares(gram[b], cross[b]) for b in range(n_bands)], axis=1)
     return whole.astype(np.float32), split.astype(np.float32)
 
 
