@@ -8,6 +8,8 @@ labelling agree exactly.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from stf_pipeline.exceptions import MethodError
@@ -242,3 +244,27 @@ def isodata(
             break
     order = np.lexsort(centres.T[::-1])
     return centres[order]
+
+
+def nearest_centre_jax(pixels: Any, centres: Any) -> Any:
+    """:func:`nearest_centre` for JAX arrays (traceable): the same squared distances, added band by
+    band in the input's precision (float64 under ``jax.enable_x64`` gives the same labels), ties
+    to the lower class index, ``-1`` where any band is NaN.
+
+    Parameters
+    ----------
+    pixels : jax.Array ``(band, ...)``
+    centres : jax.Array ``(class, band)``
+
+    Returns
+    -------
+    jax.Array of int32 ``(...)``
+    """
+    import jax.numpy as jnp
+
+    tail = (None,) * (pixels.ndim - 1)
+    dist = jnp.zeros((centres.shape[0], *pixels.shape[1:]), dtype=pixels.dtype)
+    for band in range(centres.shape[1]):
+        dist = dist + (pixels[band][None] - centres[(slice(None), band, *tail)]) ** 2
+    labels = jnp.argmin(dist, axis=0).astype(jnp.int32)
+    return jnp.where(jnp.isfinite(pixels).all(axis=0), labels, -1)

@@ -13,6 +13,8 @@ neighbourhood: chunked equals unchunked once the halo covers ``radius`` cells.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -105,5 +107,68 @@ def local_tps(cells: np.ndarray, factor: int, radius: int, shape: tuple[int, int
             continue
         matrix = tps_matrix(knots[keep], targets)  # (factor², n_valid)
         out[:, members, :] = win_vals[:, members][:, :, keep] @ matrix.T
+    grid = out.reshape(nb, hc, wc, factor, factor).transpose(0, 1, 3, 2, 4).reshape(nb, hc * factor, wc * factor)
+    return grid[:, : shape[0], : shape[1]]
+
+
+def local_tps_jax(cells: Any, factor: int, radius: int, shape: tuple[int, int]) -> Any:
+    """:func:`local_tps` for JAX arrays (traceable; float64 under ``jax.enable_x64``).
+
+    Every cell solves its own spline system: the ``(2r+1)²`` knots of its window, those without a
+    value in every band turned into identity rows (weight 0), so the solution is the spline
+    through the valid knots only; the spline is then evaluated at the fine pixel centres of the
+    cell, the same basis for every cell. A window of fewer than three valid knots, or of collinear
+    ones (the determinant of the knots' exact integer moment matrix is 0), gives the mean of its
+    valid knot values, as :func:`tps_matrix`. Equal to :func:`local_tps` to rounding (one solve
+    per cell and band values rather than a matrix per knot pattern).
+
+    Parameters
+    ----------
+    cells : jax.Array ``(band, hc, wc)``
+    factor, radius : int
+    shape : (int, int)
+
+    Returns
+    -------
+    jax.Array ``(band, *shape)``
+        NaN in cells without any valid knot.
+    """
+    import jax.numpy as jnp
+
+    nb, hc, wc = cells.shape
+    side = 2 * radius + 1
+    n = side * side
+    valid_cell = jnp.isfinite(cells).all(axis=0)
+    values = jnp.pad(jnp.where(valid_cell, cells, 0.0), ((0, 0), (radius, radius), (radius, radius)))
+    mask = jnp.pad(valid_cell, radius, constant_values=False)
+    win_vals = jnp.stack(
+        [values[:, dy : dy + hc, dx : dx + wc] for dy in range(side) for dx in range(side)], axis=-1
+    )  # (band, hc, wc, n)
+    win_mask = jnp.stack([mask[dy : dy + hc, dx : dx + wc] for dy in range(side) for dx in range(side)], axis=-1)
+    dy, dx = np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1), indexing="ij")
+    knots = np.stack([dy.ravel(), dx.ravel()], axis=1).astype(np.float64)
+    poly = np.hstack([np.ones((n, 1)), knots])  # (n, 3)
+    kernel = _phi(np.sqrt(((knots[:, None, :] - knots[None, :, :]) ** 2).sum(-1)))
+    m = win_mask.astype(cells.dtype)  # (hc, wc, n)
+    pair = m[..., :, None] * m[..., None, :]
+    top = jnp.concatenate(
+        [kernel * pair + jnp.eye(n) * (1.0 - m[..., None]), poly * m[..., None]], axis=-1
+    )  # (hc, wc, n, n + 3)
+    bottom = jnp.concatenate([jnp.swapaxes(poly * m[..., None], -1, -2), jnp.zeros((hc, wc, 3, 3))], axis=-1)
+    system = jnp.concatenate([top, bottom], axis=-2)  # (hc, wc, n + 3, n + 3)
+    count = m.sum(axis=-1)
+    moments = jnp.einsum("hwk,ki,kj->hwij", m, poly, poly)  # exact: small integers
+    spline = (count >= 3) & (jnp.linalg.det(moments) > 0.5)
+    system = jnp.where(spline[..., None, None], system, jnp.eye(n + 3))
+    rhs = jnp.concatenate([jnp.moveaxis(win_vals, 0, -1), jnp.zeros((hc, wc, 3, nb))], axis=-2)  # (hc, wc, n + 3, band)
+    coef = jnp.linalg.solve(system, rhs)
+    targets = _fine_offsets(factor)
+    basis = np.hstack(
+        [_phi(np.sqrt(((targets[:, None, :] - knots[None, :, :]) ** 2).sum(-1))), np.ones((len(targets), 1)), targets]
+    )  # (factor², n + 3)
+    fitted = jnp.einsum("tk,hwkb->bhwt", basis, coef)
+    mean = win_vals.sum(axis=-1) / count  # (band, hc, wc)
+    out = jnp.where(spline[None, ..., None], fitted, mean[..., None])
+    out = jnp.where(count[None, ..., None] > 0, out, jnp.nan)
     grid = out.reshape(nb, hc, wc, factor, factor).transpose(0, 1, 3, 2, 4).reshape(nb, hc * factor, wc * factor)
     return grid[:, : shape[0], : shape[1]]

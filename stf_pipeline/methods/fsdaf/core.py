@@ -101,12 +101,17 @@ def classify(fine: np.ndarray, params: FSDAFParams, class_map: np.ndarray | None
         labels = np.where(known, index, -1).astype(np.int32)
         labels[~np.isfinite(fine).all(axis=0)] = -1
         return labels
+    return nearest_centre(fine, _centres(params))
+
+
+def _centres(params: FSDAFParams) -> np.ndarray:
+    """The class centres ``(class, band)`` float64 (error if none)."""
     if params.centres is None:
         raise MethodError(
             "fsdaf: no class centres; stf.fuse fits them (METHOD.statistics), or pass centres=... "
             "or class_map=...."
         )
-    return nearest_centre(fine, np.asarray(params.centres))
+    return np.asarray(params.centres, dtype=np.float64)
 
 
 def _rank_factor(radius: int) -> np.ndarray:
@@ -159,14 +164,43 @@ def similar_pixel_blend(
     return numba_kernels.blend(*args, radius=r, k=k)
 
 
-def _clip_fine(fine: np.ndarray, params: FSDAFParams) -> np.ndarray:
+def _clip_bounds(params: FSDAFParams, n_bands: int) -> np.ndarray:
+    """Clip of the fine image per band, ``(2, band)`` float64: the noise clip within the valid range."""
     lo, hi = params.valid_range
     if params.fine_clip is None:
-        return np.clip(fine, lo, hi)
+        return np.array([[lo] * n_bands, [hi] * n_bands], dtype=np.float64)
     bounds = np.asarray(params.fine_clip, dtype=np.float64)
-    low = np.maximum(bounds[:, 0], lo)[:, None, None]
-    high = np.minimum(bounds[:, 1], hi)[:, None, None]
+    return np.stack([np.maximum(bounds[:, 0], lo), np.minimum(bounds[:, 1], hi)])
+
+
+def _clip_fine(fine: np.ndarray, params: FSDAFParams) -> np.ndarray:
+    low, high = _clip_bounds(params, fine.shape[0])[:, :, None, None]
     return np.clip(fine, low, high)
+
+
+def _on_device(
+    fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, params: FSDAFParams, class_map: np.ndarray | None
+) -> np.ndarray:
+    """The whole block on JAX's default device (:func:`stf_pipeline.methods.fsdaf.jax.fsdaf_block`);
+    only a class map's lookup runs on the host."""
+    labels_given = params.class_map is not None
+    f1 = np.asarray(fine[0])
+    classes = classify(np.asarray(f1, dtype=np.float64), params, class_map) if labels_given else _centres(params)
+    settings = jax_kernels.BlockSettings(
+        factor=int(params.coarse_factor or 1),
+        n_classes=params.n_class_total,
+        unmix_radius=params.unmix_radius,
+        n_pure=params.n_pure,
+        tps_radius=params.tps_radius,
+        half_window=params.half_window,
+        n_similar=params.n_similar,
+        valid_range=(float(params.valid_range[0]), float(params.valid_range[1])),
+        labels_given=labels_given,
+    )
+    clip = _clip_bounds(params, f1.shape[0])
+    rank = _rank_factor(params.half_window)
+    return jax_kernels.fsdaf_block(f1, np.asarray(coarse[0]), np.asarray(coarse_target), classes, clip, rank,
+                                   settings=settings)
 
 
 def fsdaf_kernel(
@@ -179,8 +213,9 @@ def fsdaf_kernel(
     extra: dict[str, np.ndarray] | None = None,
     backend: str = "numba",
 ) -> np.ndarray:
-    """FSDAF on one block (see module docstring for the steps); ``backend`` runs the similar-pixel
-    step (g) (:func:`similar_pixel_blend`), the other steps are compiled for the CPU.
+    """FSDAF on one block (see module docstring for the steps): ``numba`` compiles every step for
+    the CPU, ``jax`` runs every step on JAX's default device in one program
+    (:mod:`stf_pipeline.methods.fsdaf.jax`).
 
     Parameters
     ----------
@@ -199,11 +234,13 @@ def fsdaf_kernel(
     """
     if params.coarse_factor is None:
         raise MethodError("fsdaf: params.coarse_factor is not set; run through stf.fuse or fsdaf.prepare.")
+    class_map = None if params.class_map is None or extra is None else extra.get(params.class_map)
+    if backend == "jax":
+        return _on_device(fine, coarse, coarse_target, params, class_map)
     factor = int(params.coarse_factor)
     f1 = np.asarray(fine[0], dtype=np.float64)
     c1 = np.asarray(coarse[0], dtype=np.float64)
     c2 = np.asarray(coarse_target, dtype=np.float64)
-    class_map = None if params.class_map is None or extra is None else extra.get(params.class_map)
     labels = classify(f1, params, class_map)
     n_classes = params.n_class_total
     f1c = np.where(np.isfinite(f1), _clip_fine(f1, params), np.nan)
@@ -241,8 +278,8 @@ def _range_fix(
 
 #: FSDAF of one block, backend ``numba`` (the reference): every step compiled for the CPU.
 fsdaf_numba = functools.partial(fsdaf_kernel, backend="numba")
-#: FSDAF of one block, backend ``jax``: the similar-pixel step (g), most of the work, with JAX on
-#: its default device (``lax.top_k`` over row strips); the other steps as ``numba``.
+#: FSDAF of one block, backend ``jax``: every step with JAX on its default device, one compiled
+#: program per block shape (:func:`stf_pipeline.methods.fsdaf.jax.fsdaf_block`).
 fsdaf_jax = functools.partial(fsdaf_kernel, backend="jax")
 
 

@@ -49,7 +49,7 @@ def class_fractions(labels: np.ndarray, n_classes: int, factor: int) -> tuple[np
     return fractions, complete
 
 
-def _offset_rank(radius: int) -> np.ndarray:
+def offset_rank(radius: int) -> np.ndarray:
     """Rank of each window offset by distance to the centre, then scan order (purity tie-break)."""
     dy, dx = np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1), indexing="ij")
     order = np.lexsort((np.arange(dy.size), (dy * dy + dx * dx).ravel()))
@@ -147,7 +147,7 @@ def unmix_change(
     mean = np.nan_to_num(mean)
     scale = np.int64(1) << 31
     quantised = np.rint(frac_w * scale).astype(np.int64)
-    rank = _offset_rank(radius)
+    rank = offset_rank(radius)
     invalid = np.iinfo(np.int64).max
     keys = np.where(use_w[None] & (frac_w > MIN_FRACTION), (scale - quantised) * side2 + rank, invalid)
     n_keep = min(n_pure, side2)
