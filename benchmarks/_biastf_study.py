@@ -217,10 +217,6 @@ def run_scene(
                     part: (m, {}) for part, m in biastf_ablations(model).items()
                 }
                 variants.update({part: (model, params) for part, params in INFERENCE_VARIANTS.items()})
-                if "shrink per part" in variants:
-                    variants["shrink per part, f weights 1/S^2, self-ensemble of 8"] = (
-                        variants["shrink per part"][0], {"weight_power": 2.0, "self_ensemble": 8}
-                    )
                 for part, (variant_model, params) in variants.items():
                     scored = stf.compare(
                         cube, methods={"biastf": {"method": "biastf", **params}}, targets=targets,
@@ -249,8 +245,11 @@ def run_scene(
 INFERENCE_VARIANTS: dict[str, dict[str, Any]] = {
     "f by similarity to C(k)": {"weights": "similarity"},
     "no fade beyond L": {"extrapolate": True},
-    "f weights 1/S^2": {"weight_power": 2.0},
-    "self-ensemble of 4 flips": {"self_ensemble": 4},
+    "f weights 1/S": {"weights": "change", "weight_power": 1.0},
+    "f weights 1/S^2": {"weights": "change", "weight_power": 2.0},
+    "f variance weights, power 0.5": {"weight_power": 0.5},
+    "f variance weights, power 1": {"weight_power": 1.0},
+    "one orientation": {"self_ensemble": 1},
     "self-ensemble of 8 orientations": {"self_ensemble": 8},
 }
 

@@ -15,7 +15,8 @@ import stf_pipeline as stf
 from stf_pipeline.exceptions import ConfigError, MethodError, ModelError, TaskError
 from stf_pipeline.methods import biastf
 from stf_pipeline.methods.biastf import BiaSTFConfig, BiaSTFParams, fuse_directions, predict_block
-from stf_pipeline.methods.biastf.fit import box_least_squares
+from stf_pipeline.methods.biastf.fit import WEIGHT_POWERS, box_least_squares
+from stf_pipeline.methods.biastf.kernel import UNVALIDATED_WEIGHT_POWER, weight_power
 from stf_pipeline.methods.delta import DeltaParams, delta_kernel
 from stf_pipeline.nn import BandNet, FittedModel
 from stf_pipeline.testing import assert_chunked_equals_unchunked, raise_if_dask_computes, random_cube
@@ -79,7 +80,9 @@ def test_halo_is_receptive_field_of_g_then_b_plus_fusion_window():
     assert spec.learned and spec.n_pairs == (2, 2)
     ctx = stf.methods.MethodContext(coarse_factor=20, pixel_size=25.0, n_bands=6)
     params = spec.prepare(BiaSTFParams(), ctx, model=None)
-    assert params.window == 21 and spec.halo(params, ctx) == 7 + 7 + 10
+    assert params.window == 21 and params.spread_window == 61 and spec.halo(params, ctx) == 7 + 7 + 30
+    change = spec.prepare(BiaSTFParams(weights="change"), ctx, model=None)
+    assert spec.halo(change, ctx) == 7 + 7 + 10
 
 
 def test_training_writes_history_figure_and_model(trained, cube):
@@ -127,10 +130,17 @@ def test_chunked_equals_unchunked_and_lazy(trained, cube):
 
 
 def _reference_fusion(
-    pred: np.ndarray, ct: np.ndarray, window: int, eps: float, coarse: np.ndarray | None = None
+    pred: np.ndarray,
+    ct: np.ndarray,
+    window: int,
+    eps: float,
+    coarse: np.ndarray | None = None,
+    spread: int | None = None,
+    power: float = 1.0,
 ) -> np.ndarray:
-    """Float64 per-pixel loops over the window: the definition of f (``coarse`` given: "change" weights)."""
-    r = window // 2
+    """Float64 per-pixel loops over the window: the definition of f (``coarse`` given: "change"
+    weights; and ``spread``: "variance" weights, the change's variance over that window)."""
+    r, q = window // 2, (spread or 1) // 2
     n, nb, h, w = pred.shape
     out = np.full((nb, h, w), np.nan)
     for b in range(nb):
@@ -145,7 +155,13 @@ def _reference_fusion(
                         score = abs(np.nanmean(pred[d, b][win] - ct[b][win]))
                     else:
                         score = np.nanmean(np.abs(ct[b][win] - coarse[d, b][win]))
-                    weights.append(1.0 / (score + eps))
+                    if spread is None:
+                        weights.append((score + eps) ** -power)
+                        values.append(pred[d, b, y, x])
+                        continue
+                    around = (slice(max(y - q, 0), y + q + 1), slice(max(x - q, 0), x + q + 1))
+                    change = (ct[b][around] - coarse[d, b][around]).ravel()
+                    weights.append(((score + eps) ** 2 + np.var(change[np.isfinite(change)])) ** -power)
                     values.append(pred[d, b, y, x])
                 if weights:
                     out[b, y, x] = np.dot(weights, values) / np.sum(weights)
@@ -166,6 +182,12 @@ def test_fusion_matches_float64_reference():
     assert np.isnan(got[1, 0, 0])
     got = np.asarray(fuse_directions(**f32, weights="change", coarse=coarse.astype(np.float32)))
     np.testing.assert_allclose(got, _reference_fusion(pred, ct, 5, 1e-3, coarse), rtol=1e-5, atol=1e-6, equal_nan=True)
+    for power in (1.0, 0.5):
+        got = np.asarray(
+            fuse_directions(**f32, weights="variance", coarse=coarse.astype(np.float32), spread_window=7, power=power)
+        )
+        expected = _reference_fusion(pred, ct, 5, 1e-3, coarse, spread=7, power=power)
+        np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-6, equal_nan=True)
     with pytest.raises(MethodError, match="pass coarse="):
         fuse_directions(**f32, weights="change")
 
@@ -177,7 +199,7 @@ def test_untrained_model_with_change_weights_is_delta(trained, cube):
     zero = dataclasses.replace(model, params=jax.tree_util.tree_map(np.zeros_like, model.params))
     zero = dataclasses.replace(zero, config={**zero.config, "g_base": "change"})
     fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]
-    fused, _ = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, eps=1e-6), model=zero)
+    fused, _ = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, eps=1e-6, weights="change"), model=zero)
     expected = delta_kernel(fine, coarse, ct, params=DeltaParams(window=9, eps=1e-6))
     np.testing.assert_allclose(fused, expected, rtol=1e-4, atol=1e-5)
     conversion = np.asarray(zero.extra["statistics"]["conversion"])
@@ -324,7 +346,8 @@ def test_kernel_is_f_of_fine_plus_g_plus_b(trained, cube):
     shrink = model.params["shrink"]  # fitted on the validation date
     expected = fine + (base + shrink * (g + b - base)).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(transitional, expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(fused, _reference_fusion(expected, ct, 9, 1e-3, coarse), rtol=1e-4, atol=1e-5)
+    reference = _reference_fusion(expected, ct, 9, 1e-3, coarse, spread=25, power=weight_power(params, model))
+    np.testing.assert_allclose(fused, reference, rtol=1e-4, atol=1e-5)  # spread: 3 coarse pixels of 8, odd
 
 
 def _oriented_by_hand(a, turn, flip):
@@ -366,7 +389,7 @@ def test_self_ensemble_chunked_equals_unchunked(trained, cube):
 def test_inverse_variance_fusion_weights(trained, cube):
     model, _ = trained
     fine, coarse, ct = cube.fine.values[[1, 3]], cube.coarse.values[[1, 3]], cube.coarse.values[2]
-    params = BiaSTFParams(window=9, weight_power=2.0)
+    params = BiaSTFParams(window=9, weights="change", weight_power=2.0)
     fused, transitional = predict_block(fine, coarse, ct, params=params, model=model)
     r = 4
     score = np.stack(
@@ -581,6 +604,32 @@ def test_shrink_of_the_parts_minimises_the_held_out_error(trained, cube):
         assert np.all(best <= moved * (1 + 1e-4))
     whole = np.asarray(model.params["shrink"])
     assert np.all(best <= _held_out_sse(model, cube, times, held, whole, whole) * (1 + 1e-4))
+
+
+def test_validated_weight_power_best_predicts_the_held_out_date_from_both_sides(trained, cube):
+    """The recorded power of f's variance weights has the lowest error, among the candidates, on the
+    held-out date predicted from each training date before it paired with each one after it, as
+    stf.fuse predicts a target; the recorded errors are those."""
+    model, _ = trained
+    record = model.extra["validation"]["members"][0]
+    squared = {}
+    for power in WEIGHT_POWERS:
+        total, count = 0.0, 0
+        for j1, j2 in ((0, 3), (0, 4), (1, 3), (1, 4)):
+            fused, _ = predict_block(
+                cube.fine.values[[j1, j2]], cube.coarse.values[[j1, j2]], cube.coarse.values[2],
+                params=BiaSTFParams(weight_power=power, dtype="float32"), model=model,
+            )
+            error = fused.astype(np.float64) - cube.fine.values[2]
+            total, count = total + np.nansum(error**2), count + np.isfinite(error).sum()
+        squared[power] = np.sqrt(total / count)
+    assert record["weight_power_rmse"] == pytest.approx({str(p): v for p, v in squared.items()}, rel=1e-4)
+    assert record["weight_power"] == min(squared, key=squared.get)
+    assert weight_power(BiaSTFParams(), model) == record["weight_power"]
+    assert weight_power(BiaSTFParams(weight_power=2.0), model) == 2.0
+    assert weight_power(BiaSTFParams(weights="change"), model) == 1.0
+    unvalidated = dataclasses.replace(model, extra={**model.extra, "validation": None})
+    assert weight_power(BiaSTFParams(), unvalidated) == UNVALIDATED_WEIGHT_POWER
 
 
 @settings(max_examples=200, deadline=None)

@@ -28,9 +28,18 @@ from stf_pipeline.methods.biastf.networks import (
     _valid_within,
     make_networks,
 )
-from stf_pipeline.methods.biastf.params import FUSION_WEIGHTS, BiaSTFParams, default_window
+from stf_pipeline.methods.biastf.params import FUSION_WEIGHTS, BiaSTFParams, default_spread_window, default_window
 
 log = logging.getLogger("stf_pipeline.methods.biastf")
+
+
+def _local_mean(values: Any, ok: Any, radius: int) -> tuple[Any, Any]:
+    """Mean of ``values`` over the valid (``ok``) pixels of the ``(2 radius + 1)²`` window, and the
+    number of them, on the last two axes."""
+    import jax.numpy as jnp
+
+    count = box_sum_jax(ok.astype(jnp.float32), radius)
+    return box_sum_jax(jnp.where(ok, values, 0.0), radius) / jnp.maximum(count, 1.0), count
 
 
 def fuse_directions(
@@ -42,32 +51,42 @@ def fuse_directions(
     weights: str = "similarity",
     coarse: Any = None,
     power: float = 1.0,
+    spread_window: int | None = None,
 ) -> Any:
     """Fusion ``f``: weight the transitional predictions ``(n, band, y, x)`` per pixel and band.
 
-    ``weights="similarity"``: ``S = |mean over window of (pred - C(k))|`` (valid pixels only);
-    ``"change"``: ``S = mean over window of |C(k) - C(j)|`` (valid pixels only; needs ``coarse``
-    ``(n, band, y, x)``, the pair dates' coarse images). Weight ``1 / (S + eps) ** power`` where
-    the prediction is valid, normalised per pixel; NaN where no direction predicts.
+    ``weights="similarity"``: ``S = |mean over window of (pred - C(k))|`` (valid pixels only),
+    weight ``1 / (S + eps) ** power``; ``"change"``: ``S = mean over window of |C(k) - C(j)|``
+    (valid pixels only; needs ``coarse`` ``(n, band, y, x)``, the pair dates' coarse images), weight
+    ``1 / (S + eps) ** power``; ``"variance"``: that ``S`` and the standard deviation ``V`` of
+    ``C(k) - C(j)`` over ``spread_window`` (odd, default ``window``), weight
+    ``1 / ((S + eps)² + V²) ** power``: the inverse of a direction's expected squared error, which
+    grows with the size of the coarse change and with how much it varies between neighbouring
+    coarse pixels (a sign of how much it varies within one). The weights are normalised per
+    pixel over the valid directions; NaN where no direction predicts.
     """
     import jax.numpy as jnp
 
     valid = jnp.isfinite(pred)
-    if weights == "change":
+    if weights in ("change", "variance"):
         if coarse is None:
-            raise MethodError("biastf: fusion weights 'change' need the pair dates' coarse images; pass coarse=.")
-        diff = jnp.abs(coarse_target[None] - coarse)
-        ok = jnp.isfinite(diff)
-        count = box_sum_jax(ok.astype(jnp.float32), window // 2)
-        score = box_sum_jax(jnp.where(ok, diff, 0.0), window // 2) / jnp.maximum(count, 1.0)
+            raise MethodError(f"biastf: fusion weights {weights!r} need the pair dates' coarse images; pass coarse=.")
+        change = coarse_target[None] - coarse
+        ok = jnp.isfinite(change)
+        score, count = _local_mean(jnp.abs(change), ok, window // 2)
         valid = valid & (count > 0)
+        if weights == "variance":
+            radius = (window if spread_window is None else spread_window) // 2
+            mean, _ = _local_mean(change, ok, radius)
+            square, _ = _local_mean(change * change, ok, radius)
+            spread = jnp.maximum(square - mean * mean, 0.0)  # V², the local variance of the change
     elif weights == "similarity":
-        diff = jnp.where(valid, pred - coarse_target[None], 0.0)
-        count = box_sum_jax(valid.astype(jnp.float32), window // 2)
-        score = jnp.abs(box_sum_jax(diff, window // 2) / jnp.maximum(count, 1.0))
+        mean, count = _local_mean(pred - coarse_target[None], valid, window // 2)
+        score = jnp.abs(mean)
     else:
         raise MethodError(f"biastf: weights must be one of {FUSION_WEIGHTS}, got {weights!r}.")
-    weight = jnp.where(valid, (score + eps) ** -power, 0.0)
+    inverse = ((score + eps) ** 2 + spread) ** -power if weights == "variance" else (score + eps) ** -power
+    weight = jnp.where(valid, inverse, 0.0)
     total = weight.sum(axis=0)
     fused = (weight * jnp.where(valid, pred, 0.0)).sum(axis=0) / jnp.where(total > 0, total, 1.0)
     return jnp.where(total > 0, fused, jnp.nan)
@@ -122,6 +141,7 @@ def _forward(
     inside: Any = None,
     power: float = 1.0,
     self_ensemble: int = 1,
+    spread_window: int | None = None,
 ) -> tuple[Any, Any, Any]:
     """Traced body of the predictor: fused ``(band, y, x)``, transitional ``(pair, band, y, x)`` and
     the number of valid pixels beyond the limit ``L`` (where the learned part fades).
@@ -164,7 +184,8 @@ def _forward(
     ok = _valid_within(valid if inside is None else valid | ~inside, 2 * NET_RADIUS) & valid
     transitional = jnp.where(ok, transitional, jnp.nan)
     fused = fuse_directions(
-        transitional, coarse_target, window=window, eps=eps, weights=weights, coarse=coarse, power=power
+        transitional, coarse_target, window=window, eps=eps, weights=weights, coarse=coarse, power=power,
+        spread_window=spread_window,
     )
     beyond = jnp.sum(ok & (jnp.transpose(trust, (0, 3, 1, 2)) < 1))
     return fused, transitional, beyond
@@ -181,6 +202,7 @@ def predictor(
     members: int = 1,
     power: float = 1.0,
     self_ensemble: int = 1,
+    spread_window: int | None = None,
 ) -> Any:
     """Jitted ``(params, stats, fine, coarse, coarse_target, inside=None) -> (fused, transitional, beyond)``."""
     import jax
@@ -197,10 +219,29 @@ def predictor(
             return _forward(
                 config, g_model, b_model, params, stats, fine, coarse, coarse_target,
                 window=window, eps=eps, weights=weights, members=members, inside=inside, power=power,
-                self_ensemble=self_ensemble,
+                self_ensemble=self_ensemble, spread_window=spread_window,
             )
 
     return predict
+
+
+#: the power of ``f``'s ``"variance"`` weights for a model without a validated one (trained with
+#: nothing held out): the better of the candidates on both two-date real sets (``docs/methods/biastf.md``)
+UNVALIDATED_WEIGHT_POWER = 0.5
+
+
+def weight_power(params: BiaSTFParams, model: Any) -> float:
+    """The power of ``f``'s weights: ``params.weight_power`` if given; else, for ``"variance"``
+    weights, the mean of the model's validated powers
+    (:func:`~stf_pipeline.methods.biastf.fit.validated_weight_power`, one per member), or
+    :data:`UNVALIDATED_WEIGHT_POWER` without them; 1 for the other weights."""
+    if params.weight_power is not None:
+        return float(params.weight_power)
+    if params.weights != "variance":
+        return 1.0
+    records = ((getattr(model, "extra", None) or {}).get("validation") or {}).get("members") or []
+    powers = [r["weight_power"] for r in records if r.get("weight_power") is not None]
+    return float(np.mean(powers)) if powers else UNVALIDATED_WEIGHT_POWER
 
 
 #: models already warned about changes beyond their training range (one warning per model)
@@ -235,6 +276,7 @@ def predict_block(
             f"got {getattr(model, 'method', type(model).__name__)!r}."
         )
     window = default_window(model.coarse_factor) if params.window is None else params.window
+    spread = default_spread_window(model.coarse_factor) if params.spread_window is None else params.spread_window
     if fine.shape[1] != len(model.bands):
         raise MethodError(f"biastf: the model has {len(model.bands)} bands, the block has {fine.shape[1]}.")
     predict = predictor(
@@ -245,8 +287,9 @@ def predict_block(
         float(params.eps),
         params.weights,
         int(model.extra.get("members", 1)),
-        float(params.weight_power),
+        weight_power(params, model),
         int(params.self_ensemble),
+        int(spread),
     )
     stats = Statistics.from_model(model)
     if params.extrapolate:

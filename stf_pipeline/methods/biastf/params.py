@@ -10,7 +10,7 @@ from stf_pipeline.methods._base import MethodContext
 from stf_pipeline.methods.biastf.config import NET_RADIUS
 
 DTYPES: tuple[str, ...] = ("float32", "tensorfloat32", "bfloat16")
-FUSION_WEIGHTS: tuple[str, ...] = ("change", "similarity")
+FUSION_WEIGHTS: tuple[str, ...] = ("variance", "change", "similarity")
 #: numbers of orientations the geometric self-ensemble may average (the identity, the flips, all eight)
 SELF_ENSEMBLES: tuple[int, ...] = (1, 4, 8)
 
@@ -27,13 +27,24 @@ class BiaSTFParams:
         the cube has no ``coarse_factor``).
     eps : float, default 1e-3
         Added to the mean absolute difference before inverting (reflectance units).
-    weights : {"change", "similarity"}, default "change"
-        What the fusion ``f`` weights each direction by (module docstring): the local mean
-        absolute coarse change ``|C(k) - C(j)|`` or the prediction's local mean difference with
-        ``C(k)`` (the paper's wording, degenerate under a sensor bias).
-    weight_power : float, default 1
-        Each direction's weight is ``1 / (S + eps) ** weight_power``; 2 is inverse-variance
-        weighting when a direction's error grows in proportion to ``S``.
+    weights : {"variance", "change", "similarity"}, default "variance"
+        What the fusion ``f`` weights each direction by
+        (:func:`~stf_pipeline.methods.biastf.kernel.fuse_directions`): ``"variance"``, the inverse
+        of ``(S + eps)² + V²``, with ``S`` the local mean absolute coarse change ``|C(k) - C(j)|``
+        over ``window`` and ``V²`` the variance of ``C(k) - C(j)`` over ``spread_window`` (an
+        estimate of the direction's squared error); ``"change"``, the inverse of ``S + eps``; or
+        ``"similarity"``, the prediction's local mean difference with ``C(k)`` (the paper's
+        wording, degenerate under a sensor bias).
+    weight_power : float, optional
+        The weights above raised to this power. Default: for ``"variance"``, the power the model
+        chose on its held-out dates (:func:`~stf_pipeline.methods.biastf.fit.validated_weight_power`),
+        0.5 for a model trained without them (:func:`~stf_pipeline.methods.biastf.kernel.weight_power`);
+        1 for the others (``"change"`` with 2 is inverse-variance weighting when a direction's error
+        grows in proportion to ``S``).
+    spread_window : int, optional
+        Odd side (fine pixels) of the neighbourhood of ``V`` (``weights="variance"``); default
+        three coarse pixels (:func:`default_spread_window`), so that it sees how the change varies
+        between neighbouring coarse pixels.
     self_ensemble : {1, 4, 8}, default 4
         Orientations of the block the networks see, their corrections mapped back and averaged
         (geometric self-ensemble): 1 the block as it is, 4 its flips, 8 every flip and 90-degree
@@ -51,8 +62,9 @@ class BiaSTFParams:
 
     window: int | None = None
     eps: float = 1e-3
-    weights: str = "change"
-    weight_power: float = 1.0
+    weights: str = "variance"
+    weight_power: float | None = None
+    spread_window: int | None = None
     self_ensemble: int = 4
     dtype: str = "tensorfloat32"
     extrapolate: bool = False
@@ -60,11 +72,15 @@ class BiaSTFParams:
     def __post_init__(self) -> None:
         if self.window is not None and (self.window < 1 or self.window % 2 == 0):
             raise MethodError(f"biastf: window must be a positive odd number of pixels, got {self.window}.")
+        if self.spread_window is not None and (self.spread_window < 1 or self.spread_window % 2 == 0):
+            raise MethodError(
+                f"biastf: spread_window must be a positive odd number of pixels, got {self.spread_window}."
+            )
         if not self.eps > 0:
             raise MethodError(f"biastf: eps must be > 0, got {self.eps}.")
         if self.weights not in FUSION_WEIGHTS:
             raise MethodError(f"biastf: weights must be one of {FUSION_WEIGHTS}, got {self.weights!r}.")
-        if not self.weight_power > 0:
+        if self.weight_power is not None and not self.weight_power > 0:
             raise MethodError(f"biastf: weight_power must be > 0, got {self.weight_power}.")
         if self.self_ensemble not in SELF_ENSEMBLES:
             raise MethodError(f"biastf: self_ensemble must be one of {SELF_ENSEMBLES}, got {self.self_ensemble!r}.")
@@ -78,12 +94,26 @@ def default_window(coarse_factor: int | None) -> int:
     return factor if factor % 2 else factor + 1
 
 
+def default_spread_window(coarse_factor: int | None) -> int:
+    """The default ``spread_window``: three coarse pixels (``3 coarse_factor``, 15 without one),
+    rounded up to odd."""
+    side = 3 * (coarse_factor or 15)
+    return side if side % 2 else side + 1
+
+
 def _prepare(params: BiaSTFParams, context: MethodContext, model: Any = None) -> BiaSTFParams:
-    if params.window is not None:
-        return params
-    return dataclasses.replace(params, window=default_window(context.coarse_factor))
+    return dataclasses.replace(
+        params,
+        window=default_window(context.coarse_factor) if params.window is None else params.window,
+        spread_window=(
+            default_spread_window(context.coarse_factor) if params.spread_window is None else params.spread_window
+        ),
+    )
 
 
 def _halo(params: BiaSTFParams, context: MethodContext) -> int:
     window = default_window(context.coarse_factor) if params.window is None else params.window
+    if params.weights == "variance":
+        spread = default_spread_window(context.coarse_factor) if params.spread_window is None else params.spread_window
+        window = max(window, spread)
     return 2 * NET_RADIUS + window // 2
