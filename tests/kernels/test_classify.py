@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stf_pipeline.exceptions import MethodError
-from stf_pipeline.kernels.classify import isodata, kmeans, merge_clusters, nearest_centre, split_clusters
+from stf_pipeline.kernels.classify import (
+    isodata,
+    kmeans,
+    merge_clusters,
+    nearest_centre,
+    nearest_centre_jax,
+    split_clusters,
+)
 
 
 def test_kmeans_is_seeded_and_finds_separated_clusters():
@@ -64,3 +73,21 @@ def test_isodata_finds_the_clusters_within_its_class_bounds():
     np.testing.assert_allclose(six[-2:], [[0.804, 0.2], [0.996, 0.2]], atol=0.02)
     with pytest.raises(MethodError, match="min_classes"):
         isodata(x, min_classes=5, max_classes=4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000))
+def test_nearest_centre_jax_equals_numpy_with_nan_and_ties(seed):
+    import jax
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.uniform(0, 1, (3, 9, 11))
+    pixels[1, 2, 3] = np.nan
+    centres = rng.uniform(0, 1, (5, 3))
+    centres[4] = centres[1]  # a tie: the lower index
+    pixels[:, 0, 0] = centres[2]
+    with jax.enable_x64(True):
+        got = np.asarray(jax.jit(nearest_centre_jax)(pixels, centres))
+    want = nearest_centre(pixels, centres)
+    np.testing.assert_array_equal(got, want)
+    assert got[2, 3] == -1 and got[0, 0] == 2 and not (got == 4).any()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy.interpolate import RBFInterpolator
 
-from stf_pipeline.kernels.tps import local_tps, tps_matrix
+from stf_pipeline.kernels.tps import local_tps, local_tps_jax, tps_matrix
 
 
 def test_tps_interpolates_its_knots_and_reproduces_planes():
@@ -30,3 +31,21 @@ def test_local_tps_passes_through_cell_centres():
     centre = fine[:, 2::5, 2::5]  # odd factor: the middle fine pixel sits on the cell centre
     ok = np.isfinite(cells).all(axis=0)
     np.testing.assert_allclose(centre[:, ok], cells[:, ok], atol=1e-9)
+
+
+@pytest.mark.parametrize(("factor", "radius", "shape"), [(3, 2, (20, 17)), (4, 1, (16, 16))])
+def test_local_tps_jax_matches_numpy_with_missing_and_collinear_knots(factor, radius, shape):
+    import jax
+
+    rng = np.random.default_rng(factor)
+    hc, wc = -(-shape[0] // factor), -(-shape[1] // factor)
+    cells = rng.normal(size=(2, hc, wc))
+    cells[:, :, 2] = np.nan  # a missing column: windows of collinear knots at the edge
+    cells[0, 3:5, 3:5] = np.nan  # missing in one band only
+    cells[:, 1:, 3:] = np.nan  # the lower right without knots; (0, 3+) keeps a row of knots
+    want = local_tps(cells, factor, radius, shape)
+    with jax.enable_x64(True):
+        got = np.asarray(jax.jit(local_tps_jax, static_argnums=(1, 2, 3))(cells, factor, radius, shape))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(want).any() and np.isfinite(want).any()
+    np.testing.assert_allclose(got, want, atol=1e-10, equal_nan=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from typing import Any
 
 import numpy as np
@@ -117,8 +118,16 @@ def window_stats(values: Any, radius: int) -> tuple[Any, Any, Any]:
     total = box_sum_jax(x, radius)
     square = box_sum_jax(x * x, radius)
     mean = total / count
-    var = (square - count * mean * mean) / (count - 1)
-    return count, mean, jnp.sqrt(jnp.maximum(var, 0.0))
+    return count, mean, _sample_std(count, mean, square)
+
+
+def _sample_std(count: Any, mean: Any, square: Any) -> Any:
+    """``sqrt(max((Σx² - n·mean²) / (n - 1), 0))``; NaN for fewer than two values, as in NumPy
+    (where the numerator of one value is exactly 0: XLA may contract it into a fused multiply-add)."""
+    import jax.numpy as jnp
+
+    var = jnp.where(count > 1, (square - count * mean * mean) / (count - 1), jnp.nan)
+    return jnp.sqrt(jnp.maximum(var, 0.0))
 
 
 # ----- (c) constrained unmixing -----------------------------------------------------------
@@ -307,8 +316,7 @@ def similarity_threshold(fine: Any, labels: Any, n_classes: int, factor: int, ra
     count = box_sum_jax(valid.sum(axis=(-3, -1)).astype(x.dtype), radius)
     total = box_sum_jax(x.sum(axis=(-3, -1)), radius)
     square = box_sum_jax((x * x).sum(axis=(-3, -1)), radius)
-    mean = total / count
-    std = jnp.sqrt(jnp.maximum((square - count * mean * mean) / (count - 1), 0.0))
+    std = _sample_std(count, total / count, square)
     lab_cells = to_cells(labels, factor, -1)
     present = jnp.zeros(std.shape[1:], x.dtype)
     for c in range(n_classes):
@@ -519,6 +527,11 @@ def fsdaf_steps(fine: Any, coarse: Any, coarse_target: Any, classes: Any, clip: 
     return range_fix(blended, f1, c1, c2, s.valid_range).astype(jnp.float32)
 
 
+#: One block's program runs at a time in a process: XLA's CPU client deadlocked when two threads ran
+#: it at once (jax 0.10.2, a batched LAPACK solve after fusions, 2 cores); a GPU runs them in turn anyway.
+_RUNNING = threading.Lock()
+
+
 @functools.lru_cache(maxsize=16)
 def _program(settings: BlockSettings) -> Any:
     import jax
@@ -529,8 +542,8 @@ def _program(settings: BlockSettings) -> Any:
 def fsdaf_block(fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, classes: np.ndarray,
                 clip: np.ndarray, rank: np.ndarray, *, settings: BlockSettings) -> np.ndarray:
     """FSDAF of one block on JAX's default device: :func:`fsdaf_steps` in one compiled program per
-    block shape and ``settings``; the inputs move to the device once (as given: float32 from the
-    engine), the float32 prediction comes back once.
+    block shape and ``settings``, one block at a time in a process; the inputs move to the device
+    once (as given: float32 from the engine), the float32 prediction comes back once.
 
     Parameters are those of :func:`fsdaf_steps`, as NumPy arrays.
 
@@ -540,5 +553,5 @@ def fsdaf_block(fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray,
     """
     import jax
 
-    with jax.enable_x64(True):
+    with _RUNNING, jax.enable_x64(True):
         return np.asarray(_program(settings)(fine, coarse, coarse_target, classes, clip, rank))
