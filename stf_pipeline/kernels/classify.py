@@ -2,8 +2,8 @@
 
 FSDAF (Zhu et al. 2016) classifies the fine image at the pair date before unmixing. The class
 *centres* are fitted once on a subsample of the whole image (:func:`kmeans`), then every pixel is
-labelled by its nearest centre (:func:`nearest_centre`), a per-pixel rule, so chunked and unchunked
-labelling agree exactly.
+labelled by its nearest centre (:func:`nearest_centre`; :func:`nearest_centre_jax` on a JAX device),
+a per-pixel rule, so chunked and unchunked labelling agree exactly.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ that maps knot values to values at target points, which is what :func:`local_tps
 :func:`local_tps` interpolates a coarse grid onto the fine pixels of every cell with a spline fitted
 to the cells within ``radius`` of that cell (overlapping support). Each cell only reads its own
 neighbourhood, so the result for a cell is the same in any block that holds the whole
-neighbourhood: chunked equals unchunked once the halo covers ``radius`` cells.
+neighbourhood: chunked equals unchunked once the halo covers ``radius`` cells. :func:`local_tps_jax`
+is the same interpolation traced for a JAX device (one spline system per cell).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from stf_pipeline.kernels.window import window_index
 
 
 def _phi(r: np.ndarray) -> np.ndarray:
@@ -141,10 +144,9 @@ def local_tps_jax(cells: Any, factor: int, radius: int, shape: tuple[int, int]) 
     valid_cell = jnp.isfinite(cells).all(axis=0)
     values = jnp.pad(jnp.where(valid_cell, cells, 0.0), ((0, 0), (radius, radius), (radius, radius)))
     mask = jnp.pad(valid_cell, radius, constant_values=False)
-    win_vals = jnp.stack(
-        [values[:, dy : dy + hc, dx : dx + wc] for dy in range(side) for dx in range(side)], axis=-1
-    )  # (band, hc, wc, n)
-    win_mask = jnp.stack([mask[dy : dy + hc, dx : dx + wc] for dy in range(side) for dx in range(side)], axis=-1)
+    iy, ix = window_index((hc, wc), radius)
+    win_vals = values[:, iy, ix]  # (band, hc, wc, n)
+    win_mask = mask[iy, ix]
     dy, dx = np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1), indexing="ij")
     knots = np.stack([dy.ravel(), dx.ravel()], axis=1).astype(np.float64)
     poly = np.hstack([np.ones((n, 1)), knots])  # (n, 3)

@@ -3,7 +3,8 @@
 :func:`box_sum` adds, per pixel, the window's values in a fixed order (window rows, then
 columns, in offset order) and nothing outside the array, so a pixel's sum does not depend on
 the block it sits in: a chunked result equals the unchunked one bitwise. :func:`box_sum_jax` is
-the traceable JAX form (separable ``lax.reduce_window`` sums).
+the traceable JAX form (separable ``lax.reduce_window`` sums); :func:`window_index` gathers every
+window of a padded array at once.
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ def box_sum_jax(a: Any, radius: int) -> Any:
     import jax
 
     return window_reduce_jax(a, radius, jax.lax.add, 0.0)
+
+
+def window_index(shape: tuple[int, int], radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(iy, ix)`` into an array padded by ``radius`` on its last two axes that give the
+    ``(2r+1)²`` window of every element of ``shape``, offsets in row-major order: ``padded[..., iy, ix]``
+    is ``(..., *shape, (2r+1)²)`` (one gather rather than a slice per offset)."""
+    side = 2 * radius + 1
+    offsets = np.arange(side * side)
+    iy = np.arange(shape[0])[:, None, None] + (offsets // side)[None, None, :]
+    ix = np.arange(shape[1])[None, :, None] + (offsets % side)[None, None, :]
+    return iy, ix
 
 
 def nanmean_window(a: np.ndarray, radius: int) -> np.ndarray:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import lsq_linear
 
-from stf_pipeline.kernels.lstsq import box_lstsq
+from stf_pipeline.kernels.lstsq import box_lstsq, box_lstsq_jax
 
 
 @settings(max_examples=40, deadline=None)
@@ -31,19 +32,18 @@ def test_box_lstsq_equal_bounds_pin_and_empty_bounds_give_nan():
     assert np.isnan(got[1]).all()
 
 
+_box_lstsq_jit = jax.jit(box_lstsq_jax, static_argnames="max_steps")
+
+
 def _box_lstsq_x64(gram, rhs, lo, hi, max_steps=None):
-    import jax
-
-    from stf_pipeline.kernels.lstsq import box_lstsq_jax
-
     with jax.enable_x64(True):
-        return np.asarray(jax.jit(box_lstsq_jax, static_argnames="max_steps")(gram, rhs, lo, hi, max_steps=max_steps))
+        return np.asarray(_box_lstsq_jit(gram, rhs, lo, hi, max_steps=max_steps))
 
 
-@settings(max_examples=15, deadline=None)
-@given(st.sampled_from([1, 3, 4, 6]), st.integers(0, 10_000), st.sampled_from([None, 0, 1]))
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from([1, 4, 6]), st.integers(0, 10_000), st.sampled_from([None, 0]))
 def test_box_lstsq_jax_matches_numpy_also_through_the_bvls_fallback(k, seed, max_steps):
-    # max_steps=0 or 1 leaves (most) problems unsettled: the primal active-set fallback solves them
+    # max_steps=0 leaves every problem unsettled: the primal active-set fallback solves them all
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(40, 4 * k + 2, k))
     y = rng.normal(size=(40, 4 * k + 2)) * 3

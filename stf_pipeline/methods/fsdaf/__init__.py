@@ -2,8 +2,9 @@
 
 The method and its steps are described in :mod:`stf_pipeline.methods.fsdaf.core`; steps (b)-(c)
 live in :mod:`.unmix`, (d) and (f) in :mod:`.residual`, the compiled CPU kernels in :mod:`.numba`
-and the JAX similar-pixel step in :mod:`.jax`. Backends: ``numba`` (the reference, ``auto`` on
-CPUs) and ``jax`` (``auto`` on GPUs), which differ only in the similar-pixel step (g).
+and the JAX forms of every step in :mod:`.jax`. Backends: ``numba`` (the reference, ``auto`` on
+CPUs) and ``jax`` (``auto`` on GPUs: the whole block on the device, one compiled program per block
+shape).
 """
 
 from __future__ import annotations

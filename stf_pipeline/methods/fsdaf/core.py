@@ -34,6 +34,10 @@ prediction that captures land-cover change. Steps (paper section and the authors
     This step is most of the work: a compiled Numba scan on the CPU, ``lax.top_k`` over row
     strips with JAX on a GPU (backends ``numba`` and ``jax``), both choosing the same pixels.
 
+Backend ``jax`` runs every step of a block, (a) to (g) and the final range fix, on JAX's device
+in one compiled program (:func:`stf_pipeline.methods.fsdaf.jax.fsdaf_block`); ``numba`` is the
+CPU reference it is tested against.
+
 Every window is centred on its cell or pixel and truncated only at the block edge, class centres
 and the noise clip are fitted once for the scene (``METHOD.statistics``), and the halo covers the
 longest dependency chain (:func:`halo`), so chunked equals unchunked. Why, and where this differs

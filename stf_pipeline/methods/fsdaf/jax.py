@@ -33,7 +33,7 @@ import numpy as np
 from stf_pipeline.kernels.classify import nearest_centre_jax
 from stf_pipeline.kernels.lstsq import box_lstsq_jax
 from stf_pipeline.kernels.tps import local_tps_jax
-from stf_pipeline.kernels.window import box_sum_jax, window_reduce_jax
+from stf_pipeline.kernels.window import box_sum_jax, window_index, window_reduce_jax
 from stf_pipeline.methods.fsdaf.params import (
     CHANGE_PERCENTILES,
     MAX_RESIDUAL_WEIGHT,
@@ -91,11 +91,9 @@ def _windows(a: Any, radius: int, fill: Any) -> Any:
     """``(..., hc, wc) -> (..., hc, wc, (2r+1)²)`` windows around every cell, ``fill`` outside."""
     import jax.numpy as jnp
 
-    side = 2 * radius + 1
-    hc, wc = a.shape[-2:]
     pad = [(0, 0)] * (a.ndim - 2) + [(radius, radius), (radius, radius)]
-    padded = jnp.pad(a, pad, constant_values=fill)
-    return jnp.stack([padded[..., dy : dy + hc, dx : dx + wc] for dy in range(side) for dx in range(side)], axis=-1)
+    iy, ix = window_index(a.shape[-2:], radius)
+    return jnp.pad(a, pad, constant_values=fill)[..., iy, ix]
 
 
 def window_extreme(values: Any, radius: int, *, minimum: bool) -> Any:
@@ -229,7 +227,13 @@ def heterogeneity(labels: Any, n_classes: int, radius: int) -> Any:
     0 if unclassified; exact counts as :func:`stf_pipeline.methods.fsdaf.residual.heterogeneity`."""
     import jax.numpy as jnp
 
-    area = box_sum_jax(jnp.ones(labels.shape, jnp.float64), radius)
+    h, w = labels.shape
+    rows, cols = jnp.arange(h), jnp.arange(w)
+    # pixels of each window inside the image, from its extent (a window sum of ones would be
+    # constant-folded by XLA, slowly)
+    height = jnp.minimum(rows + radius + 1, h) - jnp.maximum(rows - radius, 0)
+    width = jnp.minimum(cols + radius + 1, w) - jnp.maximum(cols - radius, 0)
+    area = (height[:, None] * width[None, :]).astype(jnp.float64)
     same = jnp.zeros(labels.shape, jnp.float64)
     for c in range(n_classes):
         is_c = labels == c
