@@ -189,7 +189,7 @@ def _on_device(
     only a class map's lookup runs on the host."""
     labels_given = params.class_map is not None
     f1 = np.asarray(fine[0])
-    classes = classify(np.asarray(f1, dtype=np.float64), params, class_map) if labels_given else _centres(params)
+    classes = classify(f1, params, class_map) if labels_given else _centres(params)
     settings = jax_kernels.BlockSettings(
         factor=int(params.coarse_factor or 1),
         n_classes=params.n_class_total,
