@@ -8,7 +8,8 @@ step of the reference backend, with the same rules in the same order:
 * steps (a)-(f) and the range fix run in float64 (under ``jax.enable_x64``), as the reference:
   nearest-centre labels, the purity keys of the unmixing (int64) and its percentile filter are
   selections that float32 rounding would change, and the unmixing systems are ill-conditioned
-  (ridge ``1e-6``). They agree with the reference to float64 rounding (sums in another order);
+  (ridge ``1e-6``). They agree with the reference to float64 rounding (sums in another order,
+  multiply-adds XLA may fuse);
 * step (g), :func:`blend_traced`, works in float32 as before: float32 ranking keys built with the
   same operations in the same band order as the Numba kernel, the ``k`` smallest chosen by
   ``jax.lax.top_k`` (the lower index first among equal values, so ties go to the earlier offset in
@@ -17,8 +18,8 @@ step of the reference backend, with the same rules in the same order:
   padded) mapped by ``lax.map``: the keys of a strip are ``strip · width · (2r+1)²`` float32
   values, built one window row per step of a ``fori_loop``.
 
-The one step that may leave the device is the rare fallback of the constrained least squares
-(:func:`stf_pipeline.kernels.lstsq.box_lstsq_jax`).
+Nothing leaves the device between the two transfers: the rare least-squares problems whose active
+set does not settle are finished there too (:func:`stf_pipeline.kernels.lstsq.box_lstsq_jax`).
 """
 
 from __future__ import annotations
