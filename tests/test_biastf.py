@@ -15,8 +15,7 @@ import stf_pipeline as stf
 from stf_pipeline.exceptions import ConfigError, MethodError, ModelError, TaskError
 from stf_pipeline.methods import biastf
 from stf_pipeline.methods.biastf import BiaSTFConfig, BiaSTFParams, fuse_directions, predict_block
-from stf_pipeline.methods.biastf.fit import WEIGHT_POWERS, box_least_squares
-from stf_pipeline.methods.biastf.kernel import UNVALIDATED_WEIGHT_POWER, weight_power
+from stf_pipeline.methods.biastf.fit import box_least_squares
 from stf_pipeline.methods.delta import DeltaParams, delta_kernel
 from stf_pipeline.nn import BandNet, FittedModel
 from stf_pipeline.testing import assert_chunked_equals_unchunked, raise_if_dask_computes, random_cube
@@ -346,7 +345,7 @@ def test_kernel_is_f_of_fine_plus_g_plus_b(trained, cube):
     shrink = model.params["shrink"]  # fitted on the validation date
     expected = fine + (base + shrink * (g + b - base)).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(transitional, expected, rtol=1e-5, atol=1e-6)
-    reference = _reference_fusion(expected, ct, 9, 1e-3, coarse, spread=25, power=weight_power(params, model))
+    reference = _reference_fusion(expected, ct, 9, 1e-3, coarse, spread=25, power=0.75)
     np.testing.assert_allclose(fused, reference, rtol=1e-4, atol=1e-5)  # spread: 3 coarse pixels of 8, odd
 
 
@@ -604,32 +603,6 @@ def test_shrink_of_the_parts_minimises_the_held_out_error(trained, cube):
         assert np.all(best <= moved * (1 + 1e-4))
     whole = np.asarray(model.params["shrink"])
     assert np.all(best <= _held_out_sse(model, cube, times, held, whole, whole) * (1 + 1e-4))
-
-
-def test_validated_weight_power_best_predicts_the_held_out_date_from_both_sides(trained, cube):
-    """The recorded power of f's variance weights has the lowest error, among the candidates, on the
-    held-out date predicted from each training date before it paired with each one after it, as
-    stf.fuse predicts a target; the recorded errors are those."""
-    model, _ = trained
-    record = model.extra["validation"]["members"][0]
-    squared = {}
-    for power in WEIGHT_POWERS:
-        total, count = 0.0, 0
-        for j1, j2 in ((0, 3), (0, 4), (1, 3), (1, 4)):
-            fused, _ = predict_block(
-                cube.fine.values[[j1, j2]], cube.coarse.values[[j1, j2]], cube.coarse.values[2],
-                params=BiaSTFParams(weight_power=power, dtype="float32"), model=model,
-            )
-            error = fused.astype(np.float64) - cube.fine.values[2]
-            total, count = total + np.nansum(error**2), count + np.isfinite(error).sum()
-        squared[power] = np.sqrt(total / count)
-    assert record["weight_power_rmse"] == pytest.approx({str(p): v for p, v in squared.items()}, rel=1e-4)
-    assert record["weight_power"] == min(squared, key=squared.get)
-    assert weight_power(BiaSTFParams(), model) == record["weight_power"]
-    assert weight_power(BiaSTFParams(weight_power=2.0), model) == 2.0
-    assert weight_power(BiaSTFParams(weights="change"), model) == 1.0
-    unvalidated = dataclasses.replace(model, extra={**model.extra, "validation": None})
-    assert weight_power(BiaSTFParams(), unvalidated) == UNVALIDATED_WEIGHT_POWER
 
 
 @settings(max_examples=200, deadline=None)

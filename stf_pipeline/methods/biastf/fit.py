@@ -221,76 +221,6 @@ def validated_shrink(
     return whole.astype(np.float32), split.astype(np.float32)
 
 
-#: the powers of the fusion weights :func:`validated_weight_power` chooses from
-WEIGHT_POWERS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0)
-
-
-def validated_weight_power(
-    cube: xr.Dataset,
-    params: Mapping[str, Any],
-    cfg: BiaSTFConfig,
-    stats: Statistics,
-    times: Sequence[Any],
-    held: Sequence[Any],
-) -> tuple[float, dict[str, float]] | None:
-    """The power of the fusion weights ``f`` (``BiaSTFParams.weight_power``, ``weights="variance"``)
-    that best predicts the held-out dates from both sides.
-
-    Each held-out date ``v`` is predicted, as a target is, from every training date before it
-    paired with every training date after it: the transitional predictions of the model
-    ``params`` (with its shrink) fused with each power of :data:`WEIGHT_POWERS`. The power with the
-    lowest mean squared error over all such pairs, bands and the scene's centre ``SHRINK_CROP``
-    square wins: how sharply ``f`` should favour the direction with the smaller, more uniform
-    coarse change depends on how a scene's errors grow with it. ``None`` where no held-out date
-    has training dates on both sides.
-
-    Returns the power and the root mean squared error of every power (keys ``str(power)``).
-    """
-    import json
-
-    import jax
-
-    from stf_pipeline.methods.biastf.kernel import fuse_directions, predictor
-    from stf_pipeline.methods.biastf.params import BiaSTFParams, default_spread_window, default_window
-
-    factor = cube.attrs.get("coarse_factor")
-    window, spread = default_window(factor), default_spread_window(factor)
-    fusion = BiaSTFParams()
-    predict = predictor(
-        json.dumps(cfg.to_dict(), sort_keys=True), int(cube.sizes["band"]), "float32", window, fusion.eps,
-        fusion.weights, self_ensemble=fusion.self_ensemble,
-    )
-    fuse = jax.jit(functools.partial(fuse_directions, window=window, eps=fusion.eps, weights="variance",
-                                     spread_window=spread), static_argnames="power")
-    start = {dim: max((int(cube.sizes[dim]) - SHRINK_CROP) // 2, 0) for dim in ("y", "x")}
-    crop = {dim: slice(first, first + SHRINK_CROP) for dim, first in start.items()}
-    fine = cube["fine"].isel(crop).astype("float32")
-    coarse = cube["coarse"].isel(crop).astype("float32")
-    arrays = stats.arrays()
-    sums, counts = dict.fromkeys(WEIGHT_POWERS, 0.0), dict.fromkeys(WEIGHT_POWERS, 0)
-    for v in held:
-        before, after = [t for t in times if t < v], [t for t in times if t > v]
-        truth, target = fine.sel(time=v).values, coarse.sel(time=v).values
-        transitional = {
-            j: np.asarray(predict(params, arrays, fine.sel(time=j).values[None], coarse.sel(time=j).values[None],
-                                  target)[1][0])
-            for j in (*before, *after)
-        }
-        for j1 in before:
-            for j2 in after:
-                pair = np.stack([transitional[j1], transitional[j2]])
-                pair_coarse = np.stack([coarse.sel(time=j1).values, coarse.sel(time=j2).values])
-                for power in WEIGHT_POWERS:
-                    error = np.asarray(fuse(pair, target, coarse=pair_coarse, power=power), np.float64) - truth
-                    ok = np.isfinite(error)
-                    sums[power] += float(np.sum(error[ok] ** 2))
-                    counts[power] += int(ok.sum())
-    if not any(counts.values()):
-        return None
-    scores = {str(p): float(np.sqrt(sums[p] / counts[p])) for p in WEIGHT_POWERS}
-    return min(WEIGHT_POWERS, key=lambda p: scores[str(p)]), scores
-
-
 def box_least_squares(gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
     """The ``s`` in [0, 1]² that minimises ``s' gram s - 2 s' cross`` (``gram`` 2 x 2, positive
     semi-definite): the unconstrained solution if it lies in the box, else the best point on the
@@ -421,11 +351,6 @@ def fit(
         shrink, parts = validated_shrink(cube, params, member, stats, fit_times, held) if cfg.shrink and held else (
             None, None
         )
-        power = (
-            validated_weight_power(cube, {**params, "shrink": shrink} if shrink is not None else params, member,
-                                   stats, fit_times, held)
-            if held else None
-        )
         if refit:
             log.info("biastf: refitting on all %d training dates for %s steps (the validated best)", len(times), best)
             refit_print = {**fingerprint, "train_times": [iso_date(t) for t in times], "val_times": [], "steps": best}
@@ -445,8 +370,6 @@ def fit(
             "seeds": [member.stage1.seed, member.stage2.seed],
             "shrink": None if shrink is None else [round(float(v), 4) for v in shrink],
             "shrink_parts": None if parts is None else np.round(parts.astype(float), 4).tolist(),
-            "weight_power": None if power is None else power[0],
-            "weight_power_rmse": None if power is None else {k: round(v, 6) for k, v in power[1].items()},
         })
     held_all = sorted({t for r in records for t in r["val_times"]})
     validation = {"mode": mode, **records[0], "val_times": held_all, "refit": refit, "members": records}

@@ -225,25 +225,6 @@ def predictor(
     return predict
 
 
-#: the power of ``f``'s ``"variance"`` weights for a model without a validated one (trained with
-#: nothing held out): the better of the candidates on both two-date real sets (``docs/methods/biastf.md``)
-UNVALIDATED_WEIGHT_POWER = 0.5
-
-
-def weight_power(params: BiaSTFParams, model: Any) -> float:
-    """The power of ``f``'s weights: ``params.weight_power`` if given; else, for ``"variance"``
-    weights, the mean of the model's validated powers
-    (:func:`~stf_pipeline.methods.biastf.fit.validated_weight_power`, one per member), or
-    :data:`UNVALIDATED_WEIGHT_POWER` without them; 1 for the other weights."""
-    if params.weight_power is not None:
-        return float(params.weight_power)
-    if params.weights != "variance":
-        return 1.0
-    records = ((getattr(model, "extra", None) or {}).get("validation") or {}).get("members") or []
-    powers = [r["weight_power"] for r in records if r.get("weight_power") is not None]
-    return float(np.mean(powers)) if powers else UNVALIDATED_WEIGHT_POWER
-
-
 #: models already warned about changes beyond their training range (one warning per model)
 _WARNED: weakref.WeakSet = weakref.WeakSet()
 #: what the prediction falls back to beyond ``L``, per ``g_base`` (named in the warning)
@@ -287,7 +268,7 @@ def predict_block(
         float(params.eps),
         params.weights,
         int(model.extra.get("members", 1)),
-        weight_power(params, model),
+        params.power,
         int(params.self_ensemble),
         int(spread),
     )

@@ -13,6 +13,10 @@ DTYPES: tuple[str, ...] = ("float32", "tensorfloat32", "bfloat16")
 FUSION_WEIGHTS: tuple[str, ...] = ("variance", "change", "similarity")
 #: numbers of orientations the geometric self-ensemble may average (the identity, the flips, all eight)
 SELF_ENSEMBLES: tuple[int, ...] = (1, 4, 8)
+#: default power of the ``"variance"`` weights: below 1 (inverse variance) because the coarse
+#: change's moments only estimate a direction's error; 0.75 was better than the previous
+#: ``1 / S`` weights on every study scene and real set, 1 lost on a real one (``docs/methods/biastf.md``)
+VARIANCE_POWER = 0.75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +40,9 @@ class BiaSTFParams:
         ``"similarity"``, the prediction's local mean difference with ``C(k)`` (the paper's
         wording, degenerate under a sensor bias).
     weight_power : float, optional
-        The weights above raised to this power. Default: for ``"variance"``, the power the model
-        chose on its held-out dates (:func:`~stf_pipeline.methods.biastf.fit.validated_weight_power`),
-        0.5 for a model trained without them (:func:`~stf_pipeline.methods.biastf.kernel.weight_power`);
-        1 for the others (``"change"`` with 2 is inverse-variance weighting when a direction's error
-        grows in proportion to ``S``).
+        The weights above raised to this power (:attr:`power`); default 0.75 for ``"variance"``
+        (:data:`VARIANCE_POWER`), 1 for the others (``"change"`` with 2 is inverse-variance
+        weighting when a direction's error grows in proportion to ``S``).
     spread_window : int, optional
         Odd side (fine pixels) of the neighbourhood of ``V`` (``weights="variance"``); default
         three coarse pixels (:func:`default_spread_window`), so that it sees how the change varies
@@ -68,6 +70,13 @@ class BiaSTFParams:
     self_ensemble: int = 4
     dtype: str = "tensorfloat32"
     extrapolate: bool = False
+
+    @property
+    def power(self) -> float:
+        """The power of ``f``'s weights: ``weight_power``, or the default of the ``weights``."""
+        if self.weight_power is not None:
+            return float(self.weight_power)
+        return VARIANCE_POWER if self.weights == "variance" else 1.0
 
     def __post_init__(self) -> None:
         if self.window is not None and (self.window < 1 or self.window % 2 == 0):
