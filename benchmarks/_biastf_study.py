@@ -247,7 +247,7 @@ INFERENCE_VARIANTS: dict[str, dict[str, Any]] = {
     "no fade beyond L": {"extrapolate": True},
     "f weights 1/S": {"weights": "change", "weight_power": 1.0},
     "f weights 1/S^2": {"weights": "change", "weight_power": 2.0},
-    "f variance weights, power 0.5": {"weight_power": 0.5},
+    "f variance weights, power 0.75": {"weight_power": 0.75},
     "f variance weights, power 1": {"weight_power": 1.0},
     "one orientation": {"self_ensemble": 1},
     "self-ensemble of 8 orientations": {"self_ensemble": 8},

@@ -345,7 +345,7 @@ def test_kernel_is_f_of_fine_plus_g_plus_b(trained, cube):
     shrink = model.params["shrink"]  # fitted on the validation date
     expected = fine + (base + shrink * (g + b - base)).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(transitional, expected, rtol=1e-5, atol=1e-6)
-    reference = _reference_fusion(expected, ct, 9, 1e-3, coarse, spread=25, power=0.75)
+    reference = _reference_fusion(expected, ct, 9, 1e-3, coarse, spread=25, power=0.5)
     np.testing.assert_allclose(fused, reference, rtol=1e-4, atol=1e-5)  # spread: 3 coarse pixels of 8, odd
 
 

@@ -14,9 +14,10 @@ FUSION_WEIGHTS: tuple[str, ...] = ("variance", "change", "similarity")
 #: numbers of orientations the geometric self-ensemble may average (the identity, the flips, all eight)
 SELF_ENSEMBLES: tuple[int, ...] = (1, 4, 8)
 #: default power of the ``"variance"`` weights: below 1 (inverse variance) because the coarse
-#: change's moments only estimate a direction's error; 0.75 was better than the previous
-#: ``1 / S`` weights on every study scene and real set, 1 lost on a real one (``docs/methods/biastf.md``)
-VARIANCE_POWER = 0.75
+#: change's moments only estimate a direction's error; 0.5 had a lower RMSE and a higher SSIM
+#: than the previous ``1 / S`` weights on every study run and real set, higher powers lost SSIM on
+#: some (``docs/methods/biastf.md``)
+VARIANCE_POWER = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ class BiaSTFParams:
         ``"similarity"``, the prediction's local mean difference with ``C(k)`` (the paper's
         wording, degenerate under a sensor bias).
     weight_power : float, optional
-        The weights above raised to this power (:attr:`power`); default 0.75 for ``"variance"``
+        The weights above raised to this power (:attr:`power`); default 0.5 for ``"variance"``
         (:data:`VARIANCE_POWER`), 1 for the others (``"change"`` with 2 is inverse-variance
         weighting when a direction's error grows in proportion to ``S``).
     spread_window : int, optional
