@@ -25,10 +25,9 @@ The model (Eqs. 11-13), for the target date ``k`` and the pair dates ``j`` in ``
   training pairs' ``|dC|``, per band), the learned part ``G + B - base`` fades linearly to 0 at
   ``1.25 L``. There the prediction falls back to ``F(j) + base``.
 - **Fusion f** (``weights``): ``"variance"`` (default) weights each direction by
-  ``((S + eps)² + V²) ** -0.5`` with ``S`` the local mean ``|C(k) - C(j)|`` and ``V²`` the
-  variance of ``C(k) - C(j)`` over three coarse pixels (an estimate of the direction's squared
-  error); ``"change"`` by ``1 / (S + eps)``; ``"similarity"`` uses ``S = |local mean of
-  F^(j,k) - C(k)|``, the paper's wording.
+  ``((S + eps)² + V²) ** -0.5``, ``S`` the local mean ``|C(k) - C(j)|``, ``V²`` the variance of
+  ``C(k) - C(j)`` over three coarse pixels; ``"change"`` by ``1 / (S + eps)``; ``"similarity"``
+  uses ``S = |local mean of F^(j,k) - C(k)|``, the paper's wording.
 - **Inference** runs through the engine. The halo is ``2 x 7`` pixels (G then B) plus half the
   wider of the fusion and spread windows, so chunked equals unchunked. A pixel with NaN in its receptive field gets no
   prediction from that direction.

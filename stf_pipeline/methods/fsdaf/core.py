@@ -32,16 +32,12 @@ prediction that captures land-cover change. Steps (paper section and the authors
     2017 revision: candidates are pixels within a per-band threshold ``2σ/n_classes`` rather than
     of the same class, and the weight includes the spectral difference as well as the distance.
     This step is most of the work: a compiled Numba scan on the CPU, ``lax.top_k`` over row
-    strips with JAX on a GPU (backends ``numba`` and ``jax``), both choosing the same pixels.
+    strips with JAX.
 
-Backend ``jax`` runs every step of a block, (a) to (g) and the final range fix, on JAX's device
-in one compiled program (:func:`stf_pipeline.methods.fsdaf.jax.fsdaf_block`); ``numba`` is the
-CPU reference it is tested against.
-
-Every window is centred on its cell or pixel and truncated only at the block edge, class centres
-and the noise clip are fitted once for the scene (``METHOD.statistics``), and the halo covers the
-longest dependency chain (:func:`halo`), so chunked equals unchunked. Why, and where this differs
-from the authors' code: ``docs/methods/fsdaf.md``.
+Backend ``numba`` (the CPU reference) compiles each step; ``jax`` runs the whole block in one
+device program (:func:`~stf_pipeline.methods.fsdaf.jax.fsdaf_block`). Windows stop only at the
+block edge, class centres and noise clip are fitted once per scene (``METHOD.statistics``) and the
+halo covers the longest dependency chain, so chunked equals unchunked (``docs/methods/fsdaf.md``).
 """
 
 from __future__ import annotations
