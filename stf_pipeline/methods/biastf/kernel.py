@@ -77,8 +77,7 @@ def fuse_directions(
         valid = valid & (count > 0)
         if weights == "variance":
             radius = (window if spread_window is None else spread_window) // 2
-            mean, _ = _local_mean(change, ok, radius)
-            square, _ = _local_mean(change * change, ok, radius)
+            (mean, square), _ = _local_mean(jnp.stack([change, change * change]), ok[None], radius)
             spread = jnp.maximum(square - mean * mean, 0.0)  # V², the local variance of the change
     elif weights == "similarity":
         mean, count = _local_mean(pred - coarse_target[None], valid, window // 2)
