@@ -55,6 +55,19 @@ CANDIDATES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 
+def fuse(
+    preds: np.ndarray, change: np.ndarray, weight: Callable[[np.ndarray, np.ndarray], np.ndarray], factor: int
+) -> np.ndarray:
+    """The two directions ``preds`` ``(2, band, y, x)`` fused with ``weight(S, V)``, from their coarse
+    changes ``change`` ``(2, band, y, x)``: ``S`` over the fusion window (``factor`` rounded up to
+    odd), ``V`` over three coarse pixels (BiaSTF's defaults)."""
+    window, spread = factor // 2, (3 * factor) // 2
+    s = _mean(np.abs(change), window)
+    v = np.sqrt(np.maximum(_mean(change**2, spread) - _mean(change, spread) ** 2, 0.0))
+    w = weight(s, v)
+    return (w * preds).sum(axis=0) / w.sum(axis=0)
+
+
 def score_scene(name: str) -> dict[str, dict[str, float]]:
     """Mean RMSE of every candidate (and the oracle) for each stand-in on scene ``name``."""
     import stf_pipeline as stf
@@ -63,7 +76,6 @@ def score_scene(name: str) -> dict[str, dict[str, float]]:
     cube = stf.synthetic_scene(**spec).load()
     fine, coarse, truth = (cube[v].values.astype(np.float64) for v in ("fine", "coarse", "fine_truth"))
     factor = int(cube.attrs["coarse_factor"])
-    window, spread = factor // 2, (3 * factor) // 2
     known = list(spec["fine_times"])
     stand_ins: dict[str, Callable[[int, int], np.ndarray]] = {
         "F(j) + dC": lambda j, k: fine[j] + coarse[k] - coarse[j],
@@ -77,12 +89,10 @@ def score_scene(name: str) -> dict[str, dict[str, float]]:
             pairs = (max(t for t in known if t < k), min(t for t in known if t > k))
             preds = np.stack([predict(j, k) for j in pairs])
             change = np.stack([coarse[k] - coarse[j] for j in pairs])
-            s = _mean(np.abs(change), window)
-            v = np.sqrt(np.maximum(_mean(change**2, spread) - _mean(change, spread) ** 2, 0.0))
-            weights = {c: fn(s, v) for c, fn in CANDIDATES.items()}
-            weights["oracle"] = 1 / (np.stack([_mean((p - truth[k]) ** 2, window) for p in preds]) + 1e-12)
-            for c, w in weights.items():
-                fused = (w * preds).sum(axis=0) / w.sum(axis=0)
+            error = np.stack([_mean((p - truth[k]) ** 2, factor // 2) for p in preds])  # the oracle's
+            weights = {**CANDIDATES, "oracle": lambda s, v, e=error: 1 / (e + 1e-12)}
+            for c, weight in weights.items():
+                fused = fuse(preds, change, weight, factor)
                 rmse[c].append(float(np.sqrt(((fused - truth[k]) ** 2).mean(axis=(-2, -1))).mean()))
         out[label] = {c: float(np.mean(v)) for c, v in rmse.items()}
     return out

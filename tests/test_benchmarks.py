@@ -111,3 +111,28 @@ def test_study_page_is_the_rendering_of_its_records(tmp_path):
     cpu = {"jax_backend": "cpu", "devices": ["TFRT_CPU_0"], "jax": "0.10.2", "cpu": "AMD EPYC", "cores": 2}
     assert study.machine_label(gpu) == "NVIDIA H200 (JAX 0.11.2)"
     assert study.machine_label(cpu) == "AMD EPYC, 2 cores (JAX 0.10.2)"
+
+
+@pytest.mark.parametrize(("label", "weights", "power"), [("1/S (before)", "change", 1.0),
+                                                         ("((S+eps)^2 + V^2)^-0.5", "variance", 0.5)])
+def test_fusion_weights_study_fuses_as_biastf_does(label, weights, power):
+    """``benchmarks._fusion_weights`` scores BiaSTF's own ``f``: its NumPy fusion of two directions
+    equals :func:`stf_pipeline.methods.biastf.fuse_directions` with the same weights and windows."""
+    import numpy as np
+
+    from stf_pipeline.methods.biastf import fuse_directions
+
+    load_benchmark("biastf")  # registers this folder as the package ``benchmarks``
+    study = importlib.import_module("benchmarks._fusion_weights")
+
+    rng = np.random.default_rng(5)
+    factor = 4
+    preds = rng.uniform(0.0, 0.5, (2, 2, 24, 28))
+    coarse = np.repeat(np.repeat(rng.uniform(0.0, 0.5, (2, 2, 6, 7)), factor, -2), factor, -1)
+    target = np.repeat(np.repeat(rng.uniform(0.0, 0.5, (2, 6, 7)), factor, -2), factor, -1)
+    expected = study.fuse(preds, target[None] - coarse, study.CANDIDATES[label], factor)
+    got = fuse_directions(
+        preds.astype(np.float32), target.astype(np.float32), window=factor + 1, eps=study.EPS, weights=weights,
+        coarse=coarse.astype(np.float32), power=power, spread_window=3 * factor + 1,
+    )
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-6)
