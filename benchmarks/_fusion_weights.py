@@ -89,8 +89,10 @@ def score_scene(name: str) -> dict[str, dict[str, float]]:
             pairs = (max(t for t in known if t < k), min(t for t in known if t > k))
             preds = np.stack([predict(j, k) for j in pairs])
             change = np.stack([coarse[k] - coarse[j] for j in pairs])
-            error = np.stack([_mean((p - truth[k]) ** 2, factor // 2) for p in preds])  # the oracle's
-            weights = {**CANDIDATES, "oracle": lambda s, v, e=error: 1 / (e + 1e-12)}
+            inverse_error = 1 / (np.stack([_mean((p - truth[k]) ** 2, factor // 2) for p in preds]) + 1e-12)
+            weights: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+                **CANDIDATES, "oracle": lambda s, v: inverse_error  # noqa: B023 - used in this iteration only
+            }
             for c, weight in weights.items():
                 fused = fuse(preds, change, weight, factor)
                 rmse[c].append(float(np.sqrt(((fused - truth[k]) ** 2).mean(axis=(-2, -1))).mean()))
