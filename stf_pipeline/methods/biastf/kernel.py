@@ -28,7 +28,7 @@ from stf_pipeline.methods.biastf.networks import (
     _valid_within,
     make_networks,
 )
-from stf_pipeline.methods.biastf.params import FUSION_WEIGHTS, BiaSTFParams, default_spread_window, default_window
+from stf_pipeline.methods.biastf.params import FUSION_WEIGHTS, BiaSTFParams
 
 log = logging.getLogger("stf_pipeline.methods.biastf")
 
@@ -255,8 +255,7 @@ def predict_block(
             "biastf needs a model trained with stf.train(cube, method='biastf', ...), "
             f"got {getattr(model, 'method', type(model).__name__)!r}."
         )
-    window = default_window(model.coarse_factor) if params.window is None else params.window
-    spread = default_spread_window(model.coarse_factor) if params.spread_window is None else params.spread_window
+    window, spread = params.windows(model.coarse_factor)
     if fine.shape[1] != len(model.bands):
         raise MethodError(f"biastf: the model has {len(model.bands)} bands, the block has {fine.shape[1]}.")
     predict = predictor(
@@ -269,7 +268,7 @@ def predict_block(
         int(model.extra.get("members", 1)),
         params.power,
         int(params.self_ensemble),
-        int(spread),
+        spread,
     )
     stats = Statistics.from_model(model)
     if params.extrapolate:

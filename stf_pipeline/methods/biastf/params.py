@@ -72,6 +72,14 @@ class BiaSTFParams:
     dtype: str = "tensorfloat32"
     extrapolate: bool = False
 
+    def windows(self, coarse_factor: int | None) -> tuple[int, int]:
+        """``window`` and ``spread_window``, each from the cube's ``coarse_factor`` where it is not
+        given (:func:`default_window`, :func:`default_spread_window`)."""
+        return (
+            default_window(coarse_factor) if self.window is None else self.window,
+            default_spread_window(coarse_factor) if self.spread_window is None else self.spread_window,
+        )
+
     @property
     def power(self) -> float:
         """The power of ``f``'s weights: ``weight_power``, or the default of the ``weights``."""
@@ -112,18 +120,11 @@ def default_spread_window(coarse_factor: int | None) -> int:
 
 
 def _prepare(params: BiaSTFParams, context: MethodContext, model: Any = None) -> BiaSTFParams:
-    return dataclasses.replace(
-        params,
-        window=default_window(context.coarse_factor) if params.window is None else params.window,
-        spread_window=(
-            default_spread_window(context.coarse_factor) if params.spread_window is None else params.spread_window
-        ),
-    )
+    window, spread = params.windows(context.coarse_factor)
+    return dataclasses.replace(params, window=window, spread_window=spread)
 
 
 def _halo(params: BiaSTFParams, context: MethodContext) -> int:
-    window = default_window(context.coarse_factor) if params.window is None else params.window
-    if params.weights == "variance":
-        spread = default_spread_window(context.coarse_factor) if params.spread_window is None else params.spread_window
-        window = max(window, spread)
-    return 2 * NET_RADIUS + window // 2
+    window, spread = params.windows(context.coarse_factor)
+    reach = max(window, spread) if params.weights == "variance" else window
+    return 2 * NET_RADIUS + reach // 2
