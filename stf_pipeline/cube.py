@@ -458,6 +458,7 @@ def write_cube(
             out.to_zarr(
                 tmp, mode="w", consolidated=True, zarr_format=ZARR_FORMAT, write_empty_chunks=True, encoding=encoding
             )
+            store.remove_partial_files(tmp)  # of chunk writes on a worker killed during to_zarr
             store.new_generation(tmp)
     return path
 

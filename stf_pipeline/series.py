@@ -85,6 +85,7 @@ from stf_pipeline.store import (
     input_stores,
     model_digest,
     new_generation,
+    remove_partial_files,
 )
 from stf_pipeline.task import DateLike, Task, iso_date, resolve_task, to_datetime64, valid_fraction
 
@@ -774,7 +775,9 @@ def _current_client() -> Any | None:
 
 
 def _finalize(path: Path) -> None:
-    """Drop the progress record of a store marked complete and consolidate its metadata.
+    """Drop the progress record of a store marked complete and the ``*.partial`` files of chunk
+    writes killed during the run (a Dask worker killed mid-write: its task was retried elsewhere,
+    its temporary file stayed), and consolidate its metadata.
 
     Idempotent: a run killed half-way through it is finished by the next call.
     """
@@ -783,5 +786,6 @@ def _finalize(path: Path) -> None:
     progress = path / PROGRESS_DIR
     if progress.exists():
         shutil.rmtree(progress)
+    remove_partial_files(path)
     with quiet_zarr():
         zarr.consolidate_metadata(str(path), zarr_format=ZARR_FORMAT)

@@ -203,6 +203,45 @@ def test_kill_at_every_write_point(tmp_path_factory, references):
     assert all(killed[(kind, point)] >= 1 for kind, point, _ in cases), killed
 
 
+def test_a_worker_killed_mid_chunk_write_leaves_no_orphan(tmp_path, references, monkeypatch):
+    """A worker killed inside a chunk write leaves Zarr's ``*.partial`` file beside the chunk while
+    the run goes on (the task is retried on another worker): the finished store must not keep it.
+    The kill is simulated by dropping such a file in the store before the first region is written."""
+    from stf_pipeline import series
+
+    original = series._write_region
+    orphans = []
+
+    def write_after_a_killed_try(block, store, var, t, iy, ix, ys, xs):
+        if not orphans:
+            orphan = Path(store, var, "c", str(t), "0", str(iy), f"{ix}.{'0' * 31}1.partial")
+            orphan.parent.mkdir(parents=True, exist_ok=True)
+            orphan.write_bytes(b"torn")
+            orphans.append(orphan)
+        original(block, store, var, t, iy, ix, ys, xs)
+
+    monkeypatch.setattr(series, "_write_region", write_after_a_killed_try)
+    out = tmp_path / "f.zarr"
+    stf.fuse_series(fault_cube(), method="delta", out=out, chunks=CHUNKS, progress=False)
+    assert orphans and not orphans[0].exists()
+    assert tree_bytes(out) == references["series"]
+
+
+def test_write_cube_keeps_no_orphan_of_a_killed_chunk_write(tmp_path, monkeypatch):
+    import xarray as xr
+
+    original = xr.Dataset.to_zarr
+
+    def to_zarr_with_a_killed_try(self, store, *args, **kwargs):
+        result = original(self, store, *args, **kwargs)
+        (Path(store) / "fine" / "c" / f"0.{'0' * 31}1.partial").write_bytes(b"torn")  # what a killed worker leaves
+        return result
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", to_zarr_with_a_killed_try)
+    path = stf.write_cube(fault_cube(), tmp_path / "c.zarr", chunks={"y": 16, "x": 16})
+    assert not list(path.rglob("*.partial"))
+
+
 # --------------------------------------------------------------------------------------------
 
 _WRITER = textwrap.dedent(
