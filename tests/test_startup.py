@@ -241,3 +241,39 @@ def test_estarfm_kernels_warmed_in_the_background_compile_once(tmp_path: Path) -
         "[len(k.signatures) for k in kernels]]))"
     )
     assert _child(code, NUMBA_CACHE_DIR=str(tmp_path / "numba")) == [True, True, [1, 1, 1, 1, 1]]
+
+
+def test_a_child_process_compiles_the_estarfm_prediction_kernels_into_the_disk_cache(tmp_path: Path) -> None:
+    """``warm_prediction`` (what ``compile_in_child`` runs) leaves both prediction kernels in the
+    cache another process then finds, and only those: the window sums are left to the caller."""
+    code = (
+        "import json; from stf_pipeline.kernels.pool import in_disk_cache; "
+        "from stf_pipeline.methods.estarfm import core, numba as nb; {run}"
+        "print(json.dumps([in_disk_cache(k) for k in (*core.PREDICTION_KERNELS, nb._estarfm_rows)]))"
+    )
+    cache = str(tmp_path / "numba")
+    assert _child(code.format(run=""), NUMBA_CACHE_DIR=cache) == [False, False, False]
+    assert _child(code.format(run="core.warm_prediction(); "), NUMBA_CACHE_DIR=cache) == [True, True, False]
+    assert _child(code.format(run=""), NUMBA_CACHE_DIR=cache) == [True, True, False]
+
+
+def test_compile_in_child_starts_one_child_and_only_with_a_cold_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stf_pipeline.kernels import pool
+
+    started = []
+
+    class Child:
+        def __init__(self, command: list[str], **kwargs: object) -> None:
+            started.append(command)
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(pool.subprocess, "Popen", Child)
+    monkeypatch.setattr(pool, "in_disk_cache", lambda kernel: kernel == "cached")
+    monkeypatch.setattr(pool, "_WARMED", set())
+    pool.compile_in_child("warm", "some.module:warm", ["cached", "cached"])
+    assert started == []
+    pool.compile_in_child("cold", "some.module:warm", ["cached", "not cached"])
+    pool.compile_in_child("cold", "some.module:warm", ["not cached"])  # once per process and name
+    assert started == [[sys.executable, "-c", "import some.module as m; m.warm()"]]

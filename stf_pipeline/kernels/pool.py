@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from stf_pipeline.cluster import machine_cores
@@ -71,3 +74,40 @@ def compile_ahead(name: str, warm: Callable[[], Any]) -> None:
             log.debug("warming %s failed: %s", name, err)
 
     threading.Thread(target=run, name=f"stf-compile-{name}", daemon=True).start()
+
+
+def in_disk_cache(kernel: Any) -> bool:
+    """Whether Numba's disk cache holds an index for ``kernel`` (a ``cache=True`` dispatcher):
+    it was compiled by some process with this cache directory (``NUMBA_CACHE_DIR`` or
+    ``__pycache__``) before."""
+    code = kernel.py_func.__code__
+    pattern = f"*.{kernel.py_func.__qualname__}-{code.co_firstlineno}.py*.nbi"
+    return any(Path(kernel.stats.cache_path).glob(pattern))
+
+
+def compile_in_child(name: str, entry: str, kernels: Sequence[Any]) -> None:
+    """With a cold disk cache, compile ``kernels`` in a child process, once per process and ``name``.
+
+    Numba compiles under one lock per process, so a cold process compiles its kernels one
+    after the other on one core. A child process running ``entry`` (``"module:function"``, a
+    warm-up that calls ``kernels`` on a tiny input) compiles the later kernels of a path on
+    another core while this process compiles the first ones; it writes them to the disk cache,
+    from which this process loads them when it reaches them (if the child is not done by then,
+    this process compiles them itself: the same code either way). Nothing is started when every
+    kernel is already in the cache: then loading them costs less than starting a process. An
+    error in the child is left to this process's own calls to raise.
+    """
+    with _WARMED_LOCK:
+        if name in _WARMED:
+            return
+        _WARMED.add(name)
+    if all(in_disk_cache(kernel) for kernel in kernels):
+        return
+    module, function = entry.split(":")
+    command = [sys.executable, "-c", f"import {module} as m; m.{function}()"]
+    try:
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError as err:  # no interpreter to start (an embedded Python)
+        log.debug("compiling %s in a child process failed to start: %s", name, err)
+        return
+    threading.Thread(target=child.wait, name=f"stf-compile-child-{name}", daemon=True).start()

@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 
 from stf_pipeline.exceptions import MethodError
-from stf_pipeline.kernels.pool import compile_ahead
+from stf_pipeline.kernels.pool import compile_ahead, compile_in_child
 from stf_pipeline.kernels.similar import accumulate_numpy, f_critical
 from stf_pipeline.kernels.stats import ClassStd, quiet_nan, scene_std
 from stf_pipeline.kernels.window import box_sum
 from stf_pipeline.methods._base import MethodContext
-from stf_pipeline.methods.estarfm.numba import estarfm_finish, estarfm_sums
+from stf_pipeline.methods.estarfm.numba import PREDICTION_KERNELS, estarfm_finish, estarfm_sums
 from stf_pipeline.methods.estarfm.numba import spectral_correlation as compiled_correlation
 from stf_pipeline.methods.estarfm.params import EstarfmParams
 
@@ -219,6 +219,7 @@ def on_host(
     float32 ``(band, y, x)``
     """
     if compiled:
+        compile_in_child("estarfm-prediction", f"{__name__}:warm_prediction", PREDICTION_KERNELS)
         compile_ahead("estarfm", functools.partial(_warm_compiled, params))
     constants = scene_constants(fine, params)
     centre, neighbour, valid = prepare_arrays(np, fine, coarse, coarse_target)
@@ -244,6 +245,16 @@ def _warm_compiled(params: EstarfmParams) -> None:
     rng = np.random.default_rng(0)
     fine, coarse = (rng.uniform(0.1, 0.3, (2, 2, 4, 4)).astype(np.float32) for _ in range(2))
     on_host(fine, coarse, coarse[0], params=dataclasses.replace(params, class_std=None), compiled=True)
+
+
+def warm_prediction() -> None:
+    """Compile (or load) the kernels of :func:`finish`, :data:`PREDICTION_KERNELS`, on zero sums
+    of a 2-band 4 x 4 block: the last kernels of the compiled path, which a child process compiles
+    while a cold process compiles the window sums (:func:`~stf_pipeline.kernels.pool.compile_in_child`)."""
+    rng = np.random.default_rng(0)
+    fine, coarse = (rng.uniform(0.1, 0.3, (2, 2, 4, 4)).astype(np.float32) for _ in range(2))
+    accs = [np.zeros((4, 4))] * 2 + [np.zeros((2, 4, 4))] * 10
+    finish(accs, fine, coarse, coarse[0], np.ones((4, 4), dtype=bool), EstarfmParams())
 
 
 #: ESTARFM of one block, backend ``numpy`` (the reference).

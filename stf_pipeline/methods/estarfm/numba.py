@@ -28,6 +28,7 @@ from numba.extending import intrinsic
 
 from stf_pipeline.kernels.pool import run_rows
 from stf_pipeline.kernels.similar import as_f32, offset_distances
+from stf_pipeline.kernels.window import _box_sum_3d
 
 _F1 = np.float32(1.0)
 #: bands summed together in one SIMD vector (eight float32 lanes; 6-band scenes use one group)
@@ -273,6 +274,10 @@ def _correlation_rows(
                     scc += dc * dc
                 r = sfc / np.sqrt(sff * scc)
             out[y, x] = r if np.isfinite(r) else 0.5
+
+
+#: the kernels of the prediction from the window sums (its window means, then :func:`estarfm_finish`)
+PREDICTION_KERNELS = (_box_sum_3d, _estarfm_finish_rows)
 
 
 def estarfm_finish(
