@@ -79,9 +79,11 @@ def test_halo_is_receptive_field_of_g_then_b_plus_fusion_window():
     assert spec.learned and spec.n_pairs == (2, 2)
     ctx = stf.methods.MethodContext(coarse_factor=20, pixel_size=25.0, n_bands=6)
     params = spec.prepare(BiaSTFParams(), ctx, model=None)
-    assert params.window == 21 and params.spread_window == 61 and spec.halo(params, ctx) == 7 + 7 + 30
-    change = spec.prepare(BiaSTFParams(weights="change"), ctx, model=None)
-    assert spec.halo(change, ctx) == 7 + 7 + 10
+    # f's windows reach 30 pixels, a coarse interpolation's support two native pixels (40)
+    assert params.window == 21 and params.spread_window == 61 and spec.halo(params, ctx) == 7 + 7 + 40
+    ctx8 = dataclasses.replace(ctx, coarse_factor=8)  # spread window 25: the interpolation reaches further
+    assert spec.halo(spec.prepare(BiaSTFParams(), ctx8, model=None), ctx8) == 7 + 7 + 16
+    assert spec.coarse_aligned  # blocks start on native pixels' edges
 
 
 def test_training_writes_history_figure_and_model(trained, cube):
@@ -679,3 +681,59 @@ def test_same_date_pairs_teach_that_no_change_needs_no_correction(cube):
     inputs = np.asarray(batch.inputs)
     assert inputs.shape[-1] == len(cfg.g_inputs)
     np.testing.assert_allclose(inputs[..., change][np.asarray(batch.mask)], 0.0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def interpolating(cube):
+    times = cube.time.values
+    config = {**FAST, "coarse_interpolation": "cubic"}
+    return stf.train(cube, method="biastf", train_times=times[[0, 1, 3, 4]], val_times=times[[2]], config=config)
+
+
+def _block(cube, target, coarse=None):
+    t = cube.time.values
+    pairs = [t[1], t[3]]
+    coarse = cube["coarse"] if coarse is None else coarse
+    return (cube["fine"].sel(time=pairs).values, coarse.sel(time=pairs).values, coarse.sel(time=target).values)
+
+
+def test_coarse_interpolation_feeds_the_networks_the_interpolated_images(interpolating, cube):
+    from stf_pipeline.methods.biastf.fit import with_interpolated_coarse
+
+    model = interpolating
+    assert model.extra["coarse_interpolated"] and model.config["coarse_interpolation"] == "cubic"
+    target = cube.time.values[2]
+    smooth = with_interpolated_coarse(cube, cube.time.values, 8)["coarse"]
+    assert not np.array_equal(smooth.values, cube["coarse"].values)
+    fused, transitional = predict_block(*_block(cube, target), params=BiaSTFParams(), model=model)
+    # the same networks told the images are as given, on images interpolated beforehand: the same
+    # transitional predictions; f still weighs on the images as given
+    as_given = dataclasses.replace(model, extra={**model.extra, "coarse_interpolated": False})
+    fine, _, _ = _block(cube, target)
+    _, by_hand = predict_block(fine, *_block(cube, target, smooth)[1:], params=BiaSTFParams(), model=as_given)
+    np.testing.assert_allclose(transitional, by_hand, rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(np.isnan(transitional), np.isnan(by_hand))
+    plain, _ = predict_block(*_block(cube, target), params=BiaSTFParams(), model=as_given)
+    assert np.abs(plain - fused).max() > 1e-4  # the interpolation changes the prediction
+
+
+def test_coarse_interpolation_chunked_equals_unchunked(interpolating, cube):
+    target = cube.time.values[2]
+    whole = stf.fuse(cube, target, method="biastf", model=interpolating)
+    assert np.all(np.isfinite(whole.values))
+    with raise_if_dask_computes():
+        lazy = stf.fuse(cube.chunk({"y": 16, "x": 24}), target, method="biastf", model=interpolating)
+    assert_chunked_equals_unchunked(whole, lazy, atol=1e-5)
+
+
+def test_coarse_images_resampled_smoothly_are_used_as_given(cube):
+    from stf_pipeline.methods.biastf.fit import coarse_interpolation_factor, with_interpolated_coarse
+
+    times = list(cube.time.values)
+    cfg = BiaSTFConfig.resolve({**FAST, "coarse_interpolation": "cubic"})
+    assert coarse_interpolation_factor(cube, cfg, times) == 8
+    assert coarse_interpolation_factor(cube, BiaSTFConfig.resolve(FAST), times) == 0
+    smooth = with_interpolated_coarse(cube, times, 8)
+    assert coarse_interpolation_factor(smooth, cfg, times) == 0
+    with pytest.raises(ConfigError, match="coarse_interpolation must be one of"):
+        BiaSTFConfig(coarse_interpolation="bilinear")

@@ -90,6 +90,7 @@ METHOD = MethodSpec(
     fit=fit,
     prepare=_prepare,
     block_padding="kernel",  # zero padding at the real extent, layer by layer: kernels.padding
+    coarse_aligned=True,  # blocks start on native pixels' edges (coarse_interpolation's cells)
 )
 
 __all__ = [

@@ -22,6 +22,7 @@ B_INPUTS: tuple[str, ...] = (*G_INPUTS, "change_pred")
 TRAIN_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 G_BASES: tuple[str, ...] = ("modulated", "change", "linear")
 PRESETS: tuple[str, ...] = ("auto", "gpu", "cpu", "paper", "tiny")
+COARSE_INTERPOLATIONS: tuple[str, ...] = ("none", "cubic")
 
 
 def _train_config(values: Mapping[str, Any] | Any) -> Any:
@@ -75,6 +76,16 @@ class BiaSTFConfig:
         conversion ``A`` (bands x bands; measured worse). The base is also what the prediction
         falls back to beyond the training changes (``docs/methods/biastf.md``). Training on
         images that are not reflectance (``units``) replaces ``"modulated"`` by ``"change"``.
+    coarse_interpolation : {"none", "cubic"}, default "none"
+        How the networks and ``G``'s base see coarse images that are nearest-resampled onto the
+        fine grid (blockwise constant at ``coarse_factor``): as the blocks (``"none"``), or
+        interpolated between the native pixels' centres by Keys' cubic convolution
+        (``"cubic"``, :func:`stf_pipeline.kernels.interpolate.cubic_between_centres`), so that a
+        change that varies within a coarse pixel (a flood front, a phenology gradient) varies
+        there too; the networks' receptive field (15 pixels) is smaller than a coarse pixel and
+        cannot do it themselves. Coarse images that are not blockwise constant (already
+        resampled smoothly) are used as they are; the model records which (``extra``). ``f``
+        always weighs the directions on the coarse images as given.
     normalise : bool, default True
         Per-band input and target scaling with constants from the training dates, recorded in
         the model (``model.extra["statistics"]``).
@@ -123,6 +134,7 @@ class BiaSTFConfig:
     b_loss: str = "l1"
     g_residual: bool = True
     g_base: str = "modulated"
+    coarse_interpolation: str = "none"
     normalise: bool = True
     refit: bool = True
     unvalidated_steps: int = 0
@@ -161,6 +173,11 @@ class BiaSTFConfig:
             raise ConfigError(f"biastf: members must be an int >= 1, got {self.members!r}.")
         if self.g_base not in G_BASES:
             raise ConfigError(f"biastf: g_base must be one of {G_BASES}, got {self.g_base!r}.")
+        if self.coarse_interpolation not in COARSE_INTERPOLATIONS:
+            raise ConfigError(
+                f"biastf: coarse_interpolation must be one of {COARSE_INTERPOLATIONS}, "
+                f"got {self.coarse_interpolation!r}."
+            )
         if self.train_dtype not in TRAIN_DTYPES:
             raise ConfigError(f"biastf: train_dtype must be one of {TRAIN_DTYPES}, got {self.train_dtype!r}.")
 
@@ -243,6 +260,7 @@ class BiaSTFConfig:
 
 
 __all__ = [
-    "B_INPUTS", "G_BASES", "G_INPUTS", "NET_RADIUS", "PRESETS", "TABLE1_KERNELS", "TRAINING", "TRAIN_DTYPES",
+    "B_INPUTS", "COARSE_INTERPOLATIONS", "G_BASES", "G_INPUTS", "NET_RADIUS", "PRESETS", "TABLE1_KERNELS", "TRAINING",
+    "TRAIN_DTYPES",
     "BiaSTFConfig", "cpu_training",
 ]

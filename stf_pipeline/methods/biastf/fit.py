@@ -114,6 +114,41 @@ def _base_for_units(cube: xr.Dataset, cfg: BiaSTFConfig) -> BiaSTFConfig:
     return dataclasses.replace(cfg, g_base="change")
 
 
+def coarse_interpolation_factor(cube: xr.Dataset, cfg: BiaSTFConfig, times: Sequence[Any]) -> int:
+    """The coarse factor at which the networks see ``cube``'s coarse images interpolated, 0 for as given.
+
+    Non-zero with ``coarse_interpolation="cubic"`` where the first training date's coarse image is
+    blockwise constant at ``coarse_factor`` (:func:`stf_pipeline.cube.blockwise_factor` on a window
+    of ``SAMPLE_SIDE`` pixels); coarse images resampled smoothly already are used as given.
+    """
+    from stf_pipeline.cube import SAMPLE_SIDE, blockwise_factor
+
+    factor = int(cube.attrs.get("coarse_factor") or 0)
+    if cfg.coarse_interpolation == "none" or factor < 2:
+        return 0
+    window = {dim: slice(0, SAMPLE_SIDE) for dim in ("y", "x")}
+    if blockwise_factor(np.asarray(cube["coarse"].sel(time=times[0]).isel(window).values)) == factor:
+        return factor
+    log.info("biastf: the coarse images are not blockwise constant at coarse_factor %d; the networks see them "
+             "as given (coarse_interpolation has nothing to interpolate)", factor)
+    return 0
+
+
+def with_interpolated_coarse(cube: xr.Dataset, times: Sequence[Any], factor: int) -> xr.Dataset:
+    """``cube`` on ``times`` with its coarse images interpolated between the native pixels' centres
+    (what the networks see, date by date: :func:`~stf_pipeline.kernels.interpolate.cubic_between_centres`)."""
+    import jax.numpy as jnp
+
+    from stf_pipeline.kernels.interpolate import cubic_between_centres
+
+    dates = cube.sel(time=list(times))
+    coarse = dates["coarse"].astype("float32")
+    smooth = np.stack([
+        np.asarray(cubic_between_centres(jnp.asarray(coarse.sel(time=t).values), factor)) for t in coarse["time"].values
+    ])
+    return dates.assign(coarse=coarse.copy(data=smooth))
+
+
 def _frozen_g_fits(cube: xr.Dataset, cfg: BiaSTFConfig, n_items: int) -> bool:
     """Whether stage 2 takes ``G``'s output from :func:`frozen_g_outputs` (``cfg.frozen_g`` and
     the outputs of ``n_items`` pairs fit in ``FROZEN_G_BYTES``)."""
@@ -166,6 +201,8 @@ def validated_shrink(
     stats: Statistics,
     times: Sequence[Any],
     held: Sequence[Any],
+    *,
+    interpolate: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-band factors in [0, 1] on the learned correction, fitted on the held-out dates.
 
@@ -174,7 +211,8 @@ def validated_shrink(
     With ``r = F(v) - F(j) - base`` and ``l = trust (G + B - base)`` over the valid pixels of
     every pair ``(j, v)``, ``s = sum(r l) / sum(l l)`` (least squares), clipped to [0, 1]: a
     correction that overshoots on unseen dates is damped towards ``F(j) + base``, one that helps
-    is kept. The pixels are the scene's centre ``SHRINK_CROP`` square. ``s = 1`` where no
+    is kept. The pixels are the scene's centre ``SHRINK_CROP`` square (starting on a native
+    pixel's edge for ``interpolate``, the factor of :func:`coarse_interpolation_factor`). ``s = 1`` where no
     valid pixel has a correction.
 
     Returns ``s`` ``(band,)`` and, from the same pixels, the factors of the two parts apart
@@ -190,9 +228,10 @@ def validated_shrink(
     fusion = BiaSTFParams()  # the default self-ensemble; the transitional predictions do not depend on f
     predict = predictor(
         json.dumps(cfg.to_dict(), sort_keys=True), n_bands, "float32", default_window(cube.attrs.get("coarse_factor")),
-        fusion.eps, fusion.weights, self_ensemble=fusion.self_ensemble,
+        fusion.eps, fusion.weights, self_ensemble=fusion.self_ensemble, interpolate=interpolate,
     )
-    start = {dim: max((int(cube.sizes[dim]) - SHRINK_CROP) // 2, 0) for dim in ("y", "x")}
+    step = max(interpolate, 1)  # an interpolating predictor's block starts on a native pixel's edge
+    start = {dim: max((int(cube.sizes[dim]) - SHRINK_CROP) // 2, 0) // step * step for dim in ("y", "x")}
     crop = {dim: slice(first, first + SHRINK_CROP) for dim, first in start.items()}
     fine = cube["fine"].isel(crop).astype("float32")
     coarse = cube["coarse"].isel(crop).astype("float32")
@@ -327,7 +366,10 @@ def fit(
     bands = [str(b) for b in cube["band"].values.tolist()]
     factor = cube.attrs.get("coarse_factor")
     directory = None if workdir is None else Path(workdir)
-    stats = fit_statistics(cube, times, factor, normalise=cfg.normalise)
+    interpolate = coarse_interpolation_factor(cube, cfg, times)
+    held_out = sorted({t for _, held in splits for t in held})
+    seen = with_interpolated_coarse(cube, [*times, *held_out], interpolate) if interpolate else cube
+    stats = fit_statistics(seen, times, factor, normalise=cfg.normalise)
     refit = bool(cfg.refit and splits[0][1] and not val_times)
     members, history = [], {}
     records: list[dict[str, Any]] = []  # one per member: its dates, steps, seeds and shrink
@@ -343,19 +385,20 @@ def fit(
             "val_times": [iso_date(t) for t in held],
         }
         params, more, results = _fit_stages(
-            cube, member, fit_times, held, stats, steps=None, workdir=directory, fingerprint=fingerprint,
+            seen, member, fit_times, held, stats, steps=None, workdir=directory, fingerprint=fingerprint,
             suffix=suffix,
         )
         history.update(more)
         best = [r.best_step for r in results]
-        shrink, parts = validated_shrink(cube, params, member, stats, fit_times, held) if cfg.shrink and held else (
-            None, None
+        shrink, parts = (
+            validated_shrink(cube, params, member, stats, fit_times, held, interpolate=interpolate)
+            if cfg.shrink and held else (None, None)
         )
         if refit:
             log.info("biastf: refitting on all %d training dates for %s steps (the validated best)", len(times), best)
             refit_print = {**fingerprint, "train_times": [iso_date(t) for t in times], "val_times": [], "steps": best}
             params, more, _ = _fit_stages(
-                cube, member, times, [], stats, steps=best, workdir=directory, fingerprint=refit_print,
+                seen, member, times, [], stats, steps=best, workdir=directory, fingerprint=refit_print,
                 suffix=f"{suffix}_refit",
             )
             history.update(more)
@@ -387,6 +430,7 @@ def fit(
             "members": len(members),
             "statistics": stats.to_dict(),
             "change_limit": list(stats.limit),
+            "coarse_interpolated": bool(interpolate),
         },
     )
     if directory is not None:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from stf_pipeline.exceptions import MethodError
+from stf_pipeline.kernels.interpolate import cubic_between_centres
 from stf_pipeline.kernels.padding import crop_block, extent_mask, masked_convolutions, pad_block
 from stf_pipeline.kernels.window import box_sum_jax
 from stf_pipeline.methods.biastf.config import NET_RADIUS, BiaSTFConfig
@@ -141,6 +142,7 @@ def _forward(
     power: float = 1.0,
     self_ensemble: int = 1,
     spread_window: int | None = None,
+    interpolate: int = 0,
 ) -> tuple[Any, Any, Any]:
     """Traced body of the predictor: fused ``(band, y, x)``, transitional ``(pair, band, y, x)`` and
     the number of valid pixels beyond the limit ``L`` (where the learned part fades).
@@ -152,13 +154,21 @@ def _forward(
     apply the networks in full. ``inside`` ``(y, x)``, for a block
     padded with NaN beyond its real extent: the networks' convolutions are zeroed outside it and
     the padding counts as "outside the image" (valid) for the receptive-field test, so the real
-    pixels get the numbers of the unpadded block. ``self_ensemble`` orientations of the block
+    pixels get the numbers of the unpadded block. With ``interpolate`` (the coarse factor of a
+    model trained with ``coarse_interpolation="cubic"`` on blockwise constant images) the networks
+    and the base see the coarse images interpolated between the native pixels' centres
+    (:func:`~stf_pipeline.kernels.interpolate.cubic_between_centres`; the block starts on a
+    native pixel's edge), ``f`` the images as given. ``self_ensemble`` orientations of the block
     (:func:`orientations`) each get their correction, mapped back and averaged."""
     import jax
     import jax.numpy as jnp
 
-    target = jnp.broadcast_to(coarse_target[None], coarse.shape)
-    images, valid = _pair_images(fine, target, coarse, _mixes_bands(config))
+    seen_coarse, seen_target = (
+        (cubic_between_centres(coarse, interpolate), cubic_between_centres(coarse_target, interpolate))
+        if interpolate else (coarse, coarse_target)
+    )
+    target = jnp.broadcast_to(seen_target[None], seen_coarse.shape)
+    images, valid = _pair_images(fine, target, seen_coarse, _mixes_bands(config))
     change = jnp.nan_to_num(_channels_last(images["coarse_change"]))
     base = _base(images, config.g_base, stats)
 
@@ -202,6 +212,7 @@ def predictor(
     power: float = 1.0,
     self_ensemble: int = 1,
     spread_window: int | None = None,
+    interpolate: int = 0,
 ) -> Any:
     """Jitted ``(params, stats, fine, coarse, coarse_target, inside=None) -> (fused, transitional, beyond)``."""
     import jax
@@ -218,7 +229,7 @@ def predictor(
             return _forward(
                 config, g_model, b_model, params, stats, fine, coarse, coarse_target,
                 window=window, eps=eps, weights=weights, members=members, inside=inside, power=power,
-                self_ensemble=self_ensemble, spread_window=spread_window,
+                self_ensemble=self_ensemble, spread_window=spread_window, interpolate=interpolate,
             )
 
     return predict
@@ -230,6 +241,12 @@ _WARNED: weakref.WeakSet = weakref.WeakSet()
 FALLBACKS = {"change": "dC", "linear": "A dC", "modulated": "the modulated change (C(k) + g (F(j) - C(j)) - F(j))"}
 #: share of a block's valid pixels beyond ``L`` above which that is logged as a warning
 BEYOND_WARNING = 0.01
+
+
+def interpolation_factor(model: Any) -> int:
+    """The coarse factor at which ``model``'s networks see the coarse images interpolated (its
+    ``extra["coarse_interpolated"]``), 0 where they see them as given."""
+    return int(model.coarse_factor or 0) if model.extra.get("coarse_interpolated") else 0
 
 
 def predict_block(
@@ -269,6 +286,7 @@ def predict_block(
         params.power,
         int(params.self_ensemble),
         spread,
+        interpolation_factor(model),
     )
     stats = Statistics.from_model(model)
     if params.extrapolate:

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from stf_pipeline.exceptions import MethodError
+from stf_pipeline.kernels.interpolate import SUPPORT_CELLS
 from stf_pipeline.methods._base import MethodContext
 from stf_pipeline.methods.biastf.config import NET_RADIUS
 
@@ -125,6 +126,8 @@ def _prepare(params: BiaSTFParams, context: MethodContext, model: Any = None) ->
 
 
 def _halo(params: BiaSTFParams, context: MethodContext) -> int:
+    """The networks' receptive field (``G`` then ``B``) plus the reach of ``f``'s windows, or of the
+    coarse interpolation (``SUPPORT_CELLS`` native pixels, which a model may have been trained with)."""
     window, spread = params.windows(context.coarse_factor)
     reach = max(window, spread) if params.weights == "variance" else window
-    return 2 * NET_RADIUS + reach // 2
+    return 2 * NET_RADIUS + max(reach // 2, SUPPORT_CELLS * (context.coarse_factor or 0))
