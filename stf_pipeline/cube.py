@@ -236,7 +236,7 @@ def _check_values(cube: xr.Dataset, *, lazy: bool) -> None:
     factor = cube.attrs.get("coarse_factor")
     if factor is not None and "coarse" in samples:
         for window in samples["coarse"]:
-            native = blockwise_factor(np.asarray(window))
+            native = _blockwise_factor(np.asarray(window))
             if native is not None and native != int(factor):
                 raise CubeError(
                     f"attr 'coarse_factor' is {factor}, but the coarse images are blockwise constant in blocks of "
@@ -245,7 +245,7 @@ def _check_values(cube: xr.Dataset, *, lazy: bool) -> None:
                 )
 
 
-def blockwise_factor(window: np.ndarray) -> int | None:
+def _blockwise_factor(window: np.ndarray) -> int | None:
     """The block size at which a ``(band, y, x)`` window is piecewise constant, if it provably is.
 
     Finds the rows and columns where the image changes (NaN equal to NaN). When, along both

@@ -726,7 +726,7 @@ def test_coarse_interpolation_chunked_equals_unchunked(interpolating, cube):
     assert_chunked_equals_unchunked(whole, lazy, atol=1e-5)
 
 
-def test_coarse_images_resampled_smoothly_are_used_as_given(cube):
+def test_coarse_images_resampled_smoothly_or_off_the_grid_are_used_as_given(cube):
     from stf_pipeline.methods.biastf.fit import coarse_interpolation_factor, with_interpolated_coarse
 
     times = list(cube.time.values)
@@ -735,5 +735,7 @@ def test_coarse_images_resampled_smoothly_are_used_as_given(cube):
     assert coarse_interpolation_factor(cube, BiaSTFConfig.resolve(FAST), times) == 0
     smooth = with_interpolated_coarse(cube, times, 8)
     assert coarse_interpolation_factor(smooth, cfg, times) == 0
+    shifted = cube.assign(coarse=cube["coarse"].copy(data=np.roll(cube["coarse"].values, 3, -1)))
+    assert coarse_interpolation_factor(shifted, cfg, times) == 0  # blocks that do not start at the origin
     with pytest.raises(ConfigError, match="coarse_interpolation must be one of"):
         BiaSTFConfig(coarse_interpolation="bilinear")

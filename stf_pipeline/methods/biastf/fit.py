@@ -118,20 +118,44 @@ def coarse_interpolation_factor(cube: xr.Dataset, cfg: BiaSTFConfig, times: Sequ
     """The coarse factor at which the networks see ``cube``'s coarse images interpolated, 0 for as given.
 
     Non-zero with ``coarse_interpolation="cubic"`` where the first training date's coarse image is
-    blockwise constant at ``coarse_factor`` (:func:`stf_pipeline.cube.blockwise_factor` on a window
-    of ``SAMPLE_SIDE`` pixels); coarse images resampled smoothly already are used as given.
+    nearest-resampled on cells of ``coarse_factor`` pixels from the scene's origin (in a window
+    of ``SAMPLE_SIDE`` pixels, :func:`constant_cells`): coarse images resampled smoothly, or on
+    cells the origin does not start, are used as given.
     """
-    from stf_pipeline.cube import SAMPLE_SIDE, blockwise_factor
+    from stf_pipeline.cube import SAMPLE_SIDE
 
     factor = int(cube.attrs.get("coarse_factor") or 0)
     if cfg.coarse_interpolation == "none" or factor < 2:
         return 0
     window = {dim: slice(0, SAMPLE_SIDE) for dim in ("y", "x")}
-    if blockwise_factor(np.asarray(cube["coarse"].sel(time=times[0]).isel(window).values)) == factor:
+    if constant_cells(np.asarray(cube["coarse"].sel(time=times[0]).isel(window).values), factor):
         return factor
-    log.info("biastf: the coarse images are not blockwise constant at coarse_factor %d; the networks see them "
-             "as given (coarse_interpolation has nothing to interpolate)", factor)
+    log.info("biastf: the coarse images are not constant on cells of coarse_factor = %d pixels from the origin; "
+             "the networks see them as given (coarse_interpolation has nothing to interpolate)", factor)
     return 0
+
+
+#: share of a window's complete cells that must be constant for :func:`constant_cells`
+CONSTANT_CELLS = 0.95
+
+
+def constant_cells(window: np.ndarray, factor: int) -> bool:
+    """Whether ``window`` ``(..., y, x)``, cut into cells of ``factor`` pixels from its origin, is
+    constant on at least ``CONSTANT_CELLS`` of its complete cells with data (a nearest-resampled
+    image on that grid; NaN pixels are left out of a cell).
+
+    >>> constant_cells(np.repeat(np.eye(3), 4, axis=0).repeat(4, axis=1), 4)
+    True
+    >>> constant_cells(np.repeat(np.eye(3), 4, axis=0).repeat(4, axis=1)[1:, 1:], 4)
+    False
+    """
+    h, w = (n // factor * factor for n in window.shape[-2:])
+    cells = window[..., :h, :w].reshape(*window.shape[:-2], h // factor, factor, w // factor, factor)
+    finite = np.isfinite(cells)
+    high = np.where(finite, cells, -np.inf).max(axis=(-3, -1))
+    low = np.where(finite, cells, np.inf).min(axis=(-3, -1))
+    filled = finite.any(axis=(-3, -1))
+    return bool(filled.any()) and float(np.mean(high[filled] == low[filled])) >= CONSTANT_CELLS
 
 
 def with_interpolated_coarse(cube: xr.Dataset, times: Sequence[Any], factor: int) -> xr.Dataset:
