@@ -717,6 +717,14 @@ def test_coarse_interpolation_feeds_the_networks_the_interpolated_images(interpo
     assert np.abs(plain - fused).max() > 1e-4  # the interpolation changes the prediction
 
 
+def test_coarse_interpolation_with_a_held_out_training_date(cube):
+    times = cube.time.values
+    config = {**FAST, "coarse_interpolation": "cubic"}
+    model = stf.train(cube, method="biastf", train_times=times[[0, 1, 2, 4]], config=config)
+    assert model.extra["coarse_interpolated"] and model.extra["validation"]["mode"] == "held-out training date"
+    assert np.isfinite(stf.fuse(cube, times[3], method="biastf", model=model).values).all()
+
+
 def test_coarse_interpolation_chunked_equals_unchunked(interpolating, cube):
     target = cube.time.values[2]
     whole = stf.fuse(cube, target, method="biastf", model=interpolating)

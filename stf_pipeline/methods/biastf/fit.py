@@ -159,16 +159,17 @@ def constant_cells(window: np.ndarray, factor: int) -> bool:
 
 
 def with_interpolated_coarse(cube: xr.Dataset, times: Sequence[Any], factor: int) -> xr.Dataset:
-    """``cube`` on ``times`` with its coarse images interpolated between the native pixels' centres
+    """``cube`` on ``times`` (each once) with its coarse images interpolated between the native pixels' centres
     (what the networks see, date by date: :func:`~stf_pipeline.kernels.interpolate.cubic_between_centres`)."""
     import jax.numpy as jnp
 
     from stf_pipeline.kernels.interpolate import cubic_between_centres
 
-    dates = cube.sel(time=list(times))
+    dates = cube.sel(time=list(dict.fromkeys(times)))
     coarse = dates["coarse"].astype("float32")
     smooth = np.stack([
-        np.asarray(cubic_between_centres(jnp.asarray(coarse.sel(time=t).values), factor)) for t in coarse["time"].values
+        np.asarray(cubic_between_centres(jnp.asarray(coarse.isel(time=i).values), factor))
+        for i in range(coarse.sizes["time"])
     ])
     return dates.assign(coarse=coarse.copy(data=smooth))
 
