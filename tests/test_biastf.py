@@ -23,6 +23,9 @@ from stf_pipeline.testing import assert_chunked_equals_unchunked, raise_if_dask_
 #: seconds on a CPU: 2 bands, 24-pixel patches, 20 steps per stage
 FAST = {
     "preset": "tiny",
+    # the coarse images as given: the hand-composed references below take them as blocks (the
+    # default "cubic" has its own tests at the end)
+    "coarse_interpolation": "none",
     # validate_initial off: on random data the zero-initialised networks would win validation, and
     # the tests need networks that change the prediction
     "train": {
@@ -55,6 +58,7 @@ def test_config_presets_mappings_and_errors():
     paper = BiaSTFConfig.resolve("paper")
     assert paper.filters == (128, 128, 128) and not paper.multiband and paper.stage1.patch_size == 128
     assert paper.g_loss == paper.b_loss == "l1"  # measured better than the squared error of Eqs. 16-17
+    assert paper.coarse_interpolation == "none" and BiaSTFConfig().coarse_interpolation == "cubic"
     gpu = BiaSTFConfig.resolve("gpu")
     assert gpu.multiband and gpu.g_base == "modulated" and gpu.stage1.augment and gpu.stage1.patience > 0
     cfg = BiaSTFConfig.resolve({"preset": "tiny", "multiband": False, "train": {"steps": 7}, "stage2": {"steps": 9}})
@@ -740,7 +744,7 @@ def test_coarse_images_resampled_smoothly_or_off_the_grid_are_used_as_given(cube
     times = list(cube.time.values)
     cfg = BiaSTFConfig.resolve({**FAST, "coarse_interpolation": "cubic"})
     assert coarse_interpolation_factor(cube, cfg, times) == 8
-    assert coarse_interpolation_factor(cube, BiaSTFConfig.resolve(FAST), times) == 0
+    assert coarse_interpolation_factor(cube, BiaSTFConfig.resolve(FAST), times) == 0  # "none"
     smooth = with_interpolated_coarse(cube, times, 8)
     assert coarse_interpolation_factor(smooth, cfg, times) == 0
     shifted = cube.assign(coarse=cube["coarse"].copy(data=np.roll(cube["coarse"].values, 3, -1)))

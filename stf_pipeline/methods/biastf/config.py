@@ -76,16 +76,17 @@ class BiaSTFConfig:
         conversion ``A`` (bands x bands; measured worse). The base is also what the prediction
         falls back to beyond the training changes (``docs/methods/biastf.md``). Training on
         images that are not reflectance (``units``) replaces ``"modulated"`` by ``"change"``.
-    coarse_interpolation : {"none", "cubic"}, default "none"
+    coarse_interpolation : {"cubic", "none"}, default "cubic"
         How the networks and ``G``'s base see coarse images that are nearest-resampled onto the
-        fine grid (blockwise constant at ``coarse_factor``): as the blocks (``"none"``), or
-        interpolated between the native pixels' centres by Keys' cubic convolution
-        (``"cubic"``, :func:`stf_pipeline.kernels.interpolate.cubic_between_centres`), so that a
-        change that varies within a coarse pixel (a flood front, a phenology gradient) varies
-        there too; the networks' receptive field (15 pixels) is smaller than a coarse pixel and
-        cannot do it themselves. Coarse images that are not blockwise constant (already
-        resampled smoothly) are used as they are; the model records which (``extra``). ``f``
-        always weighs the directions on the coarse images as given.
+        fine grid (constant on cells of ``coarse_factor`` pixels from the origin): interpolated
+        between the native pixels' centres by Keys' cubic convolution (``"cubic"``,
+        :func:`stf_pipeline.kernels.interpolate.cubic_between_centres`), so that a change that
+        varies within a coarse pixel (a flood front, a phenology gradient) varies there too (the
+        networks' receptive field, 15 pixels, is smaller than a coarse pixel); or as the blocks
+        (``"none"``, the ``"paper"`` preset). Measured better on every study scene
+        (``docs/methods/biastf.md``). Coarse images that are not constant on that grid (resampled
+        smoothly already) are used as given; the model records which (``extra``). ``f`` always
+        weighs the directions on the coarse images as given.
     normalise : bool, default True
         Per-band input and target scaling with constants from the training dates, recorded in
         the model (``model.extra["statistics"]``).
@@ -134,7 +135,7 @@ class BiaSTFConfig:
     b_loss: str = "l1"
     g_residual: bool = True
     g_base: str = "modulated"
-    coarse_interpolation: str = "none"
+    coarse_interpolation: str = "cubic"
     normalise: bool = True
     refit: bool = True
     unvalidated_steps: int = 0
@@ -189,7 +190,8 @@ class BiaSTFConfig:
         ``"cpu"``. ``"gpu"``: multiband 128-filter networks, 128 x 128 patches, batch 64.
         ``"cpu"``: multiband 32-filter networks, patch and batch sized to the memory
         (:func:`cpu_training`), 5 minutes per training at most. ``"paper"``: the paper's per-band
-        128-filter networks with ``G``'s base ``dC``. All of these train until the held-out date stops improving, at
+        128-filter networks with ``G``'s base ``dC`` and the coarse images as given. All of these
+        train until the held-out date stops improving, at
         most 600 steps per stage (:data:`TRAINING`). ``"tiny"``: 16 filters, 32 x 32 patches, 150 steps per stage, no
         early stopping: trains for real on a CPU in seconds (tests, demo).
         """
@@ -200,7 +202,7 @@ class BiaSTFConfig:
         if name == "gpu":
             return cls()
         if name == "paper":
-            return cls(multiband=False, g_base="change")
+            return cls(multiband=False, g_base="change", coarse_interpolation="none")
         if name == "cpu":
             train = cpu_training()
             return cls(filters=(32, 32, 32), stage1=train, stage2={**train, "seed": 1})
