@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from stf_pipeline.kernels.cells import cell_mean
+
 #: Keys' free parameter (``-0.5``: third-order accurate; what ``jax.image.resize`` uses for "cubic")
 KEYS_A = -0.5
 #: cells each side of a pixel's own that its interpolated value reads
@@ -44,20 +46,6 @@ def keys_weights(factor: int) -> tuple[np.ndarray, np.ndarray]:
     far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
     weights = np.where(distance <= 1, near, np.where(distance < 2, far, 0.0))
     return base.astype(np.int64) - 1, weights
-
-
-def _cells(a: Any, factor: int) -> Any:
-    """Mean of the finite pixels of each cell on the last two axes ``(..., hc, wc)``; NaN if none."""
-    import jax.numpy as jnp
-
-    h, w = a.shape[-2:]
-    hc, wc = -(-h // factor), -(-w // factor)
-    pad = [(0, 0)] * (a.ndim - 2) + [(0, hc * factor - h), (0, wc * factor - w)]
-    cells = jnp.pad(a, pad, constant_values=jnp.nan).reshape(*a.shape[:-2], hc, factor, wc, factor)
-    valid = jnp.isfinite(cells)
-    total = jnp.where(valid, cells, 0).sum(axis=(-3, -1))
-    count = valid.sum(axis=(-3, -1))
-    return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
 
 
 def _along(cells: Any, factor: int, axis: int) -> Any:
@@ -89,6 +77,6 @@ def cubic_between_centres(a: Any, factor: int) -> Any:
 
     if factor < 2:
         return a
-    cells = _cells(a, factor)
+    cells = cell_mean(a, factor)
     smooth = _along(_along(cells, factor, -2), factor, -1)[..., : a.shape[-2], : a.shape[-1]].astype(a.dtype)
     return jnp.where(jnp.isfinite(smooth) & jnp.isfinite(a), smooth, a)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from stf_pipeline.kernels.cells import cell_mean, from_cells, to_cells
 from stf_pipeline.kernels.classify import nearest_centre_jax
 from stf_pipeline.kernels.lstsq import box_lstsq_jax
 from stf_pipeline.kernels.tps import local_tps_jax
@@ -45,34 +46,6 @@ from stf_pipeline.methods.fsdaf.params import (
 from stf_pipeline.methods.fsdaf.unmix import offset_rank
 
 # ----- cells and windows ------------------------------------------------------------------
-
-
-def to_cells(a: Any, factor: int, fill: Any) -> Any:
-    """:func:`stf_pipeline.methods.fsdaf.unmix.to_cells` for JAX arrays: ``(..., hc, f, wc, f)``."""
-    import jax.numpy as jnp
-
-    h, w = a.shape[-2:]
-    hc, wc = -(-h // factor), -(-w // factor)
-    pad = [(0, 0)] * (a.ndim - 2) + [(0, hc * factor - h), (0, wc * factor - w)]
-    a = jnp.pad(a, pad, constant_values=fill)
-    return a.reshape(*a.shape[:-2], hc, factor, wc, factor)
-
-
-def from_cells(a: Any, shape: tuple[int, int]) -> Any:
-    """``(..., hc, f, wc, f)`` back to the fine grid, cropped to ``shape``."""
-    hc, f, wc = a.shape[-4:-1]
-    return a.reshape(*a.shape[:-4], hc * f, wc * f)[..., : shape[0], : shape[1]]
-
-
-def cell_mean(a: Any, factor: int) -> Any:
-    """Mean of the finite values of each cell on the last two axes; NaN for empty cells."""
-    import jax.numpy as jnp
-
-    cells = to_cells(a, factor, jnp.nan)
-    valid = jnp.isfinite(cells)
-    total = jnp.where(valid, cells, 0.0).sum(axis=(-3, -1))
-    count = valid.sum(axis=(-3, -1))
-    return jnp.where(count > 0, total / count, jnp.nan)
 
 
 def class_fractions(labels: Any, n_classes: int, factor: int) -> tuple[Any, Any]:
