@@ -282,6 +282,7 @@ def fuse_series(
                 f"{len(missing)} region(s) of {path} were not recorded as written (e.g. {sorted(missing)[0]}); "
                 "run stf.fuse_series again with the same arguments to resume."
             )
+        remove_partial_files(path)  # of chunk writes on a worker killed mid-run (its task ran again elsewhere)
         _zarr_group(path, mode="r+").attrs[COMPLETE_ATTR] = True
         _finalize(path)
     return _opened(path, action)
@@ -775,9 +776,7 @@ def _current_client() -> Any | None:
 
 
 def _finalize(path: Path) -> None:
-    """Drop the progress record of a store marked complete and the ``*.partial`` files of chunk
-    writes killed during the run (a Dask worker killed mid-write: its task was retried elsewhere,
-    its temporary file stayed), and consolidate its metadata.
+    """Drop the progress record of a store marked complete and consolidate its metadata.
 
     Idempotent: a run killed half-way through it is finished by the next call.
     """
@@ -786,6 +785,5 @@ def _finalize(path: Path) -> None:
     progress = path / PROGRESS_DIR
     if progress.exists():
         shutil.rmtree(progress)
-    remove_partial_files(path)
     with quiet_zarr():
         zarr.consolidate_metadata(str(path), zarr_format=ZARR_FORMAT)
