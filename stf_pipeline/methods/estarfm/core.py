@@ -239,11 +239,17 @@ def on_host(
         return finish(accs, fine, coarse, coarse_target, valid, params)
 
 
+def _tiny_pairs() -> tuple[np.ndarray, np.ndarray]:
+    """Fine and coarse images of 2 pairs, 2 bands, 4 x 4 pixels: the warm-ups' input."""
+    rng = np.random.default_rng(0)
+    fine, coarse = (rng.uniform(0.1, 0.3, (2, 2, 4, 4)).astype(np.float32) for _ in range(2))
+    return fine, coarse
+
+
 def _warm_compiled(params: EstarfmParams) -> None:
     """The compiled path on a 2-pair, 2-band 4 x 4 block (several bands: the spectral correlation
     is compiled too): compiles (or loads) every kernel it calls."""
-    rng = np.random.default_rng(0)
-    fine, coarse = (rng.uniform(0.1, 0.3, (2, 2, 4, 4)).astype(np.float32) for _ in range(2))
+    fine, coarse = _tiny_pairs()
     on_host(fine, coarse, coarse[0], params=dataclasses.replace(params, class_std=None), compiled=True)
 
 
@@ -251,8 +257,7 @@ def warm_prediction() -> None:
     """Compile (or load) the kernels of :func:`finish`, :data:`PREDICTION_KERNELS`, on zero sums
     of a 2-band 4 x 4 block: the last kernels of the compiled path, which a child process compiles
     while a cold process compiles the window sums (:func:`~stf_pipeline.kernels.pool.compile_in_child`)."""
-    rng = np.random.default_rng(0)
-    fine, coarse = (rng.uniform(0.1, 0.3, (2, 2, 4, 4)).astype(np.float32) for _ in range(2))
+    fine, coarse = _tiny_pairs()
     accs = [np.zeros((4, 4))] * 2 + [np.zeros((2, 4, 4))] * 10
     finish(accs, fine, coarse, coarse[0], np.ones((4, 4), dtype=bool), EstarfmParams())
 
