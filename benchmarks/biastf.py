@@ -10,7 +10,8 @@ Training
 Inference
     One ``size x size`` scene, all bands, both directions (``G`` then ``B`` for each pair, then
     the fusion), with the paper's networks (random weights: speed does not depend on them):
-    ``compute`` on device-resident inputs, and ``kernel`` through the engine kernel from NumPy
+    ``compute`` on device-resident inputs, beside ``floor``, the bare forward passes of the same
+    networks on inputs of the same size (:func:`forward_floor`), and ``kernel`` through the engine kernel from NumPy
     (host transfers included), for dtypes float32 (full precision), tensorfloat32 (the default) and
     bfloat16,
     plus the change of the prediction against float32 (max and RMS absolute difference).
@@ -153,6 +154,44 @@ def random_model(args: argparse.Namespace, multiband: bool) -> Any:
     return FittedModel("biastf", cfg.to_dict(), params, BANDS, 20)
 
 
+def forward_floor(model: Any, dtype: str, views: int, size: int, repeats: int) -> float:
+    """Seconds of the bare forward passes inference cannot avoid: ``G`` and ``B`` of ``model`` on both
+    directions' ``size x size`` inputs, ``views`` orientations each, at ``dtype``, on device-resident
+    arrays; no halo, no statistics, no masks, no fusion (issue 18's floor for the inference kernel)."""
+    import jax
+    import jax.numpy as jnp
+
+    from stf_pipeline.methods import biastf
+
+    cfg = biastf.BiaSTFConfig.resolve(model.config)
+    g_net, b_net = biastf.make_networks(cfg, len(BANDS), dtype)
+    precision = "highest" if dtype == "float32" else "default"
+    keys = jax.random.split(jax.random.key(7), 2)
+    g_in, b_in = (
+        jax.random.uniform(key, (2, size, size, len(BANDS), len(inputs)), jnp.float32)
+        for key, inputs in zip(keys, (cfg.g_inputs, cfg.b_inputs), strict=True)
+    )
+
+    def oriented(x: Any, view: int) -> Any:  # distinct inputs per view, so XLA cannot share the passes
+        x = jnp.flip(x, 1) if view & 1 else x
+        x = jnp.flip(x, 2) if view & 2 else x
+        return jnp.swapaxes(x, 1, 2) if view & 4 else x
+
+    @jax.jit
+    def passes(params: Any, g_in: Any, b_in: Any) -> Any:
+        with jax.default_matmul_precision(precision):
+            outs = [
+                (g_net.apply({"params": params["G"]}, oriented(g_in, v)),
+                 b_net.apply({"params": params["B"]}, oriented(b_in, v)))
+                for v in range(views)
+            ]
+        return sum(g.sum() + b.sum() for g, b in outs)
+
+    device_params = jax.device_put(model.params)
+    jax.block_until_ready(passes(device_params, g_in, b_in))
+    return best_wall_time(lambda: jax.block_until_ready(passes(device_params, g_in, b_in)), repeats)
+
+
 def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
     import jax
     import numpy as np
@@ -185,6 +224,8 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
                     lambda: jax.block_until_ready(predict(device_params, stats, *on_device)[0]),  # noqa: B023
                     args.repeats,
                 )
+                row["floor_s"] = forward_floor(model, dtype, views, args.size, args.repeats)
+                row["compute_over_floor"] = row["compute_s"] / row["floor_s"]
                 out: list[Any] = []
                 row["kernel_s"] = best_wall_time(
                     lambda: out.append(  # noqa: B023
@@ -307,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  infer {row['layout']:>9} {row['dtype']:>13} x{row['self_ensemble']} {row['size']}^2 x 6, "
             "both directions: "
-            f"compute {row['compute_s']:.3f} s, kernel from NumPy {row['kernel_s']:.3f} s, "
+            f"compute {row['compute_s']:.3f} s (bare forward {row['floor_s']:.3f} s, "
+            f"ratio {row['compute_over_floor']:.2f}), kernel from NumPy {row['kernel_s']:.3f} s, "
             f"vs float32 max {row['max_abs_vs_float32']:.2e} rms {row['rms_vs_float32']:.2e}"
         )
     if "zarr" in results:
