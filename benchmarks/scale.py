@@ -22,7 +22,10 @@ written to a Zarr cube store (not timed, in its own process), then a fresh proce
 ``--methods`` (one fresh process per method), with ``--chunk`` chunks on the threaded scheduler
 with ``--workers`` workers. Sizes are ``HEIGHTxWIDTH`` or one
 side (square). Reported: wall time and the peak RSS of the fusing process, whose ratio between
-sizes shows whether memory follows the scene or the chunk.
+sizes shows whether memory follows the scene or the chunk, and the end-to-end throughput (fused
+pixels per second) against the kernel-only throughput of the same process: the method's kernel on
+one in-memory chunk with its halo, chunk pixels per second, so the ratio is what reading,
+scheduling and writing leave of the compute.
 
 ``--gpu-series 1 2`` instead times :func:`stf_pipeline.fuse_series` (3 fused dates of a 5-date
 ``--gpu-size`` scene, after a compiling warm-up on a small scene) on a dask-cuda cluster with
@@ -137,11 +140,39 @@ def _child_series(store: Path, method: str, chunk: int, workers: int, out: Path)
         fused = stf.fuse_series(cube, method=method, out=out, chunks=(chunk, chunk), progress=False)
     wall = time.perf_counter() - start
     height, width = cube.sizes["y"], cube.sizes["x"]
+    fused_dates = int((fused["source"].values == "fused").sum())
+    kernel_s, halo = _kernel_block_seconds(cube, method, chunk)
+    end_to_end = fused_dates * height * width / wall / 1e6
+    kernel_only = chunk * chunk / kernel_s / 1e6
     return {
         "method": method, "height": height, "width": width, "bands": cube.sizes["band"], "dates": cube.sizes["time"],
-        "fused_dates": int((fused["source"].values == "fused").sum()), "chunk": chunk, "workers": workers,
-        "wall_s": wall, "pixels": height * width,
+        "fused_dates": fused_dates, "chunk": chunk, "workers": workers,
+        "wall_s": wall, "pixels": height * width, "halo": halo, "kernel_block_s": kernel_s,
+        "end_to_end_mpx_s": end_to_end, "kernel_only_mpx_s": kernel_only,
+        "end_to_end_vs_kernel": end_to_end / kernel_only,
     }
+
+
+def _kernel_block_seconds(cube: Any, method: str, chunk: int, repeats: int = 3) -> tuple[float, int]:
+    """Best seconds of the method's kernel on one in-memory ``chunk``-sized block with its halo
+    (after a warm-up), and the halo: what one task of the series computes, without the reads,
+    the writes and the scheduling. ``chunk**2 / seconds`` is the kernel-only throughput."""
+    from stf_pipeline.fusion import prepare_fusion
+
+    times = cube.time.values
+    call = prepare_fusion(cube, times[len(times) // 2], method=method, pairs=[times[0], times[-1]])
+    side = chunk + 2 * call.halo
+    window = cube.isel(y=slice(0, side), x=slice(0, side)).load()
+    call = call.with_scene_statistics(window)
+    call.run(window)
+    best = min(_seconds(lambda: call.run(window)) for _ in range(repeats))
+    return best, call.halo
+
+
+def _seconds(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _series_report(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -160,7 +191,9 @@ def _series_report(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rows.append(result)
                 print(
                     f"{method} series {result['height']}x{result['width']} ({result['bands']} bands, "
-                    f"{result['fused_dates']} fused dates): {result['wall_s']:.2f} s, peak RSS {peak / 2**30:.2f} GiB",
+                    f"{result['fused_dates']} fused dates): {result['wall_s']:.2f} s, peak RSS {peak / 2**30:.2f} GiB, "
+                    f"{result['end_to_end_mpx_s']:.1f} Mpx/s end to end against {result['kernel_only_mpx_s']:.1f} "
+                    f"Mpx/s of the kernel alone ({result['end_to_end_vs_kernel']:.0%})",
                     flush=True,
                 )
     for method in args.methods:
@@ -358,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{r['method']:<8} {r['height']:>6}x{r['width']:<6} {r['wall_s']:8.2f} s "
                 f"{r['peak_rss_bytes'] / 2**30:8.2f} GiB "
-                f"({r['peak_vs_2000']:.2f}x the 2000² peak)"
+                f"({r['peak_vs_2000']:.2f}x the 2000² peak), {r['end_to_end_vs_kernel']:.0%} of kernel-only throughput"
             )
     elif args.gpu_series:
         for method in args.methods:
