@@ -192,7 +192,7 @@ def _series_report(args: argparse.Namespace) -> list[dict[str, Any]]:
                 print(
                     f"{method} series {result['height']}x{result['width']} ({result['bands']} bands, "
                     f"{result['fused_dates']} fused dates): {result['wall_s']:.2f} s, peak RSS {peak / 2**30:.2f} GiB, "
-                    f"{result['end_to_end_mpx_s']:.1f} Mpx/s end to end against {result['kernel_only_mpx_s']:.1f} "
+                    f"{result['end_to_end_mpx_s']:.3g} Mpx/s end to end against {result['kernel_only_mpx_s']:.3g} "
                     f"Mpx/s of the kernel alone ({result['end_to_end_vs_kernel']:.0%})",
                     flush=True,
                 )
