@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import child_command, describe_machine
+from benchmarks._common import best_wall_time, child_command, describe_machine
 
 SIZES = (1000, 2000, 4000, 8000)
 LARGE = 16000
@@ -165,14 +165,7 @@ def _kernel_block_seconds(cube: Any, method: str, chunk: int, repeats: int = 3) 
     window = cube.isel(y=slice(0, side), x=slice(0, side)).load()
     call = call.with_scene_statistics(window)
     call.run(window)
-    best = min(_seconds(lambda: call.run(window)) for _ in range(repeats))
-    return best, call.halo
-
-
-def _seconds(fn: Any) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return best_wall_time(lambda: call.run(window), repeats), call.halo
 
 
 def _series_report(args: argparse.Namespace) -> list[dict[str, Any]]:
