@@ -3,8 +3,8 @@
 :func:`box_sum` adds, per pixel, the window's values in a fixed order (window rows, then
 columns, in offset order) and nothing outside the array, so a pixel's sum does not depend on
 the block it sits in: a chunked result equals the unchunked one bitwise. :func:`box_sum_jax` is
-the traceable JAX form (separable ``lax.reduce_window`` sums); :func:`window_index` gathers every
-window of a padded array at once.
+the traceable JAX form (separable sums of doubling windows, with the same property);
+:func:`window_index` gathers every window of a padded array at once.
 """
 
 from __future__ import annotations
@@ -60,20 +60,49 @@ def box_sum(a: np.ndarray, radius: int) -> np.ndarray:
 
 def window_reduce_jax(a: Any, radius: int, computation: Any, init: float) -> Any:
     """``computation`` (``jax.lax.add``, ``max``, ``min``) over a ``(2r+1)²`` window on the last two
-    axes of a JAX array, as two 1-D passes (``2 (2r + 1)`` operations a pixel, not ``(2r + 1)²``);
-    outside the array counts as ``init``. Traceable."""
-    import jax
-
+    axes of a JAX array, as two 1-D passes of :func:`_window_reduce_1d` (about ``2 log2(2r + 1)``
+    operations a pixel, not ``(2r + 1)²``); outside the array counts as ``init``. Traceable."""
     for axis in (a.ndim - 2, a.ndim - 1):
-        dims = tuple(2 * radius + 1 if d == axis else 1 for d in range(a.ndim))
-        pad = tuple((radius, radius) if d == axis else (0, 0) for d in range(a.ndim))
-        a = jax.lax.reduce_window(a, init, computation, dims, (1,) * a.ndim, pad)
+        a = _window_reduce_1d(a, radius, computation, init, axis)
     return a
 
 
+def _window_reduce_1d(a: Any, radius: int, computation: Any, init: float, axis: int) -> Any:
+    """``computation`` over the ``2r + 1`` values centred on each element along ``axis`` (outside
+    the array ``init``), by doubling: windows of 1, 2, 4, ... values, each two of the previous
+    side by side, then the window's length composed from its binary digits, longest first.
+
+    Every element's result combines the same values in the same order wherever the array starts,
+    so a block's result equals the whole array's wherever the block holds the window; a direct
+    sliding sum costs ``2r + 1`` operations an element, this one about ``2 log2(2r + 1)``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n, width = a.shape[axis], 2 * radius + 1
+    pad = [(0, 0, 0)] * a.ndim
+    pad[axis] = (radius, radius, 0)
+    spans = [jax.lax.pad(a, jnp.asarray(init, a.dtype), pad)]  # spans[k][i]: the 2**k values from i
+    while 2 ** len(spans) <= width:
+        last, half = spans[-1], 2 ** (len(spans) - 1)
+        size = last.shape[axis] - half
+        spans.append(
+            computation(
+                jax.lax.slice_in_dim(last, 0, size, axis=axis), jax.lax.slice_in_dim(last, half, half + size, axis=axis)
+            )
+        )
+    out, start = None, 0
+    for k in reversed(range(len(spans))):
+        if width & (1 << k):
+            part = jax.lax.slice_in_dim(spans[k], start, start + n, axis=axis)
+            out = part if out is None else computation(out, part)
+            start += 1 << k
+    return out
+
+
 def box_sum_jax(a: Any, radius: int) -> Any:
-    """:func:`box_sum` for JAX arrays (traceable): separable ``lax.reduce_window`` sums, outside
-    the array zero."""
+    """:func:`box_sum` for JAX arrays (traceable): separable sums (:func:`window_reduce_jax`),
+    outside the array zero."""
     import jax
 
     return window_reduce_jax(a, radius, jax.lax.add, 0.0)
