@@ -151,7 +151,9 @@ def random_model(args: argparse.Namespace, multiband: bool) -> Any:
     for i, (name, model, inputs) in enumerate((("G", g_model, cfg.g_inputs), ("B", b_model, cfg.b_inputs))):
         sample = jnp.zeros((1, 16, 16, len(BANDS), len(inputs)))
         params[name] = jax.device_get(jax.jit(model.init)(jax.random.key(i), sample)["params"])
-    return FittedModel("biastf", cfg.to_dict(), params, BANDS, 20)
+    # as training records it on the benchmark's block-resampled scenes: the networks see the coarse images interpolated
+    interpolated = cfg.coarse_interpolation == "cubic"
+    return FittedModel("biastf", cfg.to_dict(), params, BANDS, 20, extra={"coarse_interpolated": interpolated})
 
 
 def forward_floor(model: Any, dtype: str, views: int, size: int, repeats: int) -> float:
@@ -207,9 +209,11 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
         references: dict[int, Any] = {}  # float32's output per self-ensemble
         for views, dtype in itertools.product(args.self_ensembles, biastf.DTYPES):
             params = biastf.BiaSTFParams(window=21, dtype=dtype, self_ensemble=views)
-            predict = biastf.predictor(
+            _, spread = params.windows(model.coarse_factor)
+            predict = biastf.predictor(  # the program biastf_kernel runs for this model and params
                 json.dumps(model.config, sort_keys=True), len(BANDS), dtype, 21, params.eps, params.weights,
-                self_ensemble=views,
+                power=params.power, self_ensemble=views, spread_window=spread,
+                interpolate=biastf.interpolation_factor(model),
             )
             device_params = jax.device_put(model.params)
             stats = jax.device_put(biastf.Statistics.identity(len(BANDS)).arrays())

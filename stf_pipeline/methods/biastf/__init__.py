@@ -62,6 +62,7 @@ from stf_pipeline.methods.biastf.kernel import (
     CHANGE_FADE,
     biastf_kernel,
     fuse_directions,
+    interpolation_factor,
     predict_block,
     predictor,
     trust_in_change,
@@ -98,6 +99,7 @@ __all__ = [
     "FUSION_WEIGHTS",
     "G_BASES", "G_INPUTS", "METHOD", "NET_RADIUS", "PRESETS", "TABLE1_KERNELS", "TRAINING", "TRAIN_DTYPES",
     "_WARNED", "BiaSTFConfig", "BiaSTFParams", "Statistics", "b_batch", "biastf_kernel", "change_limit", "cpu_training",
-    "fit", "fit_statistics", "frozen_g_outputs", "fuse_directions", "g_batch", "make_networks", "predict_block",
+    "fit", "fit_statistics", "frozen_g_outputs", "fuse_directions", "g_batch", "interpolation_factor", "make_networks",
+    "predict_block",
     "predictor", "trust_in_change",
 ]
