@@ -86,10 +86,14 @@ def child_command(name: str, *args: str, env: Mapping[str, str] | None = None) -
     return [sys.executable, "-m", f"benchmarks.{name}", *args], child
 
 
-def write_result(path: str | os.PathLike[str], info: Mapping[str, Any], args: Any, records: list[Any]) -> None:
+def write_result(
+    path: str | os.PathLike[str], info: Mapping[str, Any], args: Any, records: list[Any], *, quiet: bool = False
+) -> None:
     """Write a benchmark's JSON: the machine (with the load average at the end of the run, since
-    the timings of a shared machine depend on it), the arguments and the records; says where."""
+    the timings of a shared machine depend on it), the arguments and the records; says where
+    unless ``quiet`` (a rewrite after each record, so that a run cut short keeps what it measured)."""
     result = {"machine": {**info, "loadavg_end": list(os.getloadavg())}, "args": vars(args), "results": records}
     with open(path, "w") as fh:
         json.dump(result, fh, indent=1, default=str)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")

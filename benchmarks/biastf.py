@@ -21,7 +21,8 @@ Zarr to Zarr
     best of ``--repeats``.
 
 Speed does not depend on pixel values, so the scenes are smooth random reflectance (3 dates,
-6 bands, ``coarse_factor`` 20, no CRS). Prints a table; writes JSON with the machine description.
+6 bands, ``coarse_factor`` 20, no CRS). Prints a table; writes JSON with the machine description, rewritten
+after every row so that a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import itertools
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,7 @@ def _config(args: argparse.Namespace, *, multiband: bool, dtype: str) -> Any:
     )
 
 
-def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _training(args: argparse.Namespace, rows: list[dict[str, Any]], save: Callable[[], None]) -> None:
     import functools
 
     import jax
@@ -81,7 +83,6 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
     from stf_pipeline.nn.train import sample_step
 
     cube = scene(args.train_size, n_times=4, seed=1)
-    rows = []
     for multiband in args.layouts:
         for dtype in ("float32", "bfloat16"):
             cfg = _config(args, multiband=multiband, dtype=dtype)
@@ -133,7 +134,7 @@ def _training(args: argparse.Namespace) -> list[dict[str, Any]]:
                     }
                 )
                 print(f"  train {rows[-1]}", flush=True)
-    return rows
+                save()
 
 
 def random_model(args: argparse.Namespace, multiband: bool) -> Any:
@@ -194,7 +195,7 @@ def forward_floor(model: Any, dtype: str, views: int, size: int, repeats: int) -
     return best_wall_time(lambda: jax.block_until_ready(passes(device_params, g_in, b_in)), repeats)
 
 
-def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _inference(args: argparse.Namespace, rows: list[dict[str, Any]], save: Callable[[], None]) -> None:
     import jax
     import numpy as np
 
@@ -203,7 +204,6 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
     cube = scene(args.size, seed=2)
     fine, coarse, target = cube.fine.values[[0, 2]], cube.coarse.values[[0, 2]], cube.coarse.values[1]
     on_device = [jax.device_put(a) for a in (fine, coarse, target)]
-    rows = []
     for multiband in args.layouts:
         model = random_model(args, multiband)
         references: dict[int, Any] = {}  # float32's output per self-ensemble
@@ -241,6 +241,7 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
                 rows.append(row)
                 print(f"  infer {row}", flush=True)
+                save()
                 continue
             reference = references.setdefault(views, out[-1])
             diff = np.abs(out[-1] - reference)
@@ -248,7 +249,7 @@ def _inference(args: argparse.Namespace) -> list[dict[str, Any]]:
             row["rms_vs_float32"] = float(np.sqrt(np.nanmean(diff**2)))
             rows.append(row)
             print(f"  infer {row}", flush=True)
-    return rows
+            save()
 
 
 def _zarr(args: argparse.Namespace) -> dict[str, Any]:
@@ -333,10 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     info = describe_machine()
     print(f"machine: {info}", flush=True)
     results: dict[str, Any] = {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "json"}}
+
+    def save() -> None:  # after every row: a run cut short (a time limit) keeps what it measured
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+
     if "train" not in skip:
-        results["training"] = _training(args)
+        _training(args, results.setdefault("training", []), save)
     if "infer" not in skip:
-        results["inference"] = _inference(args)
+        _inference(args, results.setdefault("inference", []), save)
     if "zarr" not in skip:
         results["zarr"] = _zarr(args)
     print("\nBiaSTF benchmark")
@@ -362,8 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{key[:-2].replace('_', ' ')} {value:.2f} s" for key, value in z.items() if key.endswith("_s")
         )
         print(f"  zarr->zarr {z['size']}^2 x 6 ({z['layout']}, chunks {z['chunk']}): {times}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1, default=str))
+    save()
     print(f"wrote {args.json}")
     return 0
 

@@ -17,7 +17,8 @@ Learned methods are first trained with the ``"tiny"`` configuration on the input
 CPU the scene is fused through Dask in ``--chunk``-pixel chunks (threads use every core); with
 ``--gpu`` it is fused in one block on the GPU. ``--backends numba jax`` times each method once
 per listed backend it declares (``MethodSpec.backends``), side by side. Prints a
-table; writes JSON (``--json``) with the machine description and the load average of each run.
+table; writes JSON (``--json``) with the machine description and the load average of each run,
+rewritten after every run so that a benchmark cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 record = _run_child(job, args.timeout)
                 records.append(record)
                 print(_table([record]).splitlines()[-1], flush=True)
+                write_result(args.json, info, args, records, quiet=True)
     print(_table(records))
     write_result(args.json, info, args, records)
     return 0
