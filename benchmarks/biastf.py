@@ -209,9 +209,9 @@ def _inference(args: argparse.Namespace, rows: list[dict[str, Any]], save: Calla
         references: dict[int, Any] = {}  # float32's output per self-ensemble
         for views, dtype in itertools.product(args.self_ensembles, biastf.DTYPES):
             params = biastf.BiaSTFParams(window=21, dtype=dtype, self_ensemble=views)
-            _, spread = params.windows(model.coarse_factor)
+            window, spread = params.windows(model.coarse_factor)
             predict = biastf.predictor(  # the program biastf_kernel runs for this model and params
-                json.dumps(model.config, sort_keys=True), len(BANDS), dtype, 21, params.eps, params.weights,
+                json.dumps(model.config, sort_keys=True), len(BANDS), dtype, window, params.eps, params.weights,
                 power=params.power, self_ensemble=views, spread_window=spread,
                 interpolate=biastf.interpolation_factor(model),
             )
