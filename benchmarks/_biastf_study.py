@@ -258,7 +258,8 @@ def biastf_ablations(model: Any) -> dict[str, Any]:
     """The trained BiaSTF ``model`` with one part removed: ``"B = 0"`` (the bias network's
     parameters zeroed, so it outputs 0 and the prediction is ``F(j) + G`` fused) and, where the
     model has a validated shrink, ``"shrink = 1"`` (the correction applied in full) and
-    ``"shrink per part"`` (``G - base`` and ``B`` scaled by their own validated factors)."""
+    ``"shrink per part"`` (``G - base`` and ``B`` scaled by their own validated factors); of an
+    ensemble, ``"member m alone"`` for each member."""
     import dataclasses
 
     import jax
@@ -272,7 +273,12 @@ def biastf_ablations(model: Any) -> dict[str, Any]:
     if parts is not None and "shrink" in params and model.extra.get("members", 1) == 1:
         g_part, b_part = np.asarray(parts, np.float32)
         variants["shrink per part"] = {**params, "shrink": g_part, "shrink_b": b_part}
-    return {name: dataclasses.replace(model, params=p) for name, p in variants.items()}
+    out = {name: dataclasses.replace(model, params=p) for name, p in variants.items()}
+    members = int(model.extra.get("members", 1))
+    for m in range(members if members > 1 else 0):  # what the ensemble buys over each of its members
+        alone = jax.tree_util.tree_map(lambda leaf, m=m: np.asarray(leaf)[m], params)
+        out[f"member {m} alone"] = dataclasses.replace(model, params=alone, extra={**model.extra, "members": 1})
+    return out
 
 
 def _wins(runs: dict[str, dict[str, Any]], label: str) -> int:
