@@ -61,6 +61,7 @@ def test_config_presets_mappings_and_errors():
     assert paper.coarse_interpolation == "none" and BiaSTFConfig().coarse_interpolation == "cubic"
     gpu = BiaSTFConfig.resolve("gpu")
     assert gpu.multiband and gpu.g_base == "modulated" and gpu.stage1.augment and gpu.stage1.patience > 0
+    assert gpu.members == 2 and BiaSTFConfig.resolve("cpu").members == 1  # the CPU's time cap: one member
     cfg = BiaSTFConfig.resolve({"preset": "tiny", "multiband": False, "train": {"steps": 7}, "stage2": {"steps": 9}})
     assert cfg.filters == (16, 16, 16) and not cfg.multiband and cfg.stage1.steps == 7 and cfg.stage2.steps == 9
     assert BiaSTFConfig.resolve(cfg.to_dict()) == cfg
