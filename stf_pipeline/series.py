@@ -87,7 +87,7 @@ from stf_pipeline.store import (
     new_generation,
     remove_partial_files,
 )
-from stf_pipeline.task import DateLike, Task, iso_date, resolve_task, to_datetime64, valid_fraction
+from stf_pipeline.task import DateLike, Task, has_valid, iso_date, resolve_task, to_datetime64, valid_fraction
 
 logger = logging.getLogger("stf_pipeline")
 
@@ -382,8 +382,8 @@ def _plan(
     keep: tuple[str, ...],
 ) -> _Plan:
     times = cube["time"].values.astype("datetime64[ns]")
-    fine_ok = valid_fraction(cube, "fine") > 0
-    coarse_ok = valid_fraction(cube, "coarse") > 0
+    fine_ok = has_valid(cube, "fine")
+    coarse_ok = has_valid(cube, "coarse")
     if targets is None:
         chosen = times[coarse_ok & ~fine_ok]
         if chosen.size == 0:
@@ -422,7 +422,7 @@ def _default_train_options(cube: xr.Dataset, options: Mapping[str, Any] | None) 
     options = dict(options or {})
     if "train_times" not in options:
         listed = [str(t) for t in cube.attrs.get("stf_train_times") or []]
-        fine_ok = valid_fraction(cube, "fine") > 0
+        fine_ok = has_valid(cube, "fine")
         options["train_times"] = listed or [iso_date(t) for t in cube["time"].values[fine_ok]]
     return options
 
