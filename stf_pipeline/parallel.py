@@ -97,18 +97,32 @@ def _apply_block(
     pad_to: tuple[int, int] | None = None,
     **kwargs: Any,
 ) -> np.ndarray:
-    extent = stacked.shape[-2:]
+    """:func:`_run_kernel` on one Dask block of the stacked ``fine``, ``coarse`` and target."""
+    images = (stacked[:n_pairs], stacked[n_pairs : 2 * n_pairs], stacked[2 * n_pairs])
+    return _run_kernel(kernel, images, extra_blocks, extra_names=extra_names, padding=padding, pad_to=pad_to, **kwargs)
+
+
+def _run_kernel(
+    kernel: Callable[..., np.ndarray],
+    images: tuple[np.ndarray, np.ndarray, np.ndarray],
+    extra_blocks: tuple[np.ndarray, ...],
+    *,
+    extra_names: tuple[str, ...],
+    padding: Literal["none", "nan", "kernel"],
+    pad_to: tuple[int, int] | None,
+    **kwargs: Any,
+) -> np.ndarray:
+    """``kernel(fine, coarse, coarse_target)`` of one block, padded to ``pad_to`` as ``padding``
+    says and cropped back to the block's extent, float32."""
+    extent = images[-1].shape[-2:]
     if padding == "nan" and pad_to is not None:
-        stacked = pad_block(stacked, pad_to)
+        images = tuple(pad_block(a, pad_to) for a in images)  # type: ignore[assignment]
         extra_blocks = tuple(pad_block(b, pad_to) for b in extra_blocks)
     elif padding == "kernel":
         kwargs["pad_to"] = pad_to
-    fine = stacked[:n_pairs]
-    coarse = stacked[n_pairs : 2 * n_pairs]
-    coarse_target = stacked[2 * n_pairs]
     if extra_names:
         kwargs["extra"] = dict(zip(extra_names, extra_blocks, strict=True))
-    out = kernel(fine, coarse, coarse_target, **kwargs)
+    out = kernel(*images, **kwargs)
     return np.asarray(crop_block(out, extent), dtype=np.float32)
 
 
@@ -165,15 +179,15 @@ def map_overlapping(
     extra = dict(extra or {})
     extra_names = tuple(extra)
     lazy = any(is_dask_array(a) for a in (fine, coarse, coarse_target, *extra.values()))
-    if not lazy:
-        stacked = np.concatenate([np.asarray(fine), np.asarray(coarse), np.asarray(coarse_target)[None]], axis=0)
-        return _apply_block(
-            stacked.astype(np.float32, copy=False),
-            *(np.asarray(a) for a in extra.values()),
-            kernel=kernel,
-            n_pairs=n_pairs,
+    if not lazy:  # one whole-scene call on the arrays as given (float32 without a copy where they are)
+        images = tuple(np.asarray(a).astype(np.float32, copy=False) for a in (fine, coarse, coarse_target))
+        return _run_kernel(
+            kernel,
+            images,  # type: ignore[arg-type]
+            tuple(np.asarray(a) for a in extra.values()),
             extra_names=extra_names,
             padding=padding,
+            pad_to=None,
             **kernel_kwargs,
         )
     import dask.array as da
