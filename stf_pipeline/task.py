@@ -76,10 +76,10 @@ def has_valid(cube: xr.Dataset, variable: str) -> np.ndarray:
     What task resolution asks, at less cost than :func:`valid_fraction` on an in-memory cube: a
     sparse grid of about ``SAMPLE_GRID`` x ``SAMPLE_GRID`` pixels of every date first, the whole
     image only for a date with no valid pixel on that grid (all NaN, or valid only between
-    its points): every ``stf.fuse`` resolves its task, and counting the valid pixels of a
-    whole in-memory scene was a tenth of a steady GPU fusion (``docs/benchmarks.md``). A
-    Dask-backed cube asks :func:`valid_fraction`, which reads its ``{variable}_valid`` coord
-    when it has one.
+    its points): every ``stf.fuse`` resolves its task, and a pass over the whole in-memory
+    scene was a measurable share of a steady fusion (``docs/benchmarks.md``,
+    ``fsdaf-host-2026-12-07``). A Dask-backed cube asks :func:`valid_fraction`, which reads its
+    ``{variable}_valid`` coord when it has one.
     """
     array = cube[variable]
     if is_dask_array(array.data):
