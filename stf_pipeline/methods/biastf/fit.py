@@ -401,6 +401,8 @@ def fit(
     for m, (fit_times, held) in enumerate(splits):
         member = _member_config(cfg, m)
         suffix = f"_m{m}" if len(splits) > 1 else ""
+        if len(splits) > 1:
+            log.info("biastf: member %d of %d, validated on %s", m + 1, len(splits), [iso_date(t) for t in held])
         fingerprint = {
             "method": "biastf",
             "config": {**cfg.to_dict(), "stage1": None, "stage2": None},
