@@ -266,18 +266,19 @@ def biastf_ablations(model: Any) -> dict[str, Any]:
     import numpy as np
 
     params = model.params
+    members = int(model.extra.get("members", 1))
     variants = {"B = 0": {**params, "B": jax.tree_util.tree_map(np.zeros_like, params["B"])}}
     if "shrink" in params:
         variants["shrink = 1"] = {**params, "shrink": np.ones_like(params["shrink"])}
     parts = (model.extra.get("validation") or {}).get("shrink_parts")
-    if parts is not None and "shrink" in params and model.extra.get("members", 1) == 1:
+    if parts is not None and "shrink" in params and members == 1:
         g_part, b_part = np.asarray(parts, np.float32)
         variants["shrink per part"] = {**params, "shrink": g_part, "shrink_b": b_part}
     out = {name: dataclasses.replace(model, params=p) for name, p in variants.items()}
-    members = int(model.extra.get("members", 1))
-    for m in range(members if members > 1 else 0):  # what the ensemble buys over each of its members
-        alone = jax.tree_util.tree_map(lambda leaf, m=m: np.asarray(leaf)[m], params)
-        out[f"member {m} alone"] = dataclasses.replace(model, params=alone, extra={**model.extra, "members": 1})
+    if members > 1:  # what the ensemble buys over each of its members
+        for m in range(members):
+            alone = jax.tree_util.tree_map(lambda leaf, m=m: np.asarray(leaf)[m], params)
+            out[f"member {m} alone"] = dataclasses.replace(model, params=alone, extra={**model.extra, "members": 1})
     return out
 
 
