@@ -3,28 +3,63 @@
 The XLA driver (:func:`stf_pipeline.kernels.similar.window_sums`) updates whole-image
 accumulators once per window offset, so every offset reads the inputs and reads and writes the
 accumulators in the GPU's memory: at 51x51 offsets that traffic, not arithmetic, sets its time.
-A Pallas program instead computes a small block of output pixels and keeps its accumulators in
-registers over all the offsets; the neighbour blocks it loads are mostly cache hits (the blocks
-of adjacent offsets overlap). Every pixel adds its terms in the same row-major offset order
-whatever block it sits in (float32, as the XLA driver).
+A Pallas program instead computes a block of output pixels, ``rows`` rows of ``width`` pixels
+(one column a thread), and keeps its accumulators in registers over all the offsets.
+
+The program walks the *source* rows of its window band once: each neighbour row it loads at
+column offset ``dx`` is the row ``dy = source - i`` of output row ``i``'s window, so one load
+serves all ``rows`` output rows (a ``rows``-fold cut of the loads against one row a program).
+For every output pixel the terms are still added in the row-major offset order of its own
+window, whatever block it sits in (float32, as the XLA driver): chunked equals unchunked. A
+source row outside an output row's window adds nothing to it (its terms are masked).
 
 Inputs are planes ``(plane, y, x)`` (pair-major, band-minor), padded by the window radius on
 every side (and to whole blocks at the bottom and right) with *missing* values: NaN fine
 reflectance, so a neighbour outside the block is never similar. ``interpret=True`` runs the
-same kernels on the CPU (slowly), which is how the tests check them. The block shape and warp
-count were chosen by timing (``docs/methods/starfm.md``, section Pallas).
+same kernels on the CPU (slowly), which is how the tests check them. The layouts were chosen
+by timing on a GPU (``docs/benchmarks.md``, STARFM and ESTARFM).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-#: Output block of one program (rows, columns) and its warps: one pixel a thread.
-BLOCK = (1, 128)
-NUM_WARPS = 4
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The work of one Pallas program and its warps.
+
+    Attributes
+    ----------
+    rows
+        Output rows sharing every loaded neighbour row (more rows: fewer loads, more registers).
+    width
+        Output columns, one a thread.
+    bands
+        Bands whose sums one program keeps (``0``: all). Fewer bands a program keep fewer
+        accumulators in registers; a program still reads every band its test needs.
+    warps
+        Warps a program (Triton's ``num_warps``).
+    """
+
+    rows: int = 1
+    width: int = 128
+    bands: int = 0
+    warps: int = 4
+
+    def band_group(self, bands: int) -> int:
+        """Bands a program: the largest divisor of ``bands`` not above :attr:`bands` (all if 0)."""
+        if self.bands <= 0 or self.bands >= bands:
+            return bands
+        return max(d for d in range(1, self.bands + 1) if bands % d == 0)
+
+    def blocked_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """``(y, x)`` rounded up to whole output blocks."""
+        return self.rows * -(-shape[0] // self.rows), self.width * -(-shape[1] // self.width)
 
 
 def pad_planes(a: Any, radius: int, shape: tuple[int, int], value: float) -> Any:
@@ -36,16 +71,31 @@ def pad_planes(a: Any, radius: int, shape: tuple[int, int], value: float) -> Any
     return jnp.pad(a, widths, constant_values=value)
 
 
-def blocked_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    """``(y, x)`` rounded up to whole output blocks."""
-    return BLOCK[0] * -(-shape[0] // BLOCK[0]), BLOCK[1] * -(-shape[1] // BLOCK[1])
+def distance_factors(radius: int) -> np.ndarray:
+    """``D = 1 + d / r`` for every window offset, row-major ``((2r + 1)²,)`` float32.
+
+    Computed once here, in float32 as a kernel would, and read by the programs from this table
+    instead of taking a square root at every offset and output row.
+    """
+    offsets = np.arange(-radius, radius + 1, dtype=np.float32)
+    fy, fx = np.meshgrid(offsets, offsets, indexing="ij")
+    return (np.float32(1) + np.sqrt(fy * fy + fx * fx) * np.float32(1.0 / radius)).astype(np.float32).reshape(-1)
 
 
-def call(kernel: Callable[..., None], n_out: int, shape: tuple[int, int], interpret: bool, *inputs: Any) -> Any:
-    """Run ``kernel`` over a grid of output blocks covering ``shape``: ``(n_out, *shape)`` float32.
+def call(
+    kernel: Callable[..., None],
+    n_out: int,
+    shape: tuple[int, int],
+    layout: Layout,
+    groups: int,
+    interpret: bool,
+    *inputs: Any,
+) -> Any:
+    """Run ``kernel`` over a grid of output blocks covering ``shape`` times ``groups`` band
+    groups: ``(n_out, *shape)`` float32.
 
     ``interpret=True`` interprets it (any device, slowly); otherwise it is compiled by Triton with
-    :data:`NUM_WARPS` warps.
+    ``layout.warps`` warps.
     """
     import jax
     from jax.experimental import pallas as pl
@@ -54,52 +104,83 @@ def call(kernel: Callable[..., None], n_out: int, shape: tuple[int, int], interp
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
+        kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=layout.warps, num_stages=1)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n_out, *shape), np.float32),
-        grid=(shape[0] // BLOCK[0], shape[1] // BLOCK[1]),
+        grid=(shape[0] // layout.rows, shape[1] // layout.width, groups),
         **kwargs,
     )(*inputs)
 
 
-def loader(y0: Any, x0: Any) -> Callable[[Any, int, Any, Any], Any]:
-    """``load(ref, plane, dy, dx)``: the output block at ``(y0, x0)`` of ``plane``, shifted by the
-    offset ``(dy, dx)`` in padded coordinates (``(radius, radius)`` is the block itself)."""
-    from jax.experimental import pallas as pl
+class Block:
+    """Where this program's output block lies, and its loads (inside a kernel)."""
 
-    def load(ref: Any, plane: int, dy: Any, dx: Any) -> Any:
-        return ref[plane, pl.ds(y0 + dy, BLOCK[0]), pl.ds(x0 + dx, BLOCK[1])]
+    def __init__(self, layout: Layout, radius: int) -> None:
+        from jax.experimental import pallas as pl
 
-    return load
+        self.layout = layout
+        self.radius = radius
+        self.y0 = pl.program_id(0) * layout.rows
+        self.x0 = pl.program_id(1) * layout.width
+        self.group = pl.program_id(2)
+
+    def bands(self, group: int, bands: int) -> list[Any]:
+        """The bands of this program's group: static indices when one group holds them all."""
+        if group == bands:
+            return list(range(bands))
+        return [self.group * group + j for j in range(group)]
+
+    def row(self, ref: Any, plane: Any, source: Any, dx: Any) -> Any:
+        """Padded row ``y0 + source`` of ``plane`` from column ``x0 + dx``: ``(1, width)``."""
+        from jax.experimental import pallas as pl
+
+        return ref[plane, pl.ds(self.y0 + source, 1), pl.ds(self.x0 + dx, self.layout.width)]
+
+    def centre(self, ref: Any, plane: Any, i: int) -> Any:
+        """Output row ``i`` of ``plane`` (the centre pixels): ``(1, width)``."""
+        return self.row(ref, plane, self.radius + i, self.radius)
+
+    def store(self, out_ref: Any, accs: list[list[Any]], planes: list[Any]) -> None:
+        """Write output row ``i``'s accumulator ``n`` into plane ``planes[n]``."""
+        from jax.experimental import pallas as pl
+
+        for i, row in enumerate(accs):
+            for plane, acc in zip(planes, row, strict=True):
+                out_ref[plane, pl.ds(self.y0 + i, 1), pl.ds(self.x0, self.layout.width)] = acc
 
 
-def over_offsets(radius: int, accs: list[Any], one: Callable[[Any, Any, list[Any]], list[Any]]) -> list[Any]:
-    """``one(dy, dx, accs)`` over the window offsets in row-major order (padded coordinates)."""
+def over_source_rows(
+    radius: int, rows: int, accs: list[list[Any]], one: Callable[[Any, Any, list[list[Any]]], list[list[Any]]]
+) -> list[list[Any]]:
+    """``one(source, dx, accs)`` over the source rows of the block's window band (``rows + 2r``)
+    and, within each, the column offsets, in that order: row-major offsets for every output row.
+
+    ``accs[i]`` are output row ``i``'s accumulators.
+    """
     from jax import lax
 
     side = 2 * radius + 1
+    width = len(accs[0])
 
-    def row(dy: Any, accs: tuple) -> tuple:
-        return lax.fori_loop(0, side, lambda dx, a: tuple(one(dy, dx, list(a))), accs)
+    def flat(a: tuple) -> list[list[Any]]:
+        return [list(a[i * width : (i + 1) * width]) for i in range(rows)]
 
-    return list(lax.fori_loop(0, side, row, tuple(accs)))
+    def column(dx: Any, a: tuple, source: Any) -> tuple:
+        return tuple(x for row in one(source, dx, flat(a)) for x in row)
+
+    def source_row(source: Any, a: tuple) -> tuple:
+        return lax.fori_loop(0, side, lambda dx, b: column(dx, b, source), a)
+
+    start = tuple(x for row in accs for x in row)
+    return flat(lax.fori_loop(0, rows - 1 + side, source_row, start))
 
 
-def distance_factor(dy: Any, dx: Any, radius: int, inverse_radius: float) -> Any:
-    """``D = 1 + d / r`` of the offset ``(dy, dx)`` in padded coordinates (float32)."""
+def window_row(source: Any, i: int, radius: int) -> tuple[Any, Any]:
+    """Output row ``i``'s window row ``dy`` for ``source`` (clipped into the window) and whether
+    ``source`` lies in that window at all (scalars)."""
     import jax.numpy as jnp
 
-    fy = (dy - radius).astype(jnp.float32)
-    fx = (dx - radius).astype(jnp.float32)
-    return 1.0 + jnp.sqrt(fy * fy + fx * fx) * np.float32(inverse_radius)
-
-
-def store(out_ref: Any, accs: list[Any]) -> None:
-    """Write the accumulators as the planes of this program's output block."""
-    from jax.experimental import pallas as pl
-
-    y0 = pl.program_id(0) * BLOCK[0]
-    x0 = pl.program_id(1) * BLOCK[1]
-    for n, acc in enumerate(accs):
-        out_ref[n, pl.ds(y0, BLOCK[0]), pl.ds(x0, BLOCK[1])] = acc
+    dy = source - i
+    inside = (dy >= 0) & (dy <= 2 * radius)
+    return jnp.clip(dy, 0, 2 * radius), inside

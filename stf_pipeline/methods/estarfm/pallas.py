@@ -1,10 +1,12 @@
 """ESTARFM's window sums as a Pallas (Triton) kernel, for GPUs.
 
-One program computes a block of output pixels (:data:`stf_pipeline.kernels.pallas.BLOCK`) and
-keeps its ``2 + 10 bands`` accumulators in registers over all window offsets: the sums of
+One program computes a block of output pixels for a group of bands (:data:`LAYOUT`, see
+:class:`stf_pipeline.kernels.pallas.Layout`) and keeps, per output row, the similar-pixel count,
+the weight total and its bands' ten sums in registers over all window offsets: the sums of
 :func:`stf_pipeline.methods.estarfm.core.body` (its :func:`~stf_pipeline.methods.estarfm.core.sum_terms`)
-term for term, in the same row-major offset order for every pixel (float32). The whole device
-program around it is :mod:`stf_pipeline.methods.estarfm.jax`.
+term for term, in the same row-major offset order for every pixel (float32). Similarity is
+tested on all bands in every program. The whole device program around it is
+:mod:`stf_pipeline.methods.estarfm.jax`.
 """
 
 from __future__ import annotations
@@ -18,54 +20,87 @@ import numpy as np
 from stf_pipeline.kernels import pallas as kp
 from stf_pipeline.methods.estarfm.core import FILLS, WEIGHT_EPS, sum_terms
 
+#: The programs' layout on GPUs, chosen by timing (``docs/benchmarks.md``, STARFM and ESTARFM).
+LAYOUT = kp.Layout()
+
+
+def _zero_nan(a: Any) -> Any:
+    import jax.numpy as jnp
+
+    return jnp.where(jnp.isnan(a), 0.0, a)
+
 
 @functools.lru_cache(maxsize=16)
-def estarfm_program(radius: int, bands: int, eps: float, interpret: bool) -> Callable[..., Any]:
-    """Jitted ``(threshold, fine, spread, coarse0, change, shape) -> (2 + 10 bands, y, x)`` sums.
+def estarfm_program(
+    radius: int, bands: int, eps: float, interpret: bool, layout: kp.Layout = LAYOUT
+) -> Callable[..., Any]:
+    """Jitted ``(threshold, fine, spread, coarse0, change, shape) -> (2 groups + 10 bands, y, x)`` sums.
 
     ``fine``: ``(2 bands, ...)`` NaN where missing; ``spread``: ``(1, ...)`` ``1 - R``;
-    ``coarse0``, ``change``: ``(2 bands, ...)`` zero where missing; all padded (module docstring).
-    Planes of the result: the similar-pixel count, the weight total, then the ten per-band sums
-    of :func:`~stf_pipeline.methods.estarfm.core.body` in its order, ``bands`` planes each.
+    ``coarse0``, ``change``: ``(2 bands, ...)`` zero where missing; all padded
+    (:mod:`stf_pipeline.kernels.pallas`). Planes of the result: the similar-pixel count and the
+    weight total (once for each band group, the same values), then the ten per-band sums of
+    :func:`~stf_pipeline.methods.estarfm.core.body` in its order, ``bands`` planes each.
     """
     import jax
     import jax.numpy as jnp
-    from jax.experimental import pallas as pl
 
     nb = bands
-    inverse_radius = 1.0 / radius
+    group = layout.band_group(nb)
+    groups = nb // group
+    rows = layout.rows
+    side = 2 * radius + 1
 
-    def kernel(thr_ref: Any, fine_ref: Any, spread_ref: Any, coarse_ref: Any, change_ref: Any, out_ref: Any) -> None:
-        load = kp.loader(pl.program_id(0) * kp.BLOCK[0], pl.program_id(1) * kp.BLOCK[1])
-        centre = [load(fine_ref, k, radius, radius) for k in range(2 * nb)]
-        fine1 = [jnp.where(jnp.isnan(centre[b]), 0.0, centre[b]) for b in range(nb)]
-        coarse1 = [load(coarse_ref, b, radius, radius) for b in range(nb)]
+    def kernel(
+        thr_ref: Any, factor_ref: Any, fine_ref: Any, spread_ref: Any, coarse_ref: Any, change_ref: Any, out_ref: Any
+    ) -> None:
+        block = kp.Block(layout, radius)
+        band = block.bands(group, nb)
+        dated = [[d * nb + b for b in band] for d in (0, 1)]
         threshold = [thr_ref[k] for k in range(2 * nb)]
+        centre = [[block.centre(fine_ref, k, i) for k in range(2 * nb)] for i in range(rows)]
+        fine1 = [[_zero_nan(block.centre(fine_ref, b, i)) for b in band] for i in range(rows)]
+        coarse1 = [[block.centre(coarse_ref, b, i) for b in band] for i in range(rows)]
 
-        def one(dy: Any, dx: Any, accs: list[Any]) -> list[Any]:
-            q = [load(fine_ref, k, dy, dx) for k in range(2 * nb)]
-            similar = jnp.abs(q[0] - centre[0]) < threshold[0]
-            for k in range(1, 2 * nb):
-                similar = similar & (jnp.abs(q[k] - centre[k]) < threshold[k])
-            m = similar.astype(jnp.float32)
-            w = m / (load(spread_ref, 0, dy, dx) * kp.distance_factor(dy, dx, radius, inverse_radius) + np.float32(eps))
-            accs[0] = accs[0] + m
-            accs[1] = accs[1] + w
-            for b in range(nb):
-                f0 = [jnp.where(similar, q[k * nb + b], 0.0) for k in (0, 1)]
-                x1, x2 = (m * (load(coarse_ref, k * nb + b, dy, dx) - coarse1[b]) for k in (0, 1))
-                y1, y2 = (m * (f0[k] - fine1[b]) for k in (0, 1))
-                change = [load(change_ref, k * nb + b, dy, dx) for k in (0, 1)]
-                terms = sum_terms(w, change, f0, x1, x2, y1, y2)
-                for s, term in enumerate(terms):
-                    accs[2 + s * nb + b] = accs[2 + s * nb + b] + term
+        def one(source: Any, dx: Any, accs: list[list[Any]]) -> list[list[Any]]:
+            q = [block.row(fine_ref, k, source, dx) for k in range(2 * nb)]
+            if groups == 1:
+                fine = [[q[k] for k in ks] for ks in dated]
+            else:
+                fine = [[block.row(fine_ref, k, source, dx) for k in ks] for ks in dated]
+            coarse = [[block.row(coarse_ref, k, source, dx) for k in ks] for ks in dated]
+            change = [[block.row(change_ref, k, source, dx) for k in ks] for ks in dated]
+            spread = block.row(spread_ref, 0, source, dx)
+            for i in range(rows):
+                dy, inside = kp.window_row(source, i, radius)
+                similar = jnp.abs(q[0] - centre[i][0]) < threshold[0]
+                for k in range(1, 2 * nb):
+                    similar = similar & (jnp.abs(q[k] - centre[i][k]) < threshold[k])
+                if rows > 1:
+                    similar = similar & inside
+                m = similar.astype(jnp.float32)
+                w = m / (spread * factor_ref[dy * side + dx] + np.float32(eps))
+                accs[i][0] = accs[i][0] + m
+                accs[i][1] = accs[i][1] + w
+                for j in range(group):
+                    f0 = [jnp.where(similar, fine[d][j], 0.0) for d in (0, 1)]
+                    x1, x2 = (m * (coarse[d][j] - coarse1[i][j]) for d in (0, 1))
+                    y1, y2 = (m * (f0[d] - fine1[i][j]) for d in (0, 1))
+                    terms = sum_terms(w, [change[0][j], change[1][j]], f0, x1, x2, y1, y2)
+                    for s, term in enumerate(terms):
+                        accs[i][2 + s * group + j] = accs[i][2 + s * group + j] + term
             return accs
 
-        zero = jnp.zeros(kp.BLOCK, jnp.float32)
-        kp.store(out_ref, kp.over_offsets(radius, [zero] * (2 + 10 * nb), one))
+        zero = jnp.zeros((1, layout.width), jnp.float32)
+        accs = kp.over_source_rows(radius, rows, [[zero] * (2 + 10 * group) for _ in range(rows)], one)
+        planes = [2 * block.group, 2 * block.group + 1]
+        planes += [2 * groups + s * nb + b for s in range(10) for b in band]
+        block.store(out_ref, accs, planes)
 
     def run(threshold: Any, fine: Any, spread: Any, coarse0: Any, change: Any, shape: tuple[int, int]) -> Any:
-        return kp.call(kernel, 2 + 10 * nb, shape, interpret, threshold, fine, spread, coarse0, change)
+        factor = kp.distance_factors(radius)
+        inputs = (threshold, factor, fine, spread, coarse0, change)
+        return kp.call(kernel, 2 * groups + 10 * nb, shape, layout, groups, interpret, *inputs)
 
     return jax.jit(run, static_argnames="shape")
 
@@ -75,13 +110,14 @@ def pallas_sums(neighbour: dict[str, Any], threshold: Any, radius: int) -> list[
     import jax
 
     pairs, bands, ny, nx = neighbour["fine"].shape
-    shape = kp.blocked_shape((ny, nx))
+    shape = LAYOUT.blocked_shape((ny, nx))
 
     def planes(name: str) -> Any:
         a = neighbour[name].reshape((-1, ny, nx))
         return kp.pad_planes(a, radius, shape, np.nan if name == "fine" else FILLS[name])
 
-    program = estarfm_program(radius, bands, WEIGHT_EPS, jax.default_backend() == "cpu")
+    program = estarfm_program(radius, bands, WEIGHT_EPS, jax.default_backend() == "cpu", LAYOUT)
     sums = program(threshold.reshape(-1), *(planes(n) for n in ("fine", "spread", "coarse0", "change")), shape=shape)
+    groups = bands // LAYOUT.band_group(bands)
     sums = sums[:, :ny, :nx]
-    return [sums[0], sums[1]] + [sums[2 + s * bands : 2 + (s + 1) * bands] for s in range(10)]
+    return [sums[0], sums[1]] + [sums[2 * groups + s * bands : 2 * groups + (s + 1) * bands] for s in range(10)]
