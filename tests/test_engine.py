@@ -214,3 +214,21 @@ def test_errors_come_before_any_work():
         stf.fuse(cube, "2020-03-17", method="delta", pairs=["2020-03-17"])
     with pytest.raises(stf.TaskError, match="cannot read 'yesterday' as a date"):
         stf.fuse(cube, "yesterday", method="delta")
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("order", [[0, 2], [2, 0], [1], [0, 1, 2], [2, 0, 1]])
+def test_at_times_is_xarray_sel(order, chunked):
+    # the pairs' images by position equal xarray's label selection, in the order asked, for
+    # in-memory and Dask cubes; a date the cube lacks raises a CubeError naming it
+    from stf_pipeline.fusion import at_times
+
+    cube = random_cube()
+    if chunked:
+        cube = cube.chunk({"y": 16, "x": 16})
+    times = list(cube.time.values[order])
+    got = at_times(cube["fine"], times)
+    assert type(got) is type(cube["fine"].data)
+    np.testing.assert_array_equal(np.asarray(got), cube["fine"].sel(time=times).values)
+    with pytest.raises(stf.CubeError, match="1999-01-01"):
+        at_times(cube["fine"], [times[0], np.datetime64("1999-01-01")])

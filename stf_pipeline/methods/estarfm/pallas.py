@@ -21,7 +21,7 @@ from stf_pipeline.kernels import pallas as kp
 from stf_pipeline.methods.estarfm.core import FILLS, WEIGHT_EPS, sum_terms
 
 #: The programs' layout on GPUs, chosen by timing (``docs/benchmarks.md``, STARFM and ESTARFM).
-LAYOUT = kp.Layout()
+LAYOUT = kp.Layout(rows=2)
 
 
 def _zero_nan(a: Any) -> Any:

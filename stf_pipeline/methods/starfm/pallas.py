@@ -22,7 +22,7 @@ from stf_pipeline.kernels import pallas as kp
 from stf_pipeline.methods.starfm.params import StarfmParams
 
 #: The programs' layout on GPUs, chosen by timing (``docs/benchmarks.md``, STARFM and ESTARFM).
-LAYOUT = kp.Layout()
+LAYOUT = kp.Layout(rows=8, width=256, bands=1)
 
 _NEIGHBOUR = ("fine", "spectral", "temporal", "inverse", "local")
 
