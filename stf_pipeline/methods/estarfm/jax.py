@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from stf_pipeline.kernels.pallas import Layout
 from stf_pipeline.kernels.similar import device_block, window_sums
 from stf_pipeline.kernels.window import box_sum_jax
 from stf_pipeline.methods.estarfm.core import (
@@ -30,16 +31,16 @@ from stf_pipeline.methods.estarfm.params import EstarfmParams
 
 
 @functools.lru_cache(maxsize=16)
-def _jax_program(radius: int, tile: int, pallas: bool) -> Any:
+def _jax_program(radius: int, tile: int, pallas: bool, layout: Layout | None = None) -> Any:
     """The jitted whole-block preparation and window sums of ESTARFM (float32): by the XLA
-    driver or (``pallas``) the Pallas kernel; also the valid mask, for the prediction."""
+    driver or (``pallas``) the Pallas kernel in ``layout``; also the valid mask, for the prediction."""
     import jax
     import jax.numpy as jnp
 
     def run(fine: Any, coarse: Any, coarse_target: Any, threshold: Any) -> tuple[list[Any], Any]:
         centre, neighbour, valid = prepare_arrays(jnp, fine, coarse, coarse_target)
         if pallas:
-            return pallas_sums(neighbour, threshold, radius), valid
+            return pallas_sums(neighbour, threshold, radius, layout), valid
         constants = {"threshold": threshold, "inverse_radius": np.float32(1.0 / radius)}
         sums = window_sums(
             body,
@@ -126,15 +127,16 @@ def on_device(
     params: EstarfmParams,
     model: object | None = None,
     pallas: bool,
+    layout: Layout | None = None,
 ) -> np.ndarray:
     """ESTARFM of one block on JAX's default device: float32 window sums as ``lax.fori_loop`` over
-    offsets in tiles, or (``pallas``) by the Pallas kernel (fastest on GPUs, interpreted on CPUs);
-    the float64 prediction on the device."""
+    offsets in tiles, or (``pallas``) by the Pallas kernel in ``layout`` (default: its ``LAYOUT``;
+    fastest on GPUs, interpreted on CPUs); the float64 prediction on the device."""
     import jax
 
     constants = scene_constants(fine, params)
     inputs, tile = device_block((fine, coarse, coarse_target), params.tile)
-    sums, valid = _jax_program(params.half_window, tile, pallas)(*inputs, constants["threshold"])
+    sums, valid = _jax_program(params.half_window, tile, pallas, layout)(*inputs, constants["threshold"])
     ny, nx = np.shape(coarse_target)[-2:]
     with jax.enable_x64(True):
         out = _predict_program(dataclasses.replace(params, class_std=None))(sums, valid, *inputs)

@@ -105,19 +105,22 @@ def estarfm_program(
     return jax.jit(run, static_argnames="shape")
 
 
-def pallas_sums(neighbour: dict[str, Any], threshold: Any, radius: int) -> list[Any]:
-    """The window sums by :func:`estarfm_program` (traceable)."""
+def pallas_sums(
+    neighbour: dict[str, Any], threshold: Any, radius: int, layout: kp.Layout | None = None
+) -> list[Any]:
+    """The window sums by :func:`estarfm_program` (traceable) in ``layout`` (default :data:`LAYOUT`)."""
     import jax
 
+    layout = LAYOUT if layout is None else layout
     pairs, bands, ny, nx = neighbour["fine"].shape
-    shape = LAYOUT.blocked_shape((ny, nx))
+    shape = layout.blocked_shape((ny, nx))
 
     def planes(name: str) -> Any:
         a = neighbour[name].reshape((-1, ny, nx))
         return kp.pad_planes(a, radius, shape, np.nan if name == "fine" else FILLS[name])
 
-    program = estarfm_program(radius, bands, WEIGHT_EPS, jax.default_backend() == "cpu", LAYOUT)
+    program = estarfm_program(radius, bands, WEIGHT_EPS, jax.default_backend() == "cpu", layout)
     sums = program(threshold.reshape(-1), *(planes(n) for n in ("fine", "spread", "coarse0", "change")), shape=shape)
-    groups = bands // LAYOUT.band_group(bands)
+    groups = bands // layout.band_group(bands)
     sums = sums[:, :ny, :nx]
     return [sums[0], sums[1]] + [sums[2 * groups + s * bands : 2 * groups + (s + 1) * bands] for s in range(10)]

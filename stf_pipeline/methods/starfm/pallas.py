@@ -96,21 +96,26 @@ def starfm_program(
 
 
 def pallas_sums(
-    centre: dict[str, Any], neighbour: dict[str, Any], threshold: Any, params: StarfmParams
+    centre: dict[str, Any],
+    neighbour: dict[str, Any],
+    threshold: Any,
+    params: StarfmParams,
+    layout: kp.Layout | None = None,
 ) -> tuple[Any, Any]:
-    """The window sums by :func:`starfm_program` (traceable)."""
+    """The window sums by :func:`starfm_program` (traceable) in ``layout`` (default :data:`LAYOUT`)."""
     import jax
 
+    layout = LAYOUT if layout is None else layout
     pairs, bands, ny, nx = neighbour["fine"].shape
     radius = params.window_radius
-    shape = LAYOUT.blocked_shape((ny, nx))
+    shape = layout.blocked_shape((ny, nx))
 
     def planes(a: Any) -> Any:
         return kp.pad_planes(a.reshape((-1, ny, nx)), radius, shape, np.nan)
 
     inverse = jax.numpy.where(neighbour["unit"] > 0, -1.0, neighbour["inverse"])
     interpret = jax.default_backend() == "cpu"
-    program = starfm_program(radius, pairs, bands, params.filtering == "strict", interpret, LAYOUT)
+    program = starfm_program(radius, pairs, bands, params.filtering == "strict", interpret, layout)
     sums = program(
         threshold.reshape(-1),
         planes(centre["spectral"]),

@@ -14,7 +14,6 @@ import stf_pipeline as stf
 from stf_pipeline.exceptions import MethodError, TaskError
 from stf_pipeline.kernels.pallas import Layout
 from stf_pipeline.methods.estarfm import METHOD, EstarfmParams, spectral_correlation
-from stf_pipeline.methods.estarfm import jax as estarfm_jax
 from stf_pipeline.methods.estarfm import pallas as estarfm_pallas
 from stf_pipeline.testing import random_cube
 
@@ -82,21 +81,23 @@ def test_compiled_kernels_match_reference(n_bands, backend):
 
 
 @pytest.mark.parametrize(
-    "layout", [Layout(rows=3, width=8), Layout(rows=2, width=16, bands=1), Layout(rows=4, width=8, bands=2)]
+    "layout",
+    [
+        Layout(rows=3, width=8),
+        Layout(rows=2, width=16, bands=1),
+        Layout(rows=4, width=8, bands=2),
+        estarfm_pallas.LAYOUT,
+    ],
 )
-def test_pallas_layouts_give_the_same_bits(layout, monkeypatch):
+def test_pallas_layouts_give_the_same_bits(layout):
     # as STARFM's: rows sharing each loaded neighbour row and band groups (each testing similarity
     # on all bands) give one row a program's sums bit for bit, blocks not dividing the scene
     fine, coarse, target = _scene(11, 4, 14, 17, 0.03)
     kwargs = dict(half_window=3, n_classes=1.0, min_coarse_change=0.0, value_range=(0.0, 0.6))
     params = EstarfmParams(tile=8, **kwargs)
-    want = estarfm_kernel(fine, coarse, target, params=params, backend="pallas")
-    monkeypatch.setattr(estarfm_pallas, "LAYOUT", layout)
-    estarfm_jax._jax_program.cache_clear()
-    try:
-        got = estarfm_kernel(fine, coarse, target, params=params, backend="pallas")
-    finally:
-        estarfm_jax._jax_program.cache_clear()
+    kernel = METHOD.kernel_for("pallas")
+    want = kernel(fine, coarse, target, params=params, layout=Layout())
+    got = kernel(fine, coarse, target, params=params, layout=layout)
     np.testing.assert_array_equal(got, want)
 
 

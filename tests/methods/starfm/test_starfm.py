@@ -16,7 +16,6 @@ from stf_pipeline.fusion import method_context
 from stf_pipeline.kernels.pallas import Layout
 from stf_pipeline.methods import get_method
 from stf_pipeline.methods.starfm import METHOD, StarfmParams
-from stf_pipeline.methods.starfm import jax as starfm_jax
 from stf_pipeline.methods.starfm import pallas as starfm_pallas
 from stf_pipeline.testing import random_cube
 
@@ -73,21 +72,23 @@ def test_compiled_kernels_match_reference(strict, n_pairs, backend):
 
 
 @pytest.mark.parametrize(
-    "layout", [Layout(rows=3, width=8), Layout(rows=2, width=16, bands=1), Layout(rows=4, width=8, bands=2)]
+    "layout",
+    [
+        Layout(rows=3, width=8),
+        Layout(rows=2, width=16, bands=1),
+        Layout(rows=4, width=8, bands=2),
+        starfm_pallas.LAYOUT,
+    ],
 )
-def test_pallas_layouts_give_the_same_bits(layout, monkeypatch):
+def test_pallas_layouts_give_the_same_bits(layout):
     # rows sharing each loaded neighbour row, and band groups, change which program adds a term,
     # not the terms or their order: the sums of any layout equal one row a program bit for bit,
     # also for block shapes that do not divide the scene (13 x 17, 3 bands)
     fine, coarse, target = _scene(3, 2, 3, 13, 17, 0.05)
     params = StarfmParams(radius=3, n_classes=8, tile=8)
-    want = starfm_kernel(fine, coarse, target, params=params, backend="pallas")
-    monkeypatch.setattr(starfm_pallas, "LAYOUT", layout)
-    starfm_jax._jax_program.cache_clear()
-    try:
-        got = starfm_kernel(fine, coarse, target, params=params, backend="pallas")
-    finally:
-        starfm_jax._jax_program.cache_clear()
+    kernel = METHOD.kernel_for("pallas")
+    want = kernel(fine, coarse, target, params=params, layout=Layout())
+    got = kernel(fine, coarse, target, params=params, layout=layout)
     np.testing.assert_array_equal(got, want)
 
 
