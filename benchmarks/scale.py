@@ -129,7 +129,11 @@ def _child_prepare(size: str, tile: int, bands: int, dates: int, chunk: int, sto
     return {"store": str(store)}
 
 
-def _child_series(store: Path, method: str, chunk: int, workers: int, out: Path) -> dict[str, Any]:
+def _child_series(
+    store: Path, method: str, chunk: int, workers: int, out: Path, progress: bool = False
+) -> dict[str, Any]:
+    import sys
+
     import dask
 
     import stf_pipeline as stf
@@ -137,8 +141,9 @@ def _child_series(store: Path, method: str, chunk: int, workers: int, out: Path)
     cube = stf.open_cube(store)
     start = time.perf_counter()
     with dask.config.set(scheduler="threads", num_workers=workers):
-        fused = stf.fuse_series(cube, method=method, out=out, chunks=(chunk, chunk), progress=False)
+        fused = stf.fuse_series(cube, method=method, out=out, chunks=(chunk, chunk), progress=progress)
     wall = time.perf_counter() - start
+    print(f"{method}: fuse_series took {wall:.1f} s; timing the kernel on one chunk", file=sys.stderr, flush=True)
     height, width = cube.sizes["y"], cube.sizes["x"]
     fused_dates = int((fused["source"].values == "fused").sum())
     kernel_s, halo = _kernel_block_seconds(cube, method, chunk)
@@ -173,12 +178,14 @@ def _series_report(args: argparse.Namespace) -> list[dict[str, Any]]:
     for size in args.sizes_text:
         with tempfile.TemporaryDirectory(prefix="stf-bench-", dir=args.workdir) as tmp:
             store = Path(tmp) / "input.zarr"
+            start = time.perf_counter()
             _run_child(["--child", "prepare", size, str(args.tile), str(args.bands), str(args.dates),
                         str(args.chunk), str(store)])
+            print(f"wrote the {size} input store in {time.perf_counter() - start:.1f} s", flush=True)
             for method in args.methods:
                 result, peak = _run_child(
                     ["--child", "series", str(store), method, str(args.chunk), str(args.workers),
-                     str(Path(tmp) / f"fused_{method}.zarr")]
+                     str(Path(tmp) / f"fused_{method}.zarr"), str(int(args.progress))]
                 )
                 result["peak_rss_bytes"] = peak
                 rows.append(result)
@@ -345,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=512, help="store and computation chunk of --series")
     parser.add_argument("--workers", type=int, default=2, help="threads of the --series run")
     parser.add_argument("--workdir", type=Path, default=None, help="where --series writes its temporary stores")
+    parser.add_argument(
+        "--progress", action="store_true", help="--series: fuse_series logs its progress (to stderr)"
+    )
     parser.add_argument("--json", type=Path, default=Path("bench_scale.json"), help="output JSON path")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -358,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "prepare":
                 result = _child_prepare(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]), Path(rest[5]))
             elif kind == "series":
-                result = _child_series(Path(rest[0]), rest[1], int(rest[2]), int(rest[3]), Path(rest[4]))
+                result = _child_series(
+                    Path(rest[0]), rest[1], int(rest[2]), int(rest[3]), Path(rest[4]), bool(int(rest[5]))
+                )
             elif kind == "case":
                 result = _child_case(int(rest[0]), rest[1], int(rest[2]), Path(tmp))
             elif kind == "overhead":
