@@ -282,10 +282,11 @@ def prepare_fusion(
 def at_times(array: xr.DataArray, times: Sequence[Any]) -> Any:
     """``array``'s data at ``times`` (a NumPy or Dask array, ``time`` still first).
 
-    By position, with :func:`numpy.take` (or Dask's indexing): xarray's ``sel`` with a list
-    indexes an in-memory array orthogonally on every axis, 10-20 times slower than one
-    ``take`` along ``time`` (0.17-0.42 s against 0.02 s for two 2000² × 6 dates; ``docs/benchmarks.md``,
-    engine). A date missing from the cube raises :class:`CubeError` naming it.
+    By position: a view where the dates are consecutive (one pair, or two adjacent dates),
+    else :func:`numpy.take` (or Dask's indexing). xarray's ``sel`` with a list indexes an
+    in-memory array orthogonally on every axis, 10-20 times slower than one ``take`` along
+    ``time`` (0.17-0.42 s against 0.02 s for two 2000² × 6 dates; ``docs/benchmarks.md``,
+    STARFM and ESTARFM). A date missing from the cube raises :class:`CubeError` naming it.
     """
     import numpy as np
 
@@ -295,9 +296,12 @@ def at_times(array: xr.DataArray, times: Sequence[Any]) -> Any:
         raise CubeError(f"{array.name}: no image at {missing}; pick dates from the cube's time coordinate.")
     axis = array.get_axis_num("time")
     data = array.data
+    before = (slice(None),) * axis
+    if (np.diff(index) == 1).all():
+        return data[(*before, slice(int(index[0]), int(index[-1]) + 1))]
     if isinstance(data, np.ndarray):
         return np.take(data, index, axis=axis)
-    return data[(slice(None),) * axis + (index,)]
+    return data[(*before, index)]
 
 
 def _extra_inputs(cube: xr.Dataset, spec: MethodSpec[Any], params: Any) -> dict[str, Any]:

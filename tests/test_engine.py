@@ -219,7 +219,7 @@ def test_errors_come_before_any_work():
 @pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("order", [[0, 2], [2, 0], [1], [0, 1, 2], [2, 0, 1]])
 def test_at_times_is_xarray_sel(order, chunked):
-    # the pairs' images by position equal xarray's label selection, in the order asked, for
+    # the pairs' images by position (views or take) equal xarray's label selection, in the order asked, for
     # in-memory and Dask cubes; a date the cube lacks raises a CubeError naming it
     from stf_pipeline.fusion import at_times
 

@@ -19,3 +19,20 @@ def test_fuse_leaves_an_in_memory_cube_unchanged(method):
     assert np.isfinite(pred.values).any()
     np.testing.assert_array_equal(cube["fine"].values, before["fine"].values)
     np.testing.assert_array_equal(cube["coarse"].values, before["coarse"].values)
+
+
+def test_two_adjacent_pairs_fuse_on_a_view_and_leave_the_cube_unchanged():
+    # two consecutive pair dates reach the kernel as one view of the cube (fusion.at_times)
+    from stf_pipeline.fusion import at_times
+
+    cube = stf.synthetic_scene(80, 80, n_times=3, seed=0, fine_times=[0, 1, 2]).load()
+    cube["fine"] = cube["fine"].astype(np.float32)
+    cube["coarse"] = cube["coarse"].astype(np.float32)
+    cube["fine"][1, 0, :7, :5] = np.nan
+    t = cube.time.values
+    assert np.shares_memory(at_times(cube["fine"], [t[0], t[1]]), cube["fine"].values)
+    before = cube.copy(deep=True)
+    pred = stf.fuse(cube, t[2], method="starfm", pairs=[t[0], t[1]])
+    assert np.isfinite(pred.values).any()
+    np.testing.assert_array_equal(cube["fine"].values, before["fine"].values)
+    np.testing.assert_array_equal(cube["coarse"].values, before["coarse"].values)
