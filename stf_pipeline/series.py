@@ -657,16 +657,30 @@ def _region_writes(
     window of the input (the tile and, for a fused date, a strip of one halo each side), and it
     is computed before the next one is built: memory is bounded by one tile's blocks and the thin
     halo strips around it, not by the scene. A fused date's scene-wide statistics are computed
-    once, before its first batch, so every tile uses the statistics of the whole scene.
+    once, before its first batch, so every tile uses the statistics of the whole scene; dates
+    fused from the same pairs share them where the method's statistics do not read the target
+    (``SceneStatistics.uses_target``).
     """
     done = _done_regions(path)
     token = tokenize(str(path.resolve()), digest)
     shape = (cube.sizes["y"], cube.sizes["x"])
     calls: dict[int, FusionCall] = {}
+    by_pairs: dict[tuple[Any, ...], tuple[str, Any]] = {}  # pairs -> (token of params, params with statistics)
 
     def call_of(t: int) -> FusionCall:
         task = next(task for task in plan.tasks if task.target == plan.times[t])
         return prepare_fusion(cube, task.target, method=method, pairs=list(task.pairs), model=model, **params)
+
+    def with_statistics(call: FusionCall) -> FusionCall:
+        """``call`` with the scene statistics of its pairs: computed, or those of an earlier date
+        with the same pairs and parameters where the statistics do not read the target."""
+        statistics = call.spec.statistics
+        if statistics is None or statistics.uses_target:
+            return call.with_scene_statistics(cube)
+        key, token = tuple(call.task.pairs), tokenize(call.params)
+        if key not in by_pairs or by_pairs[key][0] != token:
+            by_pairs[key] = (token, call.with_scene_statistics(cube).params)
+        return dataclasses.replace(call, params=by_pairs[key][1], statistics_filled=True)
 
     first = next((call_of(t) for t in range(plan.times.size) if plan.source[t] == "fused"), None)
     halo, align = (first.halo, first.align) if first is not None else (0, 1)
@@ -679,7 +693,7 @@ def _region_writes(
     def batch(var: str, t: int, yspan: _Span, xspan: _Span, regions: list[tuple[int, int]]) -> list[Any]:
         if var == "fine" and plan.source[t] == "fused":
             if t not in calls:
-                calls[t] = call_of(t).with_scene_statistics(cube)
+                calls[t] = with_statistics(call_of(t))
             ys, yblocks, top = _window(yspan, shape[0], halos[0])
             xs, xblocks, left = _window(xspan, shape[1], halos[1])
             window = calls[t].run(cube.isel(y=ys, x=xs), block_chunks=(yblocks, xblocks))

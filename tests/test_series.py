@@ -457,3 +457,29 @@ def test_fused_store_is_cf_georeferenced_and_resumes(tmp_path, monkeypatch):
         again = stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, keep=("coarse",))
     assert again.encoding["stf_action"] == "reused"
     assert fused.fine.encoding["grid_mapping"] == "spatial_ref"  # open_cube decodes it as rioxarray does
+
+
+@pytest.mark.parametrize("method", ["starfm", "delta"])
+def test_dates_fused_from_the_same_pairs_share_their_statistics(tmp_path, monkeypatch, method):
+    # STARFM's scene statistics (the std of the pair fine images) do not read the target: the two
+    # dates fused from the same pairs compute them once, and each still equals its own stf.fuse
+    from stf_pipeline import fusion
+
+    base = random_cube(n_times=4, height=48, width=48, coarse_factor=8, seed=5)
+    fine = np.where(np.isin(np.arange(4), [1, 2])[:, None, None, None], np.nan, base["fine"].values)
+    cube = stf.make_cube(
+        fine, base["coarse"].values, time=base.time.values, band=base.band.values, y=base.y.values,
+        x=base.x.values, crs="EPSG:32633", coarse_factor=8,
+    )
+    statistics = []
+    original = fusion.FusionCall.with_scene_statistics
+    monkeypatch.setattr(
+        fusion.FusionCall, "with_scene_statistics", lambda self, c: (statistics.append(1), original(self, c))[1]
+    )
+    params = {"radius": 3} if method == "starfm" else {}
+    out = stf.fuse_series(cube, method=method, out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False, **params)
+    assert out.source.values.tolist() == ["observed", "fused", "fused", "observed"]
+    assert len(statistics) == (1 if method == "starfm" else 2)  # delta has none: each call is its own
+    for target in cube.time.values[1:3]:
+        expected = stf.fuse(cube, target, method=method, **params)
+        np.testing.assert_array_equal(out["fine"].sel(time=target).values, expected.values)

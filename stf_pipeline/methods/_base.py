@@ -116,6 +116,10 @@ class SceneStatistics(Generic[P]):
         for inputs the method cannot use (e.g. a window larger than the scene).
     fit : Callable[[P, *summaries], P]
         The parameters with the statistics filled in, from the NumPy summaries.
+    uses_target : bool, default True
+        Whether ``summarize`` reads ``coarse_target``. ``False`` lets
+        :func:`stf_pipeline.fuse_series` compute the statistics once for all the dates fused
+        from the same pairs (each computation reads the whole pair images of the scene).
 
     The engine joins the two (:func:`stf_pipeline.parallel.fill_statistics`): eagerly for NumPy
     input, as one ``dask.delayed`` task for Dask input, so building a graph computes nothing.
@@ -123,6 +127,7 @@ class SceneStatistics(Generic[P]):
 
     summarize: Callable[[Any, Any, Any, P], tuple[Any, ...] | None]
     fit: Callable[..., P]
+    uses_target: bool = True
 
     def __call__(self, fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray, params: P) -> P:
         """The parameters filled from NumPy inputs, now."""

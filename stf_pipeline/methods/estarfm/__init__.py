@@ -26,7 +26,7 @@ METHOD: MethodSpec[EstarfmParams] = MethodSpec(
     auto={"cpu": "numba", "gpu": "pallas"},
     halo=halo,
     n_pairs=(2, 2),
-    statistics=SceneStatistics(STATISTICS.summarize, STATISTICS.fit),
+    statistics=SceneStatistics(STATISTICS.summarize, STATISTICS.fit, uses_target=False),
     block_padding="nan",  # windows skip NaN as they skip "outside the block"
 )
 

@@ -33,7 +33,7 @@ METHOD: MethodSpec[FSDAFParams] = MethodSpec(
     n_pairs=(1, 1),
     coarse_aligned=True,
     prepare=prepare,
-    statistics=SceneStatistics(summarize, fit_statistics),
+    statistics=SceneStatistics(summarize, fit_statistics, uses_target=False),
     extra_vars=extra_vars,
 )
 

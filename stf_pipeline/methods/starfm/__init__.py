@@ -21,7 +21,7 @@ METHOD: MethodSpec[StarfmParams] = MethodSpec(
     halo=halo,
     n_pairs=(1, 8),
     prepare=prepare,
-    statistics=SceneStatistics(STATISTICS.summarize, STATISTICS.fit),
+    statistics=SceneStatistics(STATISTICS.summarize, STATISTICS.fit, uses_target=False),
     block_padding="nan",  # windows skip NaN as they skip "outside the block"
 )
 
