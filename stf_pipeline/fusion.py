@@ -289,8 +289,9 @@ def at_times(array: xr.DataArray, times: Sequence[Any]) -> Any:
     STARFM and ESTARFM). A date missing from the cube raises :class:`CubeError` naming it.
     """
     import numpy as np
+    import pandas as pd
 
-    index = array.get_index("time").get_indexer(list(times))
+    index = array.get_index("time").get_indexer(pd.Index(list(times)))
     if (index < 0).any():
         missing = [str(t) for t, i in zip(times, index, strict=True) if i < 0]
         raise CubeError(f"{array.name}: no image at {missing}; pick dates from the cube's time coordinate.")
