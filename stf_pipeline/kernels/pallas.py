@@ -161,10 +161,10 @@ def over_source_rows(
     from jax import lax
 
     side = 2 * radius + 1
-    width = len(accs[0])
+    per_row = len(accs[0])
 
     def flat(a: tuple) -> list[list[Any]]:
-        return [list(a[i * width : (i + 1) * width]) for i in range(rows)]
+        return [list(a[i * per_row : (i + 1) * per_row]) for i in range(rows)]
 
     def column(dx: Any, a: tuple, source: Any) -> tuple:
         return tuple(x for row in one(source, dx, flat(a)) for x in row)
