@@ -71,17 +71,6 @@ def pad_planes(a: Any, radius: int, shape: tuple[int, int], value: float) -> Any
     return jnp.pad(a, widths, constant_values=value)
 
 
-def distance_factors(radius: int) -> np.ndarray:
-    """``D = 1 + d / r`` for every window offset, row-major ``((2r + 1)²,)`` float32.
-
-    Computed once here, in float32 as a kernel would, and read by the programs from this table
-    instead of taking a square root at every offset and output row.
-    """
-    offsets = np.arange(-radius, radius + 1, dtype=np.float32)
-    fy, fx = np.meshgrid(offsets, offsets, indexing="ij")
-    return (np.float32(1) + np.sqrt(fy * fy + fx * fx) * np.float32(1.0 / radius)).astype(np.float32).reshape(-1)
-
-
 def call(
     kernel: Callable[..., None],
     n_out: int,

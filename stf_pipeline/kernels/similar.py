@@ -234,6 +234,11 @@ def offset_distances(radius: int) -> np.ndarray:
     return np.sqrt(dy * dy + dx * dx).ravel().astype(np.float32)
 
 
+def distance_factors(radius: int) -> np.ndarray:
+    """``D = 1 + d / r`` of the row-major window offsets, float32 (the compiled kernels' table)."""
+    return np.float32(1) + offset_distances(radius) * np.float32(1.0 / radius)
+
+
 def as_f32(a: Any) -> np.ndarray:
     """``a`` as a C-contiguous float32 NumPy array (what the compiled kernels take)."""
     return np.ascontiguousarray(a, dtype=np.float32)

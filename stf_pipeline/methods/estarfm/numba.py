@@ -27,7 +27,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from stf_pipeline.kernels.pool import run_rows
-from stf_pipeline.kernels.similar import as_f32, offset_distances
+from stf_pipeline.kernels.similar import as_f32, distance_factors
 from stf_pipeline.kernels.window import _box_sum_3d
 
 _F1 = np.float32(1.0)
@@ -350,8 +350,7 @@ def estarfm_sums(
     """
     fine = as_f32(neighbour["fine"])
     n_bands, h, w = fine.shape[1:]
-    inverse_radius = np.float32(constants["inverse_radius"])
-    distance_term = _F1 + offset_distances(radius) * inverse_radius
+    distance_term = distance_factors(radius)
     threshold = as_f32(np.asarray(constants["threshold"]).reshape(fine.shape[:2]))
     count = np.empty((h, w), dtype=np.float64)
     total = np.empty((h, w), dtype=np.float64)

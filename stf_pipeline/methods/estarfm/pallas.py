@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from stf_pipeline.kernels import pallas as kp
+from stf_pipeline.kernels.similar import distance_factors
 from stf_pipeline.methods.estarfm.core import FILLS, WEIGHT_EPS, sum_terms
 
 #: The programs' layout on GPUs, chosen by timing (``docs/benchmarks.md``, STARFM and ESTARFM).
@@ -98,7 +99,7 @@ def estarfm_program(
         block.store(out_ref, accs, planes)
 
     def run(threshold: Any, fine: Any, spread: Any, coarse0: Any, change: Any, shape: tuple[int, int]) -> Any:
-        factor = kp.distance_factors(radius)
+        factor = distance_factors(radius)
         inputs = (threshold, factor, fine, spread, coarse0, change)
         return kp.call(kernel, 2 * groups + 10 * nb, shape, layout, groups, interpret, *inputs)
 

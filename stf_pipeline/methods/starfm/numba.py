@@ -19,7 +19,7 @@ import numba
 import numpy as np
 
 from stf_pipeline.kernels.pool import run_rows
-from stf_pipeline.kernels.similar import as_f32, offset_distances
+from stf_pipeline.kernels.similar import as_f32, distance_factors
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -111,8 +111,7 @@ def starfm_sums(
     """
     fine = as_f32(neighbour["fine"])
     n_bands, h, w = fine.shape[1:]
-    inverse_radius = np.float32(constants["inverse_radius"])
-    factor = _F1 / (_F1 + offset_distances(radius) * inverse_radius)
+    factor = _F1 / distance_factors(radius)
     total = np.empty((n_bands, h, w), dtype=np.float64)
     weighted = np.empty((n_bands, h, w), dtype=np.float64)
     threshold = as_f32(np.asarray(constants["threshold"]).reshape(fine.shape[:2]))

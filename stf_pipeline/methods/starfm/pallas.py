@@ -5,7 +5,7 @@ One program computes a block of output pixels for a group of bands (:data:`LAYOU
 row in registers over all window offsets. The sums are those of
 :func:`stf_pipeline.methods.starfm.core.strict_body` / ``either_body`` term for term, added in
 the same row-major offset order for every pixel whatever block it sits in (float32); the weight
-multiplies by ``1 / D`` from a table (:func:`~stf_pipeline.kernels.pallas.distance_factors`)
+multiplies by ``1 / D`` from a table (:func:`~stf_pipeline.kernels.similar.distance_factors`)
 where the body divides by ``D``, a difference of float32 rounding. The whole device program
 around it is :mod:`stf_pipeline.methods.starfm.jax`.
 """
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from stf_pipeline.kernels import pallas as kp
+from stf_pipeline.kernels.similar import distance_factors
 from stf_pipeline.methods.starfm.params import StarfmParams
 
 #: The programs' layout on GPUs, chosen by timing (``docs/benchmarks.md``, STARFM and ESTARFM).
@@ -89,7 +90,7 @@ def starfm_program(
         block.store(out_ref, accs, band + [nb + b for b in band])
 
     def run(threshold: Any, *planes: Any, shape: tuple[int, int]) -> Any:
-        inverse_factor = np.float32(1) / kp.distance_factors(radius)
+        inverse_factor = np.float32(1) / distance_factors(radius)
         return kp.call(kernel, 2 * nb, shape, layout, nb // group, interpret, threshold, inverse_factor, *planes)
 
     return jax.jit(run, static_argnames="shape")
