@@ -42,8 +42,6 @@ def parse_layout(text: str) -> Any:
 
 def _block(method: str, size: int) -> tuple[Any, Any, Any, Any, Any]:
     """The method's kernel, its prepared parameters and the scene's pair and target images."""
-    import numpy as np
-
     import stf_pipeline as stf
     from stf_pipeline.fusion import method_context
 
@@ -52,8 +50,8 @@ def _block(method: str, size: int) -> tuple[Any, Any, Any, Any, Any]:
     params = spec.make_params()
     if spec.prepare is not None:
         params = spec.prepare(params, method_context(cube))
-    fine = np.ascontiguousarray(cube["fine"].values[[0, 2]])
-    coarse = np.ascontiguousarray(cube["coarse"].values[[0, 2]])
+    fine = cube["fine"].values[[0, 2]]
+    coarse = cube["coarse"].values[[0, 2]]
     target = cube["coarse"].values[1]
     if spec.statistics is not None:
         params = spec.statistics(fine, coarse, target, params)

@@ -33,7 +33,7 @@ def _zero_nan(a: Any) -> Any:
 
 @functools.lru_cache(maxsize=16)
 def estarfm_program(
-    radius: int, bands: int, eps: float, interpret: bool, layout: kp.Layout = LAYOUT
+    radius: int, bands: int, eps: float, interpret: bool, layout: kp.Layout
 ) -> Callable[..., Any]:
     """Jitted ``(threshold, fine, spread, coarse0, change, shape) -> (2 groups + 10 bands, y, x)`` sums.
 

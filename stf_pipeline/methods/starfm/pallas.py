@@ -30,7 +30,7 @@ _NEIGHBOUR = ("fine", "spectral", "temporal", "inverse", "local")
 
 @functools.lru_cache(maxsize=16)
 def starfm_program(
-    radius: int, pairs: int, bands: int, strict: bool, interpret: bool, layout: kp.Layout = LAYOUT
+    radius: int, pairs: int, bands: int, strict: bool, interpret: bool, layout: kp.Layout
 ) -> Callable[..., Any]:
     """Jitted STARFM sums ``(threshold, inverse_factor, centre..., neighbour..., shape) -> (2 bands, y, x)``.
 
