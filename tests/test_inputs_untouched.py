@@ -36,3 +36,41 @@ def test_two_adjacent_pairs_fuse_on_a_view_and_leave_the_cube_unchanged():
     assert np.isfinite(pred.values).any()
     np.testing.assert_array_equal(cube["fine"].values, before["fine"].values)
     np.testing.assert_array_equal(cube["coarse"].values, before["coarse"].values)
+
+
+@pytest.mark.parametrize("order", [[0, 2], [0, 2, 4], [1, 4]])
+def test_evenly_spaced_pair_dates_are_a_strided_view(order):
+    # pairs around a target (k - 1, k + 1) are a strided view of the cube, not a copy
+    from stf_pipeline.fusion import at_times
+
+    cube = stf.synthetic_scene(24, 24, n_times=5, seed=0, fine_times=[0, 1, 2, 3, 4]).load()
+    times = list(cube.time.values[order])
+    got = at_times(cube["fine"], times)
+    assert np.shares_memory(got, cube["fine"].values)
+    np.testing.assert_array_equal(got, cube["fine"].values[order])
+
+
+@pytest.mark.parametrize(
+    ("method", "backend"), [("starfm", "numba"), ("estarfm", "numba"), ("starfm", "jax"), ("estarfm", "jax")]
+)
+def test_a_strided_view_fuses_as_a_contiguous_copy(method, backend):
+    # the kernels (host and device transfers, scene statistics) give the same numbers on the strided
+    # view of pairs k - 1, k + 1 as on a contiguous copy of them
+    from stf_pipeline.fusion import prepare_fusion
+
+    cube = stf.synthetic_scene(48, 48, n_times=3, seed=1, fine_times=[0, 2]).load()
+    for name in ("fine", "coarse"):
+        cube[name] = cube[name].astype(np.float32)
+    t = cube.time.values
+    small = {"starfm": {"radius": 4}, "estarfm": {"half_window": 4}}[method]
+    call = prepare_fusion(cube, t[1], method=method, pairs=[t[0], t[2]], backend=backend, **small)
+    fine, coarse, target = call.inputs(cube)
+    assert not fine.flags.c_contiguous
+    spec, params = call.spec, call.params
+    from stf_pipeline.parallel import fill_statistics
+
+    def run(f, c):
+        p = fill_statistics(spec.statistics, f, c, target, params)
+        return spec.kernel_for(call.backend)(f, c, target, params=p)
+
+    np.testing.assert_array_equal(run(fine, coarse), run(np.ascontiguousarray(fine), np.ascontiguousarray(coarse)))

@@ -132,11 +132,24 @@ def pad_block(a: Any, shape: tuple[int, int], value: float = np.nan) -> Any:
 def device_block(arrays: Sequence[Any], tile: int | None) -> tuple[list[Any], int]:
     """A block's arrays on JAX's default device, float32, padded with NaN to :func:`block_side`;
     and the tile side (``None``: :func:`default_tile`)."""
-    import jax.numpy as jnp
 
     tile = default_tile() if tile is None else int(tile)
     shape = block_side(tuple(np.shape(arrays[-1])[-2:]), tile)
-    return [pad_block(jnp.asarray(a, dtype=jnp.float32), shape) for a in arrays], tile
+    return [pad_block(to_device(a), shape) for a in arrays], tile
+
+
+def to_device(a: Any) -> Any:
+    """``a`` as a float32 array on JAX's default device, without a host copy of a strided view.
+
+    A view that is not C-contiguous (the pairs' dates as a strided slice of the cube,
+    :func:`stf_pipeline.fusion.at_times`) goes over one contiguous leading slice at a time and is
+    stacked on the device; ``jax.numpy.asarray`` would first copy it whole on the host.
+    """
+    import jax.numpy as jnp
+
+    if isinstance(a, np.ndarray) and a.ndim > 1 and not a.flags.c_contiguous:
+        return jnp.stack([to_device(part) for part in a])
+    return jnp.asarray(a, dtype=jnp.float32)
 
 
 def window_sums(

@@ -58,9 +58,13 @@ def _plane_std(a: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:  
 def plane_std(a: np.ndarray) -> np.ndarray:
     """Population standard deviation over the last two axes, NaN excluded (float64, two passes).
 
-    The planes are shared over the cores; NaN for an all-NaN plane.
+    The planes are shared over the cores; NaN for an all-NaN plane. A strided view along a
+    leading axis (the pairs' dates, :func:`stf_pipeline.fusion.at_times`) is reduced slice by
+    slice rather than copied whole.
     """
     a = np.asarray(a)
+    if a.ndim > 3 and not a.flags.c_contiguous:
+        return np.stack([plane_std(part) for part in a])
     flat = np.ascontiguousarray(a.reshape((-1, a.shape[-2] * a.shape[-1])), dtype=np.float32)
     out = np.empty(flat.shape[0], dtype=np.float64)
     run_rows(_plane_std, flat.shape[0], (flat,), (out,))
