@@ -430,6 +430,16 @@ def test_learned_part_fades_out_beyond_the_training_changes(trained, cube, caplo
         _, transitional = predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, self_ensemble=1), model=model)
     assert "exceeds the training pairs' range" in caplog.text
     assert "falls back to F(j) + the modulated change" in caplog.text
+    # the share it names (counted on the device) is that of the predicted pixels, also in a padded block
+    predicted = np.isfinite(transitional)
+    share = (predicted & (trust.transpose(0, 3, 1, 2) < 1)).sum() / predicted.sum()
+    assert f"on {100 * share:.0f} % of the predicted pixels" in caplog.text
+    caplog.clear()
+    biastf._WARNED.discard(model)
+    padded = tuple(n + 24 for n in fine.shape[-2:])
+    with caplog.at_level("WARNING", logger="stf_pipeline.methods.biastf"):
+        predict_block(fine, coarse, ct, params=BiaSTFParams(window=9, self_ensemble=1), model=model, pad_to=padded)
+    assert f"on {100 * share:.0f} % of the predicted pixels" in caplog.text
     np.testing.assert_allclose(
         transitional,
         fine + (base + trust * model.params["shrink"] * (g + b - base)).transpose(0, 3, 1, 2),

@@ -16,6 +16,7 @@ import numpy as np
 from stf_pipeline.exceptions import MethodError
 from stf_pipeline.kernels.interpolate import cubic_between_centres
 from stf_pipeline.kernels.padding import crop_block, extent_mask, masked_convolutions, pad_block
+from stf_pipeline.kernels.similar import to_device
 from stf_pipeline.kernels.window import box_sum_jax
 from stf_pipeline.methods.biastf.config import NET_RADIUS, BiaSTFConfig
 from stf_pipeline.methods.biastf.networks import (
@@ -143,9 +144,11 @@ def _forward(
     self_ensemble: int = 1,
     spread_window: int | None = None,
     interpolate: int = 0,
-) -> tuple[Any, Any, Any]:
-    """Traced body of the predictor: fused ``(band, y, x)``, transitional ``(pair, band, y, x)`` and
-    the number of valid pixels beyond the limit ``L`` (where the learned part fades).
+) -> tuple[Any, Any, Any, Any]:
+    """Traced body of the predictor: fused ``(band, y, x)``, transitional ``(pair, band, y, x)``,
+    the number of valid pixels beyond the limit ``L`` (where the learned part fades) and the number
+    of valid transitional pixels in the block (inside its real extent), counted on the device so the
+    transitional images need not leave it.
 
     With ``members > 1`` the parameters are stacked on a leading member axis and the learned
     part is the mean of the members' ``G + B - base``. A member's ``"shrink"`` (per band, fitted
@@ -197,7 +200,8 @@ def _forward(
         spread_window=spread_window,
     )
     beyond = jnp.sum(ok & (jnp.transpose(trust, (0, 3, 1, 2)) < 1))
-    return fused, transitional, beyond
+    predicted = jnp.isfinite(transitional) if inside is None else jnp.isfinite(transitional) & inside
+    return fused, transitional, beyond, jnp.sum(predicted)
 
 
 @functools.lru_cache(maxsize=8)
@@ -214,7 +218,8 @@ def predictor(
     spread_window: int | None = None,
     interpolate: int = 0,
 ) -> Any:
-    """Jitted ``(params, stats, fine, coarse, coarse_target, inside=None) -> (fused, transitional, beyond)``."""
+    """Jitted ``(params, stats, fine, coarse, coarse_target, inside=None) -> (fused, transitional, beyond,
+    predicted)`` (:func:`_forward`)."""
     import jax
 
     config = BiaSTFConfig.resolve(json.loads(config_json))
@@ -224,7 +229,7 @@ def predictor(
     @jax.jit
     def predict(
         params: Any, stats: Any, fine: Any, coarse: Any, coarse_target: Any, inside: Any = None
-    ) -> tuple[Any, Any, Any]:
+    ) -> tuple[Any, Any, Any, Any]:
         with jax.default_matmul_precision(precision):
             return _forward(
                 config, g_model, b_model, params, stats, fine, coarse, coarse_target,
@@ -267,6 +272,21 @@ def predict_block(
     Where the coarse change goes beyond the training pairs' (more than ``BEYOND_WARNING`` of the
     block's valid pixels), a warning names the documented fallback, once per model.
     """
+    fused, transitional = _on_device(fine, coarse, coarse_target, params=params, model=model, pad_to=pad_to)
+    return np.asarray(fused, dtype=np.float32), np.asarray(transitional, dtype=np.float32)
+
+
+def _on_device(
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
+    *,
+    params: BiaSTFParams,
+    model: Any,
+    pad_to: tuple[int, int] | None,
+) -> tuple[Any, Any]:
+    """:func:`predict_block` with its two results left on JAX's device (cropped to the block): the
+    engine's kernel copies back only the fused image, not the pairs' transitional ones."""
     if model is None or getattr(model, "method", None) != "biastf":
         raise MethodError(
             "biastf needs a model trained with stf.train(cube, method='biastf', ...), "
@@ -292,14 +312,16 @@ def predict_block(
     if params.extrapolate:
         stats = dataclasses.replace(stats, limit=(np.inf,) * len(model.bands))
     extent = fine.shape[-2:]
-    if pad_to is None:  # one whole-scene call
-        fused, transitional, beyond = predict(model.params, stats.arrays(), fine, coarse, coarse_target)
+    if pad_to is None:  # one whole-scene call; a strided view of the cube goes over date by date
+        inputs = [to_device(a) for a in (fine, coarse, coarse_target)]
+        fused, transitional, beyond, predicted = predict(model.params, stats.arrays(), *inputs)
     else:  # full blocks too run the masked program: one program per scene
         fine, coarse, coarse_target = (pad_block(a, pad_to) for a in (fine, coarse, coarse_target))
         inside = extent_mask(pad_to, extent)
-        fused, transitional, beyond = predict(model.params, stats.arrays(), fine, coarse, coarse_target, inside)
-    transitional = crop_block(np.asarray(transitional, dtype=np.float32), extent)
-    share = int(beyond) / max(int(np.isfinite(transitional).sum()), 1)
+        fused, transitional, beyond, predicted = predict(
+            model.params, stats.arrays(), fine, coarse, coarse_target, inside
+        )
+    share = int(beyond) / max(int(predicted), 1)
     if share > BEYOND_WARNING and model not in _WARNED:
         _WARNED.add(model)
         log.warning(
@@ -309,7 +331,7 @@ def predict_block(
             [round(v, 4) for v in stats.limit], 100 * share,
             FALLBACKS[BiaSTFConfig.resolve(model.config).g_base],
         )
-    return crop_block(np.asarray(fused, dtype=np.float32), extent), transitional
+    return crop_block(fused, extent), crop_block(transitional, extent)
 
 
 def biastf_kernel(
@@ -323,4 +345,5 @@ def biastf_kernel(
 ) -> np.ndarray:
     """Engine kernel: forward pass of ``G`` then ``B`` for both pairs, then the fusion ``f``; a
     block smaller than ``pad_to`` is padded to it (``block_padding="kernel"``)."""
-    return predict_block(fine, coarse, coarse_target, params=params, model=model, pad_to=pad_to)[0]
+    fused, _ = _on_device(fine, coarse, coarse_target, params=params, model=model, pad_to=pad_to)
+    return np.asarray(fused, dtype=np.float32)
