@@ -101,6 +101,8 @@ MODEL_REQUEST_FILE = ".stf_train_request"
 DEFAULT_CHUNK = 512
 #: compute blocks per worker in one tile (a batch computed before the next one is built)
 BLOCKS_PER_WORKER = 2
+#: fused dates with the same pairs in one batch: the pairs' images of a tile are read once for them
+DATES_PER_BATCH = 4
 #: variables of the input cube a fused store may keep besides ``fine``
 KEEPABLE = ("coarse", "fine_truth")
 #: what each part of the request means, for the message when one changed
@@ -652,14 +654,16 @@ def _region_writes(
     """Builders of the batches of delayed region writes not yet recorded (recorded ones are not
     even computed), and the number of those writes.
 
-    One batch is one date of one variable in one tile of ``tile_blocks()`` squared compute blocks
-    of the scene. Its graph is built only when it is computed, from the tile's
-    window of the input (the tile and, for a fused date, a strip of one halo each side), and it
-    is computed before the next one is built: memory is bounded by one tile's blocks and the thin
-    halo strips around it, not by the scene. A fused date's scene-wide statistics are computed
-    once, before its first batch, so every tile uses the statistics of the whole scene; dates
-    fused from the same pairs share them where the method's statistics do not read the target
-    (``SceneStatistics.uses_target``).
+    One batch is one variable in one tile of ``tile_blocks()`` squared compute blocks of the
+    scene, for one date or (fused dates) up to ``DATES_PER_BATCH`` dates fused from the same pairs
+    (:func:`_date_batches`), whose graphs share the reads of the pairs' images: each is read and
+    decompressed once for them, not once per date. Its graph is built only when it is computed,
+    from the tile's window of the input (the tile and, for a fused date, a strip of one halo each
+    side), and it is computed before the next one is built: memory is bounded by one tile's blocks
+    (its pairs and the dates of one batch) and the thin halo strips around it, not by the scene.
+    A fused date's scene-wide statistics are computed once, before its first batch, so every tile
+    uses the statistics of the whole scene; dates fused from the same pairs share them where the
+    method's statistics do not read the target (``SceneStatistics.uses_target``).
     """
     done = _done_regions(path)
     token = tokenize(str(path.resolve()), digest)
@@ -703,7 +707,7 @@ def _region_writes(
             data = image[:, yspan.start : yspan.stop, xspan.start : xspan.stop]
         chunk = (data.shape[0], *plan.chunks)
         data = data.rechunk(chunk) if isinstance(data, da.Array) else da.from_array(data, chunks=chunk)
-        blocks = data.astype(np.float32).to_delayed()
+        blocks = data.astype(np.float32).to_delayed(optimize_graph=False)  # keys shared by a batch's dates
         return [
             dask.delayed(_write_region)(
                 blocks[0, iy - yspan.regions.start, ix - xspan.regions.start], str(path), var, t, iy, ix,
@@ -714,22 +718,46 @@ def _region_writes(
             for iy, ix in regions
         ]
 
+    def dates_batch(var: str, todo: dict[int, list[tuple[int, int]]], yspan: _Span, xspan: _Span) -> list[Any]:
+        return [write for t, regions in todo.items() for write in batch(var, t, yspan, xspan, regions)]
+
     batches: list[Callable[[], list[Any]]] = []
     total = 0
     for var in plan.variables:
-        for t in range(plan.times.size):
+        for dates in _date_batches(plan, fused=var == "fine"):
             for yspan in yspans:
                 for xspan in xspans:
-                    regions = [
-                        (iy, ix)
-                        for iy in yspan.regions
-                        for ix in xspan.regions
-                        if _region_name(var, t, iy, ix) not in done
-                    ]
-                    if regions:
-                        batches.append(functools.partial(batch, var, t, yspan, xspan, regions))
-                        total += len(regions)
+                    todo = {
+                        t: regions
+                        for t in dates
+                        if (
+                            regions := [
+                                (iy, ix)
+                                for iy in yspan.regions
+                                for ix in xspan.regions
+                                if _region_name(var, t, iy, ix) not in done
+                            ]
+                        )
+                    }
+                    if todo:
+                        batches.append(functools.partial(dates_batch, var, todo, yspan, xspan))
+                        total += sum(map(len, todo.values()))
     return batches, total
+
+
+def _date_batches(plan: _Plan, *, fused: bool) -> list[tuple[int, ...]]:
+    """The output dates (indices) of a variable's batches, in date order of their first date.
+
+    Where ``fused``, dates fused from the same pairs go together, ``DATES_PER_BATCH`` at most;
+    every other date (observed, or a kept variable's copy) is a batch of its own.
+    """
+    pairs = {task.target: task.pairs for task in plan.tasks}
+    groups: dict[Any, list[int]] = {}
+    for t, date in enumerate(plan.times):
+        key = pairs[date] if fused and plan.source[t] == "fused" else t
+        groups.setdefault(key, []).append(t)
+    size = DATES_PER_BATCH
+    return [tuple(dates[i : i + size]) for dates in groups.values() for i in range(0, len(dates), size)]
 
 
 def _compute(batches: list[Callable[[], list[Any]]], *, total: int, progress: bool, desc: str) -> None:

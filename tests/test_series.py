@@ -483,3 +483,51 @@ def test_dates_fused_from_the_same_pairs_share_their_statistics(tmp_path, monkey
     for target in cube.time.values[1:3]:
         expected = stf.fuse(cube, target, method=method, **params)
         np.testing.assert_array_equal(out["fine"].sel(time=target).values, expected.values)
+
+
+class _CountingDates:
+    """An array read lazily (``dask.array.from_array``) that counts the reads of each date (axis 0)."""
+
+    def __init__(self, values):
+        self.values, self.shape, self.dtype, self.ndim = values, values.shape, values.dtype, values.ndim
+        self.reads = np.zeros(values.shape[0], dtype=int)
+
+    def __getitem__(self, key):
+        np.add.at(self.reads, np.arange(self.shape[0])[key[0]], 1)
+        return self.values[key]
+
+
+def test_dates_fused_from_the_same_pairs_read_the_pairs_once_per_tile(tmp_path, monkeypatch):
+    # four dates fused from the same two pairs share one batch per tile: each chunk of the pairs'
+    # images is read once for them (four times with one date a batch), and the store is the same
+    import dask.array as da
+
+    base = random_cube(n_times=6, height=48, width=48, coarse_factor=8, seed=6)
+    fine = np.where(np.isin(np.arange(6), [1, 2, 3, 4])[:, None, None, None], np.nan, base["fine"].values)
+    plain = stf.make_cube(
+        fine, base["coarse"].values, time=base.time.values, band=base.band.values, y=base.y.values,
+        x=base.x.values, crs="EPSG:32633", coarse_factor=8,
+    )
+    compute = series._compute
+    reads = {}
+    for per_batch in (1, 4):
+        monkeypatch.setattr(series, "DATES_PER_BATCH", per_batch)
+        counters = {name: _CountingDates(plain[name].values) for name in ("fine", "coarse")}
+        cube = plain.copy()
+        for name, counter in counters.items():
+            cube[name] = plain[name].copy(data=da.from_array(counter, chunks=(1, -1, 16, 16)))
+
+        def counted(batches, counters=counters, **kwargs):  # the reads of the fusion, not of the digest
+            for counter in counters.values():
+                counter.reads[:] = 0
+            compute(batches, **kwargs)
+
+        monkeypatch.setattr(series, "_compute", counted)
+        stf.fuse_series(cube, method="starfm", out=tmp_path / f"{per_batch}.zarr", chunks=CHUNKS, progress=False,
+                        radius=3)
+        reads[per_batch] = {name: counter.reads.copy() for name, counter in counters.items()}
+    pairs = [0, 5]
+    np.testing.assert_array_equal(reads[1]["coarse"][pairs], 4 * reads[4]["coarse"][pairs])
+    np.testing.assert_array_equal(reads[1]["coarse"][1:5], reads[4]["coarse"][1:5])  # each target once
+    assert (reads[4]["fine"][pairs] < reads[1]["fine"][pairs]).all()  # (and once for the scene statistics)
+    assert tree_bytes(tmp_path / "1.zarr") == tree_bytes(tmp_path / "4.zarr")
