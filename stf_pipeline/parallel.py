@@ -88,17 +88,18 @@ def plan_chunks(
 
 
 def _apply_block(
-    stacked: np.ndarray,
+    fine: np.ndarray,
+    coarse: np.ndarray,
+    coarse_target: np.ndarray,
     *extra_blocks: np.ndarray,
     kernel: Callable[..., np.ndarray],
-    n_pairs: int,
     extra_names: tuple[str, ...] = (),
     padding: Literal["none", "nan", "kernel"] = "none",
     pad_to: tuple[int, int] | None = None,
     **kwargs: Any,
 ) -> np.ndarray:
-    """:func:`_run_kernel` on one Dask block of the stacked ``fine``, ``coarse`` and target."""
-    images = (stacked[:n_pairs], stacked[n_pairs : 2 * n_pairs], stacked[2 * n_pairs])
+    """:func:`_run_kernel` on one Dask block of ``fine``, ``coarse`` and the target."""
+    images = (fine, coarse, coarse_target)
     return _run_kernel(kernel, images, extra_blocks, extra_names=extra_names, padding=padding, pad_to=pad_to, **kwargs)
 
 
@@ -175,7 +176,6 @@ def map_overlapping(
     array ``(band, y, x)`` float32
         Lazy Dask array for Dask input, NumPy otherwise.
     """
-    n_pairs = fine.shape[0]
     extra = dict(extra or {})
     extra_names = tuple(extra)
     lazy = any(is_dask_array(a) for a in (fine, coarse, coarse_target, *extra.values()))
@@ -200,28 +200,32 @@ def map_overlapping(
         if chunks is None:
             chunks = (fine.chunks[2][0], fine.chunks[3][0])
         ychunks, xchunks = plan_chunks(fine.shape[2:], chunks, halo=halo, align=align)
-    stacked = da.concatenate([fine, coarse, coarse_target[None]], axis=0).astype(np.float32)
-    stacked = stacked.rechunk((stacked.shape[0], stacked.shape[1], ychunks, xchunks))
     # an axis held in one chunk needs no overlap (and a halo may exceed a small scene)
     ydepth = halo if len(ychunks) > 1 else 0
     xdepth = halo if len(xchunks) > 1 else 0
     halo = max(ydepth, xdepth)
-    depth = {0: 0, 1: 0, 2: ydepth, 3: xdepth}
-    extended = da.overlap.overlap(stacked, depth=depth, boundary="none") if halo else stacked
+
+    def extend(images: Any) -> Any:
+        # each input overlapped on its own: the pairs' blocks keep their keys whatever the target, so
+        # dates fused from the same pairs in one graph (fuse_series) read and overlap them once
+        images = images.astype(np.float32).rechunk((*images.shape[:-2], ychunks, xchunks))
+        depth = {**dict.fromkeys(range(images.ndim - 2), 0), images.ndim - 2: ydepth, images.ndim - 1: xdepth}
+        return da.overlap.overlap(images, depth=depth, boundary="none") if halo else images
+
+    extended = [extend(images) for images in (fine, coarse, coarse_target)]
     extra_extended = []
     for values in extra.values():
         values = da.asarray(values).rechunk((ychunks, xchunks))
         if halo:
             values = da.overlap.overlap(values, depth={0: ydepth, 1: xdepth}, boundary="none")
         extra_extended.append(values)
-    out_chunks = extended.chunks[1:]
+    out_chunks = extended[-1].chunks
     pad_to = (max(out_chunks[1]), max(out_chunks[2]))
     mapped = da.map_blocks(
         _apply_block,
-        extended,
+        *extended,
         *extra_extended,
         kernel=kernel,
-        n_pairs=n_pairs,
         extra_names=extra_names,
         padding=padding,
         pad_to=pad_to,
