@@ -74,3 +74,17 @@ def test_a_strided_view_fuses_as_a_contiguous_copy(method, backend):
         return spec.kernel_for(call.backend)(f, c, target, params=p)
 
     np.testing.assert_array_equal(run(fine, coarse), run(np.ascontiguousarray(fine), np.ascontiguousarray(coarse)))
+
+
+def test_to_device_stacks_a_strided_view_and_pads():
+    # one transfer of the pieces; the strided view comes back as the dates it views, NaN-padded
+    from stf_pipeline.kernels.similar import to_device
+
+    cube = np.arange(4 * 3 * 5 * 7, dtype=np.float64).reshape(4, 3, 5, 7)
+    view, target = cube[::2], cube[1, :, :, :]
+    padded = to_device((view, target), (8, 9))
+    expected = np.pad(np.ascontiguousarray(view), [(0, 0), (0, 0), (0, 3), (0, 2)], constant_values=np.nan)
+    np.testing.assert_array_equal(np.asarray(padded[0]), expected.astype(np.float32))
+    assert padded[0].dtype == np.float32 and padded[1].shape == (3, 8, 9)
+    as_is = to_device((view,))
+    np.testing.assert_array_equal(np.asarray(as_is[0]), view.astype(np.float32))

@@ -25,6 +25,7 @@ chunked result equals the unchunked one.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -132,24 +133,45 @@ def pad_block(a: Any, shape: tuple[int, int], value: float = np.nan) -> Any:
 def device_block(arrays: Sequence[Any], tile: int | None) -> tuple[list[Any], int]:
     """A block's arrays on JAX's default device, float32, padded with NaN to :func:`block_side`;
     and the tile side (``None``: :func:`default_tile`)."""
-
     tile = default_tile() if tile is None else int(tile)
     shape = block_side(tuple(np.shape(arrays[-1])[-2:]), tile)
-    return [pad_block(to_device(a), shape) for a in arrays], tile
+    return to_device(arrays, shape), tile
 
 
-def to_device(a: Any) -> Any:
-    """``a`` as a float32 array on JAX's default device, without a host copy of a strided view.
+def to_device(arrays: Sequence[Any], shape: tuple[int, int] | None = None) -> list[Any]:
+    """``arrays`` as float32 arrays on JAX's default device (padded with NaN to ``shape`` ``(y, x)``
+    if given), in one transfer and without a host copy of a strided view.
 
     A view that is not C-contiguous (the pairs' dates as a strided slice of the cube,
-    :func:`stf_pipeline.fusion.at_times`) goes over one contiguous leading slice at a time and is
-    stacked on the device; ``jax.numpy.asarray`` would first copy it whole on the host.
+    :func:`stf_pipeline.fusion.at_times`) goes over as its contiguous leading slices, stacked on
+    the device in the program that pads: ``jax.numpy.asarray`` would first copy it whole on the
+    host. One ``jax.device_put`` of all pieces took 27 ms where separate transfers and stacks
+    took 50 ms (two 2000² × 6 pairs and a target, one H100; ``docs/benchmarks.md``).
     """
+    import jax
+
+    pieces = [
+        tuple(np.asarray(part, np.float32) for part in a) if _strided(a) else np.asarray(a, np.float32)
+        for a in arrays
+    ]
+    return _assembler(None if shape is None else (int(shape[0]), int(shape[1])))(jax.device_put(pieces))
+
+
+def _strided(a: Any) -> bool:
+    return isinstance(a, np.ndarray) and a.ndim > 2 and not a.flags.c_contiguous
+
+
+@functools.lru_cache(maxsize=32)
+def _assembler(shape: tuple[int, int] | None) -> Callable[[list[Any]], list[Any]]:
+    """Jitted: stack the pieces of :func:`to_device` and pad them to ``shape`` (``None``: as they are)."""
+    import jax
     import jax.numpy as jnp
 
-    if isinstance(a, np.ndarray) and a.ndim > 1 and not a.flags.c_contiguous:
-        return jnp.stack([to_device(part) for part in a])
-    return jnp.asarray(a, dtype=jnp.float32)
+    def run(pieces: list[Any]) -> list[Any]:
+        arrays = [jnp.stack(a) if isinstance(a, tuple) else a for a in pieces]
+        return arrays if shape is None else [pad_block(a, shape) for a in arrays]
+
+    return jax.jit(run)
 
 
 def window_sums(

@@ -36,11 +36,13 @@ def quiet_nan() -> Iterator[None]:
 
 @numba.njit(nogil=True, cache=True)
 def _plane_std(a: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    # a: (plane, n) float32; out[k] = population std of plane k over its non-NaN values (NaN if none)
+    # a: (group, plane, n) float32, any strides; out[k] = population std of plane k (row-major over
+    # group and plane) over its non-NaN values (NaN if none)
     for k in range(start, stop):
+        plane = a[k // a.shape[1], k % a.shape[1]]
         total = 0.0
         count = 0
-        for v in a[k]:
+        for v in plane:
             if not np.isnan(v):
                 total += v
                 count += 1
@@ -49,7 +51,7 @@ def _plane_std(a: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:  
             continue
         mean = total / count
         squares = 0.0
-        for v in a[k]:
+        for v in plane:
             if not np.isnan(v):
                 squares += (v - mean) * (v - mean)
         out[k] = np.sqrt(squares / count)
@@ -58,17 +60,19 @@ def _plane_std(a: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:  
 def plane_std(a: np.ndarray) -> np.ndarray:
     """Population standard deviation over the last two axes, NaN excluded (float64, two passes).
 
-    The planes are shared over the cores; NaN for an all-NaN plane. A strided view along a
-    leading axis (the pairs' dates, :func:`stf_pipeline.fusion.at_times`) is reduced slice by
-    slice rather than copied whole.
+    The planes are shared over the cores; NaN for an all-NaN plane. A float32 view strided along
+    its leading axis (the pairs' dates, :func:`stf_pipeline.fusion.at_times`) is read in place,
+    not copied.
     """
     a = np.asarray(a)
-    if a.ndim > 3 and not a.flags.c_contiguous:
-        return np.stack([plane_std(part) for part in a])
-    flat = np.ascontiguousarray(a.reshape((-1, a.shape[-2] * a.shape[-1])), dtype=np.float32)
-    out = np.empty(flat.shape[0], dtype=np.float64)
-    run_rows(_plane_std, flat.shape[0], (flat,), (out,))
-    return out.reshape(a.shape[:-2])
+    lead = a.shape[:-2]
+    groups = a.reshape((-1, *a.shape[-3:])) if a.ndim > 3 else a.reshape((1, -1, *a.shape[-2:]))
+    planes = groups.reshape((*groups.shape[:2], -1))  # a view where each plane is contiguous
+    if planes.dtype != np.float32:
+        planes = planes.astype(np.float32)
+    out = np.empty(planes.shape[0] * planes.shape[1], dtype=np.float64)
+    run_rows(_plane_std, out.size, (planes,), (out,))
+    return out.reshape(lead)
 
 
 def scene_std(fine: np.ndarray) -> tuple[tuple[float, ...], ...]:

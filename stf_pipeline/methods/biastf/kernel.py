@@ -313,7 +313,7 @@ def _on_device(
         stats = dataclasses.replace(stats, limit=(np.inf,) * len(model.bands))
     extent = fine.shape[-2:]
     if pad_to is None:  # one whole-scene call; a strided view of the cube goes over date by date
-        inputs = [to_device(a) for a in (fine, coarse, coarse_target)]
+        inputs = to_device((fine, coarse, coarse_target))
         fused, transitional, beyond, predicted = predict(model.params, stats.arrays(), *inputs)
     else:  # full blocks too run the masked program: one program per scene
         fine, coarse, coarse_target = (pad_block(a, pad_to) for a in (fine, coarse, coarse_target))
