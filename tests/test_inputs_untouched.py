@@ -88,3 +88,15 @@ def test_to_device_stacks_a_strided_view_and_pads():
     assert padded[0].dtype == np.float32 and padded[1].shape == (3, 8, 9)
     as_is = to_device((view,))
     np.testing.assert_array_equal(np.asarray(as_is[0]), view.astype(np.float32))
+
+
+def test_to_host_returns_the_device_array():
+    # on a CPU the plain copy; on a GPU the same values through pinned host memory
+    import jax.numpy as jnp
+
+    from stf_pipeline.kernels.similar import to_host
+
+    values = jnp.arange(2 * 9 * 11, dtype=jnp.float32).reshape(2, 9, 11)[:, :7, :5]
+    got = to_host(values)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.arange(2 * 9 * 11, dtype=np.float32).reshape(2, 9, 11)[:, :7, :5])

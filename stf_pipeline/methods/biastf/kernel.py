@@ -16,7 +16,7 @@ import numpy as np
 from stf_pipeline.exceptions import MethodError
 from stf_pipeline.kernels.interpolate import cubic_between_centres
 from stf_pipeline.kernels.padding import crop_block, extent_mask, masked_convolutions, pad_block
-from stf_pipeline.kernels.similar import to_device
+from stf_pipeline.kernels.similar import to_device, to_host
 from stf_pipeline.kernels.window import box_sum_jax
 from stf_pipeline.methods.biastf.config import NET_RADIUS, BiaSTFConfig
 from stf_pipeline.methods.biastf.networks import (
@@ -346,4 +346,4 @@ def biastf_kernel(
     """Engine kernel: forward pass of ``G`` then ``B`` for both pairs, then the fusion ``f``; a
     block smaller than ``pad_to`` is padded to it (``block_padding="kernel"``)."""
     fused, _ = _on_device(fine, coarse, coarse_target, params=params, model=model, pad_to=pad_to)
-    return np.asarray(fused, dtype=np.float32)
+    return to_host(fused).astype(np.float32, copy=False)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from stf_pipeline.kernels.pallas import Layout
-from stf_pipeline.kernels.similar import device_block, window_sums
+from stf_pipeline.kernels.similar import device_block, to_host, window_sums
 from stf_pipeline.kernels.window import box_sum_jax
 from stf_pipeline.methods.estarfm.core import (
     CHANGE_EPS,
@@ -140,7 +140,7 @@ def on_device(
     ny, nx = np.shape(coarse_target)[-2:]
     with jax.enable_x64(True):
         out = _predict_program(dataclasses.replace(params, class_std=None))(sums, valid, *inputs)
-        return np.asarray(out[:, :ny, :nx])
+        return to_host(out[:, :ny, :nx])
 
 
 #: ESTARFM of one block, backend ``jax`` (any JAX device).

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from stf_pipeline.kernels.pallas import Layout
-from stf_pipeline.kernels.similar import device_block, window_sums
+from stf_pipeline.kernels.similar import device_block, to_host, window_sums
 from stf_pipeline.methods.starfm.core import either_body, finish, prepare_arrays, scene_constants, strict_body
 from stf_pipeline.methods.starfm.pallas import pallas_sums
 from stf_pipeline.methods.starfm.params import StarfmParams
@@ -62,7 +62,7 @@ def on_device(
     inputs, tile = device_block((fine, coarse, coarse_target), params.tile)
     program = _jax_program(dataclasses.replace(params, class_std=None), tile, pallas, layout)
     ny, nx = np.shape(coarse_target)[-2:]
-    return np.asarray(program(*inputs, constants["threshold"])[:, :ny, :nx])
+    return to_host(program(*inputs, constants["threshold"])[:, :ny, :nx])
 
 
 #: STARFM of one block, backend ``jax`` (any JAX device).
