@@ -34,6 +34,7 @@ import numpy as np
 from stf_pipeline.kernels.cells import cell_mean, from_cells, to_cells
 from stf_pipeline.kernels.classify import nearest_centre_jax
 from stf_pipeline.kernels.lstsq import box_lstsq_jax
+from stf_pipeline.kernels.similar import to_host
 from stf_pipeline.kernels.tps import local_tps_jax
 from stf_pipeline.kernels.window import box_sum_jax, window_index, window_reduce_jax
 from stf_pipeline.methods.fsdaf.params import (
@@ -532,4 +533,4 @@ def fsdaf_block(fine: np.ndarray, coarse: np.ndarray, coarse_target: np.ndarray,
     import jax
 
     with _RUNNING, jax.enable_x64(True):
-        return np.asarray(_program(settings)(fine, coarse, coarse_target, classes, clip, rank))
+        return to_host(_program(settings)(fine, coarse, coarse_target, classes, clip, rank))
