@@ -46,6 +46,15 @@ def run_rows(
         job.result()
 
 
+def map_cores(function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """``[function(item) for item in items]``, the items shared over the pool's threads (one
+    compiled, ``nogil`` call each), in the calling thread where there is one core or one item."""
+    cores = machine_cores()
+    if cores == 1 or len(items) < 2:
+        return [function(item) for item in items]
+    return list(_pool(cores).map(function, items))
+
+
 #: names of the warm-ups started in this process (each runs once)
 _WARMED: set[str] = set()
 _WARMED_LOCK = threading.Lock()

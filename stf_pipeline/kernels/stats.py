@@ -20,7 +20,7 @@ import numpy as np
 
 from stf_pipeline._dask import is_dask_array
 from stf_pipeline.exceptions import MethodError
-from stf_pipeline.kernels.pool import run_rows
+from stf_pipeline.kernels.pool import map_cores
 from stf_pipeline.kernels.similar import check_window
 
 P = TypeVar("P")
@@ -35,44 +35,36 @@ def quiet_nan() -> Iterator[None]:
 
 
 @numba.njit(nogil=True, cache=True)
-def _plane_std(a: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    # a: (group, plane, n) float32, any strides; out[k] = population std of plane k (row-major over
-    # group and plane) over its non-NaN values (NaN if none)
-    for k in range(start, stop):
-        plane = a[k // a.shape[1], k % a.shape[1]]
-        total = 0.0
-        count = 0
-        for v in plane:
-            if not np.isnan(v):
-                total += v
-                count += 1
-        if count == 0:
-            out[k] = np.nan
-            continue
-        mean = total / count
-        squares = 0.0
-        for v in plane:
-            if not np.isnan(v):
-                squares += (v - mean) * (v - mean)
-        out[k] = np.sqrt(squares / count)
+def _plane_std(values: np.ndarray) -> float:  # pragma: no cover - compiled
+    # population std of the non-NaN values of one flattened plane, float64, two passes (NaN if none)
+    total = 0.0
+    count = 0
+    for v in values:
+        if not np.isnan(v):
+            total += v
+            count += 1
+    if count == 0:
+        return np.nan
+    mean = total / count
+    squares = 0.0
+    for v in values:
+        if not np.isnan(v):
+            squares += (v - mean) * (v - mean)
+    return np.sqrt(squares / count)
 
 
 def plane_std(a: np.ndarray) -> np.ndarray:
     """Population standard deviation over the last two axes, NaN excluded (float64, two passes).
 
-    The planes are shared over the cores; NaN for an all-NaN plane. A float32 view strided along
-    its leading axis (the pairs' dates, :func:`stf_pipeline.fusion.at_times`) is read in place,
-    not copied.
+    The planes are shared over the cores; NaN for an all-NaN plane. Each plane goes to the
+    compiled kernel as one contiguous float32 vector: a view strided along the leading axes (the
+    pairs' dates, :func:`stf_pipeline.fusion.at_times`) is read in place, not copied, and the
+    kernel has one signature whatever the input's layout (so the background warm-up compiles the
+    one a fusion uses).
     """
     a = np.asarray(a)
-    lead = a.shape[:-2]
-    groups = a.reshape((-1, *a.shape[-3:])) if a.ndim > 3 else a.reshape((1, -1, *a.shape[-2:]))
-    planes = groups.reshape((*groups.shape[:2], -1))  # a view where each plane is contiguous
-    if planes.dtype != np.float32:
-        planes = planes.astype(np.float32)
-    out = np.empty(planes.shape[0] * planes.shape[1], dtype=np.float64)
-    run_rows(_plane_std, out.size, (planes,), (out,))
-    return out.reshape(lead)
+    planes = [np.ascontiguousarray(a[index], dtype=np.float32).reshape(-1) for index in np.ndindex(a.shape[:-2])]
+    return np.array(map_cores(_plane_std, planes), dtype=np.float64).reshape(a.shape[:-2])
 
 
 def scene_std(fine: np.ndarray) -> tuple[tuple[float, ...], ...]:
