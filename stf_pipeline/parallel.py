@@ -1,12 +1,14 @@
 """The one place where methods meet Dask: map a block kernel over overlapping chunks.
 
-:func:`map_overlapping` stacks the pair and target images, extends every spatial chunk by the
+:func:`map_overlapping` extends every spatial chunk of the pair and target images by the
 method's halo (``dask.array.overlap`` with ``boundary='none'``: blocks at the scene edge simply
 end, as the unchunked image does), applies the kernel block by block and trims the halo. So a
-chunked result equals the unchunked one, bitwise for deterministic kernels.
+chunked result equals the unchunked one, bitwise for deterministic kernels. The fine, coarse and
+target images are overlapped each on its own, so the pairs' overlapped blocks do not depend on
+the target: graphs of several dates fused from the same pairs share them.
 
 Memory: a block's inputs stay in memory until the blocks below it have read their halo from
-them, so about two and a half rows of stacked input blocks are alive at any time, i.e. roughly
+them, so about two and a half rows of input blocks are alive at any time, i.e. roughly
 ``2.5 * width * chunk_height * (2 * pairs + 1) * bands * 4`` bytes, plus the kernel's
 temporaries for one block per thread. Peak memory therefore grows with the scene's width and the
 chunk height, not with its area: halving the chunk halves it (``stf bench scale --tile``).
