@@ -285,8 +285,8 @@ def at_times(array: xr.DataArray, times: Sequence[Any]) -> Any:
     By position: a view where the dates are evenly spaced in the cube (one or two pairs always
     are: a strided slice along ``time``), else :func:`numpy.take` (or Dask's indexing). A view
     spares a copy of the pairs' images on every fusion (0.10-0.13 s for two 2000² × 6 pairs on
-    the GPU host; the device kernels transfer it date by date, :func:`stf_pipeline.kernels.
-    similar.to_device`). xarray's ``sel`` with a list indexes an in-memory array orthogonally on
+    the GPU host; the device kernels send its dates as they lie, :func:`stf_pipeline.kernels.
+    device.to_device`). xarray's ``sel`` with a list indexes an in-memory array orthogonally on
     every axis, 10-20 times slower than one ``take`` along ``time`` (``docs/benchmarks.md``,
     STARFM and ESTARFM). A date missing from the cube raises :class:`CubeError` naming it.
     """

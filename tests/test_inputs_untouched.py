@@ -78,7 +78,7 @@ def test_a_strided_view_fuses_as_a_contiguous_copy(method, backend):
 
 def test_to_device_stacks_a_strided_view_and_pads():
     # one transfer of the pieces; the strided view comes back as the dates it views, NaN-padded
-    from stf_pipeline.kernels.similar import to_device
+    from stf_pipeline.kernels.device import to_device
 
     cube = np.arange(4 * 3 * 5 * 7, dtype=np.float64).reshape(4, 3, 5, 7)
     view, target = cube[::2], cube[1, :, :, :]
@@ -94,7 +94,7 @@ def test_to_host_returns_the_device_array():
     # on a CPU the plain copy; on a GPU the same values through pinned host memory
     import jax.numpy as jnp
 
-    from stf_pipeline.kernels.similar import to_host
+    from stf_pipeline.kernels.device import to_host
 
     values = jnp.arange(2 * 9 * 11, dtype=jnp.float32).reshape(2, 9, 11)[:, :7, :5]
     got = to_host(values)

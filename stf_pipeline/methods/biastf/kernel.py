@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from stf_pipeline.exceptions import MethodError
+from stf_pipeline.kernels.device import to_device, to_host
 from stf_pipeline.kernels.interpolate import cubic_between_centres
 from stf_pipeline.kernels.padding import crop_block, extent_mask, masked_convolutions, pad_block
-from stf_pipeline.kernels.similar import to_device, to_host
 from stf_pipeline.kernels.window import box_sum_jax
 from stf_pipeline.methods.biastf.config import NET_RADIUS, BiaSTFConfig
 from stf_pipeline.methods.biastf.networks import (

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from stf_pipeline.kernels.device import to_host
 from stf_pipeline.kernels.pallas import Layout
-from stf_pipeline.kernels.similar import device_block, to_host, window_sums
+from stf_pipeline.kernels.similar import device_block, window_sums
 from stf_pipeline.kernels.window import box_sum_jax
 from stf_pipeline.methods.estarfm.core import (
     CHANGE_EPS,

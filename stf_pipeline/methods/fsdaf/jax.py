@@ -33,8 +33,8 @@ import numpy as np
 
 from stf_pipeline.kernels.cells import cell_mean, from_cells, to_cells
 from stf_pipeline.kernels.classify import nearest_centre_jax
+from stf_pipeline.kernels.device import to_host
 from stf_pipeline.kernels.lstsq import box_lstsq_jax
-from stf_pipeline.kernels.similar import to_host
 from stf_pipeline.kernels.tps import local_tps_jax
 from stf_pipeline.kernels.window import box_sum_jax, window_index, window_reduce_jax
 from stf_pipeline.methods.fsdaf.params import (

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from stf_pipeline.kernels.device import to_host
 from stf_pipeline.kernels.pallas import Layout
-from stf_pipeline.kernels.similar import device_block, to_host, window_sums
+from stf_pipeline.kernels.similar import device_block, window_sums
 from stf_pipeline.methods.starfm.core import either_body, finish, prepare_arrays, scene_constants, strict_body
 from stf_pipeline.methods.starfm.pallas import pallas_sums
 from stf_pipeline.methods.starfm.params import StarfmParams

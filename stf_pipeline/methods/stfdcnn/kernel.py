@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stf_pipeline.exceptions import ModelError
-from stf_pipeline.kernels.similar import to_host
+from stf_pipeline.kernels.device import to_host
 from stf_pipeline.methods.stfdcnn.config import Architecture
 from stf_pipeline.methods.stfdcnn.networks import _all_bands_finite, _window, block_mean, erode, run_cnn, upsample
 from stf_pipeline.methods.stfdcnn.params import COMPUTE_DTYPES, STFDCNNParams, _unpack, required_halo
