@@ -2,8 +2,9 @@
 
 :func:`to_device` sends all of a block's arrays in one ``jax.device_put`` (a strided view of the
 cube as its contiguous dates, stacked and padded on the device); :func:`to_host` brings a result
-back through pinned host memory on a GPU. On the lent H100 these took the host's share of a
-steady STARFM fusion from 0.21 to 0.19 s (``docs/benchmarks.md``, gpu-host-transfers-2026-12-07).
+back through pinned host memory on a GPU. On the lent H100 the copy back alone took a steady
+STARFM fusion from 0.21 to 0.19 s (``docs/benchmarks.md``, starfm-estarfm-gpu-2026-12-07-3 and
+gpu-host-transfers-2026-12-07).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def to_host(a: Any) -> np.ndarray:
     """
     import jax
 
-    if a.sharding.device_set and next(iter(a.sharding.device_set)).platform == "gpu":
+    if any(device.platform == "gpu" for device in a.devices()):
         try:
             a = jax.device_put(a, a.sharding.with_memory_kind("pinned_host"))
         except (ValueError, TypeError, NotImplementedError, RuntimeError):  # no such memory here
