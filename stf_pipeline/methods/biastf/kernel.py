@@ -16,7 +16,7 @@ import numpy as np
 from stf_pipeline.exceptions import MethodError
 from stf_pipeline.kernels.device import to_device, to_host
 from stf_pipeline.kernels.interpolate import cubic_between_centres
-from stf_pipeline.kernels.padding import crop_block, extent_mask, masked_convolutions, pad_block
+from stf_pipeline.kernels.padding import crop_block, extent_mask, masked_convolutions
 from stf_pipeline.kernels.window import box_sum_jax
 from stf_pipeline.methods.biastf.config import NET_RADIUS, BiaSTFConfig
 from stf_pipeline.methods.biastf.networks import (
@@ -273,7 +273,10 @@ def predict_block(
     block's valid pixels), a warning names the documented fallback, once per model.
     """
     fused, transitional = _on_device(fine, coarse, coarse_target, params=params, model=model, pad_to=pad_to)
-    return np.asarray(fused, dtype=np.float32), np.asarray(transitional, dtype=np.float32)
+    extent = fine.shape[-2:]
+    return tuple(  # type: ignore[return-value]
+        np.ascontiguousarray(crop_block(to_host(a), extent), dtype=np.float32) for a in (fused, transitional)
+    )
 
 
 def _on_device(
@@ -285,8 +288,10 @@ def _on_device(
     model: Any,
     pad_to: tuple[int, int] | None,
 ) -> tuple[Any, Any]:
-    """:func:`predict_block` with its two results left on JAX's device (cropped to the block): the
-    engine's kernel copies back only the fused image, not the pairs' transitional ones."""
+    """:func:`predict_block` with its two results left on JAX's device, padded to ``pad_to`` where
+    given: the engine's kernel copies back only the fused image, not the pairs' transitional ones,
+    and the caller crops on the host (a view) where slicing on the device would compile a program
+    for every block extent."""
     if model is None or getattr(model, "method", None) != "biastf":
         raise MethodError(
             "biastf needs a model trained with stf.train(cube, method='biastf', ...), "
@@ -315,11 +320,10 @@ def _on_device(
     if pad_to is None:  # one whole-scene call; a strided view of the cube goes over date by date
         inputs = to_device((fine, coarse, coarse_target))
         fused, transitional, beyond, predicted = predict(model.params, stats.arrays(), *inputs)
-    else:  # full blocks too run the masked program: one program per scene
-        fine, coarse, coarse_target = (pad_block(a, pad_to) for a in (fine, coarse, coarse_target))
-        inside = extent_mask(pad_to, extent)
+    else:  # full blocks too run the masked program, padded on the device: one program per scene
+        inputs = to_device((fine, coarse, coarse_target), shape=pad_to)
         fused, transitional, beyond, predicted = predict(
-            model.params, stats.arrays(), fine, coarse, coarse_target, inside
+            model.params, stats.arrays(), *inputs, extent_mask(pad_to, extent)
         )
     share = int(beyond) / max(int(predicted), 1)
     if share > BEYOND_WARNING and model not in _WARNED:
@@ -331,7 +335,7 @@ def _on_device(
             [round(v, 4) for v in stats.limit], 100 * share,
             FALLBACKS[BiaSTFConfig.resolve(model.config).g_base],
         )
-    return crop_block(fused, extent), crop_block(transitional, extent)
+    return fused, transitional
 
 
 def biastf_kernel(
@@ -346,4 +350,4 @@ def biastf_kernel(
     """Engine kernel: forward pass of ``G`` then ``B`` for both pairs, then the fusion ``f``; a
     block smaller than ``pad_to`` is padded to it (``block_padding="kernel"``)."""
     fused, _ = _on_device(fine, coarse, coarse_target, params=params, model=model, pad_to=pad_to)
-    return to_host(fused).astype(np.float32, copy=False)
+    return crop_block(to_host(fused), fine.shape[-2:]).astype(np.float32, copy=False)
