@@ -70,7 +70,7 @@ def valid_fraction(cube: xr.Dataset, variable: str) -> np.ndarray:
 SAMPLE_GRID = 64
 
 
-def has_valid(cube: xr.Dataset, variable: str) -> np.ndarray:
+def has_valid(cube: xr.Dataset, variable: str, *, skip: int | None = None) -> np.ndarray:
     """Whether each date of ``variable`` has a valid (non-NaN) pixel, ``bool`` per date.
 
     What task resolution asks, at less cost than :func:`valid_fraction` on an in-memory cube: a
@@ -79,7 +79,9 @@ def has_valid(cube: xr.Dataset, variable: str) -> np.ndarray:
     its points): every ``stf.fuse`` resolves its task, and a pass over the whole in-memory
     scene was a measurable share of a steady fusion (``docs/benchmarks.md``,
     ``fsdaf-host-2026-12-07``). A Dask-backed cube asks :func:`valid_fraction`, which reads its
-    ``{variable}_valid`` coord when it has one.
+    ``{variable}_valid`` coord when it has one. The date at index ``skip``, one the caller does not
+    need (the target's fine image, all NaN where it is to be predicted), is not scanned beyond
+    the grid: its entry is only the grid's answer.
     """
     array = cube[variable]
     if is_dask_array(array.data):
@@ -89,7 +91,8 @@ def has_valid(cube: xr.Dataset, variable: str) -> np.ndarray:
     grid = array.isel({d: slice(None, None, n) for d, n in step.items()})
     found = np.asarray(grid.notnull().any(other).values, dtype=bool)
     for t in np.flatnonzero(~found):  # one date at a time: a view of an in-memory array, not a copy
-        found[t] = bool(array.isel(time=int(t)).notnull().any())
+        if t != skip:
+            found[t] = bool(array.isel(time=int(t)).notnull().any())
     return found
 
 
@@ -127,9 +130,9 @@ def resolve_task(
             f"target date {iso_date(target64)} is not in the cube; its dates are "
             f"{[iso_date(t) for t in times]}."
         )
-    coarse_ok = has_valid(cube, "coarse")
-    fine_ok = has_valid(cube, "fine")
     t_index = int(np.flatnonzero(times == target64)[0])
+    coarse_ok = has_valid(cube, "coarse")
+    fine_ok = has_valid(cube, "fine", skip=t_index)  # the target's fine image is never a pair's
     if not coarse_ok[t_index]:
         raise TaskError(
             f"the coarse image at target date {iso_date(target64)} is all NaN; "

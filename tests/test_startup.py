@@ -168,10 +168,16 @@ def test_an_installed_jax_plugin_makes_an_accelerator_possible(monkeypatch: pyte
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
     found = {"jax_plugins": object()}
     monkeypatch.setattr(_base.importlib.util, "find_spec", lambda name: found.get(name))
+    _base._plugin_installed.cache_clear()
     assert _base._accelerator_possible() is True
     found.clear()
-    monkeypatch.setattr(_base.importlib.metadata, "entry_points", lambda group: [])
+    scans = []
+    monkeypatch.setattr(_base.importlib.metadata, "entry_points", lambda group: scans.append(group) or [])
+    _base._plugin_installed.cache_clear()
     assert _base._accelerator_possible() is False
+    assert _base._accelerator_possible() is False
+    assert scans == ["jax_plugins"]  # the installed distributions are scanned once per process
+    _base._plugin_installed.cache_clear()
 
 
 def test_device_kind_asks_jax_once_it_is_imported(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,3 +31,12 @@ def test_a_single_valid_pixel_between_the_sample_grid_counts():
     cube = _cube(valid)
     np.testing.assert_array_equal(has_valid(cube, "fine"), [False, True])
     np.testing.assert_array_equal(has_valid(cube.chunk({"y": 128}), "fine"), [False, True])
+
+
+def test_a_skipped_date_is_decided_by_the_grid_alone_and_the_others_in_full():
+    valid = np.zeros((3, 1, 640, 640), bool)
+    valid[0, 0, 5, 7] = True  # off the grid: found only by a whole-image scan
+    valid[2, 0, 5, 7] = True
+    cube = _cube(valid)
+    np.testing.assert_array_equal(has_valid(cube, "fine", skip=0), [False, False, True])
+    np.testing.assert_array_equal(has_valid(cube, "fine", skip=1), [True, False, True])
