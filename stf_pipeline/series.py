@@ -792,8 +792,8 @@ def _overlapped(batches: list[Callable[[], list[Any]]], depth: int) -> None:
     leaves the workers or the device idle. Memory then holds up to ``depth`` batches. Each
     computation runs in a thread of its own (Dask's threaded scheduler gives each calling thread
     its own pool), told the callbacks active here (a progress bar) explicitly: Dask hands its
-    global callbacks to one computation at a time. The first error stops further batches and is
-    raised once those started end.
+    global callbacks to one computation at a time. A batch's error is raised when its turn comes
+    in the batches' order, after the batches already started end; none is started after it.
     """
     if depth <= 1:
         for build in batches:
