@@ -274,9 +274,10 @@ def predict_block(
     """
     fused, transitional = _on_device(fine, coarse, coarse_target, params=params, model=model, pad_to=pad_to)
     extent = fine.shape[-2:]
-    return tuple(  # type: ignore[return-value]
+    fused, transitional = (
         np.ascontiguousarray(crop_block(to_host(a), extent), dtype=np.float32) for a in (fused, transitional)
     )
+    return fused, transitional
 
 
 def _on_device(
@@ -317,14 +318,11 @@ def _on_device(
     if params.extrapolate:
         stats = dataclasses.replace(stats, limit=(np.inf,) * len(model.bands))
     extent = fine.shape[-2:]
-    if pad_to is None:  # one whole-scene call; a strided view of the cube goes over date by date
-        inputs = to_device((fine, coarse, coarse_target))
-        fused, transitional, beyond, predicted = predict(model.params, stats.arrays(), *inputs)
-    else:  # full blocks too run the masked program, padded on the device: one program per scene
-        inputs = to_device((fine, coarse, coarse_target), shape=pad_to)
-        fused, transitional, beyond, predicted = predict(
-            model.params, stats.arrays(), *inputs, extent_mask(pad_to, extent)
-        )
+    # padded on the device where pad_to is given; full blocks too then run the masked program (one
+    # program per scene); a strided view of the cube goes over date by date
+    inputs = to_device((fine, coarse, coarse_target), shape=pad_to)
+    inside = () if pad_to is None else (extent_mask(pad_to, extent),)
+    fused, transitional, beyond, predicted = predict(model.params, stats.arrays(), *inputs, *inside)
     share = int(beyond) / max(int(predicted), 1)
     if share > BEYOND_WARNING and model not in _WARNED:
         _WARNED.add(model)
@@ -348,6 +346,7 @@ def biastf_kernel(
     pad_to: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Engine kernel: forward pass of ``G`` then ``B`` for both pairs, then the fusion ``f``; a
-    block smaller than ``pad_to`` is padded to it (``block_padding="kernel"``)."""
+    block smaller than ``pad_to`` is padded to it (``block_padding="kernel"``) and its prediction
+    returned padded: the engine crops every kernel's output to the block's extent."""
     fused, _ = _on_device(fine, coarse, coarse_target, params=params, model=model, pad_to=pad_to)
-    return crop_block(to_host(fused), fine.shape[-2:]).astype(np.float32, copy=False)
+    return to_host(fused).astype(np.float32, copy=False)
