@@ -46,7 +46,6 @@ import logging
 import math
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -104,8 +103,6 @@ DEFAULT_CHUNK = 512
 BLOCKS_PER_WORKER = 2
 #: fused dates with the same pairs in one batch: the pairs' images of a tile are read once for them
 DATES_PER_BATCH = 4
-#: batches computed at once (:func:`_overlapped`): the next one starts while the last tasks of one run
-BATCHES_IN_FLIGHT = 1
 #: variables of the input cube a fused store may keep besides ``fine``
 KEEPABLE = ("coarse", "fine_truth")
 #: what each part of the request means, for the message when one changed
@@ -673,7 +670,6 @@ def _region_writes(
     shape = (cube.sizes["y"], cube.sizes["x"])
     calls: dict[int, FusionCall] = {}
     by_pairs: dict[tuple[Any, ...], tuple[str, Any]] = {}  # pairs -> (token of params, params with statistics)
-    statistics_lock = threading.Lock()
 
     def call_of(t: int) -> FusionCall:
         task = next(task for task in plan.tasks if task.target == plan.times[t])
@@ -700,9 +696,8 @@ def _region_writes(
 
     def batch(var: str, t: int, yspan: _Span, xspan: _Span, regions: list[tuple[int, int]]) -> list[Any]:
         if var == "fine" and plan.source[t] == "fused":
-            with statistics_lock:  # batches in flight are built in threads of their own
-                if t not in calls:
-                    calls[t] = with_statistics(call_of(t))
+            if t not in calls:
+                calls[t] = with_statistics(call_of(t))
             ys, yblocks, top = _window(yspan, shape[0], halos[0])
             xs, xblocks, left = _window(xspan, shape[1], halos[1])
             window = calls[t].run(cube.isel(y=ys, x=xs), block_chunks=(yblocks, xblocks))
@@ -781,44 +776,9 @@ def _compute(batches: list[Callable[[], list[Any]]], *, total: int, progress: bo
                 client.gather(futures)
             return
         with DaskProgress(bar, "stf-write-") if progress else contextlib.nullcontext():
-            _overlapped(batches, BATCHES_IN_FLIGHT)
-
-
-def _overlapped(batches: list[Callable[[], list[Any]]], depth: int) -> None:
-    """Build and compute ``batches`` in order, ``depth`` at a time on Dask's local scheduler.
-
-    With ``depth`` 2 the next batch's graph is built and its reads start while the last tasks of
-    the one before still run (a kernel on the device, its writes): no barrier between batches
-    leaves the workers or the device idle. Memory then holds up to ``depth`` batches. Each
-    computation runs in a thread of its own (Dask's threaded scheduler gives each calling thread
-    its own pool), told the callbacks active here (a progress bar) explicitly: Dask hands its
-    global callbacks to one computation at a time. A batch's error is raised when its turn comes
-    in the batches' order, after the batches already started end; none is started after it.
-    """
-    if depth <= 1:
-        for build in batches:
-            dask.compute(*build())
-            _return_freed_memory()
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    from dask.callbacks import Callback
-
-    callbacks = tuple(Callback.active)
-
-    def run(build: Callable[[], list[Any]]) -> None:
-        dask.compute(*build(), callbacks=callbacks)
-
-    with ThreadPoolExecutor(depth, thread_name_prefix="stf-batch") as pool:
-        running: list[Any] = []
-        for build in batches:
-            if len(running) == depth:
-                running.pop(0).result()
+            for build in batches:
+                dask.compute(*build())
                 _return_freed_memory()
-            running.append(pool.submit(run, build))
-        for future in running:
-            future.result()
-    _return_freed_memory()
 
 
 def _return_freed_memory() -> None:

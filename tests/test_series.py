@@ -531,26 +531,3 @@ def test_dates_fused_from_the_same_pairs_read_the_pairs_once_per_tile(tmp_path, 
     np.testing.assert_array_equal(reads[1]["coarse"][1:5], reads[4]["coarse"][1:5])  # each target once
     assert (reads[4]["fine"][pairs] < reads[1]["fine"][pairs]).all()  # (and once for the scene statistics)
     assert tree_bytes(tmp_path / "1.zarr") == tree_bytes(tmp_path / "4.zarr")
-
-
-def test_batches_in_flight_write_the_same_store_and_count_every_region(tmp_path, monkeypatch, caplog):
-    # two batches computed at once (each in a thread of its own, the next built while one runs):
-    # the same bytes as one after the other, and the progress bar sees every region's write
-    import logging
-    import re
-
-    base = random_cube(n_times=6, height=48, width=48, coarse_factor=8, seed=7)
-    fine = np.where(np.isin(np.arange(6), [1, 2, 3, 4])[:, None, None, None], np.nan, base["fine"].values)
-    cube = stf.make_cube(
-        fine, base["coarse"].values, time=base.time.values, band=base.band.values, y=base.y.values,
-        x=base.x.values, crs="EPSG:32633", coarse_factor=8,
-    ).chunk({"y": 16, "x": 16})
-    monkeypatch.setattr(series, "DATES_PER_BATCH", 1)
-    stf.fuse_series(cube, method="starfm", out=tmp_path / "one.zarr", chunks=CHUNKS, progress=False, radius=3)
-    monkeypatch.setattr(series, "BATCHES_IN_FLIGHT", 2)
-    with caplog.at_level(logging.INFO, logger="stf_pipeline"):
-        stf.fuse_series(cube, method="starfm", out=tmp_path / "two.zarr", chunks=CHUNKS, progress=True, radius=3)
-    assert tree_bytes(tmp_path / "one.zarr") == tree_bytes(tmp_path / "two.zarr")
-    counts = [re.search(r"(\d+)/(\d+) region", r.getMessage()) for r in caplog.records]
-    done, total = (int(g) for g in [c for c in counts if c][-1].groups())
-    assert done == total == 6 * 9  # six dates of 3 x 3 regions
