@@ -83,6 +83,7 @@ from stf_pipeline.store import (
     check_not_an_input,
     content_digest,
     input_stores,
+    lazy_content_digest,
     model_digest,
     new_generation,
     remove_partial_files,
@@ -96,6 +97,8 @@ PROGRESS_DIR = ".stf_progress"
 COMPLETE_ATTR = "stf_series_complete"
 REQUEST_ATTR = "stf_series_request"
 PARTS_ATTR = "stf_series_parts"
+#: the request (and its data part) of a new store until its first batch records the input's digest
+PENDING = ""
 #: file in ``model_dir`` naming the training request its model belongs to
 MODEL_REQUEST_FILE = ".stf_train_request"
 DEFAULT_CHUNK = 512
@@ -240,14 +243,17 @@ def fuse_series(
         train_options = _default_train_options(cube, train_options)
     with WriterLock(path, action="fuse_series"):
         remove_litter(path)
+        # a new store (where no model is trained first, which records the data too) fingerprints
+        # its input in the graph of its first batch, whose reads it shares (:func:`_recorded`)
+        fingerprint_later = _is_new(path) and not (spec.learned and model is None)
         start = time.perf_counter()
-        data = _data_digest(cube, plan)
+        data = PENDING if fingerprint_later else _data_digest(cube, plan)
         logger.debug("fingerprint of the input data: %.2f s", time.perf_counter() - start)
         parts = _request_parts(
             cube, plan, method=spec.name, params=p, backend=params["backend"], train_options=train_options,
             model=model, data=data,
         )
-        digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        digest = PENDING if fingerprint_later else _request_digest(parts)
         state = _store_state(path, digest, parts, overwrite=overwrite)
         if state == "complete":
             logger.info("reusing %s (complete, same request)", path)
@@ -271,7 +277,15 @@ def fuse_series(
             _create_store(cube, plan, path, attrs, method=spec.name, model_digest=digest_of_model)
         else:
             _check_model_provenance(path, digest_of_model)
-        writes, total = _region_writes(cube, plan, path, digest, method=spec.name, model=model, params=params)
+        recorded = None
+        if fingerprint_later:
+            data_lazy = lazy_content_digest(_inputs(cube, plan), _digest_chunks(cube, plan))
+            key = f"stf-request-{tokenize(str(path.resolve()), parts)}"
+            recorded = dask.delayed(_record_request)(str(path), parts, data_lazy, dask_key_name=key)
+        writes, total = _region_writes(
+            cube, plan, path, _request_digest(parts), method=spec.name, model=model, params=params,
+            first_waits_for=recorded,
+        )
         action = "fused" if state == "new" else "resumed"
         if state == "resume":
             logger.info("resuming %s: %d of %d regions left", path, total, len(_expected_regions(plan, cube)))
@@ -454,8 +468,16 @@ def _data_digest(cube: xr.Dataset, plan: _Plan) -> str:
     """Digest of the full content of every input image the output depends on (see
     :func:`stf_pipeline.store.content_digest`): the same values, in memory or in any store and
     chunking, are the same data; a change of any pixel is another."""
-    n_bands = cube.sizes["band"]
-    return content_digest(_inputs(cube, plan), (n_bands, *plan.chunks))
+    return content_digest(_inputs(cube, plan), _digest_chunks(cube, plan))
+
+
+def _digest_chunks(cube: xr.Dataset, plan: _Plan) -> tuple[int, int, int]:
+    """The blocks the data digest hashes: all bands of one store chunk of one image."""
+    return (cube.sizes["band"], *plan.chunks)
+
+
+def _request_digest(parts: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _request_parts(
@@ -491,9 +513,32 @@ def _request_parts(
     }
 
 
+def _is_new(path: Path) -> bool:
+    """Whether ``path`` holds nothing to keep: no file, or a store of ours whose request was never
+    recorded (:func:`_record_request`), so none of its regions was either."""
+    if not path.exists() and not path.is_symlink():
+        return True
+    try:
+        attrs = _zarr_group(path).attrs.asdict()
+    except Exception:  # not a Zarr group at all
+        return False
+    return STORE_MARKER in attrs and attrs.get(REQUEST_ATTR) == PENDING
+
+
+def _record_request(store: str, parts: Mapping[str, str], data: str) -> None:
+    """Complete the request of a new store with the digest of its input data (computed in the
+    graph of its first batch) and record it; the batch's region writes wait for it, so a store
+    never records a region under a request it does not hold."""
+    parts = {**parts, "data": data}
+    request = _request_digest(parts)
+    path = Path(store)
+    new_generation(path, request)
+    _zarr_group(path, mode="r+").attrs.update({REQUEST_ATTR: request, PARTS_ATTR: json.dumps(parts, sort_keys=True)})
+
+
 def _store_state(path: Path, digest: str, parts: Mapping[str, str], *, overwrite: bool) -> str:
     """``"new"`` (create it), ``"resume"`` or ``"complete"``; refuse anything that is not ours."""
-    if not path.exists() and not path.is_symlink():
+    if _is_new(path):
         return "new"
     try:
         attrs = _zarr_group(path).attrs.asdict()
@@ -649,7 +694,8 @@ def tile_blocks() -> int:
 
 
 def _region_writes(
-    cube: xr.Dataset, plan: _Plan, path: Path, digest: str, *, method: str, model: Any, params: Mapping[str, Any]
+    cube: xr.Dataset, plan: _Plan, path: Path, digest: str, *, method: str, model: Any, params: Mapping[str, Any],
+    first_waits_for: Any = None,
 ) -> tuple[list[Callable[[], list[Any]]], int]:
     """Builders of the batches of delayed region writes not yet recorded (recorded ones are not
     even computed), and the number of those writes.
@@ -664,6 +710,9 @@ def _region_writes(
     A fused date's scene-wide statistics are computed once, before its first batch, so every tile
     uses the statistics of the whole scene; dates fused from the same pairs share them where the
     method's statistics do not read the target (``SceneStatistics.uses_target``).
+
+    ``first_waits_for`` (a delayed task, the recording of a new store's request) is computed
+    with the first batch, the first one that fuses (it reads the most), whose writes wait for it.
     """
     done = _done_regions(path)
     token = tokenize(str(path.resolve()), digest)
@@ -694,7 +743,7 @@ def _region_writes(
     # an axis held in one block needs no halo (as in map_overlapping)
     halos = tuple(halo if len(blocks) > 1 else 0 for blocks in compute_blocks)
 
-    def batch(var: str, t: int, yspan: _Span, xspan: _Span, regions: list[tuple[int, int]]) -> list[Any]:
+    def batch(var: str, t: int, yspan: _Span, xspan: _Span, regions: list[tuple[int, int]], after: Any) -> list[Any]:
         if var == "fine" and plan.source[t] == "fused":
             if t not in calls:
                 calls[t] = with_statistics(call_of(t))
@@ -708,6 +757,8 @@ def _region_writes(
         chunk = (data.shape[0], *plan.chunks)
         data = data.rechunk(chunk) if isinstance(data, da.Array) else da.from_array(data, chunks=chunk)
         blocks = data.astype(np.float32).to_delayed(optimize_graph=False)  # keys shared by a batch's dates
+        if after is not None:
+            blocks = np.vectorize(lambda block: dask.delayed(_after, pure=True)(block, after), otypes=[object])(blocks)
         return [
             dask.delayed(_write_region)(
                 blocks[0, iy - yspan.regions.start, ix - xspan.regions.start], str(path), var, t, iy, ix,
@@ -718,10 +769,12 @@ def _region_writes(
             for iy, ix in regions
         ]
 
-    def dates_batch(var: str, todo: dict[int, list[tuple[int, int]]], yspan: _Span, xspan: _Span) -> list[Any]:
-        return [write for t, regions in todo.items() for write in batch(var, t, yspan, xspan, regions)]
+    def dates_batch(
+        var: str, todo: dict[int, list[tuple[int, int]]], yspan: _Span, xspan: _Span, after: Any = None
+    ) -> list[Any]:
+        return [write for t, regions in todo.items() for write in batch(var, t, yspan, xspan, regions, after)]
 
-    batches: list[Callable[[], list[Any]]] = []
+    batches: list[tuple[str, dict[int, list[tuple[int, int]]], _Span, _Span]] = []
     total = 0
     for var in plan.variables:
         for dates in _date_batches(plan, fused=var == "fine"):
@@ -740,9 +793,20 @@ def _region_writes(
                         )
                     }
                     if todo:
-                        batches.append(functools.partial(dates_batch, var, todo, yspan, xspan))
+                        batches.append((var, todo, yspan, xspan))
                         total += sum(map(len, todo.values()))
-    return batches, total
+    builders: list[Callable[[], list[Any]]] = [functools.partial(dates_batch, *b) for b in batches]
+    if first_waits_for is not None and batches:
+        fusing = [var == "fine" and any(plan.source[t] == "fused" for t in todo) for var, todo, _, _ in batches]
+        lead = fusing.index(True) if True in fusing else 0
+        builders.pop(lead)
+        builders.insert(0, functools.partial(dates_batch, *batches[lead], after=first_waits_for))
+    return builders, total
+
+
+def _after(value: Any, *_: Any) -> Any:
+    """``value``, as a task that runs only once the tasks passed after it have."""
+    return value
 
 
 def _date_batches(plan: _Plan, *, fused: bool) -> list[tuple[int, ...]]:
