@@ -277,14 +277,11 @@ def fuse_series(
             _create_store(cube, plan, path, attrs, method=spec.name, model_digest=digest_of_model)
         else:
             _check_model_provenance(path, digest_of_model)
-        recorded = None
+        pending = None
         if fingerprint_later:
-            data_lazy = lazy_content_digest(_inputs(cube, plan), _digest_chunks(cube, plan))
-            key = f"stf-request-{tokenize(str(path.resolve()), parts)}"
-            recorded = dask.delayed(_record_request)(str(path), parts, data_lazy, dask_key_name=key)
+            pending = (parts, lazy_content_digest(_inputs(cube, plan), _digest_chunks(cube, plan)))
         writes, total = _region_writes(
-            cube, plan, path, _request_digest(parts), method=spec.name, model=model, params=params,
-            first_waits_for=recorded,
+            cube, plan, path, _request_digest(parts), method=spec.name, model=model, params=params, pending=pending
         )
         action = "fused" if state == "new" else "resumed"
         if state == "resume":
@@ -525,15 +522,17 @@ def _is_new(path: Path) -> bool:
     return STORE_MARKER in attrs and attrs.get(REQUEST_ATTR) == PENDING
 
 
-def _record_request(store: str, parts: Mapping[str, str], data: str) -> None:
-    """Complete the request of a new store with the digest of its input data (computed in the
-    graph of its first batch) and record it; the batch's region writes wait for it, so a store
-    never records a region under a request it does not hold."""
+def _record_request(store: str, parts: Mapping[str, str], data: str, regions: list[str], writes: list[None]) -> None:
+    """Complete the request of a new store with the digest of its input data and record it, then
+    the ``regions`` of its first batch, written unrecorded (``writes``): the digest is computed in
+    that batch's graph, and no region is recorded under a request the store does not hold."""
     parts = {**parts, "data": data}
     request = _request_digest(parts)
     path = Path(store)
     new_generation(path, request)
     _zarr_group(path, mode="r+").attrs.update({REQUEST_ATTR: request, PARTS_ATTR: json.dumps(parts, sort_keys=True)})
+    for name in regions:
+        Path(store, PROGRESS_DIR, name).touch()
 
 
 def _store_state(path: Path, digest: str, parts: Mapping[str, str], *, overwrite: bool) -> str:
@@ -629,8 +628,11 @@ def _done_regions(path: Path) -> set[str]:
     return set(os.listdir(progress)) if progress.is_dir() else set()
 
 
-def _write_region(block: np.ndarray, store: str, var: str, t: int, iy: int, ix: int, ys: slice, xs: slice) -> None:
-    """Write one chunk, then record it (the record exists only once the chunk is on disk).
+def _write_region(
+    block: np.ndarray, store: str, var: str, t: int, iy: int, ix: int, ys: slice, xs: slice, record: bool = True
+) -> None:
+    """Write one chunk, then record it (the record exists only once the chunk is on disk), unless
+    ``record`` is False (a new store's first batch, recorded by :func:`_record_request`).
 
     All-NaN chunks are written too: a cube store holds every chunk, so a missing chunk file
     always means damage (see :func:`stf_pipeline.open_cube`).
@@ -640,7 +642,8 @@ def _write_region(block: np.ndarray, store: str, var: str, t: int, iy: int, ix: 
     array = zarr.open_array(f"{store}/{var}", mode="r+", zarr_format=ZARR_FORMAT)
     array = array.with_config({"write_empty_chunks": True})
     array[t, :, ys, xs] = np.asarray(block, dtype=np.float32)
-    Path(store, PROGRESS_DIR, _region_name(var, t, iy, ix)).touch()
+    if record:
+        Path(store, PROGRESS_DIR, _region_name(var, t, iy, ix)).touch()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -695,7 +698,7 @@ def tile_blocks() -> int:
 
 def _region_writes(
     cube: xr.Dataset, plan: _Plan, path: Path, digest: str, *, method: str, model: Any, params: Mapping[str, Any],
-    first_waits_for: Any = None,
+    pending: tuple[Mapping[str, str], Any] | None = None,
 ) -> tuple[list[Callable[[], list[Any]]], int]:
     """Builders of the batches of delayed region writes not yet recorded (recorded ones are not
     even computed), and the number of those writes.
@@ -711,8 +714,9 @@ def _region_writes(
     uses the statistics of the whole scene; dates fused from the same pairs share them where the
     method's statistics do not read the target (``SceneStatistics.uses_target``).
 
-    ``first_waits_for`` (a delayed task, the recording of a new store's request) is computed
-    with the first batch, the first one that fuses (it reads the most), whose writes wait for it.
+    ``pending`` (a new store's request parts and the lazy digest of its input data) is computed
+    with the first batch, the first one that fuses (it reads the most), sharing its reads; that
+    batch's regions are recorded after the request, by :func:`_record_request`.
     """
     done = _done_regions(path)
     token = tokenize(str(path.resolve()), digest)
@@ -743,7 +747,7 @@ def _region_writes(
     # an axis held in one block needs no halo (as in map_overlapping)
     halos = tuple(halo if len(blocks) > 1 else 0 for blocks in compute_blocks)
 
-    def batch(var: str, t: int, yspan: _Span, xspan: _Span, regions: list[tuple[int, int]], after: Any) -> list[Any]:
+    def batch(var: str, t: int, yspan: _Span, xspan: _Span, regions: list[tuple[int, int]], record: bool) -> list[Any]:
         if var == "fine" and plan.source[t] == "fused":
             if t not in calls:
                 calls[t] = with_statistics(call_of(t))
@@ -757,22 +761,29 @@ def _region_writes(
         chunk = (data.shape[0], *plan.chunks)
         data = data.rechunk(chunk) if isinstance(data, da.Array) else da.from_array(data, chunks=chunk)
         blocks = data.astype(np.float32).to_delayed(optimize_graph=False)  # keys shared by a batch's dates
-        if after is not None:
-            blocks = np.vectorize(lambda block: dask.delayed(_after, pure=True)(block, after), otypes=[object])(blocks)
         return [
             dask.delayed(_write_region)(
                 blocks[0, iy - yspan.regions.start, ix - xspan.regions.start], str(path), var, t, iy, ix,
                 slice(iy * plan.chunks[0], min((iy + 1) * plan.chunks[0], shape[0])),
-                slice(ix * plan.chunks[1], min((ix + 1) * plan.chunks[1], shape[1])),
+                slice(ix * plan.chunks[1], min((ix + 1) * plan.chunks[1], shape[1])), record,
                 dask_key_name=f"stf-write-{token}-{_region_name(var, t, iy, ix)}",
             )
             for iy, ix in regions
         ]
 
     def dates_batch(
-        var: str, todo: dict[int, list[tuple[int, int]]], yspan: _Span, xspan: _Span, after: Any = None
+        var: str, todo: dict[int, list[tuple[int, int]]], yspan: _Span, xspan: _Span, first: bool = False
     ) -> list[Any]:
-        return [write for t, regions in todo.items() for write in batch(var, t, yspan, xspan, regions, after)]
+        recorded_later = pending if first else None
+        writes = [
+            write for t, regions in todo.items() for write in batch(var, t, yspan, xspan, regions, not recorded_later)
+        ]
+        if recorded_later is None:
+            return writes
+        names = [_region_name(var, t, iy, ix) for t, regions in todo.items() for iy, ix in regions]
+        parts, data = recorded_later
+        key = f"stf-request-{token}"
+        return [*writes, dask.delayed(_record_request)(str(path), parts, data, names, writes, dask_key_name=key)]
 
     batches: list[tuple[str, dict[int, list[tuple[int, int]]], _Span, _Span]] = []
     total = 0
@@ -796,17 +807,12 @@ def _region_writes(
                         batches.append((var, todo, yspan, xspan))
                         total += sum(map(len, todo.values()))
     builders: list[Callable[[], list[Any]]] = [functools.partial(dates_batch, *b) for b in batches]
-    if first_waits_for is not None and batches:
+    if pending is not None and batches:
         fusing = [var == "fine" and any(plan.source[t] == "fused" for t in todo) for var, todo, _, _ in batches]
         lead = fusing.index(True) if True in fusing else 0
         builders.pop(lead)
-        builders.insert(0, functools.partial(dates_batch, *batches[lead], after=first_waits_for))
+        builders.insert(0, functools.partial(dates_batch, *batches[lead], first=True))
     return builders, total
-
-
-def _after(value: Any, *_: Any) -> Any:
-    """``value``, as a task that runs only once the tasks passed after it have."""
-    return value
 
 
 def _date_batches(plan: _Plan, *, fused: bool) -> list[tuple[int, ...]]:
@@ -835,8 +841,8 @@ def _compute(batches: list[Callable[[], list[Any]]], *, total: int, progress: bo
 
             for build in batches:
                 futures = client.compute(build())
-                for _ in as_completed(futures):
-                    bar.update(1)
+                for future in as_completed(futures):
+                    bar.update(int(str(future.key).startswith("stf-write-")))  # not a new store's request
                 client.gather(futures)
             return
         with DaskProgress(bar, "stf-write-") if progress else contextlib.nullcontext():
