@@ -244,11 +244,13 @@ def fuse_series(
     with WriterLock(path, action="fuse_series"):
         remove_litter(path)
         # a new store (where no model is trained first, which records the data too) fingerprints
-        # its input in the graph of its first batch, whose reads it shares (:func:`_recorded`)
+        # its input in the graph of its first batch, whose reads it shares (:func:`_record_request`)
         fingerprint_later = _is_new(path) and not (spec.learned and model is None)
-        start = time.perf_counter()
-        data = PENDING if fingerprint_later else _data_digest(cube, plan)
-        logger.debug("fingerprint of the input data: %.2f s", time.perf_counter() - start)
+        data = PENDING
+        if not fingerprint_later:
+            start = time.perf_counter()
+            data = _data_digest(cube, plan)
+            logger.debug("fingerprint of the input data: %.2f s", time.perf_counter() - start)
         parts = _request_parts(
             cube, plan, method=spec.name, params=p, backend=params["backend"], train_options=train_options,
             model=model, data=data,
