@@ -83,7 +83,6 @@ from stf_pipeline.store import (
     check_not_an_input,
     content_digest,
     input_stores,
-    lazy_content_digest,
     model_digest,
     new_generation,
     remove_partial_files,
@@ -97,8 +96,6 @@ PROGRESS_DIR = ".stf_progress"
 COMPLETE_ATTR = "stf_series_complete"
 REQUEST_ATTR = "stf_series_request"
 PARTS_ATTR = "stf_series_parts"
-#: the request (and its data part) of a new store until its first batch records the input's digest
-PENDING = ""
 #: file in ``model_dir`` naming the training request its model belongs to
 MODEL_REQUEST_FILE = ".stf_train_request"
 DEFAULT_CHUNK = 512
@@ -243,19 +240,14 @@ def fuse_series(
         train_options = _default_train_options(cube, train_options)
     with WriterLock(path, action="fuse_series"):
         remove_litter(path)
-        # a new store (where no model is trained first, which records the data too) fingerprints
-        # its input in the graph of its first batch, whose reads it shares (:func:`_record_request`)
-        fingerprint_later = _is_new(path) and not (spec.learned and model is None)
-        data = PENDING
-        if not fingerprint_later:
-            start = time.perf_counter()
-            data = _data_digest(cube, plan)
-            logger.debug("fingerprint of the input data: %.2f s", time.perf_counter() - start)
+        start = time.perf_counter()
+        data = _data_digest(cube, plan)
+        logger.debug("fingerprint of the input data: %.2f s", time.perf_counter() - start)
         parts = _request_parts(
             cube, plan, method=spec.name, params=p, backend=params["backend"], train_options=train_options,
             model=model, data=data,
         )
-        digest = PENDING if fingerprint_later else _request_digest(parts)
+        digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         state = _store_state(path, digest, parts, overwrite=overwrite)
         if state == "complete":
             logger.info("reusing %s (complete, same request)", path)
@@ -279,12 +271,7 @@ def fuse_series(
             _create_store(cube, plan, path, attrs, method=spec.name, model_digest=digest_of_model)
         else:
             _check_model_provenance(path, digest_of_model)
-        pending = None
-        if fingerprint_later:
-            pending = (parts, lazy_content_digest(_inputs(cube, plan), _digest_chunks(cube, plan)))
-        writes, total = _region_writes(
-            cube, plan, path, _request_digest(parts), method=spec.name, model=model, params=params, pending=pending
-        )
+        writes, total = _region_writes(cube, plan, path, digest, method=spec.name, model=model, params=params)
         action = "fused" if state == "new" else "resumed"
         if state == "resume":
             logger.info("resuming %s: %d of %d regions left", path, total, len(_expected_regions(plan, cube)))
@@ -467,16 +454,8 @@ def _data_digest(cube: xr.Dataset, plan: _Plan) -> str:
     """Digest of the full content of every input image the output depends on (see
     :func:`stf_pipeline.store.content_digest`): the same values, in memory or in any store and
     chunking, are the same data; a change of any pixel is another."""
-    return content_digest(_inputs(cube, plan), _digest_chunks(cube, plan))
-
-
-def _digest_chunks(cube: xr.Dataset, plan: _Plan) -> tuple[int, int, int]:
-    """The blocks the data digest hashes: all bands of one store chunk of one image."""
-    return (cube.sizes["band"], *plan.chunks)
-
-
-def _request_digest(parts: Mapping[str, str]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    n_bands = cube.sizes["band"]
+    return content_digest(_inputs(cube, plan), (n_bands, *plan.chunks))
 
 
 def _request_parts(
@@ -512,34 +491,9 @@ def _request_parts(
     }
 
 
-def _is_new(path: Path) -> bool:
-    """Whether ``path`` holds nothing to keep: no file, or a store of ours whose request was never
-    recorded (:func:`_record_request`), so none of its regions was either."""
-    if not path.exists() and not path.is_symlink():
-        return True
-    try:
-        attrs = _zarr_group(path).attrs.asdict()
-    except Exception:  # not a Zarr group at all
-        return False
-    return STORE_MARKER in attrs and attrs.get(REQUEST_ATTR) == PENDING
-
-
-def _record_request(store: str, parts: Mapping[str, str], data: str, regions: list[str], writes: list[None]) -> None:
-    """Complete the request of a new store with the digest of its input data and record it, then
-    the ``regions`` of its first batch, written unrecorded (``writes``): the digest is computed in
-    that batch's graph, and no region is recorded under a request the store does not hold."""
-    parts = {**parts, "data": data}
-    request = _request_digest(parts)
-    path = Path(store)
-    new_generation(path, request)
-    _zarr_group(path, mode="r+").attrs.update({REQUEST_ATTR: request, PARTS_ATTR: json.dumps(parts, sort_keys=True)})
-    for name in regions:
-        Path(store, PROGRESS_DIR, name).touch()
-
-
 def _store_state(path: Path, digest: str, parts: Mapping[str, str], *, overwrite: bool) -> str:
     """``"new"`` (create it), ``"resume"`` or ``"complete"``; refuse anything that is not ours."""
-    if _is_new(path):
+    if not path.exists() and not path.is_symlink():
         return "new"
     try:
         attrs = _zarr_group(path).attrs.asdict()
@@ -630,11 +584,8 @@ def _done_regions(path: Path) -> set[str]:
     return set(os.listdir(progress)) if progress.is_dir() else set()
 
 
-def _write_region(
-    block: np.ndarray, store: str, var: str, t: int, iy: int, ix: int, ys: slice, xs: slice, record: bool = True
-) -> None:
-    """Write one chunk, then record it (the record exists only once the chunk is on disk), unless
-    ``record`` is False (a new store's first batch, recorded by :func:`_record_request`).
+def _write_region(block: np.ndarray, store: str, var: str, t: int, iy: int, ix: int, ys: slice, xs: slice) -> None:
+    """Write one chunk, then record it (the record exists only once the chunk is on disk).
 
     All-NaN chunks are written too: a cube store holds every chunk, so a missing chunk file
     always means damage (see :func:`stf_pipeline.open_cube`).
@@ -644,8 +595,7 @@ def _write_region(
     array = zarr.open_array(f"{store}/{var}", mode="r+", zarr_format=ZARR_FORMAT)
     array = array.with_config({"write_empty_chunks": True})
     array[t, :, ys, xs] = np.asarray(block, dtype=np.float32)
-    if record:
-        Path(store, PROGRESS_DIR, _region_name(var, t, iy, ix)).touch()
+    Path(store, PROGRESS_DIR, _region_name(var, t, iy, ix)).touch()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -699,8 +649,7 @@ def tile_blocks() -> int:
 
 
 def _region_writes(
-    cube: xr.Dataset, plan: _Plan, path: Path, digest: str, *, method: str, model: Any, params: Mapping[str, Any],
-    pending: tuple[Mapping[str, str], Any] | None = None,
+    cube: xr.Dataset, plan: _Plan, path: Path, digest: str, *, method: str, model: Any, params: Mapping[str, Any]
 ) -> tuple[list[Callable[[], list[Any]]], int]:
     """Builders of the batches of delayed region writes not yet recorded (recorded ones are not
     even computed), and the number of those writes.
@@ -715,10 +664,6 @@ def _region_writes(
     A fused date's scene-wide statistics are computed once, before its first batch, so every tile
     uses the statistics of the whole scene; dates fused from the same pairs share them where the
     method's statistics do not read the target (``SceneStatistics.uses_target``).
-
-    ``pending`` (a new store's request parts and the lazy digest of its input data) is computed
-    with the first batch, the first one that fuses (it reads the most), sharing its reads; that
-    batch's regions are recorded after the request, by :func:`_record_request`.
     """
     done = _done_regions(path)
     token = tokenize(str(path.resolve()), digest)
@@ -749,7 +694,7 @@ def _region_writes(
     # an axis held in one block needs no halo (as in map_overlapping)
     halos = tuple(halo if len(blocks) > 1 else 0 for blocks in compute_blocks)
 
-    def batch(var: str, t: int, yspan: _Span, xspan: _Span, regions: list[tuple[int, int]], record: bool) -> list[Any]:
+    def batch(var: str, t: int, yspan: _Span, xspan: _Span, regions: list[tuple[int, int]]) -> list[Any]:
         if var == "fine" and plan.source[t] == "fused":
             if t not in calls:
                 calls[t] = with_statistics(call_of(t))
@@ -767,27 +712,16 @@ def _region_writes(
             dask.delayed(_write_region)(
                 blocks[0, iy - yspan.regions.start, ix - xspan.regions.start], str(path), var, t, iy, ix,
                 slice(iy * plan.chunks[0], min((iy + 1) * plan.chunks[0], shape[0])),
-                slice(ix * plan.chunks[1], min((ix + 1) * plan.chunks[1], shape[1])), record,
+                slice(ix * plan.chunks[1], min((ix + 1) * plan.chunks[1], shape[1])),
                 dask_key_name=f"stf-write-{token}-{_region_name(var, t, iy, ix)}",
             )
             for iy, ix in regions
         ]
 
-    def dates_batch(
-        var: str, todo: dict[int, list[tuple[int, int]]], yspan: _Span, xspan: _Span, first: bool = False
-    ) -> list[Any]:
-        recorded_later = pending if first else None
-        writes = [
-            write for t, regions in todo.items() for write in batch(var, t, yspan, xspan, regions, not recorded_later)
-        ]
-        if recorded_later is None:
-            return writes
-        names = [_region_name(var, t, iy, ix) for t, regions in todo.items() for iy, ix in regions]
-        parts, data = recorded_later
-        key = f"stf-request-{token}"
-        return [*writes, dask.delayed(_record_request)(str(path), parts, data, names, writes, dask_key_name=key)]
+    def dates_batch(var: str, todo: dict[int, list[tuple[int, int]]], yspan: _Span, xspan: _Span) -> list[Any]:
+        return [write for t, regions in todo.items() for write in batch(var, t, yspan, xspan, regions)]
 
-    batches: list[tuple[str, dict[int, list[tuple[int, int]]], _Span, _Span]] = []
+    batches: list[Callable[[], list[Any]]] = []
     total = 0
     for var in plan.variables:
         for dates in _date_batches(plan, fused=var == "fine"):
@@ -806,15 +740,9 @@ def _region_writes(
                         )
                     }
                     if todo:
-                        batches.append((var, todo, yspan, xspan))
+                        batches.append(functools.partial(dates_batch, var, todo, yspan, xspan))
                         total += sum(map(len, todo.values()))
-    builders: list[Callable[[], list[Any]]] = [functools.partial(dates_batch, *b) for b in batches]
-    if pending is not None and batches:
-        fusing = [var == "fine" and any(plan.source[t] == "fused" for t in todo) for var, todo, _, _ in batches]
-        lead = fusing.index(True) if True in fusing else 0
-        builders.pop(lead)
-        builders.insert(0, functools.partial(dates_batch, *batches[lead], first=True))
-    return builders, total
+    return batches, total
 
 
 def _date_batches(plan: _Plan, *, fused: bool) -> list[tuple[int, ...]]:
@@ -843,8 +771,8 @@ def _compute(batches: list[Callable[[], list[Any]]], *, total: int, progress: bo
 
             for build in batches:
                 futures = client.compute(build())
-                for future in as_completed(futures):
-                    bar.update(int(str(future.key).startswith("stf-write-")))  # not a new store's request
+                for _ in as_completed(futures):
+                    bar.update(1)
                 client.gather(futures)
             return
         with DaskProgress(bar, "stf-write-") if progress else contextlib.nullcontext():

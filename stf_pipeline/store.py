@@ -7,9 +7,9 @@
   process is reported as a stale lock taken over.
 - :func:`check_not_an_input`: a call never writes over a store that one of its inputs is read
   from (found in the Dask graph of the inputs, paths resolved).
-- :func:`content_digest` (lazily :func:`lazy_content_digest`) / :func:`model_digest`:
-  fingerprints of what decides an output, the full content of the inputs (hashed chunk by
-  chunk, so memory stays bounded) and the weights of a trained model.
+- :func:`content_digest` / :func:`model_digest`: fingerprints of what decides an output, the
+  full content of the inputs (hashed chunk by chunk, so memory stays bounded) and the weights
+  of a trained model.
 - :class:`CheckedChunks`: the lazy reader of stores opened by :func:`stf_pipeline.open_cube`,
   which turns a damaged chunk (checksum mismatch, truncated, undecodable) into a
   :class:`~stf_pipeline.exceptions.CubeError` naming the chunk, and refuses data from a store
@@ -276,36 +276,24 @@ def content_digest(arrays: Mapping[str, Any], chunks: tuple[int, ...]) -> str:
     values give the same digest however they are held or chunked); each block is hashed in its
     own task, so memory stays at a few blocks per worker whatever the size of the arrays.
     """
-    (digest,) = dask.compute(lazy_content_digest(arrays, chunks))
-    return str(digest)
-
-
-def lazy_content_digest(arrays: Mapping[str, Any], chunks: tuple[int, ...]) -> Any:
-    """:func:`content_digest` as one ``dask.delayed`` value, computing nothing yet.
-
-    Its block tasks read the arrays' own chunk tasks (the graphs are not optimized apart), so
-    computed in one call with other work on the same Dask arrays, each chunk is read and
-    decoded once for both.
-    """
     names = sorted(arrays)
-    groups = []
+    blocks = []
     for name in names:
         array = arrays[name]
         lazy = (
             array.rechunk(chunks) if isinstance(array, da.Array)
             else da.from_array(np.asarray(array), chunks=chunks, name=False)  # name=False: no hash of the whole array
         )
-        blocks = lazy.to_delayed(optimize_graph=False).ravel()
-        groups.append([dask.delayed(_block_digest, pure=True)(b) for b in blocks])
-    return dask.delayed(_combine_digests, pure=True)(names, groups)
-
-
-def _combine_digests(names: list[str], groups: list[list[bytes]]) -> str:
+        delayed = lazy.to_delayed().ravel()
+        blocks.append([dask.delayed(_block_digest, pure=True)(b) for b in delayed])
+    digests = dask.compute(*[d for group in blocks for d in group])
     total = hashlib.sha256()
-    for name, group in zip(names, groups, strict=True):
+    i = 0
+    for name, group in zip(names, blocks, strict=True):
         total.update(name.encode())
-        for block in group:
-            total.update(block)
+        for _ in group:
+            total.update(digests[i])
+            i += 1
     return total.hexdigest()
 
 

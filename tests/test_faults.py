@@ -212,13 +212,13 @@ def test_a_worker_killed_mid_chunk_write_leaves_no_orphan(tmp_path, references, 
     original = series._write_region
     orphans = []
 
-    def write_after_a_killed_try(block, store, var, t, iy, ix, ys, xs, *rest):
+    def write_after_a_killed_try(block, store, var, t, iy, ix, ys, xs):
         if not orphans:
             orphan = Path(store, var, "c", str(t), "0", str(iy), f"{ix}.{'0' * 31}1.partial")
             orphan.parent.mkdir(parents=True, exist_ok=True)
             orphan.write_bytes(b"torn")
             orphans.append(orphan)
-        original(block, store, var, t, iy, ix, ys, xs, *rest)
+        original(block, store, var, t, iy, ix, ys, xs)
 
     monkeypatch.setattr(series, "_write_region", write_after_a_killed_try)
     out = tmp_path / "f.zarr"

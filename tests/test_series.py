@@ -497,39 +497,25 @@ class _CountingDates:
         return self.values[key]
 
 
-def _counted_cube(plain):
-    """``plain`` read lazily through :class:`_CountingDates`, and the counters of its two variables."""
-    import dask.array as da
-
-    counters = {name: _CountingDates(plain[name].values) for name in ("fine", "coarse")}
-    cube = plain.copy()
-    for name, counter in counters.items():
-        cube[name] = plain[name].copy(data=da.from_array(counter, chunks=(1, -1, 16, 16)))
-    return cube, counters
-
-
-def _two_pair_cube():
-    """Six dates, fine at the first and last only: four targets fused from the same two pairs."""
-    base = random_cube(n_times=6, height=48, width=48, coarse_factor=8, seed=6)
-    fine = np.where(np.isin(np.arange(6), [1, 2, 3, 4])[:, None, None, None], np.nan, base["fine"].values)
-    return stf.make_cube(
-        fine, base["coarse"].values, time=base.time.values, band=base.band.values, y=base.y.values,
-        x=base.x.values, crs="EPSG:32633", coarse_factor=8,
-    )
-
-
 def test_dates_fused_from_the_same_pairs_read_the_pairs_once_per_tile(tmp_path, monkeypatch):
     # four dates fused from the same two pairs share one batch per tile: each chunk of the pairs'
     # images is read once for them (four times with one date a batch), and the store is the same
-    plain = _two_pair_cube()
+    import dask.array as da
+
+    base = random_cube(n_times=6, height=48, width=48, coarse_factor=8, seed=6)
+    fine = np.where(np.isin(np.arange(6), [1, 2, 3, 4])[:, None, None, None], np.nan, base["fine"].values)
+    plain = stf.make_cube(
+        fine, base["coarse"].values, time=base.time.values, band=base.band.values, y=base.y.values,
+        x=base.x.values, crs="EPSG:32633", coarse_factor=8,
+    )
     compute = series._compute
     reads = {}
     for per_batch in (1, 4):
         monkeypatch.setattr(series, "DATES_PER_BATCH", per_batch)
-        cube, counters = _counted_cube(plain)
-        out = tmp_path / f"{per_batch}.zarr"
-        # over a store of another request, the input digest is computed before the batches
-        stf.fuse_series(cube, method="starfm", out=out, chunks=CHUNKS, progress=False, radius=2)
+        counters = {name: _CountingDates(plain[name].values) for name in ("fine", "coarse")}
+        cube = plain.copy()
+        for name, counter in counters.items():
+            cube[name] = plain[name].copy(data=da.from_array(counter, chunks=(1, -1, 16, 16)))
 
         def counted(batches, counters=counters, **kwargs):  # the reads of the fusion, not of the digest
             for counter in counters.values():
@@ -537,58 +523,11 @@ def test_dates_fused_from_the_same_pairs_read_the_pairs_once_per_tile(tmp_path, 
             compute(batches, **kwargs)
 
         monkeypatch.setattr(series, "_compute", counted)
-        stf.fuse_series(cube, method="starfm", out=out, chunks=CHUNKS, progress=False, radius=3, overwrite=True)
-        monkeypatch.setattr(series, "_compute", compute)
+        stf.fuse_series(cube, method="starfm", out=tmp_path / f"{per_batch}.zarr", chunks=CHUNKS, progress=False,
+                        radius=3)
         reads[per_batch] = {name: counter.reads.copy() for name, counter in counters.items()}
     pairs = [0, 5]
     np.testing.assert_array_equal(reads[1]["coarse"][pairs], 4 * reads[4]["coarse"][pairs])
     np.testing.assert_array_equal(reads[1]["coarse"][1:5], reads[4]["coarse"][1:5])  # each target once
     assert (reads[4]["fine"][pairs] < reads[1]["fine"][pairs]).all()  # (and once for the scene statistics)
     assert tree_bytes(tmp_path / "1.zarr") == tree_bytes(tmp_path / "4.zarr")
-
-
-def test_a_new_store_fingerprints_its_input_with_its_first_batch(tmp_path):
-    # the input digest of a new store is computed in the graph of its first fusing batch: the
-    # chunks that batch reads are read once for both, and the store is byte for byte the one
-    # whose digest was computed first (over a store of another request)
-    plain = _two_pair_cube()
-    chunks_per_image = 9  # 48 x 48 in 16 x 16 chunks
-    cube, counters = _counted_cube(plain)
-    fresh = tmp_path / "fresh.zarr"
-    stf.fuse_series(cube, method="starfm", out=fresh, chunks=CHUNKS, progress=False, radius=3)
-    shared = {name: counter.reads.copy() for name, counter in counters.items()}
-
-    cube, counters = _counted_cube(plain)
-    replaced = tmp_path / "replaced.zarr"
-    stf.fuse_series(cube, method="starfm", out=replaced, chunks=CHUNKS, progress=False, radius=2)
-    for counter in counters.values():
-        counter.reads[:] = 0
-    stf.fuse_series(cube, method="starfm", out=replaced, chunks=CHUNKS, progress=False, radius=3, overwrite=True)
-    apart = {name: counter.reads.copy() for name, counter in counters.items()}
-
-    assert tree_bytes(fresh) == tree_bytes(replaced)
-    # the first batch (all four targets) reads every coarse image and the pairs' fine images
-    np.testing.assert_array_equal(apart["coarse"] - shared["coarse"], chunks_per_image)
-    np.testing.assert_array_equal((apart["fine"] - shared["fine"])[[0, 5]], chunks_per_image)
-    request = series._zarr_group(fresh).attrs["stf_series_request"]
-    assert request == series._zarr_group(replaced).attrs["stf_series_request"] != series.PENDING
-
-
-def test_a_store_killed_before_its_request_is_recorded_starts_anew(tmp_path, monkeypatch):
-    cube = gappy_cube()
-    reference = tmp_path / "ref.zarr"
-    stf.fuse_series(cube, method="delta", out=reference, chunks=CHUNKS, progress=False)
-
-    def killed(*args, **kwargs):
-        raise _Crash
-
-    path = tmp_path / "f.zarr"
-    monkeypatch.setattr(series, "_record_request", killed)
-    with pytest.raises(_Crash):
-        stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)
-    assert series._zarr_group(path).attrs["stf_series_request"] == series.PENDING
-    assert not os.listdir(path / series.PROGRESS_DIR)  # no region is recorded before the request
-    monkeypatch.undo()
-    stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False)  # no overwrite needed
-    assert tree_bytes(path) == tree_bytes(reference)
-

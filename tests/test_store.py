@@ -152,8 +152,7 @@ def test_resume_with_other_data_params_or_model_says_what_changed(tmp_path, monk
         FittedModel(method="biastf", config={}, params={"G": {"w": np.zeros(3, np.float32)}}, bands=("a",),
                     coarse_factor=None))
 
-    # stopped after its first batch (both targets), which records the request
-    original = interrupt_at_date(monkeypatch, 3)
+    original = interrupt_at_date(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         stf.fuse_series(cube, method="delta", out=path, chunks=CHUNKS, progress=False, model=model_a)
     monkeypatch.setattr(series, "_write_region", original)
