@@ -220,16 +220,16 @@ def _check_values(cube: xr.Dataset, *, lazy: bool) -> None:
     low, high = REFLECTANCE_RANGE
     for name, windows in samples.items():
         for window in windows:
-            window = np.asarray(window)
-            if np.isinf(window).any():
+            # two reductions over the window, NaN ignored: ±inf shows as an infinite extreme
+            lowest, highest = _nan_extremes(np.asarray(window))
+            if np.isinf(lowest) or np.isinf(highest):
                 raise CubeError(
                     f"variable {name!r} holds ±inf values; mark invalid pixels as NaN instead, e.g. "
                     f"cube[{name!r}] = cube[{name!r}].where(np.isfinite(cube[{name!r}]))."
                 )
-            finite = window[np.isfinite(window)]
-            if finite.size and (finite.min() < low or finite.max() > high):
+            if lowest < low or highest > high:  # False for an all-NaN window (NaN extremes)
                 raise CubeError(
-                    f"variable {name!r} holds values from {finite.min():.4g} to {finite.max():.4g}, outside the "
+                    f"variable {name!r} holds values from {lowest:.4g} to {highest:.4g}, outside the "
                     f"plausible reflectance range [{low}, {high}]; apply the product's scale factor first "
                     "(e.g. x 1e-4 for 0-10000 integers, or x 2.75e-5 - 0.2 for Landsat Collection 2 Level-2)."
                 )
@@ -243,6 +243,15 @@ def _check_values(cube: xr.Dataset, *, lazy: bool) -> None:
                     f"{native} fine pixels (nearest-resampled at that factor); set cube.attrs['coarse_factor'] = "
                     f"{native}, or check how the coarse images were resampled."
                 )
+
+
+def _nan_extremes(window: np.ndarray) -> tuple[float, float]:
+    """Smallest and largest value of ``window``, NaN ignored (NaN, NaN where it holds no other)."""
+    if window.size == 0:
+        return np.nan, np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: NaN on purpose
+        return float(np.nanmin(window)), float(np.nanmax(window))
 
 
 def _blockwise_factor(window: np.ndarray) -> int | None:

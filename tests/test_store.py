@@ -291,6 +291,12 @@ def test_value_checks_name_the_scale_factor_and_inf():
     fine[3, 0, 16, 20] = np.inf
     with pytest.raises(stf.CubeError, match="holds ±inf values"):
         stf.validate_cube(cube.copy(data={"fine": fine, "coarse": cube["coarse"].values}))
+    fine[3, 0, 16, 20] = -np.inf
+    with pytest.raises(stf.CubeError, match="holds ±inf values"):
+        stf.validate_cube(cube.copy(data={"fine": fine, "coarse": cube["coarse"].values}))
+    fine[3, 0, 16, 20] = -0.6  # below the range (the sampled date 2 is all NaN, and passes)
+    with pytest.raises(stf.CubeError, match=r"values from -0\.6 to .* outside the plausible reflectance range"):
+        stf.validate_cube(cube.copy(data={"fine": fine, "coarse": cube["coarse"].values}))
     # lazy cubes are only sampled when asked (fuse_series, open_cube and write_cube ask)
     lazy = scaled.chunk({"y": 16, "x": 16})
     stf.validate_cube(lazy)
