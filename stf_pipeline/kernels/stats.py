@@ -35,7 +35,7 @@ def quiet_nan() -> Iterator[None]:
 
 
 #: independent partial sums per pass of :func:`_plane_std`: one running sum waits on the
-#: previous addition, eight interleaved ones keep the core's adders busy (2.6x faster a plane)
+#: previous addition, eight interleaved ones keep the core's adders busy (docs/benchmarks.md)
 LANES = 8
 
 
