@@ -526,6 +526,43 @@ def _await_swap(path: Path) -> None:
         time.sleep(0.01)
 
 
+def _open_one_generation(
+    path: Path, chunks: Mapping[str, int] | str | None, attempts: int = 5
+) -> tuple[xr.Dataset, xr.Dataset, str | None]:
+    """Open ``path`` twice (lazy Dask view, raw variables) with all eager reads from one generation.
+
+    Opening reads metadata and the index coordinates at once. A writer that swaps the store in
+    the meantime (or leaves the path empty between its two renames, where Zarr reads missing
+    files as fill values) would give a mix of two stores, so the generation is read before and
+    after, and the open is repeated until both agree.
+    """
+    from stf_pipeline.store import read_generation
+
+    for _ in range(attempts):
+        generation = read_generation(path)
+        try:
+            cube = xr.open_zarr(
+                path, consolidated=None, chunks={} if chunks is None else chunks, decode_coords="all"  # type: ignore[arg-type]
+            )
+            raw = xr.open_dataset(
+                path, engine="zarr", consolidated=None, chunks=None, cache=False, decode_coords="all"
+            )
+        except Exception as err:  # zarr/xarray raise many types for broken stores
+            if read_generation(path) != generation:
+                continue
+            raise CubeError(
+                f"cannot open cube store {path}: it is truncated or corrupt ({type(err).__name__}: {err}); "
+                "re-create it with stf.write_cube or `stf ingest`."
+            ) from err
+        if read_generation(path) == generation:
+            return cube, raw, generation
+        _await_swap(path)
+    raise CubeError(
+        f"{path} was replaced by another writer while it was being read, {attempts} times in a row; "
+        "open it again (stf.open_cube) once the writer has finished."
+    )
+
+
 def open_store(
     path: str | os.PathLike[str],
     *,
@@ -543,28 +580,18 @@ def open_store(
         If the store is missing, truncated (a chunk file missing), an unfinished fused series,
         or its metadata is corrupt.
     """
-    from stf_pipeline.store import CheckedChunks, read_generation
+    from stf_pipeline.store import CheckedChunks
 
     path = Path(path)
     _await_swap(path)
+    if not path.exists():
+        _await_swap(path)  # a writer may have begun a swap since: its journal is there before the path goes
     if not path.exists():
         raise CubeError(
             f"no cube store at {path}; create one with stf.write_cube(cube, {str(path)!r}) "
             "or `stf ingest CATALOG -o STORE`."
         )
-    generation = read_generation(path)
-    try:
-        cube = xr.open_zarr(
-            path, consolidated=None, chunks={} if chunks is None else chunks, decode_coords="all"  # type: ignore[arg-type]
-        )
-        raw = xr.open_dataset(
-            path, engine="zarr", consolidated=None, chunks=None, cache=False, decode_coords="all"
-        )
-    except Exception as err:  # zarr/xarray raise many types for broken stores
-        raise CubeError(
-            f"cannot open cube store {path}: it is truncated or corrupt ({type(err).__name__}: {err}); "
-            "re-create it with stf.write_cube or `stf ingest`."
-        ) from err
+    cube, raw, generation = _open_one_generation(path, chunks)
     if cube.attrs.get("stf_series_complete") is False or cube.attrs.get("stf_series_complete") == 0:
         raise CubeError(
             f"{path} is a fused series that is not finished yet (an interrupted stf.fuse_series run); "

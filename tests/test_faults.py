@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 
 import stf_pipeline as stf
 from stf_pipeline.testing import series_cube, tree_bytes
@@ -324,6 +325,37 @@ def test_readers_during_overwrites_see_a_whole_store_or_an_error(tmp_path):
     if errors:
         raise errors[0]
     assert sum(outcomes.values()) >= 3
+
+
+def test_a_store_swapped_while_it_is_opened_is_opened_again(tmp_path, monkeypatch):
+    """The eager reads of an open (metadata, coordinates) come from one generation, never two."""
+    old, new = fault_cube(), fault_cube(0.25)
+    new = new.assign_coords(time=new["time"] + np.timedelta64(1, "D"))
+    path = stf.write_cube(old, tmp_path / "c.zarr", chunks={"y": 16, "x": 16})
+    real_open_zarr = xr.open_zarr
+    swapped = []
+
+    def open_then_swap(*args, **kwargs):
+        result = real_open_zarr(*args, **kwargs)
+        if not swapped:  # another writer replaces the store right after the first open
+            swapped.append(True)
+            stf.write_cube(new, path, chunks={"y": 16, "x": 16}, overwrite=True)
+        return result
+
+    monkeypatch.setattr(xr, "open_zarr", open_then_swap)
+    cube = stf.open_cube(path)
+    np.testing.assert_array_equal(cube["time"].values, new["time"].values)
+    np.testing.assert_array_equal(cube["fine"].values, new["fine"].values)
+
+
+def test_a_store_replaced_on_every_open_is_a_named_error(tmp_path, monkeypatch):
+    from stf_pipeline import store
+
+    path = stf.write_cube(fault_cube(), tmp_path / "c.zarr", chunks={"y": 16, "x": 16})
+    generations = iter(range(1000))
+    monkeypatch.setattr(store, "read_generation", lambda _: str(next(generations)))
+    with pytest.raises(stf.CubeError, match="replaced by another writer while it was being read, 5 times"):
+        stf.open_cube(path)
 
 
 @pytest.mark.parametrize(
