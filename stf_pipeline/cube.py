@@ -509,6 +509,10 @@ def _is_cube_store(path: Path) -> bool:
     return STORE_MARKER in ds.attrs
 
 
+#: how many times an open starts again when a writer swaps the store during it
+OPEN_ATTEMPTS = 5
+
+
 def _await_swap(path: Path) -> None:
     """Before reading ``path``: wait out a swap in progress, or recover one a killed writer left."""
     import time
@@ -526,41 +530,39 @@ def _await_swap(path: Path) -> None:
         time.sleep(0.01)
 
 
-def _open_one_generation(
-    path: Path, chunks: Mapping[str, int] | str | None, attempts: int = 5
-) -> tuple[xr.Dataset, xr.Dataset, str | None]:
-    """Open ``path`` twice (lazy Dask view, raw variables) with all eager reads from one generation.
-
-    Opening reads metadata and the index coordinates at once. A writer that swaps the store in
-    the meantime (or leaves the path empty between its two renames, where Zarr reads missing
-    files as fill values) would give a mix of two stores, so the generation is read before and
-    after, and the open is repeated until both agree.
-    """
+def _being_replaced(path: Path, generation: str | None) -> bool:
+    """Whether a writer swapped ``path`` since its generation read ``generation``, or is swapping it now."""
+    from stf_pipeline._atomic import journal_path
     from stf_pipeline.store import read_generation
 
-    for _ in range(attempts):
-        generation = read_generation(path)
-        try:
-            cube = xr.open_zarr(
-                path, consolidated=None, chunks={} if chunks is None else chunks, decode_coords="all"  # type: ignore[arg-type]
-            )
-            raw = xr.open_dataset(
-                path, engine="zarr", consolidated=None, chunks=None, cache=False, decode_coords="all"
-            )
-        except Exception as err:  # zarr/xarray raise many types for broken stores
-            if read_generation(path) != generation:
-                continue
-            raise CubeError(
-                f"cannot open cube store {path}: it is truncated or corrupt ({type(err).__name__}: {err}); "
-                "re-create it with stf.write_cube or `stf ingest`."
-            ) from err
-        if read_generation(path) == generation:
-            return cube, raw, generation
-        _await_swap(path)
-    raise CubeError(
-        f"{path} was replaced by another writer while it was being read, {attempts} times in a row; "
-        "open it again (stf.open_cube) once the writer has finished."
-    )
+    return read_generation(path) != generation or journal_path(path).exists()
+
+
+def _open_eagerly(path: Path, chunks: Mapping[str, int] | str | None) -> tuple[xr.Dataset, xr.Dataset]:
+    """Open ``path`` twice (the lazy Dask view, the raw variables) and do every eager read: metadata,
+    coordinates, small string labels and, for stores written here, the list of chunk files."""
+    try:
+        cube = xr.open_zarr(
+            path, consolidated=None, chunks={} if chunks is None else chunks, decode_coords="all"  # type: ignore[arg-type]
+        )
+        raw = xr.open_dataset(path, engine="zarr", consolidated=None, chunks=None, cache=False, decode_coords="all")
+        for name, var in list(cube.variables.items()):
+            if var.dtype.kind == "T" or (var.dtype == object and var.size <= 100_000):
+                # Zarr v3 strings come back as NumPy's variable-width StringDType: small labels, read as plain str
+                cube[name] = var.copy(data=np.asarray(np.asarray(var.values).tolist(), dtype=str))
+    except Exception as err:  # zarr/xarray raise many types for broken stores
+        raise CubeError(
+            f"cannot open cube store {path}: it is truncated or corrupt ({type(err).__name__}: {err}); "
+            "re-create it with stf.write_cube or `stf ingest`."
+        ) from err
+    if cube.attrs.get("stf_series_complete") is False or cube.attrs.get("stf_series_complete") == 0:
+        raise CubeError(
+            f"{path} is a fused series that is not finished yet (an interrupted stf.fuse_series run); "
+            "rerun stf.fuse_series with the same arguments to resume it."
+        )
+    if STORE_MARKER in cube.attrs or "stf_series_request" in cube.attrs:
+        _check_chunks_present(path, cube)
+    return cube, raw
 
 
 def open_store(
@@ -574,38 +576,46 @@ def open_store(
     being read raises too (see :class:`stf_pipeline.store.CheckedChunks`). Fused series use it
     (they need not hold the ``coarse`` images of a cube).
 
+    The eager reads of the open (metadata, coordinates, labels) lie between two reads of the
+    store's generation; a writer that swaps the store in between (or leaves the path empty
+    between its two renames, where Zarr would read fill values) makes the open start again, so
+    it never pairs one store's coordinates with another's data.
+
     Raises
     ------
     CubeError
         If the store is missing, truncated (a chunk file missing), an unfinished fused series,
-        or its metadata is corrupt.
+        its metadata is corrupt, or it was replaced during each of :data:`OPEN_ATTEMPTS` opens.
     """
-    from stf_pipeline.store import CheckedChunks
+    from stf_pipeline.store import CheckedChunks, read_generation
 
     path = Path(path)
-    _await_swap(path)
-    if not path.exists():
-        _await_swap(path)  # a writer may have begun a swap since: its journal is there before the path goes
-    if not path.exists():
+    for _ in range(OPEN_ATTEMPTS):
+        _await_swap(path)
+        generation = read_generation(path)
+        if not path.exists():
+            if _being_replaced(path, generation):
+                continue
+            raise CubeError(
+                f"no cube store at {path}; create one with stf.write_cube(cube, {str(path)!r}) "
+                "or `stf ingest CATALOG -o STORE`."
+            )
+        try:
+            cube, raw = _open_eagerly(path, chunks)
+        except CubeError:
+            if _being_replaced(path, generation):
+                continue
+            raise
+        if not _being_replaced(path, generation):
+            break
+    else:
         raise CubeError(
-            f"no cube store at {path}; create one with stf.write_cube(cube, {str(path)!r}) "
-            "or `stf ingest CATALOG -o STORE`."
+            f"{path} was replaced by another writer while it was being read, {OPEN_ATTEMPTS} times in a row; "
+            "open it again (stf.open_cube) once the writer has finished."
         )
-    cube, raw, generation = _open_one_generation(path, chunks)
-    if cube.attrs.get("stf_series_complete") is False or cube.attrs.get("stf_series_complete") == 0:
-        raise CubeError(
-            f"{path} is a fused series that is not finished yet (an interrupted stf.fuse_series run); "
-            "rerun stf.fuse_series with the same arguments to resume it."
-        )
-    if STORE_MARKER in cube.attrs or "stf_series_request" in cube.attrs:
-        _check_chunks_present(path, cube)
     import dask.array as da
     from dask.base import tokenize
 
-    for name, var in list(cube.variables.items()):
-        if var.dtype.kind == "T" or (var.dtype == object and var.size <= 100_000):
-            # Zarr v3 strings come back as NumPy's variable-width StringDType: small labels, read as plain str
-            cube[name] = var.copy(data=np.asarray(np.asarray(var.values).tolist(), dtype=str))
     for name in list(cube.data_vars):
         data = cube[name].data
         if not is_dask_array(data) or not cube[name].ndim or cube[name].dtype.kind in "UT":
