@@ -90,7 +90,7 @@ def test_stf_bench_lists_and_imports_every_benchmark(capsys):
     assert {"biastf", "methods", "scale", "startup", "stfdcnn"} <= set(names)
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
-    assert f"benchmarks: {', '.join(names)}" in capsys.readouterr().out
+    assert f"benchmarks: {', '.join(names)}" in " ".join(capsys.readouterr().out.split())  # help text wraps
     for name in names:
         module = load_benchmark(name)
         assert Path(module.__file__) == BENCHMARKS / f"{name}.py" and callable(module.main)
@@ -136,3 +136,79 @@ def test_fusion_weights_study_fuses_as_biastf_does(label, weights, power):
         coarse=coarse.astype(np.float32), power=power, spread_window=3 * factor + 1,
     )
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-6)
+
+
+def _gpu_results() -> dict:
+    """Children's results shaped as ``stf bench methods / biastf / scale --series`` write them."""
+    methods = [
+        {"method": "starfm", "source": "synthetic", "first_s": 5.1, "steady_s": 0.173, "cpu_s": 0.4, "rmse": 0.0374},
+        {"method": "estarfm", "source": "synthetic", "first_s": 7.0, "steady_s": 0.205, "cpu_s": 0.5, "rmse": 0.0375},
+        {"method": "fsdaf", "source": "synthetic", "first_s": 15.7, "steady_s": 0.81, "cpu_s": 0.8, "rmse": 0.0293},
+    ]
+    inference = [
+        {"layout": layout, "dtype": dtype, "self_ensemble": views, "compute_s": compute, "floor_s": floor,
+         "compute_over_floor": compute / floor, "kernel_s": kernel}
+        for layout, dtype, views, compute, floor, kernel in [
+            ("per-band", "tensorfloat32", 4, 0.721, 0.720, 0.75),
+            ("multiband", "bfloat16", 4, 0.321, 0.305, 0.39),
+            ("multiband", "tensorfloat32", 1, 0.2, 0.1, 0.25),  # another orientation count: not the default's row
+            ("multiband", "tensorfloat32", 4, 0.66, 0.6, 0.687),
+        ]
+    ]
+    training = [
+        {"stage": stage, "layout": "multiband", "dtype": dtype, "patches_per_s": rate}
+        for stage, dtype, rate in [("G", "float32", 2845.0), ("B, frozen G", "float32", 2731.2),
+                                   ("G", "bfloat16", 3000.0), ("B, frozen G", "bfloat16", 2400.0)]
+    ]
+    zarr = {"size": 2000, "chunk": 1024, "layout": "multiband", "tensorfloat32_first_s": 7.0,
+            "tensorfloat32_best_s": 1.29}
+    series = [{"end_to_end_vs_kernel": 0.6, "end_to_end_mpx_s": 12.0, "kernel_only_mpx_s": 20.0, "wall_s": 83.0,
+               "peak_rss_bytes": 30 * 2**30}]
+    return {"methods": {"results": methods}, "biastf": {"inference": inference, "training": training, "zarr": zarr},
+            "series": {"series": series}}
+
+
+def test_targets_are_judged_from_the_childrens_numbers():
+    """Each GPU target's value is the hand computation from the children's records; met or not by its limit."""
+    targets = load_benchmark("targets")
+    records = {r["target"]: r for r in (t.judge(_gpu_results()) for t in targets.GPU_TARGETS)}
+    expected = {
+        "starfm": (0.173, True), "estarfm": (0.205, False), "fsdaf": (0.81, True), "fsdaf-host": (0.8, True),
+        "biastf-floor-per-band": (0.721 / 0.720, False), "biastf-floor-multiband": (0.321 / 0.305, False),
+        "biastf-zarr-first": (7.0 / 1.29, False), "biastf-zarr-warm": (1.29 / 0.687, False),
+        "training-float32": (2731.2 / 2845.0, True), "training-bfloat16": (0.8, False), "series": (0.6, False),
+    }
+    assert set(records) == set(expected)
+    for name, (value, met) in expected.items():
+        assert records[name]["measured"] == pytest.approx(value, rel=1e-12), name
+        assert records[name]["met"] is met, name
+    assert records["estarfm"]["limit"] == "≤ 0.2 s" and records["estarfm"]["of_limit"] == pytest.approx(1.025)
+    assert records["training-float32"]["limit"] == "≥ 0.9"
+
+
+def test_a_target_whose_run_failed_or_lacks_the_record_is_not_measured():
+    targets = load_benchmark("targets")
+    results = _gpu_results()
+    del results["series"]
+    results["methods"]["results"] = [r for r in results["methods"]["results"] if r["method"] != "fsdaf"]
+    records = {r["target"]: r for r in (t.judge(results) for t in targets.GPU_TARGETS)}
+    assert records["series"]["met"] is None and "gave no result" in records["series"]["note"]
+    assert records["fsdaf"]["met"] is None and records["fsdaf"]["measured"] is None
+    assert records["starfm"]["met"] is True
+
+
+def test_stf_bench_targets_reports_a_failed_child_and_writes_json(tmp_path, monkeypatch, capsys):
+    """A child that fails leaves its targets "not measured" in the table and the JSON; exit code 1."""
+    import json
+
+    targets = load_benchmark("targets")
+    failing = targets.Run("startup", "startup", ("--set", "no_such_set", "--repeat", "1"), 120)
+    monkeypatch.setattr(targets, "runs", lambda gpu, cores: {"startup": failing})
+    out = tmp_path / "t.json"
+    assert targets.main(["--only", "one-shot-warm", "--json", str(out)]) == 1
+    written = json.loads(out.read_text())
+    assert written["machine"]["cores"] >= 1
+    [record] = written["results"]
+    assert record["target"] == "one-shot-warm" and record["met"] is None
+    assert "its run failed: exit code" in record["note"]
+    assert "not measured" in capsys.readouterr().out
