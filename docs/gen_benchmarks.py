@@ -71,7 +71,9 @@ The numbers are kept in `docs/benchmarks/*.json` and this page is generated from
 are the modules of the clone's `benchmarks/` folder (public API only; not part of the package). To add a
 measurement, run the benchmark with `--json FILE` (`stf bench NAME --json FILE`), then
 `python docs/gen_benchmarks.py add FILE --to NAME --title ... --command "..."`, which files its
-records with the machine description the benchmark wrote, and `make docs`.
+records with the machine description the benchmark wrote, and `make docs`. `stf bench targets`
+(`--gpu` on a GPU machine) measures every speed target of the first table in one run, each with
+the benchmark it names, and judges it against its limit.
 """
 
 #: Order in which a ``stf bench`` machine description is written, with labels.
