@@ -160,7 +160,8 @@ def runs(gpu: bool, cores: int) -> dict[str, Run]:
         return {
             "methods": Run("methods", "methods", ("--methods", "starfm", "estarfm", "fsdaf", "--sets", "--size", "2000",
                                                   "--gpu", "--synthetic-repeat", "4"), 600),
-            "biastf": Run("biastf", "biastf", ("--gpu", "--layouts", "per-band,multiband", "--repeats", "3"), 900),
+            "biastf": Run("biastf", "biastf", ("--gpu", "--layouts", "per-band,multiband", "--repeats", "3",
+                                               "--self-ensembles", str(_biastf_defaults()[0])), 900),
             "series": Run("series", "scale", ("--series", "--sizes", "10000", "--dates", "12", "--chunk", "2000",
                                               "--methods", "starfm", "--workers", str(cores)), 900),
         }
