@@ -7,7 +7,9 @@ Ratios are of numbers measured in this run on this machine (BiaSTF's warm Zarr r
 kernel in the same child, the series against its kernel alone in the same process).
 
 ``--gpu`` runs the GPU targets (one GPU), otherwise the CPU ones (2000² × 6 ESTARFM and FSDAF, the
-one-shot process); ``--only`` picks targets by name (``--list`` shows them). Prints a table and
+one-shot process); ``--only`` picks targets by name (``--list`` shows them). ``--reuse`` judges
+from the children's JSON of an earlier run instead of running them again, so runs that a
+machine's time limit splits (``--only`` in turn) are judged together. Prints a table and
 writes JSON (``--json``): the machine, the arguments and one record per target (measured value,
 the limit, measured / limit, met), which ``python docs/gen_benchmarks.py add`` makes the docs'
 table of; each child's own JSON lies beside it (``bench_targets.methods.json``...).
@@ -63,6 +65,7 @@ class Target:
         record: dict[str, Any] = {"target": self.name, "work": self.work, "limit": self.limit_text}
         if self.run not in results:
             return {**record, "measured": None, "of_limit": None, "met": None, "note": f"run {self.run} gave no result"}
+        record["measured_on"] = machine_label(results[self.run].get("machine", {}))
         try:
             value, note = self.measure(results)
         except (KeyError, IndexError, StopIteration, TypeError, ZeroDivisionError) as err:
@@ -73,14 +76,28 @@ class Target:
         return {**record, "measured": value, "of_limit": value / self.limit, "met": met, "note": note}
 
 
+def machine_label(machine: Mapping[str, Any]) -> str:
+    """A child's machine in a few words: its first GPU, else its CPU and cores."""
+    if machine.get("gpus"):
+        return str(machine["gpus"][0])
+    return f"{machine.get('cpu', 'unknown CPU')}, {machine.get('cores', '?')} cores"
+
+
 def _record(records: Sequence[Mapping[str, Any]], **match: Any) -> Mapping[str, Any]:
     """The first record whose fields equal ``match``."""
     return next(r for r in records if all(r.get(k) == v for k, v in match.items()))
 
 
+def _synthetic(results: Results, method: str) -> Mapping[str, Any]:
+    """``stf bench methods``' record of ``method`` on the synthetic scene (its ``input``: ``synthetic HxWxB``)."""
+    return next(
+        r for r in results["methods"]["results"] if r["method"] == method and r["input"].startswith("synthetic")
+    )
+
+
 def _steady(method: str) -> Callable[[Results], tuple[float | None, str]]:
     def measure(results: Results) -> tuple[float | None, str]:
-        record = _record(results["methods"]["results"], method=method, source="synthetic")
+        record = _synthetic(results, method)
         if record.get("skipped"):
             return None, str(record["skipped"])
         return record["steady_s"], f"first call {record['first_s']:.2f} s; RMSE {record.get('rmse', float('nan')):.5f}"
@@ -90,7 +107,7 @@ def _steady(method: str) -> Callable[[Results], tuple[float | None, str]]:
 
 def _host_cpu(method: str) -> Callable[[Results], tuple[float | None, str]]:
     def measure(results: Results) -> tuple[float | None, str]:
-        record = _record(results["methods"]["results"], method=method, source="synthetic")
+        record = _synthetic(results, method)
         return record["cpu_s"], "CPU seconds of the process (all threads) in its last call"
 
     return measure
@@ -238,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="target names to measure (default: all of the device's)")
     parser.add_argument("--list", action="store_true", help="list the targets and exit")
     parser.add_argument("--json", default="bench_targets.json", help="output JSON path")
+    parser.add_argument(
+        "--reuse", action="store_true",
+        help="judge from the children's JSON already beside --json (runs split over machines' time limits)",
+    )
     args = parser.parse_args(argv)
 
     targets = GPU_TARGETS if args.gpu else CPU_TARGETS
@@ -257,8 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs(args.gpu, os.cpu_count() or 1).values():
         if not any(t.run == run.name for t in chosen):
             continue
+        out = _child_json(args.json, run.name)
+        if args.reuse and out.exists():
+            print(f"reading {out} (stf bench {run.benchmark} of an earlier run)", flush=True)
+            results[run.name] = json.loads(out.read_text())
+            continue
         print(f"running stf bench {run.benchmark} {' '.join(run.args)}", flush=True)
-        result, why = _run_child(run, _child_json(args.json, run.name))
+        result, why = _run_child(run, out)
         if result is None:
             failures[run.name] = why
             print(f"  {why}", flush=True)

@@ -140,10 +140,12 @@ def test_fusion_weights_study_fuses_as_biastf_does(label, weights, power):
 
 def _gpu_results() -> dict:
     """Children's results shaped as ``stf bench methods / biastf / scale --series`` write them."""
+    scene = "synthetic 2000x2000x6"
     methods = [
-        {"method": "starfm", "source": "synthetic", "first_s": 5.1, "steady_s": 0.173, "cpu_s": 0.4, "rmse": 0.0374},
-        {"method": "estarfm", "source": "synthetic", "first_s": 7.0, "steady_s": 0.205, "cpu_s": 0.5, "rmse": 0.0375},
-        {"method": "fsdaf", "source": "synthetic", "first_s": 15.7, "steady_s": 0.81, "cpu_s": 0.8, "rmse": 0.0293},
+        {"method": "starfm", "input": "zhu_estarfm", "first_s": 0.5, "steady_s": 0.4, "cpu_s": 0.9},  # a real set
+        {"method": "starfm", "input": scene, "first_s": 5.1, "steady_s": 0.173, "cpu_s": 0.4, "rmse": 0.0374},
+        {"method": "estarfm", "input": scene, "first_s": 7.0, "steady_s": 0.205, "cpu_s": 0.5, "rmse": 0.0375},
+        {"method": "fsdaf", "input": scene, "first_s": 15.7, "steady_s": 0.81, "cpu_s": 0.8, "rmse": 0.0293},
     ]
     inference = [
         {"layout": layout, "dtype": dtype, "self_ensemble": views, "compute_s": compute, "floor_s": floor,
@@ -212,3 +214,21 @@ def test_stf_bench_targets_reports_a_failed_child_and_writes_json(tmp_path, monk
     assert record["target"] == "one-shot-warm" and record["met"] is None
     assert "its run failed: exit code" in record["note"]
     assert "not measured" in capsys.readouterr().out
+
+
+def test_stf_bench_targets_reuse_judges_earlier_children_without_running_them(tmp_path, monkeypatch):
+    """``--reuse`` reads the children's JSON beside ``--json`` (written by earlier, split runs) and
+    names the machine each number was measured on."""
+    import json
+    import subprocess
+
+    targets = load_benchmark("targets")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("--reuse ran a child"))
+    out = tmp_path / "t.json"
+    gpu = {"gpus": ["NVIDIA H100 80GB HBM3, 81559 MiB"], "cores": 16}
+    for run, result in _gpu_results().items():
+        (tmp_path / f"t.{run}.json").write_text(json.dumps({"machine": gpu, **result}))
+    assert targets.main(["--gpu", "--reuse", "--json", str(out)]) == 0
+    records = {r["target"]: r for r in json.loads(out.read_text())["results"]}
+    assert records["estarfm"]["measured"] == 0.205 and records["estarfm"]["met"] is False
+    assert records["series"]["measured_on"] == "NVIDIA H100 80GB HBM3, 81559 MiB"
