@@ -440,6 +440,8 @@ def write_cube(
         If ``path`` exists and ``overwrite`` is False, is not a cube store, is a dangling
         symlink, is being written by another process, or is a store the cube is read from.
     """
+    import dask
+
     from stf_pipeline import store
 
     validate_cube(cube, check_values=True)
@@ -463,11 +465,16 @@ def write_cube(
             for name in out.data_vars
             if is_dask_array(out[name].data) and out[name].ndim
         }
+        images = {str(name): out[name].data for name in out.data_vars if out[name].dims == DIMS}
         with atomic_directory(path) as tmp, quiet_zarr():
-            out.to_zarr(
-                tmp, mode="w", consolidated=True, zarr_format=ZARR_FORMAT, write_empty_chunks=True, encoding=encoding
+            writes = out.to_zarr(
+                tmp, mode="w", consolidated=True, zarr_format=ZARR_FORMAT, write_empty_chunks=True, encoding=encoding,
+                compute=False,
             )
+            # the images' chunk digests in the same pass, from the blocks being written
+            _, digests = dask.compute(writes, store.chunk_digests(images))
             store.remove_partial_files(tmp)  # of chunk writes on a worker killed during to_zarr
+            store.write_manifest(tmp, digests)
             store.new_generation(tmp)
     return path
 

@@ -59,6 +59,7 @@ from dask.base import tokenize
 
 from stf_pipeline._atomic import atomic_directory
 from stf_pipeline.cube import (
+    DIMS,
     STORE_MARKER,
     STORE_VERSION,
     ZARR_FORMAT,
@@ -81,10 +82,12 @@ from stf_pipeline.progress import DaskProgress, Progress
 from stf_pipeline.store import (
     WriterLock,
     check_not_an_input,
+    checked_reader,
     content_digest,
     input_stores,
     model_digest,
     new_generation,
+    recorded_digests,
     remove_partial_files,
 )
 from stf_pipeline.task import DateLike, Task, has_valid, iso_date, resolve_task, to_datetime64, valid_fraction
@@ -435,6 +438,11 @@ def _round_up(value: int, multiple: int) -> int:
 
 def _inputs(cube: xr.Dataset, plan: _Plan) -> dict[str, Any]:
     """Every input image the store's content depends on, as ``{"var@date": (band, y, x) array}``."""
+    return {label: cube[name].sel(time=t).data for label, (name, t) in _input_images(plan).items()}
+
+
+def _input_images(plan: _Plan) -> dict[str, tuple[str, np.datetime64]]:
+    """The images of :func:`_inputs`: ``{"var@date": (variable, date)}``."""
     needed: dict[str, set[np.datetime64]] = {"fine": set(), "coarse": set()}
     for t, kind in zip(plan.times, plan.source, strict=True):
         if kind == "observed":
@@ -445,17 +453,38 @@ def _inputs(cube: xr.Dataset, plan: _Plan) -> dict[str, Any]:
         needed["coarse"].update(task.pairs)
     for name in plan.variables[1:]:
         needed.setdefault(name, set()).update(plan.times)
-    return {
-        f"{name}@{iso_date(t)}": cube[name].sel(time=t).data for name, dates in needed.items() for t in sorted(dates)
-    }
+    return {f"{name}@{iso_date(t)}": (name, t) for name, dates in needed.items() for t in sorted(dates)}
 
 
 def _data_digest(cube: xr.Dataset, plan: _Plan) -> str:
     """Digest of the full content of every input image the output depends on (see
     :func:`stf_pipeline.store.content_digest`): the same values, in memory or in any store and
-    chunking, are the same data; a change of any pixel is another."""
-    n_bands = cube.sizes["band"]
-    return content_digest(_inputs(cube, plan), (n_bands, *plan.chunks))
+    chunking, are the same data; a change of any pixel is another. Images of a cube store read
+    as stored, in chunks of the plan's, take the digests the store recorded for their chunks
+    (:func:`_recorded_inputs`) instead of being read."""
+    blocks = (cube.sizes["band"], *plan.chunks)
+    return content_digest(_inputs(cube, plan), blocks, known=_recorded_inputs(cube, plan, blocks))
+
+
+def _recorded_inputs(cube: xr.Dataset, plan: _Plan, blocks: tuple[int, ...]) -> dict[str, list[bytes]]:
+    """Block digests of the input images (:func:`_input_images`) that a cube store recorded when
+    it was written (:func:`stf_pipeline.store.recorded_digests`): those whose variable is read
+    exactly as stored (:func:`~stf_pipeline.store.checked_reader`), one chunk per date holding all
+    bands and the plan's spatial chunks, so that each block of the digest is one stored chunk."""
+    known: dict[str, list[bytes]] = {}
+    times = cube.indexes["time"]
+    for label, (name, date) in _input_images(plan).items():
+        variable = cube[name]
+        reader = checked_reader(variable.data)
+        if reader is None or variable.dims != DIMS or reader.chunks != (1, *blocks):
+            continue
+        t = times.get_loc(date)
+        ny, nx = (-(-variable.sizes[dim] // size) for dim, size in zip(("y", "x"), blocks[1:], strict=True))
+        keys = [f"c/{t}/0/{iy}/{ix}" for iy in range(ny) for ix in range(nx)]
+        digests = recorded_digests(reader, keys)
+        if digests is not None:
+            known[label] = digests
+    return known
 
 
 def _request_parts(

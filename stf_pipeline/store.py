@@ -9,7 +9,9 @@
   from (found in the Dask graph of the inputs, paths resolved).
 - :func:`content_digest` / :func:`model_digest`: fingerprints of what decides an output, the
   full content of the inputs (hashed chunk by chunk, so memory stays bounded) and the weights
-  of a trained model.
+  of a trained model. A cube store records the digest of each chunk's values as it is written
+  (:func:`write_manifest`), so a later fingerprint of its unmodified variables reads no chunk
+  (:func:`recorded_digests`).
 - :class:`CheckedChunks`: the lazy reader of stores opened by :func:`stf_pipeline.open_cube`,
   which turns a damaged chunk (checksum mismatch, truncated, undecodable) into a
   :class:`~stf_pipeline.exceptions.CubeError` naming the chunk, and refuses data from a store
@@ -26,7 +28,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,8 @@ logger = logging.getLogger("stf_pipeline")
 
 #: file inside every store written by stf_pipeline: a fresh id per write, so a reader notices a swap
 GENERATION_FILE = ".stf_generation"
+#: file inside a cube store: the content digest of each chunk's values, recorded when it was written
+MANIFEST_FILE = ".stf_manifest"
 #: suffix of the temporary files Zarr's local store writes a chunk into before renaming it
 PARTIAL_SUFFIX = ".partial"
 #: polls (50 ms apart) a refused writer makes for the holder's record, which the holder writes
@@ -269,16 +273,24 @@ def _block_digest(block: np.ndarray) -> bytes:
     return hashlib.sha256(np.ascontiguousarray(block, dtype=np.float32).data).digest()
 
 
-def content_digest(arrays: Mapping[str, Any], chunks: tuple[int, ...]) -> str:
+def content_digest(
+    arrays: Mapping[str, Any], chunks: tuple[int, ...], known: Mapping[str, Sequence[bytes]] | None = None
+) -> str:
     """SHA-256 over the content of ``arrays`` (as float32), hashed block by block.
 
     Every array is cut into blocks of ``chunks`` (the same for NumPy and Dask input, so the same
     values give the same digest however they are held or chunked); each block is hashed in its
     own task, so memory stays at a few blocks per worker whatever the size of the arrays.
+    ``known`` gives the block digests of some arrays (in row-major block order), which are then
+    not read: those a store recorded when it was written (:func:`recorded_digests`).
     """
     names = sorted(arrays)
-    blocks = []
+    known = known or {}
+    blocks: list[Sequence[Any]] = []
     for name in names:
+        if name in known:
+            blocks.append(known[name])
+            continue
         array = arrays[name]
         lazy = (
             array.rechunk(chunks) if isinstance(array, da.Array)
@@ -286,15 +298,82 @@ def content_digest(arrays: Mapping[str, Any], chunks: tuple[int, ...]) -> str:
         )
         delayed = lazy.to_delayed().ravel()
         blocks.append([dask.delayed(_block_digest, pure=True)(b) for b in delayed])
-    digests = dask.compute(*[d for group in blocks for d in group])
+    (computed,) = dask.compute(blocks)
     total = hashlib.sha256()
-    i = 0
-    for name, group in zip(names, blocks, strict=True):
+    for name, group in zip(names, computed, strict=True):
         total.update(name.encode())
-        for _ in group:
-            total.update(digests[i])
-            i += 1
+        for digest in group:
+            total.update(digest)
     return total.hexdigest()
+
+
+def _chunk_identity(file: Path) -> list[int] | None:
+    """Size and trailing CRC32C (every chunk of a cube store ends with it) of a chunk file: what
+    changes when the chunk is written again with other values; None if it cannot be read."""
+    try:
+        with open(file, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(max(size - 4, 0))
+            return [size, int.from_bytes(fh.read(4), "little")]
+    except OSError:
+        return None
+
+
+def chunk_digests(arrays: Mapping[str, da.Array]) -> dict[str, dict[str, Any]]:
+    """Lazy :func:`content_digest` block digests of every block of ``arrays`` (Dask, chunked as
+    stored), by Zarr v3 chunk key (``c/0/0/1/2``): computed with the write of those arrays, they
+    share its reads (:func:`write_manifest` records them)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, array in arrays.items():
+        blocks = array.to_delayed()
+        out[name] = {
+            "c/" + "/".join(map(str, index)): dask.delayed(_block_digest, pure=True)(blocks[index])
+            for index in np.ndindex(blocks.shape)
+        }
+    return out
+
+
+def write_manifest(store: Path, digests: Mapping[str, Mapping[str, bytes]]) -> None:
+    """Record in ``store`` (written, not yet swapped into place) each chunk's value digest with
+    the identity of its chunk file (size, trailing checksum), by variable and chunk key."""
+    manifest: dict[str, dict[str, list[Any]]] = {}
+    for name, chunks in digests.items():
+        entries = {}
+        for key, digest in chunks.items():
+            identity = _chunk_identity(store / name / key)
+            if identity is not None:
+                entries[key] = [digest.hex(), *identity]
+        manifest[name] = entries
+    (store / MANIFEST_FILE).write_text(json.dumps(manifest, sort_keys=True))
+
+
+def recorded_digests(reader: CheckedChunks, keys: Sequence[str]) -> list[bytes] | None:
+    """The value digests ``reader``'s store recorded for chunks ``keys`` of its variable, or None
+    when any is missing, its chunk file was written again since (size or checksum differ) or the
+    store is another generation than the reader's: then the values must be read and hashed."""
+    if reader.generation is None or read_generation(reader.store) != reader.generation:
+        return None
+    try:
+        entries = json.loads((reader.store / MANIFEST_FILE).read_text())[reader.name]
+    except (OSError, ValueError, KeyError):
+        return None
+    found = []
+    for key in keys:
+        entry = entries.get(key)
+        if entry is None or _chunk_identity(reader.store / reader.name / key) != entry[1:]:
+            return None
+        found.append(bytes.fromhex(entry[0]))
+    return found
+
+
+def checked_reader(array: Any) -> CheckedChunks | None:
+    """The reader behind ``array`` if it is a variable of a store opened by
+    :func:`stf_pipeline.open_cube` exactly as read (no selection, arithmetic or rechunking)."""
+    name = getattr(array, "name", None)
+    if not isinstance(array, da.Array) or not str(name).startswith("stf-read-"):
+        return None
+    reader = array.dask.get(f"original-{name}")
+    return reader if isinstance(reader, CheckedChunks) else None
 
 
 def model_digest(model: Any) -> str:

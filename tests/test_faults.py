@@ -234,8 +234,10 @@ def test_write_cube_keeps_no_orphan_of_a_killed_chunk_write(tmp_path, monkeypatc
     original = xr.Dataset.to_zarr
 
     def to_zarr_with_a_killed_try(self, store, *args, **kwargs):
-        result = original(self, store, *args, **kwargs)
-        (Path(store) / "fine" / "c" / f"0.{'0' * 31}1.partial").write_bytes(b"torn")  # what a killed worker leaves
+        result = original(self, store, *args, **kwargs)  # the chunk writes may still be to come (compute=False)
+        chunks = Path(store) / "fine" / "c"
+        chunks.mkdir(parents=True, exist_ok=True)
+        (chunks / f"0.{'0' * 31}1.partial").write_bytes(b"torn")  # what a killed worker leaves
         return result
 
     monkeypatch.setattr(xr.Dataset, "to_zarr", to_zarr_with_a_killed_try)

@@ -182,6 +182,83 @@ def test_content_digest_is_independent_of_chunking_and_detects_any_pixel():
     assert store.content_digest({"b": a}, (3, 16, 16)) != reference  # the name is part of it
 
 
+class StopAfterDigest(Exception):
+    """Raised in place of a series' region writes: these tests need only its input digest."""
+
+
+def _spy_digests(monkeypatch) -> list[tuple[str, frozenset, frozenset]]:
+    """Record each series input digest, its inputs and those whose block digests a store supplied;
+    the series stops there."""
+    seen: list[tuple[str, frozenset, frozenset]] = []
+    real = series.content_digest
+
+    def spy(arrays, chunks, known=None):
+        digest = real(arrays, chunks, known=known)
+        seen.append((digest, frozenset(arrays), frozenset(known or ())))
+        return digest
+
+    def stop(*args, **kwargs):
+        raise StopAfterDigest
+
+    monkeypatch.setattr(series, "content_digest", spy)
+    monkeypatch.setattr(series, "_region_writes", stop)
+    return seen
+
+
+def test_a_series_fingerprints_a_cube_store_from_its_recorded_chunk_digests(tmp_path, monkeypatch):
+    """A store written by write_cube records its chunks' value digests: a series over it reads no
+    chunk for its input digest, which equals the digest of the same values in memory."""
+    cube = series_cube(seed=3)
+    path = stf.write_cube(cube, tmp_path / "c.zarr", chunks={"y": 16, "x": 16})
+    reads: list = []
+    real_read = store.CheckedChunks.__getitem__
+    monkeypatch.setattr(store.CheckedChunks, "__getitem__", lambda self, key: reads.append(key) or real_read(self, key))
+    real_digest = series.content_digest
+    reads_in_digest = []
+
+    def counted(*args, **kwargs):
+        before = len(reads)
+        digest = real_digest(*args, **kwargs)
+        reads_in_digest.append(len(reads) - before)
+        return digest
+
+    monkeypatch.setattr(series, "content_digest", counted)
+    seen = _spy_digests(monkeypatch)
+    with pytest.raises(StopAfterDigest):
+        stf.fuse_series(stf.open_cube(path), method="delta", out=tmp_path / "f.zarr", chunks=(16, 16), progress=False)
+    ((from_store, inputs, known),) = seen
+    assert known == inputs and len(inputs) >= 4
+    assert reads_in_digest == [0]  # not one chunk read to fingerprint the inputs
+    seen.clear()
+    with pytest.raises(StopAfterDigest):
+        stf.fuse_series(cube, method="delta", out=tmp_path / "g.zarr", chunks=(16, 16), progress=False)
+    ((in_memory, _, none),) = seen
+    assert from_store == in_memory and none == frozenset()
+
+
+def test_a_chunk_written_again_is_read_for_the_digest_not_taken_from_the_record(tmp_path, monkeypatch):
+    """A chunk rewritten in place with other values (by another tool) no longer matches the
+    record (size and checksum of its file): the digest reads the values and sees the change."""
+    import zarr
+
+    cube = series_cube(seed=3)
+    path = stf.write_cube(cube, tmp_path / "c.zarr", chunks={"y": 16, "x": 16})
+    seen = _spy_digests(monkeypatch)
+    array = zarr.open_array(path / "fine", mode="r+")
+    array[0, 0, 0, 0] = array[0, 0, 0, 0] + np.float32(0.001)
+    first = f"fine@{str(cube.time.values[0])[:10]}"
+    with pytest.raises(StopAfterDigest):
+        stf.fuse_series(stf.open_cube(path), method="delta", out=tmp_path / "f.zarr", chunks=(16, 16), progress=False)
+    ((from_store, inputs, known),) = seen
+    assert first in inputs and first not in known and len(known) == len(inputs) - 1
+    changed = cube.copy(deep=True)
+    changed["fine"].values[0, 0, 0, 0] += np.float32(0.001)
+    seen.clear()
+    with pytest.raises(StopAfterDigest):
+        stf.fuse_series(changed, method="delta", out=tmp_path / "g.zarr", chunks=(16, 16), progress=False)
+    assert seen[0][0] == from_store
+
+
 # --------------------------------------------------------------------------------------------
 # checksums, truncation, temporary files
 
