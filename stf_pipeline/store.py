@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import logging
@@ -353,10 +354,7 @@ def recorded_digests(reader: CheckedChunks, keys: Sequence[str]) -> list[bytes] 
     store is another generation than the reader's: then the values must be read and hashed."""
     if reader.generation is None or read_generation(reader.store) != reader.generation:
         return None
-    try:
-        entries = json.loads((reader.store / MANIFEST_FILE).read_text())[reader.name]
-    except (OSError, ValueError, KeyError):
-        return None
+    entries = _manifest(reader.store, reader.generation).get(reader.name, {})
     found = []
     for key in keys:
         entry = entries.get(key)
@@ -364,6 +362,17 @@ def recorded_digests(reader: CheckedChunks, keys: Sequence[str]) -> list[bytes] 
             return None
         found.append(bytes.fromhex(entry[0]))
     return found
+
+
+@functools.lru_cache(maxsize=4)
+def _manifest(store: Path, generation: str) -> dict[str, dict[str, list[Any]]]:
+    """The manifest of ``store`` at ``generation`` (fixed once written: a new write is a new
+    generation), read once for all the images a fingerprint takes from it; empty if unreadable."""
+    try:
+        manifest = json.loads((store / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def checked_reader(array: Any) -> CheckedChunks | None:

@@ -259,6 +259,19 @@ def test_a_chunk_written_again_is_read_for_the_digest_not_taken_from_the_record(
     assert seen[0][0] == from_store
 
 
+def test_a_corrupt_chunk_record_means_reading_the_inputs(tmp_path, monkeypatch):
+    cube = series_cube(seed=3)
+    path = stf.write_cube(cube, tmp_path / "c.zarr", chunks={"y": 16, "x": 16})
+    (path / store.MANIFEST_FILE).write_text("{not json")
+    seen = _spy_digests(monkeypatch)
+    with pytest.raises(StopAfterDigest):
+        stf.fuse_series(stf.open_cube(path), method="delta", out=tmp_path / "f.zarr", chunks=(16, 16), progress=False)
+    with pytest.raises(StopAfterDigest):
+        stf.fuse_series(cube, method="delta", out=tmp_path / "g.zarr", chunks=(16, 16), progress=False)
+    (from_store, _, known), (in_memory, _, _) = seen
+    assert known == frozenset() and from_store == in_memory
+
+
 # --------------------------------------------------------------------------------------------
 # checksums, truncation, temporary files
 
