@@ -406,12 +406,51 @@ def model_digest(model: Any) -> str:
 # checked reads
 
 
+#: the chunk encoding of cube images (:func:`stf_pipeline.cube.chunk_encoding`) that
+#: :class:`CheckedChunks` decodes itself: little-endian values, Blosc, then a CRC32C checksum
+_DIRECT_CODECS = ("bytes", "blosc", "crc32c")
+
+
+def _direct_chunk_shape(store: Path, name: str, variable: xr.Variable) -> tuple[int, ...] | None:
+    """The chunk shape of variable ``name`` if its chunk files can be decoded directly: Zarr v3,
+    float32 stored as is (no scale, offset or fill value other than NaN), chunks encoded as
+    :data:`_DIRECT_CODECS` under default keys; None otherwise (then xarray and Zarr decode)."""
+    try:
+        meta = json.loads((store / name / "zarr.json").read_text())
+        codecs = tuple(c["name"] for c in meta["codecs"])
+        encoded = meta.get("chunk_key_encoding", {})
+        chunk_shape = tuple(int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"])
+        little = meta["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+    attrs = meta.get("attributes", {})
+    direct = (
+        meta.get("zarr_format") == 3
+        and meta.get("data_type") == "float32"
+        and variable.dtype == np.float32
+        and codecs == _DIRECT_CODECS
+        and little
+        and np.little_endian
+        and encoded.get("name") == "default"
+        and encoded.get("configuration", {}).get("separator", "/") == "/"
+        and not meta.get("storage_transformers")
+        and not {"scale_factor", "add_offset"} & set(attrs)
+        and meta.get("fill_value") == "NaN"
+        and len(chunk_shape) == variable.ndim
+    )
+    return chunk_shape if direct else None
+
+
 class CheckedChunks:
     """A lazily indexed store variable whose reads fail loudly.
 
-    ``x[key]`` reads through xarray's decoding (``variable[key]``); a decoding or checksum error
-    becomes a :class:`CubeError` that names the store, the variable and the chunk, and data read
-    after the store was replaced (another generation) is refused.
+    ``x[key]`` of a cube image (float32, encoded as :func:`stf_pipeline.cube.chunk_encoding`
+    writes it) within one chunk reads that chunk's file and decodes it here: checksum, Blosc,
+    values. Zarr's own read path serialises decoding over threads (one event loop) and reads
+    several times slower (docs/stores.md). Any other read goes through xarray's decoding
+    (``variable[key]``). A decoding or checksum error becomes a :class:`CubeError` that names
+    the store, the variable and the chunk, and data read after the store was replaced (another
+    generation) is refused.
     """
 
     def __init__(self, variable: xr.Variable, store: Path, name: str, chunks: tuple[int, ...], generation: str | None):
@@ -423,22 +462,60 @@ class CheckedChunks:
         self.shape = variable.shape
         self.dtype = variable.dtype
         self.ndim = variable.ndim
+        self.direct_chunks = _direct_chunk_shape(self.store, name, variable)
+
+    def _within_one_chunk(self, key: Any) -> tuple[tuple[int, ...], tuple[slice, ...]] | None:
+        """The index of the one chunk that ``key`` (unit-step slices) lies in and ``key`` relative
+        to that chunk; None for any other key or a variable not decoded here."""
+        if self.direct_chunks is None or not isinstance(key, tuple) or len(key) != self.ndim:
+            return None
+        index, within = [], []
+        for k, size, chunk in zip(key, self.shape, self.direct_chunks, strict=True):
+            if not isinstance(k, slice):
+                return None
+            start, stop, step = k.indices(size)
+            if step != 1 or stop <= start or start // chunk != (stop - 1) // chunk:
+                return None
+            index.append(start // chunk)
+            within.append(slice(start % chunk, start % chunk + stop - start))
+        return tuple(index), tuple(within)
+
+    def _read_chunk(self, index: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+        """Chunk ``index`` from its file: the CRC32C checksum checked, then Blosc-decoded."""
+        import google_crc32c
+        from numcodecs import Blosc
+
+        data = (self.store / self.name / "c" / "/".join(map(str, index))).read_bytes()
+        if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+            raise ValueError("Stored and computed checksum do not match")
+        chunk = np.empty(shape, dtype=np.float32)
+        Blosc().decode(data[:-4], out=chunk)
+        return chunk
 
     def __getitem__(self, key: Any) -> np.ndarray:
         try:
-            values = np.asarray(self.variable[key].values)
+            found = self._within_one_chunk(key)
+            if found is not None and self.direct_chunks is not None:
+                index, within = found
+                values = self._read_chunk(index, self.direct_chunks)[within]
+            else:
+                values = np.asarray(self.variable[key].values)
         except Exception as err:
+            self._check_generation()  # a chunk file gone or changed under a swap: the store was replaced
             raise CubeError(
                 f"chunk {self._chunk_name(key)} of {self.store} is damaged ({type(err).__name__}: {err}); "
                 "the store was corrupted on disk: re-create it (stf.write_cube / `stf ingest`, or rerun "
                 "stf.fuse_series with overwrite=True)."
             ) from err
+        self._check_generation()
+        return values
+
+    def _check_generation(self) -> None:
         if self.generation is not None and read_generation(self.store) != self.generation:
             raise CubeError(
                 f"{self.store} was replaced by another writer while it was being read; open it again "
                 "(stf.open_cube) to read the new version."
             )
-        return values
 
     def _chunk_name(self, key: Any) -> str:
         keys = key if isinstance(key, tuple) else (key,)

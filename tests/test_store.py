@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import stf_pipeline as stf
 from stf_pipeline import _atomic, series, store
@@ -295,6 +297,41 @@ def test_damaged_chunk_raises_a_cube_error_naming_it(tmp_path, damage):
     np.testing.assert_array_equal(opened["fine"].isel(time=0).values, cube["fine"].isel(time=0).values)
     with pytest.raises(stf.CubeError, match=rf"chunk fine/c/1/0/0/1 of {path} is damaged"):
         opened["fine"].load()
+
+
+@pytest.fixture(scope="module")
+def nan_edged_store(tmp_path_factory):
+    """A cube with NaN gaps on a grid that its 16-px chunks do not divide (edge chunks are cut)."""
+    cube = gappy_cube()
+    return cube, stf.write_cube(cube, tmp_path_factory.mktemp("direct") / "c.zarr", chunks={"y": 16, "x": 16})
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_checked_reads_equal_the_written_values_for_any_window(nan_edged_store, data):
+    """Keys within one chunk are decoded from the chunk file (checksum, Blosc); any other key by
+    xarray and Zarr: both give the written values, NaN included, for any window."""
+    cube, path = nan_edged_store
+    opened = stf.open_cube(path)
+    reader = store.checked_reader(opened["fine"].data)
+    assert reader is not None and reader.direct_chunks == (1, cube.sizes["band"], 16, 16)
+    key = []
+    for size in reader.shape:
+        start = data.draw(st.integers(0, size - 1))
+        key.append(slice(start, data.draw(st.integers(start + 1, size))))
+    expected = cube["fine"].values[tuple(key)]
+    np.testing.assert_array_equal(reader[tuple(key)], expected)
+
+
+def test_stores_of_other_encodings_are_read_through_zarr(tmp_path):
+    cube = gappy_cube()
+    cube.to_zarr(tmp_path / "plain.zarr", zarr_format=3)  # Zarr's default codecs: no checksum, no Blosc
+    from stf_pipeline.cube import open_store
+
+    opened = open_store(tmp_path / "plain.zarr")
+    reader = store.checked_reader(opened["fine"].data)
+    assert reader is not None and reader.direct_chunks is None
+    np.testing.assert_array_equal(opened["fine"].values, cube["fine"].values)
 
 
 def test_partial_files_are_not_chunks_and_a_resume_cleans_them(tmp_path, monkeypatch):
