@@ -80,6 +80,7 @@ from stf_pipeline.methods import get_method, params_to_attrs
 from stf_pipeline.parallel import plan_chunks
 from stf_pipeline.progress import DaskProgress, Progress
 from stf_pipeline.store import (
+    DirectCodec,
     WriterLock,
     check_not_an_input,
     checked_reader,
@@ -621,9 +622,17 @@ def _write_region(block: np.ndarray, store: str, var: str, t: int, iy: int, ix: 
     """
     import zarr
 
-    array = zarr.open_array(f"{store}/{var}", mode="r+", zarr_format=ZARR_FORMAT)
-    array = array.with_config({"write_empty_chunks": True})
-    array[t, :, ys, xs] = np.asarray(block, dtype=np.float32)
+    values = np.asarray(block, dtype=np.float32)
+    codec = DirectCodec.of(Path(store), var)
+    index = (t, 0, iy, ix)
+    if codec is not None and len(codec.shape) == 4 and codec.extent(index) == (
+        slice(t, t + 1), slice(0, values.shape[0]), ys, xs
+    ):  # the region is one whole chunk: encoded here, not through Zarr's event loop
+        codec.write(codec.path(Path(store), var, index), values[None])
+    else:
+        array = zarr.open_array(f"{store}/{var}", mode="r+", zarr_format=ZARR_FORMAT)
+        array = array.with_config({"write_empty_chunks": True})
+        array[t, :, ys, xs] = values
     Path(store, PROGRESS_DIR, _region_name(var, t, iy, ix)).touch()
 
 

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import hashlib
@@ -407,38 +408,100 @@ def model_digest(model: Any) -> str:
 
 
 #: the chunk encoding of cube images (:func:`stf_pipeline.cube.chunk_encoding`) that
-#: :class:`CheckedChunks` decodes itself: little-endian values, Blosc, then a CRC32C checksum
+#: :class:`DirectCodec` reads and writes itself: little-endian values, Blosc, then a CRC32C checksum
 _DIRECT_CODECS = ("bytes", "blosc", "crc32c")
+_BLOSC_SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
 
-def _direct_chunk_shape(store: Path, name: str, variable: xr.Variable) -> tuple[int, ...] | None:
-    """The chunk shape of variable ``name`` if its chunk files can be decoded directly: Zarr v3,
-    float32 stored as is (no scale, offset or fill value other than NaN), chunks encoded as
-    :data:`_DIRECT_CODECS` under default keys; None otherwise (then xarray and Zarr decode)."""
-    try:
-        meta = json.loads((store / name / "zarr.json").read_text())
-        codecs = tuple(c["name"] for c in meta["codecs"])
-        encoded = meta.get("chunk_key_encoding", {})
-        chunk_shape = tuple(int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"])
-        little = meta["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
-    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return None
-    attrs = meta.get("attributes", {})
-    direct = (
-        meta.get("zarr_format") == 3
-        and meta.get("data_type") == "float32"
-        and variable.dtype == np.float32
-        and codecs == _DIRECT_CODECS
-        and little
-        and np.little_endian
-        and encoded.get("name") == "default"
-        and encoded.get("configuration", {}).get("separator", "/") == "/"
-        and not meta.get("storage_transformers")
-        and not {"scale_factor", "add_offset"} & set(attrs)
-        and meta.get("fill_value") == "NaN"
-        and len(chunk_shape) == variable.ndim
-    )
-    return chunk_shape if direct else None
+@dataclasses.dataclass(frozen=True)
+class DirectCodec:
+    """The chunks of one float32 store variable encoded as :data:`_DIRECT_CODECS`, read and
+    written without Zarr's codec pipeline, which runs every chunk of a process through one event
+    loop (reads barely gained from more threads: docs/stores.md). The bytes are Zarr's: Blosc
+    as configured in the variable's metadata, then the CRC32C of the Blosc stream."""
+
+    shape: tuple[int, ...]
+    chunk_shape: tuple[int, ...]
+    blosc: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, store: Path, name: str) -> DirectCodec | None:
+        """The codec of variable ``name`` of ``store`` if its chunks can be coded here: Zarr v3,
+        float32 stored as is (no scale, offset or fill value but NaN), chunks encoded as
+        :data:`_DIRECT_CODECS` under default keys; None otherwise (xarray and Zarr code them)."""
+        try:
+            meta = json.loads((store / name / "zarr.json").read_text())
+            codecs = meta["codecs"]
+            encoded = meta.get("chunk_key_encoding", {})
+            shape = tuple(int(n) for n in meta["shape"])
+            chunk_shape = tuple(int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"])
+            blosc = dict(codecs[1].get("configuration", {}))
+            direct = (
+                meta.get("zarr_format") == 3
+                and meta.get("data_type") == "float32"
+                and tuple(c["name"] for c in codecs) == _DIRECT_CODECS
+                and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+                and np.little_endian
+                and encoded.get("name") == "default"
+                and encoded.get("configuration", {}).get("separator", "/") == "/"
+                and not meta.get("storage_transformers")
+                and not {"scale_factor", "add_offset"} & set(meta.get("attributes", {}))
+                and meta.get("fill_value") == "NaN"
+                and blosc.get("shuffle", "shuffle") in _BLOSC_SHUFFLES
+            )
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+            return None
+        return cls(shape, chunk_shape, tuple(sorted(blosc.items()))) if direct else None
+
+    def _codec(self) -> Any:
+        from numcodecs import Blosc
+
+        config = dict(self.blosc)
+        return Blosc.from_config({
+            "cname": config.get("cname", "lz4"), "clevel": int(config.get("clevel", 5)),
+            "shuffle": _BLOSC_SHUFFLES[config.get("shuffle", "shuffle")], "blocksize": int(config.get("blocksize", 0)),
+            "typesize": int(config.get("typesize", 4)),
+        })
+
+    def extent(self, index: Sequence[int]) -> tuple[slice, ...]:
+        """The part of the variable that chunk ``index`` holds (cut at the far edges)."""
+        return tuple(
+            slice(i * n, min((i + 1) * n, size)) for i, n, size in zip(index, self.chunk_shape, self.shape, strict=True)
+        )
+
+    def path(self, store: Path, name: str, index: Sequence[int]) -> Path:
+        """The file of chunk ``index`` of variable ``name``."""
+        return store / name / "c" / "/".join(map(str, index))
+
+    def read(self, file: Path) -> np.ndarray:
+        """The chunk in ``file``, its checksum checked (ValueError if it does not match)."""
+        import google_crc32c
+
+        data = file.read_bytes()
+        if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+            raise ValueError("Stored and computed checksum do not match")
+        chunk = np.empty(self.chunk_shape, dtype=np.float32)
+        self._codec().decode(data[:-4], out=chunk)
+        return chunk
+
+    def write(self, file: Path, values: np.ndarray) -> None:
+        """Write ``values`` (the chunk's :meth:`extent`) as chunk ``file``: padded with NaN to the
+        chunk shape at the far edges, through a ``*.partial`` file renamed into place, as Zarr's
+        local store writes."""
+        import google_crc32c
+
+        chunk = np.full(self.chunk_shape, np.nan, dtype=np.float32)
+        chunk[tuple(slice(0, n) for n in values.shape)] = values
+        encoded = self._codec().encode(chunk.view(np.uint8).ravel())
+        data = bytes(encoded) + google_crc32c.value(bytes(encoded)).to_bytes(4, "little")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, file)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 class CheckedChunks:
@@ -462,15 +525,16 @@ class CheckedChunks:
         self.shape = variable.shape
         self.dtype = variable.dtype
         self.ndim = variable.ndim
-        self.direct_chunks = _direct_chunk_shape(self.store, name, variable)
+        codec = DirectCodec.of(self.store, name)
+        self.direct = codec if codec is not None and len(codec.chunk_shape) == self.ndim else None
 
     def _within_one_chunk(self, key: Any) -> tuple[tuple[int, ...], tuple[slice, ...]] | None:
         """The index of the one chunk that ``key`` (unit-step slices) lies in and ``key`` relative
         to that chunk; None for any other key or a variable not decoded here."""
-        if self.direct_chunks is None or not isinstance(key, tuple) or len(key) != self.ndim:
+        if self.direct is None or not isinstance(key, tuple) or len(key) != self.ndim:
             return None
         index, within = [], []
-        for k, size, chunk in zip(key, self.shape, self.direct_chunks, strict=True):
+        for k, size, chunk in zip(key, self.shape, self.direct.chunk_shape, strict=True):
             if not isinstance(k, slice):
                 return None
             start, stop, step = k.indices(size)
@@ -480,24 +544,12 @@ class CheckedChunks:
             within.append(slice(start % chunk, start % chunk + stop - start))
         return tuple(index), tuple(within)
 
-    def _read_chunk(self, index: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
-        """Chunk ``index`` from its file: the CRC32C checksum checked, then Blosc-decoded."""
-        import google_crc32c
-        from numcodecs import Blosc
-
-        data = (self.store / self.name / "c" / "/".join(map(str, index))).read_bytes()
-        if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
-            raise ValueError("Stored and computed checksum do not match")
-        chunk = np.empty(shape, dtype=np.float32)
-        Blosc().decode(data[:-4], out=chunk)
-        return chunk
-
     def __getitem__(self, key: Any) -> np.ndarray:
         try:
             found = self._within_one_chunk(key)
-            if found is not None and self.direct_chunks is not None:
+            if found is not None and self.direct is not None:
                 index, within = found
-                values = self._read_chunk(index, self.direct_chunks)[within]
+                values = self.direct.read(self.direct.path(self.store, self.name, index))[within]
             else:
                 values = np.asarray(self.variable[key].values)
         except Exception as err:

@@ -314,7 +314,8 @@ def test_checked_reads_equal_the_written_values_for_any_window(nan_edged_store, 
     cube, path = nan_edged_store
     opened = stf.open_cube(path)
     reader = store.checked_reader(opened["fine"].data)
-    assert reader is not None and reader.direct_chunks == (1, cube.sizes["band"], 16, 16)
+    assert reader is not None and reader.direct is not None
+    assert reader.direct.chunk_shape == (1, cube.sizes["band"], 16, 16)
     key = []
     for size in reader.shape:
         start = data.draw(st.integers(0, size - 1))
@@ -330,8 +331,47 @@ def test_stores_of_other_encodings_are_read_through_zarr(tmp_path):
 
     opened = open_store(tmp_path / "plain.zarr")
     reader = store.checked_reader(opened["fine"].data)
-    assert reader is not None and reader.direct_chunks is None
+    assert reader is not None and reader.direct is None
     np.testing.assert_array_equal(opened["fine"].values, cube["fine"].values)
+
+
+def test_chunks_coded_here_are_zarrs_bytes(tmp_path):
+    """DirectCodec writes, byte for byte, the chunk files Zarr writes with the cube encoding (edge
+    chunks padded with NaN), and reads them back."""
+    import shutil
+
+    import zarr
+
+    from stf_pipeline.cube import chunk_encoding
+
+    values = np.random.default_rng(0).random((2, 3, 20, 30), dtype=np.float32)
+    values[0, 0, :3] = np.nan
+    array = zarr.create_array(tmp_path / "z", shape=values.shape, chunks=(1, 3, 16, 16), dtype="float32",
+                              compressors=chunk_encoding((1, 3, 16, 16))["compressors"], fill_value=np.nan,
+                              zarr_format=3, config={"write_empty_chunks": True})
+    array[:] = values
+    codec = store.DirectCodec.of(tmp_path, "z")
+    assert codec is not None
+    shutil.copytree(tmp_path / "z", tmp_path / "y")
+    for index in np.ndindex(2, 1, 2, 2):
+        extent = codec.extent(index)
+        codec.write(codec.path(tmp_path, "y", index), values[extent])
+        assert codec.path(tmp_path, "y", index).read_bytes() == codec.path(tmp_path, "z", index).read_bytes()
+        within = tuple(slice(0, e.stop - e.start) for e in extent)
+        np.testing.assert_array_equal(codec.read(codec.path(tmp_path, "y", index))[within], values[extent])
+    assert not list((tmp_path / "y").rglob("*.partial"))
+
+
+def test_fused_series_regions_are_written_by_the_direct_codec(tmp_path, monkeypatch):
+    written = []
+    real = store.DirectCodec.write
+    monkeypatch.setattr(store.DirectCodec, "write", lambda self, file, values: written.append(file) or real(
+        self, file, values))
+    cube = gappy_cube()
+    out = stf.fuse_series(cube, method="delta", out=tmp_path / "f.zarr", chunks=CHUNKS, progress=False)
+    chunk_files = {p for p in (tmp_path / "f.zarr" / "fine" / "c").rglob("*") if p.is_file()}
+    assert sorted(written) == sorted(chunk_files)  # every region, once
+    np.testing.assert_array_equal(out["fine"].values, xr.open_zarr(tmp_path / "f.zarr")["fine"].values)
 
 
 def test_partial_files_are_not_chunks_and_a_resume_cleans_them(tmp_path, monkeypatch):
