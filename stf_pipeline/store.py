@@ -508,12 +508,10 @@ class CheckedChunks:
     """A lazily indexed store variable whose reads fail loudly.
 
     ``x[key]`` of a cube image (float32, encoded as :func:`stf_pipeline.cube.chunk_encoding`
-    writes it) within one chunk reads that chunk's file and decodes it here: checksum, Blosc,
-    values. Zarr's own read path serialises decoding over threads (one event loop) and reads
-    several times slower (docs/stores.md). Any other read goes through xarray's decoding
-    (``variable[key]``). A decoding or checksum error becomes a :class:`CubeError` that names
-    the store, the variable and the chunk, and data read after the store was replaced (another
-    generation) is refused.
+    writes it) within one chunk reads that chunk's file through :class:`DirectCodec`, in the
+    calling thread; any other read goes through xarray's decoding (``variable[key]``). A
+    decoding or checksum error becomes a :class:`CubeError` that names the store, the variable
+    and the chunk, and data read after the store was replaced (another generation) is refused.
     """
 
     def __init__(self, variable: xr.Variable, store: Path, name: str, chunks: tuple[int, ...], generation: str | None):
