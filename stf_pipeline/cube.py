@@ -441,6 +441,7 @@ def write_cube(
         symlink, is being written by another process, or is a store the cube is read from.
     """
     import dask
+    import zarr
 
     from stf_pipeline import store
 
@@ -465,15 +466,26 @@ def write_cube(
             for name in out.data_vars
             if is_dask_array(out[name].data) and out[name].ndim
         }
-        images = {str(name): out[name].data for name in out.data_vars if out[name].dims == DIMS}
+        images = [str(name) for name in out.data_vars if out[name].dims == DIMS and out[name].dtype == np.float32]
         with atomic_directory(path) as tmp, quiet_zarr():
-            writes = out.to_zarr(
-                tmp, mode="w", consolidated=True, zarr_format=ZARR_FORMAT, write_empty_chunks=True, encoding=encoding,
-                compute=False,
+            # everything but the images through Zarr; the images' metadata too, their chunks encoded
+            # and hashed here (store.DirectCodec, one task per chunk) when their encoding allows
+            out.drop_vars(images).to_zarr(
+                tmp, mode="w", consolidated=False, zarr_format=ZARR_FORMAT, write_empty_chunks=True,
+                encoding={k: v for k, v in encoding.items() if k not in images},
             )
-            # the images' chunk digests in the same pass, from the blocks being written
-            _, digests = dask.compute(writes, store.chunk_digests(images))
-            store.remove_partial_files(tmp)  # of chunk writes on a worker killed during to_zarr
+            image_writes = out[images].to_zarr(
+                tmp, mode="a", consolidated=False, zarr_format=ZARR_FORMAT, write_empty_chunks=True,
+                encoding={k: v for k, v in encoding.items() if k in images}, compute=False,
+            )
+            codecs = {name: store.DirectCodec.of(tmp, name) for name in images}
+            direct = {name: (out[name].data, codec) for name, codec in codecs.items() if codec is not None}
+            if len(direct) < len(images):  # e.g. a big-endian machine: Zarr writes them, unrecorded
+                image_writes.compute()
+                direct = {}
+            (digests,) = dask.compute(store.write_chunks(tmp, direct))
+            zarr.consolidate_metadata(tmp, zarr_format=ZARR_FORMAT)
+            store.remove_partial_files(tmp)  # of chunk writes on a worker killed during the write
             store.write_manifest(tmp, digests)
             store.new_generation(tmp)
     return path

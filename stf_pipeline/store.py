@@ -321,15 +321,23 @@ def _chunk_identity(file: Path) -> list[int] | None:
         return None
 
 
-def chunk_digests(arrays: Mapping[str, da.Array]) -> dict[str, dict[str, Any]]:
-    """Lazy :func:`content_digest` block digests of every block of ``arrays`` (Dask, chunked as
-    stored), by Zarr v3 chunk key (``c/0/0/1/2``): computed with the write of those arrays, they
-    share its reads (:func:`write_manifest` records them)."""
+def _write_and_hash(block: np.ndarray, file: Path, codec: DirectCodec) -> bytes:
+    codec.write(file, np.asarray(block, dtype=np.float32))
+    return _block_digest(block)
+
+
+def write_chunks(store: Path, arrays: Mapping[str, tuple[da.Array, DirectCodec]]) -> dict[str, dict[str, Any]]:
+    """Lazy: write every block of each array (Dask, chunked as its variable in ``store``, whose
+    metadata exists) as its chunk file with the variable's :class:`DirectCodec`. Each task
+    returns the block's :func:`content_digest` digest, by chunk key, for :func:`write_manifest`:
+    the values are hashed while they are at hand."""
     out: dict[str, dict[str, Any]] = {}
-    for name, array in arrays.items():
+    for name, (array, codec) in arrays.items():
         blocks = array.to_delayed()
         out[name] = {
-            "c/" + "/".join(map(str, index)): dask.delayed(_block_digest, pure=True)(blocks[index])
+            "c/" + "/".join(map(str, index)): dask.delayed(_write_and_hash, pure=False)(
+                blocks[index], codec.path(store, name, index), codec
+            )
             for index in np.ndindex(blocks.shape)
         }
     return out
