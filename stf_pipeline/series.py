@@ -84,6 +84,7 @@ from stf_pipeline.store import (
     WriterLock,
     check_not_an_input,
     checked_reader,
+    chunk_key,
     content_digest,
     input_stores,
     model_digest,
@@ -479,9 +480,9 @@ def _recorded_inputs(cube: xr.Dataset, plan: _Plan, blocks: tuple[int, ...]) -> 
         reader = checked_reader(variable.data)
         if reader is None or variable.dims != DIMS or reader.chunks != (1, *blocks):
             continue
-        t = times.get_loc(date)
+        t = int(times.get_indexer([date])[0])
         ny, nx = (-(-variable.sizes[dim] // size) for dim, size in zip(("y", "x"), blocks[1:], strict=True))
-        keys = [f"c/{t}/0/{iy}/{ix}" for iy in range(ny) for ix in range(nx)]
+        keys = [chunk_key((t, 0, iy, ix)) for iy in range(ny) for ix in range(nx)]
         digests = recorded_digests(reader, keys)
         if digests is not None:
             known[label] = digests

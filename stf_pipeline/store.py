@@ -321,6 +321,11 @@ def _chunk_identity(file: Path) -> list[int] | None:
         return None
 
 
+def chunk_key(index: Sequence[int]) -> str:
+    """Zarr v3's default key of chunk ``index`` within its variable (``c/0/0/1/2``)."""
+    return "c/" + "/".join(map(str, index))
+
+
 def _write_and_hash(block: np.ndarray, file: Path, codec: DirectCodec) -> bytes:
     codec.write(file, np.asarray(block, dtype=np.float32))
     return _block_digest(block)
@@ -335,7 +340,7 @@ def write_chunks(store: Path, arrays: Mapping[str, tuple[da.Array, DirectCodec]]
     for name, (array, codec) in arrays.items():
         blocks = array.to_delayed()
         out[name] = {
-            "c/" + "/".join(map(str, index)): dask.delayed(_write_and_hash, pure=False)(
+            chunk_key(index): dask.delayed(_write_and_hash, pure=False)(
                 blocks[index], codec.path(store, name, index), codec
             )
             for index in np.ndindex(blocks.shape)
@@ -479,7 +484,7 @@ class DirectCodec:
 
     def path(self, store: Path, name: str, index: Sequence[int]) -> Path:
         """The file of chunk ``index`` of variable ``name``."""
-        return store / name / "c" / "/".join(map(str, index))
+        return store / name / chunk_key(index)
 
     def read(self, file: Path) -> np.ndarray:
         """The chunk in ``file``, its checksum checked (ValueError if it does not match)."""
