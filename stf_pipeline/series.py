@@ -474,13 +474,13 @@ def _recorded_inputs(cube: xr.Dataset, plan: _Plan, blocks: tuple[int, ...]) -> 
     exactly as stored (:func:`~stf_pipeline.store.checked_reader`), one chunk per date holding all
     bands and the plan's spatial chunks, so that each block of the digest is one stored chunk."""
     known: dict[str, list[bytes]] = {}
-    times = cube.indexes["time"]
+    position = {date: i for i, date in enumerate(cube["time"].values.astype("datetime64[ns]"))}
     for label, (name, date) in _input_images(plan).items():
         variable = cube[name]
         reader = checked_reader(variable.data)
         if reader is None or variable.dims != DIMS or reader.chunks != (1, *blocks):
             continue
-        t = int(times.get_indexer([date])[0])
+        t = position[date]
         ny, nx = (-(-variable.sizes[dim] // size) for dim, size in zip(("y", "x"), blocks[1:], strict=True))
         keys = [chunk_key((t, 0, iy, ix)) for iy in range(ny) for ix in range(nx)]
         digests = recorded_digests(reader, keys)
