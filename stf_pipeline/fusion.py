@@ -13,7 +13,14 @@ from stf_pipeline._dask import is_dask_array
 from stf_pipeline.cube import pixel_size, validate_cube
 from stf_pipeline.exceptions import CubeError, MethodError
 from stf_pipeline.methods import MethodContext, MethodSpec, get_method, params_to_attrs
-from stf_pipeline.parallel import fill_statistics, map_overlapping
+from stf_pipeline.methods._base import PADDED_BACKENDS, device_kind
+from stf_pipeline.parallel import (
+    device_block_pixels,
+    device_chunks,
+    fill_statistics,
+    map_overlapping,
+    tasks_run_here,
+)
 from stf_pipeline.task import DateLike, Task, resolve_task
 
 
@@ -80,7 +87,9 @@ def fuse(
     model : FittedModel, optional
         Trained model, required by learned methods (``stf.train``).
     chunks : (int, int), optional
-        Spatial chunk size for the computation; default the cube's chunks.
+        Spatial chunk size for the computation; default the cube's chunks, merged into blocks of
+        up to 2048² pixels when a jitted kernel runs on this process's GPU (fewer halo pixels to
+        recompute; :func:`stf_pipeline.parallel.device_chunks`, ``STF_DEVICE_BLOCK_PIXELS``).
     backend : {"auto", "numpy", "numba", "jax", "pallas"}, default "auto"
         Implementation of the method's kernel, among those it declares (``MethodSpec.kernels``;
         ``stf.get_method(name).backends``): ``numpy``, whole-array NumPy (the reference);
@@ -172,6 +181,16 @@ class FusionCall:
         factor = self.context.coarse_factor
         return factor if self.spec.coarse_aligned and factor else 1
 
+    def _on_local_gpu(self) -> bool:
+        """Whether the kernel is a jitted program on the one GPU of this process (Dask's local
+        scheduler, not a cluster of workers): then blocks larger than the cube's chunks pay
+        (:func:`~stf_pipeline.parallel.device_chunks`)."""
+        return (
+            self.spec.resolve_backend(self.backend) in PADDED_BACKENDS
+            and device_kind() == "gpu"
+            and tasks_run_here()
+        )
+
     def inputs(self, cube: xr.Dataset) -> tuple[Any, Any, Any]:
         """The pair fine and coarse images ``(pair, band, y, x)`` and the target's coarse image ``(band, y, x)``."""
         pair_times = list(self.task.pairs)
@@ -234,6 +253,8 @@ class FusionCall:
 
                 kernel_kwargs["model"] = shared(self.model)
         padding = "none" if block_chunks is not None else self.spec.padding_for(self.backend)
+        if lazy and chunks is None and block_chunks is None and self._on_local_gpu():
+            chunks = device_chunks(fine.shape[-2:], (fine.chunks[-2][0], fine.chunks[-1][0]), device_block_pixels())
         return map_overlapping(
             self.spec.kernel_for(self.backend), fine, coarse, coarse_target, halo=self.halo, align=self.align,
             chunks=chunks, block_chunks=block_chunks, extra=extra, padding=padding, **kernel_kwargs,

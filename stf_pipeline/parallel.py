@@ -15,6 +15,13 @@ chunk height, not with its area: halving the chunk halves it (``stf bench scale 
 :func:`stf_pipeline.fuse_series` bounds it by the worker count instead: it maps the kernel over one
 tile's window at a time (``block_chunks``: the tile's blocks plus a halo strip each side).
 
+Device blocks: a GPU runs one block at a time, and every block recomputes a halo on each inner
+side (BiaSTF's is 60 pixels: four 1024-px blocks of a 2000² scene compute 21 % more pixels than the
+scene has). So when the kernel is a jitted program on the one GPU of this process and the caller
+gave no chunks, :func:`device_chunks` merges the cube's chunks into blocks of up to
+:func:`device_block_pixels` pixels (2048², a 2000² scene in one program); memory per block
+then grows with it (``STF_DEVICE_BLOCK_PIXELS`` lowers it, ``0`` turns merging off).
+
 One shape per scene: a jitted kernel compiles once per block shape, and the edge blocks are
 smaller. For a method that asks for it (``MethodSpec.block_padding``) every block is padded at its
 far ends to the scene's largest block shape, with NaN by the engine (``"nan"``) or by the kernel,
@@ -24,6 +31,7 @@ told the shape as ``pad_to`` (``"kernel"``), and the result is cropped back.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -55,6 +63,30 @@ def local_scheduler() -> Callable[..., Any] | None:
     return dask.threaded.get
 
 
+#: ``dask.config`` ``scheduler`` values that run the tasks in this process
+_IN_PROCESS_SCHEDULERS = ("threads", "threading", "sync", "synchronous", "single-threaded")
+
+
+def tasks_run_here() -> bool:
+    """Whether Dask would run this process's tasks on its own threads: no other scheduler is
+    configured and no distributed Client is active (``distributed`` may be imported anyway: Dask
+    imports it to look for a Client on every ``compute``)."""
+    import dask
+
+    chosen = dask.config.get("scheduler", None)
+    if chosen is not None and chosen not in _IN_PROCESS_SCHEDULERS:
+        return False
+    if "distributed" not in sys.modules:
+        return True
+    from distributed import default_client
+
+    try:
+        default_client()
+    except ValueError:  # no Client
+        return True
+    return False
+
+
 def _spatial_chunks(length: int, nominal: int, *, halo: int, align: int) -> tuple[int, ...]:
     """Regular chunks of ``nominal`` pixels (at least ``halo`` and a multiple of ``align``).
 
@@ -73,6 +105,58 @@ def _spatial_chunks(length: int, nominal: int, *, halo: int, align: int) -> tupl
         else:
             chunks.append(rest)
     return tuple(chunks)
+
+
+#: Default of :func:`device_block_pixels`: a 2048² block (BiaSTF's networks need about 20 GB for it).
+DEVICE_BLOCK_PIXELS = 2048 * 2048
+#: Environment variable that overrides :data:`DEVICE_BLOCK_PIXELS` (``0``: keep the cube's chunks).
+DEVICE_BLOCK_VARIABLE = "STF_DEVICE_BLOCK_PIXELS"
+
+
+def device_block_pixels() -> int:
+    """Largest block, in pixels, that the cube's chunks are merged into for a GPU kernel
+    (:data:`DEVICE_BLOCK_PIXELS`, or ``STF_DEVICE_BLOCK_PIXELS``; ``0`` turns merging off).
+
+    Raises
+    ------
+    ValueError
+        If ``STF_DEVICE_BLOCK_PIXELS`` is not a whole number of at least 0.
+    """
+    text = os.environ.get(DEVICE_BLOCK_VARIABLE, "").strip()
+    if not text:
+        return DEVICE_BLOCK_PIXELS
+    if not text.isdigit():
+        raise ValueError(
+            f"{DEVICE_BLOCK_VARIABLE}={text!r} is not a whole number of pixels; set it to e.g. "
+            f"{DEVICE_BLOCK_PIXELS} (a 2048² block) or 0 to keep the cube's chunks."
+        )
+    return int(text)
+
+
+def device_chunks(shape: tuple[int, int], chunks: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    """Nominal chunks for a GPU kernel: ``chunks`` merged, a whole number of them along each axis,
+    into the largest block of at most ``max_pixels`` pixels (``chunks`` themselves when even two
+    do not fit), the squarest of equal size.
+
+    A block made of whole chunks reads each stored chunk in one task; a block as large as the
+    scene along an axis needs no halo along it (:func:`map_overlapping`).
+    """
+    height, width = shape
+    counts = (max(-(-height // max(chunks[0], 1)), 1), max(-(-width // max(chunks[1], 1)), 1))
+    best = (1, 1)
+    best_key = (-1, 0)
+    for ky in range(1, counts[0] + 1):
+        by = min(ky * chunks[0], height)
+        kx = counts[1] if by * width <= max_pixels else min(max_pixels // by // max(chunks[1], 1), counts[1])
+        if kx < 1:
+            break
+        bx = min(kx * chunks[1], width)
+        key = (by * bx, -abs(by - bx))  # largest, then squarest
+        if key > best_key:
+            best, best_key = (ky, kx), key
+    if best_key[0] < 0 or best_key[0] <= min(chunks[0], height) * min(chunks[1], width):
+        return chunks
+    return (best[0] * chunks[0], best[1] * chunks[1])
 
 
 def plan_chunks(

@@ -197,7 +197,8 @@ def _check_one_shape(
     ragged = (-(-3 * ny // 5), -(-3 * nx // 5))
     ychunks, xchunks = plan_chunks((ny, nx), ragged, halo=0)
     assert ychunks[-1] < ychunks[0] and xchunks[-1] < xchunks[0], "the ragged chunks end in a short chunk"
-    out = fuse(holes.chunk({"time": 1, "y": ragged[0], "x": ragged[1]}), target, **{**kwargs, "method": recording})
+    ragged_cube = holes.chunk({"time": 1, "y": ragged[0], "x": ragged[1]})
+    out = fuse(ragged_cube, target, **{**kwargs, "method": recording, "chunks": ragged})
     _assert_close(out.values, eager, rtol, atol, f"{spec.name}/{backend}: padded ragged blocks != unchunked")
     assert len(recorder.seen) > 1, f"{spec.name}/{backend}: the ragged run needs several blocks; pass a larger cube"
     assert len(set(recorder.seen)) == 1, (
@@ -274,9 +275,11 @@ def check_method(
     kwargs: dict[str, Any] = {"method": spec, "backend": backend, "model": model, **dict(params or {})}
     holes = _with_holes(cube, seed)
     lazy_cube = holes.chunk({"time": 1, "y": chunks[0], "x": chunks[1]})
+    # the chunks named, so that a GPU does not merge them into one block (fusion.FusionCall._on_local_gpu)
+    chunked = {**kwargs, "chunks": chunks}
 
     with raise_if_dask_computes():
-        lazy = fuse(lazy_cube, target, **kwargs)
+        lazy = fuse(lazy_cube, target, **chunked)
     assert isinstance(lazy.data, da.Array), f"{spec.name}/{backend}: fusing a Dask-backed cube did not stay lazy"
     blocks = lazy.data.numblocks[1] * lazy.data.numblocks[2]
     assert blocks > 1, f"{spec.name}/{backend}: the check needs several chunks; pass a larger cube or smaller chunks"
@@ -295,7 +298,7 @@ def check_method(
 
     align = int(cube.attrs.get("coarse_factor") or 1) if spec.coarse_aligned else 1
     wider = dataclasses.replace(spec, halo=_WiderHalo(spec.halo, 2 * align if align > 1 else 2))
-    widened = fuse(lazy_cube, target, **{**kwargs, "method": wider}).values
+    widened = fuse(lazy_cube, target, **{**chunked, "method": wider}).values
     _assert_close(widened, eager, rtol, atol, f"{spec.name}/{backend}: a wider halo changes the result")
 
     if spec.padding_for(backend) != "none":

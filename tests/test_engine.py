@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import stf_pipeline as stf
-from stf_pipeline.parallel import map_overlapping, plan_chunks
+from stf_pipeline.parallel import device_block_pixels, device_chunks, map_overlapping, plan_chunks
 from stf_pipeline.testing import raise_if_dask_computes, random_cube
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -128,6 +128,62 @@ def test_plan_chunks_cover_the_axis_with_chunks_no_smaller_than_the_halo(length,
 
 
 @SETTINGS
+@given(
+    height=st.integers(1, 5000), width=st.integers(1, 5000), cy=st.integers(1, 3000), cx=st.integers(1, 3000),
+    max_pixels=st.integers(0, 2**23),
+)
+def test_device_chunks_merge_whole_chunks_into_the_largest_block_that_fits(height, width, cy, cx, max_pixels):
+    by, bx = device_chunks((height, width), (cy, cx), max_pixels)
+    assert by % cy == 0 and bx % cx == 0  # whole chunks: each stored chunk is read by one block
+    area = min(by, height) * min(bx, width)
+    if (by, bx) != (cy, cx):
+        assert area <= max_pixels
+        assert area > min(cy, height) * min(cx, width)
+    # no block of whole chunks that fits is larger (brute force over the chunk counts)
+    best = max(
+        (min(ky * cy, height) * min(kx * cx, width)
+         for ky in range(1, -(-height // cy) + 1) for kx in range(1, -(-width // cx) + 1)
+         if min(ky * cy, height) * min(kx * cx, width) <= max_pixels),
+        default=0,
+    )
+    assert area >= min(best, area) and (area == best or (by, bx) == (cy, cx))
+
+
+def test_device_chunks_by_hand(monkeypatch):
+    assert device_chunks((2000, 2000), (1024, 1024), 2048**2) == (2048, 2048)  # the whole scene in one block
+    assert device_chunks((10000, 10000), (2000, 2000), 2048**2) == (2000, 2000)  # two chunks do not fit
+    assert device_chunks((10000, 10000), (500, 500), 2048**2) == (2000, 2000)  # 4 x 4, squarer than 8 x 2
+    assert device_chunks((2000, 2000), (1024, 1024), 0) == (1024, 1024)
+    monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", "0")
+    assert device_block_pixels() == 0
+    monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", "4M")
+    with pytest.raises(ValueError, match="STF_DEVICE_BLOCK_PIXELS='4M' is not a whole number"):
+        device_block_pixels()
+
+
+def test_a_local_gpu_fuses_merged_blocks_with_the_unchunked_numbers(monkeypatch):
+    """On this process's GPU a jitted kernel gets the cube's chunks merged (here by a small budget):
+    fewer blocks, the same numbers; chunks given by the caller, a NumPy kernel or a budget of 0 keep them."""
+    from stf_pipeline import fusion
+
+    cube = _gappy(seed=3)
+    target = cube.time.values[1]
+    lazy_cube = cube.chunk({"time": 1, "y": 10, "x": 12})
+    eager = stf.fuse(cube, target, method="starfm", backend="jax", radius=3).values
+    monkeypatch.setattr(fusion, "device_kind", lambda: "gpu")
+    monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", str(20 * 24))
+    merged = stf.fuse(lazy_cube, target, method="starfm", backend="jax", radius=3)
+    assert merged.data.chunks[1:] == ((20, 20), (24, 24))
+    np.testing.assert_allclose(merged.values, eager, rtol=1e-6, atol=1e-6)
+    given = stf.fuse(lazy_cube, target, method="starfm", backend="jax", radius=3, chunks=(10, 12))
+    assert given.data.chunks[1:] == ((10,) * 4, (12,) * 4)
+    assert stf.fuse(lazy_cube, target, method="delta").data.chunks[1:] == ((10,) * 4, (12,) * 4)
+    monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", "0")
+    kept = stf.fuse(lazy_cube, target, method="starfm", backend="jax", radius=3)
+    assert kept.data.chunks[1:] == ((10,) * 4, (12,) * 4)
+
+
+@SETTINGS
 @given(cy=st.integers(2, 48), cx=st.integers(2, 48), window=st.sampled_from([1, 3, 5, 9, 15, 31]))
 def test_fuse_chunked_equals_unchunked_bitwise(cy, cx, window):
     cube = _gappy(seed=1)
@@ -232,3 +288,19 @@ def test_at_times_is_xarray_sel(order, chunked):
     np.testing.assert_array_equal(np.asarray(got), cube["fine"].sel(time=times).values)
     with pytest.raises(stf.CubeError, match="1999-01-01"):
         at_times(cube["fine"], [times[0], np.datetime64("1999-01-01")])
+
+
+def test_tasks_run_here_unless_a_client_or_another_scheduler_takes_them():
+    import dask
+    from distributed import Client
+
+    from stf_pipeline.parallel import tasks_run_here
+
+    assert tasks_run_here()
+    with dask.config.set(scheduler="sync"):
+        assert tasks_run_here()
+    with dask.config.set(scheduler="processes"):
+        assert not tasks_run_here()
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None):
+        assert not tasks_run_here()
+    assert tasks_run_here()
