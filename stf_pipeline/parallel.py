@@ -107,7 +107,7 @@ def _spatial_chunks(length: int, nominal: int, *, halo: int, align: int) -> tupl
     return tuple(chunks)
 
 
-#: Default of :func:`device_block_pixels`: a 2048² block (BiaSTF's networks need about 20 GB for it).
+#: Default of :func:`device_block_pixels`: a 2048² block (``stf bench biastf --gpu`` fuses a 2000² scene as one block).
 DEVICE_BLOCK_PIXELS = 2048 * 2048
 #: Environment variable that overrides :data:`DEVICE_BLOCK_PIXELS` (``0``: keep the cube's chunks).
 DEVICE_BLOCK_VARIABLE = "STF_DEVICE_BLOCK_PIXELS"
