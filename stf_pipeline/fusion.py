@@ -253,12 +253,20 @@ class FusionCall:
 
                 kernel_kwargs["model"] = shared(self.model)
         padding = "none" if block_chunks is not None else self.spec.padding_for(self.backend)
+        stored = None  # the cube's chunks, when the blocks are merged ones
         if lazy and chunks is None and block_chunks is None and self._on_local_gpu():
-            chunks = device_chunks(fine.shape[-2:], (fine.chunks[-2][0], fine.chunks[-1][0]), device_block_pixels())
-        return map_overlapping(
+            nominal = device_chunks(fine.shape[-2:], (fine.chunks[-2][0], fine.chunks[-1][0]), device_block_pixels())
+            if nominal != (fine.chunks[-2][0], fine.chunks[-1][0]):
+                chunks, stored = nominal, (fine.chunks[-2], fine.chunks[-1])
+        result = map_overlapping(
             self.spec.kernel_for(self.backend), fine, coarse, coarse_target, halo=self.halo, align=self.align,
             chunks=chunks, block_chunks=block_chunks, extra=extra, padding=padding, **kernel_kwargs,
         )
+        if stored is not None:
+            # the result in the cube's chunks again: writing it runs one task per stored chunk
+            # (compressing in parallel), lined up with the input store's chunks
+            result = result.rechunk({1: stored[0], 2: stored[1]})
+        return result
 
 
 def prepare_fusion(

@@ -163,24 +163,35 @@ def test_device_chunks_by_hand(monkeypatch):
 
 def test_a_local_gpu_fuses_merged_blocks_with_the_unchunked_numbers(monkeypatch):
     """On this process's GPU a jitted kernel gets the cube's chunks merged (here by a small budget):
-    fewer blocks, the same numbers; chunks given by the caller, a NumPy kernel or a budget of 0 keep them."""
+    fewer, larger blocks, the result in the cube's chunks with the unchunked numbers; chunks given
+    by the caller, a NumPy kernel or a budget of 0 keep the cube's chunks as blocks."""
+    import dataclasses
+
     from stf_pipeline import fusion
+    from stf_pipeline.testing import _ShapeRecorder
 
     cube = _gappy(seed=3)
     target = cube.time.values[1]
     lazy_cube = cube.chunk({"time": 1, "y": 10, "x": 12})
+    starfm = stf.get_method("starfm")
+
+    def blocks(**kwargs):
+        recorder = _ShapeRecorder(starfm.kernels["jax"])
+        spec = dataclasses.replace(starfm, kernels={**starfm.kernels, "jax": recorder}, kernel=None)
+        out = stf.fuse(lazy_cube, target, method=spec, backend="jax", radius=3, **kwargs)
+        assert out.data.chunks[1:] == ((10,) * 4, (12,) * 4)  # the cube's chunks, whatever the blocks
+        return out.values, recorder.seen
+
     eager = stf.fuse(cube, target, method="starfm", backend="jax", radius=3).values
     monkeypatch.setattr(fusion, "device_kind", lambda: "gpu")
     monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", str(20 * 24))
-    merged = stf.fuse(lazy_cube, target, method="starfm", backend="jax", radius=3)
-    assert merged.data.chunks[1:] == ((20, 20), (24, 24))
-    np.testing.assert_allclose(merged.values, eager, rtol=1e-6, atol=1e-6)
-    given = stf.fuse(lazy_cube, target, method="starfm", backend="jax", radius=3, chunks=(10, 12))
-    assert given.data.chunks[1:] == ((10,) * 4, (12,) * 4)
-    assert stf.fuse(lazy_cube, target, method="delta").data.chunks[1:] == ((10,) * 4, (12,) * 4)
+    values, seen = blocks()
+    assert seen == [(23, 27)] * 4  # 2 x 2 blocks of 20 x 24 pixels and a 3-pixel halo (padded to one shape)
+    np.testing.assert_allclose(values, eager, rtol=1e-6, atol=1e-6)
+    assert blocks(chunks=(10, 12))[1] == [(16, 18)] * 16
     monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", "0")
-    kept = stf.fuse(lazy_cube, target, method="starfm", backend="jax", radius=3)
-    assert kept.data.chunks[1:] == ((10,) * 4, (12,) * 4)
+    assert blocks()[1] == [(16, 18)] * 16
+    assert stf.fuse(lazy_cube, target, method="delta").data.chunks[1:] == ((10,) * 4, (12,) * 4)
 
 
 @SETTINGS

@@ -189,7 +189,9 @@ def test_masked_pixels_affect_neither_loss_nor_gradient():
     ):
         assert np.all(np.isfinite(a))
         np.testing.assert_array_equal(a, b)
-        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-8)
+        # a batch without the NaN-only patch sums in another order: float32 rounding of the leaf's
+        # largest gradients (a few ulps), which a near-zero element cannot meet relatively
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6 * float(np.abs(c).max()))
 
 
 @pytest.fixture(scope="module")
