@@ -87,9 +87,9 @@ def fuse(
     model : FittedModel, optional
         Trained model, required by learned methods (``stf.train``).
     chunks : (int, int), optional
-        Spatial chunk size for the computation; default the cube's chunks, merged into blocks of
-        up to 2048² pixels when a jitted kernel runs on this process's GPU (fewer halo pixels to
-        recompute; :func:`stf_pipeline.parallel.device_chunks`, ``STF_DEVICE_BLOCK_PIXELS``).
+        Spatial chunk size for the computation; default the cube's chunks (merged into blocks of
+        up to ``STF_DEVICE_BLOCK_PIXELS`` pixels when that is set and a jitted kernel runs on this
+        process's GPU: :func:`stf_pipeline.parallel.device_chunks`).
     backend : {"auto", "numpy", "numba", "jax", "pallas"}, default "auto"
         Implementation of the method's kernel, among those it declares (``MethodSpec.kernels``;
         ``stf.get_method(name).backends``): ``numpy``, whole-array NumPy (the reference);

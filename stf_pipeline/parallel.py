@@ -17,10 +17,12 @@ tile's window at a time (``block_chunks``: the tile's blocks plus a halo strip e
 
 Device blocks: a GPU runs one block at a time, and every block recomputes a halo on each inner
 side (BiaSTF's is 60 pixels: four 1024-px blocks of a 2000² scene compute 21 % more pixels than the
-scene has). So when the kernel is a jitted program on the one GPU of this process and the caller
-gave no chunks, :func:`device_chunks` merges the cube's chunks into blocks of up to
-:func:`device_block_pixels` pixels (2048², a 2000² scene in one program); memory per block
-then grows with it (``STF_DEVICE_BLOCK_PIXELS`` lowers it, ``0`` turns merging off).
+scene has). With ``STF_DEVICE_BLOCK_PIXELS`` set, when the kernel is a jitted program on the one
+GPU of this process and the caller gave no chunks, :func:`device_chunks` merges the cube's chunks
+into blocks of up to that many pixels, and the result is rechunked to the cube's chunks. It is off
+by default: a merged block is concatenated on the host before the kernel sees it, and its reads
+no longer overlap another block's device work, which can cost what the halo saves
+(docs/architecture.md, "Blocks on a GPU").
 
 One shape per scene: a jitted kernel compiles once per block shape, and the edge blocks are
 smaller. For a method that asks for it (``MethodSpec.block_padding``) every block is padded at its
@@ -107,28 +109,24 @@ def _spatial_chunks(length: int, nominal: int, *, halo: int, align: int) -> tupl
     return tuple(chunks)
 
 
-#: Default of :func:`device_block_pixels`: a 2048² block (``stf bench biastf --gpu`` fuses a 2000² scene as one block).
-DEVICE_BLOCK_PIXELS = 2048 * 2048
-#: Environment variable that overrides :data:`DEVICE_BLOCK_PIXELS` (``0``: keep the cube's chunks).
+#: Environment variable: the largest merged block in pixels (unset or ``0``: the cube's chunks).
 DEVICE_BLOCK_VARIABLE = "STF_DEVICE_BLOCK_PIXELS"
 
 
 def device_block_pixels() -> int:
-    """Largest block, in pixels, that the cube's chunks are merged into for a GPU kernel
-    (:data:`DEVICE_BLOCK_PIXELS`, or ``STF_DEVICE_BLOCK_PIXELS``; ``0`` turns merging off).
+    """Largest block, in pixels, that the cube's chunks are merged into for a GPU kernel:
+    ``STF_DEVICE_BLOCK_PIXELS`` (e.g. ``4194304``, a 2048² block), ``0`` when unset (no merging).
 
     Raises
     ------
     ValueError
         If ``STF_DEVICE_BLOCK_PIXELS`` is not a whole number of at least 0.
     """
-    text = os.environ.get(DEVICE_BLOCK_VARIABLE, "").strip()
-    if not text:
-        return DEVICE_BLOCK_PIXELS
+    text = os.environ.get(DEVICE_BLOCK_VARIABLE, "").strip() or "0"
     if not text.isdigit():
         raise ValueError(
             f"{DEVICE_BLOCK_VARIABLE}={text!r} is not a whole number of pixels; set it to e.g. "
-            f"{DEVICE_BLOCK_PIXELS} (a 2048² block) or 0 to keep the cube's chunks."
+            f"{2048 * 2048} (a 2048² block) or 0 to keep the cube's chunks."
         )
     return int(text)
 

@@ -154,6 +154,8 @@ def test_device_chunks_by_hand(monkeypatch):
     assert device_chunks((10000, 10000), (2000, 2000), 2048**2) == (2000, 2000)  # two chunks do not fit
     assert device_chunks((10000, 10000), (500, 500), 2048**2) == (2000, 2000)  # 4 x 4, squarer than 8 x 2
     assert device_chunks((2000, 2000), (1024, 1024), 0) == (1024, 1024)
+    monkeypatch.delenv("STF_DEVICE_BLOCK_PIXELS", raising=False)
+    assert device_block_pixels() == 0  # off unless asked for
     monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", "0")
     assert device_block_pixels() == 0
     monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", "4M")
@@ -162,7 +164,7 @@ def test_device_chunks_by_hand(monkeypatch):
 
 
 def test_a_local_gpu_fuses_merged_blocks_with_the_unchunked_numbers(monkeypatch):
-    """On this process's GPU a jitted kernel gets the cube's chunks merged (here by a small budget):
+    """With a budget set, on this process's GPU a jitted kernel gets the cube's chunks merged:
     fewer, larger blocks, the result in the cube's chunks with the unchunked numbers; chunks given
     by the caller, a NumPy kernel or a budget of 0 keep the cube's chunks as blocks."""
     import dataclasses
