@@ -280,8 +280,8 @@ def _zarr(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``stf bench biastf [ARGS]``; ``stf bench biastf study [ARGS]`` runs the accuracy study
-    (:mod:`benchmarks._biastf_study`)."""
+    """``stf bench biastf [ARGS]`` runs the benchmark (see the module docstring) and returns 0;
+    ``stf bench biastf study [ARGS]`` runs the accuracy study (:mod:`benchmarks._biastf_study`)."""
     import sys
 
     args_in = list(sys.argv[1:] if argv is None else argv)
@@ -289,7 +289,6 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import _biastf_study
 
         return _biastf_study.main(args_in[1:])
-    """Run the benchmark; see the module docstring. Returns 0."""
     parser = argparse.ArgumentParser(prog="stf bench biastf", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--gpu", action="store_true", help="require a GPU and use the paper's sizes (default: small CPU sizes)"
