@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="bench_targets.json", help="output JSON path")
     parser.add_argument(
         "--reuse", action="store_true",
-        help="judge from the children's JSON already beside --json (runs split over machines' time limits)",
+        help="judge from the children's JSON already beside --json, running none (runs split over machines' time "
+        "limits); a target whose child's JSON is missing is not measured",
     )
     args = parser.parse_args(argv)
 
@@ -283,9 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         if not any(t.run == run.name for t in chosen):
             continue
         out = _child_json(args.json, run.name)
-        if args.reuse and out.exists():
-            print(f"reading {out} (stf bench {run.benchmark} of an earlier run)", flush=True)
-            results[run.name] = json.loads(out.read_text())
+        if args.reuse:  # never a new run: a child's JSON that is missing leaves its targets not measured
+            if out.exists():
+                print(f"reading {out} (stf bench {run.benchmark} of an earlier run)", flush=True)
+                results[run.name] = json.loads(out.read_text())
+            else:
+                failures[run.name] = f"--reuse: no {out.name} from an earlier run"
             continue
         print(f"running stf bench {run.benchmark} {' '.join(run.args)}", flush=True)
         result, why = _run_child(run, out)

@@ -234,3 +234,8 @@ def test_stf_bench_targets_reuse_judges_earlier_children_without_running_them(tm
     records = {r["target"]: r for r in json.loads(out.read_text())["results"]}
     assert records["estarfm"]["measured"] == 0.205 and records["estarfm"]["met"] is False
     assert records["series"]["measured_on"] == "NVIDIA H100 80GB HBM3, 81559 MiB"
+    (tmp_path / "t.compile.json").unlink()  # a child that did not run then: its target not measured, nothing run
+    assert targets.main(["--gpu", "--reuse", "--json", str(out)]) == 1
+    records = {r["target"]: r for r in json.loads(out.read_text())["results"]}
+    assert records["biastf-zarr-first"]["met"] is None and "no t.compile.json" in records["biastf-zarr-first"]["note"]
+    assert records["series"]["met"] is False
