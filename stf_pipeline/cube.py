@@ -10,6 +10,7 @@ checksum per chunk, written atomically (temporary store, then rename) with conso
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -191,14 +192,48 @@ def _sample_windows(cube: xr.Dataset, name: str, *, lazy: bool) -> list[Any]:
     data = cube[name].data
     if is_dask_array(data) and not lazy:
         return []
-    n_time, _, height, width = data.shape
+    return [data[t0, :, y0:y1, x0:x1] for (t0, _), _, (y0, y1), (x0, x1) in _sample_regions(data)]
+
+
+def _sample_regions(data: Any) -> list[tuple[tuple[int, int], ...]]:
+    """The ``(start, stop)`` of each dimension of the windows :func:`_sample_windows` takes:
+    one date, every band, a window of up to ``SAMPLE_SIDE`` pixels at the centre (for a Dask
+    array, moved to the start of its chunk where it still fits, so that one chunk is read)."""
+    n_time, n_band, height, width = data.shape
     side_y, side_x = min(SAMPLE_SIDE, height), min(SAMPLE_SIDE, width)
     y0, x0 = (height - side_y) // 2, (width - side_x) // 2
-    if is_dask_array(data):  # the window inside the first chunk at the centre, so one chunk is read
+    if is_dask_array(data):
         y0 = _chunk_start(data.chunks[2], y0, side_y)
         x0 = _chunk_start(data.chunks[3], x0, side_x)
     dates = sorted({0, n_time // 2, n_time - 1})
-    return [data[t, :, y0 : y0 + side_y, x0 : x0 + side_x] for t in dates]
+    return [((t, t + 1), (0, n_band), (y0, y0 + side_y), (x0, x0 + side_x)) for t in dates]
+
+
+def _values_checked_at_write(cube: xr.Dataset) -> bool:
+    """Whether :func:`write_cube` checked the values of every chunk that the value check of a
+    newly opened ``cube`` would read. It did when each such chunk is still as written: its size
+    and checksum are those the store's manifest recorded (:func:`stf_pipeline.store.recorded_digests`),
+    and :func:`write_cube` checks a cube's values before it writes a store. Then opening reads no
+    image chunk; a store of another writer, a chunk written again since, or a variable read
+    another way is checked as before."""
+    from stf_pipeline.store import checked_reader, chunk_key, recorded_digests
+
+    names = [str(n) for n in cube.data_vars if cube[n].dims == DIMS and np.issubdtype(cube[n].dtype, np.floating)]
+    for name in names:
+        data = cube[name].data
+        reader = checked_reader(data)
+        if reader is None or reader.direct is None:
+            return False
+        keys: set[str] = set()
+        for region in _sample_regions(data):
+            spans = [
+                range(start // size, (stop - 1) // size + 1)
+                for (start, stop), size in zip(region, reader.direct.chunk_shape, strict=True)
+            ]
+            keys.update(chunk_key(index) for index in itertools.product(*spans))
+        if recorded_digests(reader, sorted(keys)) is None:
+            return False
+    return bool(names)
 
 
 def _chunk_start(chunks: tuple[int, ...], start: int, side: int) -> int:
@@ -679,19 +714,18 @@ def open_cube(
     ------
     CubeError
         If the store is missing, truncated or corrupt, or breaks the contract (values included,
-        on a sample).
+        on a sample, unless the sampled chunks are still as :func:`write_cube` checked and wrote
+        them: ``_values_checked_at_write``).
     """
     cube = open_store(path, chunks=chunks)
     try:
-        return validate_cube(cube, check_values=True)
+        return validate_cube(cube, check_values=not _values_checked_at_write(cube))
     except CubeError as err:
         raise CubeError(f"store {path} is not a valid cube: {err}") from None
 
 
 def _chunk_files(path: Path, name: str, meta: Mapping[str, Any]) -> tuple[set[str], set[str]]:
     """The chunk keys a variable must have, and the ones present (temporary files ignored)."""
-    import itertools
-
     from stf_pipeline.store import PARTIAL_SUFFIX
 
     root = path / name

@@ -471,6 +471,32 @@ def test_value_checks_name_the_scale_factor_and_inf():
         stf.validate_cube(lazy, check_values=True)
 
 
+def test_open_cube_takes_write_cubes_value_check_while_the_chunks_are_as_written(tmp_path, monkeypatch):
+    """A store written by write_cube (which checks the values) opens without reading an image chunk;
+    once a sampled chunk is written again by another tool, or in a store without a manifest, opening
+    checks the values again and names the problem."""
+    import zarr
+
+    path = stf.write_cube(gappy_cube(), tmp_path / "c.zarr", chunks={"y": 16, "x": 16})
+    reads = []
+    real_read = store.DirectCodec.read
+    monkeypatch.setattr(store.DirectCodec, "read", lambda self, file: reads.append(file) or real_read(self, file))
+    cube = stf.open_cube(path)
+    assert reads == []
+    np.testing.assert_array_equal(cube["fine"].values, gappy_cube()["fine"].values)  # the data is read as before
+    fine = zarr.open_array(str(path / "fine"), mode="r+")
+    fine[0] = fine[0] * np.float32(10000)  # the first date (a sampled one) written again, out of range
+    reads.clear()
+    with pytest.raises(stf.CubeError, match="scale factor"):
+        stf.open_cube(path)
+    assert reads  # checked by reading
+    other = tmp_path / "other.zarr"
+    scaled = gappy_cube().assign(fine=gappy_cube().fine * np.float32(10000))
+    scaled.chunk({"y": 16, "x": 16}).to_zarr(other, zarr_format=3, consolidated=True)
+    with pytest.raises(stf.CubeError, match="scale factor"):
+        stf.open_cube(other)
+
+
 def _nearest_coarse(native: int, shape=(2, 3, 120, 100), seed=0):
     rng = np.random.default_rng(seed)
     small = rng.random((shape[0], shape[1], shape[2] // native + 1, shape[3] // native + 1), dtype=np.float32)
