@@ -183,7 +183,7 @@ class FusionCall:
 
     def _on_local_gpu(self) -> bool:
         """Whether the kernel is a jitted program on the one GPU of this process (Dask's local
-        scheduler, not a cluster of workers): then blocks larger than the cube's chunks pay
+        scheduler, not a cluster of workers): where blocks larger than the cube's chunks may pay
         (:func:`~stf_pipeline.parallel.device_chunks`)."""
         return (
             self.spec.resolve_backend(self.backend) in PADDED_BACKENDS
@@ -254,8 +254,9 @@ class FusionCall:
                 kernel_kwargs["model"] = shared(self.model)
         padding = "none" if block_chunks is not None else self.spec.padding_for(self.backend)
         stored = None  # the cube's chunks, when the blocks are merged ones
-        if lazy and chunks is None and block_chunks is None and self._on_local_gpu():
-            nominal = device_chunks(fine.shape[-2:], (fine.chunks[-2][0], fine.chunks[-1][0]), device_block_pixels())
+        budget = device_block_pixels() if lazy and chunks is None and block_chunks is None else 0
+        if budget and self._on_local_gpu():
+            nominal = device_chunks(fine.shape[-2:], (fine.chunks[-2][0], fine.chunks[-1][0]), budget)
             if nominal != (fine.chunks[-2][0], fine.chunks[-1][0]):
                 chunks, stored = nominal, (fine.chunks[-2], fine.chunks[-1])
         result = map_overlapping(
