@@ -209,6 +209,11 @@ def _sample_regions(data: Any) -> list[tuple[tuple[int, int], ...]]:
     return [((t, t + 1), (0, n_band), (y0, y0 + side_y), (x0, x0 + side_x)) for t in dates]
 
 
+def _checked_images(cube: xr.Dataset) -> list[str]:
+    """The variables whose values the value check samples: float images ``(time, band, y, x)``."""
+    return [str(n) for n in cube.data_vars if cube[n].dims == DIMS and np.issubdtype(cube[n].dtype, np.floating)]
+
+
 def _values_checked_at_write(cube: xr.Dataset) -> bool:
     """Whether :func:`write_cube` checked the values of every chunk that the value check of a
     newly opened ``cube`` would read. It did when each such chunk is still as written: its size
@@ -218,7 +223,7 @@ def _values_checked_at_write(cube: xr.Dataset) -> bool:
     another way is checked as before."""
     from stf_pipeline.store import checked_reader, chunk_key, recorded_digests
 
-    names = [str(n) for n in cube.data_vars if cube[n].dims == DIMS and np.issubdtype(cube[n].dtype, np.floating)]
+    names = _checked_images(cube)
     for name in names:
         data = cube[name].data
         reader = checked_reader(data)
@@ -244,7 +249,7 @@ def _chunk_start(chunks: tuple[int, ...], start: int, side: int) -> int:
 
 
 def _check_values(cube: xr.Dataset, *, lazy: bool) -> None:
-    names = [str(n) for n in cube.data_vars if cube[n].dims == DIMS and np.issubdtype(cube[n].dtype, np.floating)]
+    names = _checked_images(cube)
     samples = {name: _sample_windows(cube, name, lazy=lazy) for name in names}
     if lazy and any(is_dask_array(w) for ws in samples.values() for w in ws):
         flat = [w for ws in samples.values() for w in ws]
