@@ -96,8 +96,6 @@ def _fresh_process(job: dict[str, Any], cache_dir: Path, environ: dict[str, str]
 def _biastf_model(filters: int, path: Path) -> str:
     """A multiband BiaSTF model of ``filters`` per layer with random weights, six bands, coarse factor 20
     (the synthetic scene's), saved at ``path``."""
-    import argparse
-
     from benchmarks.biastf import random_model
 
     shape = argparse.Namespace(filters=filters, steps=1, batch_size=1, patch_size=32)
