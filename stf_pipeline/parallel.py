@@ -51,8 +51,8 @@ P = TypeVar("P")
 
 def local_scheduler() -> Callable[..., Any] | None:
     """The scheduler for a ``dask.compute`` in this package: Dask's threaded scheduler
-    (``dask.threaded.get``) when no distributed Client can exist (``dask.distributed`` not
-    imported, no scheduler configured), else ``None`` (Dask's own choice, e.g. the active Client).
+    (``dask.threaded.get``) when no scheduler is configured and no distributed Client is active
+    (:func:`tasks_run_here`), else ``None`` (Dask's own choice, e.g. the active Client).
 
     The scheduler Dask would pick for arrays anyway, passed as a function because Dask, given
     none or a name, imports ``distributed`` (a quarter of a second) to look for a Client.
@@ -60,7 +60,7 @@ def local_scheduler() -> Callable[..., Any] | None:
     import dask
     import dask.threaded
 
-    if "distributed" in sys.modules or dask.config.get("scheduler", None) is not None:
+    if dask.config.get("scheduler", None) is not None or not tasks_run_here():
         return None
     return dask.threaded.get
 

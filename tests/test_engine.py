@@ -305,15 +305,18 @@ def test_at_times_is_xarray_sel(order, chunked):
 
 def test_tasks_run_here_unless_a_client_or_another_scheduler_takes_them():
     import dask
+    import dask.threaded
     from distributed import Client
 
-    from stf_pipeline.parallel import tasks_run_here
+    from stf_pipeline.parallel import local_scheduler, tasks_run_here
 
     assert tasks_run_here()
+    assert local_scheduler() is dask.threaded.get  # distributed is imported here, with no Client
     with dask.config.set(scheduler="sync"):
         assert tasks_run_here()
     with dask.config.set(scheduler="processes"):
         assert not tasks_run_here()
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None):
         assert not tasks_run_here()
+        assert local_scheduler() is None  # the Client's
     assert tasks_run_here()
