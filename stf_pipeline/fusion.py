@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,9 +16,11 @@ from stf_pipeline.exceptions import CubeError, MethodError
 from stf_pipeline.methods import MethodContext, MethodSpec, get_method, params_to_attrs
 from stf_pipeline.methods._base import PADDED_BACKENDS, device_kind
 from stf_pipeline.parallel import (
+    default_device_block_pixels,
     device_block_pixels,
     device_chunks,
     fill_statistics,
+    map_on_device,
     map_overlapping,
     tasks_run_here,
 )
@@ -87,9 +90,12 @@ def fuse(
     model : FittedModel, optional
         Trained model, required by learned methods (``stf.train``).
     chunks : (int, int), optional
-        Spatial chunk size for the computation; default the cube's chunks (merged into blocks of
-        up to ``STF_DEVICE_BLOCK_PIXELS`` pixels when that is set and a jitted kernel runs on this
-        process's GPU: :func:`stf_pipeline.parallel.device_chunks`).
+        Spatial chunk size for the computation; default the cube's chunks, except for a jitted
+        kernel on this process's GPU: there a scene that fits the device (up to
+        ``STF_DEVICE_BLOCK_PIXELS`` pixels where that is set) runs as one block assembled on it, for
+        a kernel that takes device arrays (:func:`stf_pipeline.parallel.map_on_device`), and where
+        ``STF_DEVICE_BLOCK_PIXELS`` is set the cube's chunks are otherwise merged into blocks of up
+        to that many pixels (:func:`stf_pipeline.parallel.device_chunks`).
     backend : {"auto", "numpy", "numba", "jax", "pallas"}, default "auto"
         Implementation of the method's kernel, among those it declares (``MethodSpec.kernels``;
         ``stf.get_method(name).backends``): ``numpy``, whole-array NumPy (the reference);
@@ -253,14 +259,22 @@ class FusionCall:
 
                 kernel_kwargs["model"] = shared(self.model)
         padding = "none" if block_chunks is not None else self.spec.padding_for(self.backend)
+        kernel = self.spec.kernel_for(self.backend)
         stored = None  # the cube's chunks, when the blocks are merged ones
-        budget = device_block_pixels() if lazy and chunks is None and block_chunks is None else 0
-        if budget and self._on_local_gpu():
-            nominal = device_chunks(fine.shape[-2:], (fine.chunks[-2][0], fine.chunks[-1][0]), budget)
-            if nominal != (fine.chunks[-2][0], fine.chunks[-1][0]):
-                chunks, stored = nominal, (fine.chunks[-2], fine.chunks[-1])
+        asked = device_block_pixels() if lazy and chunks is None and block_chunks is None else 0
+        if asked != 0 and self._on_local_gpu():
+            if self.spec.resolve_backend(self.backend) in self.spec.device_inputs:
+                budget = default_device_block_pixels() if asked is None else asked
+                if math.prod(fine.shape[-2:]) <= budget:
+                    return map_on_device(
+                        kernel, fine, coarse, coarse_target, extra=extra, out_chunks=fine.chunks[-2:], **kernel_kwargs
+                    )
+            if asked:
+                nominal = device_chunks(fine.shape[-2:], (fine.chunks[-2][0], fine.chunks[-1][0]), asked)
+                if nominal != (fine.chunks[-2][0], fine.chunks[-1][0]):
+                    chunks, stored = nominal, (fine.chunks[-2], fine.chunks[-1])
         result = map_overlapping(
-            self.spec.kernel_for(self.backend), fine, coarse, coarse_target, halo=self.halo, align=self.align,
+            kernel, fine, coarse, coarse_target, halo=self.halo, align=self.align,
             chunks=chunks, block_chunks=block_chunks, extra=extra, padding=padding, **kernel_kwargs,
         )
         if stored is not None:

@@ -17,12 +17,15 @@ tile's window at a time (``block_chunks``: the tile's blocks plus a halo strip e
 
 Device blocks: a GPU runs one block at a time, and every block recomputes a halo on each inner
 side (BiaSTF's is 60 pixels: four 1024-px blocks of a 2000² scene compute 21 % more pixels than the
-scene has). With ``STF_DEVICE_BLOCK_PIXELS`` set, when the kernel is a jitted program on the one
-GPU of this process and the caller gave no chunks, :func:`device_chunks` merges the cube's chunks
-into blocks of up to that many pixels, and the result is rechunked to the cube's chunks. It is off
-by default: a merged block is concatenated on the host before the kernel sees it, and its reads
-no longer overlap another block's device work, which can cost what the halo saves
-(docs/architecture.md, "Blocks on a GPU").
+scene has). So where the kernel is a jitted program on the one GPU of this process and the caller
+gave no chunks, a scene that fits on the device (:func:`default_device_block_pixels`, or
+``STF_DEVICE_BLOCK_PIXELS``) runs as one block without a halo, for a kernel that takes device
+arrays (``MethodSpec.device_inputs``): :func:`map_on_device` sends each stored chunk to the device
+in its own task as soon as it is read and assembles the block there, and the result comes back in
+the cube's chunks. Where ``STF_DEVICE_BLOCK_PIXELS`` is set, other scenes and kernels get the
+cube's chunks merged on the host into blocks of up to that many pixels (:func:`device_chunks`);
+that is off by default, since a block concatenated on the host no longer overlaps its reads with
+another block's device work (docs/architecture.md, "Blocks on a GPU").
 
 One shape per scene: a jitted kernel compiles once per block shape, and the edge blocks are
 smaller. For a method that asks for it (``MethodSpec.block_padding``) every block is padded at its
@@ -109,26 +112,42 @@ def _spatial_chunks(length: int, nominal: int, *, halo: int, align: int) -> tupl
     return tuple(chunks)
 
 
-#: Environment variable: the largest merged block in pixels (unset or ``0``: the cube's chunks).
+#: Environment variable: the largest block on a GPU, in pixels (``0``: the cube's chunks always)
 DEVICE_BLOCK_VARIABLE = "STF_DEVICE_BLOCK_PIXELS"
 
+#: Device memory a pixel of a whole-scene block is allowed: BiaSTF's paper-size networks (128
+#: filters, four orientations, both directions) fuse a 2000² scene as one block on an 80 GB GPU
+DEVICE_BYTES_PER_PIXEL = 16 * 1024
 
-def device_block_pixels() -> int:
-    """Largest block, in pixels, that the cube's chunks are merged into for a GPU kernel:
-    ``STF_DEVICE_BLOCK_PIXELS`` (e.g. ``4194304``, a 2048² block), ``0`` when unset (no merging).
+
+def device_block_pixels() -> int | None:
+    """The largest block, in pixels, that a GPU kernel is given, as ``STF_DEVICE_BLOCK_PIXELS``
+    asks (e.g. ``4194304``, a 2048² block; ``0``: the cube's chunks), ``None`` when unset (then
+    :func:`default_device_block_pixels`).
 
     Raises
     ------
     ValueError
         If ``STF_DEVICE_BLOCK_PIXELS`` is not a whole number of at least 0.
     """
-    text = os.environ.get(DEVICE_BLOCK_VARIABLE, "").strip() or "0"
+    text = os.environ.get(DEVICE_BLOCK_VARIABLE, "").strip()
+    if not text:
+        return None
     if not text.isdigit():
         raise ValueError(
             f"{DEVICE_BLOCK_VARIABLE}={text!r} is not a whole number of pixels; set it to e.g. "
             f"{2048 * 2048} (a 2048² block) or 0 to keep the cube's chunks."
         )
     return int(text)
+
+
+def default_device_block_pixels() -> int:
+    """Pixels of the largest whole-scene block for JAX's default device: its memory over
+    :data:`DEVICE_BYTES_PER_PIXEL` (0 where the device does not report its memory)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get("bytes_limit", 0)) // DEVICE_BYTES_PER_PIXEL
 
 
 def device_chunks(shape: tuple[int, int], chunks: tuple[int, int], max_pixels: int) -> tuple[int, int]:
@@ -323,6 +342,75 @@ def map_overlapping(
     if not halo:
         return mapped
     return da.overlap.trim_internal(mapped, {0: 0, 1: ydepth, 2: xdepth}, boundary="none")
+
+
+def _chunk_to_device(chunk: np.ndarray) -> Any:
+    """One stored chunk as a float32 array on JAX's default device (the copy starts at once, so it
+    runs while other tasks read the next chunks)."""
+    import jax
+
+    return jax.device_put(np.asarray(chunk, np.float32))
+
+
+def _assemble_on_device(pieces: list[Any]) -> Any:
+    """The chunks (nested lists as ``dask.array.Array.to_delayed`` lays them out) joined into one
+    array on the device."""
+    import jax.numpy as jnp
+
+    return jnp.block(pieces)
+
+
+def _sent_whole(array: Any) -> Any:
+    """A ``dask.delayed`` of ``array`` whole on JAX's device, sent chunk by chunk as each is read."""
+    import dask
+
+    chunks = array.to_delayed()
+    sent = np.empty(chunks.shape, dtype=object)
+    for index in np.ndindex(chunks.shape):
+        sent[index] = dask.delayed(_chunk_to_device, pure=True)(chunks[index])
+    return dask.delayed(_assemble_on_device, pure=True)(sent.tolist())
+
+
+def map_on_device(
+    kernel: Callable[..., np.ndarray],
+    fine: Any,
+    coarse: Any,
+    coarse_target: Any,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    out_chunks: tuple[tuple[int, ...], tuple[int, ...]],
+    **kernel_kwargs: Any,
+) -> Any:
+    """Apply ``kernel`` to the whole scene as one block on JAX's device, without a halo.
+
+    Each chunk of the Dask inputs goes to the device in its own task as soon as it is read, so
+    the copies overlap the reads of the others, and the block is assembled there: no host
+    concatenation, and no halo recomputed between blocks. For a kernel that takes device arrays
+    (``MethodSpec.device_inputs``) on this process's GPU, for a scene that fits on it.
+
+    Parameters
+    ----------
+    kernel, fine, coarse, coarse_target, extra, kernel_kwargs
+        As for :func:`map_overlapping` (``kernel_kwargs`` may hold ``dask.delayed`` values).
+    out_chunks : (tuple of int, tuple of int)
+        The result's ``(y, x)`` chunks (e.g. the cube's, so a write runs one task per stored chunk).
+
+    Returns
+    -------
+    dask.array.Array ``(band, y, x)`` float32
+        Lazy: building it reads and computes nothing.
+    """
+    import dask
+    import dask.array as da
+
+    extra = dict(extra or {})
+    sent = [_sent_whole(da.asarray(a)) for a in (fine, coarse, coarse_target, *extra.values())]
+    block = dask.delayed(_apply_block, pure=True)(
+        *sent, kernel=kernel, extra_names=tuple(extra), padding="none", pad_to=None, **kernel_kwargs
+    )
+    shape = (coarse_target.shape[0], *coarse_target.shape[-2:])
+    whole = da.from_delayed(block, shape, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
+    return whole.rechunk({0: -1, 1: out_chunks[0], 2: out_chunks[1]})
 
 
 def fill_statistics(

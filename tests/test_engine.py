@@ -155,7 +155,7 @@ def test_device_chunks_by_hand(monkeypatch):
     assert device_chunks((10000, 10000), (500, 500), 2048**2) == (2000, 2000)  # 4 x 4, squarer than 8 x 2
     assert device_chunks((2000, 2000), (1024, 1024), 0) == (1024, 1024)
     monkeypatch.delenv("STF_DEVICE_BLOCK_PIXELS", raising=False)
-    assert device_block_pixels() == 0  # off unless asked for
+    assert device_block_pixels() is None  # not asked for: the engine's default
     monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", "0")
     assert device_block_pixels() == 0
     monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", "4M")
@@ -194,6 +194,59 @@ def test_a_local_gpu_fuses_merged_blocks_with_the_unchunked_numbers(monkeypatch)
     monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", "0")
     assert blocks()[1] == [(16, 18)] * 16
     assert stf.fuse(lazy_cube, target, method="delta").data.chunks[1:] == ((10,) * 4, (12,) * 4)
+
+
+def test_a_local_gpu_runs_a_scene_that_fits_as_one_block_assembled_on_the_device(monkeypatch):
+    """A kernel that takes device arrays (``device_inputs``) gets a scene that fits the budget as
+    one block of JAX arrays (its chunks sent as read, joined on the device), with the unchunked
+    numbers, the result in the cube's chunks and nothing computed while the graph is built; a
+    larger scene, or a budget of 0, goes back to blocks of NumPy chunks."""
+    import dataclasses
+
+    import jax
+
+    from stf_pipeline import fusion
+
+    cube = _gappy(seed=3)
+    target = cube.time.values[1]
+    lazy_cube = cube.chunk({"time": 1, "y": 10, "x": 12})
+    starfm = stf.get_method("starfm")
+    seen: list[tuple[bool, tuple[int, ...]]] = []
+
+    def device_kernel(fine, coarse, coarse_target, **kwargs):
+        seen.append((all(isinstance(a, jax.Array) for a in (fine, coarse, coarse_target)), coarse_target.shape))
+        return starfm.kernels["jax"](*(np.asarray(a) for a in (fine, coarse, coarse_target)), **kwargs)
+
+    spec = dataclasses.replace(
+        starfm, kernels={**starfm.kernels, "jax": device_kernel}, kernel=None, device_inputs=("jax",)
+    )
+    eager = stf.fuse(cube, target, method="starfm", backend="jax", radius=3).values
+    monkeypatch.setattr(fusion, "device_kind", lambda: "gpu")
+    monkeypatch.delenv("STF_DEVICE_BLOCK_PIXELS", raising=False)
+    monkeypatch.setattr(fusion, "default_device_block_pixels", lambda: 40 * 48)  # the scene just fits
+    out = stf.fuse(lazy_cube, target, method=spec, backend="jax", radius=3)
+    assert seen == []  # building the graph computed nothing
+    assert out.data.chunks[1:] == ((10,) * 4, (12,) * 4)
+    np.testing.assert_allclose(out.values, eager, rtol=1e-6, atol=1e-6)
+    assert seen == [(True, (2, 40, 48))]
+    seen.clear()
+    monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", str(40 * 48 - 1))  # too small for the scene: merged on the host
+    np.testing.assert_allclose(stf.fuse(lazy_cube, target, method=spec, backend="jax", radius=3).values, eager,
+                               rtol=1e-6, atol=1e-6)
+    assert seen and not any(on_device for on_device, _ in seen)
+    seen.clear()
+    monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", "0")
+    stf.fuse(lazy_cube, target, method=spec, backend="jax", radius=3).compute()
+    assert len(seen) == 16 and not any(on_device for on_device, _ in seen)
+
+
+def test_method_spec_names_only_its_own_backends_as_device_inputs():
+    import dataclasses
+
+    starfm = stf.get_method("starfm")
+    with pytest.raises(stf.MethodError, match=r"device_inputs \['jax'\] are not among its kernels"):
+        dataclasses.replace(starfm, kernels={"numpy": starfm.kernels["numpy"]}, kernel=None, auto={},
+                            reference=None, device_inputs=("jax",))
 
 
 @SETTINGS

@@ -24,12 +24,14 @@ def to_device(arrays: Sequence[Any], shape: tuple[int, int] | None = None) -> li
     :func:`stf_pipeline.fusion.at_times`) goes over as its contiguous leading slices, stacked on
     the device in the program that pads: ``jax.numpy.asarray`` would first copy it whole on the
     host. One ``jax.device_put`` of all pieces took 27 ms where separate transfers and stacks
-    took 50 ms (two 2000² × 6 pairs and a target, one H100; ``docs/benchmarks.md``).
+    took 50 ms (two 2000² × 6 pairs and a target, one H100; ``docs/benchmarks.md``). Arrays
+    already on the device (:func:`stf_pipeline.parallel.map_on_device`) stay there.
     """
     import jax
 
     pieces = [
-        tuple(np.asarray(part, np.float32) for part in a) if _strided(a) else np.asarray(a, np.float32)
+        a.astype(np.float32) if isinstance(a, jax.Array)  # already there (the engine's device blocks)
+        else tuple(np.asarray(part, np.float32) for part in a) if _strided(a) else np.asarray(a, np.float32)
         for a in arrays
     ]
     return _assembler(None if shape is None else (int(shape[0]), int(shape[1])))(jax.device_put(pieces))

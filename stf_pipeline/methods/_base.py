@@ -214,6 +214,12 @@ class MethodSpec(Generic[P]):
         How the blocks of a :data:`PADDED_BACKENDS` backend get one shape per scene, so its jitted
         kernel compiles once (see the module docstring): the engine pads with NaN, the kernel
         pads itself to ``pad_to``, or no padding.
+    device_inputs : tuple of Backend
+        Backends whose kernel takes the block's images as JAX device arrays as well as NumPy
+        (it moves them with :func:`~stf_pipeline.kernels.device.to_device`, which leaves device
+        arrays there): on this process's GPU the engine may then send a scene's chunks to the
+        device as they are read and run the scene as one block there
+        (:func:`~stf_pipeline.parallel.map_on_device`).
     """
 
     name: str
@@ -231,6 +237,7 @@ class MethodSpec(Generic[P]):
     statistics: SceneStatistics[P] | None = None
     extra_vars: Callable[[P], tuple[str, ...]] | None = None
     block_padding: BlockPadding = "none"
+    device_inputs: tuple[Backend, ...] = ()
 
     def __post_init__(self) -> None:
         if self.block_padding not in BLOCK_PADDINGS:
@@ -246,6 +253,11 @@ class MethodSpec(Generic[P]):
                 f"method {self.name!r} declares unknown backend(s) {unknown}; backends are {list(BACKENDS)}."
             )
         object.__setattr__(self, "kernels", kernels)
+        undeclared = sorted(set(self.device_inputs) - set(kernels))
+        if undeclared:
+            raise MethodError(
+                f"method {self.name!r}: device_inputs {undeclared} are not among its kernels {list(kernels)}."
+            )
         if self.reference is None:
             object.__setattr__(self, "reference", "numpy" if "numpy" in kernels else next(iter(kernels)))
         declared: list[tuple[str, Any]] = [*self.auto.items(), ("reference", self.reference)]

@@ -92,6 +92,7 @@ METHOD = MethodSpec(
     prepare=_prepare,
     block_padding="kernel",  # zero padding at the real extent, layer by layer: kernels.padding
     coarse_aligned=True,  # blocks start on native pixels' edges (coarse_interpolation's cells)
+    device_inputs=("jax",),  # the kernel sends its inputs with kernels.device.to_device
 )
 
 __all__ = [
