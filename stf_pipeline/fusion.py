@@ -267,7 +267,8 @@ class FusionCall:
                 budget = default_device_block_pixels() if asked is None else asked
                 if math.prod(fine.shape[-2:]) <= budget:
                     return map_on_device(
-                        kernel, fine, coarse, coarse_target, extra=extra, out_chunks=fine.chunks[-2:], **kernel_kwargs
+                        kernel, fine, coarse, coarse_target, extra=extra, out_chunks=fine.chunks[-2:],
+                        halo=self.halo, align=self.align, **kernel_kwargs,
                     )
             if asked:
                 nominal = device_chunks(fine.shape[-2:], (fine.chunks[-2][0], fine.chunks[-1][0]), asked)

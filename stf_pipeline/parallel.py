@@ -35,6 +35,7 @@ told the shape as ``pad_to`` (``"kernel"``), and the result is cropped back.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
     from stf_pipeline.methods._base import SceneStatistics
 
 P = TypeVar("P")
+
+log = logging.getLogger(__name__)
 
 
 def local_scheduler() -> Callable[..., Any] | None:
@@ -371,6 +374,56 @@ def _sent_whole(array: Any) -> Any:
     return dask.delayed(_assemble_on_device, pure=True)(sent.tolist())
 
 
+def _out_of_device_memory(err: Exception) -> bool:
+    """Whether ``err`` is XLA's report of a device out of memory."""
+    return "RESOURCE_EXHAUSTED" in str(err)
+
+
+def _tiled(arrays: list[Any], *, kernel: Callable[..., np.ndarray], halo: int, align: int, parts: int,
+           **kwargs: Any) -> np.ndarray:
+    """:func:`_apply_block` on overlapping tiles of the whole-scene ``arrays`` (about ``parts`` per
+    axis, cut as :func:`map_overlapping` cuts blocks: aligned, ``halo`` of context each side,
+    none beyond the scene), the tiles' predictions joined on the host."""
+    height, width = arrays[2].shape[-2:]
+    ychunks, xchunks = plan_chunks((height, width), (-(-height // parts), -(-width // parts)), halo=halo, align=align)
+    out = np.empty((arrays[2].shape[0], height, width), np.float32)
+    y0 = 0
+    for ny in ychunks:
+        x0 = 0
+        for nx in xchunks:
+            ya, xa = max(y0 - halo, 0), max(x0 - halo, 0)
+            window = (..., slice(ya, min(y0 + ny + halo, height)), slice(xa, min(x0 + nx + halo, width)))
+            block = _apply_block(*(a[window] for a in arrays), kernel=kernel, **kwargs)
+            out[:, y0 : y0 + ny, x0 : x0 + nx] = block[:, y0 - ya : y0 - ya + ny, x0 - xa : x0 - xa + nx]
+            x0 += nx
+        y0 += ny
+    return out
+
+
+def _apply_scene_block(*arrays: Any, kernel: Callable[..., np.ndarray], halo: int, align: int,
+                       **kwargs: Any) -> np.ndarray:
+    """:func:`_apply_block` on the whole scene on the device; where the device runs out of memory
+    (another process holds part of it, or the method needs more than
+    :data:`DEVICE_BYTES_PER_PIXEL`), on overlapping tiles of the scene, halved along each axis
+    until they fit: the numbers of the engine's chunked run."""
+    parts = 1
+    while True:
+        try:
+            if parts == 1:
+                return _apply_block(*arrays, kernel=kernel, **kwargs)
+            return _tiled(list(arrays), kernel=kernel, halo=halo, align=align, parts=parts, **kwargs)
+        except Exception as err:  # XLA's runtime error; its type moved between JAX versions
+            side = max(arrays[2].shape[-2:])
+            if not _out_of_device_memory(err) or -(-side // parts) <= max(2 * halo, align):
+                raise
+        parts *= 2
+        log.warning(
+            "the device ran out of memory for a block of %d x %d pixels; fusing it in %d x %d tiles "
+            "(set %s to fewer pixels, or 0, to start with the cube's chunks)",
+            *arrays[2].shape[-2:], parts, parts, DEVICE_BLOCK_VARIABLE,
+        )
+
+
 def map_on_device(
     kernel: Callable[..., np.ndarray],
     fine: Any,
@@ -379,6 +432,8 @@ def map_on_device(
     *,
     extra: Mapping[str, Any] | None = None,
     out_chunks: tuple[tuple[int, ...], tuple[int, ...]],
+    halo: int,
+    align: int = 1,
     **kernel_kwargs: Any,
 ) -> Any:
     """Apply ``kernel`` to the whole scene as one block on JAX's device, without a halo.
@@ -386,7 +441,9 @@ def map_on_device(
     Each chunk of the Dask inputs goes to the device in its own task as soon as it is read, so
     the copies overlap the reads of the others, and the block is assembled there: no host
     concatenation, and no halo recomputed between blocks. For a kernel that takes device arrays
-    (``MethodSpec.device_inputs``) on this process's GPU, for a scene that fits on it.
+    (``MethodSpec.device_inputs``) on this process's GPU, for a scene that fits on it; where the
+    device runs out of memory all the same, the task fuses overlapping tiles of the scene
+    (:func:`_apply_scene_block`).
 
     Parameters
     ----------
@@ -394,6 +451,9 @@ def map_on_device(
         As for :func:`map_overlapping` (``kernel_kwargs`` may hold ``dask.delayed`` values).
     out_chunks : (tuple of int, tuple of int)
         The result's ``(y, x)`` chunks (e.g. the cube's, so a write runs one task per stored chunk).
+    halo, align : int
+        As for :func:`map_overlapping`: how the scene is cut into tiles where the device runs out
+        of memory for it whole (:func:`_apply_scene_block`).
 
     Returns
     -------
@@ -405,8 +465,9 @@ def map_on_device(
 
     extra = dict(extra or {})
     sent = [_sent_whole(da.asarray(a)) for a in (fine, coarse, coarse_target, *extra.values())]
-    block = dask.delayed(_apply_block, pure=True)(
-        *sent, kernel=kernel, extra_names=tuple(extra), padding="none", pad_to=None, **kernel_kwargs
+    block = dask.delayed(_apply_scene_block, pure=True)(
+        *sent, kernel=kernel, halo=halo, align=align, extra_names=tuple(extra), padding="none", pad_to=None,
+        **kernel_kwargs,
     )
     shape = (coarse_target.shape[0], *coarse_target.shape[-2:])
     whole = da.from_delayed(block, shape, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))

@@ -240,6 +240,44 @@ def test_a_local_gpu_runs_a_scene_that_fits_as_one_block_assembled_on_the_device
     assert len(seen) == 16 and not any(on_device for on_device, _ in seen)
 
 
+def test_a_scene_block_the_device_cannot_hold_is_fused_in_tiles_with_the_same_numbers(monkeypatch, caplog):
+    """Out of device memory for the whole scene, the block task fuses overlapping tiles of it,
+    halved until they fit, and warns; other errors, and tiles that cannot shrink, are raised."""
+    import dataclasses
+
+    from stf_pipeline import fusion
+
+    cube = _gappy(seed=4)
+    target = cube.time.values[1]
+    lazy_cube = cube.chunk({"time": 1, "y": 10, "x": 12})
+    starfm = stf.get_method("starfm")
+    shapes: list[tuple[int, int]] = []
+
+    def small_device(fine, coarse, coarse_target, **kwargs):
+        shapes.append(coarse_target.shape[-2:])
+        if coarse_target.shape[-2] * coarse_target.shape[-1] > 20 * 24 * 1.6:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 bytes.")
+        return starfm.kernels["jax"](*(np.asarray(a) for a in (fine, coarse, coarse_target)), **kwargs)
+
+    spec = dataclasses.replace(starfm, kernels={**starfm.kernels, "jax": small_device}, kernel=None,
+                               device_inputs=("jax",))
+    eager = stf.fuse(cube, target, method="starfm", backend="jax", radius=3).values
+    monkeypatch.setattr(fusion, "device_kind", lambda: "gpu")
+    monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", str(40 * 48))
+    with caplog.at_level("WARNING", logger="stf_pipeline.parallel"):
+        values = stf.fuse(lazy_cube, target, method=spec, backend="jax", radius=3).values
+    np.testing.assert_allclose(values, eager, rtol=1e-6, atol=1e-6)
+    assert shapes[0] == (40, 48) and sorted(set(shapes[1:])) == [(23, 27)]  # 2 x 2 tiles with a 3-pixel halo
+    assert "fusing it in 2 x 2 tiles" in caplog.text
+
+    def broken(fine, coarse, coarse_target, **kwargs):
+        raise RuntimeError("INTERNAL: something else")
+
+    spec = dataclasses.replace(spec, kernels={**starfm.kernels, "jax": broken}, kernel=None)
+    with pytest.raises(RuntimeError, match="INTERNAL: something else"):
+        stf.fuse(lazy_cube, target, method=spec, backend="jax", radius=3).compute()
+
+
 def test_method_spec_names_only_its_own_backends_as_device_inputs():
     import dataclasses
 
