@@ -90,6 +90,28 @@ def test_to_device_stacks_a_strided_view_and_pads():
     np.testing.assert_array_equal(np.asarray(as_is[0]), view.astype(np.float32))
 
 
+def test_to_device_leaves_device_arrays_on_the_device(monkeypatch):
+    # the engine's scene blocks arrive as JAX arrays: cast and padded there, never copied to the host
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    from stf_pipeline.kernels import device
+
+    def asarray(a, *args, **kwargs):
+        assert not isinstance(a, jax.Array), "a device array was copied to the host"
+        return np.asarray(a, *args, **kwargs)
+
+    monkeypatch.setattr(device, "np", types.SimpleNamespace(**{**vars(np), "asarray": asarray}))
+    on_device = jnp.arange(2 * 3 * 5 * 7, dtype=jnp.int32).reshape(2, 3, 5, 7)
+    padded = device.to_device((on_device,), (6, 8))
+    monkeypatch.undo()
+    expected = np.pad(np.asarray(on_device, np.float32), [(0, 0), (0, 0), (0, 1), (0, 1)], constant_values=np.nan)
+    np.testing.assert_array_equal(np.asarray(padded[0]), expected)
+    assert padded[0].dtype == np.float32
+
+
 def test_to_host_returns_the_device_array():
     # on a CPU the plain copy; on a GPU the same values through pinned host memory
     import jax.numpy as jnp
