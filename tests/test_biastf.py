@@ -740,6 +740,20 @@ def test_coarse_interpolation_with_a_held_out_training_date(cube):
     assert np.isfinite(stf.fuse(cube, times[3], method="biastf", model=model).values).all()
 
 
+def test_one_scene_block_on_a_local_gpu_gives_the_unchunked_numbers(interpolating, cube, monkeypatch):
+    # the engine's GPU path (the chunks sent to the device as read, one block, no halo), here on the CPU
+    from stf_pipeline import fusion
+
+    target = cube.time.values[2]
+    whole = stf.fuse(cube, target, method="biastf", model=interpolating)
+    monkeypatch.setattr(fusion, "device_kind", lambda: "gpu")
+    monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", str(48 * 56))
+    lazy = stf.fuse(cube.chunk({"y": 16, "x": 24}), target, method="biastf", model=interpolating)
+    assert lazy.data.chunks[1:] == ((16, 16, 16), (24, 24, 8))
+    assert any("_apply_scene_block" in str(key) for key in lazy.data.dask)  # the one-block path
+    np.testing.assert_array_equal(lazy.values, whole.values)  # the same program on the same block
+
+
 def test_coarse_interpolation_chunked_equals_unchunked(interpolating, cube):
     target = cube.time.values[2]
     whole = stf.fuse(cube, target, method="biastf", model=interpolating)
