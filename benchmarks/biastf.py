@@ -17,8 +17,10 @@ Inference
     plus the change of the prediction against float32 (max and RMS absolute difference).
 Zarr to Zarr
     ``stf.fuse`` of one target of a ``size x size`` cube stored in Zarr, written to Zarr
-    (``--zarr``), through the engine's overlapping chunks: the first run (which compiles) and the
-    best of ``--repeats``.
+    (``--zarr``), as the engine runs it by default (on a GPU: the scene as one block assembled on
+    the device, ``stf_pipeline.parallel.map_on_device``) and, side by side, with the cube's chunks as
+    overlapping blocks (``STF_DEVICE_BLOCK_PIXELS=0``; keys ``<dtype>_chunks_...``): the first run
+    (which compiles) and the best of ``--repeats``.
 
 Speed does not depend on pixel values, so the scenes are smooth random reflectance (3 dates,
 6 bands, ``coarse_factor`` 20, no CRS). Prints a table; writes JSON with the machine description, rewritten
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -255,26 +258,40 @@ def _inference(args: argparse.Namespace, rows: list[dict[str, Any]], save: Calla
 def _zarr(args: argparse.Namespace) -> dict[str, Any]:
     import stf_pipeline as stf
     from stf_pipeline.methods import biastf
+    from stf_pipeline.parallel import DEVICE_BLOCK_VARIABLE
 
     model = random_model(args, args.zarr_multiband)
     cube = scene(args.size, seed=3)
+    asked = os.environ.get(DEVICE_BLOCK_VARIABLE)
+    # the engine's default, then the cube's chunks as blocks (``STF_DEVICE_BLOCK_PIXELS=0``), side by side
+    modes = {"": asked, "chunks_": "0"}
     with tempfile.TemporaryDirectory() as tmp:
         src = stf.write_cube(cube, Path(tmp) / "in.zarr", chunks={"y": args.chunk, "x": args.chunk})
         rows: dict[str, list[float]] = {}
-        for dtype in biastf.DTYPES:
-            for _ in range(max(args.repeats, 1)):
-                start = time.perf_counter()
-                pred = stf.fuse(stf.open_cube(src), cube.time.values[1], method="biastf", model=model, dtype=dtype)
-                out = pred.to_dataset()
-                for var in out.variables.values():
-                    var.encoding = {}
-                out.to_zarr(Path(tmp) / f"out-{dtype}.zarr", mode="w", zarr_format=2)
-                rows.setdefault(dtype, []).append(time.perf_counter() - start)
+        try:
+            for dtype, (mode, setting) in itertools.product(biastf.DTYPES, modes.items()):
+                os.environ.pop(DEVICE_BLOCK_VARIABLE, None)
+                if setting is not None:
+                    os.environ[DEVICE_BLOCK_VARIABLE] = setting
+                for _ in range(max(args.repeats, 1)):
+                    start = time.perf_counter()
+                    pred = stf.fuse(
+                        stf.open_cube(src), cube.time.values[1], method="biastf", model=model, dtype=dtype
+                    )
+                    out = pred.to_dataset()
+                    for var in out.variables.values():
+                        var.encoding = {}
+                    out.to_zarr(Path(tmp) / f"out-{dtype}.zarr", mode="w", zarr_format=2)
+                    rows.setdefault(f"{dtype}_{mode}", []).append(time.perf_counter() - start)
+        finally:
+            os.environ.pop(DEVICE_BLOCK_VARIABLE, None)
+            if asked is not None:
+                os.environ[DEVICE_BLOCK_VARIABLE] = asked
     result: dict[str, Any] = {
         "size": args.size, "chunk": args.chunk, "layout": "multiband" if args.zarr_multiband else "per-band"
     }
-    for dtype, seconds in rows.items():
-        result[f"{dtype}_first_s"], result[f"{dtype}_best_s"] = seconds[0], min(seconds)
+    for name, seconds in rows.items():
+        result[f"{name}first_s"], result[f"{name}best_s"] = seconds[0], min(seconds)
     print(f"  zarr {result}", flush=True)
     return result
 
