@@ -189,7 +189,8 @@ class FusionCall:
 
     def _on_local_gpu(self) -> bool:
         """Whether the kernel is a jitted program on the one GPU of this process (Dask's local
-        scheduler, not a cluster of workers): where blocks larger than the cube's chunks may pay
+        scheduler, not a cluster of workers): where the scene may run as one block on the device
+        (:func:`~stf_pipeline.parallel.map_on_device`) or in blocks larger than the cube's chunks
         (:func:`~stf_pipeline.parallel.device_chunks`)."""
         return (
             self.spec.resolve_backend(self.backend) in PADDED_BACKENDS
@@ -233,7 +234,9 @@ class FusionCall:
     ) -> Any:
         """The prediction ``(band, y, x)`` on ``cube``'s grid: lazy for Dask input, NumPy otherwise.
 
-        ``chunks`` and ``block_chunks`` are passed to :func:`stf_pipeline.parallel.map_overlapping`.
+        ``chunks`` and ``block_chunks`` are passed to :func:`stf_pipeline.parallel.map_overlapping`;
+        with neither, on this process's GPU, a scene that fits runs as one block assembled on the
+        device (:func:`stf_pipeline.parallel.map_on_device`; see :func:`fuse`).
         A window's ``block_chunks`` hold halo-wide strips beside full blocks: padding those to one
         shape would compute each strip as a full block, so windows run unpadded (a few shapes per
         scene, each compiled once).
@@ -262,14 +265,14 @@ class FusionCall:
         kernel = self.spec.kernel_for(self.backend)
         stored = None  # the cube's chunks, when the blocks are merged ones
         asked = device_block_pixels() if lazy and chunks is None and block_chunks is None else 0
-        if asked != 0 and self._on_local_gpu():
-            if self.spec.resolve_backend(self.backend) in self.spec.device_inputs:
-                budget = default_device_block_pixels() if asked is None else asked
-                if math.prod(fine.shape[-2:]) <= budget:
-                    return map_on_device(
-                        kernel, fine, coarse, coarse_target, extra=extra, out_chunks=fine.chunks[-2:],
-                        halo=self.halo, align=self.align, **kernel_kwargs,
-                    )
+        whole_scene = asked != 0 and self.spec.resolve_backend(self.backend) in self.spec.device_inputs
+        if (whole_scene or asked) and self._on_local_gpu():
+            budget = default_device_block_pixels() if asked is None else asked
+            if whole_scene and math.prod(fine.shape[-2:]) <= budget:
+                return map_on_device(
+                    kernel, fine, coarse, coarse_target, extra=extra, out_chunks=fine.chunks[-2:],
+                    halo=self.halo, align=self.align, **kernel_kwargs,
+                )
             if asked:
                 nominal = device_chunks(fine.shape[-2:], (fine.chunks[-2][0], fine.chunks[-1][0]), asked)
                 if nominal != (fine.chunks[-2][0], fine.chunks[-1][0]):
