@@ -289,6 +289,20 @@ def test_fuse_is_lazy_and_chunked_equals_unchunked(cube, model):
     assert np.isfinite(unchunked.values).all()
 
 
+def test_one_scene_block_on_a_local_gpu_gives_the_unchunked_numbers(cube, model, monkeypatch):
+    # the engine's GPU path (the chunks sent to the device as read, one block, no halo), here on the CPU
+    from stf_pipeline import fusion
+
+    target = cube.time.values[2]
+    unchunked = stf.fuse(cube, target, method="stfdcnn", model=model)
+    monkeypatch.setattr(fusion, "device_kind", lambda: "gpu")
+    monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", str(cube.sizes["y"] * cube.sizes["x"]))
+    lazy = stf.fuse(cube.chunk({"time": 1, "band": -1, "y": 16, "x": 24}), target, method="stfdcnn", model=model)
+    assert any("_apply_scene_block" in str(key) for key in lazy.data.dask)  # the one-block path
+    assert lazy.data.chunks[1:] == cube.chunk({"y": 16, "x": 24})["fine"].data.chunks[-2:]
+    np.testing.assert_array_equal(lazy.values, unchunked.values)  # the same program on the same block
+
+
 def test_fuse_series_equals_fuse(cube, model, tmp_path):
     """Series planning knows no model yet (default-network halo); each region still uses the model's."""
     holed = cube.assign(fine=cube.fine.where(cube.time != cube.time[2]))

@@ -50,6 +50,7 @@ METHOD = MethodSpec(
     learned=True,
     fit=fit,
     prepare=_prepare,
+    device_inputs=("jax",),  # the kernel takes its inputs with jnp.asarray: device arrays stay there
 )
 
 __all__ = [
