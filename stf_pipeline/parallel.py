@@ -119,7 +119,8 @@ def _spatial_chunks(length: int, nominal: int, *, halo: int, align: int) -> tupl
 DEVICE_BLOCK_VARIABLE = "STF_DEVICE_BLOCK_PIXELS"
 
 #: Device memory a pixel of a whole-scene block is allowed: BiaSTF's paper-size networks (128
-#: filters, four orientations, both directions) fuse a 2000² scene as one block on an 80 GB GPU
+#: filters, four orientations, both directions) fuse a 2000² scene as one block on an 80 GB GPU;
+#: a block that needs more falls back to tiles (docs/architecture.md, "Blocks on a GPU")
 DEVICE_BYTES_PER_PIXEL = 16 * 1024
 
 
@@ -144,13 +145,25 @@ def device_block_pixels() -> int | None:
     return int(text)
 
 
-def default_device_block_pixels() -> int:
-    """Pixels of the largest whole-scene block for JAX's default device: its memory over
-    :data:`DEVICE_BYTES_PER_PIXEL` (0 where the device does not report its memory)."""
+#: whole-scene blocks (pixels) the device ran out of memory for in this process
+_TOO_LARGE: list[int] = []
+
+
+def _device_memory_bytes() -> int:
+    """The memory of JAX's default device, 0 where it does not report it."""
     import jax
 
     stats = jax.devices()[0].memory_stats() or {}
-    return int(stats.get("bytes_limit", 0)) // DEVICE_BYTES_PER_PIXEL
+    return int(stats.get("bytes_limit", 0))
+
+
+def default_device_block_pixels() -> int:
+    """Pixels of the largest whole-scene block for JAX's default device: its memory over
+    :data:`DEVICE_BYTES_PER_PIXEL` (0 where the device does not report its memory), and less
+    than any scene block it ran out of memory for in this process (those then start with the
+    cube's chunks instead of failing again: :func:`_apply_scene_block`)."""
+    budget = _device_memory_bytes() // DEVICE_BYTES_PER_PIXEL
+    return min(budget, min(_TOO_LARGE) - 1) if _TOO_LARGE else budget
 
 
 def device_chunks(shape: tuple[int, int], chunks: tuple[int, int], max_pixels: int) -> tuple[int, int]:
@@ -405,7 +418,8 @@ def _apply_scene_block(*arrays: Any, kernel: Callable[..., np.ndarray], halo: in
     """:func:`_apply_block` on the whole scene on the device; where the device runs out of memory
     (another process holds part of it, or the method needs more than
     :data:`DEVICE_BYTES_PER_PIXEL`), on overlapping tiles of the scene, halved along each axis
-    until they fit: the numbers of the engine's chunked run."""
+    until they fit: the numbers of the engine's chunked run. The block's size is remembered, so
+    later scenes as large start with the cube's chunks (:func:`default_device_block_pixels`)."""
     parts = 1
     while True:
         try:
@@ -416,6 +430,8 @@ def _apply_scene_block(*arrays: Any, kernel: Callable[..., np.ndarray], halo: in
             side = max(arrays[2].shape[-2:])
             if not _out_of_device_memory(err) or -(-side // parts) <= max(2 * halo, align):
                 raise
+        if parts == 1:
+            _TOO_LARGE.append(math.prod(arrays[2].shape[-2:]))
         parts *= 2
         log.warning(
             "the device ran out of memory for a block of %d x %d pixels; fusing it in %d x %d tiles "

@@ -264,11 +264,19 @@ def test_a_scene_block_the_device_cannot_hold_is_fused_in_tiles_with_the_same_nu
     eager = stf.fuse(cube, target, method="starfm", backend="jax", radius=3).values
     monkeypatch.setattr(fusion, "device_kind", lambda: "gpu")
     monkeypatch.setenv("STF_DEVICE_BLOCK_PIXELS", str(40 * 48))
+    monkeypatch.setattr("stf_pipeline.parallel._TOO_LARGE", [])  # this process's record, restored after
     with caplog.at_level("WARNING", logger="stf_pipeline.parallel"):
         values = stf.fuse(lazy_cube, target, method=spec, backend="jax", radius=3).values
     np.testing.assert_allclose(values, eager, rtol=1e-6, atol=1e-6)
     assert shapes[0] == (40, 48) and sorted(set(shapes[1:])) == [(23, 27)]  # 2 x 2 tiles with a 3-pixel halo
     assert "fusing it in 2 x 2 tiles" in caplog.text
+    # remembered: by default, a scene as large now starts with the cube's chunks
+    from stf_pipeline import parallel
+
+    monkeypatch.setattr(parallel, "_device_memory_bytes", lambda: 2**40)
+    assert parallel.default_device_block_pixels() == 40 * 48 - 1
+    monkeypatch.setattr(parallel, "_TOO_LARGE", [])
+    assert parallel.default_device_block_pixels() == 2**40 // parallel.DEVICE_BYTES_PER_PIXEL
 
     def broken(fine, coarse, coarse_target, **kwargs):
         raise RuntimeError("INTERNAL: something else")
