@@ -70,13 +70,15 @@ def enable_compilation_cache() -> str | None:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", path)
     user_minimum = MIN_COMPILE_VARIABLE in os.environ
     os.environ.setdefault(MIN_COMPILE_VARIABLE, str(MIN_COMPILE_SECONDS))
-    if "jax" not in sys.modules or current:
+    if "jax" not in sys.modules:
         return path
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    jax.config.update("jax_compilation_cache_dir", path)
-    if not user_minimum:
+    if not user_minimum:  # JAX read its variables when imported, before this one was set
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    if current:  # JAX took the folder from $JAX_COMPILATION_CACHE_DIR when imported
+        return path
+    jax.config.update("jax_compilation_cache_dir", path)
     compilation_cache.reset_cache()
     return path

@@ -69,12 +69,22 @@ _MINIMUM = _FUSE.replace(
 )
 
 
-@pytest.mark.parametrize("jax_first", [False, True], ids=["before-jax-import", "after-jax-import"])
-def test_package_caches_programs_that_compile_in_a_tenth_of_a_second(tmp_path: Path, jax_first: bool) -> None:
-    # JAX's own minimum (1 s) left a scene's Pallas kernels out of the cache; a value the user sets wins
+@pytest.mark.parametrize(
+    ("jax_first", "folder_variable"), [(False, False), (True, False), (True, True)],
+    ids=["before-jax-import", "after-jax-import", "after-jax-import-with-the-folder-variable"],
+)
+def test_package_caches_programs_that_compile_in_a_tenth_of_a_second(
+    tmp_path: Path, jax_first: bool, folder_variable: bool
+) -> None:
+    # JAX's own minimum (1 s) left a scene's Pallas kernels out of the cache; a value the user sets wins.
+    # With $JAX_COMPILATION_CACHE_DIR set before JAX's import (stf bench compile's processes, Dask
+    # workers), JAX opens the folder itself: the package's minimum applies all the same
     code = ("import jax; jax.numpy.zeros(1).block_until_ready(); " if jax_first else "") + _MINIMUM
-    assert _child(code, XDG_CACHE_HOME=str(tmp_path))["minimum"] == MIN_COMPILE_SECONDS == 0.1
-    mine = _child(code, XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="5")
+    folder = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "set")} if folder_variable else {}
+    got = _child(code, XDG_CACHE_HOME=str(tmp_path), **folder)
+    assert got["minimum"] == MIN_COMPILE_SECONDS == 0.1
+    assert got["folder"] == folder.get("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "stf_pipeline" / "jax"))
+    mine = _child(code, XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="5", **folder)
     assert mine["minimum"] == 5.0
 
 
