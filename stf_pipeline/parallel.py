@@ -35,6 +35,7 @@ told the shape as ``pad_to`` (``"kernel"``), and the result is cropped back.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -368,23 +369,32 @@ def _chunk_to_device(chunk: np.ndarray) -> Any:
     return jax.device_put(np.asarray(chunk, np.float32))
 
 
-def _assemble_on_device(pieces: list[Any]) -> Any:
-    """The chunks (nested lists as ``dask.array.Array.to_delayed`` lays them out) joined into one
-    array on the device."""
+@functools.lru_cache(maxsize=1)
+def _joiner() -> Callable[[list[Any]], list[Any]]:
+    """Jitted: each array's chunks (nested lists as ``dask.array.Array.to_delayed`` lays them out)
+    joined into one array on the device; all the inputs in one program, so a scene's first run
+    compiles (or loads from JAX's disk cache) one program, not one per input."""
+    import jax
     import jax.numpy as jnp
 
-    return jnp.block(pieces)
+    return jax.jit(lambda arrays: [jnp.block(pieces) for pieces in arrays])
 
 
-def _sent_whole(array: Any) -> Any:
-    """A ``dask.delayed`` of ``array`` whole on JAX's device, sent chunk by chunk as each is read."""
+def _join_on_device(*arrays: list[Any]) -> list[Any]:
+    """The inputs, each given as its chunks on the device, joined there (:func:`_joiner`)."""
+    return _joiner()(list(arrays))
+
+
+def _sent(array: Any) -> list[Any]:
+    """``dask.delayed`` of ``array``'s chunks sent to JAX's device one task each, as each is read,
+    in nested lists laid out as the chunks."""
     import dask
 
     chunks = array.to_delayed()
     sent = np.empty(chunks.shape, dtype=object)
     for index in np.ndindex(chunks.shape):
         sent[index] = dask.delayed(_chunk_to_device, pure=True)(chunks[index])
-    return dask.delayed(_assemble_on_device, pure=True)(sent.tolist())
+    return sent.tolist()
 
 
 def _out_of_device_memory(err: Exception) -> bool:
@@ -413,7 +423,7 @@ def _tiled(arrays: list[Any], *, kernel: Callable[..., np.ndarray], halo: int, a
     return out
 
 
-def _apply_scene_block(*arrays: Any, kernel: Callable[..., np.ndarray], halo: int, align: int,
+def _apply_scene_block(arrays: list[Any], *, kernel: Callable[..., np.ndarray], halo: int, align: int,
                        **kwargs: Any) -> np.ndarray:
     """:func:`_apply_block` on the whole scene on the device; where the device runs out of memory
     (another process holds part of it, or the method needs more than
@@ -425,7 +435,7 @@ def _apply_scene_block(*arrays: Any, kernel: Callable[..., np.ndarray], halo: in
         try:
             if parts == 1:
                 return _apply_block(*arrays, kernel=kernel, **kwargs)
-            return _tiled(list(arrays), kernel=kernel, halo=halo, align=align, parts=parts, **kwargs)
+            return _tiled(arrays, kernel=kernel, halo=halo, align=align, parts=parts, **kwargs)
         except Exception as err:  # XLA's runtime error; its type moved between JAX versions
             side = max(arrays[2].shape[-2:])
             if not _out_of_device_memory(err) or -(-side // parts) <= max(2 * halo, align):
@@ -480,9 +490,11 @@ def map_on_device(
     import dask.array as da
 
     extra = dict(extra or {})
-    sent = [_sent_whole(da.asarray(a)) for a in (fine, coarse, coarse_target, *extra.values())]
+    joined = dask.delayed(_join_on_device, pure=True)(
+        *(_sent(da.asarray(a)) for a in (fine, coarse, coarse_target, *extra.values()))
+    )
     block = dask.delayed(_apply_scene_block, pure=True)(
-        *sent, kernel=kernel, halo=halo, align=align, extra_names=tuple(extra), padding="none", pad_to=None,
+        joined, kernel=kernel, halo=halo, align=align, extra_names=tuple(extra), padding="none", pad_to=None,
         **kernel_kwargs,
     )
     shape = (coarse_target.shape[0], *coarse_target.shape[-2:])
