@@ -284,6 +284,16 @@ def test_a_scene_block_the_device_cannot_hold_is_fused_in_tiles_with_the_same_nu
     spec = dataclasses.replace(spec, kernels={**starfm.kernels, "jax": broken}, kernel=None)
     with pytest.raises(RuntimeError, match="INTERNAL: something else"):
         stf.fuse(lazy_cube, target, method=spec, backend="jax", radius=3).compute()
+    shapes.clear()
+
+    def no_memory(fine, coarse, coarse_target, **kwargs):
+        shapes.append(coarse_target.shape[-2:])
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 bytes.")
+
+    spec = dataclasses.replace(spec, kernels={**starfm.kernels, "jax": no_memory}, kernel=None)
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):  # tiles no larger than twice the halo: given up
+        stf.fuse(lazy_cube, target, method=spec, backend="jax", radius=3).compute()
+    assert shapes == [(40, 48), (23, 27), (13, 15), (8, 9)]  # the scene, then the first tile of 2², 4² and 8²
 
 
 def test_method_spec_names_only_its_own_backends_as_device_inputs():
